@@ -1,0 +1,96 @@
+"""Server settings: every configurable limit and option, with the embedded defaults.
+
+One immutable :class:`Settings` object is built by ``tap.Options`` (defaults <
+``--config`` INI file < command-line flags) and handed to every component, so a
+component never reads the command line or the environment itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MiB = 1024 * 1024
+
+DURABILITY_POLICIES = ("always", "batch", "none")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All tunables of one server instance (protocol.md section 7, architecture.md)."""
+
+    # listeners
+    tcp: str = "tcp:7555:interface=127.0.0.1"
+    tls: str = "none"
+    zmq: str = "tcp://127.0.0.1:5555"
+    metrics: str = "none"
+    # storage
+    data_dir: str = "./stui-data"
+    durability: str = "batch"
+    flush_interval: float = 0.1
+    retention_days: float = 30.0
+    # sessions
+    default_timeout: float = 3600.0
+    max_timeout: float = 7 * 24 * 3600.0
+    cleanup_interval: float = 300.0
+    max_sessions_per_client: int = 5
+    max_session_bytes: int = 8 * MiB
+    history_limit: int = 100
+    create_rate_limit: int = 10
+    create_rate_window: float = 60.0
+    allow_clients: tuple[str, ...] = ()
+    deny_clients: tuple[str, ...] = ()
+    # evaluation
+    eval_timeout: float = 30.0
+    max_eval_timeout: float = 600.0
+    # transport limits
+    max_message_bytes: int = 8 * MiB
+    max_connections: int = 1000
+    max_pending_per_connection: int = 64
+    # security
+    auth_file: str | None = None
+    insecure_no_auth: bool = False
+    token_ttl: float = 24 * 3600.0
+    unauthenticated_idle_timeout: float = 60.0
+    auth_failures_per_peer: int = 10
+    auth_failures_per_user: int = 10
+    auth_failure_window: float = 300.0
+    # image
+    image_enabled: bool = True
+    image_python: str | None = None
+    capabilities: tuple[str, ...] = field(
+        default=(
+            "sessions",
+            "persistence",
+            "evaluate",
+            "inspect",
+            "complete",
+            "interrupt",
+            "shared_namespace",
+        )
+    )
+
+    def replace(self, **changes) -> Settings:
+        """A copy with C{changes} applied (dataclass fields only)."""
+        return dataclasses.replace(self, **changes)
+
+    def limits(self) -> dict:
+        """The limits a client may see (``describe``)."""
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_session_bytes": self.max_session_bytes,
+            "max_sessions_per_client": self.max_sessions_per_client,
+            "default_timeout": self.default_timeout,
+            "max_timeout": self.max_timeout,
+            "cleanup_interval": self.cleanup_interval,
+            "retention_days": self.retention_days,
+            "history_limit": self.history_limit,
+            "create_session_rate": {
+                "count": self.create_rate_limit,
+                "window": self.create_rate_window,
+            },
+            "eval_timeout": self.eval_timeout,
+            "max_eval_timeout": self.max_eval_timeout,
+            "durability": self.durability,
+            "flush_interval": self.flush_interval,
+        }
