@@ -1,0 +1,45 @@
+"""The set of open client connections, shared by every transport.
+
+It enforces ``--max-connections`` and answers ``connected_clients`` for
+statistics; sessions use it to count the connections attached to them.
+"""
+
+from __future__ import annotations
+
+
+class ConnectionRegistry:
+    """Counts and bounds the live connections of all transports."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self._connections: set = set()
+        self._reserved = 0
+
+    def admit(self) -> bool:
+        """Whether one more connection may be built (reserves its place)."""
+        if len(self._connections) + self._reserved >= self.max_connections:
+            return False
+        self._reserved += 1
+        return True
+
+    def opened(self, connection) -> None:
+        self._reserved = max(0, self._reserved - 1)
+        self._connections.add(connection)
+
+    def closed(self, connection) -> None:
+        self._connections.discard(connection)
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def __iter__(self):
+        return iter(list(self._connections))
+
+    def attached_to(self, session_id: str) -> int:
+        """How many connections have C{session_id} as their current session."""
+        return sum(
+            1
+            for connection in self._connections
+            if connection.context is not None
+            and connection.context.current_session_id == session_id
+        )

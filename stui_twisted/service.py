@@ -1,0 +1,956 @@
+"""SessionService: the one owner of sessions, shared by every transport.
+
+It applies protocol.md's session rules (current session, ownership, idle
+expiry, limits, rate limits, allow/deny lists), keeps the sessions in memory,
+and decides when each is written through the :class:`SessionStore` according
+to the durability policy.  Time comes from an injected ``IReactorTime`` so
+tests drive expiry and cleanup with ``task.Clock``.
+
+Its children are the image supervisor (when enabled); its own timers are the
+cleanup loop (expiry, retention, index) and, for ``batch`` durability, the
+group-flush loop.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from stui_twisted.connections import ConnectionRegistry
+from stui_twisted.envelope import iso_timestamp
+from stui_twisted.errors import StorageFailure, StuiError, invalid_parameter
+from stui_twisted.policy import ClientPolicy, check_client_id
+from stui_twisted.session import ACTIVE, CLOSED, EXPIRED, Session, merge_patch, new_session_id
+
+DAY = 24 * 3600.0
+CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
+MAX_HISTORY_TEXT = 64 * 1024
+MAX_INSPECTOR_HISTORY = 100
+
+
+def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
+    return StuiError(
+        "StorageError",
+        f"could not {action} durably: {failure_or_exc}; nothing was acknowledged",
+    )
+
+
+def _clip(text: Any, limit: int = MAX_HISTORY_TEXT) -> Any:
+    if isinstance(text, str) and len(text) > limit:
+        return text[:limit] + f"... [{len(text) - limit} more characters]"
+    return text
+
+
+class SessionService(service.MultiService):
+    """Owns every session; the dispatcher's commands call into it."""
+
+    log = Logger()
+
+    def __init__(self, settings, *, reactor, store, image=None, connections=None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.clock = reactor
+        self.store = store
+        self.image = image
+        if image is not None:
+            image.setServiceParent(self)
+            image.addRestartObserver(self._image_restarted)
+        self.connections = connections or ConnectionRegistry(settings.max_connections)
+        self.policy = ClientPolicy(
+            allow=settings.allow_clients,
+            deny=settings.deny_clients,
+            rate_limit=settings.create_rate_limit,
+            rate_window=settings.create_rate_window,
+        )
+        self.sessions: dict[str, Session] = {}
+        self.shared_bindings: dict = {}
+        self._shared_dirty = False
+        self._dirty: set[str] = set()
+        self._storage_degraded = False
+        self._started_at: float | None = None
+        self._ready: defer.Deferred | None = None
+        self._cleanup_loop = task.LoopingCall(self.cleanup)
+        self._cleanup_loop.clock = reactor
+        self._flush_loop = task.LoopingCall(self.flush)
+        self._flush_loop.clock = reactor
+        self._flushing: defer.Deferred | None = None
+
+    # ================================================================ lifecycle
+
+    def startService(self) -> None:  # noqa: N802
+        self._started_at = self.clock.seconds()
+        self._ready = defer.ensureDeferred(self._start())
+        self._ready.addErrback(self._start_failed)
+        super().startService()
+
+    async def _start(self) -> None:
+        await self.store.open()
+        metas = await self.store.load_index()
+        for meta in metas:
+            session = Session.from_meta(meta)
+            self.sessions[session.session_id] = session
+        self.shared_bindings = await self.store.read_shared()
+        now = self.clock.seconds()
+        active = sum(1 for s in self.sessions.values() if s.is_active(now))
+        self.log.info(
+            "session service ready: {total} sessions on disk ({active} active), data dir {data}",
+            total=len(self.sessions),
+            active=active,
+            data=self.settings.data_dir,
+        )
+        self._cleanup_loop.start(self.settings.cleanup_interval, now=False)
+        if self.settings.durability == "batch":
+            self._flush_loop.start(self.settings.flush_interval, now=False)
+        if self.image is not None and self.shared_bindings:
+            await self._materialize_shared()
+
+    def _start_failed(self, failure):
+        self.log.failure("session service could not start", failure)
+        return failure
+
+    async def ready(self) -> None:
+        """Wait until the store is open and the index loaded."""
+        if self._ready is None:
+            raise StuiError("InternalError", "the session service is not running")
+        if not self._ready.called or isinstance(self._ready.result, Exception):
+            waiter: defer.Deferred = defer.Deferred()
+            self._ready.addBoth(lambda r: (waiter.callback(r), r)[1])
+            try:
+                await waiter
+            except Exception as exc:
+                raise _storage_error(exc, "open the data directory") from exc
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        for loop in (self._cleanup_loop, self._flush_loop):
+            if loop.running:
+                loop.stop()
+        if self._ready is not None and self._ready.called:
+            try:
+                await self.flush(everything=True)
+                await self._write_index()
+            except Exception:
+                self.log.failure("flush at shutdown failed")
+        await super().stopService()
+        await self.store.close()
+        self.log.info("session service stopped; every dirty session was flushed")
+
+    # ================================================================ lookups
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    async def _session_for(self, call, *, touch: bool = True) -> Session:
+        """The session a command names (or the connection's current one), checked."""
+        await self.ready()
+        session_id = call.params.get("session_id") or call.context.current_session_id
+        if session_id is None:
+            raise StuiError(
+                "NoSession",
+                "no 'session_id' given and this connection has no current session; "
+                "create_session or restore_session first",
+            )
+        session = self.sessions.get(session_id)
+        acting = call.client_id
+        if session is None or (acting is not None and session.client_id != acting):
+            raise StuiError(
+                "SessionNotFound",
+                f"no session {session_id[:80]!r} for this client",
+                session_id=session_id[:80],
+            )
+        now = self.now()
+        if session.state == CLOSED:
+            raise StuiError(
+                "SessionClosed", f"session {session_id!r} was closed", session_id=session_id
+            )
+        if session.is_expired(now):
+            self._expire(session)
+            raise StuiError(
+                "SessionExpired",
+                f"session {session_id!r} expired at {iso_timestamp(session.expires_at())} "
+                f"after {session.timeout:g} s idle",
+                session_id=session_id,
+                expired_at=iso_timestamp(session.expires_at()),
+            )
+        await self._load(session)
+        if touch:
+            session.last_activity = now
+        return session
+
+    async def _load(self, session: Session) -> None:
+        if session.loaded:
+            return
+        try:
+            document = await self.store.read(session.client_id, session.session_id)
+        except KeyError:
+            document = {}
+            self.log.warn("session {sid} has no file; starting it empty", sid=session.session_id)
+        except StorageFailure as exc:
+            raise _storage_error(exc, f"read session {session.session_id!r}") from exc
+        if not session.loaded:
+            session.load_document(document)
+            session.size_bytes = self._size_of(session)
+
+    def _owned_client(self, call, required: bool = True) -> str | None:
+        client_id = call.client_id
+        if client_id is None:
+            if required:
+                raise invalid_parameter("client_id", "is required")
+            return None
+        return check_client_id(client_id)
+
+    # ================================================================ persistence
+
+    def _size_of(self, session: Session) -> int:
+        return len(
+            json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=False).encode()
+        )
+
+    def _check_size(self, session: Session) -> int:
+        size = self._size_of(session)
+        if size > self.settings.max_session_bytes:
+            raise StuiError(
+                "StateTooLarge",
+                f"session would be {size} bytes, over max_session_bytes "
+                f"({self.settings.max_session_bytes})",
+                size_bytes=size,
+                max_session_bytes=self.settings.max_session_bytes,
+            )
+        session.size_bytes = size
+        return size
+
+    async def _changed(self, session: Session, action: str) -> None:
+        """Record a content change; durable before return under C{always}."""
+        session.last_modified = self.now()
+        session.dirty = True
+        self._dirty.add(session.session_id)
+        if self.settings.durability == "always" or self._storage_degraded:
+            await self._write_now(session, action)
+
+    async def _write_now(self, session: Session, action: str):
+        document = session.to_document()
+        try:
+            result = await self.store.write(document)
+        except StorageFailure as exc:
+            self._storage_degraded = True
+            raise _storage_error(exc, action) from exc
+        self._wrote(session, result)
+        if self._shared_dirty:
+            await self._write_shared(action)
+        return result
+
+    def _wrote(self, session: Session, result) -> None:
+        session.size_bytes = result.size_bytes
+        session.last_saved_at = self.now()
+        if self.sessions.get(session.session_id) is session:
+            session.dirty = False
+            self._dirty.discard(session.session_id)
+
+    async def _write_shared(self, action: str = "save the shared namespace") -> None:
+        self._shared_dirty = False
+        try:
+            await self.store.write_shared(dict(self.shared_bindings))
+        except StorageFailure as exc:
+            self._shared_dirty = True
+            raise _storage_error(exc, action) from exc
+
+    async def flush(self, everything: bool = False) -> None:
+        """Write every dirty session in one group (the C{batch} policy's loop)."""
+        if self._flushing is not None:
+            await self._flushing_wait()
+        if not self._dirty and not self._shared_dirty:
+            return
+        self._flushing = defer.Deferred()
+        try:
+            dirty = [self.sessions[sid] for sid in list(self._dirty) if sid in self.sessions]
+            self._dirty.clear()
+            if dirty:
+                results = await self.store.write_many([s.to_document() for s in dirty])
+                failed = 0
+                for session in dirty:
+                    outcome = results.get(session.session_id)
+                    if outcome is None or not hasattr(outcome, "size_bytes"):
+                        failed += 1
+                        self._dirty.add(session.session_id)
+                    elif session.dirty:
+                        self._wrote(session, outcome)
+                if failed:
+                    self._storage_degraded = True
+                    self.log.error(
+                        "flush: {failed} of {total} sessions could not be written; "
+                        "they stay dirty and are retried",
+                        failed=failed,
+                        total=len(dirty),
+                    )
+                elif self._storage_degraded:
+                    self._storage_degraded = False
+                    self.log.info("flush: storage writes succeed again")
+            if self._shared_dirty:
+                try:
+                    await self._write_shared()
+                except StuiError as exc:
+                    self.log.error("flush of shared namespace failed: {error}", error=exc.message)
+        finally:
+            waiting, self._flushing = self._flushing, None
+            waiting.callback(None)
+
+    async def _flushing_wait(self) -> None:
+        waiter: defer.Deferred = defer.Deferred()
+        self._flushing.addBoth(lambda r: (waiter.callback(None), r)[1])
+        await waiter
+
+    async def _write_index(self) -> None:
+        await self.store.write_index([s.meta() for s in self.sessions.values()])
+
+    # ================================================================ cleanup
+
+    async def cleanup(self) -> None:
+        """Expire idle sessions, apply retention, flush, write the index.
+
+        Each step is independent: a failing step is logged and the others
+        (and the next run of the loop) still happen.
+        """
+        now = self.now()
+        for name, step in (
+            ("expire", self._expire_idle),
+            ("retention", self._apply_retention),
+            ("flush", self._cleanup_flush),
+            ("index", self._write_index),
+        ):
+            try:
+                await step()
+            except Exception:
+                self.log.failure("cleanup step {step} failed; continuing", step=name)
+        self.policy.prune(now)
+
+    async def _expire_idle(self) -> None:
+        now = self.now()
+        for session in list(self.sessions.values()):
+            if session.state == ACTIVE and session.is_expired(now):
+                self._expire(session)
+
+    def _expire(self, session: Session) -> None:
+        if session.state != ACTIVE:
+            return
+        session.state = EXPIRED
+        session.materialized = False
+        if session.loaded:
+            self._dirty.add(session.session_id)
+        self.log.info(
+            "session {sid} of {client} expired after {timeout:g} s idle",
+            sid=session.session_id,
+            client=session.client_id,
+            timeout=session.timeout,
+        )
+        if self.image is not None:
+            self.image.drop_session(session.session_id).addErrback(
+                lambda f: self.log.failure("image: dropping {sid}", f, sid=session.session_id)
+            )
+
+    async def _apply_retention(self) -> None:
+        horizon = self.now() - self.settings.retention_days * DAY
+        for session in list(self.sessions.values()):
+            ended = session.ended_at()
+            if ended is not None and ended < horizon:
+                await self.store.delete(session.client_id, session.session_id)
+                self.sessions.pop(session.session_id, None)
+                self._dirty.discard(session.session_id)
+                self.log.info(
+                    "retention: deleted session {sid} of {client} ({state} since {when})",
+                    sid=session.session_id,
+                    client=session.client_id,
+                    state=session.state,
+                    when=iso_timestamp(ended),
+                )
+
+    async def _cleanup_flush(self) -> None:
+        if self.settings.durability != "none":
+            await self.flush()
+            return
+        # Under "none" content is written on close, save_context and shutdown
+        # only; sessions that ended (expired) are written here.
+        for session_id in list(self._dirty):
+            session = self.sessions.get(session_id)
+            if session is not None and session.state != ACTIVE:
+                await self._write_now(session, "record the expiry")
+
+    # ================================================================ image glue
+
+    def _need_image(self):
+        if self.image is None:
+            raise StuiError(
+                "InternalError", "the live image is disabled on this server (image_enabled=false)"
+            )
+        return self.image
+
+    async def _materialize(self, session: Session) -> dict:
+        """Rebuild C{session}'s namespace in the image from its stored bindings."""
+        image = self._need_image()
+        outcome = await image.materialize(
+            session.session_id, session.bindings, session.registry, session.next_object_id
+        )
+        live = set(outcome.get("registry_live", ()))
+        for object_id, entry in session.registry.items():
+            entry["live"] = object_id in live
+        session.materialized = True
+        unrestorable = list(outcome.get("unrestorable", ()))
+        for name, binding in session.bindings.items():
+            if binding.get("encoding") == "unrestorable" and name not in {
+                u.get("name") for u in unrestorable
+            }:
+                unrestorable.append(
+                    {"name": name, "type": binding.get("type"), "reason": binding.get("reason")}
+                )
+        session.unrestorable = unrestorable
+        return {"restored": list(outcome.get("restored", ())), "unrestorable": unrestorable}
+
+    async def _ensure_materialized(self, session: Session) -> None:
+        if not session.materialized:
+            await self._materialize(session)
+
+    async def _materialize_shared(self) -> None:
+        outcome = await self._need_image().materialize_shared(self.shared_bindings)
+        if outcome.get("unrestorable"):
+            self.log.warn(
+                "shared namespace: {count} bindings could not be restored: {names}",
+                count=len(outcome["unrestorable"]),
+                names=[u.get("name") for u in outcome["unrestorable"]],
+            )
+
+    async def _image_restarted(self) -> None:
+        """A new image replaced a dead one: bring every live session back."""
+        sessions = [s for s in self.sessions.values() if s.materialized]
+        for session in self.sessions.values():
+            session.materialized = False
+        if self.shared_bindings:
+            await self._materialize_shared()
+        restored = 0
+        for session in sessions:
+            if session.state != ACTIVE:
+                continue
+            try:
+                await self._materialize(session)
+                restored += 1
+            except Exception:
+                self.log.failure("re-materializing {sid} failed", sid=session.session_id)
+        self.log.info("image restart: {count} sessions re-materialized", count=restored)
+
+    def _apply_delta(self, session: Session, delta: dict) -> None:
+        for name, binding in (delta.get("bindings_changed") or {}).items():
+            session.bindings[name] = binding
+        for name in delta.get("bindings_removed") or ():
+            session.bindings.pop(name, None)
+        if "variables" in delta:
+            session.variables = delta["variables"]
+        for object_id, entry in (delta.get("registry_added") or {}).items():
+            session.registry[object_id] = entry
+        if delta.get("next_object_id"):
+            session.next_object_id = delta["next_object_id"]
+        shared_changed = delta.get("shared_changed") or {}
+        shared_removed = delta.get("shared_removed") or ()
+        if shared_changed or shared_removed:
+            self.shared_bindings.update(shared_changed)
+            for name in shared_removed:
+                self.shared_bindings.pop(name, None)
+            self._shared_dirty = True
+        self._fit_bindings(session)
+
+    def _fit_bindings(self, session: Session) -> None:
+        """Demote the largest bindings to unrestorable until the session fits."""
+        limit = self.settings.max_session_bytes
+        while self._size_of(session) > limit:
+            candidates = [
+                (len(json.dumps(b)), name)
+                for name, b in session.bindings.items()
+                if b.get("encoding") in ("json", "pickle")
+            ]
+            if not candidates:
+                break
+            _, name = max(candidates)
+            old = session.bindings[name]
+            session.bindings[name] = {
+                "encoding": "unrestorable",
+                "type": old.get("type"),
+                "repr": _clip(old.get("repr"), 200),
+                "reason": "too large: the session would exceed max_session_bytes",
+            }
+            for variable in session.variables:
+                if variable.get("name") == name:
+                    variable["restorable"] = False
+
+    # ================================================================ session commands
+
+    async def create_session(self, call) -> dict:
+        await self.ready()
+        client_id = self._owned_client(call)
+        self.policy.admit(client_id)
+        now = self.now()
+        timeout = self._timeout_param(call.params.get("timeout"))
+        active = [
+            s for s in self.sessions.values() if s.client_id == client_id and s.is_active(now)
+        ]
+        if len(active) >= self.settings.max_sessions_per_client:
+            raise StuiError(
+                "SessionLimitExceeded",
+                f"client {client_id!r} already has {len(active)} active sessions "
+                f"(max_sessions_per_client={self.settings.max_sessions_per_client}); "
+                "close one first",
+                active_sessions=len(active),
+                max_sessions_per_client=self.settings.max_sessions_per_client,
+            )
+        self.policy.record_create(client_id, now)
+        client_info = call.params.get("client_info") or {}
+        session = Session(
+            session_id=new_session_id(),
+            client_id=client_id,
+            created_at=now,
+            timeout=timeout,
+            last_activity=now,
+            last_modified=now,
+            client_info=client_info,
+        )
+        self._check_size(session)
+        self.sessions[session.session_id] = session
+        try:
+            await self._changed(session, "create the session")
+        except StuiError:
+            self.sessions.pop(session.session_id, None)
+            self._dirty.discard(session.session_id)
+            raise
+        call.context.current_session_id = session.session_id
+        self.log.info(
+            "{conn} created session {sid} for {client}",
+            conn=call.context.label,
+            sid=session.session_id,
+            client=client_id,
+        )
+        result = session.record(now)
+        result["capabilities"] = list(self.settings.capabilities)
+        return result
+
+    def _timeout_param(self, value) -> float:
+        if value is None:
+            return float(self.settings.default_timeout)
+        if value <= 0 or value > self.settings.max_timeout:
+            raise invalid_parameter(
+                "timeout",
+                f"must be between 0 and {self.settings.max_timeout:g} seconds, not {value}",
+                max_timeout=self.settings.max_timeout,
+            )
+        return float(value)
+
+    async def restore_session(self, call) -> dict:
+        session = await self._session_for(call)
+        call.context.current_session_id = session.session_id
+        restored = {"restored": [], "unrestorable": list(session.unrestorable)}
+        if self.image is not None:
+            restored = await self._materialize(session)
+        self.log.info(
+            "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id
+        )
+        result = session.record(self.now())
+        result.update(session.context())
+        result["restored_bindings"] = restored["restored"]
+        result["unrestorable_bindings"] = restored["unrestorable"]
+        return result
+
+    async def update_session_state(self, call) -> dict:
+        params = call.params
+        parts = [k for k in ("state_data", "workspace_context", "inspector_state") if k in call.request.parameters]
+        if not parts:
+            raise StuiError(
+                "InvalidRequest",
+                "give at least one of 'state_data', 'workspace_context', 'inspector_state'",
+                parameter="state_data",
+            )
+        session = await self._session_for(call)
+        merge = params["merge"]
+        before = (session.session_state, session.client_workspace, session.inspector_view)
+        if "state_data" in parts:
+            data = call.request.parameters["state_data"]
+            session.session_state = merge_patch(session.session_state, data) if merge else data
+        if "workspace_context" in parts:
+            session.client_workspace = self._client_part(
+                session.client_workspace, params["workspace_context"], "workspace_context", "client", merge
+            )
+        if "inspector_state" in parts:
+            session.inspector_view = self._client_part(
+                session.inspector_view, params["inspector_state"], "inspector_state", "view", merge
+            )
+        try:
+            self._check_size(session)
+            await self._changed(session, "save the session state")
+        except StuiError:
+            session.session_state, session.client_workspace, session.inspector_view = before
+            raise
+        return {
+            "session_id": session.session_id,
+            "last_modified": iso_timestamp(session.last_modified),
+            "session_state": session.session_state,
+            "update_successful": True,
+        }
+
+    @staticmethod
+    def _client_part(current: dict, given: Any, name: str, key: str, merge: bool) -> dict:
+        if not isinstance(given, dict):
+            raise invalid_parameter(name, "must be an object")
+        # Accept both {"client": {...}} and the bare client object.
+        value = given[key] if set(given) == {key} else given
+        if not isinstance(value, dict):
+            raise invalid_parameter(f"{name}.{key}", "must be an object")
+        return merge_patch(current, value) if merge else value
+
+    async def close_session(self, call) -> dict:
+        session = await self._session_for(call)
+        now = self.now()
+        save = call.params["save_state"]
+        if not save:
+            try:
+                document = await self.store.read(session.client_id, session.session_id)
+                session.load_document(document)
+            except KeyError:
+                session.load_document({})
+            except StorageFailure as exc:
+                raise _storage_error(exc, "close the session") from exc
+        session.state = CLOSED
+        session.closed_at = now
+        session.materialized = False
+        session.last_modified = now
+        try:
+            await self._write_now(session, "close the session")
+        except StuiError:
+            session.state, session.closed_at = ACTIVE, None
+            raise
+        for connection in self.connections:
+            if connection.context.current_session_id == session.session_id:
+                connection.context.current_session_id = None
+        if self.image is not None:
+            await self.image.drop_session(session.session_id)
+        self.log.info(
+            "{conn} closed session {sid} (saved={saved})",
+            conn=call.context.label,
+            sid=session.session_id,
+            saved=save,
+        )
+        return {"session_id": session.session_id, "closed": True, "saved": bool(save)}
+
+    async def get_session_info(self, call) -> dict:
+        session = await self._session_for(call, touch=False)
+        result = session.record(self.now())
+        result.update(
+            {
+                "variable_count": len(session.variables),
+                "history_length": len(session.history),
+                "size_bytes": session.size_bytes or self._size_of(session),
+                "attached_connections": self.connections.attached_to(session.session_id),
+            }
+        )
+        return result
+
+    async def list_client_sessions(self, call) -> dict:
+        await self.ready()
+        client_id = self._owned_client(call)
+        now = self.now()
+        include_inactive = call.params["include_inactive"]
+        sessions = sorted(
+            (
+                s
+                for s in self.sessions.values()
+                if s.client_id == client_id and (include_inactive or s.is_active(now))
+            ),
+            key=lambda s: s.created_at,
+        )
+        return {
+            "client_id": client_id,
+            "session_count": len(sessions),
+            "sessions": [s.record(now) for s in sessions],
+        }
+
+    async def get_session_statistics(self, call) -> dict:
+        await self.ready()
+        now = self.now()
+        counts = {ACTIVE: 0, EXPIRED: 0, CLOSED: 0}
+        clients = set()
+        for session in self.sessions.values():
+            if session.state == CLOSED:
+                counts[CLOSED] += 1
+            elif session.is_expired(now):
+                counts[EXPIRED] += 1
+            else:
+                counts[ACTIVE] += 1
+                clients.add(session.client_id)
+        storage = dict(self.store.statistics())
+        storage["pending_writes"] = storage.get("pending_writes", 0) + len(self._dirty)
+        return {
+            "total_sessions": len(self.sessions),
+            "active_sessions": counts[ACTIVE],
+            "expired_sessions": counts[EXPIRED],
+            "closed_sessions": counts[CLOSED],
+            "active_clients": len(clients),
+            "connected_clients": len(self.connections),
+            "max_sessions_per_client": self.settings.max_sessions_per_client,
+            "default_timeout": self.settings.default_timeout,
+            "cleanup_interval": self.settings.cleanup_interval,
+            "uptime": round(now - (self._started_at or now), 3),
+            "durability": self.settings.durability,
+            "storage": storage,
+        }
+
+    # ================================================================ context commands
+
+    async def save_context(self, call) -> dict:
+        session = await self._session_for(call)
+        if self.image is not None and session.materialized:
+            snapshot = await self.image.snapshot(session.session_id)
+            session.bindings = snapshot.get("bindings", session.bindings)
+            if "variables" in snapshot:
+                session.variables = snapshot["variables"]
+            self._fit_bindings(session)
+        result = await self._write_now(session, "save the context")
+        if self._shared_dirty:
+            await self._write_shared()
+        return {
+            "session_id": session.session_id,
+            "saved": True,
+            "saved_at": result.saved_at,
+            "size_bytes": result.size_bytes,
+            "checksum": result.checksum,
+        }
+
+    async def load_context(self, call) -> dict:
+        session = await self._session_for(call)
+        try:
+            document = await self.store.read(session.client_id, session.session_id)
+        except KeyError:
+            raise StuiError(
+                "InvalidRequest",
+                f"session {session.session_id!r} has never been saved",
+                session_id=session.session_id,
+            ) from None
+        except StorageFailure as exc:
+            raise _storage_error(exc, "load the context") from exc
+        session.load_document(document)
+        session.last_saved_at = self.now()
+        self._dirty.discard(session.session_id)
+        session.dirty = False
+        restored = {"restored": [], "unrestorable": []}
+        if self.image is not None:
+            restored = await self._materialize(session)
+        context = session.context()
+        return {
+            "session_id": session.session_id,
+            "loaded": True,
+            "saved_at": document.get("last_modified"),
+            "context": context,
+            "restored_bindings": restored["restored"],
+            "unrestorable_bindings": restored["unrestorable"],
+        }
+
+    async def get_context_summary(self, call) -> dict:
+        session = await self._session_for(call, touch=False)
+        return {
+            "session_id": session.session_id,
+            "variables": [
+                {"name": v.get("name"), "type": v.get("type"), "repr": v.get("repr")}
+                for v in session.variables
+            ],
+            "variable_count": len(session.variables),
+            "history_length": len(session.history),
+            "last_evaluation": session.history[-1] if session.history else None,
+            "registry_size": len(session.registry),
+            "inspector": {
+                "selected_object": session.inspector_selected,
+                "history_length": len(session.inspector_history),
+            },
+            "size_bytes": session.size_bytes or self._size_of(session),
+            "dirty": session.dirty,
+            "last_saved_at": iso_timestamp(session.last_saved_at) if session.last_saved_at else None,
+        }
+
+    async def clear_context(self, call) -> dict:
+        parts = call.params.get("parts")
+        if parts is None:
+            parts = list(CONTEXT_PARTS)
+        for part in parts:
+            if part not in CONTEXT_PARTS:
+                raise invalid_parameter(
+                    "parts",
+                    f"has unknown part {str(part)[:40]!r}; use any of {', '.join(CONTEXT_PARTS)}",
+                )
+        session = await self._session_for(call)
+        image_parts = [p for p in ("variables", "registry") if p in parts]
+        if image_parts and self.image is not None and session.materialized:
+            await self.image.clear(session.session_id, image_parts)
+        if "variables" in parts:
+            session.bindings = {}
+            session.variables = []
+            session.unrestorable = []
+        if "history" in parts:
+            session.history = []
+        if "registry" in parts:
+            session.registry = {}
+        if "inspector" in parts:
+            session.inspector_selected = None
+            session.inspector_history = []
+            session.inspector_view = {}
+        if "state" in parts:
+            session.session_state = {}
+            session.client_workspace = {}
+        await self._changed(session, "clear the context")
+        return {"session_id": session.session_id, "cleared": [p for p in CONTEXT_PARTS if p in parts]}
+
+    # ================================================================ image commands
+
+    async def evaluate(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        timeout = params.get("timeout")
+        if timeout is None:
+            timeout = self.settings.eval_timeout
+        if timeout <= 0 or timeout > self.settings.max_eval_timeout:
+            raise invalid_parameter(
+                "timeout",
+                f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
+            )
+        mode = params["mode"]
+        if mode not in ("execute", "display"):
+            raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
+        await self._ensure_materialized(session)
+        started = self.now()
+        try:
+            outcome = await image.evaluate(session.session_id, params["code"], mode, timeout)
+        except StuiError as error:
+            if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
+                self._apply_delta(session, error.details)
+                entry = self._history_entry(session, params["code"], started, error=error)
+                for key in list(error.details):
+                    if key.startswith(("bindings_", "shared_", "registry_")) or key in (
+                        "variables",
+                        "next_object_id",
+                    ):
+                        error.details.pop(key)
+                error.details["history_index"] = entry["index"]
+                await self._changed(session, "record the evaluation")
+            elif error.error_type == "ImageRestarted":
+                session.materialized = False
+            raise
+        self._apply_delta(session, outcome)
+        entry = self._history_entry(session, params["code"], started, outcome=outcome)
+        await self._changed(session, "record the evaluation")
+        return {
+            "session_id": session.session_id,
+            "result": outcome.get("result"),
+            "result_type": outcome.get("result_type"),
+            "object_id": outcome.get("object_id"),
+            "display": outcome.get("display"),
+            "output": outcome.get("output", ""),
+            "execution_time": outcome.get("execution_time"),
+            "has_error": False,
+            "history_index": entry["index"],
+        }
+
+    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
+        session.history_counter += 1
+        entry = {
+            "index": session.history_counter,
+            "code": _clip(code),
+            "timestamp": iso_timestamp(started),
+        }
+        if outcome is not None:
+            entry.update(
+                {
+                    "result": _clip(outcome.get("result")),
+                    "result_type": outcome.get("result_type"),
+                    "object_id": outcome.get("object_id"),
+                    "ok": True,
+                    "output": _clip(outcome.get("output", "")),
+                    "duration_ms": outcome.get("execution_time"),
+                }
+            )
+        else:
+            entry.update(
+                {
+                    "result": None,
+                    "result_type": None,
+                    "ok": False,
+                    "output": _clip(error.details.get("output", "")),
+                    "duration_ms": round((self.now() - started) * 1000, 3),
+                    "error": {
+                        "error_type": error.error_type,
+                        "exception_type": error.details.get("exception_type"),
+                        "message": _clip(error.message, 4096),
+                    },
+                }
+            )
+        session.history.append(entry)
+        del session.history[: -self.settings.history_limit]
+        return entry
+
+    async def inspect(self, call) -> dict:
+        params = call.params
+        if params.get("object_id") is None and params.get("expression") is None:
+            raise invalid_parameter("object_id", "or 'expression' is required")
+        limit = params["limit"]
+        if limit < 0:
+            raise invalid_parameter("limit", "must be 0 or more")
+        session = await self._session_for(call)
+        image = self._need_image()
+        await self._ensure_materialized(session)
+        try:
+            outcome = await image.inspect(
+                session.session_id,
+                object_id=params.get("object_id"),
+                expression=params.get("expression"),
+                limit=limit,
+            )
+        except StuiError as error:
+            if error.error_type == "ObjectNotFound" and params.get("object_id") in session.registry:
+                error.details["registry_entry"] = session.registry[params["object_id"]]
+            raise
+        self._apply_delta(session, outcome)
+        object_id = outcome.get("object_id")
+        if object_id:
+            session.inspector_selected = object_id
+            session.inspector_history.append(object_id)
+            del session.inspector_history[:-MAX_INSPECTOR_HISTORY]
+        await self._changed(session, "record the inspection")
+        result = {k: v for k, v in outcome.items() if k not in ("registry_added", "next_object_id")}
+        result["session_id"] = session.session_id
+        return result
+
+    async def complete(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        await self._ensure_materialized(session)
+        code = params["code"]
+        cursor = params.get("cursor_pos")
+        if cursor is None:
+            cursor = len(code)
+        if cursor < 0 or cursor > len(code):
+            raise invalid_parameter("cursor_pos", f"must be between 0 and {len(code)}")
+        return await image.complete(session.session_id, code, cursor)
+
+    async def interrupt(self, call) -> dict:
+        session = await self._session_for(call)
+        interrupted = False
+        if self.image is not None:
+            interrupted = bool(await self.image.interrupt(session.session_id))
+        return {"session_id": session.session_id, "interrupted": interrupted}
+
+    # ================================================================ misc
+
+    def uptime(self) -> float:
+        return round(self.now() - (self._started_at or self.now()), 3)
+
+    def image_status(self) -> dict:
+        if self.image is None:
+            return {"status": "disabled", "pid": None, "started_at": None}
+        return self.image.status()
