@@ -1,0 +1,345 @@
+"""The interactive prompt: multi-line input, history, completion and meta-commands.
+
+Input rules (see :func:`needs_more_input`): Enter submits a complete statement and
+opens a continuation line (``...``) when the code is unfinished — a line ending with
+``:``, an open bracket or string, a backslash, or an indented block not yet ended by
+an empty line.  Esc-Enter (Meta-Enter) submits whatever is in the buffer.  Lines that
+start with ``:`` are meta-commands handled by the client (``:help`` lists them).
+"""
+
+from __future__ import annotations
+
+import codeop
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.patch_stdout import patch_stdout
+
+from stui_twisted.client.formatting import (
+    format_bindings_note,
+    format_error,
+    format_inspection,
+    format_reply,
+    format_session_info,
+    format_sessions,
+)
+from stui_twisted.client.session import (
+    CredentialsUnavailable,
+    RequestLost,
+    ServerError,
+    StuiClient,
+)
+from stui_twisted.client.state import ClientState
+from stui_twisted.client.transport import ConnectionLost
+
+PROMPT = ">>> "
+CONTINUATION_PROMPT = "... "
+INDENT = "    "
+CLEARABLE_PARTS = ("variables", "history", "registry", "inspector", "state")
+
+HELP_TEXT = """\
+Type Python code; it runs in your session on the server's live image.
+Enter runs a complete statement; unfinished code (a trailing ':', an open bracket,
+an indented block) continues on a '...' line; an empty line ends a block.
+Esc-Enter runs the buffer as it is.  Tab completes names from the server.
+Ctrl-C stops a running evaluation (or clears the line); Ctrl-D quits.
+
+Meta-commands:
+  :inspect EXPR     show the value of EXPR: type, attributes and items
+  :inspect @ID      inspect a registry object by id (e.g. @obj_3)
+  :sessions         list your active sessions on this server (* = current)
+  :info             details of the current session
+  :save             save the session context durably now
+  :load             replace the context with the last saved one
+  :clear [PARTS]    clear all or some of: variables history registry inspector state
+  :close            close the current session for good (the next command starts a new one)
+  :help             this text
+  :quit             leave (the session stays on the server; also Ctrl-D)
+"""
+
+META_COMMANDS = ("inspect", "sessions", "info", "save", "load", "clear", "close", "help", "quit")
+
+
+def needs_more_input(text: str) -> bool:
+    """True when ``text`` is unfinished Python that the user is still typing.
+
+    Uses :func:`codeop.compile_command` (the rule of the standard interactive
+    interpreter): an open bracket or string, a trailing ``:`` or backslash, or an
+    indented block that no empty line has ended yet.  Complete code, meta-commands,
+    and code with a syntax error are submitted (the server reports the error).
+    """
+    if not text.strip() or text.lstrip().startswith(":"):
+        return False
+    lines = text.split("\n")
+    if len(lines) > 1 and not lines[-1].strip():
+        lines[-1] = ""  # an empty (or auto-indented only) last line ends a block
+    source = "\n".join(lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for symbol in ("single", "exec"):
+            try:
+                return codeop.compile_command(source, "<input>", symbol) is None
+            except (SyntaxError, ValueError, OverflowError):
+                continue
+    return False
+
+
+def next_line_indent(current_line: str) -> str:
+    """Indentation for the continuation line: keep the current one, one level deeper
+    after a line that opens a block."""
+    stripped = current_line.rstrip()
+    indent = current_line[: len(current_line) - len(current_line.lstrip())]
+    if stripped.endswith(":"):
+        indent += INDENT
+    return indent
+
+
+def build_key_bindings() -> KeyBindings:
+    """Enter submits complete code or continues unfinished code; Esc-Enter submits."""
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _enter(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        state = buffer.complete_state
+        if state is not None and state.current_completion is not None:
+            buffer.apply_completion(state.current_completion)
+            return
+        document = buffer.document
+        at_end = document.cursor_position == len(document.text)
+        if not at_end or needs_more_input(buffer.text):
+            buffer.insert_text("\n" + next_line_indent(document.current_line_before_cursor))
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _submit(event: KeyPressEvent) -> None:
+        event.current_buffer.validate_and_handle()
+
+    return bindings
+
+
+class ServerCompleter(Completer):
+    """Completes code with the server's ``complete`` command, meta-commands locally."""
+
+    def __init__(self, client: StuiClient) -> None:
+        self.client = client
+
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        if text.startswith(":") and " " not in text:
+            for name in META_COMMANDS:
+                if name.startswith(text[1:]):
+                    yield Completion(name, start_position=-(len(text) - 1))
+            return
+        cursor = document.cursor_position
+        result = self.client.complete(document.text, cursor)
+        if not result:
+            return
+        start = result.get("cursor_start", cursor)
+        if not isinstance(start, int) or start > cursor:
+            return
+        for match in result.get("matches") or []:
+            yield Completion(str(match), start_position=start - cursor)
+
+
+class IdleWatcher:
+    """While the prompt waits for input, notice a lost connection and reconnect."""
+
+    def __init__(self, client: StuiClient, interval: float = 0.5) -> None:
+        self.client = client
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stui-idle-watcher", daemon=True)
+
+    def __enter__(self) -> IdleWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.client.check_idle_connection()
+
+
+class Repl:
+    """The read-eval-print loop over a connected :class:`StuiClient` with a session."""
+
+    def __init__(
+        self,
+        client: StuiClient,
+        state: ClientState,
+        *,
+        mode: str = "execute",
+        output: TextIO | None = None,
+    ) -> None:
+        self.client = client
+        self.state = state
+        self.mode = mode
+        self.output = output
+        self.meta_commands: dict[str, Callable[[str], bool]] = {
+            "inspect": self.inspect,
+            "sessions": self.sessions,
+            "info": self.info,
+            "save": self.save,
+            "load": self.load,
+            "clear": self.clear,
+            "close": self.close,
+            "help": self.help,
+            "quit": self.quit,
+            "exit": self.quit,
+            "q": self.quit,
+        }
+
+    def write(self, text: str) -> None:
+        stream = self.output or sys.stdout
+        stream.write(text if text.endswith("\n") or not text else text + "\n")
+        stream.flush()
+
+    def run(self) -> int:
+        """Prompt until ``:quit`` or Ctrl-D; returns the process exit status."""
+        prompt_session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(self.state.ensure_history_file())),
+            multiline=True,
+            key_bindings=build_key_bindings(),
+            completer=ServerCompleter(self.client),
+            complete_while_typing=False,
+            prompt_continuation=lambda width, line_number, wrap_count: CONTINUATION_PROMPT,
+        )
+        while True:
+            try:
+                with IdleWatcher(self.client), patch_stdout(raw=True):
+                    text = prompt_session.prompt(PROMPT)
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                break
+            if not text.strip():
+                continue
+            if not self.run_one(text):
+                break
+        return 0
+
+    def run_one(self, text: str) -> bool:
+        """Run one submitted input; False means quit."""
+        try:
+            stripped = text.strip()
+            if stripped.startswith(":"):
+                return self.meta_command(stripped[1:])
+            self.write(format_reply(self.client.evaluate(text, self.mode)))
+        except KeyboardInterrupt:
+            self.write("Stopped waiting for the reply.")
+        except RequestLost as error:
+            self.write(f"{error}; the command may or may not have run.")
+        except ConnectionLost as error:
+            self.write(f"{error}")
+        except ServerError as error:
+            self.write(format_error(error.reply))
+        except CredentialsUnavailable as error:
+            self.write(f"{error}")
+        return True
+
+    def meta_command(self, line: str) -> bool:
+        name, _, argument = line.partition(" ")
+        handler = self.meta_commands.get(name.strip().lower())
+        if handler is None:
+            self.write(f"Unknown meta-command :{name}; :help lists them.")
+            return True
+        return handler(argument.strip())
+
+    def _show(self, command: str, parameters: dict[str, Any] | None = None):
+        """Run a command; on an error reply print it and return None."""
+        reply = self.client.call(command, parameters)
+        if reply.get("status") != "success":
+            self.write(format_error(reply))
+            return None
+        return reply.get("result") or {}
+
+    def inspect(self, argument: str) -> bool:
+        if not argument:
+            self.write("usage: :inspect EXPR  or  :inspect @OBJECT_ID")
+            return True
+        if argument.startswith("@"):
+            parameters = {"object_id": argument[1:]}
+        else:
+            parameters = {"expression": argument}
+        result = self._show("inspect", parameters)
+        if result is not None:
+            self.write(format_inspection(result))
+        return True
+
+    def sessions(self, argument: str) -> bool:
+        result = self._show("list_client_sessions", {"client_id": self.client.client_id})
+        if result is not None:
+            self.write(format_sessions(result, self.client.session_id))
+        return True
+
+    def info(self, argument: str) -> bool:
+        result = self._show("get_session_info")
+        if result is not None:
+            self.write(format_session_info(result))
+        return True
+
+    def save(self, argument: str) -> bool:
+        result = self._show("save_context")
+        if result is not None:
+            self.write(
+                f"Saved at {result.get('saved_at', '?')} ({result.get('size_bytes', '?')} bytes)."
+            )
+        return True
+
+    def load(self, argument: str) -> bool:
+        result = self._show("load_context")
+        if result is not None:
+            self.write(
+                f"Loaded the context saved at {result.get('saved_at', '?')}.\n"
+                + format_bindings_note(result)
+            )
+        return True
+
+    def clear(self, argument: str) -> bool:
+        parts = [part for part in argument.replace(",", " ").split() if part]
+        unknown = [part for part in parts if part not in CLEARABLE_PARTS]
+        if unknown:
+            self.write(
+                f"Cannot clear {', '.join(unknown)}; parts are: {' '.join(CLEARABLE_PARTS)}."
+            )
+            return True
+        result = self._show("clear_context", {"parts": parts} if parts else {})
+        if result is not None:
+            self.write("Cleared: " + ", ".join(result.get("cleared") or parts or ["everything"]))
+        return True
+
+    def close(self, argument: str) -> bool:
+        closing = self.client.session_id
+        if closing is None:
+            self.write("There is no current session.")
+            return True
+        result = self._show("close_session")
+        if result is not None:
+            self.client.forget_session()
+            self.write(
+                f"Session {closing} closed. The next evaluation starts a new session; "
+                ":quit to leave."
+            )
+        return True
+
+    def help(self, argument: str) -> bool:
+        self.write(HELP_TEXT)
+        return True
+
+    def quit(self, argument: str) -> bool:
+        return False
