@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stui_twisted import passwd
 from stui_twisted.passwd import (
@@ -250,3 +252,24 @@ def test_cli_file_is_a_directory(tmp_path):
     assert result.returncode == 1
     assert "cannot read password file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+USERNAMES = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}", fullmatch=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    names=st.lists(USERNAMES, min_size=1, max_size=4, unique=True), password=st.text(max_size=40)
+)
+def test_any_valid_username_round_trips_through_the_file(names, password):
+    lines: list[str] = ["# header\n"]
+    for name in names:
+        lines, existed = set_user(lines, name, hash_password(password, **FAST))
+        assert not existed
+    users, problems = parse_password_file("".join(lines))
+    assert problems == []
+    assert list(users) == names
+    assert all(users[name].verify(password) for name in names)
+    lines, existed = delete_user(lines, names[0])
+    assert existed
+    assert list(parse_password_file("".join(lines))[0]) == names[1:]
