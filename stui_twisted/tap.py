@@ -1,0 +1,179 @@
+"""The ``twistd stui`` plugin's options and service tree.
+
+:class:`Options` parses and checks the command line (and ``--config``);
+:func:`makeService` only assembles services.  Nothing here opens a socket,
+starts a thread or spawns a process: those happen in ``startService`` because
+``twistd`` daemonizes (forks) after ``makeService``.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.application import internet, service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini
+from stui_twisted.settings import Settings
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """Command-line options of C{twistd stui}."""
+
+    synopsis = "[twistd options] stui [options]"
+    longdesc = (
+        "Serve durable STUI sessions over line-JSON TCP/TLS and ZeroMQ, with a "
+        "supervised live Python image. Defaults: TCP tcp:7555:interface=127.0.0.1, "
+        "ZeroMQ tcp://127.0.0.1:5555, TLS off, data in ./stui-data."
+    )
+    optFlags = [
+        ["insecure-no-auth", None, "allow non-loopback listeners without --auth-file"],
+    ]
+    optParameters = [["config", "c", None, "INI file with a [stui] section (see etc/stui.ini)"]] + [
+        [name, None, None, f"{help_text} [default: {getattr(Settings(), field)}]"]
+        for name, (field, _parse, help_text) in OPTIONS.items()
+    ]
+
+    def postOptions(self) -> None:  # noqa: N802
+        """Merge defaults < --config < flags into C{self.settings}; refuse bad values."""
+        try:
+            file_values = read_ini(self["config"]) if self["config"] else {}
+            flags = {name: self[name] for name in OPTIONS}
+            self.settings = build_settings(file_values, flags, bool(self["insecure-no-auth"]))
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+class ListenerService(internet.StreamServerEndpointService):
+    """A strports listener that logs the address it actually bound.
+
+    The log line (C{tcp listening on 127.0.0.1:7555}) tells operators and
+    tests which port an ephemeral C{tcp:0} description received.  A port that
+    cannot be bound stops start-up with an error instead of running deaf.
+    """
+
+    _raiseSynchronously = True
+
+    def __init__(self, name: str, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self.listener_name = name
+        self.port = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        address = port.getHost()
+        log.info(
+            "{name} listening on {host}:{port}",
+            name=self.listener_name,
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", ""),
+        )
+        return port
+
+
+def build_server(settings: Settings, reactor) -> tuple[service.MultiService, object]:
+    """The whole service tree for C{settings}; returns (root, session service)."""
+    from stui_twisted.commands import build_commands
+    from stui_twisted.connections import ConnectionRegistry
+    from stui_twisted.dispatcher import Dispatcher
+    from stui_twisted.linejson import LineJSONFactory
+    from stui_twisted.service import SessionService
+    from stui_twisted.store import SessionStore
+
+    root = service.MultiService()
+    connections = ConnectionRegistry(settings.max_connections)
+    store = SessionStore(
+        settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
+    )
+    image = None
+    if settings.image_enabled:
+        from stui_twisted.image.supervisor import ImageSupervisor
+
+        image = ImageSupervisor(reactor, max_binding_bytes=settings.max_session_bytes)
+    sessions = SessionService(
+        settings, reactor=reactor, store=store, image=image, connections=connections
+    )
+    sessions.setName("sessions")
+    sessions.setServiceParent(root)
+
+    authenticator = None
+    if settings.auth_file:
+        from stui_twisted.auth import Authenticator
+
+        authenticator = Authenticator(settings, reactor)
+    dispatcher = Dispatcher(clock=reactor, auth=authenticator)
+    dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
+    sessions.dispatcher = dispatcher
+
+    for name in ("tcp", "tls"):
+        description = getattr(settings, name)
+        if description.lower() == "none":
+            continue
+        factory = LineJSONFactory(
+            dispatcher,
+            transport_name=name,
+            max_message_bytes=settings.max_message_bytes,
+            max_pending=settings.max_pending_per_connection,
+            unauthenticated_idle_timeout=settings.unauthenticated_idle_timeout,
+            registry=connections,
+        )
+        listener = ListenerService(name, endpoints.serverFromString(reactor, description), factory)
+        listener.setName(name)
+        listener.setServiceParent(root)
+    if settings.zmq.lower() != "none":
+        from stui_twisted.zmqtransport import ZmqRouterService
+
+        zmq_service = ZmqRouterService(
+            settings.zmq,
+            dispatcher,
+            max_message_bytes=settings.max_message_bytes,
+            registry=connections,
+        )
+        zmq_service.setName("zmq")
+        zmq_service.setServiceParent(root)
+    return root, sessions
+
+
+class CleanExitOnSigterm(service.Service):
+    """Make SIGTERM a clean shutdown that exits with status 0.
+
+    twistd's own handler stops the reactor and then re-raises SIGTERM so the
+    process dies "by signal"; service managers and shell scripts read that as
+    a failure.  This handler stops the reactor the same orderly way (every
+    service's C{stopService} runs, sessions are flushed) and lets twistd exit 0.
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        signal.signal(signal.SIGTERM, self._terminate)
+
+    def _terminate(self, signum, frame) -> None:
+        log.info("SIGTERM: shutting down (flushing sessions, stopping the image)")
+        self._reactor.callFromThread(self._stop_once)
+
+    def _stop_once(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
+
+
+def makeService(options: Options) -> service.IService:  # noqa: N802
+    """Assemble the service tree from parsed L{Options} (twistd's entry point)."""
+    from twisted.internet import reactor
+
+    root, _sessions = build_server(options.settings, reactor)
+    CleanExitOnSigterm(reactor).setServiceParent(root)
+    return root

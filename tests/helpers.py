@@ -1,0 +1,53 @@
+"""Small in-process fixtures: a dispatcher with the real command table."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import task
+
+from stui_twisted.commands import build_commands
+from stui_twisted.dispatcher import Dispatcher
+from stui_twisted.interfaces import ConnectionContext
+from stui_twisted.settings import Settings
+
+
+class NullImageService:
+    """Stands in for the service when only ping/describe/envelope are exercised."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+
+    def uptime(self) -> float:
+        return 0.0
+
+    def image_status(self) -> dict:
+        return {"status": "disabled", "pid": None, "started_at": None}
+
+    def __getattr__(self, name):
+        async def handler(call):
+            return {"handled": name, "params": call.params}
+
+        return handler
+
+
+def make_dispatcher(service=None, clock=None, auth=None) -> Dispatcher:
+    clock = clock or task.Clock()
+    service = service or NullImageService()
+    dispatcher = Dispatcher(clock=clock, auth=auth)
+    dispatcher.register_all(build_commands(service, dispatcher, auth))
+    return dispatcher
+
+
+def context(transport: str = "tcp") -> ConnectionContext:
+    return ConnectionContext(transport=transport, peer="test")
+
+
+def dispatch(dispatcher: Dispatcher, data, ctx=None) -> dict:
+    """Dispatch synchronously-completing requests and decode the reply."""
+    if not isinstance(data, bytes):
+        data = json.dumps(data).encode()
+    replies = []
+    dispatcher.dispatch(ctx or context(), data).addCallback(replies.append)
+    assert replies, "the reply did not complete synchronously"
+    return json.loads(replies[0])
