@@ -1,0 +1,144 @@
+"""The AMP contract between the server (supervisor) and the image child.
+
+AMP limits one value to 64 KiB, while code, stored bindings and results can be
+megabytes, so every payload travels as :class:`ChunkedJSON`.  Every command
+answers one ``reply`` envelope, ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error_type": ..., "message": ..., "details": {...}}``, so
+error details (which include persistence deltas) are not squeezed into AMP's
+size-limited error boxes either.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.protocols import amp
+
+CHUNK_BYTES = 60_000
+
+
+class ChunkedJSON(amp.Argument):
+    """A JSON value of any size, split over the keys ``name.0``, ``name.1``, ...
+
+    The value is encoded once, cut into chunks below AMP's value limit and
+    reassembled (as bytes, so a UTF-8 character cut in two is harmless).
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        key = amp._wireNameToPythonIdentifier(name)
+        value = objects.pop(key, None)
+        if value is None and self.optional:
+            return
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        chunks = [encoded[start : start + CHUNK_BYTES] for start in range(0, len(encoded), CHUNK_BYTES)]
+        for index, chunk in enumerate(chunks):
+            strings[name + b"." + str(index).encode("ascii")] = chunk
+
+    def fromBox(self, name, strings, objects, proto):
+        parts = []
+        while True:
+            chunk = strings.pop(name + b"." + str(len(parts)).encode("ascii"), None)
+            if chunk is None:
+                break
+            parts.append(chunk)
+        key = amp._wireNameToPythonIdentifier(name)
+        if not parts:
+            if not self.optional:
+                raise KeyError(name)
+            objects[key] = None
+            return
+        objects[key] = json.loads(b"".join(parts).decode("utf-8"))
+
+
+REPLY = [(b"reply", ChunkedJSON())]
+
+
+class Ping(amp.Command):
+    """Is the child up?  Answers its pid; the first answer marks it ready."""
+
+    arguments = []
+    response = [(b"pid", amp.Integer())]
+
+
+class Evaluate(amp.Command):
+    """Run ``code`` as a REPL cell on the session's worker thread."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"code", ChunkedJSON()),
+        (b"mode", amp.Unicode()),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response = REPLY
+
+
+class Interrupt(amp.Command):
+    """Stop the session's running evaluation; answers whether one was running."""
+
+    arguments = [(b"session_id", amp.Unicode())]
+    response = [(b"interrupted", amp.Boolean())]
+
+
+class Materialize(amp.Command):
+    """Rebuild a session's namespace and registry from stored bindings."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"bindings", ChunkedJSON()),
+        (b"registry", ChunkedJSON()),
+        (b"next_object_id", amp.Integer()),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response = REPLY
+
+
+class MaterializeShared(amp.Command):
+    """Rebuild the image-wide ``shared`` object from stored bindings."""
+
+    arguments = [(b"bindings", ChunkedJSON())]
+    response = REPLY
+
+
+class Inspect(amp.Command):
+    """Describe a registry object or the value of an expression."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"object_id", amp.Unicode(optional=True)),
+        (b"expression", ChunkedJSON(optional=True)),
+        (b"limit", amp.Integer()),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response = REPLY
+
+
+class Complete(amp.Command):
+    """Completion candidates for ``code`` at ``cursor_pos``."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"code", ChunkedJSON()),
+        (b"cursor_pos", amp.Integer()),
+    ]
+    response = REPLY
+
+
+class Snapshot(amp.Command):
+    """Every binding of the session, freshly serialized."""
+
+    arguments = [(b"session_id", amp.Unicode())]
+    response = REPLY
+
+
+class Clear(amp.Command):
+    """Forget the session's variables and/or registry objects."""
+
+    arguments = [(b"session_id", amp.Unicode()), (b"parts", ChunkedJSON())]
+    response = REPLY
+
+
+class DropSession(amp.Command):
+    """Forget everything about a (closed) session."""
+
+    arguments = [(b"session_id", amp.Unicode())]
+    response = REPLY

@@ -1,0 +1,249 @@
+"""The image child process: an AMP responder over fds 3/4 and one worker per session.
+
+Run as ``python -m stui_twisted.image.child`` by the supervisor.  fd 3 carries
+AMP requests in, fd 4 answers out; fds 1/2 are left to user code (and to this
+process's log), so a ``print()`` or ``os.write(1, ...)`` can never corrupt the
+channel.  Each session evaluates on its own daemon thread (one task at a time,
+sessions in parallel); the reactor thread only moves messages, so a session
+spinning in ``while True: pass`` delays nobody else by more than a few GIL
+switch intervals.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+
+from twisted.internet import defer, threads
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.protocols import amp
+
+from stui_twisted.errors import StuiError
+from stui_twisted.image import amp_commands as commands
+from stui_twisted.image.interruption import (
+    EvaluationStopped,
+    InterruptRequested,
+    StopGuard,
+    TimeLimitReached,
+)
+from stui_twisted.image.workspace import DEFAULT_MAX_BINDING_BYTES, Image, install_output_router
+
+AMP_IN_FD = 3
+AMP_OUT_FD = 4
+SWITCH_INTERVAL = 0.001
+
+log = Logger()
+
+
+def ok_reply(result) -> dict:
+    """The success envelope."""
+    return {"ok": True, "result": result}
+
+
+def error_reply(error: StuiError) -> dict:
+    """The failure envelope for a StuiError."""
+    return {"ok": False, "error_type": error.error_type, "message": error.message, "details": error.details}
+
+
+def run_to_reply(work, *args) -> dict:
+    """Call ``work`` and wrap its outcome in a reply envelope (never raises)."""
+    try:
+        return ok_reply(work(*args))
+    except StuiError as error:
+        return error_reply(error)
+    except EvaluationStopped:
+        return error_reply(StuiError("Interrupted", "the evaluation was interrupted"))
+    except Exception as exc:  # noqa: BLE001 - logged and answered as InternalError
+        log.failure("image task failed")
+        return error_reply(StuiError("InternalError", f"the image failed: {type(exc).__name__}: {exc}"))
+
+
+class _Task:
+    """One queued unit of session work."""
+
+    def __init__(self, work, timeout: float | None) -> None:
+        self.work = work
+        self.guard = StopGuard(timeout)
+        self.timer = None
+        self.done = defer.Deferred()
+
+
+class SessionWorker:
+    """A daemon thread that runs one session's tasks in order, stoppable by guard."""
+
+    def __init__(self, reactor, session_id: str) -> None:
+        self._reactor = reactor
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._current: _Task | None = None
+        self._thread = threading.Thread(target=self._run, name=f"session {session_id}", daemon=True)
+        self._thread.start()
+
+    def submit(self, work, timeout: float | None) -> defer.Deferred:
+        """Queue ``work(guard)``; the Deferred fires (on the reactor) with its reply envelope."""
+        task = _Task(work, timeout)
+        self._tasks.put(task)
+        return task.done
+
+    def interrupt(self) -> bool:
+        """Stop the running task, if any; answers whether one was running."""
+        task = self._current
+        if task is None:
+            return False
+        task.guard.request_stop(InterruptRequested)
+        return True
+
+    def stop(self) -> None:
+        """Interrupt the running task and let the thread end after it."""
+        self.interrupt()
+        self._tasks.put(None)
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            self._current = task
+            if task.guard.timeout:
+                self._reactor.callFromThread(self._arm_timer, task)
+            try:
+                reply = run_to_reply(task.work, task.guard)
+            except EvaluationStopped:
+                # Delivered between user code and disarm, outside run_to_reply's try.
+                task.guard.disarm()
+                reply = error_reply(StuiError("Interrupted", "the evaluation was interrupted"))
+            self._current = None
+            self._reactor.callFromThread(self._finish, task, reply)
+
+    def _arm_timer(self, task: _Task) -> None:
+        if not task.done.called:
+            task.timer = self._reactor.callLater(task.guard.timeout, task.guard.request_stop, TimeLimitReached)
+
+    def _finish(self, task: _Task, reply: dict) -> None:
+        if task.timer is not None and task.timer.active():
+            task.timer.cancel()
+        task.done.callback(reply)
+
+
+class ImageChildProtocol(amp.AMP):
+    """Answers the supervisor's commands against one :class:`Image`."""
+
+    def __init__(self, reactor, image: Image) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._image = image
+        self._workers: dict[str, SessionWorker] = {}
+
+    def _worker(self, session_id: str) -> SessionWorker:
+        worker = self._workers.get(session_id)
+        if worker is None:
+            worker = self._workers[session_id] = SessionWorker(self._reactor, session_id)
+        return worker
+
+    def _in_pool(self, work, *args) -> defer.Deferred:
+        pool = self._reactor.getThreadPool()
+        return threads.deferToThreadPool(self._reactor, pool, run_to_reply, work, *args).addCallback(
+            lambda reply: {"reply": reply}
+        )
+
+    def _on_worker(self, session_id: str, timeout: float | None, work) -> defer.Deferred:
+        return self._worker(session_id).submit(work, timeout).addCallback(lambda reply: {"reply": reply})
+
+    @commands.Ping.responder
+    def ping(self):
+        return {"pid": os.getpid()}
+
+    @commands.Evaluate.responder
+    def evaluate(self, session_id, code, mode, timeout=None):
+        workspace = self._image.session(session_id)
+        return self._on_worker(
+            session_id, timeout, lambda guard: workspace.evaluate(code, mode, guard=guard)
+        )
+
+    @commands.Interrupt.responder
+    def interrupt(self, session_id):
+        worker = self._workers.get(session_id)
+        return {"interrupted": worker.interrupt() if worker is not None else False}
+
+    @commands.Materialize.responder
+    def materialize(self, session_id, bindings, registry, next_object_id, timeout=None):
+        workspace = self._image.session(session_id)
+        return self._on_worker(
+            session_id,
+            timeout,
+            lambda guard: workspace.materialize(bindings or {}, registry or {}, next_object_id, guard=guard),
+        )
+
+    @commands.MaterializeShared.responder
+    def materialize_shared(self, bindings):
+        return self._in_pool(self._image.materialize_shared, bindings or {})
+
+    @commands.Inspect.responder
+    def inspect(self, session_id, limit, object_id=None, expression=None, timeout=None):
+        workspace = self._image.session(session_id)
+        if expression is not None:
+            return self._on_worker(
+                session_id,
+                timeout,
+                lambda guard: workspace.inspect(expression=expression, limit=limit, guard=guard),
+            )
+        return self._in_pool(lambda: workspace.inspect(object_id=object_id, limit=limit))
+
+    @commands.Complete.responder
+    def complete(self, session_id, code, cursor_pos):
+        workspace = self._image.session(session_id)
+        return self._in_pool(workspace.complete, code, cursor_pos)
+
+    @commands.Snapshot.responder
+    def snapshot(self, session_id):
+        return self._in_pool(self._image.session(session_id).snapshot)
+
+    @commands.Clear.responder
+    def clear(self, session_id, parts):
+        return {"reply": run_to_reply(self._image.session(session_id).clear, list(parts or []))}
+
+    @commands.DropSession.responder
+    def drop_session(self, session_id):
+        worker = self._workers.pop(session_id, None)
+        if worker is not None:
+            worker.stop()
+        existed = self._image.drop_session(session_id)
+        return {"reply": ok_reply({"dropped": existed or worker is not None})}
+
+    def connectionLost(self, reason):
+        # The supervisor is gone (or closed our pipes): nothing here is worth keeping.
+        log.info("AMP channel closed ({reason}); image exiting", reason=reason.value)
+        os._exit(0)
+
+
+def main() -> None:
+    """Entry point of the image process."""
+    quiet_amp = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    quiet_amp.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.__stderr__), [quiet_amp])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    install_output_router()
+    max_binding_bytes = int(os.environ.get("STUI_IMAGE_MAX_BINDING_BYTES", DEFAULT_MAX_BINDING_BYTES))
+
+    from twisted.internet import reactor, stdio
+
+    protocol = ImageChildProtocol(reactor, Image(max_binding_bytes))
+    stdio.StandardIO(protocol, stdin=AMP_IN_FD, stdout=AMP_OUT_FD, reactor=reactor)
+    log.info("image ready, pid {pid}", pid=os.getpid())
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    main()

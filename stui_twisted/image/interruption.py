@@ -1,0 +1,82 @@
+"""Stopping pure-Python code on another thread, safely.
+
+:class:`StopGuard` raises an :class:`EvaluationStopped` subclass inside the
+worker thread with ``PyThreadState_SetAsyncExc``, but only while that thread is
+inside user code (between :meth:`StopGuard.arm` and :meth:`StopGuard.disarm`),
+and at most once; ``disarm`` clears an exception that was set but not yet
+delivered, so it can never land in the worker's own bookkeeping afterwards.
+Code blocked in C (``time.sleep``, a socket read) only sees the exception when
+it returns to Python: the supervisor kills the image for those.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+
+class EvaluationStopped(BaseException):
+    """Base of the exceptions injected into a worker thread (never user-visible)."""
+
+
+class InterruptRequested(EvaluationStopped):
+    """The client asked to ``interrupt`` the evaluation."""
+
+
+class TimeLimitReached(EvaluationStopped):
+    """The evaluation ran past its time limit."""
+
+
+def _set_async_exception(thread_id: int, exception_type: type[BaseException] | None) -> int:
+    target = ctypes.py_object(exception_type) if exception_type is not None else None
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
+
+
+class StopGuard:
+    """Arms one task's user code for asynchronous stopping.
+
+    @ivar stop_reason: the L{EvaluationStopped} subclass requested, or None.
+    @ivar timeout: the task's time limit in seconds (for messages), or None.
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self.stop_reason: type[EvaluationStopped] | None = None
+        self._lock = threading.Lock()
+        self._armed_thread: int | None = None
+
+    def arm(self) -> None:
+        """Called on the worker thread right before user code runs."""
+        with self._lock:
+            if self.stop_reason is not None:
+                raise self.stop_reason()
+            self._armed_thread = threading.get_ident()
+
+    def disarm(self) -> None:
+        """Called on the worker thread after user code; idempotent."""
+        with self._lock:
+            thread_id, self._armed_thread = self._armed_thread, None
+            if thread_id is not None and self.stop_reason is not None:
+                _set_async_exception(thread_id, None)
+
+    def request_stop(self, reason: type[EvaluationStopped]) -> None:
+        """Ask the task to stop (from any thread); only the first request counts."""
+        with self._lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            if self._armed_thread is not None:
+                _set_async_exception(self._armed_thread, reason)
+
+
+class NoGuard:
+    """A guard for callers that never stop the code (tests, direct use)."""
+
+    timeout = None
+    stop_reason = None
+
+    def arm(self) -> None:
+        """Nothing to arm."""
+
+    def disarm(self) -> None:
+        """Nothing to disarm."""

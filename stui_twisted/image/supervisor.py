@@ -1,0 +1,565 @@
+"""Server side of the live image: spawn, talk to, watch and restart the child.
+
+:class:`ImageSupervisor` is a Twisted service.  ``startService`` spawns
+``python -m stui_twisted.image.child`` with AMP on extra pipes (the child reads
+fd 3 and writes fd 4; its fds 1/2 are only logged), so user output can never
+corrupt the channel.  Every public method returns a Deferred that fires with a
+plain dict or fails with a :class:`~stui_twisted.errors.StuiError`.
+
+Rules it enforces:
+
+- one session task (evaluate, materialize, inspect of an expression) at a time
+  per session, so a task's clock starts when it is sent;
+- a task that has not ended ``kill_grace`` seconds after its interrupt or time
+  limit is stuck in C: the image is killed, that task answers
+  ``Interrupted``/``Timeout`` and every other in-flight request
+  ``ImageRestarted``;
+- when the image dies for any reason it is logged, in-flight requests fail
+  with ``ImageRestarted`` and a new image starts after ``restart_delay``; once
+  it is ready the restart observers run (they re-materialize sessions).
+
+Nothing is created in ``__init__``: twistd forks after constructing services.
+Pickled bindings are only ever unpickled in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import UTC, datetime
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import ITransport
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import implementer
+
+import stui_twisted
+from stui_twisted.errors import ERROR_TYPES, StuiError
+from stui_twisted.image import amp_commands as commands
+
+MiB = 1024 * 1024
+CHILD_MODULE = "stui_twisted.image.child"
+MAX_LOG_LINE = 2000
+STARTUP_TIMEOUT = 30.0
+MAX_RESTART_DELAY = 30.0
+SESSION_TASK_DEFAULT_TIMEOUT = 30.0
+
+
+def iso_utc(seconds: float) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``."""
+    moment = datetime.fromtimestamp(seconds, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(stui_twisted.__file__)))
+
+
+class _ChildAddress:
+    """The (address-less) peer of a pipe to the child."""
+
+    def __repr__(self) -> str:
+        return "<image child pipe>"
+
+
+@implementer(ITransport)
+class _ChildPipeTransport:
+    """Lets an AMP protocol write to one of the child's pipes."""
+
+    def __init__(self, process_transport, child_fd: int) -> None:
+        self._process = process_transport
+        self._child_fd = child_fd
+
+    def write(self, data: bytes) -> None:
+        self._process.writeToChild(self._child_fd, data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._process.closeChildFD(self._child_fd)
+
+    def getPeer(self):
+        return _ChildAddress()
+
+    def getHost(self):
+        return _ChildAddress()
+
+
+class _ChildOutputLog:
+    """Turns a child fd's bytes into bounded log lines."""
+
+    def __init__(self, logger: Logger, stream: str) -> None:
+        self._log = logger
+        self._stream = stream
+        self._pending = b""
+        self.pid: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data
+        while True:
+            newline = self._pending.find(b"\n")
+            if newline < 0:
+                if len(self._pending) > MAX_LOG_LINE:
+                    self._emit(self._pending[:MAX_LOG_LINE])
+                    self._pending = self._pending[MAX_LOG_LINE:]
+                    continue
+                return
+            self._emit(self._pending[:newline])
+            self._pending = self._pending[newline + 1 :]
+
+    def flush(self) -> None:
+        if self._pending:
+            self._emit(self._pending)
+            self._pending = b""
+
+    def _emit(self, raw: bytes) -> None:
+        text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
+        if len(raw) > MAX_LOG_LINE:
+            text += " [...]"
+        self._log.info("image[{pid}] {stream}: {line}", pid=self.pid, stream=self._stream, line=text)
+
+
+class _ImageProcess(protocol.ProcessProtocol):
+    """One spawned image: its AMP connection, in-flight requests and fate."""
+
+    def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
+        self.supervisor = supervisor
+        self.generation = generation
+        self.amp = amp.AMP()
+        self.pid: int | None = None
+        self.ready = False
+        self.ended = False
+        self.started_at: float | None = None
+        self.in_flight: set[_Request] = set()
+        self._outputs = {
+            1: _ChildOutputLog(supervisor.log, "stdout"),
+            2: _ChildOutputLog(supervisor.log, "stderr"),
+        }
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+        for output in self._outputs.values():
+            output.pid = self.pid
+        self.transport.closeStdin()
+        self.amp.makeConnection(_ChildPipeTransport(self.transport, 3))
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 4:
+            self.amp.dataReceived(data)
+        elif childFD in self._outputs:
+            self._outputs[childFD].feed(data)
+
+    def processEnded(self, reason) -> None:
+        self.ended = True
+        for output in self._outputs.values():
+            output.flush()
+        self.amp.connectionLost(reason)
+        self.supervisor._image_ended(self, reason)
+
+    def signal(self, name: str) -> None:
+        """Send a signal unless the process is already gone."""
+        if self.ended:
+            return
+        try:
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+
+class _Request:
+    """A request sent to one image; settled by its answer or by the image's death."""
+
+    def __init__(self, image: _ImageProcess, description: str) -> None:
+        self.image = image
+        self.description = description
+        self.result = defer.Deferred()
+        self.forced_error: StuiError | None = None
+        self.stop_watchdog = None
+
+    @property
+    def settled(self) -> bool:
+        return self.result.called
+
+    def answer(self, outcome) -> None:
+        """The child's answer arrived (a response dict or a Failure)."""
+        if self.settled:
+            return
+        if isinstance(outcome, dict):
+            self.image.in_flight.discard(self)
+            self.result.callback(outcome)
+        elif outcome.check(error.ConnectionDone, error.ConnectionLost, amp.ProtocolSwitched):
+            return  # the image died: _image_ended settles this request
+        else:
+            self.image.in_flight.discard(self)
+            self.result.errback(outcome)
+
+    def fail(self, failure_value: StuiError) -> None:
+        """Settle with an error (the image died or the request was given up)."""
+        if not self.settled:
+            self.image.in_flight.discard(self)
+            self.result.errback(failure_value)
+
+
+def _reply_value(reply: dict):
+    """Unwrap a child reply envelope into its result, or raise its StuiError."""
+    if reply.get("ok"):
+        return reply.get("result")
+    error_type = reply.get("error_type")
+    details = reply.get("details") or {}
+    if error_type not in ERROR_TYPES:
+        details = {"image_error_type": error_type, **details}
+        error_type = "InternalError"
+    failure_value = StuiError(error_type, reply.get("message") or "the image failed")
+    failure_value.details.update(details)
+    raise failure_value
+
+
+class ImageSupervisor(service.Service):
+    """Runs user code in a supervised child process and restarts it when it dies.
+
+    @param reactor: provides IReactorProcess and IReactorTime.
+    @param python: the interpreter that runs the child.
+    @param max_binding_bytes: above this a stored binding is "too large".
+    @param restart_delay: seconds between a death and the new spawn.
+    @param kill_grace: seconds an interrupted/timed-out task, or a SIGTERMed
+        image, gets before the image is killed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        python: str = sys.executable,
+        max_binding_bytes: int = 8 * MiB,
+        restart_delay: float = 0.2,
+        kill_grace: float = 2.0,
+    ) -> None:
+        self._reactor = reactor
+        self.python = python
+        self.max_binding_bytes = max_binding_bytes
+        self.restart_delay = restart_delay
+        self.kill_grace = kill_grace
+        self._image: _ImageProcess | None = None
+        self._state = "stopped"
+        self._restarts = 0
+        self._generation = 0
+        self._stopping = False
+        self._restart_call = None
+        self._startup_watchdog = None
+        self._failed_starts = 0
+        self._ready_waiters: list[defer.Deferred] = []
+        self._stop_waiters: list[defer.Deferred] = []
+        self._restart_observers: list = []
+        self._lanes: dict[str, defer.DeferredLock] = {}
+        self._running_tasks: dict[str, _Request] = {}
+
+    # -- lifecycle --
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._spawn(restarting=False)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self._stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        self._fail_ready_waiters("the live image is stopping")
+        image = self._image
+        if image is None or image.ended:
+            self._state = "stopped"
+            return defer.succeed(None)
+        stopped = defer.Deferred()
+        self._stop_waiters.append(stopped)
+        image.signal("TERM")
+        self._reactor.callLater(self.kill_grace, image.signal, "KILL")
+        return stopped
+
+    def addRestartObserver(self, observer) -> None:
+        """Call ``observer()`` (may return a Deferred) whenever a new image is
+        ready after the previous one died."""
+        self._restart_observers.append(observer)
+
+    def removeRestartObserver(self, observer) -> None:
+        """Stop calling ``observer`` after restarts."""
+        self._restart_observers.remove(observer)
+
+    def whenRunning(self) -> defer.Deferred:
+        """Fires with ``status()`` once an image is ready (at once if one is)."""
+        return self._ready_image().addCallback(lambda image: self.status())
+
+    def status(self) -> dict:
+        """``{status, pid, started_at, restarts}`` of the current image."""
+        image = self._image
+        ready = image is not None and image.ready and not image.ended
+        return {
+            "status": self._state,
+            "pid": image.pid if ready else None,
+            "started_at": iso_utc(image.started_at) if ready and image.started_at is not None else None,
+            "restarts": self._restarts,
+        }
+
+    def _spawn(self, restarting: bool) -> None:
+        self._restart_call = None
+        self._state = "restarting" if restarting else "starting"
+        self._generation += 1
+        image = _ImageProcess(self, self._generation)
+        environment = dict(os.environ)
+        root = _package_root()
+        existing = environment.get("PYTHONPATH")
+        environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
+        environment["PYTHONUNBUFFERED"] = "1"
+        environment["STUI_IMAGE_MAX_BINDING_BYTES"] = str(self.max_binding_bytes)
+        self._image = image
+        self._reactor.spawnProcess(
+            image,
+            self.python,
+            [self.python, "-m", CHILD_MODULE],
+            env=environment,
+            childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+        )
+        self.log.info("image started, pid {pid}", pid=image.pid)
+        self._startup_watchdog = self._reactor.callLater(
+            STARTUP_TIMEOUT, self._startup_too_slow, image
+        )
+        ping = image.amp.callRemote(commands.Ping)
+        ping.addCallbacks(self._image_ready, self._ping_failed, callbackArgs=(image, restarting), errbackArgs=(image,))
+
+    def _startup_too_slow(self, image: _ImageProcess) -> None:
+        if not image.ready and not image.ended:
+            self.log.error("image pid {pid} did not answer within {seconds} s; killing it", pid=image.pid, seconds=STARTUP_TIMEOUT)
+            image.signal("KILL")
+
+    def _ping_failed(self, reason, image: _ImageProcess) -> None:
+        if not image.ended:
+            self.log.failure("image pid {pid} failed its first ping", reason, pid=image.pid)
+            image.signal("KILL")
+
+    def _image_ready(self, response: dict, image: _ImageProcess, restarting: bool) -> None:
+        if image.ended or image is not self._image:
+            return
+        if self._startup_watchdog is not None and self._startup_watchdog.active():
+            self._startup_watchdog.cancel()
+        image.ready = True
+        image.started_at = self._reactor.seconds()
+        self._failed_starts = 0
+        self._state = "running"
+        self.log.info("image pid {pid} ready", pid=image.pid)
+        if restarting:
+            for observer in list(self._restart_observers):
+                outcome = defer.maybeDeferred(observer)
+                outcome.addErrback(lambda reason: self.log.failure("image restart observer failed", reason))
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(image)
+
+    def _image_ended(self, image: _ImageProcess, reason) -> None:
+        exit_code = getattr(reason.value, "exitCode", None)
+        exit_signal = getattr(reason.value, "signal", None)
+        if self._startup_watchdog is not None and self._startup_watchdog.active():
+            self._startup_watchdog.cancel()
+        if self._stopping:
+            self.log.info(
+                "image pid {pid} stopped (exit status {status}, signal {signal})",
+                pid=image.pid, status=exit_code, signal=exit_signal,
+            )
+        else:
+            self.log.error(
+                "image pid {pid} died (exit status {status}, signal {signal}); restarting",
+                pid=image.pid, status=exit_code, signal=exit_signal,
+            )
+        for request in list(image.in_flight):
+            request.fail(
+                request.forced_error
+                or StuiError(
+                    "ImageRestarted",
+                    "the live image died while this request ran; the session is intact, run it again",
+                    pid=image.pid,
+                )
+            )
+        if image is not self._image:
+            return
+        self._image = None
+        if self._stopping:
+            self._state = "stopped"
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        delay = self.restart_delay
+        if not image.ready:
+            # Died before answering its first ping: back off and fail the waiters.
+            self._failed_starts += 1
+            delay = min(self.restart_delay * 2**self._failed_starts, MAX_RESTART_DELAY)
+            self._fail_ready_waiters("the live image could not start")
+        self._restarts += 1
+        self._state = "restarting"
+        self._restart_call = self._reactor.callLater(delay, self._spawn, True)
+
+    def _fail_ready_waiters(self, message: str) -> None:
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.errback(StuiError("ImageRestarted", message))
+
+    def _ready_image(self) -> defer.Deferred:
+        image = self._image
+        if image is not None and image.ready and not image.ended:
+            return defer.succeed(image)
+        if self._stopping or self._state == "stopped":
+            return defer.fail(StuiError("InternalError", "the live image is not running"))
+        waiter = defer.Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    # -- sending --
+
+    def _send(self, image: _ImageProcess, command, description: str, **arguments) -> _Request:
+        request = _Request(image, description)
+        if image.ended:
+            request.fail(StuiError("ImageRestarted", "the live image died before this request was sent"))
+            return request
+        image.in_flight.add(request)
+        try:
+            answer = image.amp.callRemote(command, **arguments)
+        except Exception as exc:  # noqa: BLE001 - an unencodable argument fails only this request
+            self.log.failure("could not send {what} to the image", what=description)
+            request.fail(StuiError("InternalError", f"could not send {description} to the image: {exc}"))
+        else:
+            answer.addBoth(request.answer)
+        return request
+
+    async def _call(self, command, description: str, **arguments):
+        image = await self._ready_image()
+        response = await self._send(image, command, description, **arguments).result
+        return _reply_value(response["reply"]) if "reply" in response else response
+
+    async def _session_task(self, lane_id: str, command, description: str, timeout, **arguments):
+        """One task on the session's worker, serialized per session and watched."""
+        image = await self._ready_image()
+        lane = self._lanes.setdefault(lane_id, defer.DeferredLock())
+        await lane.acquire()
+        try:
+            if image is not self._image or image.ended:
+                raise StuiError(
+                    "ImageRestarted",
+                    "the live image restarted while this request waited; the session is intact, run it again",
+                )
+            request = self._send(
+                image, command, description,
+                timeout=None if timeout is None else float(timeout), **arguments
+            )
+            self._running_tasks[lane_id] = request
+            if timeout:
+                request.stop_watchdog = self._reactor.callLater(
+                    timeout + self.kill_grace,
+                    self._kill_stuck,
+                    request,
+                    StuiError(
+                        "Timeout",
+                        f"the evaluation ran past its time limit of {timeout:g} s and did not stop; "
+                        "the image was restarted",
+                        timeout=timeout,
+                    ),
+                )
+            try:
+                response = await request.result
+            finally:
+                if request.stop_watchdog is not None and request.stop_watchdog.active():
+                    request.stop_watchdog.cancel()
+                if self._running_tasks.get(lane_id) is request:
+                    del self._running_tasks[lane_id]
+            return _reply_value(response["reply"])
+        finally:
+            lane.release()
+            if not lane.locked and not lane.waiting:
+                self._lanes.pop(lane_id, None)
+
+    def _kill_stuck(self, request: _Request, stuck_error: StuiError) -> None:
+        if request.settled or request.image.ended:
+            return
+        self.log.warn(
+            "{what} did not stop within {grace} s (stuck outside Python); killing image pid {pid}",
+            what=request.description, grace=self.kill_grace, pid=request.image.pid,
+        )
+        request.forced_error = stuck_error
+        request.image.signal("KILL")
+
+    # -- the API --
+
+    def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0) -> defer.Deferred:
+        """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
+        return defer.ensureDeferred(
+            self._session_task(session_id, commands.Evaluate, f"evaluation in session {session_id}",
+                               timeout, session_id=session_id, code=code, mode=mode)
+        )
+
+    def interrupt(self, session_id: str) -> defer.Deferred:
+        """Stop the session's running evaluation; fires with whether one was running."""
+        request = self._running_tasks.get(session_id)
+        if request is None or request.settled:
+            return defer.succeed(False)
+        sent = request.image.amp.callRemote(commands.Interrupt, session_id=session_id)
+        sent.addErrback(lambda reason: None if reason.check(error.ConnectionDone, error.ConnectionLost)
+                        else self.log.failure("interrupt failed", reason))
+        if request.forced_error is None:
+            self._reactor.callLater(
+                self.kill_grace,
+                self._kill_stuck,
+                request,
+                StuiError("Interrupted", "the evaluation was interrupted; it was stuck, so the image was restarted"),
+            )
+        return defer.succeed(True)
+
+    def materialize(self, session_id: str, bindings: dict, registry: dict, next_object_id: int,
+                    timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+        """(Re)build the session's namespace; fires with ``{restored, unrestorable, registry_live}``."""
+        return defer.ensureDeferred(
+            self._session_task(session_id, commands.Materialize, f"materialize of session {session_id}",
+                               timeout, session_id=session_id, bindings=bindings or {},
+                               registry=registry or {}, next_object_id=int(next_object_id))
+        )
+
+    def materialize_shared(self, bindings: dict) -> defer.Deferred:
+        """(Re)build the image-wide ``shared`` object; same result shape as materialize."""
+        return defer.ensureDeferred(self._call(commands.MaterializeShared, "materialize of shared", bindings=bindings or {}))
+
+    def inspect(self, session_id: str, object_id: str | None = None, expression: str | None = None,
+                limit: int = 100, timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+        """Describe a registry object or an expression's value."""
+        if object_id is None and expression is None:
+            return defer.fail(StuiError("InvalidRequest", "parameter 'object_id' or 'expression' is required",
+                                        parameter="object_id"))
+        if expression is not None:
+            return defer.ensureDeferred(
+                self._session_task(session_id, commands.Inspect, f"inspection in session {session_id}",
+                                   timeout, session_id=session_id, expression=expression, limit=int(limit))
+            )
+        return defer.ensureDeferred(
+            self._call(commands.Inspect, "inspection", session_id=session_id, object_id=object_id, limit=int(limit))
+        )
+
+    def complete(self, session_id: str, code: str, cursor_pos: int | None = None) -> defer.Deferred:
+        """Completion ``{matches, cursor_start, cursor_end}`` at ``cursor_pos`` (default: end)."""
+        position = len(code) if cursor_pos is None else int(cursor_pos)
+        return defer.ensureDeferred(
+            self._call(commands.Complete, "completion", session_id=session_id, code=code, cursor_pos=position)
+        )
+
+    def snapshot(self, session_id: str) -> defer.Deferred:
+        """Every binding of the session re-serialized: ``{bindings, variables}``."""
+        return defer.ensureDeferred(self._call(commands.Snapshot, "snapshot", session_id=session_id))
+
+    def clear(self, session_id: str, parts) -> defer.Deferred:
+        """Forget ``variables`` and/or ``registry``; fires with ``{cleared}``."""
+        return defer.ensureDeferred(self._call(commands.Clear, "clear", session_id=session_id, parts=list(parts)))
+
+    def drop_session(self, session_id: str) -> defer.Deferred:
+        """Forget everything about the session; fires with ``{dropped}``."""
+        return defer.ensureDeferred(self._call(commands.DropSession, "drop", session_id=session_id))

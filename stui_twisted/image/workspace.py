@@ -1,0 +1,780 @@
+"""The image's in-process model: session workspaces around one shared namespace.
+
+A :class:`SessionWorkspace` is one session's global namespace, object registry
+and last-stored form of each binding; it runs REPL cells, serializes bindings
+(JSON when exact, else pickle, else an honest "unrestorable" record), inspects
+and completes.  :class:`Image` holds the workspaces and the one ``shared``
+object every session sees.  Nothing here knows about processes, threads or
+Twisted (the child adds those), so tests drive it directly.
+
+Failures are raised as :class:`~stui_twisted.errors.StuiError` with protocol
+error types; evaluation failures carry the persistence delta in their details
+so bindings changed before an exception are still saved.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import importlib
+import inspect as pyinspect
+import json
+import keyword
+import linecache
+import math
+import os
+import pickle
+import re
+import sys
+import threading
+import time
+import traceback
+import types
+from typing import Any
+
+from stui_twisted.errors import StuiError
+from stui_twisted.image.interruption import (
+    EvaluationStopped,
+    NoGuard,
+    TimeLimitReached,
+)
+
+MiB = 1024 * 1024
+DEFAULT_MAX_BINDING_BYTES = 8 * MiB
+MAX_OUTPUT_CHARS = 1 * MiB
+SUMMARY_REPR_CHARS = 200
+INSPECT_REPR_CHARS = 2000
+TOO_LARGE = "too large"
+
+_THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+_TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
+
+
+# -- output capture -------------------------------------------------------------------------
+
+
+class BoundedTextBuffer:
+    """Collects text up to a size, then notes how much was dropped."""
+
+    def __init__(self, limit: int = MAX_OUTPUT_CHARS) -> None:
+        self._limit = limit
+        self._parts: list[str] = []
+        self._size = 0
+        self._dropped = 0
+
+    def write(self, text: str) -> None:
+        room = self._limit - self._size
+        if len(text) > room:
+            self._dropped += len(text) - max(room, 0)
+            text = text[: max(room, 0)]
+        if text:
+            self._parts.append(text)
+            self._size += len(text)
+
+    def getvalue(self) -> str:
+        text = "".join(self._parts)
+        if self._dropped:
+            text += f"\n[output truncated: {self._dropped} more characters]\n"
+        return text
+
+
+_capture_state = threading.local()
+_install_lock = threading.Lock()
+
+
+class ThreadOutputRouter:
+    """Stands in for ``sys.stdout``/``sys.stderr``: writes go to the calling
+    thread's capture buffer when it has one, else to the real stream.
+
+    Installed once; this is what keeps concurrent sessions' output apart.
+    """
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def write(self, text) -> int:
+        buffer = getattr(_capture_state, "buffer", None)
+        if buffer is None:
+            return self.fallback.write(text)
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        buffer.write(text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if getattr(_capture_state, "buffer", None) is None:
+            self.fallback.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.fallback, name)
+
+
+def install_output_router() -> None:
+    """Route ``sys.stdout``/``sys.stderr`` through :class:`ThreadOutputRouter` (idempotent)."""
+    with _install_lock:
+        if not isinstance(sys.stdout, ThreadOutputRouter):
+            sys.stdout = ThreadOutputRouter(sys.stdout)
+        if not isinstance(sys.stderr, ThreadOutputRouter):
+            sys.stderr = ThreadOutputRouter(sys.stderr)
+
+
+class captured_output:
+    """Context manager: this thread's stdout/stderr go into ``buffer``."""
+
+    def __init__(self, buffer: BoundedTextBuffer) -> None:
+        self._buffer = buffer
+        self._previous = None
+
+    def __enter__(self) -> BoundedTextBuffer:
+        install_output_router()
+        self._previous = getattr(_capture_state, "buffer", None)
+        _capture_state.buffer = self._buffer
+        return self._buffer
+
+    def __exit__(self, *exc_info) -> None:
+        _capture_state.buffer = self._previous
+
+
+# -- reprs and serialization ----------------------------------------------------------------
+
+
+def stui_error(error_type: str, sentence: str, **details: Any) -> StuiError:
+    """A StuiError whose details may include a ``message`` key (the exception's own)."""
+    error = StuiError(error_type, sentence)
+    error.details.update(details)
+    return error
+
+
+def type_name(value: Any) -> str:
+    """The short type name used in results (``int``, ``list``, ``Point``)."""
+    return type(value).__name__
+
+
+def safe_repr(value: Any, limit: int | None = SUMMARY_REPR_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters; never raises for a broken ``__repr__``."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a user __repr__ may raise anything
+        text = f"<{type_name(value)} object; repr() failed: {type(exc).__name__}: {exc}>"
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "..."
+    return text
+
+
+def _is_exact_json(value: Any) -> bool:
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is str:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_is_exact_json(item) for item in value)
+    if kind is dict:
+        return all(type(key) is str and _is_exact_json(item) for key, item in value.items())
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def serialize_binding(value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES) -> dict:
+    """The stored form of one binding (see protocol: json, pickle, module, unrestorable)."""
+    kind = type_name(value)
+    summary = safe_repr(value)
+    if isinstance(value, types.ModuleType):
+        return {"encoding": "module", "module": value.__name__, "type": "module", "repr": summary}
+    try:
+        exact = _is_exact_json(value)
+    except RecursionError:
+        exact = False
+    if exact:
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+            round_trips = json.loads(text) == value
+        except (ValueError, RecursionError):
+            round_trips = False
+        if round_trips:
+            if len(text.encode("utf-8")) > max_bytes:
+                return _unrestorable(kind, summary, TOO_LARGE)
+            return {"encoding": "json", "value": value, "type": kind, "repr": summary}
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(data)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
+        return _unrestorable(kind, summary, _reason(exc))
+    if len(data) * 4 // 3 > max_bytes:
+        return _unrestorable(kind, summary, TOO_LARGE)
+    encoded = base64.b64encode(data).decode("ascii")
+    return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+
+
+def _unrestorable(kind: str, summary: str, reason: str) -> dict:
+    return {"encoding": "unrestorable", "type": kind, "repr": summary, "reason": reason}
+
+
+def deserialize_binding(stored: dict) -> Any:
+    """The value of a stored binding; raises ValueError (with the reason) if it cannot be."""
+    encoding = stored.get("encoding")
+    if encoding == "json":
+        return json.loads(json.dumps(stored["value"]))
+    if encoding == "pickle":
+        return pickle.loads(base64.b64decode(stored["data"]))
+    if encoding == "module":
+        return importlib.import_module(stored["module"])
+    if encoding == "unrestorable":
+        raise ValueError(stored.get("reason") or "not restorable")
+    raise ValueError(f"unknown binding encoding {encoding!r}")
+
+
+def is_hidden_name(name: str) -> bool:
+    """Names that are part of the workspace machinery, not user bindings."""
+    return name == "shared" or (name.startswith("__") and name.endswith("__"))
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _code_names(constant)
+    return names
+
+
+class SharedNamespace(types.SimpleNamespace):
+    """The one ``shared`` object all sessions of the image see (team collaboration)."""
+
+
+# -- the image and its sessions -------------------------------------------------------------
+
+
+class Image:
+    """All session workspaces of one image process, plus the ``shared`` object.
+
+    @ivar shared: the L{SharedNamespace} bound as ``shared`` in every session.
+    """
+
+    def __init__(self, max_binding_bytes: int = DEFAULT_MAX_BINDING_BYTES) -> None:
+        self.max_binding_bytes = max_binding_bytes
+        self.shared = SharedNamespace()
+        self._shared_stored: dict[str, dict] = {}
+        self._shared_lock = threading.Lock()
+        self._sessions: dict[str, SessionWorkspace] = {}
+        self._sessions_lock = threading.Lock()
+
+    def session(self, session_id: str) -> SessionWorkspace:
+        """The workspace of ``session_id``, created empty on first use."""
+        with self._sessions_lock:
+            workspace = self._sessions.get(session_id)
+            if workspace is None:
+                workspace = self._sessions[session_id] = SessionWorkspace(self, session_id)
+            return workspace
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether a workspace exists for ``session_id``."""
+        return session_id in self._sessions
+
+    def drop_session(self, session_id: str) -> bool:
+        """Forget a session; answers whether it existed."""
+        with self._sessions_lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def materialize_shared(self, bindings: dict[str, dict]) -> dict:
+        """Replace the ``shared`` object's attributes with the stored ``bindings``."""
+        restored, unrestorable = [], []
+        values = {}
+        for name, stored in sorted(bindings.items()):
+            try:
+                values[name] = deserialize_binding(stored)
+            except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
+                unrestorable.append(
+                    {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
+                )
+            else:
+                restored.append(name)
+        with self._shared_lock:
+            vars(self.shared).clear()
+            vars(self.shared).update(values)
+            self._shared_stored = {name: bindings[name] for name in restored}
+        return {"restored": restored, "unrestorable": unrestorable, "registry_live": []}
+
+    def shared_delta(self, before: dict[str, Any], referenced: set[str]) -> tuple[dict, list]:
+        """Serialize the shared attributes a cell may have changed; (changed, removed)."""
+        now = dict(vars(self.shared))
+        candidates = [
+            name
+            for name, value in now.items()
+            if name not in before or before[name] is not value or name in referenced
+        ]
+        changed = {}
+        with self._shared_lock:
+            for name in candidates:
+                stored = serialize_binding(now[name], self.max_binding_bytes)
+                if self._shared_stored.get(name) != stored:
+                    self._shared_stored[name] = stored
+                    changed[name] = stored
+            removed = sorted(name for name in self._shared_stored if name not in now)
+            for name in removed:
+                del self._shared_stored[name]
+        return changed, removed
+
+
+def _restore_reason(stored: dict, exc: BaseException) -> str:
+    if stored.get("encoding") == "unrestorable":
+        return stored.get("reason") or "not restorable"
+    return _reason(exc)
+
+
+class SessionWorkspace:
+    """One session's namespace, object registry and stored bindings.
+
+    One evaluation at a time per workspace (the child gives each session one
+    worker thread); registry changes are locked because inspection by id may
+    run on another thread.
+    """
+
+    def __init__(self, image: Image, session_id: str) -> None:
+        self.image = image
+        self.session_id = session_id
+        self.namespace: dict[str, Any] = self._fresh_namespace()
+        self.next_object_id = 1
+        self._stored: dict[str, dict] = {}
+        self._unrestored: dict[str, dict] = {}
+        self._registry: dict[str, Any] = {}
+        self._registry_meta: dict[str, dict] = {}
+        self._id_by_identity: dict[int, str] = {}
+        self._registry_lock = threading.RLock()
+        self._cell_count = 0
+
+    def _fresh_namespace(self) -> dict[str, Any]:
+        return {"__builtins__": builtins, "__name__": "__main__", "shared": self.image.shared}
+
+    # -- registry --
+
+    def _binding_name_of(self, value: Any) -> str | None:
+        for name, bound in list(self.namespace.items()):
+            if bound is value and name != "_" and not is_hidden_name(name):
+                return name
+        return None
+
+    def register(self, value: Any, added: dict[str, dict]) -> str:
+        """The registry id of ``value`` (a new ``obj_<n>`` unless already registered)."""
+        with self._registry_lock:
+            known = self._id_by_identity.get(id(value))
+            if known is not None and self._registry.get(known) is value:
+                return known
+            object_id = f"obj_{self.next_object_id}"
+            self.next_object_id += 1
+            meta = {
+                "type": type_name(value),
+                "repr": safe_repr(value),
+                "live": True,
+                "binding": self._binding_name_of(value),
+            }
+            self._registry[object_id] = value
+            self._registry_meta[object_id] = meta
+            self._id_by_identity[id(value)] = object_id
+            added[object_id] = dict(meta)
+            return object_id
+
+    def lookup(self, object_id: str) -> Any:
+        """The live object registered as ``object_id``; ObjectNotFound otherwise."""
+        with self._registry_lock:
+            if object_id in self._registry:
+                return self._registry[object_id]
+        raise StuiError(
+            "ObjectNotFound",
+            f"object_id {object_id!r} is not a live object of this session",
+            object_id=object_id,
+        )
+
+    # -- evaluation --
+
+    def _compile_cell(self, code: str, filename: str):
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        tree = ast.parse(code, filename, mode="exec")
+        last_expression = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last_expression = ast.Expression(tree.body.pop().value)
+        body = compile(tree, filename, "exec")
+        names = _code_names(body)
+        expression = None
+        if last_expression is not None:
+            expression = compile(last_expression, filename, "eval")
+            names |= _code_names(expression)
+        return body, expression, names
+
+    def evaluate(self, code: str, mode: str = "execute", guard=None) -> dict:
+        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta."""
+        guard = guard or NoGuard()
+        self._cell_count += 1
+        filename = f"<cell {self._cell_count}>"
+        before = dict(self.namespace)
+        shared_before = dict(vars(self.image.shared))
+        referenced: set[str] = set()
+        value = None
+        failure: BaseException | None = None
+        buffer = BoundedTextBuffer()
+        started = time.perf_counter()
+        with captured_output(buffer):
+            try:
+                try:
+                    guard.arm()
+                    body, expression, referenced = self._compile_cell(code, filename)
+                    exec(body, self.namespace)  # noqa: S102 - running user code is the job
+                    if expression is not None:
+                        value = eval(expression, self.namespace)  # noqa: S307
+                finally:
+                    guard.disarm()
+            except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+                guard.disarm()
+                failure = exc
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        self.namespace["__builtins__"] = builtins
+        self.namespace["shared"] = self.image.shared
+        registry_added: dict[str, dict] = {}
+        object_id = None
+        if failure is None and value is not None:
+            self.namespace["_"] = value
+            object_id = self.register(value, registry_added)
+        delta = self._delta(before, shared_before, referenced, registry_added)
+        output = buffer.getvalue()
+        if failure is not None:
+            raise self._failure_error(failure, guard, filename, output, delta)
+        return {
+            "result": None if value is None else safe_repr(value, self.image.max_binding_bytes),
+            "result_type": type_name(value),
+            "object_id": object_id,
+            "display": str(value) if mode == "display" and value is not None else None,
+            "output": output,
+            "execution_time": round(elapsed_ms, 3),
+            "has_error": False,
+            **delta,
+        }
+
+    def _failure_error(self, failure, guard, filename, output, delta) -> StuiError:
+        stopped = failure if isinstance(failure, EvaluationStopped) else failure.__context__
+        if isinstance(stopped, TimeLimitReached):
+            limit = f" of {guard.timeout:g} s" if guard.timeout else ""
+            return StuiError(
+                "Timeout",
+                f"the evaluation ran past its time limit{limit} and was stopped",
+                timeout=guard.timeout,
+                output=output,
+                **delta,
+            )
+        if isinstance(stopped, EvaluationStopped):
+            return StuiError("Interrupted", "the evaluation was interrupted", output=output, **delta)
+        message = failure.msg if isinstance(failure, SyntaxError) else str(failure)
+        exception_type = type(failure).__name__
+        lines, line = _user_traceback(failure, filename)
+        return stui_error(
+            "EvaluationError",
+            f"{exception_type}: {message}",
+            exception_type=exception_type,
+            message=message,
+            traceback=lines,
+            line=line,
+            output=output,
+            **delta,
+        )
+
+    def _delta(self, before, shared_before, referenced, registry_added) -> dict:
+        changed_names = [
+            name
+            for name, value in self.namespace.items()
+            if not is_hidden_name(name)
+            and (name not in before or before[name] is not value or name in referenced)
+        ]
+        bindings_changed = {}
+        for name in changed_names:
+            self._unrestored.pop(name, None)
+            stored = serialize_binding(self.namespace[name], self.image.max_binding_bytes)
+            if self._stored.get(name) != stored:
+                self._stored[name] = stored
+                bindings_changed[name] = stored
+        bindings_removed = sorted(
+            name for name in self._stored if name not in self.namespace
+        )
+        for name in bindings_removed:
+            del self._stored[name]
+        self._refresh_registry_bindings(set(changed_names) | set(bindings_removed), registry_added)
+        shared_changed, shared_removed = self.image.shared_delta(shared_before, referenced)
+        return {
+            "bindings_changed": bindings_changed,
+            "bindings_removed": bindings_removed,
+            "variables": self.variables(),
+            "registry_added": registry_added,
+            "shared_changed": shared_changed,
+            "shared_removed": shared_removed,
+            "next_object_id": self.next_object_id,
+        }
+
+    def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
+        """Registry entries whose binding name now means something else lose it."""
+        with self._registry_lock:
+            for object_id, meta in self._registry_meta.items():
+                name = meta.get("binding")
+                if name in touched and self.namespace.get(name) is not self._registry.get(object_id):
+                    meta["binding"] = None
+                    registry_added[object_id] = dict(meta)
+
+    def variables(self) -> list[dict]:
+        """Summary of every binding (restorable or not), sorted by name."""
+        entries = []
+        names = set(self._stored) | set(self._unrestored)
+        for name in sorted(names):
+            stored = self._stored.get(name) or self._unrestored[name]
+            entries.append(
+                {
+                    "name": name,
+                    "type": stored.get("type", "?"),
+                    "repr": stored.get("repr", ""),
+                    "restorable": name in self._stored and stored["encoding"] != "unrestorable",
+                }
+            )
+        return entries
+
+    # -- persistence --
+
+    def snapshot(self) -> dict:
+        """Every binding re-serialized (plus the ones that could not be restored)."""
+        fresh = {}
+        for name, value in list(self.namespace.items()):
+            if not is_hidden_name(name):
+                fresh[name] = serialize_binding(value, self.image.max_binding_bytes)
+        self._stored = dict(fresh)
+        bindings = dict(self._unrestored)
+        bindings.update(fresh)
+        return {"bindings": bindings, "variables": self.variables()}
+
+    def materialize(self, bindings: dict[str, dict], registry: dict[str, dict], next_object_id: int, guard=None) -> dict:
+        """Replace the namespace and registry with the stored ones (restoring what can be)."""
+        guard = guard or NoGuard()
+        namespace = self._fresh_namespace()
+        restored, unrestorable = [], []
+        stored_ok, stored_failed = {}, {}
+        buffer = BoundedTextBuffer()
+        with captured_output(buffer):
+            try:
+                guard.arm()
+                for name, stored in sorted(bindings.items()):
+                    try:
+                        namespace[name] = deserialize_binding(stored)
+                    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
+                        stored_failed[name] = stored
+                        unrestorable.append(
+                            {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
+                        )
+                    else:
+                        stored_ok[name] = stored
+                        restored.append(name)
+            finally:
+                guard.disarm()
+        registry_live = []
+        with self._registry_lock:
+            self.namespace = namespace
+            self._stored = stored_ok
+            self._unrestored = stored_failed
+            self._registry = {}
+            self._registry_meta = {}
+            self._id_by_identity = {}
+            for object_id, meta in registry.items():
+                meta = dict(meta)
+                name = meta.get("binding")
+                value = namespace.get(name) if name in stored_ok else None
+                live = name in stored_ok and type_name(value) == meta.get("type")
+                meta["live"] = live
+                self._registry_meta[object_id] = meta
+                if live:
+                    self._registry[object_id] = value
+                    self._id_by_identity[id(value)] = object_id
+                    registry_live.append(object_id)
+            self.next_object_id = max(int(next_object_id), 1)
+        return {"restored": restored, "unrestorable": unrestorable, "registry_live": sorted(registry_live)}
+
+    def clear(self, parts: list[str]) -> dict:
+        """Forget the namespace bindings ("variables") and/or registry objects ("registry")."""
+        with self._registry_lock:
+            if "variables" in parts:
+                self.namespace = self._fresh_namespace()
+                self._stored = {}
+                self._unrestored = {}
+            if "registry" in parts:
+                self._registry = {}
+                self._registry_meta = {}
+                self._id_by_identity = {}
+        return {"cleared": [part for part in ("variables", "registry") if part in parts]}
+
+    # -- inspection --
+
+    def inspect(self, object_id: str | None = None, expression: str | None = None, limit: int = 100, guard=None) -> dict:
+        """Describe an object (by registry id, or the value of ``expression``)."""
+        registry_added: dict[str, dict] = {}
+        if expression is not None:
+            target = self._evaluate_expression(expression, guard or NoGuard())
+            object_id = self.register(target, registry_added)
+        elif object_id is not None:
+            target = self.lookup(object_id)
+        else:
+            raise StuiError(
+                "InvalidRequest", "parameter 'object_id' or 'expression' is required", parameter="object_id"
+            )
+        limit = max(int(limit), 0)
+        attributes, attributes_truncated = self._attributes_of(target, limit, registry_added)
+        items, items_truncated = self._items_of(target, limit, registry_added)
+        try:
+            size = len(target)
+        except Exception:  # noqa: BLE001 - len() of arbitrary objects may raise anything
+            size = None
+        return {
+            "object_id": object_id,
+            "class_name": type_name(target),
+            "string_representation": safe_repr(target, INSPECT_REPR_CHARS),
+            "size": size if isinstance(size, int) else None,
+            "attributes": attributes,
+            "items": items,
+            "truncated": attributes_truncated or items_truncated,
+            "registry_added": registry_added,
+        }
+
+    def _evaluate_expression(self, expression: str, guard) -> Any:
+        filename = "<inspect>"
+        buffer = BoundedTextBuffer(64 * 1024)
+        with captured_output(buffer):
+            try:
+                try:
+                    guard.arm()
+                    linecache.cache[filename] = (len(expression), None, expression.splitlines(True), filename)
+                    code = compile(expression, filename, "eval")
+                    return eval(code, self.namespace)  # noqa: S307 - inspecting user expressions
+                finally:
+                    guard.disarm()
+            except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+                guard.disarm()
+                raise self._failure_error(exc, guard, filename, buffer.getvalue(), {}) from None
+
+    def _describe_child(self, value: Any, registry_added: dict) -> dict:
+        child_id = None if isinstance(value, _TRIVIAL_TYPES) else self.register(value, registry_added)
+        return {"type": type_name(value), "repr": safe_repr(value), "object_id": child_id}
+
+    def _attributes_of(self, target: Any, limit: int, registry_added: dict) -> tuple[list, bool]:
+        try:
+            instance_dict = vars(target)
+        except TypeError:
+            instance_dict = None
+        if instance_dict is not None:
+            names = [name for name in list(instance_dict) if isinstance(name, str)]
+        else:
+            names = [name for name in dir(target) if not callable(getattr(target, name, None))]
+        names = sorted(name for name in names if not (name.startswith("__") and name.endswith("__")))
+        attributes = []
+        for name in names[:limit]:
+            try:
+                value = instance_dict[name] if instance_dict is not None else getattr(target, name)
+            except Exception:  # noqa: BLE001 - a failing attribute is skipped, not fatal
+                continue
+            attributes.append({"name": name, **self._describe_child(value, registry_added)})
+        return attributes, len(names) > limit
+
+    def _items_of(self, target: Any, limit: int, registry_added: dict) -> tuple[list, bool]:
+        if isinstance(target, dict):
+            pairs = list(target.items())
+        elif isinstance(target, (list, tuple)):
+            pairs = list(enumerate(target))
+        elif isinstance(target, (set, frozenset)):
+            pairs = list(enumerate(target))
+        else:
+            return [], False
+        items = []
+        for key, value in pairs[:limit]:
+            key_json = key if isinstance(key, (str, int)) and not isinstance(key, bool) else safe_repr(key)
+            items.append({"key": key_json, **self._describe_child(value, registry_added)})
+        return items, len(pairs) > limit
+
+    # -- completion --
+
+    _DOTTED_TAIL = re.compile(r"((?:[A-Za-z_]\w*\.)*)([A-Za-z_]\w*)?$")
+
+    def complete(self, code: str, cursor_pos: int | None = None) -> dict:
+        """Names or attributes that complete the dotted name before ``cursor_pos``."""
+        if cursor_pos is None or cursor_pos > len(code):
+            cursor_pos = len(code)
+        cursor_pos = max(cursor_pos, 0)
+        before_cursor = code[:cursor_pos]
+        match = self._DOTTED_TAIL.search(before_cursor)
+        path = match.group(1) if match else ""
+        prefix = (match.group(2) if match else "") or ""
+        if match and before_cursor[: match.start()].endswith("."):
+            candidates = set()  # an attribute of a call or literal: never evaluated
+        elif path:
+            candidates = self._attribute_names(path[:-1].split("."))
+        else:
+            candidates = set(self.namespace) | set(dir(builtins)) | set(keyword.kwlist) | {"shared"}
+            candidates = {name for name in candidates if name != "__builtins__"}
+        if not prefix.startswith("_"):
+            candidates = {name for name in candidates if not name.startswith("_")}
+        matches = sorted(name for name in candidates if name.startswith(prefix))
+        return {"matches": matches, "cursor_start": cursor_pos - len(prefix), "cursor_end": cursor_pos}
+
+    def _attribute_names(self, parts: list[str]) -> set[str]:
+        head, *rest = parts
+        if head in self.namespace:
+            target = self.namespace[head]
+        elif hasattr(builtins, head):
+            target = getattr(builtins, head)
+        else:
+            return set()
+        for part in rest:
+            try:
+                target = pyinspect.getattr_static(target, part)
+            except AttributeError:
+                return set()
+        try:
+            return set(dir(target))
+        except Exception:  # noqa: BLE001 - a user __dir__ may raise anything
+            return set()
+
+
+def _user_traceback(failure: BaseException, filename: str) -> tuple[list[str], int | None]:
+    """Traceback lines without the workspace's own frames, and the cell's failing line."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(failure.__traceback__)
+        if not os.path.abspath(frame.filename).startswith(_THIS_DIRECTORY + os.sep)
+    ]
+    line = None
+    for frame in frames:
+        if frame.filename == filename:
+            line = frame.lineno
+    if isinstance(failure, SyntaxError) and failure.filename == filename:
+        line = failure.lineno
+    lines = []
+    if frames:
+        lines.append("Traceback (most recent call last):")
+        for entry in traceback.format_list(frames):
+            lines.extend(entry.rstrip("\n").split("\n"))
+    for entry in traceback.format_exception_only(type(failure), failure):
+        lines.extend(entry.rstrip("\n").split("\n"))
+    return lines, line
+
+
+__all__ = [
+    "BoundedTextBuffer",
+    "Image",
+    "SessionWorkspace",
+    "SharedNamespace",
+    "ThreadOutputRouter",
+    "captured_output",
+    "deserialize_binding",
+    "install_output_router",
+    "safe_repr",
+    "serialize_binding",
+]

@@ -1,0 +1,256 @@
+"""The image child process for real: spawned, evaluated in, interrupted and killed."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from stui_twisted.errors import StuiError
+from stui_twisted.image.supervisor import ImageSupervisor
+
+pytestmark = pytest.mark.image
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(_reactor(), seconds, lambda: None)
+
+
+async def failure_of(deferred) -> StuiError:
+    """The StuiError a Deferred fails with (fails the test if it succeeds)."""
+    try:
+        value = await deferred
+    except StuiError as error:
+        return error
+    raise AssertionError(f"expected a StuiError, got {value!r}")
+
+
+async def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await sleep(step)
+
+
+@pytest.fixture
+def supervisor():
+    image = ImageSupervisor(_reactor(), kill_grace=0.5, restart_delay=0.1)
+    image.startService()
+    pytest_twisted.blockon(image.whenRunning())
+    yield image
+    pytest_twisted.blockon(image.stopService())
+    assert image.status()["status"] == "stopped"
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_evaluate_result_and_status(supervisor):
+    assert (await supervisor.evaluate("s_a", "x = 41 + 1"))["result"] is None
+    result = await supervisor.evaluate("s_a", "x")
+    assert result["result"] == "42"
+    assert result["object_id"] == "obj_1"
+    assert result["has_error"] is False
+    status = supervisor.status()
+    assert status["status"] == "running"
+    assert isinstance(status["pid"], int) and status["pid"] != os.getpid()
+    assert status["started_at"].endswith("Z") and len(status["started_at"]) == 24
+    assert status["restarts"] == 0
+    error = await failure_of(supervisor.evaluate("s_a", "y = 1\nraise ValueError('bad')"))
+    assert error.error_type == "EvaluationError"
+    assert error.details["message"] == "bad"
+    assert error.details["bindings_changed"]["y"]["value"] == 1
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_inspect_items_and_child_by_id(supervisor):
+    described = await supervisor.inspect("s_a", expression='[1, {"a": 2}]')
+    assert described["class_name"] == "list"
+    assert [item["object_id"] is None for item in described["items"]] == [True, False]
+    child_id = described["items"][1]["object_id"]
+    child = await supervisor.inspect("s_a", object_id=child_id)
+    assert child["class_name"] == "dict"
+    assert child["items"] == [{"key": "a", "type": "int", "repr": "2", "object_id": None}]
+    missing = await failure_of(supervisor.inspect("s_a", object_id="obj_404"))
+    assert missing.error_type == "ObjectNotFound"
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_sessions_are_isolated_and_share_shared(supervisor):
+    await supervisor.evaluate("s_a", "x = 1")
+    error = await failure_of(supervisor.evaluate("s_b", "x"))
+    assert error.details["exception_type"] == "NameError"
+    changed = await supervisor.evaluate("s_a", 'shared.team = "ok"')
+    assert changed["shared_changed"]["team"]["value"] == "ok"
+    assert (await supervisor.evaluate("s_b", "shared.team"))["result"] == "'ok'"
+    completion = await supervisor.complete("s_b", "shared.te")
+    assert completion == {"matches": ["team"], "cursor_start": 7, "cursor_end": 9}
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_spinning_session_does_not_delay_others_and_interrupt_stops_it(supervisor):
+    await supervisor.evaluate("s_a", "kept = 'still here'")
+    spinning = supervisor.evaluate("s_a", "while True: pass", timeout=15)
+    await sleep(0.2)
+    latencies = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert (await supervisor.evaluate("s_b", "1+1"))["result"] == "2"
+        latencies.append(time.perf_counter() - started)
+    assert max(latencies) < 0.1, latencies
+    started = time.perf_counter()
+    assert await supervisor.interrupt("s_a") is True
+    error = await failure_of(spinning)
+    interrupt_latency = time.perf_counter() - started
+    assert error.error_type == "Interrupted"
+    assert interrupt_latency < 1.0
+    assert (await supervisor.evaluate("s_a", "kept"))["result"] == "'still here'"
+    assert await supervisor.interrupt("s_a") is False
+    assert supervisor.status()["restarts"] == 0
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_time_limit(supervisor):
+    started = time.perf_counter()
+    error = await failure_of(supervisor.evaluate("s_a", "while True: pass", timeout=0.3))
+    assert error.error_type == "Timeout"
+    assert time.perf_counter() - started < 1.3
+    assert (await supervisor.evaluate("s_a", "2 * 21"))["result"] == "42"
+    assert supervisor.status()["restarts"] == 0
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_image_death_fails_in_flight_restarts_and_sessions_rematerialize(supervisor):
+    restarted = []
+    supervisor.addRestartObserver(lambda: restarted.append(supervisor.status()["pid"]))
+    stored = (await supervisor.evaluate("s_a", "x = [1, 2]\nt = (3, 4)"))["bindings_changed"]
+    listed = await supervisor.evaluate("s_a", "x")
+    old_pid = supervisor.status()["pid"]
+    sleeper = supervisor.evaluate("s_b", "import time\ntime.sleep(30)")
+    await sleep(0.1)
+    died_at = time.perf_counter()
+    crash = await failure_of(supervisor.evaluate("s_c", "import os\nos._exit(1)"))
+    assert crash.error_type == "ImageRestarted"
+    assert (await failure_of(sleeper)).error_type == "ImageRestarted"
+    await wait_until(lambda: restarted)
+    restart_time = time.perf_counter() - died_at
+    assert restart_time < 1.0 + 0.5
+    status = supervisor.status()
+    assert status["status"] == "running"
+    assert status["pid"] != old_pid and restarted == [status["pid"]]
+    assert status["restarts"] == 1
+    outcome = await supervisor.materialize(
+        "s_a", stored, listed["registry_added"], listed["next_object_id"]
+    )
+    assert sorted(outcome["restored"]) == ["t", "x"]
+    assert outcome["registry_live"] == [listed["object_id"]]
+    assert (await supervisor.evaluate("s_a", "t"))["result"] == "(3, 4)"
+    child = await supervisor.inspect("s_a", object_id=listed["object_id"])
+    assert child["string_representation"] == "[1, 2]"
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_interrupting_code_stuck_in_c_restarts_the_image(supervisor):
+    restarted = []
+    supervisor.addRestartObserver(lambda: restarted.append(True))
+    stuck = supervisor.evaluate("s_a", "import time\ntime.sleep(1000)")
+    bystander = supervisor.evaluate("s_b", "import time\ntime.sleep(1000)")
+    await sleep(0.2)
+    started = time.perf_counter()
+    assert await supervisor.interrupt("s_a") is True
+    assert (await failure_of(stuck)).error_type == "Interrupted"
+    assert time.perf_counter() - started < supervisor.kill_grace + 1.0
+    assert (await failure_of(bystander)).error_type == "ImageRestarted"
+    await wait_until(lambda: restarted)
+    assert (await supervisor.evaluate("s_a", "1"))["result"] == "1"
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_time_limit_on_code_stuck_in_c_restarts_the_image(supervisor):
+    error = await failure_of(supervisor.evaluate("s_a", "import time\ntime.sleep(1000)", timeout=0.3))
+    assert error.error_type == "Timeout"
+    await wait_until(lambda: supervisor.status()["status"] == "running" and supervisor.status()["restarts"] == 1)
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_output_capture_is_isolated_between_concurrent_sessions(supervisor):
+    code = "import time\nfor i in range(20):\n    print('{tag}', i)\n    time.sleep(0.005)"
+    outputs = await defer.gatherResults(
+        [supervisor.evaluate(session, code.format(tag=session)) for session in ("s_a", "s_b")]
+    )
+    for session, result in zip(("s_a", "s_b"), outputs, strict=True):
+        assert result["output"] == "".join(f"{session} {i}\n" for i in range(20))
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_writes_to_the_childs_fds_do_not_corrupt_the_channel(supervisor):
+    result = await supervisor.evaluate(
+        "s_a", "import os, sys\nos.write(1, b'raw\\n' * 1000)\nsys.__stdout__.write('x' * 100000)\n'fine'"
+    )
+    assert result["result"] == "'fine'"
+    assert (await supervisor.evaluate("s_a", "1"))["result"] == "1"
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_multi_megabyte_payloads_cross_amp(supervisor):
+    code = "big = 'x' * 3_000_000\n# " + "padding " * 100_000 + "\nlen(big)"
+    result = await supervisor.evaluate("s_a", code)
+    assert result["result"] == "3000000"
+    assert len(result["bindings_changed"]["big"]["value"]) == 3_000_000
+    shown = await supervisor.evaluate("s_a", "big")
+    assert len(shown["result"]) == 3_000_002
+    outcome = await supervisor.materialize("s_b", result["bindings_changed"], {}, 1)
+    assert outcome["restored"] == ["_", "big"]
+    assert (await supervisor.evaluate("s_b", "len(big)"))["result"] == "3000000"
+    snapshot = await supervisor.snapshot("s_b")
+    assert len(snapshot["bindings"]["big"]["value"]) == 3_000_000
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_snapshot_clear_drop_and_shared_materialize(supervisor):
+    await supervisor.evaluate("s_a", "import socket\nsock = socket.socket()\nn = 5")
+    snapshot = await supervisor.snapshot("s_a")
+    assert snapshot["bindings"]["sock"]["encoding"] == "unrestorable"
+    assert snapshot["bindings"]["n"]["value"] == 5
+    assert {v["name"] for v in snapshot["variables"]} == {"socket", "sock", "n"}
+    assert await supervisor.clear("s_a", ["variables"]) == {"cleared": ["variables"]}
+    assert (await failure_of(supervisor.evaluate("s_a", "n"))).error_type == "EvaluationError"
+    assert (await supervisor.drop_session("s_a")) == {"dropped": True}
+    outcome = await supervisor.materialize_shared({"team": {"encoding": "json", "value": "ok", "type": "str", "repr": "'ok'"}})
+    assert outcome == {"restored": ["team"], "unrestorable": [], "registry_live": []}
+    assert (await supervisor.evaluate("s_b", "shared.team"))["result"] == "'ok'"
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_stop_service_fails_in_flight_and_does_not_restart():
+    image = ImageSupervisor(_reactor(), kill_grace=0.5)
+    image.startService()
+    assert (await image.evaluate("s_a", "1"))["result"] == "1"
+    pending = image.evaluate("s_a", "import time\ntime.sleep(1000)")
+    await sleep(0.1)
+    await image.stopService()
+    assert (await failure_of(pending)).error_type == "ImageRestarted"
+    await sleep(0.3)
+    assert image.status() == {"status": "stopped", "pid": None, "started_at": None, "restarts": 0}
+    assert (await failure_of(image.evaluate("s_a", "1"))).error_type == "InternalError"

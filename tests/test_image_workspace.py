@@ -1,0 +1,256 @@
+"""The image's in-child workspace logic, driven in-process (no child, no reactor)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from stui_twisted.errors import StuiError
+from stui_twisted.image.interruption import InterruptRequested, StopGuard, TimeLimitReached
+from stui_twisted.image.workspace import Image, deserialize_binding, serialize_binding
+
+
+@pytest.fixture
+def image():
+    return Image()
+
+
+@pytest.fixture
+def workspace(image):
+    return image.session("s_test")
+
+
+def test_last_expression_is_the_result_bound_to_underscore_and_registered(workspace):
+    first = workspace.evaluate("x = 41 + 1")
+    assert first["result"] is None
+    assert first["result_type"] == "NoneType"
+    assert first["object_id"] is None
+    result = workspace.evaluate("x")
+    assert result["result"] == "42"
+    assert result["result_type"] == "int"
+    assert result["object_id"] == "obj_1"
+    assert workspace.namespace["_"] == 42
+    assert result["registry_added"]["obj_1"] == {"type": "int", "repr": "42", "live": True, "binding": "x"}
+    assert result["next_object_id"] == 2
+    second = workspace.evaluate("[1, 2]")
+    assert second["object_id"] == "obj_2"
+
+
+def test_display_mode_and_statements_only_cell(workspace):
+    result = workspace.evaluate("class P:\n    def __str__(self): return 'pretty'\nP()", mode="display")
+    assert result["display"] == "pretty"
+    assert result["result"].startswith("<")
+    assert workspace.evaluate("y = 1\nz = 2")["result"] is None
+
+
+def test_output_is_captured_per_evaluation(workspace):
+    result = workspace.evaluate("print('hello')\nimport sys\nprint('oops', file=sys.stderr)")
+    assert result["output"] == "hello\noops\n"
+    assert workspace.evaluate("1")["output"] == ""
+
+
+def test_output_capture_is_isolated_between_threads(image):
+    a, b = image.session("a"), image.session("b")
+    barrier = threading.Barrier(2)
+    image.shared.barrier = barrier
+    outputs = {}
+
+    def run(workspace, tag):
+        code = (
+            f"for i in range(200):\n    print('{tag}', i)\n    if i == 100: shared.barrier.wait(5)"
+        )
+        outputs[tag] = workspace.evaluate(code)["output"]
+
+    threads = [threading.Thread(target=run, args=(a, "A")), threading.Thread(target=run, args=(b, "B"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outputs["A"] == "".join(f"A {i}\n" for i in range(200))
+    assert outputs["B"] == "".join(f"B {i}\n" for i in range(200))
+
+
+def test_captured_output_is_bounded(workspace):
+    output = workspace.evaluate("print('x' * (3 * 1024 * 1024))")["output"]
+    assert len(output) < 1100 * 1024
+    assert "[output truncated" in output
+
+
+def test_exception_reports_user_frames_and_saves_earlier_bindings(workspace):
+    with pytest.raises(StuiError) as caught:
+        workspace.evaluate("a = 5\nprint('before')\n\ndef f():\n    return 1 / 0\nf()")
+    error = caught.value
+    assert error.error_type == "EvaluationError"
+    assert error.message == "ZeroDivisionError: division by zero"
+    details = error.details
+    assert details["exception_type"] == "ZeroDivisionError"
+    assert details["message"] == "division by zero"
+    assert details["line"] == 5  # innermost frame of this cell
+    assert details["output"] == "before\n"
+    assert details["bindings_changed"]["a"]["value"] == 5
+    assert "f" in details["bindings_changed"]
+    assert not any("workspace.py" in line for line in details["traceback"])
+    assert details["traceback"][-1] == "ZeroDivisionError: division by zero"
+    assert any("return 1 / 0" in line for line in details["traceback"])
+
+
+def test_syntax_error_is_an_evaluation_error_with_line(workspace):
+    with pytest.raises(StuiError) as caught:
+        workspace.evaluate("x = 1\nx = = 2")
+    assert caught.value.error_type == "EvaluationError"
+    assert caught.value.details["exception_type"] == "SyntaxError"
+    assert caught.value.details["line"] == 2
+
+
+def test_serialization_encodings():
+    assert serialize_binding({"a": [1, 2.5, None, True, "s"]})["encoding"] == "json"
+    assert serialize_binding((1, 2))["encoding"] == "pickle"
+    assert serialize_binding({1: "int key"})["encoding"] == "pickle"
+    assert serialize_binding({1, 2})["encoding"] == "pickle"
+    assert serialize_binding([float("nan")])["encoding"] == "pickle"
+    with socket.socket() as sock:
+        stored = serialize_binding(sock)
+    assert stored["encoding"] == "unrestorable"
+    assert stored["type"] == "socket"
+    assert "pickle" in stored["reason"]
+    assert serialize_binding("x" * 2000, max_bytes=1000) == {
+        "encoding": "unrestorable", "type": "str", "repr": repr("x" * 2000)[:200] + "...", "reason": "too large",
+    }
+    assert serialize_binding(bytes(2000), max_bytes=1000)["reason"] == "too large"
+    module = serialize_binding(socket)
+    assert module["encoding"] == "module" and module["module"] == "socket"
+    for value in ((1, 2), {1: "a"}, {3}, {"k": [1]}, socket):
+        assert deserialize_binding(serialize_binding(value)) == value
+
+
+def test_only_changed_bindings_are_reported(workspace):
+    workspace.evaluate("d = {'n': 1}\nunrelated = [1]")
+    mutated = workspace.evaluate("d['n'] = 2")
+    assert set(mutated["bindings_changed"]) == {"d"}
+    assert mutated["bindings_changed"]["d"]["value"] == {"n": 2}
+    unchanged = workspace.evaluate("d['n'] = 2")
+    assert unchanged["bindings_changed"] == {}
+    removed = workspace.evaluate("del unrelated")
+    assert removed["bindings_removed"] == ["unrelated"]
+    assert [v["name"] for v in removed["variables"]] == ["d"]
+
+
+def test_variables_summary_and_unrestorable_binding(workspace):
+    result = workspace.evaluate("import socket\ns = socket.socket()\nt = (1, 2)")
+    by_name = {v["name"]: v for v in result["variables"]}
+    assert by_name["s"]["restorable"] is False
+    assert by_name["t"] == {"name": "t", "type": "tuple", "repr": "(1, 2)", "restorable": True}
+    assert result["bindings_changed"]["socket"]["encoding"] == "module"
+    workspace.namespace["s"].close()
+
+
+def test_shared_is_one_object_and_its_changes_are_reported(image):
+    a, b = image.session("a"), image.session("b")
+    result = a.evaluate("shared.team = 'ok'")
+    assert result["shared_changed"]["team"]["value"] == "ok"
+    assert b.evaluate("shared.team")["result"] == "'ok'"
+    assert "shared" not in [v["name"] for v in result["variables"]]
+    assert b.evaluate("del shared.team")["shared_removed"] == ["team"]
+
+
+def test_sessions_have_separate_namespaces(image):
+    image.session("a").evaluate("x = 1")
+    with pytest.raises(StuiError) as caught:
+        image.session("b").evaluate("x")
+    assert caught.value.details["exception_type"] == "NameError"
+
+
+def test_inspect_expression_items_and_child_by_id(workspace):
+    described = workspace.inspect(expression="[1, {'a': 2}]")
+    assert described["class_name"] == "list"
+    assert described["size"] == 2
+    first, second = described["items"]
+    assert first == {"key": 0, "type": "int", "repr": "1", "object_id": None}
+    assert second["type"] == "dict" and second["object_id"] in described["registry_added"]
+    child = workspace.inspect(object_id=second["object_id"])
+    assert child["items"] == [{"key": "a", "type": "int", "repr": "2", "object_id": None}]
+    with pytest.raises(StuiError) as caught:
+        workspace.inspect(object_id="obj_999")
+    assert caught.value.error_type == "ObjectNotFound"
+    assert caught.value.details == {"object_id": "obj_999"}
+
+
+def test_inspect_attributes_skip_dunders_and_respect_limit(workspace):
+    workspace.evaluate(
+        "class Thing:\n    pass\nt = Thing()\nt.name = 'n'\nt.parts = [1]\nfor i in range(5): setattr(t, f'a{i}', i)"
+    )
+    described = workspace.inspect(expression="t", limit=3)
+    names = [a["name"] for a in described["attributes"]]
+    assert names == ["a0", "a1", "a2"]
+    assert described["truncated"] is True
+    full = workspace.inspect(expression="t")
+    parts = next(a for a in full["attributes"] if a["name"] == "parts")
+    assert parts["object_id"] is not None
+    assert not any(a["name"].startswith("__") for a in full["attributes"])
+
+
+def test_complete_names_attributes_and_keywords(workspace):
+    workspace.evaluate("apple = 1\nimport os\nshared.team = 'x'")
+    assert "apple" in workspace.complete("app")["matches"]
+    assert "print" in workspace.complete("pri")["matches"]
+    assert "while" in workspace.complete("whi")["matches"]
+    completion = workspace.complete("shared.te")
+    assert completion == {"matches": ["team"], "cursor_start": 7, "cursor_end": 9}
+    assert "path" in workspace.complete("os.pa")["matches"]
+    workspace.evaluate("x = [1]")
+    assert workspace.complete("y = x.app + 1", 9) == {"matches": ["append"], "cursor_start": 6, "cursor_end": 9}
+    assert workspace.complete("open().re")["matches"] == []
+
+
+def test_snapshot_and_materialize_round_trip(image):
+    source = image.session("a")
+    source.evaluate("import socket\nn = 1\nt = (1, 2)\ns = socket.socket()\nitems = [1, 2]")
+    listed = source.evaluate("items")
+    source.namespace["s"].close()
+    snapshot = source.snapshot()
+    assert set(snapshot["bindings"]) == {"socket", "n", "t", "s", "items", "_"}
+    registry = listed["registry_added"]
+    target = image.session("b")
+    outcome = target.materialize(snapshot["bindings"], registry, listed["next_object_id"])
+    assert sorted(outcome["restored"]) == ["_", "items", "n", "socket", "t"]
+    assert outcome["unrestorable"] == [{"name": "s", "type": "socket", "reason": snapshot["bindings"]["s"]["reason"]}]
+    assert outcome["registry_live"] == [listed["object_id"]]
+    assert target.inspect(object_id=listed["object_id"])["items"][0]["repr"] == "1"
+    tuple_result = target.evaluate("t")
+    assert tuple_result["result"] == "(1, 2)"
+    assert tuple_result["object_id"] == f"obj_{listed['next_object_id']}"
+    # the unrestorable binding is kept (not dropped silently) until rebound
+    assert "s" in target.snapshot()["bindings"]
+    assert {v["name"]: v["restorable"] for v in target.variables()}["s"] is False
+
+
+def test_clear_variables_and_registry(workspace):
+    result = workspace.evaluate("x = [1]\nx")
+    assert workspace.clear(["registry"]) == {"cleared": ["registry"]}
+    with pytest.raises(StuiError):
+        workspace.inspect(object_id=result["object_id"])
+    workspace.clear(["variables"])
+    assert workspace.variables() == []
+    assert "x" not in workspace.namespace
+
+
+def test_stop_guard_interrupts_running_code(workspace):
+    guard = StopGuard()
+    timer = threading.Timer(0.2, guard.request_stop, args=(InterruptRequested,))
+    timer.start()
+    with pytest.raises(StuiError) as caught:
+        workspace.evaluate("n = 0\nwhile True:\n    n += 1", guard=guard)
+    assert caught.value.error_type == "Interrupted"
+    assert "n" in caught.value.details["bindings_changed"]
+
+
+def test_stop_guard_time_limit_reports_timeout(workspace):
+    guard = StopGuard(timeout=0.1)
+    timer = threading.Timer(0.1, guard.request_stop, args=(TimeLimitReached,))
+    timer.start()
+    with pytest.raises(StuiError) as caught:
+        workspace.evaluate("while True: pass", guard=guard)
+    assert caught.value.error_type == "Timeout"
+    assert workspace.evaluate("1 + 1")["result"] == "2"
