@@ -173,6 +173,9 @@ def test_a_damaged_state_file_is_ignored_then_replaced(tmp_path, content):
         (":inspect foo(", False),
         (":help", False),
         ("for i in range(3):\n    print(i)\nprint('done')", False),
+        ("while True: pass", False),
+        ("def f(): return 1", False),
+        ("while True:\n    pass", True),
     ],
 )
 def test_needs_more_input(text, more):

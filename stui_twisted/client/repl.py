@@ -71,10 +71,12 @@ META_COMMANDS = ("inspect", "sessions", "info", "save", "load", "clear", "close"
 def needs_more_input(text: str) -> bool:
     """True when ``text`` is unfinished Python that the user is still typing.
 
-    Uses :func:`codeop.compile_command` (the rule of the standard interactive
-    interpreter): an open bracket or string, a trailing ``:`` or backslash, or an
-    indented block that no empty line has ended yet.  Complete code, meta-commands,
-    and code with a syntax error are submitted (the server reports the error).
+    Uses :func:`codeop.compile_command`, the rule of the standard interactive
+    interpreter: an open bracket or string, a trailing ``:`` or backslash, or an
+    indented block that no empty line has ended yet.  Unlike that interpreter, a
+    complete one-line compound statement (``while True: pass``) runs at once.
+    Complete code, meta-commands and code with a syntax error are submitted (the
+    server reports the error).
     """
     if not text.strip() or text.lstrip().startswith(":"):
         return False
@@ -82,9 +84,11 @@ def needs_more_input(text: str) -> bool:
     if len(lines) > 1 and not lines[-1].strip():
         lines[-1] = ""  # an empty (or auto-indented only) last line ends a block
     source = "\n".join(lines)
+    # "single" wants a blank line after an indented block; on one line, "exec" does not.
+    symbols = ("exec",) if len(lines) == 1 else ("single", "exec")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for symbol in ("single", "exec"):
+        for symbol in symbols:
             try:
                 return codeop.compile_command(source, "<input>", symbol) is None
             except (SyntaxError, ValueError, OverflowError):
