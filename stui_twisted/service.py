@@ -627,6 +627,8 @@ class SessionService(service.MultiService):
         except StuiError:
             session.state, session.closed_at = ACTIVE, None
             raise
+        if call.context.current_session_id == session.session_id:
+            call.context.current_session_id = None
         for connection in self.connections:
             if connection.context.current_session_id == session.session_id:
                 connection.context.current_session_id = None
