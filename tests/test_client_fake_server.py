@@ -69,6 +69,7 @@ class FakeStuiServer:
         self.sessions: dict[str, FakeSession] = {}
         self.requests: list[dict] = []
         self.drop_on_command: set[str] = set()
+        self.session_limit: int | None = None
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
         self.port = 0
@@ -163,6 +164,9 @@ class FakeStuiServer:
         if not context["authenticated"]:
             return failure(request, "AuthenticationRequired", "authenticate first")
         if command == "create_session":
+            mine = [s for s in self.sessions.values() if s.client_id == params["client_id"]]
+            if self.session_limit is not None and len(mine) >= self.session_limit:
+                return failure(request, "SessionLimitExceeded", "too many sessions; close one first")
             session = FakeSession(f"s_{len(self.sessions) + 1}", params["client_id"])
             self.sessions[session.session_id] = session
             return success(request, **session.record(), capabilities=["evaluate"])
@@ -431,6 +435,15 @@ def test_eval_json_prints_raw_replies(fake_server, state_dir, capsys):
     assert status == 0
     assert [r["status"] for r in replies] == ["success", "success"]
     assert replies[1]["result"]["result"] == "6"
+
+
+def test_session_limit_lists_the_sessions_and_hints_at_session(fake_server, state_dir, capsys):
+    fake_server.session_limit = 1
+    base = [fake_server.url, "--state-dir", str(state_dir), "--client-id", "alice"]
+    assert run_main([*base, "-e", "1"], capsys)[0] == 0
+    status, out, err = run_main([*base, "--new", "-e", "1"], capsys)
+    assert status == 2
+    assert "SessionLimitExceeded" in err and "s_1" in err and "--session ID" in err
 
 
 def test_connection_and_usage_errors_exit_two(state_dir, capsys):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stui_twisted import __version__
-from stui_twisted.client.formatting import format_error, format_evaluation
+from stui_twisted.client.formatting import format_error, format_evaluation, format_sessions
 from stui_twisted.client.session import (
     CredentialSource,
     CredentialsUnavailable,
@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(error.reply, ensure_ascii=False), flush=True)
             print(f"stui-client: {format_error(error.reply).rstrip()}", file=sys.stderr)
+            if error.error_type == "SessionLimitExceeded":
+                print(session_limit_hint(client), file=sys.stderr, end="")
             return EXIT_USAGE_OR_CONNECTION
         if scripted:
             if client.session_note:
@@ -161,6 +163,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+def session_limit_hint(client: StuiClient) -> str:
+    """Which sessions exist and how to use or close one, after SessionLimitExceeded."""
+    try:
+        listing = client.result("list_client_sessions", {"client_id": client.client_id})
+    except (ConnectionLost, ServerError, CredentialsUnavailable):
+        listing = {"client_id": client.client_id, "sessions": []}
+    return (
+        format_sessions(listing, None)
+        + "Restore one with --session ID (then :close it to free the slot), "
+        "or wait for one to expire.\n"
+    )
 
 
 def run_evaluations(client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool) -> int:
