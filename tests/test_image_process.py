@@ -254,3 +254,25 @@ async def test_stop_service_fails_in_flight_and_does_not_restart():
     await sleep(0.3)
     assert image.status() == {"status": "stopped", "pid": None, "started_at": None, "restarts": 0}
     assert (await failure_of(image.evaluate("s_a", "1"))).error_type == "InternalError"
+
+
+def test_chunked_json_splits_under_the_amp_value_limit_and_reassembles():
+    from twisted.protocols import amp
+
+    from stui_twisted.image.amp_commands import ChunkedJSON
+
+    argument = ChunkedJSON()
+    value = {"text": "é" * 100_000, "numbers": list(range(10_000))}
+    box = amp.AmpBox()
+    argument.toBox(b"payload", box, {"payload": value}, None)
+    assert len(box) > 3
+    assert all(len(chunk) <= amp.MAX_VALUE_LENGTH for chunk in box.values())
+    assert set(box) == {f"payload.{index}".encode() for index in range(len(box))}
+    decoded = {}
+    argument.fromBox(b"payload", box, decoded, None)
+    assert decoded == {"payload": value}
+    with pytest.raises(KeyError):
+        argument.fromBox(b"missing", amp.AmpBox(), {}, None)
+    optional = {}
+    ChunkedJSON(optional=True).fromBox(b"missing", amp.AmpBox(), optional, None)
+    assert optional == {"missing": None}

@@ -11,6 +11,7 @@ switch intervals.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import signal
@@ -41,6 +42,7 @@ from stui_twisted.image.workspace import DEFAULT_MAX_BINDING_BYTES, Image, insta
 AMP_IN_FD = 3
 AMP_OUT_FD = 4
 SWITCH_INTERVAL = 0.001
+PR_SET_PDEATHSIG = 1
 
 log = Logger()
 
@@ -225,8 +227,23 @@ class ImageChildProtocol(amp.AMP):
         os._exit(0)
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process if the server dies, even when
+    the reactor is frozen by user code holding the GIL in C."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as exc:
+        log.warn("cannot ask to die with the server: {error}", error=exc)
+    if os.getppid() == 1:
+        os._exit(0)
+
+
 def main() -> None:
     """Entry point of the image process."""
+    _die_with_parent()
     quiet_amp = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     quiet_amp.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
     observer = FilteringLogObserver(textFileLogObserver(sys.__stderr__), [quiet_amp])

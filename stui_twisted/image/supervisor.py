@@ -45,6 +45,7 @@ MAX_LOG_LINE = 2000
 STARTUP_TIMEOUT = 30.0
 MAX_RESTART_DELAY = 30.0
 SESSION_TASK_DEFAULT_TIMEOUT = 30.0
+EVALUATION_MODES = ("execute", "display")
 
 
 def iso_utc(seconds: float) -> str:
@@ -134,6 +135,7 @@ class _ImageProcess(protocol.ProcessProtocol):
         self.ended = False
         self.started_at: float | None = None
         self.in_flight: set[_Request] = set()
+        self.kill_timer = None
         self._outputs = {
             1: _ChildOutputLog(supervisor.log, "stdout"),
             2: _ChildOutputLog(supervisor.log, "stderr"),
@@ -279,7 +281,7 @@ class ImageSupervisor(service.Service):
         stopped = defer.Deferred()
         self._stop_waiters.append(stopped)
         image.signal("TERM")
-        self._reactor.callLater(self.kill_grace, image.signal, "KILL")
+        image.kill_timer = self._reactor.callLater(self.kill_grace, image.signal, "KILL")
         return stopped
 
     def addRestartObserver(self, observer) -> None:
@@ -365,6 +367,8 @@ class ImageSupervisor(service.Service):
         exit_signal = getattr(reason.value, "signal", None)
         if self._startup_watchdog is not None and self._startup_watchdog.active():
             self._startup_watchdog.cancel()
+        if image.kill_timer is not None and image.kill_timer.active():
+            image.kill_timer.cancel()
         if self._stopping:
             self.log.info(
                 "image pid {pid} stopped (exit status {status}, signal {signal})",
@@ -495,6 +499,11 @@ class ImageSupervisor(service.Service):
 
     def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0) -> defer.Deferred:
         """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
+        if mode not in EVALUATION_MODES:
+            return defer.fail(StuiError(
+                "InvalidRequest", f"parameter 'mode' must be one of {', '.join(EVALUATION_MODES)}, not {mode!r}",
+                parameter="mode",
+            ))
         return defer.ensureDeferred(
             self._session_task(session_id, commands.Evaluate, f"evaluation in session {session_id}",
                                timeout, session_id=session_id, code=code, mode=mode)

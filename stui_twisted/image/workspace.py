@@ -17,8 +17,10 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+import collections
 import importlib
 import inspect as pyinspect
+import itertools
 import json
 import keyword
 import linecache
@@ -48,6 +50,8 @@ INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+CELL_SOURCES_KEPT = 500
+_cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -351,7 +355,7 @@ class SessionWorkspace:
         self._registry_meta: dict[str, dict] = {}
         self._id_by_identity: dict[int, str] = {}
         self._registry_lock = threading.RLock()
-        self._cell_count = 0
+        self._cell_sources: collections.deque[str] = collections.deque()
 
     def _fresh_namespace(self) -> dict[str, Any]:
         return {"__builtins__": builtins, "__name__": "__main__", "shared": self.image.shared}
@@ -397,8 +401,15 @@ class SessionWorkspace:
 
     # -- evaluation --
 
-    def _compile_cell(self, code: str, filename: str):
+    def _remember_source(self, code: str, filename: str) -> None:
+        """Keep the cell's source for tracebacks (bounded per session)."""
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self._cell_sources.append(filename)
+        while len(self._cell_sources) > CELL_SOURCES_KEPT:
+            linecache.cache.pop(self._cell_sources.popleft(), None)
+
+    def _compile_cell(self, code: str, filename: str):
+        self._remember_source(code, filename)
         tree = ast.parse(code, filename, mode="exec")
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -414,8 +425,7 @@ class SessionWorkspace:
     def evaluate(self, code: str, mode: str = "execute", guard=None) -> dict:
         """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta."""
         guard = guard or NoGuard()
-        self._cell_count += 1
-        filename = f"<cell {self._cell_count}>"
+        filename = f"<cell {next(_cell_numbers)}>"  # image-wide: linecache is global
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
@@ -566,6 +576,8 @@ class SessionWorkspace:
             try:
                 guard.arm()
                 for name, stored in sorted(bindings.items()):
+                    if is_hidden_name(name):
+                        continue
                     try:
                         namespace[name] = deserialize_binding(stored)
                     except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
@@ -597,7 +609,10 @@ class SessionWorkspace:
                     self._registry[object_id] = value
                     self._id_by_identity[id(value)] = object_id
                     registry_live.append(object_id)
-            self.next_object_id = max(int(next_object_id), 1)
+            known_numbers = [
+                int(object_id[4:]) for object_id in registry if re.fullmatch(r"obj_\d+", object_id)
+            ]
+            self.next_object_id = max([int(next_object_id), 1] + [number + 1 for number in known_numbers])
         return {"restored": restored, "unrestorable": unrestorable, "registry_live": sorted(registry_live)}
 
     def clear(self, parts: list[str]) -> dict:
