@@ -211,21 +211,22 @@ def test_the_client_reconnects_after_the_server_is_killed_and_restarted(tmp_path
         proc.kill()
 
 
-def test_password_authentication_with_eval(tmp_path, state_dir):
+def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch):
     users = tmp_path / "users"
     write_atomically(str(users), [f"alice:{hash_password('s3cret', n=2**4)}"])
     proc = ServerProcess(tmp_path / "server", f"--auth-file={users}", zmq=True).start()
     try:
-        env_password = {"STUI_PASSWORD": "s3cret"}
-        os.environ.update(env_password)
-        try:
-            completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
-            assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
-            zmq_url = proc.zmq_url.replace("tcp://", "zmq://")
-            completed = run_eval(zmq_url, state_dir, "--user", "alice", "--eval", "6 * 7")
-            assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
-        finally:
-            del os.environ["STUI_PASSWORD"]
+        monkeypatch.setenv("STUI_PASSWORD", "s3cret")
+        completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
+        assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
+        zmq_url = proc.zmq_url.replace("tcp://", "zmq://")
+        completed = run_eval(zmq_url, state_dir, "--user", "alice", "--eval", "6 * 7")
+        assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
+        monkeypatch.setenv("STUI_PASSWORD", "wrong")
+        completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
+        assert completed.returncode == 2
+        assert "AuthenticationFailed" in completed.stderr
+        monkeypatch.delenv("STUI_PASSWORD")
         completed = run_eval(tcp_url(proc), state_dir, "--eval", "1")
         assert completed.returncode == 2
         assert "--user" in completed.stderr

@@ -511,6 +511,8 @@ class StuiClient:
         if self.session_id is None or not self.lock.acquire(timeout=0.2):
             return None
         try:
+            if self.transport is None or self.transport.peer_closed():
+                return None  # reconnecting is the idle watcher's job, not the Tab key's
             reply = self.call(
                 "complete",
                 {"code": code, "cursor_pos": cursor_pos},
