@@ -276,3 +276,17 @@ def test_chunked_json_splits_under_the_amp_value_limit_and_reassembles():
     optional = {}
     ChunkedJSON(optional=True).fromBox(b"missing", amp.AmpBox(), optional, None)
     assert optional == {"missing": None}
+
+
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_an_image_that_cannot_start_fails_requests_and_retries(tmp_path):
+    image = ImageSupervisor(_reactor(), python=str(tmp_path / "no-such-python"), restart_delay=0.05)
+    image.startService()
+    try:
+        error = await failure_of(image.evaluate("s_a", "1"))
+        assert error.error_type == "ImageRestarted"
+        assert image.status()["status"] == "restarting"
+    finally:
+        await image.stopService()
+    assert image.status()["status"] == "stopped"

@@ -320,13 +320,23 @@ class ImageSupervisor(service.Service):
         environment["PYTHONUNBUFFERED"] = "1"
         environment["STUI_IMAGE_MAX_BINDING_BYTES"] = str(self.max_binding_bytes)
         self._image = image
-        self._reactor.spawnProcess(
-            image,
-            self.python,
-            [self.python, "-m", CHILD_MODULE],
-            env=environment,
-            childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
-        )
+        try:
+            self._reactor.spawnProcess(
+                image,
+                self.python,
+                [self.python, "-m", CHILD_MODULE],
+                env=environment,
+                childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+            )
+        except OSError:
+            self.log.failure("could not spawn the image with {python}", python=self.python)
+            self._image = None
+            self._failed_starts += 1
+            self._state = "restarting"
+            delay = min(self.restart_delay * 2**self._failed_starts, MAX_RESTART_DELAY)
+            self._restart_call = self._reactor.callLater(delay, self._spawn, restarting)
+            self._fail_ready_waiters("the live image could not start")
+            return
         self.log.info("image started, pid {pid}", pid=image.pid)
         self._startup_watchdog = self._reactor.callLater(
             STARTUP_TIMEOUT, self._startup_too_slow, image
@@ -399,13 +409,14 @@ class ImageSupervisor(service.Service):
             return
         delay = self.restart_delay
         if not image.ready:
-            # Died before answering its first ping: back off and fail the waiters.
+            # Died before answering its first ping: back off, then fail the waiters.
             self._failed_starts += 1
             delay = min(self.restart_delay * 2**self._failed_starts, MAX_RESTART_DELAY)
-            self._fail_ready_waiters("the live image could not start")
         self._restarts += 1
         self._state = "restarting"
         self._restart_call = self._reactor.callLater(delay, self._spawn, True)
+        if not image.ready:
+            self._fail_ready_waiters("the live image could not start")
 
     def _fail_ready_waiters(self, message: str) -> None:
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -486,7 +497,7 @@ class ImageSupervisor(service.Service):
                 self._lanes.pop(lane_id, None)
 
     def _kill_stuck(self, request: _Request, stuck_error: StuiError) -> None:
-        if request.settled or request.image.ended:
+        if request.settled or request.image.ended or request.forced_error is not None:
             return
         self.log.warn(
             "{what} did not stop within {grace} s (stuck outside Python); killing image pid {pid}",
