@@ -169,6 +169,7 @@ def test_inspect_expression_items_and_child_by_id(workspace):
     first, second = described["items"]
     assert first == {"key": 0, "type": "int", "repr": "1", "object_id": None}
     assert second["type"] == "dict" and second["object_id"] in described["registry_added"]
+    assert described["next_object_id"] == 3
     child = workspace.inspect(object_id=second["object_id"])
     assert child["items"] == [{"key": "a", "type": "int", "repr": "2", "object_id": None}]
     with pytest.raises(StuiError) as caught:

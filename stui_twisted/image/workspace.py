@@ -658,6 +658,7 @@ class SessionWorkspace:
             "items": items,
             "truncated": attributes_truncated or items_truncated,
             "registry_added": registry_added,
+            "next_object_id": self.next_object_id,
         }
 
     def _evaluate_expression(self, expression: str, guard) -> Any:
