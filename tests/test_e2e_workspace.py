@@ -1,0 +1,191 @@
+"""End to end: a session's live workspace survives restarts, kill -9 and image crashes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tests.serverproc import ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.image]
+
+SETUP = (
+    "import datetime, collections; d = {'n': 1}; when = datetime.date(2026, 1, 2); "
+    "c = collections.Counter('aab')"
+)
+CHECK = "d == {'n': 1} and when == datetime.date(2026, 1, 2) and c == collections.Counter('aab')"
+
+
+def evaluate(client, code, **extra):
+    return client.call("evaluate", code=code, **extra)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_bindings_and_history_survive_a_server_restart(tmp_path, how):
+    args = ("--durability=always",) if how == "kill9" else ()
+    server = ServerProcess(tmp_path, *args).start()
+    try:
+        client = server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        assert client.result("evaluate", code="import datetime, collections")["has_error"] is False
+        client.result("evaluate", code="d = {'n': 1}; when = datetime.date(2026, 1, 2)")
+        client.result("evaluate", code="c = collections.Counter('aab')")
+        if how == "sigterm":
+            assert server.stop() == 0
+        else:
+            server.kill()
+        server.start()
+        client = server.tcp_client()
+        restored = client.result("restore_session", session_id=sid)
+        assert {"d", "when", "c"} <= set(restored["restored_bindings"])
+        assert restored["unrestorable_bindings"] == []
+        history = restored["workspace_context"]["history"]
+        assert [h["code"] for h in history] == [
+            "import datetime, collections",
+            "d = {'n': 1}; when = datetime.date(2026, 1, 2)",
+            "c = collections.Counter('aab')",
+        ]
+        assert [h["index"] for h in history] == [1, 2, 3]
+        assert client.result("evaluate", code=CHECK)["result"] == "True"
+    finally:
+        server.kill()
+
+
+def test_unrestorable_binding_is_reported_and_nothing_else_is_lost(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client = server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        client.result("evaluate", code=SETUP)
+        client.result("evaluate", code="import socket; s = socket.socket()")
+        assert server.stop() == 0
+        server.start()
+        client = server.tcp_client()
+        restored = client.result("restore_session", session_id=sid)
+        unrestorable = {u["name"]: u for u in restored["unrestorable_bindings"]}
+        assert set(unrestorable) == {"s"}
+        assert unrestorable["s"]["type"] == "socket"
+        assert unrestorable["s"]["reason"]
+        assert client.result("evaluate", code=CHECK)["result"] == "True"
+    finally:
+        server.kill()
+
+
+def test_image_crash_restores_every_session_without_client_action(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        a, b = server.tcp_client(), server.tcp_client()
+        a.result("create_session", client_id="alice")
+        b.result("create_session", client_id="bob")
+        a.result("evaluate", code=SETUP)
+        b.result("evaluate", code="y = [1, 2, 3]")
+        old_pid = a.result("ping")["image"]["pid"]
+        crash = evaluate(a, "import os; os._exit(1)")
+        assert crash["error_type"] == "ImageRestarted"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            image = b.result("ping")["image"]
+            if image["status"] == "running" and image["pid"] != old_pid:
+                break
+            time.sleep(0.05)
+        assert image["pid"] != old_pid
+        # No restore_session: the server re-materialized both sessions itself.
+        assert a.result("evaluate", code=CHECK)["result"] == "True"
+        assert b.result("evaluate", code="y")["result"] == "[1, 2, 3]"
+    finally:
+        server.kill()
+
+
+def test_a_spinning_session_blocks_nobody_and_interrupt_stops_it(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        a, b, pinger = server.tcp_client(), server.tcp_client(), server.tcp_client()
+        a.result("create_session", client_id="alice")
+        b.result("create_session", client_id="bob")
+        b.result("evaluate", code="1+1")  # warm
+        replies: list[dict] = []
+        spinner = threading.Thread(target=lambda: replies.append(evaluate(a, "while True: pass")))
+        spinner.start()
+        time.sleep(0.3)
+        started = time.perf_counter()
+        assert pinger.result("ping")["message"] == "pong"
+        ping_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        assert b.result("evaluate", code="1+1")["result"] == "2"
+        eval_ms = (time.perf_counter() - started) * 1000
+        assert ping_ms < 100, ping_ms
+        assert eval_ms < 100, eval_ms
+        stopper = server.tcp_client()
+        started = time.perf_counter()
+        interrupted = stopper.call("interrupt", session_id=_current(server, "alice"))
+        assert interrupted["result"]["interrupted"] is True
+        spinner.join(5)
+        assert not spinner.is_alive()
+        assert time.perf_counter() - started < 1.0
+        assert replies[0]["error_type"] == "Interrupted"
+        assert a.result("evaluate", code="6 * 7")["result"] == "42"
+    finally:
+        server.kill()
+
+
+def _current(server, client_id):
+    listed = server.tcp_client().result("list_client_sessions", client_id=client_id)
+    return listed["sessions"][0]["session_id"]
+
+
+def test_sessions_have_private_workspaces_and_one_shared_namespace(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        a, b = server.tcp_client(), server.tcp_client()
+        a.result("create_session", client_id="alice")
+        b.result("create_session", client_id="bob")
+        first = a.result("evaluate", code="x = 41 + 1")
+        assert first["result"] is None
+        got = a.result("evaluate", code="x")
+        assert got["result"] == "42" and got["object_id"].startswith("obj_")
+        assert b.call("evaluate", code="x")["details"]["exception_type"] == "NameError"
+        a.result("evaluate", code="shared.team = 'ok'")
+        assert b.result("evaluate", code="shared.team")["result"] == "'ok'"
+        inspected = a.result("inspect", expression="[1, {'a': 2}]")
+        child = inspected["items"][1]
+        assert child["object_id"]
+        deeper = a.result("inspect", object_id=child["object_id"])
+        assert deeper["class_name"] == "dict"
+        assert a.result("get_context_summary")["inspector"]["selected_object"] == child["object_id"]
+    finally:
+        server.kill()
+
+
+def test_edited_pickle_is_never_unpickled(tmp_path):
+    """A session file whose pickle was edited fails its MAC: .bak is used, the file quarantined."""
+    server = ServerProcess(tmp_path, "--durability=always").start()
+    try:
+        client = server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        client.result("evaluate", code="t = (1, 2)")  # a tuple is stored as a pickle
+        client.result("evaluate", code="t = (3, 4)")
+        assert server.stop() == 0
+        (path,) = list((server.data_dir / "sessions").rglob(f"{sid}.json"))
+        document = json.loads(path.read_text())
+        binding = document["session"]["bindings"]["t"]
+        assert binding["encoding"] == "pickle"
+        import base64
+        import pickle
+
+        class Boom:
+            def __reduce__(self):
+                return (eval, ("__import__('pathlib').Path('PWNED').touch()",))
+
+        binding["data"] = base64.b64encode(pickle.dumps(Boom())).decode()
+        path.write_text(json.dumps(document))
+        server.start()
+        client = server.tcp_client()
+        client.result("restore_session", session_id=sid)
+        assert client.result("evaluate", code="t")["result"] == "(1, 2)"  # from .bak
+        assert not list(tmp_path.rglob("PWNED"))
+        assert list((server.data_dir / "quarantine").iterdir())
+    finally:
+        server.kill()
