@@ -139,6 +139,11 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         )
         zmq_service.setName("zmq")
         zmq_service.setServiceParent(root)
+    if settings.metrics.lower() != "none":
+        from stui_twisted.metrics import metrics_listener
+
+        metrics = metrics_listener(settings.metrics, sessions, dispatcher, reactor, connections)
+        metrics.setServiceParent(root)
     return root, sessions
 
 
