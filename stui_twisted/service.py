@@ -29,6 +29,7 @@ from stui_twisted.session import ACTIVE, CLOSED, EXPIRED, Session, merge_patch, 
 DAY = 24 * 3600.0
 CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
 MAX_HISTORY_TEXT = 64 * 1024
+MAX_RESULT_TEXT = 1024 * 1024
 MAX_INSPECTOR_HISTORY = 100
 
 
@@ -848,10 +849,10 @@ class SessionService(service.MultiService):
         await self._changed(session, "record the evaluation")
         return {
             "session_id": session.session_id,
-            "result": outcome.get("result"),
+            "result": _clip(outcome.get("result"), MAX_RESULT_TEXT),
             "result_type": outcome.get("result_type"),
             "object_id": outcome.get("object_id"),
-            "display": outcome.get("display"),
+            "display": _clip(outcome.get("display"), MAX_RESULT_TEXT),
             "output": outcome.get("output", ""),
             "execution_time": outcome.get("execution_time"),
             "has_error": False,
