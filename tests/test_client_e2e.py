@@ -230,5 +230,16 @@ def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch):
         completed = run_eval(tcp_url(proc), state_dir, "--eval", "1")
         assert completed.returncode == 2
         assert "--user" in completed.stderr
+        child = spawn_repl(tcp_url(proc), state_dir, "--client-id=alice")
+        child.expect("username: ")
+        child.sendline("alice")
+        child.expect("password for alice: ")
+        child.sendline("s3cret")
+        child.expect("Session s_\\S+ restored")
+        child.expect(">>>")
+        submit(child, "6 * 7")
+        child.expect("42")
+        child.expect(">>>")
+        quit_repl(child)
     finally:
         proc.kill()
