@@ -38,7 +38,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -314,6 +314,7 @@ class Authenticator(service.Service):
     @param max_tokens_per_user: older tokens of a user are evicted beyond this.
     @param max_pending_checks: password checks queued at once (all peers); more
         answer C{RateLimited} so a flood cannot queue unbounded scrypt work.
+    @param prune_interval: seconds between L{prune} runs while the service runs.
     """
 
     name = "auth"
@@ -327,6 +328,7 @@ class Authenticator(service.Service):
         threadpool: Any = None,
         max_tokens_per_user: int = 16,
         max_pending_checks: int = 64,
+        prune_interval: float = 60.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -350,6 +352,9 @@ class Authenticator(service.Service):
         self._pending = 0
         self._next_stat = 0.0
         self._refreshing = False
+        self.prune_interval = prune_interval
+        self._prune_loop = task.LoopingCall(self.prune)
+        self._prune_loop.clock = clock
 
     @property
     def enabled(self) -> bool:
@@ -372,8 +377,13 @@ class Authenticator(service.Service):
             self._own_pool = ThreadPool(minthreads=0, maxthreads=2, name="stui-auth")
             self._own_pool.start()
             self.checker.threadpool = self._own_pool
+        if self.checker is not None:
+            d = self._prune_loop.start(self.prune_interval, now=False)
+            d.addErrback(lambda f: log.failure("pruning tokens stopped", f))
 
     def stopService(self):
+        if self._prune_loop.running:
+            self._prune_loop.stop()
         if self._own_pool is not None:
             self._own_pool.stop()
             self._own_pool = None
@@ -386,7 +396,8 @@ class Authenticator(service.Service):
     async def authenticate(self, username: Any, password: Any, peer: Any) -> dict:
         """The C{authenticate} command: check the password, return a fresh token.
 
-        @param peer: the remote host (address, not port) the attempt came from.
+        @param peer: the remote host (IP address, no port) the attempt came from:
+            C{ConnectionContext.peer}; for ZeroMQ the message's C{Peer-Address}.
         @return: C{{"authenticated": True, "client_id", "token", "expires_at"}}.
         @raise StuiError: C{AuthenticationFailed} (same message for an unknown user
             and a wrong password), C{RateLimited} with C{retry_after} (seconds)

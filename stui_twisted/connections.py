@@ -1,7 +1,10 @@
 """The set of open client connections, shared by every transport.
 
-It enforces ``--max-connections`` and answers ``connected_clients`` for
-statistics; sessions use it to count the connections attached to them.
+It enforces ``--max-connections`` over TCP/TLS connections and answers
+``connected_clients`` for statistics; sessions use it to count the
+connections attached to them.  ZeroMQ peers are listed but not counted
+against the limit: a ZeroMQ peer can make up any number of routing
+identities, and letting those fill the table would lock TCP/TLS clients out.
 """
 
 from __future__ import annotations
@@ -13,21 +16,32 @@ class ConnectionRegistry:
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
         self._connections: set = set()
+        self._limited: set = set()
         self._reserved = 0
 
     def admit(self) -> bool:
         """Whether one more connection may be built (reserves its place)."""
-        if len(self._connections) + self._reserved >= self.max_connections:
+        if len(self._limited) + self._reserved >= self.max_connections:
             return False
         self._reserved += 1
         return True
 
-    def opened(self, connection) -> None:
-        self._reserved = max(0, self._reserved - 1)
+    def opened(self, connection, limited: bool = True) -> None:
+        """C{connection} is live; C{limited} ones took a place from L{admit}."""
         self._connections.add(connection)
+        if limited:
+            self._reserved = max(0, self._reserved - 1)
+            self._limited.add(connection)
 
     def closed(self, connection) -> None:
+        """C{connection} is gone (its place is free again)."""
         self._connections.discard(connection)
+        self._limited.discard(connection)
+
+    @property
+    def limited_count(self) -> int:
+        """Open connections that count against C{max_connections}."""
+        return len(self._limited)
 
     def __len__(self) -> int:
         return len(self._connections)

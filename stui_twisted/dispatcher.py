@@ -78,11 +78,22 @@ class Call:
     request: Request
     params: dict
     received_at: float
+    principal: str | None = None
+    """Who this request acts as when auth is on: the token's user, or (TCP/TLS only)
+    the user the connection authenticated as.  C{None} when auth is off or the
+    command is public."""
 
     @property
     def client_id(self) -> str | None:
-        """The acting client id: the principal when authenticated, else the parameter."""
-        return self.context.principal or self.params.get("client_id")
+        """The acting client id: the principal when authenticated, else the parameter.
+
+        Under authentication it is never taken from the request: the dispatcher
+        has already refused a C{client_id} parameter that differs from the
+        principal.
+        """
+        if self.principal is not None:
+            return self.principal
+        return self.params.get("client_id")
 
 
 Handler = Callable[[Call], Awaitable[dict]]
@@ -173,9 +184,9 @@ class Dispatcher:
             request_id = request.id
             command_name = request.command
             command = self._lookup(request)
-            self._authorize(context, request, command)
-            params = self._validate(command, request.parameters)
-            call = Call(context, request, params, received_at)
+            principal = self._authorize(context, request, command)
+            params = self._validate(command, self._with_principal(command, request, principal))
+            call = Call(context, request, params, received_at, principal)
             result = defer.ensureDeferred(command.handler(call))
         except RequestError as error:
             return defer.succeed(self._error(context, error.request_id, command_name, error, started))
@@ -223,9 +234,24 @@ class Dispatcher:
             )
         return command
 
-    def _authorize(self, context: ConnectionContext, request: Request, command: Command) -> None:
+    def _authorize(
+        self, context: ConnectionContext, request: Request, command: Command
+    ) -> str | None:
+        """The principal C{request} acts as, or raise C{AuthenticationRequired}.
+
+        - Public commands (ping, describe, authenticate) and a server without
+          auth need nobody: C{None}.
+        - A top-level C{token} wins on every transport; an unknown or expired one
+          is refused even when the connection itself is authenticated.
+        - TCP/TLS without a token: the user this connection authenticated as.
+        - ZeroMQ without a token: nobody.  A routing identity is chosen by the
+          peer, so nothing is remembered per identity (docs/security.md).
+
+        Nothing is written to C{context} here: the principal travels with the
+        L{Call}, so one request's token never authenticates another request.
+        """
         if not self.auth.enabled or command.public:
-            return
+            return None
         principal = None
         if request.token is not None:
             principal = self.auth.check_token(request.token)
@@ -246,8 +272,6 @@ class Dispatcher:
                 "AuthenticationRequired",
                 f"authenticate first with 'authenticate' (username, password){hint}",
             )
-        if context.transport == "zmq":
-            context.principal = principal
         claimed = request.parameters.get("client_id")
         if claimed is not None and claimed != principal:
             raise StuiError(
@@ -255,6 +279,16 @@ class Dispatcher:
                 f"client_id {str(claimed)[:128]!r} is not the authenticated client",
                 parameter="client_id",
             )
+        return principal
+
+    def _with_principal(self, command: Command, request: Request, principal: str | None) -> dict:
+        """The parameters, with C{client_id} defaulting to the principal under auth."""
+        given = request.parameters
+        if principal is None or "client_id" in given:
+            return given
+        if any(param.name == "client_id" for param in command.params):
+            return dict(given, client_id=principal)
+        return given
 
     def _validate(self, command: Command, given: dict) -> dict:
         params: dict = {}

@@ -6,10 +6,20 @@ they complete, so a slow evaluation never holds back later fast requests.
 
 Flow control keeps memory bounded per connection: reading pauses while more
 than ``max_pending`` requests are in flight, or while the transport's write
-buffer is full because the client is not reading its replies.
+buffer is full because the client is not reading its replies.  Fairness keeps
+one client from starving the others: a connection that has spent
+``turn_budget`` seconds of reactor time on its lines in one go stops reading
+until the next reactor iteration, so other connections' requests run between
+its batches.
+
+When authentication is on, a connection that has not authenticated is closed
+after ``unauthenticated_idle_timeout`` seconds without a request (each line
+restarts the timer); once it authenticates the timer is off for good.
 """
 
 from __future__ import annotations
+
+import time
 
 from twisted.internet import interfaces
 from twisted.internet.protocol import Factory
@@ -35,18 +45,27 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
         self._pending = 0
         self._pause_reasons: set[str] = set()
         self._closing = False
+        self._turn_started: float | None = None
+        self._idle_timer_armed = False
+        self.callLater = factory.clock.callLater if factory.clock is not None else self.callLater
 
     # -- connection lifecycle ---------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
-        address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
-        self.context = ConnectionContext(transport=self.factory.transport_name, peer=address)
+        # The host alone (no port) is the peer: it is what brute-force limits key on.
+        host = str(getattr(peer, "host", peer))
+        self.context = ConnectionContext(transport=self.factory.transport_name, peer=host)
         self.factory.connection_opened(self)
         self.transport.registerProducer(self, True)
         if self.factory.auth_required():
+            self._idle_timer_armed = True
             self.setTimeout(self.factory.unauthenticated_idle_timeout)
-        self.log.info("{conn} connected", conn=self.context.label)
+        self.log.info(
+            "{conn} connected from port {port}",
+            conn=self.context.label,
+            port=getattr(peer, "port", "?"),
+        )
 
     def connectionLost(self, reason) -> None:  # noqa: N802
         self.setTimeout(None)
@@ -70,6 +89,9 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
             line = line[:-1]
         if not line.strip():
             return
+        if self._idle_timer_armed:
+            self.resetTimeout()
+        self._take_turn()
         self._pending += 1
         if self._pending >= self.factory.max_pending:
             self._pause("pending")
@@ -86,9 +108,23 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
         self.log.info("{conn} closed: line over max_message_bytes", conn=self.context.label)
         self.transport.loseConnection()
 
+    def _take_turn(self) -> None:
+        """Yield to other connections once this one used up its turn."""
+        now = time.perf_counter()
+        if self._turn_started is None:
+            self._turn_started = now
+            self.callLater(0, self._end_turn)
+        elif now - self._turn_started > self.factory.turn_budget:
+            self._pause("turn")
+
+    def _end_turn(self) -> None:
+        self._turn_started = None
+        self._unpause("turn")
+
     def _replied(self, data: bytes) -> None:
         self._pending -= 1
-        if self.factory.auth_required() and self.context.principal is not None:
+        if self._idle_timer_armed and self.context.principal is not None:
+            self._idle_timer_armed = False
             self.setTimeout(None)
         if self._pending < self.factory.max_pending // 2 or self._pending == 0:
             self._unpause("pending")
@@ -115,7 +151,7 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
     def _unpause(self, reason: str) -> None:
         if reason in self._pause_reasons:
             self._pause_reasons.discard(reason)
-            if not self._pause_reasons and self.connected:
+            if not self._pause_reasons and self.connected and not self._closing:
                 LineReceiver.resumeProducing(self)
 
     def pauseProducing(self) -> None:  # noqa: N802
@@ -145,6 +181,8 @@ class LineJSONFactory(Factory):
         max_pending: int = 64,
         unauthenticated_idle_timeout: float = 60.0,
         registry=None,
+        turn_budget: float = 0.005,
+        clock=None,
     ) -> None:
         self.dispatcher = dispatcher
         self.transport_name = transport_name
@@ -152,6 +190,8 @@ class LineJSONFactory(Factory):
         self.max_pending = max_pending
         self.unauthenticated_idle_timeout = unauthenticated_idle_timeout
         self.registry = registry
+        self.turn_budget = turn_budget
+        self.clock = clock
 
     def buildProtocol(self, addr) -> LineJSONProtocol:  # noqa: N802
         if self.registry is not None and not self.registry.admit():
@@ -164,6 +204,7 @@ class LineJSONFactory(Factory):
         return LineJSONProtocol(self)
 
     def auth_required(self) -> bool:
+        """Whether connections must authenticate (and so get the idle timer)."""
         return self.dispatcher.auth.enabled
 
     def connection_opened(self, protocol: LineJSONProtocol) -> None:

@@ -5,6 +5,13 @@ This is the only module that knows txzmq.  Both REQ clients (frames
 ``[identity, b"", payload]``) work: every request gets exactly one reply that
 mirrors the envelope frames it came with.  Each peer identity is one
 :class:`ZmqPeer` conversation with its own current session.
+
+A routing identity is chosen by the peer, so it proves nothing: under
+authentication every request carries its token (see the dispatcher), and the
+"peer" that brute-force limits key on is the sender's IP address, read from
+libzmq's ``Peer-Address`` message property (ZeroMQ >= 4.1, tcp:// only).
+Messages without one (ipc://, inproc://) all share one peer key,
+:data:`UNKNOWN_PEER`, so together they get one failure budget.
 """
 
 from __future__ import annotations
@@ -22,6 +29,19 @@ from zope.interface import implementer
 from stui_twisted.envelope import RequestError
 from stui_twisted.interfaces import ConnectionContext, IClientConnection
 
+UNKNOWN_PEER = "zmq:no-peer-address"
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address of a received frame, or L{UNKNOWN_PEER}."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return UNKNOWN_PEER
+    if isinstance(address, bytes):
+        address = address.decode("ascii", "replace")
+    return address or UNKNOWN_PEER
+
 
 @implementer(IClientConnection)
 class ZmqPeer:
@@ -30,7 +50,7 @@ class ZmqPeer:
     def __init__(self, router: _StuiRouter, identity: bytes) -> None:
         self._router = router
         self.identity = identity
-        self.context = ConnectionContext(transport="zmq", peer=identity.hex()[:32] or "-")
+        self.context = ConnectionContext(transport="zmq", peer=UNKNOWN_PEER)
         self.last_seen = time.monotonic()
         self.envelope: list[bytes] = []
 
@@ -52,10 +72,27 @@ class _StuiRouter(ZmqRouterConnection):
 
     def __init__(self, factory, endpoint, adapter: ZmqRouterService) -> None:
         self.adapter = adapter
+        self._peer_address = UNKNOWN_PEER
         super().__init__(factory, endpoint)
 
+    def _readMultipart(self):  # noqa: N802 - overrides txzmq's reader
+        """Read one multipart message, noting the sender's address (Peer-Address).
+
+        Same contract as txzmq's method (a list of frame bytes, or
+        C{zmq.ZMQError} EAGAIN); it receives without copying so the frame's
+        metadata can be read.  C{doRead} hands the result to
+        C{messageReceived} right away, so the noted address belongs to it.
+        """
+        while True:
+            frame = self.socket.recv(zmq.NOBLOCK, copy=False)
+            self.recv_parts.append(frame.bytes)
+            if not frame.more:
+                self._peer_address = peer_address(frame)
+                result, self.recv_parts = self.recv_parts, []
+                return result
+
     def gotMessage(self, sender_id: bytes, *frames: bytes) -> None:  # noqa: N802
-        self.adapter.message_received(sender_id, list(frames))
+        self.adapter.message_received(sender_id, list(frames), self._peer_address)
 
     def send_to(self, identity: bytes, envelope: list[bytes], data: bytes) -> None:
         try:
@@ -126,8 +163,14 @@ class ZmqRouterService(service.Service):
             peer = ZmqPeer(self._router, identity)
             self._peers[identity] = peer
             if self.registry is not None:
-                self.registry.opened(peer)
-            self.log.info("{conn} first request", conn=peer.context.label)
+                # Peers are listed (statistics) but not counted against
+                # --max-connections: identities are free to make.
+                self.registry.opened(peer, limited=False)
+            self.log.info(
+                "{conn} first request from identity {identity}",
+                conn=peer.context.label,
+                identity=identity.hex()[:32] or "-",
+            )
             self._prune()
         else:
             self._peers.move_to_end(identity)
@@ -150,8 +193,16 @@ class ZmqRouterService(service.Service):
 
     # -- messages ---------------------------------------------------------
 
-    def message_received(self, identity: bytes, frames: list[bytes]) -> None:
+    def message_received(
+        self, identity: bytes, frames: list[bytes], address: str = UNKNOWN_PEER
+    ) -> None:
+        """Answer one message from C{identity}: exactly one reply, always.
+
+        @param address: the sender's IP address (L{peer_address}); it becomes the
+            peer's C{context.peer} for this request (rate limits, logs).
+        """
         peer = self.peer(identity)
+        peer.context.peer = address
         if not frames:
             return
         envelope, payload = frames[:-1], frames[-1]
