@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 
 from twisted.application import internet, service
-from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -87,6 +86,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.linejson import LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
+    from stui_twisted.tls import TLSConfigError, server_endpoint
 
     root = service.MultiService()
     connections = ConnectionRegistry(settings.max_connections)
@@ -107,8 +107,14 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     authenticator = None
     if settings.auth_file:
         from stui_twisted.auth import Authenticator
+        from stui_twisted.passwd import PasswordFileError
 
         authenticator = Authenticator(settings, reactor)
+        try:
+            authenticator.load()  # fail now, with the file's name, not at the first login
+        except PasswordFileError as exc:
+            raise SystemExit(f"twistd stui: --auth-file: {exc}") from None
+        authenticator.setServiceParent(root)  # before the listeners: started first
     dispatcher = Dispatcher(clock=reactor, auth=authenticator)
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
     sessions.dispatcher = dispatcher
@@ -125,7 +131,11 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             unauthenticated_idle_timeout=settings.unauthenticated_idle_timeout,
             registry=connections,
         )
-        listener = ListenerService(name, endpoints.serverFromString(reactor, description), factory)
+        try:
+            endpoint = server_endpoint(reactor, description)
+        except TLSConfigError as exc:
+            raise SystemExit(f"twistd stui: {exc}") from None
+        listener = ListenerService(name, endpoint, factory)
         listener.setName(name)
         listener.setServiceParent(root)
     if settings.zmq.lower() != "none":
