@@ -189,3 +189,25 @@ def test_edited_pickle_is_never_unpickled(tmp_path):
         assert list((server.data_dir / "quarantine").iterdir())
     finally:
         server.kill()
+
+
+def test_functions_classes_and_instances_survive_a_restart(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client = server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        client.result(
+            "evaluate",
+            code="class Point:\n    def __init__(self, x):\n        self.x = x\n"
+            "def double(p):\n    return Point(p.x * 2)\n"
+            "pts = [Point(1), Point(2)]",
+        )
+        assert server.stop() == 0
+        server.start()
+        client = server.tcp_client()
+        restored = client.result("restore_session", session_id=sid)
+        assert {"Point", "double", "pts"} <= set(restored["restored_bindings"])
+        result = client.result("evaluate", code="[double(p).x for p in pts], type(pts[0]) is Point")
+        assert result["result"] == "([2, 4], True)"
+    finally:
+        server.kill()

@@ -255,3 +255,60 @@ def test_stop_guard_time_limit_reports_timeout(workspace):
         workspace.evaluate("while True: pass", guard=guard)
     assert caught.value.error_type == "Timeout"
     assert workspace.evaluate("1 + 1")["result"] == "2"
+
+
+# -- functions, classes and their instances survive a restore -------------------------
+
+
+def _round_trip(code: str, check: str, session_id: str = "s_defs"):
+    from stui_twisted.image.workspace import Image
+
+    first = Image().session(session_id)
+    first.evaluate(code)
+    stored = first.snapshot()["bindings"]
+    second = Image().session(session_id)
+    outcome = second.materialize(stored, {}, 1)
+    return stored, outcome, second.evaluate(check)["result"]
+
+
+def test_cell_functions_and_classes_are_stored_as_source_and_instances_as_pickles():
+    code = (
+        "import math\nfactor = 3\n"
+        "def f(x):\n    return x * factor\n"
+        "class P:\n    def __init__(self, r):\n        self.r = r\n"
+        "    def area(self):\n        return math.pi * self.r\n"
+        "p = P(2)\nps = [P(1), P(3)]\ng = f\n"
+    )
+    stored, outcome, result = _round_trip(
+        code, "factor = 10; f(2), round(p.area(), 3), [q.r for q in ps], type(p) is P, g is f"
+    )
+    assert stored["f"]["encoding"] == "source" and stored["f"]["source"].startswith("def f(x):")
+    assert stored["P"]["encoding"] == "source"
+    assert stored["p"]["encoding"] == "pickle" and stored["ps"]["encoding"] == "pickle"
+    assert outcome["unrestorable"] == []
+    # f sees the live namespace (factor rebound after restore), instances use the new class
+    assert result == "(20, 6.283, [1, 3], True, True)"
+
+
+def test_decorated_definitions_keep_their_decorators():
+    code = "import functools\n@functools.lru_cache(maxsize=None)\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    stored, outcome, result = _round_trip(code, "fib(30), hasattr(fib, 'cache_info')")
+    assert stored["fib"]["source"].startswith("@functools.lru_cache")
+    assert result == "(832040, True)"
+
+
+def test_rebound_definition_is_not_stored_as_stale_source():
+    from stui_twisted.image.workspace import Image
+
+    workspace = Image().session("s_rebound")
+    workspace.evaluate("def f():\n    return 1\n")
+    workspace.evaluate("f = len")
+    assert workspace.snapshot()["bindings"]["f"]["encoding"] == "pickle"
+
+
+def test_lambdas_are_unrestorable_with_a_reason_and_repl_name_is_main():
+    stored, outcome, result = _round_trip("lam = lambda: 1\nname = __name__\n", "name")
+    assert stored["lam"]["encoding"] == "unrestorable"
+    assert "lambda" in stored["lam"]["reason"]
+    assert [u["name"] for u in outcome["unrestorable"]] == ["lam"]
+    assert result == "'__main__'"

@@ -20,6 +20,7 @@ import builtins
 import collections
 import importlib
 import inspect as pyinspect
+import io
 import itertools
 import json
 import keyword
@@ -190,7 +191,9 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def serialize_binding(value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES) -> dict:
+def serialize_binding(
+    value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES, workspace: SessionWorkspace | None = None
+) -> dict:
     """The stored form of one binding (see protocol: json, pickle, module, unrestorable)."""
     kind = type_name(value)
     summary = safe_repr(value)
@@ -211,7 +214,7 @@ def serialize_binding(value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES) ->
                 return _unrestorable(kind, summary, TOO_LARGE)
             return {"encoding": "json", "value": value, "type": kind, "repr": summary}
     try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _pickle_dumps(value, workspace)
         pickle.loads(data)
     except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
         return _unrestorable(kind, summary, _reason(exc))
@@ -219,6 +222,42 @@ def serialize_binding(value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES) ->
         return _unrestorable(kind, summary, TOO_LARGE)
     encoded = base64.b64encode(data).decode("ascii")
     return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+
+
+def _workspace_attribute(module_name: str, qualname: str) -> Any:
+    """Unpickling helper: the object a session workspace binds at C{qualname}."""
+    target: Any = sys.modules[module_name]
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+class WorkspacePickler(pickle.Pickler):
+    """Pickles functions and classes defined in a session's cells by reference.
+
+    Their C{__module__} is C{"__main__"}, which plain pickle would look up in
+    the image process's own C{__main__}; this pickler refers to them through
+    the workspace's registered module instead (see L{_workspace_attribute}).
+    """
+
+    def __init__(self, file, workspace: SessionWorkspace) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._workspace = workspace
+
+    def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
+        if isinstance(obj, type | types.FunctionType) and getattr(obj, "__module__", None) == "__main__":
+            qualname = getattr(obj, "__qualname__", "")
+            if "<" not in qualname and self._workspace.resolve(qualname) is obj:
+                return _workspace_attribute, (self._workspace.module_name, qualname)
+        return NotImplemented
+
+
+def _pickle_dumps(value: Any, workspace: SessionWorkspace | None) -> bytes:
+    if workspace is None:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    WorkspacePickler(buffer, workspace).dump(value)
+    return buffer.getvalue()
 
 
 def _unrestorable(kind: str, summary: str, reason: str) -> dict:
@@ -236,7 +275,32 @@ def deserialize_binding(stored: dict) -> Any:
         return importlib.import_module(stored["module"])
     if encoding == "unrestorable":
         raise ValueError(stored.get("reason") or "not restorable")
+    if encoding == "source":
+        raise ValueError("a definition is restored only inside a session namespace")
     raise ValueError(f"unknown binding encoding {encoding!r}")
+
+
+#: The order bindings are restored in (lower first).
+RESTORE_ORDER = {"module": 0, "json": 0, "source": 1, "pickle": 2}
+
+
+def _top_level_definitions(tree: ast.Module, code: str) -> list[tuple[str, str]]:
+    """(name, source) of each top-level C{def}/C{class} of a cell, decorators included."""
+    lines = code.splitlines()
+    found = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            found.append((node.name, "\n".join(lines[first - 1 : node.end_lineno]) + "\n"))
+    return found
+
+
+def _run_definition(name: str, source: str, namespace: dict) -> Any:
+    """Run a stored C{def}/C{class} statement in C{namespace}; the object it binds."""
+    exec(compile(source, f"<restored {name}>", "exec"), namespace)  # noqa: S102 - the user's own code
+    if name not in namespace:
+        raise ValueError(f"restoring the definition did not bind {name!r}")
+    return namespace[name]
 
 
 def is_hidden_name(name: str) -> bool:
@@ -288,7 +352,11 @@ class Image:
     def drop_session(self, session_id: str) -> bool:
         """Forget a session; answers whether it existed."""
         with self._sessions_lock:
-            return self._sessions.pop(session_id, None) is not None
+            workspace = self._sessions.pop(session_id, None)
+        if workspace is None:
+            return False
+        workspace.forget_module()
+        return True
 
     def materialize_shared(self, bindings: dict[str, dict]) -> dict:
         """Replace the ``shared`` object's attributes with the stored ``bindings``."""
@@ -356,9 +424,43 @@ class SessionWorkspace:
         self._id_by_identity: dict[int, str] = {}
         self._registry_lock = threading.RLock()
         self._cell_sources: collections.deque[str] = collections.deque()
+        # name -> (source of the top-level def/class statement, the object it made)
+        self._definitions: dict[str, tuple[str, Any]] = {}
+
+    @property
+    def module_name(self) -> str:
+        """The importable name of this workspace's module (stable across restarts)."""
+        return "stui_workspace_" + re.sub(r"\W", "_", self.session_id)
 
     def _fresh_namespace(self) -> dict[str, Any]:
-        return {"__builtins__": builtins, "__name__": "__main__", "shared": self.image.shared}
+        """A new, empty namespace, registered in C{sys.modules} as this workspace.
+
+        Inside, C{__name__} is C{"__main__"} as in any REPL.  The registration
+        lets L{WorkspacePickler} refer to functions and classes defined in a
+        cell by (workspace, qualified name), so an instance of a class defined
+        in the session pickles like any library object.
+        """
+        module = types.ModuleType(self.module_name)
+        module.__dict__.update(
+            {"__builtins__": builtins, "__name__": "__main__", "shared": self.image.shared}
+        )
+        sys.modules[self.module_name] = module
+        return module.__dict__
+
+    def resolve(self, qualname: str) -> Any:
+        """The object at dotted C{qualname} in the namespace, or None."""
+        head, *rest = qualname.split(".")
+        target = self.namespace.get(head)
+        for part in rest:
+            target = getattr(target, part, None)
+        return target
+
+    def forget_module(self) -> None:
+        """Unregister the workspace module (the session was dropped)."""
+        if sys.modules.get(self.module_name) is not None and sys.modules[
+            self.module_name
+        ].__dict__ is self.namespace:
+            del sys.modules[self.module_name]
 
     # -- registry --
 
@@ -411,6 +513,7 @@ class SessionWorkspace:
     def _compile_cell(self, code: str, filename: str):
         self._remember_source(code, filename)
         tree = ast.parse(code, filename, mode="exec")
+        definitions = _top_level_definitions(tree, code)
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last_expression = ast.Expression(tree.body.pop().value)
@@ -420,7 +523,7 @@ class SessionWorkspace:
         if last_expression is not None:
             expression = compile(last_expression, filename, "eval")
             names |= _code_names(expression)
-        return body, expression, names
+        return body, expression, names, definitions
 
     def evaluate(self, code: str, mode: str = "execute", guard=None) -> dict:
         """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta."""
@@ -437,8 +540,9 @@ class SessionWorkspace:
             try:
                 try:
                     guard.arm()
-                    body, expression, referenced = self._compile_cell(code, filename)
+                    body, expression, referenced, definitions = self._compile_cell(code, filename)
                     exec(body, self.namespace)  # noqa: S102 - running user code is the job
+                    self._remember_definitions(definitions)
                     if expression is not None:
                         value = eval(expression, self.namespace)  # noqa: S307
                 finally:
@@ -506,7 +610,7 @@ class SessionWorkspace:
         bindings_changed = {}
         for name in changed_names:
             self._unrestored.pop(name, None)
-            stored = serialize_binding(self.namespace[name], self.image.max_binding_bytes)
+            stored = self._serialize(name, self.namespace[name])
             if self._stored.get(name) != stored:
                 self._stored[name] = stored
                 bindings_changed[name] = stored
@@ -526,6 +630,28 @@ class SessionWorkspace:
             "shared_removed": shared_removed,
             "next_object_id": self.next_object_id,
         }
+
+    def _remember_definitions(self, definitions: list[tuple[str, str]]) -> None:
+        """Keep the source of functions/classes this cell defined at top level."""
+        for name, source in definitions:
+            if name in self.namespace:
+                self._definitions[name] = (source, self.namespace[name])
+
+    def _serialize(self, name: str, value: Any) -> dict:
+        """Like L{serialize_binding}, but a function or class that is still the
+        object its cell's C{def}/C{class} statement made is stored as that
+        statement's source, run again in the namespace on restore (before any
+        pickle, so instances of the class unpickle against it)."""
+        if name in self._definitions:
+            source, made = self._definitions[name]
+            if made is value and len(source.encode("utf-8")) <= self.image.max_binding_bytes:
+                return {
+                    "encoding": "source",
+                    "source": source,
+                    "type": type_name(value),
+                    "repr": safe_repr(value),
+                }
+        return serialize_binding(value, self.image.max_binding_bytes, workspace=self)
 
     def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
         """Registry entries whose binding name now means something else lose it."""
@@ -559,7 +685,7 @@ class SessionWorkspace:
         fresh = {}
         for name, value in list(self.namespace.items()):
             if not is_hidden_name(name):
-                fresh[name] = serialize_binding(value, self.image.max_binding_bytes)
+                fresh[name] = self._serialize(name, value)
         self._stored = dict(fresh)
         bindings = dict(self._unrestored)
         bindings.update(fresh)
@@ -575,24 +701,46 @@ class SessionWorkspace:
         with captured_output(buffer):
             try:
                 guard.arm()
-                for name, stored in sorted(bindings.items()):
-                    if is_hidden_name(name):
-                        continue
-                    try:
-                        namespace[name] = deserialize_binding(stored)
-                    except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
-                        stored_failed[name] = stored
-                        unrestorable.append(
-                            {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
-                        )
-                    else:
-                        stored_ok[name] = stored
-                        restored.append(name)
+                definitions: dict[str, tuple[str, Any]] = {}
+                failures: dict[str, BaseException] = {}
+                pending = sorted(
+                    (
+                        (RESTORE_ORDER.get(stored.get("encoding"), 3), name)
+                        for name, stored in bindings.items()
+                        if not is_hidden_name(name)
+                    )
+                )
+                # Modules and JSON first, then definitions (which may use them),
+                # then pickles (which may be instances of those definitions); what
+                # failed gets one more pass, for the rarer dependencies.
+                for attempt in range(2):
+                    names = [name for _, name in pending] if attempt == 0 else list(failures)
+                    for name in names:
+                        stored = bindings[name]
+                        try:
+                            if stored.get("encoding") == "source":
+                                namespace[name] = _run_definition(name, stored["source"], namespace)
+                                definitions[name] = (stored["source"], namespace[name])
+                            else:
+                                namespace[name] = deserialize_binding(stored)
+                        except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
+                            failures[name] = exc
+                        else:
+                            failures.pop(name, None)
+                            stored_ok[name] = stored
+                            restored.append(name)
+                for name, exc in sorted(failures.items()):
+                    stored = bindings[name]
+                    stored_failed[name] = stored
+                    unrestorable.append(
+                        {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
+                    )
             finally:
                 guard.disarm()
         registry_live = []
         with self._registry_lock:
             self.namespace = namespace
+            self._definitions = definitions
             self._stored = stored_ok
             self._unrestored = stored_failed
             self._registry = {}
