@@ -31,6 +31,7 @@ CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
 MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024
 MAX_INSPECTOR_HISTORY = 100
+REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
 
 
 def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
@@ -451,6 +452,8 @@ class SessionService(service.MultiService):
             session.variables = delta["variables"]
         for object_id, entry in (delta.get("registry_added") or {}).items():
             session.registry[object_id] = entry
+        while len(session.registry) > REGISTRY_LIMIT:
+            del session.registry[next(iter(session.registry))]
         if delta.get("next_object_id"):
             session.next_object_id = delta["next_object_id"]
         shared_changed = delta.get("shared_changed") or {}

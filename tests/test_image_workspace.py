@@ -312,3 +312,17 @@ def test_lambdas_are_unrestorable_with_a_reason_and_repl_name_is_main():
     assert "lambda" in stored["lam"]["reason"]
     assert [u["name"] for u in outcome["unrestorable"]] == ["lam"]
     assert result == "'__main__'"
+
+
+def test_registry_is_bounded_oldest_first():
+    from stui_twisted.image import workspace as ws_module
+    from stui_twisted.image.workspace import Image
+
+    workspace = Image().session("s_bounded")
+    first = workspace.evaluate("[0]")["object_id"]
+    for n in range(ws_module.REGISTRY_LIMIT + 5):
+        workspace.evaluate(f"[{n + 1}]")
+    assert len(workspace._registry_meta) == ws_module.REGISTRY_LIMIT
+    with pytest.raises(StuiError) as caught:
+        workspace.lookup(first)
+    assert caught.value.error_type == "ObjectNotFound"

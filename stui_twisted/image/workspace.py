@@ -52,6 +52,8 @@ TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 CELL_SOURCES_KEPT = 500
+#: Registry entries kept per session; the oldest are forgotten first (bounded memory).
+REGISTRY_LIMIT = 1000
 _cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 
@@ -488,7 +490,17 @@ class SessionWorkspace:
             self._registry_meta[object_id] = meta
             self._id_by_identity[id(value)] = object_id
             added[object_id] = dict(meta)
+            self._forget_oldest_registered()
             return object_id
+
+    def _forget_oldest_registered(self) -> None:
+        """Keep at most L{REGISTRY_LIMIT} registry entries (oldest go first)."""
+        while len(self._registry_meta) > REGISTRY_LIMIT:
+            oldest = next(iter(self._registry_meta))
+            del self._registry_meta[oldest]
+            value = self._registry.pop(oldest, None)
+            if value is not None and self._id_by_identity.get(id(value)) == oldest:
+                del self._id_by_identity[id(value)]
 
     def lookup(self, object_id: str) -> Any:
         """The live object registered as ``object_id``; ObjectNotFound otherwise."""
