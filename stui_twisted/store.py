@@ -36,6 +36,7 @@ later one is on disk.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import hmac
 import json
@@ -271,6 +272,12 @@ def _unseal(data: bytes, envelope: _Envelope, secret_key: bytes) -> dict[str, An
     return document
 
 
+@functools.lru_cache(maxsize=16)
+def _envelope_overhead(envelope: _Envelope, extra_items: tuple[tuple[str, Any], ...]) -> int:
+    """Bytes an envelope adds around its payload (saved_at and MAC have fixed widths)."""
+    return len(_seal(envelope, b"", b"\0" * SECRET_KEY_BYTES, utc_iso(0), dict(extra_items)))
+
+
 def _storage_failure(action: str, path: str, error: OSError) -> StorageFailure:
     """A StorageFailure naming the path and errno of C{error}."""
     code = errno.errorcode.get(error.errno or 0, str(error.errno))
@@ -416,6 +423,7 @@ class SessionStore:
         self._reactor = reactor
         self._threadpool = threadpool
         self._owns_threadpool = threadpool is None
+        self._shutdown_trigger: Any = None
         self._secret_key: bytes | None = None
         self._is_open = False
         self._is_closing = False
@@ -440,6 +448,11 @@ class SessionStore:
             return defer.succeed(None)
         if self._threadpool is None:
             self._threadpool = ThreadPool(minthreads=1, maxthreads=4, name="stui-store")
+            # a safety net: if nobody calls close(), the pool's threads (not daemons)
+            # would keep the process alive after the reactor stopped
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "after", "shutdown", self._reactor_shut_down
+            )
         if not self._threadpool.started:
             self._threadpool.start()
 
@@ -471,9 +484,18 @@ class SessionStore:
 
         return waiter.addCallback(closed)
 
+    def _reactor_shut_down(self) -> None:
+        self._shutdown_trigger = None  # it is firing: nothing left to remove
+        if self._threadpool is not None and self._owns_threadpool:
+            self.log.warn("reactor stopped before the session store was closed")
+        self._stop_own_pool()
+
     def _stop_own_pool(self) -> None:
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            self._reactor.removeSystemEventTrigger(trigger)
         if self._owns_threadpool and self._threadpool is not None:
-            self._threadpool.stop()
+            self._threadpool.stop()  # runs what is queued, then joins the threads
             self._threadpool = None
 
     def _open_in_thread(self) -> bytes:
@@ -558,9 +580,7 @@ class SessionStore:
     ) -> _Snapshot:
         """Serialize C{payload} now and check the file's size against the limit."""
         payload_json = canonical_json(payload)
-        overhead = len(
-            _seal(target.envelope, b"", b"\0" * SECRET_KEY_BYTES, utc_iso(0), extra_fields)
-        )
+        overhead = _envelope_overhead(target.envelope, tuple(sorted((extra_fields or {}).items())))
         size_bytes = overhead + len(payload_json)
         if target.envelope is not _INDEX_ENVELOPE and size_bytes > self.max_session_bytes:
             what = target.session_id or os.path.basename(target.path)
@@ -1182,13 +1202,13 @@ class SessionStore:
                 row["reason"] = str(_storage_failure("stat", path, exc))
             report.append(row)
 
-        for path, target in (
-            (self.index_path, self._index_target()),
-            (self.shared_path, self._shared_target()),
-            (self.shared_path + ".bak", self._shared_target()),
+        for path, kind, target in (
+            (self.index_path, "index", self._index_target()),
+            (self.shared_path, "shared", self._shared_target()),
+            (self.shared_path + ".bak", "shared-backup", self._shared_target()),
         ):
             if os.path.lexists(path):
-                check(path, os.path.basename(path), target)
+                check(path, kind, target)
         for client_dir in sorted(_listdir(self.sessions_dir)):
             client_path = os.path.join(self.sessions_dir, client_dir)
             client_id = decode_client_dir(client_dir)

@@ -654,7 +654,7 @@ async def test_verify_all_reports_every_file(store):
     bad_path = os.path.relpath(main_path(store, bad), store.data_dir)
     assert rows[bad_path]["ok"] is False and "MAC" in rows[bad_path]["reason"]
     assert rows[bad_path]["session_id"] == bad["session_id"]
-    assert rows["index.json"]["ok"] is True
+    assert rows["index.json"]["ok"] is True and rows["index.json"]["kind"] == "index"
     assert sum(row["ok"] for row in report) == len(report) - 1
     assert [row["kind"] for row in report].count("backup") == 1
     assert quarantined_files(store) == []  # verification moves nothing
