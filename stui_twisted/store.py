@@ -46,6 +46,7 @@ import stat
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ FORMAT_VERSION = 1
 #: Session files modified later than this before the index snapshot are read again by
 #: load_index (file mtimes come from a coarse kernel clock, a few ms behind time_ns()).
 INDEX_MTIME_SLACK_NS = 2_000_000_000
+
+#: load_index removes temp files of interrupted writes once they are this old (a
+#: younger one may belong to a write still running).
+STALE_TEMP_SECONDS = 3600
 
 _OPEN_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _OPEN_CREATE_FLAGS = (
@@ -430,7 +435,8 @@ class SessionStore:
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._active_jobs = 0
         self._idle_waiters: list[defer.Deferred] = []
-        self._file_locks: dict[tuple[str, str], threading.Lock] = {}
+        # one lock per file being touched; an entry lives while some thread holds it
+        self._file_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._file_locks_guard = threading.Lock()
         # cached counters (reactor thread only)
         self._file_info: dict[tuple[str, str], tuple[int, str | None]] = {}
@@ -1030,7 +1036,12 @@ class SessionStore:
             self._set_file_info(target.key, size, document.get("saved_at"))
             return document["session"]
 
-        return self._in_pool(read_in_thread).addCallback(loaded)
+        def gone(reason: Failure) -> Failure:
+            reason.trap(SessionFileMissing, SessionFileCorrupt)
+            self._forget_file(target.key)
+            return reason
+
+        return self._in_pool(read_in_thread).addCallbacks(loaded, gone)
 
     def _read_shared_job(self, target: _Target) -> defer.Deferred:
         def read_in_thread() -> dict[str, Any]:
@@ -1098,7 +1109,8 @@ class SessionStore:
                     for entry in files:
                         name = entry.name
                         if name.startswith("."):
-                            continue  # a temp file of an interrupted write
+                            self._remove_stale_temp(entry)
+                            continue
                         if name.endswith(".json.bak"):
                             session_id, is_main = name[: -len(".json.bak")], False
                         elif name.endswith(".json"):
@@ -1115,6 +1127,29 @@ class SessionStore:
                         else:
                             found.setdefault(key, None)
         return found
+
+    def _remove_stale_temp(self, entry: os.DirEntry) -> None:
+        """Remove the temp file of a write interrupted long ago (never acknowledged)."""
+        if ".tmp-" not in entry.name:
+            return
+        try:
+            age_seconds = time.time() - entry.stat(follow_symlinks=False).st_mtime
+            if age_seconds < STALE_TEMP_SECONDS or not entry.is_file(follow_symlinks=False):
+                return
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._log_from_thread(
+                "warn",
+                "could not remove stale temp file {path}: {error}",
+                path=entry.path,
+                error=exc,
+            )
+            return
+        self._log_from_thread(
+            "info", "removed the temp file of an interrupted write: {path}", path=entry.path
+        )
 
     def _load_index_job(self) -> tuple[list[dict], dict, dict]:
         known, saved_at_ns = self._read_index_file()
@@ -1189,7 +1224,9 @@ class SessionStore:
             try:
                 row["size_bytes"] = os.stat(path, follow_symlinks=False).st_size
                 if target is None:
-                    row["reason"] = "unexpected file"
+                    row["reason"] = (
+                        "temp file of an interrupted write" if kind == "temp" else "unexpected file"
+                    )
                 else:
                     with self._file_lock(target.key):
                         self._load_verified(path, target)
@@ -1222,7 +1259,7 @@ class SessionStore:
                     target = self._session_target(client_id, session_id) if session_id else None
                 except ValueError:
                     target = None
-                check(path, kind if target else "unexpected", target)
+                check(path, kind if target or kind == "temp" else "unexpected", target)
         return report
 
 

@@ -695,3 +695,30 @@ async def test_quarantine_recovery_and_write_errors_are_logged(store, monkeypatc
     assert any(text.startswith("quarantined") for text in formats)
     assert any(text.startswith("recovered") for text in formats)
     assert any(text.startswith("write of") for text in formats)
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_index_removes_only_stale_temp_files(store):
+    session = make_session()
+    await within_time_limit(store.write(session))
+    client_dir = os.path.dirname(main_path(store, session))
+    stale = os.path.join(client_dir, f".{session['session_id']}.json.tmp-0123456789ab")
+    fresh = os.path.join(client_dir, f".{session['session_id']}.json.tmp-ba9876543210")
+    for path in (stale, fresh):
+        with open(path, "wb") as handle:
+            handle.write(b'{"half a wri')
+    backdate(stale, seconds=2 * store_module.STALE_TEMP_SECONDS)
+    report = await within_time_limit(store.verify_all())
+    assert sorted(row["kind"] for row in report if not row["ok"]) == ["temp", "temp"]
+    await within_time_limit(store.load_index())
+    assert not os.path.exists(stale) and os.path.exists(fresh)
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_session_is_no_longer_counted(store):
+    session = make_session()
+    await within_time_limit(store.write(session))
+    replace_with_garbage(main_path(store, session))
+    with pytest.raises(SessionFileCorrupt):
+        await within_time_limit(store.read("alice", session["session_id"]))
+    assert store.statistics()["files"] == 0 and store.statistics()["bytes"] == 0
