@@ -621,7 +621,7 @@ class SessionStore:
         try:
             self._check_open()
             snapshot = self._session_snapshot(session)
-        except (ValueError, TypeError, StuiError, StorageFailure):
+        except (ValueError, TypeError, RecursionError, StuiError, StorageFailure):
             return defer.fail()
         return self._submit_write(snapshot)
 
@@ -643,7 +643,7 @@ class SessionStore:
             name = session_id if isinstance(session_id, str) else repr(session_id)
             try:
                 snapshot = self._session_snapshot(session)
-            except (ValueError, TypeError, StuiError):
+            except (ValueError, TypeError, RecursionError, StuiError):
                 outcomes[name] = defer.fail()
                 continue
             key = snapshot.target.key
@@ -694,7 +694,7 @@ class SessionStore:
             if not isinstance(bindings, dict):
                 raise ValueError(f"bindings must be a dict, not {type(bindings).__name__}")
             snapshot = self._snapshot(self._shared_target(), bindings)
-        except (ValueError, TypeError, StuiError, StorageFailure):
+        except (ValueError, TypeError, RecursionError, StuiError, StorageFailure):
             return defer.fail()
         return self._submit_write(snapshot)
 

@@ -722,3 +722,26 @@ async def test_corrupt_session_is_no_longer_counted(store):
     with pytest.raises(SessionFileCorrupt):
         await within_time_limit(store.read("alice", session["session_id"]))
     assert store.statistics()["files"] == 0 and store.statistics()["bytes"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_permission_denied_on_temp_file_fails_cleanly(store, monkeypatch):
+    session = make_session()
+    await within_time_limit(store.write(session))
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and os.fspath(path).startswith(store.sessions_dir):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    results = await within_time_limit(
+        store.write_many([dict(session, state="closed"), make_session("bob", 2)])
+    )
+    monkeypatch.setattr(os, "open", real_open)
+    for result in results.values():
+        assert isinstance(result, Failure) and result.check(StorageFailure)
+        assert "EACCES" in str(result.value)
+    assert store.statistics()["write_errors"] == 2
+    assert await within_time_limit(store.read("alice", session["session_id"])) == session
