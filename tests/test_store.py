@@ -745,3 +745,21 @@ async def test_permission_denied_on_temp_file_fails_cleanly(store, monkeypatch):
         assert "EACCES" in str(result.value)
     assert store.statistics()["write_errors"] == 2
     assert await within_time_limit(store.read("alice", session["session_id"])) == session
+
+
+@pytest_twisted.ensureDeferred
+async def test_given_threadpool_is_used_and_left_running(tmp_path):
+    from twisted.python.threadpool import ThreadPool
+
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-store-pool")
+    pool.start()
+    try:
+        session_store = SessionStore(tmp_path / "data", reactor=the_reactor(), threadpool=pool)
+        await within_time_limit(session_store.open())
+        sessions = [make_session("alice", number) for number in range(10)]
+        results = await within_time_limit(session_store.write_many(sessions))
+        assert all(isinstance(result, WriteResult) for result in results.values())
+        await within_time_limit(session_store.close())
+        assert pool.started and pool.joined is False
+    finally:
+        pool.stop()
