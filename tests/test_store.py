@@ -763,3 +763,24 @@ async def test_given_threadpool_is_used_and_left_running(tmp_path):
         assert pool.started and pool.joined is False
     finally:
         pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_after_write_sees_the_write(store):
+    session = make_session()
+    await within_time_limit(store.write(session))
+    store.write(dict(session, session_state={"n": 2}))
+    read = await within_time_limit(store.read("alice", session["session_id"]))
+    assert read["session_state"] == {"n": 2}
+
+
+@pytest_twisted.ensureDeferred
+async def test_loose_secret_key_mode_is_tightened(tmp_path):
+    first = await opened_store(tmp_path / "data")
+    await within_time_limit(first.close())
+    os.chmod(first.secret_key_path, 0o644)
+    second = await opened_store(tmp_path / "data")
+    try:
+        assert stat.S_IMODE(os.stat(second.secret_key_path).st_mode) == 0o600
+    finally:
+        await within_time_limit(second.close())
