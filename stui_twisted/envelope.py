@@ -128,9 +128,15 @@ json_type_name = _json_type_name
 
 
 def _dumps(reply: dict) -> bytes:
-    return json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
-        "utf-8"
-    )
+    text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. echoed from a request's "\ud800") is not UTF-8;
+        # the ASCII form escapes it and is still valid JSON.
+        return json.dumps(
+            reply, ensure_ascii=True, separators=(",", ":"), allow_nan=False
+        ).encode("ascii")
 
 
 def _sanitize(value: Any) -> Any:

@@ -113,3 +113,9 @@ def test_handler_bug_becomes_internal_error_without_traceback():
     assert reply["error_type"] == "InternalError"
     assert "secret detail" not in reply["error"]
     assert "Traceback" not in str(reply)
+
+
+def test_lone_surrogates_in_a_request_still_get_a_valid_reply(dispatcher):
+    reply = dispatch(dispatcher, b'{"id": "\\ud800", "command": "\\udc00x"}')
+    assert reply["error_type"] == "UnknownCommand"
+    assert reply["id"] == "\ud800"
