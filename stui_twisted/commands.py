@@ -64,7 +64,10 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
         result = await authenticator.authenticate(
             call.params["username"], call.params["password"], call.context.peer
         )
-        call.context.principal = result["client_id"]
+        if call.context.transport != "zmq":
+            # TCP/TLS authenticate the connection; a ZeroMQ identity proves
+            # nothing, so ZeroMQ requests carry the token instead.
+            call.context.principal = result["client_id"]
         return result
 
     S = service  # noqa: N806 - short alias keeps the table readable
