@@ -8,8 +8,6 @@ reply.  It never raises and never lets a traceback reach a client.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +22,6 @@ from stui_twisted.envelope import (
     RequestError,
     encode_error,
     encode_success,
-    iso_timestamp,
     json_type_name,
     parse_request,
 )
@@ -332,36 +329,12 @@ class Dispatcher:
             error_type=error.error_type,
             message=error.message,
         )
-        try:
-            return encode_error(request_id, error, self._clock.seconds())
-        except UnicodeEncodeError:
-            return self._escaped(
-                {
-                    "id": request_id,
-                    "status": "error",
-                    "error": error.message,
-                    "error_type": error.error_type,
-                    "details": error.details,
-                }
-            )
+        # encode_* escape what UTF-8 cannot carry (lone surrogates), so this
+        # never fails on echoed client input.
+        return encode_error(request_id, error, self._clock.seconds())
 
     def _encode_success(self, request_id: Any, value: dict) -> bytes:
-        try:
-            return encode_success(request_id, value, self._clock.seconds())
-        except UnicodeEncodeError:
-            return self._escaped({"id": request_id, "status": "success", "result": value})
-
-    def _escaped(self, reply: dict) -> bytes:
-        """The reply with every non-ASCII character escaped.
-
-        JSON text may carry lone surrogates (C{"\\ud800"}) that UTF-8 cannot;
-        echoing them back escaped keeps the reply valid (and the C{id} equal to
-        what the client sent) instead of failing to answer at all.
-        """
-        reply["timestamp"] = iso_timestamp(self._clock.seconds())
-        return json.dumps(
-            _finite(reply), ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=str
-        ).encode("ascii")
+        return encode_success(request_id, value, self._clock.seconds())
 
 
     def _internal(self, context, request_id, command_name, failure: Failure, started) -> bytes:
@@ -377,13 +350,3 @@ class Dispatcher:
         )
         return self._error(context, request_id, command_name, error, started)
 
-
-def _finite(value: Any) -> Any:
-    """C{value} with non-finite floats (not JSON) replaced by their names."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -18,17 +18,6 @@ from stui_twisted.envelope import iso_timestamp, parse_iso_timestamp
 
 ACTIVE, CLOSED, EXPIRED = "active", "closed", "expired"
 
-META_KEYS = (
-    "session_id",
-    "client_id",
-    "state",
-    "created_at",
-    "last_modified",
-    "last_activity",
-    "timeout",
-    "closed_at",
-)
-
 
 def new_session_id() -> str:
     """A fresh, unguessable session id: C{s_} + 22 url-safe chars (132 random bits)."""
