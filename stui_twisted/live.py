@@ -1,0 +1,283 @@
+"""The live-image side of a session: materializing, evaluating, inspecting.
+
+:class:`LiveImageCommands` is mixed into
+:class:`~stui_twisted.service.SessionService`.  It turns the image's replies
+into session changes (stored bindings, variables, registry, history, shared
+namespace) and rebuilds namespaces from stored bindings when a session is
+restored or the image is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+
+from stui_twisted.envelope import iso_timestamp
+from stui_twisted.errors import StuiError, invalid_parameter
+from stui_twisted.session import ACTIVE, Session
+
+MAX_HISTORY_TEXT = 64 * 1024
+MAX_RESULT_TEXT = 1024 * 1024
+MAX_INSPECTOR_HISTORY = 100
+REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
+
+
+def clip(text, limit: int = MAX_HISTORY_TEXT):
+    """C{text} cut to C{limit} characters with a note of what was cut."""
+    if isinstance(text, str) and len(text) > limit:
+        return text[:limit] + f"... [{len(text) - limit} more characters]"
+    return text
+
+
+class LiveImageCommands:
+    """evaluate / inspect / complete / interrupt, and keeping sessions in the image.
+
+    Expects the host class to provide C{image}, C{settings}, C{sessions},
+    C{shared_bindings}, C{log}, C{now()}, C{_session_for()}, C{_changed()}
+    and C{_size_of()}.
+    """
+
+    # ================================================================ image glue
+
+    def _need_image(self):
+        if self.image is None:
+            raise StuiError(
+                "InternalError", "the live image is disabled on this server (image_enabled=false)"
+            )
+        return self.image
+
+    async def _materialize(self, session: Session) -> dict:
+        """Rebuild C{session}'s namespace in the image from its stored bindings."""
+        image = self._need_image()
+        outcome = await image.materialize(
+            session.session_id, session.bindings, session.registry, session.next_object_id
+        )
+        live = set(outcome.get("registry_live", ()))
+        for object_id, entry in session.registry.items():
+            entry["live"] = object_id in live
+        session.materialized = True
+        unrestorable = list(outcome.get("unrestorable", ()))
+        for name, binding in session.bindings.items():
+            if binding.get("encoding") == "unrestorable" and name not in {
+                u.get("name") for u in unrestorable
+            }:
+                unrestorable.append(
+                    {"name": name, "type": binding.get("type"), "reason": binding.get("reason")}
+                )
+        session.unrestorable = unrestorable
+        return {"restored": list(outcome.get("restored", ())), "unrestorable": unrestorable}
+
+    async def _ensure_materialized(self, session: Session) -> None:
+        if not session.materialized:
+            await self._materialize(session)
+
+    async def _materialize_shared(self) -> None:
+        outcome = await self._need_image().materialize_shared(self.shared_bindings)
+        if outcome.get("unrestorable"):
+            self.log.warn(
+                "shared namespace: {count} bindings could not be restored: {names}",
+                count=len(outcome["unrestorable"]),
+                names=[u.get("name") for u in outcome["unrestorable"]],
+            )
+
+    async def _image_restarted(self) -> None:
+        """A new image replaced a dead one: bring every live session back."""
+        sessions = [s for s in self.sessions.values() if s.materialized]
+        for session in self.sessions.values():
+            session.materialized = False
+        if self.shared_bindings:
+            await self._materialize_shared()
+        restored = 0
+        for session in sessions:
+            if session.state != ACTIVE:
+                continue
+            try:
+                await self._materialize(session)
+                restored += 1
+            except Exception:
+                self.log.failure("re-materializing {sid} failed", sid=session.session_id)
+        self.log.info("image restart: {count} sessions re-materialized", count=restored)
+
+    def _apply_delta(self, session: Session, delta: dict) -> None:
+        for name, binding in (delta.get("bindings_changed") or {}).items():
+            session.bindings[name] = binding
+        for name in delta.get("bindings_removed") or ():
+            session.bindings.pop(name, None)
+        if "variables" in delta:
+            session.variables = delta["variables"]
+        for object_id, entry in (delta.get("registry_added") or {}).items():
+            session.registry[object_id] = entry
+        while len(session.registry) > REGISTRY_LIMIT:
+            del session.registry[next(iter(session.registry))]
+        if delta.get("next_object_id"):
+            session.next_object_id = delta["next_object_id"]
+        shared_changed = delta.get("shared_changed") or {}
+        shared_removed = delta.get("shared_removed") or ()
+        if shared_changed or shared_removed:
+            self.shared_bindings.update(shared_changed)
+            for name in shared_removed:
+                self.shared_bindings.pop(name, None)
+            self._shared_dirty = True
+        self._fit_bindings(session)
+
+    def _fit_bindings(self, session: Session) -> None:
+        """Demote the largest bindings to unrestorable until the session fits."""
+        limit = self.settings.max_session_bytes
+        while self._size_of(session) > limit:
+            candidates = [
+                (len(json.dumps(b)), name)
+                for name, b in session.bindings.items()
+                if b.get("encoding") in ("json", "pickle")
+            ]
+            if not candidates:
+                break
+            _, name = max(candidates)
+            old = session.bindings[name]
+            session.bindings[name] = {
+                "encoding": "unrestorable",
+                "type": old.get("type"),
+                "repr": clip(old.get("repr"), 200),
+                "reason": "too large: the session would exceed max_session_bytes",
+            }
+            for variable in session.variables:
+                if variable.get("name") == name:
+                    variable["restorable"] = False
+
+    # ================================================================ image commands
+
+    async def evaluate(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        timeout = params.get("timeout")
+        if timeout is None:
+            timeout = self.settings.eval_timeout
+        if timeout <= 0 or timeout > self.settings.max_eval_timeout:
+            raise invalid_parameter(
+                "timeout",
+                f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
+            )
+        mode = params["mode"]
+        if mode not in ("execute", "display"):
+            raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
+        await self._ensure_materialized(session)
+        started = self.now()
+        try:
+            outcome = await image.evaluate(session.session_id, params["code"], mode, timeout)
+        except StuiError as error:
+            if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
+                self._apply_delta(session, error.details)
+                entry = self._history_entry(session, params["code"], started, error=error)
+                for key in list(error.details):
+                    if key.startswith(("bindings_", "shared_", "registry_")) or key in (
+                        "variables",
+                        "next_object_id",
+                    ):
+                        error.details.pop(key)
+                error.details["history_index"] = entry["index"]
+                await self._changed(session, "record the evaluation")
+            elif error.error_type == "ImageRestarted":
+                session.materialized = False
+            raise
+        self._apply_delta(session, outcome)
+        entry = self._history_entry(session, params["code"], started, outcome=outcome)
+        await self._changed(session, "record the evaluation")
+        return {
+            "session_id": session.session_id,
+            "result": clip(outcome.get("result"), MAX_RESULT_TEXT),
+            "result_type": outcome.get("result_type"),
+            "object_id": outcome.get("object_id"),
+            "display": clip(outcome.get("display"), MAX_RESULT_TEXT),
+            "output": outcome.get("output", ""),
+            "execution_time": outcome.get("execution_time"),
+            "has_error": False,
+            "history_index": entry["index"],
+        }
+
+    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
+        session.history_counter += 1
+        entry = {
+            "index": session.history_counter,
+            "code": clip(code),
+            "timestamp": iso_timestamp(started),
+        }
+        if outcome is not None:
+            entry.update(
+                {
+                    "result": clip(outcome.get("result")),
+                    "result_type": outcome.get("result_type"),
+                    "object_id": outcome.get("object_id"),
+                    "ok": True,
+                    "output": clip(outcome.get("output", "")),
+                    "duration_ms": outcome.get("execution_time"),
+                }
+            )
+        else:
+            entry.update(
+                {
+                    "result": None,
+                    "result_type": None,
+                    "ok": False,
+                    "output": clip(error.details.get("output", "")),
+                    "duration_ms": round((self.now() - started) * 1000, 3),
+                    "error": {
+                        "error_type": error.error_type,
+                        "exception_type": error.details.get("exception_type"),
+                        "message": clip(error.message, 4096),
+                    },
+                }
+            )
+        session.history.append(entry)
+        del session.history[: -self.settings.history_limit]
+        return entry
+
+    async def inspect(self, call) -> dict:
+        params = call.params
+        if params.get("object_id") is None and params.get("expression") is None:
+            raise invalid_parameter("object_id", "or 'expression' is required")
+        limit = params["limit"]
+        if limit < 0:
+            raise invalid_parameter("limit", "must be 0 or more")
+        session = await self._session_for(call)
+        image = self._need_image()
+        await self._ensure_materialized(session)
+        try:
+            outcome = await image.inspect(
+                session.session_id,
+                object_id=params.get("object_id"),
+                expression=params.get("expression"),
+                limit=limit,
+            )
+        except StuiError as error:
+            if error.error_type == "ObjectNotFound" and params.get("object_id") in session.registry:
+                error.details["registry_entry"] = session.registry[params["object_id"]]
+            raise
+        self._apply_delta(session, outcome)
+        object_id = outcome.get("object_id")
+        if object_id:
+            session.inspector_selected = object_id
+            session.inspector_history.append(object_id)
+            del session.inspector_history[:-MAX_INSPECTOR_HISTORY]
+        await self._changed(session, "record the inspection")
+        result = {k: v for k, v in outcome.items() if k not in ("registry_added", "next_object_id")}
+        result["session_id"] = session.session_id
+        return result
+
+    async def complete(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        await self._ensure_materialized(session)
+        code = params["code"]
+        cursor = params.get("cursor_pos")
+        if cursor is None:
+            cursor = len(code)
+        if cursor < 0 or cursor > len(code):
+            raise invalid_parameter("cursor_pos", f"must be between 0 and {len(code)}")
+        return await image.complete(session.session_id, code, cursor)
+
+    async def interrupt(self, call) -> dict:
+        session = await self._session_for(call)
+        interrupted = False
+        if self.image is not None:
+            interrupted = bool(await self.image.interrupt(session.session_id))
+        return {"session_id": session.session_id, "interrupted": interrupted}
