@@ -52,7 +52,10 @@ class SessionService(LiveImageCommands, service.MultiService):
         if image is not None:
             image.setServiceParent(self)
             image.addRestartObserver(self._image_restarted)
-        self.connections = connections or ConnectionRegistry(settings.max_connections)
+        # Not `connections or ...`: an empty registry has len() 0 and is falsy.
+        self.connections = (
+            connections if connections is not None else ConnectionRegistry(settings.max_connections)
+        )
         self.policy = ClientPolicy(
             allow=settings.allow_clients,
             deny=settings.deny_clients,

@@ -69,6 +69,9 @@ def test_two_transports_two_clients_and_a_restart(tmp_path, zmq_socket):
         assert restored_b["session_state"] == {"bob": True}
         stats = again.result("get_session_statistics")
         assert stats["active_sessions"] == 2 and stats["total_sessions"] == 2
+        assert stats["connected_clients"] >= 2  # this TCP connection and bob's ZeroMQ peer
+        info = again.result("get_session_info", session_id=a["session_id"])
+        assert info["attached_connections"] == 1
     finally:
         server.kill()
 
