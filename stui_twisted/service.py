@@ -441,7 +441,16 @@ class SessionService(LiveImageCommands, service.MultiService):
         session = await self._session_for(call)
         call.context.current_session_id = session.session_id
         restored = {"restored": [], "unrestorable": list(session.unrestorable)}
-        if self.image is not None:
+        if self.image is not None and session.materialized:
+            # Already live in the image (another connection, or a reconnect):
+            # attach without rebuilding, so live objects that cannot be stored
+            # (sockets, lambdas) are not thrown away.
+            live = [v.get("name") for v in session.variables]
+            restored = {
+                "restored": live,
+                "unrestorable": [u for u in session.unrestorable if u.get("name") not in live],
+            }
+        elif self.image is not None:
             restored = await self._materialize(session)
         self.log.info(
             "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id

@@ -211,3 +211,18 @@ def test_functions_classes_and_instances_survive_a_restart(tmp_path):
         assert result["result"] == "([2, 4], True)"
     finally:
         server.kill()
+
+
+def test_restoring_a_live_session_keeps_objects_that_cannot_be_stored(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        first = server.tcp_client()
+        sid = first.result("create_session", client_id="alice")["session_id"]
+        first.result("evaluate", code="import socket; s = socket.socket(); f = lambda: 5")
+        second = server.tcp_client()
+        restored = second.result("restore_session", session_id=sid)
+        assert {"s", "f", "socket"} <= set(restored["restored_bindings"])
+        assert restored["unrestorable_bindings"] == []
+        assert second.result("evaluate", code="f(), s.fileno() >= 0")["result"] == "(5, True)"
+    finally:
+        server.kill()
