@@ -34,6 +34,13 @@ class CycleResult:
     killed_at: float = 0.0
     server_rss: int = 0
 
+    def lost_window(self, stored: int) -> float:
+        """Seconds between the acknowledgement of the first lost update and the kill (0: none lost)."""
+        index = stored - self.start_counter  # counters start_counter+1.. were acknowledged in order
+        if stored >= self.last_acked or index >= len(self.ack_times):
+            return 0.0
+        return self.killed_at - self.ack_times[max(0, index)]
+
     def acked_since(self, seconds: float) -> int:
         """How many acknowledgements arrived in the last C{seconds} before the kill."""
         start = bisect.bisect_left(self.ack_times, self.killed_at - seconds)

@@ -8,7 +8,10 @@
 - ``restore_session`` of a session holding ~1 MB of bindings: warm (in
   memory, re-materialized in the image on each restore) interleaved with the
   restore of an empty session, and cold (first restore after a restart, body
-  read from disk).
+  read from disk);
+- ``evaluate('1+1')`` and a tiny ``update_session_state`` in that session,
+  beside the same requests in an empty session (per-request cost that grows
+  with the session's size).
 
 Standalone: ``python -m benchmarks.scale [--connections N] [--sessions N]``.
 """
@@ -110,22 +113,34 @@ async def _create_sessions(port: int, sessions: int, connections: int = 16, dept
     return series
 
 
-def idle_sessions_benchmark(sessions: int) -> tuple[list[dict], dict]:
+def idle_sessions_benchmark(sessions: int, probes: int = 500) -> tuple[list[dict], dict]:
     """RSS of server + image before and after C{sessions} idle sessions."""
     server = start_stui("scale-idle", "--max-sessions-per-client=100000", "--create-rate-limit=100000000",
                         "--max-connections=5000", image=True, zmq=False)
+    def sequential_creates(client, label: str) -> Series:
+        series = Series(label)
+        for i in range(probes + 50):
+            elapsed, reply = timed_call(client, "create_session", client_id=f"probe-{label[:5]}-{i % 50}")
+            if reply.get("status") != "success":
+                series.errors += 1
+            elif i >= 50:
+                series.samples.append(elapsed)
+        return series
+
     try:
         probe = tcp_client(server.tcp_port)
         probe.result("ping")
         time.sleep(1.0)
         pids = server_pids(server)
-        before = {pid: rss_bytes(pid) for pid in pids}
+        empty = sequential_creates(probe, "create_session, few sessions on the server")
+        before = {pid: rss_bytes(pid) for pid in pids}  # with the probes' few sessions
         started = time.perf_counter()
         created = asyncio.run(_create_sessions(server.tcp_port, sessions))
         create_wall = time.perf_counter() - started
         time.sleep(3.0)  # batch flushes, then idle
         stats = probe.result("get_session_statistics")
         after = {pid: rss_bytes(pid) for pid in pids}
+        full = sequential_creates(probe, f"create_session, {sessions} sessions on the server")
         probe.close()
     finally:
         server.kill()
@@ -147,7 +162,9 @@ def idle_sessions_benchmark(sessions: int) -> tuple[list[dict], dict]:
         "storage": stats.get("storage"),
         "target": "total ≤ 300 MB",
     }
-    return [row], {created.name: created}
+    growth = compare(f"create_session (sequential, batch) with {sessions} sessions vs few", full, empty,
+                     note="create_session counts the client's active sessions by scanning every session")
+    return [row, growth], {created.name: created, empty.name: empty, full.name: full}
 
 
 def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[list[dict], dict]:
@@ -176,6 +193,36 @@ def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[l
         series.update(warm)
         rows.append(compare("restore_session, ~1 MB of bindings, warm", warm["restore 1 MB bindings (warm)"],
                             warm["restore empty session (warm)"], file_bytes=saved.get("size_bytes")))
+        def evaluator(sid: str):
+            def one() -> float:
+                elapsed, reply = timed_call(client, "evaluate", session_id=sid, code="1+1")
+                if reply.get("status") != "success":
+                    raise ValueError(reply)
+                return elapsed
+
+            return one
+
+        def updater(sid: str):
+            def one() -> float:
+                elapsed, reply = timed_call(client, "update_session_state", session_id=sid,
+                                            state_data={"n": 1})
+                if reply.get("status") != "success":
+                    raise ValueError(reply)
+                return elapsed
+
+            return one
+
+        # Per-request cost that grows with the session: evaluate and a tiny
+        # update in the 1 MB session, beside the same in the empty one.
+        grow = interleaved({"evaluate 1+1 in 1 MB session": evaluator(big),
+                            "evaluate 1+1 in empty session": evaluator(small),
+                            "tiny update in 1 MB session": updater(big),
+                            "tiny update in empty session": updater(small)}, requests, warmup)
+        series.update(grow)
+        rows.append(compare("evaluate('1+1') in a session with ~1 MB of bindings", grow["evaluate 1+1 in 1 MB session"],
+                            grow["evaluate 1+1 in empty session"]))
+        rows.append(compare("update_session_state (tiny) in a session with ~1 MB of bindings",
+                            grow["tiny update in 1 MB session"], grow["tiny update in empty session"]))
         client.close()
         cold_big, cold_small = Series("restore 1 MB bindings (cold, after restart)"), Series("restore empty (cold)")
         for run in range(cold_runs):

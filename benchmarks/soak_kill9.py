@@ -33,6 +33,8 @@ from benchmarks.killloop import create_counter_session, kill_cycle, stored_count
 from tests.serverproc import ServerProcess
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
+#: Under batch a kill loses what was acknowledged since the last completed
+#: flush's snapshot: one interval plus that flush's own write and fsync.
 BATCH_MARGIN = 0.15
 
 
@@ -69,7 +71,8 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
             phantom = stored > records[-1]["last_sent"]
             violations += phantom
             records[-1].update(stored_after_restart=stored, lost=lost, allowed_loss=allowed,
-                               violation=violation, phantom=phantom)
+                               violation=violation, phantom=phantom,
+                               lost_window_s=round(previous.lost_window(stored), 4))
         if violation:
             print(f"run {run}: VIOLATION stored {stored} < acknowledged {last_acked} (allowed {allowed})",
                   file=sys.stderr, flush=True)
@@ -96,10 +99,14 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
     violations += (lost > allowed) + (stored > records[-1]["last_sent"])
     lost_total += lost
     max_lost = max(max_lost, lost)
-    records[-1].update(stored_after_restart=stored, lost=lost, allowed_loss=allowed, violation=lost > allowed)
+    records[-1].update(stored_after_restart=stored, lost=lost, allowed_loss=allowed, violation=lost > allowed,
+                       lost_window_s=round(previous.lost_window(stored), 4))
     server.stop()
+    windows = sorted(r.get("lost_window_s", 0.0) for r in records)
     return {
         "durability": durability,
+        "lost_window_s": {"median": windows[len(windows) // 2], "p99": windows[int(len(windows) * 0.99)],
+                          "max": windows[-1]},
         "flush_interval": flush_interval,
         "runs": runs,
         "seed": seed,

@@ -30,7 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.killloop import create_counter_session, kill_cycle, stored_counter
+from benchmarks.killloop import (
+    CounterStream,
+    CycleResult,
+    create_counter_session,
+    kill_cycle,
+    stored_counter,
+)
 from stui_twisted.pathcodec import encode_client_dir
 from tests.serverproc import ServerProcess
 
@@ -41,7 +47,10 @@ FLUSH_INTERVAL = 0.1
 #: A batch flush snapshots the dirty sessions, then writes and fsyncs them; a
 #: kill during that write loses what was acknowledged since the previous
 #: snapshot: up to one interval plus the write's own duration and scheduling.
-BATCH_MARGIN = 0.15
+#: On a shared virtual disk an fsync now and then takes a few hundred ms (the
+#: 500-run soak in docs/reliability.md measured the loss windows), so the
+#: margin is generous; a flush that never ran would still fail the test.
+BATCH_MARGIN = 0.5
 
 
 def _kill_loop(tmp_path: Path, durability: str, seed: int) -> list[dict]:
@@ -200,6 +209,36 @@ def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
             assert result["result"] == repr(i), result
         for client in (*clients, probe):
             client.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.xfail(
+    reason="stui_twisted bug (docs/reliability.md): on SIGTERM the final flush runs while open "
+    "connections are still served, so batch/none updates acknowledged after it are lost",
+    strict=False,
+)
+@pytest.mark.parametrize("durability", ["batch", "none"])
+def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
+    """A clean SIGTERM mid-stream must not lose an acknowledged update, whatever the policy."""
+    server = ServerProcess(tmp_path, f"--durability={durability}", image=False, zmq=False)
+    server.start()
+    session_id = create_counter_session(server, "term")
+    stored = 0
+    try:
+        for _ in range(3):
+            cycle = CycleResult(start_counter=stored)
+            stream = CounterStream(server.tcp_port, session_id, "term", cycle)
+            stream.start()
+            stream.started_streaming.wait(10)
+            time.sleep(0.15)
+            assert server.stop() == 0, server.log_text()
+            stream.join(15)
+            server.start()
+            stored = stored_counter(server, session_id, "term")
+            assert stored >= cycle.last_acked, (
+                f"acknowledged {cycle.last_acked}, stored {stored} after a clean SIGTERM"
+            )
     finally:
         server.kill()
 
