@@ -119,3 +119,11 @@ def test_lone_surrogates_in_a_request_still_get_a_valid_reply(dispatcher):
     reply = dispatch(dispatcher, b'{"id": "\\ud800", "command": "\\udc00x"}')
     assert reply["error_type"] == "UnknownCommand"
     assert reply["id"] == "\ud800"
+
+
+@pytest.mark.parametrize("number", [b"2147e83648", b"-1e400"])
+def test_numbers_that_overflow_to_infinity_are_invalid_json(dispatcher, number):
+    reply = dispatch(dispatcher, b'{"id": ' + number + b', "command": "ping"}')
+    assert reply["error_type"] == "InvalidRequest"
+    assert "out of range" in reply["error"]
+    assert reply["id"] is None
