@@ -139,6 +139,8 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
     sendEvent = sendReply
 
     def close(self) -> None:
+        """Read no further request, send what is queued, then disconnect."""
+        self._closing = True
         self.transport.loseConnection()
 
     # -- flow control -----------------------------------------------------

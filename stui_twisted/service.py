@@ -67,6 +67,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._shared_dirty = False
         self._dirty: set[str] = set()
         self._storage_degraded = False
+        self._stopping = False
         self._started_at: float | None = None
         self._ready: defer.Deferred | None = None
         self._cleanup_loop = task.LoopingCall(self.cleanup)
@@ -124,6 +125,13 @@ class SessionService(LiveImageCommands, service.MultiService):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        # Order matters: no change may be acknowledged after the final flush.
+        # Listeners stop first (they are stopped before this service); then
+        # open connections stop being read and every later change is refused;
+        # then everything dirty is written.
+        self._stopping = True
+        for connection in self.connections:
+            connection.close()
         for loop in (self._cleanup_loop, self._flush_loop):
             if loop.running:
                 loop.stop()
@@ -222,7 +230,17 @@ class SessionService(LiveImageCommands, service.MultiService):
         return size
 
     async def _changed(self, session: Session, action: str) -> None:
-        """Record a content change; durable before return under C{always}."""
+        """Record a content change; durable before return under C{always}.
+
+        During shutdown, after the final flush has begun, a change is refused
+        with C{StorageError} rather than acknowledged and lost.
+        """
+        if self._stopping:
+            raise StuiError(
+                "StorageError",
+                f"could not {action}: the server is shutting down and nothing was "
+                "acknowledged; reconnect and retry",
+            )
         session.last_modified = self.now()
         session.dirty = True
         self._dirty.add(session.session_id)

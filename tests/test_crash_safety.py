@@ -213,11 +213,6 @@ def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
         server.kill()
 
 
-@pytest.mark.xfail(
-    reason="stui_twisted bug (docs/reliability.md): on SIGTERM the final flush runs while open "
-    "connections are still served, so batch/none updates acknowledged after it are lost",
-    strict=False,
-)
 @pytest.mark.parametrize("durability", ["batch", "none"])
 def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
     """A clean SIGTERM mid-stream must not lose an acknowledged update, whatever the policy."""
