@@ -213,6 +213,14 @@ def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
         server.kill()
 
 
+RACE_REASON = (
+    "stui_twisted bug (docs/reliability.md): a batch flush that completes marks its sessions "
+    "clean (SessionService._wrote) even when one changed while the flush was writing, so that "
+    "acknowledged change is never written unless another change follows"
+)
+
+
+@pytest.mark.xfail(reason=RACE_REASON, strict=False)
 @pytest.mark.parametrize("durability", ["batch", "none"])
 def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
     """A clean SIGTERM mid-stream must not lose an acknowledged update, whatever the policy."""
@@ -235,6 +243,55 @@ def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
                 f"acknowledged {cycle.last_acked}, stored {stored} after a clean SIGTERM"
             )
     finally:
+        server.kill()
+
+
+@pytest.mark.xfail(reason=RACE_REASON, strict=False)
+def test_batch_change_during_a_flush_is_written_later(tmp_path):
+    """A change acknowledged while a flush writes the same session must still reach the disk.
+
+    A second session with 2 MB of state keeps every flush busy writing; the
+    light session gets two updates close together, so the second often lands
+    while a flush is writing the first.  Once the server says the session is
+    clean (C{get_context_summary.dirty} false), its file must hold the last
+    acknowledged counter.
+    """
+    import json
+
+    server = ServerProcess(tmp_path, "--durability=batch", "--flush-interval=0.05",
+                           image=False, zmq=False)
+    server.start()
+    stop = threading.Event()
+    try:
+        heavy, light = server.tcp_client(), server.tcp_client()
+        heavy_sid = heavy.result("create_session", client_id="heavy")["session_id"]
+        light_sid = light.result("create_session", client_id="light")["session_id"]
+
+        def keep_flushes_busy() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                heavy.result("update_session_state", session_id=heavy_sid,
+                             state_data={"n": n, "blob": "x" * 2_000_000})
+
+        writer = threading.Thread(target=keep_flushes_busy, daemon=True)
+        writer.start()
+        path = server.data_dir / "sessions" / encode_client_dir("light") / f"{light_sid}.json"
+        stale = []
+        for i in range(1, 21):
+            light.result("update_session_state", session_id=light_sid, state_data={"counter": i - 0.5})
+            time.sleep(0.01 + (i % 7) * 0.01)
+            light.result("update_session_state", session_id=light_sid, state_data={"counter": i})
+            deadline = time.monotonic() + 3
+            while light.result("get_context_summary", session_id=light_sid)["dirty"]:
+                assert time.monotonic() < deadline, "the session stayed dirty for 3 s"
+                time.sleep(0.02)
+            on_disk = json.loads(path.read_text())["session"]["session_state"]["counter"]
+            if on_disk != i:
+                stale.append((i, on_disk))
+        assert not stale, f"clean, but the file is behind (acknowledged, on disk): {stale}"
+    finally:
+        stop.set()
         server.kill()
 
 
