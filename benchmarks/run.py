@@ -1,7 +1,7 @@
 """Run every benchmark; write JSON, a markdown table and a latency-distribution PNG.
 
-    .venv/bin/python -m benchmarks.run --quick     # ~2 min, 1,000 requests per figure
-    .venv/bin/python -m benchmarks.run --full      # the published numbers (≥ 5,000 per figure)
+    .venv/bin/python -m benchmarks.run --quick     # ~5 min, 1,000 requests per figure
+    .venv/bin/python -m benchmarks.run --full      # ~7 min, the published numbers (≥ 5,000 per figure)
     .venv/bin/python -m benchmarks.run --full --snapshot   # benchmark the committed HEAD
 
 Outputs ``benchmarks/results/<timestamp>.json``, ``<timestamp>.md`` and
