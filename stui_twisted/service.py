@@ -137,7 +137,7 @@ class SessionService(LiveImageCommands, service.MultiService):
                 loop.stop()
         if self._ready is not None and self._ready.called:
             try:
-                await self.flush(everything=True)
+                await self.flush()
                 await self._write_index()
             except Exception:
                 self.log.failure("flush at shutdown failed")
@@ -243,26 +243,33 @@ class SessionService(LiveImageCommands, service.MultiService):
             )
         session.last_modified = self.now()
         session.dirty = True
+        session.version += 1
         self._dirty.add(session.session_id)
         if self.settings.durability == "always" or self._storage_degraded:
             await self._write_now(session, action)
 
     async def _write_now(self, session: Session, action: str):
+        version = session.version
         document = session.to_document()
         try:
             result = await self.store.write(document)
         except StorageFailure as exc:
             self._storage_degraded = True
             raise _storage_error(exc, action) from exc
-        self._wrote(session, result)
+        self._wrote(session, result, version)
         if self._shared_dirty:
             await self._write_shared(action)
         return result
 
-    def _wrote(self, session: Session, result) -> None:
+    def _wrote(self, session: Session, result, version: int) -> None:
+        """C{session} as of change C{version} is on disk.
+
+        It is clean only if nothing changed while the write ran; a change made
+        meanwhile keeps it dirty so the next flush writes it.
+        """
         session.size_bytes = result.size_bytes
         session.last_saved_at = self.now()
-        if self.sessions.get(session.session_id) is session:
+        if self.sessions.get(session.session_id) is session and session.version == version:
             session.dirty = False
             self._dirty.discard(session.session_id)
 
@@ -274,7 +281,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._shared_dirty = True
             raise _storage_error(exc, action) from exc
 
-    async def flush(self, everything: bool = False) -> None:
+    async def flush(self) -> None:
         """Write every dirty session in one group (the C{batch} policy's loop)."""
         if self._flushing is not None:
             await self._flushing_wait()
@@ -285,6 +292,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             dirty = [self.sessions[sid] for sid in list(self._dirty) if sid in self.sessions]
             self._dirty.clear()
             if dirty:
+                versions = {s.session_id: s.version for s in dirty}
                 results = await self.store.write_many([s.to_document() for s in dirty])
                 failed = 0
                 for session in dirty:
@@ -292,8 +300,8 @@ class SessionService(LiveImageCommands, service.MultiService):
                     if outcome is None or not hasattr(outcome, "size_bytes"):
                         failed += 1
                         self._dirty.add(session.session_id)
-                    elif session.dirty:
-                        self._wrote(session, outcome)
+                    else:
+                        self._wrote(session, outcome, versions[session.session_id])
                 if failed:
                     self._storage_degraded = True
                     self.log.error(
@@ -657,9 +665,9 @@ class SessionService(LiveImageCommands, service.MultiService):
         except StorageFailure as exc:
             raise _storage_error(exc, "load the context") from exc
         session.load_document(document)
-        session.last_saved_at = self.now()
-        self._dirty.discard(session.session_id)
-        session.dirty = False
+        # Written back as a change: a flush still writing the replaced state
+        # must not leave that state on disk with the session marked clean.
+        await self._changed(session, "load the context")
         restored = {"restored": [], "unrestorable": []}
         if self.image is not None:
             restored = await self._materialize(session)

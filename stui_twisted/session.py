@@ -85,6 +85,8 @@ class Session:
     size_bytes: int = 0
     last_saved_at: float | None = None
     materialized: bool = False
+    version: int = 0
+    """Counts content changes, so a write knows whether it caught the latest."""
 
     # -- time -------------------------------------------------------------
 

@@ -213,14 +213,6 @@ def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
         server.kill()
 
 
-RACE_REASON = (
-    "stui_twisted bug (docs/reliability.md): a batch flush that completes marks its sessions "
-    "clean (SessionService._wrote) even when one changed while the flush was writing, so that "
-    "acknowledged change is never written unless another change follows"
-)
-
-
-@pytest.mark.xfail(reason=RACE_REASON, strict=False)
 @pytest.mark.parametrize("durability", ["batch", "none"])
 def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
     """A clean SIGTERM mid-stream must not lose an acknowledged update, whatever the policy."""
@@ -246,7 +238,6 @@ def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
         server.kill()
 
 
-@pytest.mark.xfail(reason=RACE_REASON, strict=False)
 def test_batch_change_during_a_flush_is_written_later(tmp_path):
     """A change acknowledged while a flush writes the same session must still reach the disk.
 
