@@ -19,12 +19,23 @@ from stui_twisted.errors import StuiError
 _NO_ID = object()
 
 
+_second_prefix: tuple[int, str] = (-1, "")
+
+
 def iso_timestamp(seconds: float | None = None) -> str:
-    """ISO-8601 UTC with milliseconds and C{Z}, e.g. C{2026-11-23T10:30:00.123Z}."""
+    """ISO-8601 UTC with milliseconds and C{Z}, e.g. C{2026-11-23T10:30:00.123Z}.
+
+    Every reply carries one, so the C{strftime} part is formatted once per second.
+    """
+    global _second_prefix
     if seconds is None:
         seconds = time.time()
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    whole = math.floor(seconds)
+    millis = min(999_999, round((seconds - whole) * 1_000_000)) // 1000
+    if _second_prefix[0] != whole:
+        moment = datetime.fromtimestamp(whole, UTC)
+        _second_prefix = (whole, moment.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second_prefix[1]}{millis:03d}Z"
 
 
 def parse_iso_timestamp(text: str) -> float:
@@ -61,9 +72,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
 def _decode_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return _DECODER.decode(text)
     except RecursionError:
         raise RequestError("request is nested too deeply to parse") from None
     except ValueError as exc:
@@ -135,15 +151,13 @@ json_type_name = _json_type_name
 
 
 def _dumps(reply: dict) -> bytes:
-    text = json.dumps(reply, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = _ENCODER.encode(reply)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate (e.g. echoed from a request's "\ud800") is not UTF-8;
         # the ASCII form escapes it and is still valid JSON.
-        return json.dumps(
-            reply, ensure_ascii=True, separators=(",", ":"), allow_nan=False
-        ).encode("ascii")
+        return _ASCII_ENCODER.encode(reply).encode("ascii")
 
 
 def _sanitize(value: Any) -> Any:

@@ -13,7 +13,6 @@ group-flush loop.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.application import service
@@ -63,6 +62,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             rate_window=settings.create_rate_window,
         )
         self.sessions: dict[str, Session] = {}
+        self._by_client: dict[str, set[str]] = {}
         self.shared_bindings: dict = {}
         self._shared_dirty = False
         self._dirty: set[str] = set()
@@ -89,7 +89,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         metas = await self.store.load_index()
         for meta in metas:
             session = Session.from_meta(meta)
-            self.sessions[session.session_id] = session
+            self._add(session)
         self.shared_bindings = await self.store.read_shared()
         now = self.clock.seconds()
         active = sum(1 for s in self.sessions.values() if s.is_active(now))
@@ -201,6 +201,23 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.load_document(document)
             session.size_bytes = self._size_of(session)
 
+    def _add(self, session: Session) -> None:
+        self.sessions[session.session_id] = session
+        self._by_client.setdefault(session.client_id, set()).add(session.session_id)
+
+    def _remove(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
+        self._dirty.discard(session.session_id)
+        owned = self._by_client.get(session.client_id)
+        if owned is not None:
+            owned.discard(session.session_id)
+            if not owned:
+                del self._by_client[session.client_id]
+
+    def _sessions_of(self, client_id: str) -> list[Session]:
+        """The sessions of one client, without scanning every session."""
+        return [self.sessions[sid] for sid in self._by_client.get(client_id, ())]
+
     def _owned_client(self, call, required: bool = True) -> str | None:
         client_id = call.client_id
         if client_id is None:
@@ -212,9 +229,7 @@ class SessionService(LiveImageCommands, service.MultiService):
     # ================================================================ persistence
 
     def _size_of(self, session: Session) -> int:
-        return len(
-            json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=False).encode()
-        )
+        return session.encoded_size()
 
     def _check_size(self, session: Session) -> int:
         size = self._size_of(session)
@@ -381,8 +396,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             ended = session.ended_at()
             if ended is not None and ended < horizon:
                 await self.store.delete(session.client_id, session.session_id)
-                self.sessions.pop(session.session_id, None)
-                self._dirty.discard(session.session_id)
+                self._remove(session)
                 self.log.info(
                     "retention: deleted session {sid} of {client} ({state} since {when})",
                     sid=session.session_id,
@@ -410,9 +424,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         self.policy.admit(client_id)
         now = self.now()
         timeout = self._timeout_param(call.params.get("timeout"))
-        active = [
-            s for s in self.sessions.values() if s.client_id == client_id and s.is_active(now)
-        ]
+        active = [s for s in self._sessions_of(client_id) if s.is_active(now)]
         if len(active) >= self.settings.max_sessions_per_client:
             raise StuiError(
                 "SessionLimitExceeded",
@@ -434,12 +446,11 @@ class SessionService(LiveImageCommands, service.MultiService):
             client_info=client_info,
         )
         self._check_size(session)
-        self.sessions[session.session_id] = session
+        self._add(session)
         try:
             await self._changed(session, "create the session")
         except StuiError:
-            self.sessions.pop(session.session_id, None)
-            self._dirty.discard(session.session_id)
+            self._remove(session)
             raise
         call.context.current_session_id = session.session_id
         self.log.info(
@@ -588,11 +599,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         now = self.now()
         include_inactive = call.params["include_inactive"]
         sessions = sorted(
-            (
-                s
-                for s in self.sessions.values()
-                if s.client_id == client_id and (include_inactive or s.is_active(now))
-            ),
+            (s for s in self._sessions_of(client_id) if include_inactive or s.is_active(now)),
             key=lambda s: s.created_at,
         )
         return {

@@ -10,11 +10,14 @@ network; :mod:`stui_twisted.service` decides when it is written.
 from __future__ import annotations
 
 import copy
+import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from stui_twisted.envelope import iso_timestamp, parse_iso_timestamp
+
+_ASCII_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 ACTIVE, CLOSED, EXPIRED = "active", "closed", "expired"
 
@@ -87,6 +90,8 @@ class Session:
     materialized: bool = False
     version: int = 0
     """Counts content changes, so a write knows whether it caught the latest."""
+    binding_sizes: dict = field(default_factory=dict, repr=False)
+    """name -> (stored binding, its encoded size): bindings are re-encoded only when replaced."""
 
     # -- time -------------------------------------------------------------
 
@@ -164,6 +169,27 @@ class Session:
         }
 
     # -- files ------------------------------------------------------------
+
+    def encoded_size(self) -> int:
+        """About how many bytes the session file's C{session} part takes.
+
+        Measured as the store writes it (ASCII JSON), but each stored binding
+        is encoded only when it was replaced since the last call: a session
+        holding megabytes of bindings is not re-encoded on every request.
+        """
+        document = self.to_document()
+        bindings = document.pop("bindings")
+        size = len(_ASCII_JSON.encode(document)) + len(',"bindings":{}')
+        cache = self.binding_sizes
+        for name, binding in bindings.items():
+            known = cache.get(name)
+            if known is None or known[0] is not binding:
+                known = (binding, len(_ASCII_JSON.encode({name: binding})) - 2)
+                cache[name] = known
+            size += known[1] + 1
+        for name in [name for name in cache if name not in bindings]:
+            del cache[name]
+        return size - 1 if bindings else size  # n bindings, n - 1 commas
 
     def to_document(self) -> dict:
         """The C{session} object of the session file (JSON-able)."""

@@ -127,3 +127,14 @@ def test_numbers_that_overflow_to_infinity_are_invalid_json(dispatcher, number):
     assert reply["error_type"] == "InvalidRequest"
     assert "out of range" in reply["error"]
     assert reply["id"] is None
+
+
+def test_timestamps_match_datetime_formatting_across_seconds():
+    from datetime import UTC, datetime
+
+    from stui_twisted.envelope import iso_timestamp
+
+    for seconds in (0.0, 1790000000.123, 1790000000.5, 1790000001.001, 1790000001.999, 2e9 + 0.25):
+        moment = datetime.fromtimestamp(seconds, UTC)
+        expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        assert iso_timestamp(seconds) == expected

@@ -439,3 +439,21 @@ async def test_sessions_survive_a_service_restart(make, tmp_path):
     assert (await again.error(conn2, "restore_session", session_id=closed))["error_type"] == "SessionClosed"
     stats = await again.ok(conn2, "get_session_statistics")
     assert stats["active_sessions"] == 1 and stats["closed_sessions"] == 1
+
+
+def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
+    from stui_twisted.session import Session
+
+    session = Session("s_" + "a" * 22, "alice", 0.0, 10.0, 0.0, 0.0)
+    for bindings in (
+        {},
+        {"x": {"encoding": "json", "value": "é" * 100, "type": "str", "repr": "'é'"}},
+        {f"b{i}": {"encoding": "json", "value": i, "type": "int", "repr": str(i)} for i in range(50)},
+    ):
+        session.bindings = bindings
+        session.history = [{"index": 1, "code": "ü = 1"}]
+        exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+        assert session.encoded_size() == exact
+    session.bindings["b3"] = {"encoding": "json", "value": "longer" * 100, "type": "str", "repr": "'…'"}
+    exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+    assert session.encoded_size() == exact
