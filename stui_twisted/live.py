@@ -48,6 +48,14 @@ class LiveImageCommands:
     async def _materialize(self, session: Session) -> dict:
         """Rebuild C{session}'s namespace in the image from its stored bindings."""
         image = self._need_image()
+        if not session.materialized and not session.bindings and not session.registry:
+            # Nothing to rebuild and nothing to replace: a session that is not
+            # materialized has no workspace in the image, which makes an empty
+            # one on first use. Skipping the round trip keeps restore_session of
+            # a fresh session fast.
+            session.materialized = True
+            session.unrestorable = []
+            return {"restored": [], "unrestorable": []}
         outcome = await image.materialize(
             session.session_id, session.bindings, session.registry, session.next_object_id
         )

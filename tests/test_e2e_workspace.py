@@ -226,3 +226,17 @@ def test_restoring_a_live_session_keeps_objects_that_cannot_be_stored(tmp_path):
         assert second.result("evaluate", code="f(), s.fileno() >= 0")["result"] == "(5, True)"
     finally:
         server.kill()
+
+
+def test_load_context_of_an_empty_save_empties_a_live_namespace(tmp_path):
+    server = ServerProcess(tmp_path, "--durability=none").start()
+    try:
+        client = server.tcp_client()
+        client.result("create_session", client_id="alice")
+        client.result("save_context")  # saved while empty
+        client.result("evaluate", code="x = 1")
+        loaded = client.result("load_context")
+        assert loaded["context"]["workspace_context"]["variables"] == []
+        assert client.call("evaluate", code="x")["details"]["exception_type"] == "NameError"
+    finally:
+        server.kill()
