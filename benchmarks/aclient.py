@@ -23,6 +23,7 @@ class Conn:
         self.writer = writer
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
+        self._dead: BaseException | None = None
         self._reading = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -52,13 +53,16 @@ class Conn:
         self._fail(ConnectionError("server closed the connection"))
 
     def _fail(self, exc: BaseException) -> None:
+        self._dead = exc
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(exc)
         self._waiting.clear()
 
     async def call(self, command: str, timeout: float = 60.0, **params) -> dict:
-        """Send one request; the decoded reply."""
+        """Send one request; the decoded reply (ConnectionError at once on a dead connection)."""
+        if self._dead is not None:
+            raise ConnectionError(f"connection already lost: {self._dead}")
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
