@@ -13,7 +13,11 @@ from stui_twisted.settings import Settings
 
 
 class NullImageService:
-    """Stands in for the service when only ping/describe/envelope are exercised."""
+    """Stands in for the service when only the dispatcher and transports are exercised.
+
+    Every command answers through L{handle}; tests override it to delay or
+    inspect calls.
+    """
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -24,9 +28,12 @@ class NullImageService:
     def image_status(self) -> dict:
         return {"status": "disabled", "pid": None, "started_at": None}
 
+    async def handle(self, name: str, call) -> dict:
+        return {"handled": name, "params": call.params}
+
     def __getattr__(self, name):
         async def handler(call):
-            return {"handled": name, "params": call.params}
+            return await self.handle(name, call)
 
         return handler
 

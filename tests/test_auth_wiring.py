@@ -16,7 +16,7 @@ from stui_twisted.linejson import LineJSONFactory
 from stui_twisted.passwd import hash_password, write_atomically
 from stui_twisted.settings import Settings
 from stui_twisted.tls import TLSConfigError, server_endpoint
-from tests.helpers import dispatch, make_dispatcher
+from tests.helpers import NullImageService, dispatch, make_dispatcher
 
 
 class FakeAuth:
@@ -29,22 +29,11 @@ class FakeAuth:
         return self.tokens.get(token)
 
 
-class EchoService:
+class EchoService(NullImageService):
     """Handlers that report who they act as."""
 
-    settings = Settings()
-
-    def uptime(self):
-        return 0.0
-
-    def image_status(self):
-        return {}
-
-    def __getattr__(self, name):
-        async def handler(call):
-            return {"acting": call.client_id, "params_client_id": call.params.get("client_id")}
-
-        return handler
+    async def handle(self, name, call):
+        return {"acting": call.client_id, "params_client_id": call.params.get("client_id")}
 
 
 @pytest.fixture

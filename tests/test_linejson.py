@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
 from stui_twisted.linejson import LineJSONFactory
-from tests.helpers import make_dispatcher
+from tests.helpers import NullImageService, make_dispatcher
 
 
 def connect(dispatcher=None, **factory_args):
@@ -60,25 +60,12 @@ def test_over_long_line_gets_message_too_large_then_close():
 def test_slow_request_does_not_hold_back_fast_ones():
     slow = defer.Deferred()
 
-    class Service:
-        from stui_twisted.settings import Settings
-
-        settings = Settings()
-
-        def uptime(self):
-            return 0.0
-
-        def image_status(self):
+    class Service(NullImageService):
+        async def handle(self, name, call):
+            if name == "evaluate":
+                await slow
+                return {"slow": True}
             return {}
-
-        def __getattr__(self, name):
-            async def handler(call):
-                if name == "evaluate":
-                    await slow
-                    return {"slow": True}
-                return {}
-
-            return handler
 
     protocol, transport = connect(make_dispatcher(service=Service()))
     protocol.dataReceived(
@@ -92,17 +79,10 @@ def test_slow_request_does_not_hold_back_fast_ones():
 def test_reading_pauses_while_too_many_requests_are_pending():
     gate = defer.Deferred()
 
-    class Service:
-        from stui_twisted.settings import Settings
-
-        settings = Settings()
-
-        def __getattr__(self, name):
-            async def handler(call):
-                await gate
-                return {}
-
-            return handler
+    class Service(NullImageService):
+        async def handle(self, name, call):
+            await gate
+            return {}
 
     protocol, transport = connect(make_dispatcher(service=Service()), max_pending=4)
     lines = b"".join(b'{"command":"get_session_statistics"}\n' for _ in range(10))
