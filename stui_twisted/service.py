@@ -72,7 +72,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._ready: defer.Deferred | None = None
         self._cleanup_loop = task.LoopingCall(self.cleanup)
         self._cleanup_loop.clock = reactor
-        self._flush_loop = task.LoopingCall(self.flush)
+        self._flush_loop = task.LoopingCall(self._flush_tick)
         self._flush_loop.clock = reactor
         self._flushing: defer.Deferred | None = None
 
@@ -308,7 +308,13 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._dirty.clear()
             if dirty:
                 versions = {s.session_id: s.version for s in dirty}
-                results = await self.store.write_many([s.to_document() for s in dirty])
+                try:
+                    results = await self.store.write_many([s.to_document() for s in dirty])
+                except Exception:
+                    # Nothing of this group is known to be on disk: keep it dirty.
+                    self._dirty.update(s.session_id for s in dirty)
+                    self._storage_degraded = True
+                    raise
                 failed = 0
                 for session in dirty:
                     outcome = results.get(session.session_id)
@@ -336,6 +342,17 @@ class SessionService(LiveImageCommands, service.MultiService):
         finally:
             waiting, self._flushing = self._flushing, None
             waiting.callback(None)
+
+    async def _flush_tick(self) -> None:
+        """One run of the batch loop; a failure is logged and the loop goes on.
+
+        (A LoopingCall stops for good when its call fails, which would leave
+        every later change unwritten.)
+        """
+        try:
+            await self.flush()
+        except Exception:
+            self.log.failure("batch flush failed; retrying at the next interval")
 
     async def _flushing_wait(self) -> None:
         waiter: defer.Deferred = defer.Deferred()

@@ -457,3 +457,23 @@ def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
     session.bindings["b3"] = {"encoding": "json", "value": "longer" * 100, "type": "str", "repr": "'…'"}
     exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
     assert session.encoded_size() == exact
+
+
+@pytest_twisted.ensureDeferred
+async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
+    from twisted.internet import defer
+
+    h = await make(durability="batch", flush_interval=0.5)
+    conn = h.connection()
+    sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
+    real_write_many = h.store.write_many
+    monkeypatch.setattr(h.store, "write_many", lambda docs: defer.fail(RuntimeError("boom")))
+    h.clock.advance(0.5)
+    await _settle()
+    assert h.service._flush_loop.running
+    monkeypatch.setattr(h.store, "write_many", real_write_many)
+    assert sid in h.service._dirty  # the failed group stays dirty
+    h.clock.advance(0.5)
+    await _settle()
+    assert sid not in h.service._dirty
+    assert (await h.store.read("alice", sid))["client_id"] == "alice"
