@@ -189,30 +189,36 @@ def test_zmq_token_in_each_request_and_a_forged_identity_gets_nothing(server):
         sock.close()
 
     # Someone who knows only the identity: a second socket with the SAME identity.
-    reply = None
-    deadline = time.monotonic() + 10
-    while reply is None and time.monotonic() < deadline:
-        import zmq
+    session_id = created["result"]["session_id"]
+    for kind, command in (("REQ", "evaluate"), ("DEALER", "get_session_info"),
+                          ("DEALER", "list_client_sessions"), ("DEALER", "create_session")):
+        reply = _forged_call(server, kind, identity, {
+            "id": 5, "command": command, "client_id": "alice",
+            "parameters": {"code": "1", "session_id": session_id},
+        })
+        assert reply is not None, f"the forged-identity {kind} socket got no reply"
+        assert reply["error_type"] == "AuthenticationRequired", (command, reply)
 
-        forger = zmq_socket(server, "REQ", identity)
+
+def _forged_call(server, kind: str, identity: bytes, message: dict) -> dict | None:
+    """One request from a fresh socket that reuses C{identity}.
+
+    libzmq refuses a duplicate identity until the previous socket's pipe is
+    gone, so an unanswered attempt is retried on a new socket (bounded: 10 s).
+    """
+    import zmq
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        forger = zmq_socket(server, kind, identity)
         forger.setsockopt(zmq.RCVTIMEO, 1000)
         try:
-            # libzmq refuses a duplicate identity until the first pipe is gone: retry.
-            reply = zmq_call(forger, {"id": 5, "command": "evaluate", "parameters": {"code": "1"}})
+            return zmq_call(forger, message)
         except zmq.Again:
-            reply = None
+            continue
         finally:
             forger.close()
-    assert reply is not None, "the forged-identity socket got no reply"
-    assert reply["error_type"] == "AuthenticationRequired"
-    forger = zmq_socket(server, "DEALER", identity)
-    try:
-        for command in ("get_session_info", "list_client_sessions", "create_session"):
-            reply = zmq_call(forger, {"id": 6, "command": command, "client_id": "alice",
-                                      "parameters": {"session_id": created["result"]["session_id"]}})
-            assert reply["error_type"] == "AuthenticationRequired", (command, reply)
-    finally:
-        forger.close()
+    return None
 
 
 # -- ownership -----------------------------------------------------------------------
