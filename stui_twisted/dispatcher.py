@@ -199,7 +199,7 @@ class Dispatcher:
 
         def succeeded(value: dict) -> bytes:
             self._observe(command_name, "success", started)
-            return self._encode_success(request_id, value)
+            return encode_success(request_id, value, self._clock.seconds())
 
         def failed(failure: Failure) -> bytes:
             if failure.check(StuiError):
@@ -332,10 +332,6 @@ class Dispatcher:
         # encode_* escape what UTF-8 cannot carry (lone surrogates), so this
         # never fails on echoed client input.
         return encode_error(request_id, error, self._clock.seconds())
-
-    def _encode_success(self, request_id: Any, value: dict) -> bytes:
-        return encode_success(request_id, value, self._clock.seconds())
-
 
     def _internal(self, context, request_id, command_name, failure: Failure, started) -> bytes:
         self.log.failure(

@@ -665,9 +665,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             if "variables" in snapshot:
                 session.variables = snapshot["variables"]
             self._fit_bindings(session)
-        result = await self._write_now(session, "save the context")
-        if self._shared_dirty:
-            await self._write_shared()
+        result = await self._write_now(session, "save the context")  # shared too
         return {
             "session_id": session.session_id,
             "saved": True,
