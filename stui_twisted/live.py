@@ -9,8 +9,6 @@ restored or the image is replaced.
 
 from __future__ import annotations
 
-import json
-
 from stui_twisted.envelope import iso_timestamp
 from stui_twisted.errors import StuiError, invalid_parameter
 from stui_twisted.session import ACTIVE, Session
@@ -19,6 +17,18 @@ MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024
 MAX_INSPECTOR_HISTORY = 100
 REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
+#: The persistence delta the image attaches to results and errors (not for clients).
+DELTA_KEYS = frozenset(
+    {
+        "bindings_changed",
+        "bindings_removed",
+        "variables",
+        "registry_added",
+        "shared_changed",
+        "shared_removed",
+        "next_object_id",
+    }
+)
 
 
 def clip(text, limit: int = MAX_HISTORY_TEXT):
@@ -131,8 +141,9 @@ class LiveImageCommands:
         """Demote the largest bindings to unrestorable until the session fits."""
         limit = self.settings.max_session_bytes
         while self._size_of(session) > limit:
+            # _size_of just refreshed session.binding_sizes for every binding.
             candidates = [
-                (len(json.dumps(b)), name)
+                (session.binding_sizes[name][1], name)
                 for name, b in session.bindings.items()
                 if b.get("encoding") in ("json", "pickle")
             ]
@@ -175,12 +186,8 @@ class LiveImageCommands:
             if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
                 self._apply_delta(session, error.details)
                 entry = self._history_entry(session, params["code"], started, error=error)
-                for key in list(error.details):
-                    if key.startswith(("bindings_", "shared_", "registry_")) or key in (
-                        "variables",
-                        "next_object_id",
-                    ):
-                        error.details.pop(key)
+                for key in DELTA_KEYS:
+                    error.details.pop(key, None)
                 error.details["history_index"] = entry["index"]
                 await self._changed(session, "record the evaluation")
             elif error.error_type == "ImageRestarted":
@@ -266,7 +273,7 @@ class LiveImageCommands:
             session.inspector_history.append(object_id)
             del session.inspector_history[:-MAX_INSPECTOR_HISTORY]
         await self._changed(session, "record the inspection")
-        result = {k: v for k, v in outcome.items() if k not in ("registry_added", "next_object_id")}
+        result = {k: v for k, v in outcome.items() if k not in DELTA_KEYS}
         result["session_id"] = session.session_id
         return result
 

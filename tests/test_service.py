@@ -477,3 +477,29 @@ async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
     await _settle()
     assert sid not in h.service._dirty
     assert (await h.store.read("alice", sid))["client_id"] == "alice"
+
+
+def test_largest_bindings_are_demoted_until_the_session_fits():
+    from stui_twisted.live import LiveImageCommands
+    from stui_twisted.session import Session
+
+    class Fitter(LiveImageCommands):
+        settings = Settings(max_session_bytes=6000, image_enabled=False)
+
+        def _size_of(self, session):
+            return session.encoded_size()
+
+    session = Session("s_" + "a" * 22, "alice", 0.0, 10.0, 0.0, 0.0)
+    session.bindings = {
+        "big": {"encoding": "json", "value": "x" * 4000, "type": "str", "repr": "'x'"},
+        "mid": {"encoding": "pickle", "data": "y" * 3000, "type": "T", "repr": "T()"},
+        "small": {"encoding": "json", "value": 1, "type": "int", "repr": "1"},
+    }
+    session.variables = [{"name": n, "restorable": True} for n in session.bindings]
+    Fitter()._fit_bindings(session)
+    assert session.bindings["big"]["encoding"] == "unrestorable"
+    assert "too large" in session.bindings["big"]["reason"]
+    assert session.bindings["mid"]["encoding"] == "pickle"  # fits once big is gone
+    assert session.bindings["small"]["value"] == 1
+    assert [v["restorable"] for v in session.variables] == [False, True, True]
+    assert session.encoded_size() <= 6000
