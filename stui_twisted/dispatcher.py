@@ -9,8 +9,9 @@ reply.  It never raises and never lets a traceback reach a client.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any
 
 from twisted.internet import defer
@@ -175,6 +176,20 @@ class Dispatcher:
 
     def dispatch(self, context: ConnectionContext, data: bytes) -> defer.Deferred:
         """Answer one request; the Deferred fires with the reply bytes, never fails."""
+        reply = self.answer(context, data)
+        if isinstance(reply, bytes):
+            return defer.succeed(reply)
+        return reply
+
+    def answer(self, context: ConnectionContext, data: bytes) -> bytes | defer.Deferred:
+        """Answer one request: the reply bytes now, or a Deferred that fires with them.
+
+        The transports call this.  A handler that finishes without waiting
+        (ping, describe, most session commands under C{batch}) is answered in
+        the same call, without a Deferred: the coroutine is stepped once by
+        hand and only handed to Twisted if it awaits something (see
+        L{_step_handler}).  The Deferred, when there is one, never fails.
+        """
         started = time.perf_counter()
         received_at = self._clock.seconds()
         request_id: Any = None
@@ -187,28 +202,26 @@ class Dispatcher:
             principal = self._authorize(context, request, command)
             params = self._validate(command, self._with_principal(command, request, principal))
             call = Call(context, request, params, received_at, principal)
-            result = defer.ensureDeferred(command.handler(call))
+            finished, outcome = _step_handler(command.handler(call))
         except RequestError as error:
-            return defer.succeed(self._error(context, error.request_id, command_name, error, started))
+            return self._error(context, error.request_id, command_name, error, started)
         except StuiError as error:
-            return defer.succeed(self._error(context, request_id, command_name, error, started))
+            return self._error(context, request_id, command_name, error, started)
         except Exception:
-            return defer.succeed(
-                self._internal(context, request_id, command_name, Failure(), started)
-            )
-
-        def succeeded(value: dict) -> bytes:
-            self._observe(command_name, "success", started)
-            return encode_success(request_id, value, self._clock.seconds())
+            return self._internal(context, request_id, command_name, Failure(), started)
+        if finished:
+            return self._success(context, request_id, command_name, outcome, started)
 
         def failed(failure: Failure) -> bytes:
             if failure.check(StuiError):
                 return self._error(context, request_id, command_name, failure.value, started)
             return self._internal(context, request_id, command_name, failure, started)
 
-        result.addCallbacks(succeeded, failed)
-        result.addErrback(lambda f: self._internal(context, request_id, command_name, f, started))
-        return result
+        outcome.addCallbacks(
+            lambda value: self._success(context, request_id, command_name, value, started), failed
+        )
+        outcome.addErrback(lambda f: self._internal(context, request_id, command_name, f, started))
+        return outcome
 
     def too_large(self, context: ConnectionContext, size: int, limit: int) -> bytes:
         """The reply to a line or frame over C{max_message_bytes}."""
@@ -320,6 +333,14 @@ class Dispatcher:
             for observer in self._observers:
                 observer(name, status, elapsed)
 
+    def _success(self, context, request_id, command_name, value, started) -> bytes:
+        try:
+            reply = encode_success(request_id, value, self._clock.seconds())
+        except Exception:
+            return self._internal(context, request_id, command_name, Failure(), started)
+        self._observe(command_name, "success", started)
+        return reply
+
     def _error(self, context, request_id, command_name, error: StuiError, started) -> bytes:
         self._observe(command_name, error.error_type, started)
         self.log.info(
@@ -346,3 +367,48 @@ class Dispatcher:
         )
         return self._error(context, request_id, command_name, error, started)
 
+
+def _step_handler(outcome) -> tuple[bool, Any]:
+    """Run a handler's result as far as it goes without waiting.
+
+    Returns C{(True, value)} when the handler finished (a plain value, or a
+    coroutine that returned without awaiting anything), else C{(False,
+    deferred)}.  A coroutine that awaited something is handed to Twisted from
+    where it stopped (L{_resume}), so it runs exactly as C{ensureDeferred}
+    would have run it.  A handler's exception propagates to the caller.
+    """
+    if isinstance(outcome, defer.Deferred):
+        return False, outcome
+    if not isinstance(outcome, CoroutineType):
+        return True, outcome
+    try:
+        awaited = outcome.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, defer.Deferred.fromCoroutine(_resume(outcome, awaited))
+
+
+def _resume(coroutine: CoroutineType, awaited: Any) -> Generator[Any, Any, Any]:
+    """A generator that continues C{coroutine}, which already yielded C{awaited}.
+
+    This is what C{yield from} does (PEP 380), written out because a started
+    coroutine cannot be delegated to: values Twisted sends in (the awaited
+    Deferred's result) go to the coroutine, exceptions thrown in are thrown
+    into it, and its return value is this generator's.
+    """
+    while True:
+        try:
+            sent = yield awaited
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as error:  # noqa: BLE001 - everything is forwarded, not handled
+            try:
+                awaited = coroutine.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                awaited = coroutine.send(sent)
+            except StopIteration as stop:
+                return stop.value

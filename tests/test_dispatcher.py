@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+from twisted.internet import defer
 
-from tests.helpers import dispatch, make_dispatcher
+from stui_twisted.errors import StuiError
+from tests.helpers import NullImageService, context, dispatch, make_dispatcher
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -138,3 +141,143 @@ def test_timestamps_match_datetime_formatting_across_seconds():
         moment = datetime.fromtimestamp(seconds, UTC)
         expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
         assert iso_timestamp(seconds) == expected
+
+
+# -- handlers that finish now and handlers that wait -----------------------------------
+
+
+class Scripted(NullImageService):
+    """A service whose C{get_session_statistics} runs a scripted coroutine."""
+
+    def __init__(self, script) -> None:
+        super().__init__()
+        self.script = script
+
+    async def handle(self, name, call):
+        return await self.script()
+
+
+def _answer(script, command: str = "get_session_statistics"):
+    dispatcher = make_dispatcher(service=Scripted(script))
+    data = json.dumps({"id": "a", "command": command}).encode()
+    return dispatcher, dispatcher.answer(context(), data)
+
+
+def test_a_handler_that_does_not_wait_is_answered_in_the_same_call():
+    async def script():
+        return {"now": True}
+
+    _, reply = _answer(script)
+    assert isinstance(reply, bytes)
+    assert json.loads(reply)["result"] == {"now": True}
+
+
+def test_a_handler_that_waits_is_answered_when_its_deferreds_fire():
+    first, second = defer.Deferred(), defer.Deferred()
+
+    async def script():
+        a = await first
+        b = await second
+        return {"sum": a + b}
+
+    dispatcher, reply = _answer(script)
+    assert isinstance(reply, defer.Deferred)
+    replies: list[bytes] = []
+    reply.addCallback(replies.append)
+    first.callback(2)
+    assert replies == []
+    second.callback(3)
+    assert json.loads(replies[0])["result"] == {"sum": 5}
+    assert dispatcher.stats.requests == 1 and dispatcher.stats.errors == 0
+
+
+def test_an_error_thrown_into_a_waiting_handler_reaches_its_except_clause():
+    waiting = defer.Deferred()
+
+    async def script():
+        try:
+            await waiting
+        except KeyError as error:
+            raise StuiError("SessionNotFound", f"caught {error.args[0]}") from None
+        return {}
+
+    _, reply = _answer(script)
+    replies: list[bytes] = []
+    reply.addCallback(replies.append)
+    waiting.errback(KeyError("it"))
+    decoded = json.loads(replies[0])
+    assert decoded["error_type"] == "SessionNotFound"
+    assert decoded["error"] == "caught it"
+
+
+def test_a_bug_after_waiting_is_an_internal_error():
+    waiting = defer.Deferred()
+
+    async def script():
+        await waiting
+        raise ZeroDivisionError("secret detail")
+
+    _, reply = _answer(script)
+    replies: list[bytes] = []
+    reply.addCallback(replies.append)
+    waiting.callback(None)
+    decoded = json.loads(replies[0])
+    assert decoded["error_type"] == "InternalError"
+    assert "secret" not in decoded["error"]
+
+
+def test_cancelling_the_reply_cancels_what_the_handler_awaits():
+    waiting = defer.Deferred()
+    cleaned: list[str] = []
+
+    async def script():
+        try:
+            await waiting
+        finally:
+            cleaned.append("finally ran")
+        return {}
+
+    _, reply = _answer(script)
+    replies: list[bytes] = []
+    reply.addCallback(replies.append)
+    reply.cancel()
+    assert waiting.called
+    assert cleaned == ["finally ran"]
+    assert json.loads(replies[0])["error_type"] == "InternalError"
+
+
+def test_a_result_that_cannot_be_encoded_is_an_internal_error():
+    async def script():
+        return {"not json": object()}
+
+    _, reply = _answer(script)
+    decoded = json.loads(reply)
+    assert decoded["error_type"] == "InternalError"
+    assert decoded["id"] == "a"
+
+
+def test_replies_encode_like_json_dumps_and_survive_values_json_lacks():
+    from stui_twisted.envelope import encode_success
+
+    result = {"text": "héllo \u2028 \"quoted\"", "n": [1, 2.5, -0.0, 10**30], "none": None, "t": True}
+    reply = json.loads(encode_success("r", result, 0.0))
+    assert reply["result"] == result
+    assert encode_success("r", result, 0.0).decode() == json.dumps(
+        {"id": "r", "status": "success", "result": result, "timestamp": "1970-01-01T00:00:00.000Z"},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    odd = json.loads(encode_success("r", {"nan": float("nan"), "inf": [float("-inf")]}, 0.0))
+    assert odd["result"] == {"nan": "nan", "inf": ["-inf"]}
+    lone = encode_success("r", {"s": "\ud800"}, 0.0)
+    assert json.loads(lone)["result"] == {"s": "\ud800"}
+
+
+@pytest.mark.parametrize("text", [b'  {"command": "ping"}\r\n\t', b'{"command": "ping"} '])
+def test_json_whitespace_around_a_request_is_allowed(dispatcher, text):
+    assert dispatch(dispatcher, text)["status"] == "success"
+
+
+@pytest.mark.parametrize("text", [b'{"command": "ping"} {}', b'{"command": "ping"}\xc2\xa0', b"\x0b{}"])
+def test_anything_but_json_whitespace_around_a_request_is_invalid(dispatcher, text):
+    assert dispatch(dispatcher, text)["error_type"] == "InvalidRequest"
