@@ -82,6 +82,12 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
 
     # -- framing ----------------------------------------------------------
 
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        # Each call is one turn: a read from the socket, or the resume after a
+        # pause (LineReceiver.resumeProducing calls this with b"").
+        self._turn_started = None
+        LineReceiver.dataReceived(self, data)
+
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self._closing:
             return
@@ -95,8 +101,11 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
         self._pending += 1
         if self._pending >= self.factory.max_pending:
             self._pause("pending")
-        reply = self.factory.dispatcher.dispatch(self.context, line)
-        reply.addCallback(self._replied)
+        reply = self.factory.dispatcher.answer(self.context, line)
+        if isinstance(reply, bytes):
+            self._replied(reply)
+        else:
+            reply.addCallback(self._replied)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         if self._closing:
@@ -109,13 +118,17 @@ class LineJSONProtocol(LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def _take_turn(self) -> None:
-        """Yield to other connections once this one used up its turn."""
+        """Yield to other connections once this one used up its turn.
+
+        Nothing is scheduled while a turn is within budget: a client sending
+        one request at a time costs no timer per request.
+        """
         now = time.perf_counter()
         if self._turn_started is None:
             self._turn_started = now
-            self.callLater(0, self._end_turn)
-        elif now - self._turn_started > self.factory.turn_budget:
+        elif now - self._turn_started > self.factory.turn_budget and "turn" not in self._pause_reasons:
             self._pause("turn")
+            self.callLater(0, self._end_turn)
 
     def _end_turn(self) -> None:
         self._turn_started = None
