@@ -67,13 +67,53 @@ class ZmqPeer:
         self._router.forget(self.identity)
 
 
+# Plain ints: pyzmq's flag enums cost a Python-level enum operation per use,
+# and the read loop below runs them on every message.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+# The backend's send: pyzmq's Socket.send only adds DRAFT-socket options we do not use.
+_send_frame = zmq.backend.Socket.send
+
+
 class _StuiRouter(ZmqRouterConnection):
     log = Logger()
 
     def __init__(self, factory, endpoint, adapter: ZmqRouterService) -> None:
         self.adapter = adapter
         self._peer_address = UNKNOWN_PEER
+        self._reading = False
         super().__init__(factory, endpoint)
+
+    def doRead(self) -> None:  # noqa: N802 - overrides txzmq's reader
+        """Read and answer every message waiting on the socket.
+
+        txzmq's loop, minus per-message overhead: integer socket options
+        instead of enum arithmetic, and no log-context wrapper per message (a
+        failure is logged here instead).  Replies sent while this loop runs
+        need no extra scheduled read (see L{send}): the loop checks C{EVENTS}
+        again after every message, which is what ZeroMQ's edge-triggered
+        descriptor requires after a send.
+        """
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        socket = self.socket
+        self._reading = True
+        try:
+            while self.factory is not None and socket.get(_EVENTS) & _POLLIN:
+                try:
+                    message = self._readMultipart()
+                except zmq.Again:
+                    continue
+                try:
+                    self.messageReceived(message)
+                except Exception:
+                    self.log.failure("zmq message not handled")
+        finally:
+            self._reading = False
 
     def _readMultipart(self):  # noqa: N802 - overrides txzmq's reader
         """Read one multipart message, noting the sender's address (Peer-Address).
@@ -83,16 +123,32 @@ class _StuiRouter(ZmqRouterConnection):
         metadata can be read.  C{doRead} hands the result to
         C{messageReceived} right away, so the noted address belongs to it.
         """
+        socket = self.socket
         while True:
-            frame = self.socket.recv(zmq.NOBLOCK, copy=False)
+            frame = socket.recv(_NOBLOCK, copy=False)
             self.recv_parts.append(frame.bytes)
             if not frame.more:
                 self._peer_address = peer_address(frame)
                 result, self.recv_parts = self.recv_parts, []
                 return result
 
-    def gotMessage(self, sender_id: bytes, *frames: bytes) -> None:  # noqa: N802
-        self.adapter.message_received(sender_id, list(frames), self._peer_address)
+    def send(self, message: list[bytes]) -> None:
+        """Send one multipart message (txzmq's contract, integer flags).
+
+        A send outside L{doRead} (a reply that waited for the image) schedules
+        one read, as txzmq does: ZeroMQ may not signal the descriptor again
+        for messages that arrived while we were sending.
+        """
+        socket = self.socket
+        for part in message[:-1]:
+            _send_frame(socket, part, _NOBLOCK_SNDMORE)
+        _send_frame(socket, message[-1], _NOBLOCK)
+        if not self._reading and self.read_scheduled is None and self.factory is not None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def messageReceived(self, message: list[bytes]) -> None:  # noqa: N802
+        """[identity, *frames] from the ROUTER: hand them to the adapter."""
+        self.adapter.message_received(message[0], message[1:], self._peer_address)
 
     def send_to(self, identity: bytes, envelope: list[bytes], data: bytes) -> None:
         try:
@@ -206,7 +262,7 @@ class ZmqRouterService(service.Service):
         if not frames:
             return
         envelope, payload = frames[:-1], frames[-1]
-        if any(frame for frame in envelope) or len(envelope) > 1:
+        if len(envelope) > 1 or (envelope and envelope[0]):
             # Not [payload] or [b"", payload]: answer on the frames we got anyway.
             error = RequestError(
                 f"expected one payload frame (optionally after an empty delimiter), got {len(frames)} frames"
@@ -219,5 +275,8 @@ class ZmqRouterService(service.Service):
                 self.dispatcher.too_large(peer.context, len(payload), self.max_message_bytes),
             )
             return
-        reply = self.dispatcher.dispatch(peer.context, payload)
-        reply.addCallback(lambda data: peer.sendFrames(envelope, data))
+        reply = self.dispatcher.answer(peer.context, payload)
+        if isinstance(reply, bytes):
+            peer.sendFrames(envelope, reply)
+        else:
+            reply.addCallback(lambda data: peer.sendFrames(envelope, data))

@@ -131,6 +131,45 @@ def test_pipelined_requests_are_all_answered(server):
     assert ids == set(range(200))
 
 
+def test_zmq_pipelined_requests_that_wait_and_that_do_not_are_all_answered(tmp_path):
+    """Replies sent inside the read loop and after a thread-pool write both keep reading.
+
+    Under C{always} a C{create_session} reply waits for an fsync in the thread
+    pool and is sent outside the read loop; pings are answered inside it.
+    Four DEALERs pipeline both kinds at once; every request gets its reply.
+    """
+    import zmq
+
+    proc = ServerProcess(tmp_path, "--durability=always", image=False).start()
+    sockets = []
+    try:
+        for number in range(4):
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(proc.zmq_url)
+            sockets.append(sock)
+            for index in range(50):
+                command = "create_session" if index % 2 else "ping"
+                request = {"id": f"{number}-{index}", "command": command, "client_id": f"c{number}-{index}"}
+                sock.send_multipart([b"", json.dumps(request).encode()])
+        poller = zmq.Poller()
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        replies: dict = {}
+        deadline = time.monotonic() + 30
+        while len(replies) < 200 and time.monotonic() < deadline:
+            for sock, _ in poller.poll(500):
+                reply = json.loads(sock.recv_multipart()[-1])
+                replies[reply["id"]] = reply
+        assert len(replies) == 200, f"{200 - len(replies)} requests unanswered"
+        failed = [reply for reply in replies.values() if reply["status"] != "success"]
+        assert not failed, failed[:3]
+    finally:
+        for sock in sockets:
+            sock.close()
+        proc.kill()
+
+
 def test_sigterm_exits_cleanly(tmp_path):
     proc = ServerProcess(tmp_path, image=False).start()
     assert proc.tcp_client().call("ping")["status"] == "success"
