@@ -75,11 +75,40 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def _not_serializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# Every reply is encoded here, so the C encoder is made once instead of once
+# per reply as JSONEncoder.encode does; same output as _ENCODER, without the
+# circular-reference check (replies are trees built by handlers; a cycle
+# fails with RecursionError, an internal error like any other encoding bug).
+_c_encoder = (
+    None
+    if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(
+        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+)
+
+
+def _encode_text(reply: dict) -> str:
+    if _c_encoder is None:
+        return _ENCODER.encode(reply)
+    return "".join(_c_encoder(reply, 0))
 
 
 def _decode_json(text: str) -> Any:
+    """What C{json.loads} gives, minus its two whitespace regex scans."""
+    body = text.strip(_JSON_WHITESPACE)
     try:
-        return _DECODER.decode(text)
+        message, end = _DECODER.raw_decode(body)
+        if end != len(body):
+            raise json.JSONDecodeError("Extra data", body, end)
+        return message
     except RecursionError:
         raise RequestError("request is nested too deeply to parse") from None
     except ValueError as exc:
@@ -151,7 +180,7 @@ json_type_name = _json_type_name
 
 
 def _dumps(reply: dict) -> bytes:
-    text = _ENCODER.encode(reply)
+    text = _encode_text(reply)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:

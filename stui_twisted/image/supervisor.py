@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import UTC, datetime
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
@@ -36,6 +35,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 import stui_twisted
+from stui_twisted.envelope import iso_timestamp
 from stui_twisted.errors import ERROR_TYPES, StuiError
 from stui_twisted.image import amp_commands as commands
 
@@ -46,12 +46,6 @@ STARTUP_TIMEOUT = 30.0
 MAX_RESTART_DELAY = 30.0
 SESSION_TASK_DEFAULT_TIMEOUT = 30.0
 EVALUATION_MODES = ("execute", "display")
-
-
-def iso_utc(seconds: float) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``."""
-    moment = datetime.fromtimestamp(seconds, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _package_root() -> str:
@@ -134,6 +128,8 @@ class _ImageProcess(protocol.ProcessProtocol):
         self.ready = False
         self.ended = False
         self.started_at: float | None = None
+        self.started_at_text: str | None = None
+        """C{started_at} as protocol.md writes times, formatted once (ping shows it)."""
         self.in_flight: set[_Request] = set()
         self.kill_timer = None
         self._outputs = {
@@ -304,7 +300,7 @@ class ImageSupervisor(service.Service):
         return {
             "status": self._state,
             "pid": image.pid if ready else None,
-            "started_at": iso_utc(image.started_at) if ready and image.started_at is not None else None,
+            "started_at": image.started_at_text if ready else None,
             "restarts": self._restarts,
         }
 
@@ -361,6 +357,7 @@ class ImageSupervisor(service.Service):
             self._startup_watchdog.cancel()
         image.ready = True
         image.started_at = self._reactor.seconds()
+        image.started_at_text = iso_timestamp(image.started_at)
         self._failed_starts = 0
         self._state = "running"
         self.log.info("image pid {pid} ready", pid=image.pid)
