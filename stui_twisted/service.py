@@ -13,6 +13,7 @@ group-flush loop.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.application import service
@@ -27,6 +28,8 @@ from stui_twisted.policy import ClientPolicy, check_client_id
 from stui_twisted.session import ACTIVE, CLOSED, EXPIRED, Session, merge_patch, new_session_id
 
 DAY = 24 * 3600.0
+FLUSH_SLICE_SECONDS = 0.001
+"""How long a flush serializes sessions before it lets waiting requests be served."""
 CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
 
 
@@ -297,7 +300,13 @@ class SessionService(LiveImageCommands, service.MultiService):
             raise _storage_error(exc, action) from exc
 
     async def flush(self) -> None:
-        """Write every dirty session in one group (the C{batch} policy's loop)."""
+        """Write every dirty session (the C{batch} policy's loop).
+
+        Sessions are serialized on the reactor thread (a session must not
+        change while it is encoded); after L{FLUSH_SLICE_SECONDS} of that
+        the flush lets the reactor serve what is waiting before it goes on.
+        The group is then written as one store job.
+        """
         if self._flushing is not None:
             await self._flushing_wait()
         if not self._dirty and not self._shared_dirty:
@@ -307,33 +316,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             dirty = [self.sessions[sid] for sid in list(self._dirty) if sid in self.sessions]
             self._dirty.clear()
             if dirty:
-                versions = {s.session_id: s.version for s in dirty}
-                try:
-                    results = await self.store.write_many([s.to_document() for s in dirty])
-                except Exception:
-                    # Nothing of this group is known to be on disk: keep it dirty.
-                    self._dirty.update(s.session_id for s in dirty)
-                    self._storage_degraded = True
-                    raise
-                failed = 0
-                for session in dirty:
-                    outcome = results.get(session.session_id)
-                    if outcome is None or not hasattr(outcome, "size_bytes"):
-                        failed += 1
-                        self._dirty.add(session.session_id)
-                    else:
-                        self._wrote(session, outcome, versions[session.session_id])
-                if failed:
-                    self._storage_degraded = True
-                    self.log.error(
-                        "flush: {failed} of {total} sessions could not be written; "
-                        "they stay dirty and are retried",
-                        failed=failed,
-                        total=len(dirty),
-                    )
-                elif self._storage_degraded:
-                    self._storage_degraded = False
-                    self.log.info("flush: storage writes succeed again")
+                await self._flush_sessions(dirty)
             if self._shared_dirty:
                 try:
                     await self._write_shared()
@@ -342,6 +325,74 @@ class SessionService(LiveImageCommands, service.MultiService):
         finally:
             waiting, self._flushing = self._flushing, None
             waiting.callback(None)
+
+    async def _flush_sessions(self, dirty: list[Session]) -> None:
+        snapshots: dict[str, tuple[int, object]] = {}
+        failed = 0
+        slice_started = time.perf_counter()
+        for session in dirty:
+            if time.perf_counter() - slice_started > FLUSH_SLICE_SECONDS:
+                await self._next_turn()
+                slice_started = time.perf_counter()
+            try:
+                snapshots[session.session_id] = (session.version, self._snapshot(session))
+            except Exception:
+                self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
+                failed += 1
+                self._dirty.add(session.session_id)
+        # From here to write_many nothing yields: a session that changed (or
+        # was removed) while others were being serialized is taken as it is
+        # now, so no older snapshot is queued behind a newer write.
+        group, versions = [], {}
+        for session in dirty:
+            if session.session_id not in snapshots:
+                continue
+            if self.sessions.get(session.session_id) is not session:
+                continue
+            version, snapshot = snapshots[session.session_id]
+            if version != session.version:
+                try:
+                    version, snapshot = session.version, self._snapshot(session)
+                except Exception:
+                    self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
+                    failed += 1
+                    self._dirty.add(session.session_id)
+                    continue
+            group.append(session)
+            versions[session.session_id] = version
+            snapshots[session.session_id] = (version, snapshot)
+        try:
+            results = await self.store.write_many([snapshots[s.session_id][1] for s in group])
+        except Exception:
+            # Nothing of this group is known to be on disk: keep it dirty.
+            self._dirty.update(s.session_id for s in group)
+            self._storage_degraded = True
+            raise
+        for session in group:
+            outcome = results.get(session.session_id)
+            if outcome is None or not hasattr(outcome, "size_bytes"):
+                failed += 1
+                self._dirty.add(session.session_id)
+            else:
+                self._wrote(session, outcome, versions[session.session_id])
+        if failed:
+            self._storage_degraded = True
+            self.log.error(
+                "flush: {failed} of {total} sessions could not be written; "
+                "they stay dirty and are retried",
+                failed=failed,
+                total=len(dirty),
+            )
+        elif self._storage_degraded:
+            self._storage_degraded = False
+            self.log.info("flush: storage writes succeed again")
+
+    def _snapshot(self, session: Session):
+        return self.store.snapshot(session.to_document())
+
+    def _next_turn(self) -> defer.Deferred:
+        """Fires on the next reactor iteration, after what is waiting now."""
+        return task.deferLater(self.clock, 0, lambda: None)
 
     async def _flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
@@ -765,3 +816,4 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.image is None:
             return {"status": "disabled", "pid": None, "started_at": None}
         return self.image.status()
+

@@ -571,9 +571,12 @@ class SessionStore:
     def _session_target(self, client_id: str, session_id: str) -> _Target:
         check_session_id(session_id)
         client_dir = encode_client_dir(client_id)
+        # Both names are encoded or checked already; this keeps the path inside
+        # sessions_dir even if that ever changes: each must be one plain component.
+        for part in (client_dir, session_id):
+            if not part or part in (".", "..") or os.sep in part or (os.altsep and os.altsep in part):
+                raise ValueError(f"client id {client_id!r} would leave the sessions directory")
         path = os.path.join(self.sessions_dir, client_dir, session_id + ".json")
-        if os.path.commonpath([self.sessions_dir, path]) != self.sessions_dir:
-            raise ValueError(f"client id {client_id!r} would leave the sessions directory")
         return _Target(
             key=(client_id, session_id),
             path=path,
@@ -640,8 +643,22 @@ class SessionStore:
             return defer.fail()
         return self._submit_write(snapshot)
 
-    def write_many(self, sessions: list[dict[str, Any]]) -> defer.Deferred:
+    def snapshot(self, session: dict[str, Any]) -> _Snapshot:
+        """Serialize C{session} now, for a later L{write_many}.
+
+        A caller that must not hold the reactor for a whole group serializes
+        sessions one by one with this, yielding in between, and writes the
+        snapshots together.
+
+        @raise StuiError: C{StateTooLarge} over C{max_session_bytes}.
+        @raise ValueError: not a session dict, or ids that cannot name a file.
+        """
+        return self._session_snapshot(session)
+
+    def write_many(self, sessions: list[dict[str, Any] | _Snapshot]) -> defer.Deferred:
         """Write several sessions in one thread job, fsyncing each directory once.
+
+        Each item is a session dict or a L{snapshot} of one.
 
         Fires with C{{session_id: WriteResult or Failure}}; it never fails as a whole.
         A session with a write already queued or running joins that queue instead
@@ -654,13 +671,16 @@ class SessionStore:
         outcomes: dict[str, defer.Deferred] = {}
         group: dict[tuple[str, str], _Snapshot] = {}
         for session in sessions:
-            session_id = session.get("session_id") if isinstance(session, dict) else None
-            name = session_id if isinstance(session_id, str) else repr(session_id)
-            try:
-                snapshot = self._session_snapshot(session)
-            except (ValueError, TypeError, RecursionError, StuiError):
-                outcomes[name] = defer.fail()
-                continue
+            if isinstance(session, _Snapshot):
+                snapshot, name = session, session.target.session_id
+            else:
+                session_id = session.get("session_id") if isinstance(session, dict) else None
+                name = session_id if isinstance(session_id, str) else repr(session_id)
+                try:
+                    snapshot = self._session_snapshot(session)
+                except (ValueError, TypeError, RecursionError, StuiError):
+                    outcomes[name] = defer.fail()
+                    continue
             key = snapshot.target.key
             if key in group:  # the same session twice in one batch: the last one wins
                 group[key] = snapshot

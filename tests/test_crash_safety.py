@@ -253,6 +253,7 @@ def test_batch_change_during_a_flush_is_written_later(tmp_path):
                            image=False, zmq=False)
     server.start()
     stop = threading.Event()
+    writer = None
     try:
         heavy, light = server.tcp_client(), server.tcp_client()
         heavy_sid = heavy.result("create_session", client_id="heavy")["session_id"]
@@ -283,6 +284,8 @@ def test_batch_change_during_a_flush_is_written_later(tmp_path):
         assert not stale, f"clean, but the file is behind (acknowledged, on disk): {stale}"
     finally:
         stop.set()
+        if writer is not None:
+            writer.join(timeout=15)  # its last request finishes before the server goes
         server.kill()
 
 

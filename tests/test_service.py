@@ -6,7 +6,7 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from stui_twisted.commands import build_commands
 from stui_twisted.connections import ConnectionRegistry
@@ -342,6 +342,35 @@ async def test_batch_durability_flushes_on_the_flush_loop(make):
     await _settle()
     assert sid not in h.service._dirty
     assert (await h.store.read("alice", sid))["session_state"] == {"n": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_latest(
+    make, monkeypatch
+):
+    """With a zero slice every session yields: changes made meanwhile are what is written."""
+    from stui_twisted import service as service_module
+
+    monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
+    h = await make(durability="batch", flush_interval=0.5)
+    conn = h.connection()
+    sids = []
+    for n in range(3):
+        sids.append((await h.ok(conn, "create_session", client_id=f"c{n}"))["session_id"])
+    flushing = defer.ensureDeferred(h.service.flush())
+    assert not flushing.called  # waiting for the next reactor turn after one session
+    # Between slices: change the first session, close the third.
+    await h.ok(conn, "update_session_state", session_id=sids[0], client_id="c0", state_data={"late": True})
+    await h.ok(conn, "close_session", session_id=sids[2], client_id="c2")
+    for _ in range(10):
+        h.clock.advance(0)
+        await _settle()
+        if flushing.called:
+            break
+    assert flushing.called
+    assert (await h.store.read("c0", sids[0]))["session_state"] == {"late": True}
+    assert (await h.store.read("c1", sids[1]))["client_id"] == "c1"
+    assert sids[0] not in h.service._dirty and sids[1] not in h.service._dirty
 
 
 @pytest_twisted.ensureDeferred

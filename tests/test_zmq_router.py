@@ -70,7 +70,7 @@ async def test_a_reply_sent_after_waiting_still_reads_what_arrived_meanwhile(rou
         for attempt in range(20):
             held_id, quick_id = f"held-{attempt}", f"quick-{attempt}"
             client.send_multipart([b"", json.dumps({"id": held_id, "command": "hold"}).encode()])
-            await _until(lambda: held_id in dispatcher.seen)
+            await _until(lambda held=held_id: held in dispatcher.seen)
             # The next request reaches the server's queue while the reactor is
             # busy (no poll in between); then the held reply is sent, outside
             # the read loop.
