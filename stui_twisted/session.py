@@ -13,6 +13,8 @@ import copy
 import json
 import secrets
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import is_not
 from typing import Any
 
 from stui_twisted.envelope import iso_timestamp, parse_iso_timestamp
@@ -92,6 +94,10 @@ class Session:
     """Counts content changes, so a write knows whether it caught the latest."""
     binding_sizes: dict = field(default_factory=dict, repr=False)
     """name -> (stored binding, its encoded size): bindings are re-encoded only when replaced."""
+    registry_size: PartSize = field(default_factory=lambda: PartSize(), repr=False)
+    """The registry's encoded size, kept up to date by what changed."""
+    history_size: PartSize = field(default_factory=lambda: PartSize(), repr=False)
+    """The history's encoded size, kept up to date by what changed."""
 
     # -- time -------------------------------------------------------------
 
@@ -173,23 +179,22 @@ class Session:
     def encoded_size(self) -> int:
         """About how many bytes the session file's C{session} part takes.
 
-        Measured as the store writes it (ASCII JSON), but each stored binding
-        is encoded only when it was replaced since the last call: a session
-        holding megabytes of bindings is not re-encoded on every request.
+        Measured as the store writes it (ASCII JSON), but the parts that grow
+        -- stored bindings, registry entries, history entries -- are encoded
+        only when they were added or replaced since the last call: a session
+        holding megabytes of bindings, or a full registry and history, is not
+        re-encoded on every request.
         """
         document = self.to_document()
         bindings = document.pop("bindings")
-        size = len(_ASCII_JSON.encode(document)) + len(',"bindings":{}')
-        cache = self.binding_sizes
-        for name, binding in bindings.items():
-            known = cache.get(name)
-            if known is None or known[0] is not binding:
-                known = (binding, len(_ASCII_JSON.encode({name: binding})) - 2)
-                cache[name] = known
-            size += known[1] + 1
-        for name in [name for name in cache if name not in bindings]:
-            del cache[name]
-        return size - 1 if bindings else size  # n bindings, n - 1 commas
+        registry = document.pop("object_registry")
+        history = document["workspace_context"]["history"]
+        document["workspace_context"]["history"] = []
+        size = len(_ASCII_JSON.encode(document)) + len(',"bindings":{}') + len(',"object_registry":{}')
+        size += _members_size(self.binding_sizes, bindings)
+        size += self.registry_size.measure(registry)
+        size += self.history_size.measure(history)
+        return size
 
     def to_document(self) -> dict:
         """The C{session} object of the session file (JSON-able)."""
@@ -258,3 +263,86 @@ class Session:
             if stored is not None and stored > getattr(self, key):
                 setattr(self, key, stored)
         self.loaded = True
+
+
+def _members_size(cache: dict, members: dict) -> int:
+    """Encoded length of C{members}' C{"name":value} pairs and their commas.
+
+    C{cache} maps a name to (value, length) and is refreshed for values that
+    are not the same object as last time; names gone from C{members} leave it.
+    """
+    size = 0
+    for name, value in members.items():
+        known = cache.get(name)
+        if known is None or known[0] is not value:
+            known = (value, len(_ASCII_JSON.encode({name: value})) - 2)
+            cache[name] = known
+        size += known[1] + 1
+    if len(cache) > len(members):
+        for name in [name for name in cache if name not in members]:
+            del cache[name]
+    return size - 1 if members else 0
+
+
+
+class PartSize:
+    """The encoded length of a growing list or dict, updated by what changed.
+
+    Registry and history change by appending at the end, dropping from the
+    front and (registry) replacing a few entries.  C-level list operations
+    find those changes in O(n) without Python-level work per member, and only
+    new or replaced members are encoded.  Anything else (the part cleared or
+    rebuilt) is measured again in full.
+
+    A size is reused only for the very same object, so the result is exact.
+    """
+
+    __slots__ = ("_keys", "_values", "_sizes", "_total")
+
+    def __init__(self) -> None:
+        self._keys: list | None = None
+        self._values: list = []
+        self._sizes: list[int] = []
+        self._total = 0
+
+    def measure(self, part: list | dict) -> int:
+        """Length of C{part}'s members as JSON, with commas, without brackets."""
+        if isinstance(part, dict):
+            keys, values = list(part), list(part.values())
+        else:
+            keys, values = None, list(part)
+        if values != self._values or keys != self._keys:
+            self._refresh(keys, values)
+        return self._total + len(values) - 1 if values else 0
+
+    def _refresh(self, keys: list | None, values: list) -> None:
+        old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
+        # Align the new members with the old ones: by key for a dict, by
+        # value for a list (the first new member's place among the old ones).
+        old_ids, ids = (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        try:
+            drop = old_ids.index(ids[0]) if ids else len(old_ids)
+        except ValueError:
+            drop = len(old_ids)
+        keep = len(old_ids) - drop
+        if keep and old_ids[drop:] == ids[:keep]:
+            sizes = old_sizes[drop:]
+            total = self._total - sum(old_sizes[:drop])
+            # Kept members replaced by other objects (found at C speed).
+            for index in compress(range(keep), map(is_not, old_values[drop:], values[:keep])):
+                size = self._size_of(keys, values, index)
+                total += size - sizes[index]
+                sizes[index] = size
+        else:
+            keep, sizes, total = 0, [], 0
+        for index in range(keep, len(values)):
+            size = self._size_of(keys, values, index)
+            sizes.append(size)
+            total += size
+        self._keys, self._values, self._sizes, self._total = keys, values, sizes, total
+
+    @staticmethod
+    def _size_of(keys: list | None, values: list, index: int) -> int:
+        if keys is None:
+            return len(_ASCII_JSON.encode(values[index]))
+        return len(_ASCII_JSON.encode({keys[index]: values[index]})) - 2

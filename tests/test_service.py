@@ -486,6 +486,20 @@ def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
     session.bindings["b3"] = {"encoding": "json", "value": "longer" * 100, "type": "str", "repr": "'…'"}
     exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
     assert session.encoded_size() == exact
+    # Registry and history: added, replaced, evicted, emptied.
+    for n in range(5):
+        session.registry[f"obj_{n}"] = {"class_name": "int", "repr": str(n) * n}
+        session.history.append({"index": n + 2, "code": f"x{n} = 'ü' * {n}", "result": None})
+        session.history = session.history[-3:]
+        exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+        assert session.encoded_size() == exact
+    session.registry["obj_1"] = {"class_name": "str", "repr": "replaced" * 9}
+    del session.registry["obj_0"]
+    exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+    assert session.encoded_size() == exact
+    session.registry, session.history = {}, []
+    exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+    assert session.encoded_size() == exact
 
 
 @pytest_twisted.ensureDeferred
@@ -532,3 +546,36 @@ def test_largest_bindings_are_demoted_until_the_session_fits():
     assert session.bindings["small"]["value"] == 1
     assert [v["restorable"] for v in session.variables] == [False, True, True]
     assert session.encoded_size() <= 6000
+
+
+def test_encoded_size_stays_exact_through_random_registry_and_history_changes():
+    import random
+
+    from stui_twisted.session import Session
+
+    rng = random.Random(11)
+    session = Session("s_" + "b" * 22, "bob", 0.0, 10.0, 0.0, 0.0)
+    counter = 0
+    for step in range(400):
+        counter += 1
+        action = rng.choice(["append", "append", "append", "evict", "replace", "clear", "reload"])
+        entry = {"repr": "v" * rng.randrange(30), "n": counter}
+        if action == "append":
+            session.registry[f"obj_{counter}"] = entry
+            session.history.append(dict(entry, code="é" * rng.randrange(5)))
+            del session.history[:-20]
+        elif action == "evict" and session.registry:
+            del session.registry[next(iter(session.registry))]
+            session.history = session.history[1:]
+        elif action == "replace" and session.registry:
+            name = rng.choice(list(session.registry))
+            session.registry[name] = entry
+            if session.history:
+                session.history[rng.randrange(len(session.history))] = entry
+        elif action == "clear":
+            session.registry.clear() if rng.random() < 0.5 else session.history.clear()
+        elif action == "reload":  # as load_context does: equal content, new objects
+            session.registry = json.loads(json.dumps(session.registry))
+            session.history = json.loads(json.dumps(session.history))
+        exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+        assert session.encoded_size() == exact, (step, action)
