@@ -58,3 +58,19 @@ def dispatch(dispatcher: Dispatcher, data, ctx=None) -> dict:
     dispatcher.dispatch(ctx or context(), data).addCallback(replies.append)
     assert replies, "the reply did not complete synchronously"
     return json.loads(replies[0])
+
+
+def wait_for_signal_keys(child, timeout: float = 10.0) -> None:
+    """Wait until the child's terminal turns Ctrl-C into SIGINT (ISIG on).
+
+    The REPL reads its prompt in raw mode, where Ctrl-C is only a byte; once
+    a line is submitted it restores the terminal, and only then does
+    C{child.sendintr()} interrupt the evaluation it is waiting for.
+    """
+    import termios
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not termios.tcgetattr(child.child_fd)[3] & termios.ISIG:
+        assert time.monotonic() < deadline, "the terminal stayed in raw mode"
+        time.sleep(0.01)

@@ -18,6 +18,7 @@ import pexpect
 import pytest
 
 from stui_twisted.passwd import hash_password, write_atomically
+from tests.helpers import wait_for_signal_keys
 from tests.serverproc import REPO_ROOT, ServerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.image, pytest.mark.timeout(90)]
@@ -130,7 +131,8 @@ def test_ctrl_c_stops_an_endless_loop_and_the_prompt_returns(server, state_dir):
     child = spawn_repl(tcp_url(server), state_dir, "--new")
     child.expect(">>>")
     submit(child, "while True: pass")
-    child.expect([pexpect.TIMEOUT], timeout=1.0)  # let the evaluation start
+    wait_for_signal_keys(child)
+    child.expect([pexpect.TIMEOUT], timeout=0.5)  # let the evaluation start
     child.sendintr()
     child.expect("Interrupted")
     child.expect(">>>")

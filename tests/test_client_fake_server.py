@@ -27,6 +27,7 @@ from stui_twisted.client.__main__ import main
 from stui_twisted.client.session import CredentialSource, RequestLost, StuiClient
 from stui_twisted.client.state import ClientState
 from stui_twisted.client.transport import ConnectionLost, parse_server_url
+from tests.helpers import wait_for_signal_keys
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -506,6 +507,7 @@ def test_repl_ctrl_c_interrupts_a_running_evaluation(fake_server, state_dir):
     send_line(child, SPIN_FOREVER)
     while "evaluate" not in fake_server.commands():
         child.expect([pexpect.TIMEOUT], timeout=0.05)
+    wait_for_signal_keys(child)
     child.sendintr()
     child.expect("Interrupted: evaluation interrupted")
     child.expect(">>>")
