@@ -54,7 +54,7 @@ def _iso(value: float | None) -> str | None:
     return None if value is None else iso_timestamp(value)
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """A session's record and context, in memory.
 
