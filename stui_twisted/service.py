@@ -334,29 +334,23 @@ class SessionService(LiveImageCommands, service.MultiService):
             if time.perf_counter() - slice_started > FLUSH_SLICE_SECONDS:
                 await self._next_turn()
                 slice_started = time.perf_counter()
-            try:
-                snapshots[session.session_id] = (session.version, self._snapshot(session))
-            except Exception:
-                self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
+            snapshot = self._snapshot_or_keep_dirty(session)
+            if snapshot is None:
                 failed += 1
-                self._dirty.add(session.session_id)
+            else:
+                snapshots[session.session_id] = (session.version, snapshot)
         # From here to write_many nothing yields: a session that changed (or
         # was removed) while others were being serialized is taken as it is
         # now, so no older snapshot is queued behind a newer write.
         group, versions = [], {}
         for session in dirty:
-            if session.session_id not in snapshots:
-                continue
-            if self.sessions.get(session.session_id) is not session:
+            if session.session_id not in snapshots or self.sessions.get(session.session_id) is not session:
                 continue
             version, snapshot = snapshots[session.session_id]
             if version != session.version:
-                try:
-                    version, snapshot = session.version, self._snapshot(session)
-                except Exception:
-                    self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
+                version, snapshot = session.version, self._snapshot_or_keep_dirty(session)
+                if snapshot is None:
                     failed += 1
-                    self._dirty.add(session.session_id)
                     continue
             group.append(session)
             versions[session.session_id] = version
@@ -387,8 +381,14 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._storage_degraded = False
             self.log.info("flush: storage writes succeed again")
 
-    def _snapshot(self, session: Session):
-        return self.store.snapshot(session.to_document())
+    def _snapshot_or_keep_dirty(self, session: Session):
+        """C{session} serialized for the store, or None (logged; it stays dirty)."""
+        try:
+            return self.store.snapshot(session.to_document())
+        except Exception:
+            self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
+            self._dirty.add(session.session_id)
+            return None
 
     def _next_turn(self) -> defer.Deferred:
         """Fires on the next reactor iteration, after what is waiting now."""
@@ -816,4 +816,3 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.image is None:
             return {"status": "disabled", "pid": None, "started_at": None}
         return self.image.status()
-

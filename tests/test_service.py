@@ -374,6 +374,32 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_written(
+    make, monkeypatch
+):
+    h = await make(durability="batch", flush_interval=0.5)
+    conn = h.connection()
+    bad = (await h.ok(conn, "create_session", client_id="bad"))["session_id"]
+    good = (await h.ok(conn, "create_session", client_id="good"))["session_id"]
+    real_snapshot = h.store.snapshot
+
+    def snapshot(document):
+        if document["session_id"] == bad:
+            raise ValueError("cannot encode this one")
+        return real_snapshot(document)
+
+    monkeypatch.setattr(h.store, "snapshot", snapshot)
+    await h.service.flush()
+    assert bad in h.service._dirty and good not in h.service._dirty
+    assert h.service._storage_degraded
+    assert (await h.store.read("good", good))["client_id"] == "good"
+    monkeypatch.setattr(h.store, "snapshot", real_snapshot)
+    await h.service.flush()
+    assert bad not in h.service._dirty and not h.service._storage_degraded
+    assert (await h.store.read("bad", bad))["client_id"] == "bad"
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make, monkeypatch):
     from twisted.internet import defer
 
