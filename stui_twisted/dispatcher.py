@@ -97,7 +97,8 @@ class Call:
         return self.params.get("client_id")
 
 
-Handler = Callable[[Call], Awaitable[dict]]
+Handler = Callable[[Call], Awaitable[dict] | dict]
+"""A coroutine function (most commands) or a plain function that returns the result."""
 
 
 @dataclass(frozen=True)
