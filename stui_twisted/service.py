@@ -342,7 +342,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         # From here to write_many nothing yields: a session that changed (or
         # was removed) while others were being serialized is taken as it is
         # now, so no older snapshot is queued behind a newer write.
-        group, versions = [], {}
+        group = []
         for session in dirty:
             if session.session_id not in snapshots or self.sessions.get(session.session_id) is not session:
                 continue
@@ -353,7 +353,6 @@ class SessionService(LiveImageCommands, service.MultiService):
                     failed += 1
                     continue
             group.append(session)
-            versions[session.session_id] = version
             snapshots[session.session_id] = (version, snapshot)
         try:
             results = await self.store.write_many([snapshots[s.session_id][1] for s in group])
@@ -368,7 +367,7 @@ class SessionService(LiveImageCommands, service.MultiService):
                 failed += 1
                 self._dirty.add(session.session_id)
             else:
-                self._wrote(session, outcome, versions[session.session_id])
+                self._wrote(session, outcome, snapshots[session.session_id][0])
         if failed:
             self._storage_degraded = True
             self.log.error(

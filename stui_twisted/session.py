@@ -54,6 +54,71 @@ def _iso(value: float | None) -> str | None:
     return None if value is None else iso_timestamp(value)
 
 
+class PartSize:
+    """The encoded length of a growing list or dict, updated by what changed.
+
+    Registry and history change by appending at the end, dropping from the
+    front and (registry) replacing a few entries.  C-level list operations
+    find those changes in O(n) without Python-level work per member, and only
+    new or replaced members are encoded.  Anything else (the part cleared or
+    rebuilt) is measured again in full.
+
+    A size is reused only for the very same object, so the result is exact.
+    (Bindings keep a per-name cache instead, L{_members_size}: any one of them
+    may be replaced or deleted, and demotion needs each one's size.)
+    """
+
+    __slots__ = ("_keys", "_values", "_sizes", "_total")
+
+    def __init__(self) -> None:
+        self._keys: list | None = None
+        self._values: list = []
+        self._sizes: list[int] = []
+        self._total = 0
+
+    def measure(self, part: list | dict) -> int:
+        """Length of C{part}'s members as JSON, with commas, without brackets."""
+        if isinstance(part, dict):
+            keys, values = list(part), list(part.values())
+        else:
+            keys, values = None, list(part)
+        if values != self._values or keys != self._keys:
+            self._refresh(keys, values)
+        return self._total + len(values) - 1 if values else 0
+
+    def _refresh(self, keys: list | None, values: list) -> None:
+        old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
+        # Align the new members with the old ones: by key for a dict, by
+        # value for a list (the first new member's place among the old ones).
+        old_order, order = (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        try:
+            drop = old_order.index(order[0]) if order else len(old_order)
+        except ValueError:
+            drop = len(old_order)
+        keep = len(old_order) - drop
+        if keep and old_order[drop:] == order[:keep]:
+            sizes = old_sizes[drop:]
+            total = self._total - sum(old_sizes[:drop])
+            # Kept members replaced by other objects (found at C speed).
+            for index in compress(range(keep), map(is_not, old_values[drop:], values[:keep])):
+                size = self._size_of(keys, values, index)
+                total += size - sizes[index]
+                sizes[index] = size
+        else:
+            keep, sizes, total = 0, [], 0
+        for index in range(keep, len(values)):
+            size = self._size_of(keys, values, index)
+            sizes.append(size)
+            total += size
+        self._keys, self._values, self._sizes, self._total = keys, values, sizes, total
+
+    @staticmethod
+    def _size_of(keys: list | None, values: list, index: int) -> int:
+        if keys is None:
+            return len(_ASCII_JSON.encode(values[index]))
+        return len(_ASCII_JSON.encode({keys[index]: values[index]})) - 2
+
+
 @dataclass(slots=True)
 class Session:
     """A session's record and context, in memory.
@@ -94,9 +159,9 @@ class Session:
     """Counts content changes, so a write knows whether it caught the latest."""
     binding_sizes: dict = field(default_factory=dict, repr=False)
     """name -> (stored binding, its encoded size): bindings are re-encoded only when replaced."""
-    registry_size: PartSize = field(default_factory=lambda: PartSize(), repr=False)
+    registry_size: PartSize = field(default_factory=PartSize, repr=False)
     """The registry's encoded size, kept up to date by what changed."""
-    history_size: PartSize = field(default_factory=lambda: PartSize(), repr=False)
+    history_size: PartSize = field(default_factory=PartSize, repr=False)
     """The history's encoded size, kept up to date by what changed."""
 
     # -- time -------------------------------------------------------------
@@ -282,67 +347,3 @@ def _members_size(cache: dict, members: dict) -> int:
         for name in [name for name in cache if name not in members]:
             del cache[name]
     return size - 1 if members else 0
-
-
-
-class PartSize:
-    """The encoded length of a growing list or dict, updated by what changed.
-
-    Registry and history change by appending at the end, dropping from the
-    front and (registry) replacing a few entries.  C-level list operations
-    find those changes in O(n) without Python-level work per member, and only
-    new or replaced members are encoded.  Anything else (the part cleared or
-    rebuilt) is measured again in full.
-
-    A size is reused only for the very same object, so the result is exact.
-    """
-
-    __slots__ = ("_keys", "_values", "_sizes", "_total")
-
-    def __init__(self) -> None:
-        self._keys: list | None = None
-        self._values: list = []
-        self._sizes: list[int] = []
-        self._total = 0
-
-    def measure(self, part: list | dict) -> int:
-        """Length of C{part}'s members as JSON, with commas, without brackets."""
-        if isinstance(part, dict):
-            keys, values = list(part), list(part.values())
-        else:
-            keys, values = None, list(part)
-        if values != self._values or keys != self._keys:
-            self._refresh(keys, values)
-        return self._total + len(values) - 1 if values else 0
-
-    def _refresh(self, keys: list | None, values: list) -> None:
-        old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
-        # Align the new members with the old ones: by key for a dict, by
-        # value for a list (the first new member's place among the old ones).
-        old_ids, ids = (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
-        try:
-            drop = old_ids.index(ids[0]) if ids else len(old_ids)
-        except ValueError:
-            drop = len(old_ids)
-        keep = len(old_ids) - drop
-        if keep and old_ids[drop:] == ids[:keep]:
-            sizes = old_sizes[drop:]
-            total = self._total - sum(old_sizes[:drop])
-            # Kept members replaced by other objects (found at C speed).
-            for index in compress(range(keep), map(is_not, old_values[drop:], values[:keep])):
-                size = self._size_of(keys, values, index)
-                total += size - sizes[index]
-                sizes[index] = size
-        else:
-            keep, sizes, total = 0, [], 0
-        for index in range(keep, len(values)):
-            size = self._size_of(keys, values, index)
-            sizes.append(size)
-            total += size
-        self._keys, self._values, self._sizes, self._total = keys, values, sizes, total
-
-    @staticmethod
-    def _size_of(keys: list | None, values: list, index: int) -> int:
-        if keys is None:
-            return len(_ASCII_JSON.encode(values[index]))
-        return len(_ASCII_JSON.encode({keys[index]: values[index]})) - 2
