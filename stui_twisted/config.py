@@ -93,6 +93,16 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),
+    "max-partial-input-bytes": (
+        "max_partial_input_bytes",
+        _positive_int,
+        "unfinished request lines of all TCP/TLS connections together (bytes)",
+    ),
+    "connection-idle-timeout": (
+        "connection_idle_timeout",
+        _positive_float,
+        "close TCP/TLS connections without a request for (s)",
+    ),
     "history-limit": ("history_limit", _positive_int, "evaluations kept per session"),
     "create-rate-limit": ("create_rate_limit", _positive_int, "create_session per client per window"),
     "create-rate-window": ("create_rate_window", _positive_float, "rate-limit window (s)"),

@@ -47,6 +47,8 @@ class Settings:
     max_message_bytes: int = 8 * MiB
     max_connections: int = 1000
     max_pending_per_connection: int = 64
+    max_partial_input_bytes: int = 256 * MiB
+    connection_idle_timeout: float = 600.0
     # security
     auth_file: str | None = None
     insecure_no_auth: bool = False

@@ -83,7 +83,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.commands import build_commands
     from stui_twisted.connections import ConnectionRegistry
     from stui_twisted.dispatcher import Dispatcher
-    from stui_twisted.linejson import LineJSONFactory
+    from stui_twisted.linejson import InputBudget, LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
     from stui_twisted.tls import TLSConfigError, server_endpoint
@@ -119,6 +119,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
     sessions.dispatcher = dispatcher
 
+    input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):
         description = getattr(settings, name)
         if description.lower() == "none":
@@ -129,6 +130,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             max_message_bytes=settings.max_message_bytes,
             max_pending=settings.max_pending_per_connection,
             unauthenticated_idle_timeout=settings.unauthenticated_idle_timeout,
+            idle_timeout=settings.connection_idle_timeout,
+            input_budget=input_budget,
             registry=connections,
         )
         try:

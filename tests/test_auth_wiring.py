@@ -6,6 +6,7 @@ import json
 
 import pytest
 from twisted.internet import task
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -168,7 +169,7 @@ def test_ca_certs_dir_builds_a_verifying_endpoint(tmp_path):
         task.Clock(),
         f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCertsDir={tmp_path / 'cas'}",
     )
-    assert type(endpoint).__name__ == "SSL4ServerEndpoint"
+    assert isinstance(endpoint, SSL4ServerEndpoint)
     options = endpoint._sslContextFactory
     assert options.verify and options.requireCertificate
 
