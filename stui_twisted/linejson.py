@@ -40,6 +40,8 @@ notices a peer that vanished without a FIN.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import socket
 import time
 from collections import deque
@@ -63,6 +65,17 @@ KEEPALIVE_INTERVAL = 15
 KEEPALIVE_PROBES = 4
 
 
+def _load_malloc_trim():
+    """glibc's C{malloc_trim}, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
 class InputBudget:
     """The server-wide budget of buffered, unfinished request input.
 
@@ -72,23 +85,46 @@ class InputBudget:
     goes over C{limit}, the connection holding the most is told
     (L{LineJSONProtocol.over_budget}) and its share is dropped at once, until
     the total fits again.
+
+    Unfinished lines arrive as many 64 KiB reads, which glibc serves from its
+    heap and keeps after they are freed.  So once C{TRIM_AFTER} bytes of
+    unfinished input have been let go (lines finished, connections closed or
+    refused), or C{TRIM_QUIET} bytes when hardly any input is left held,
+    C{malloc_trim} hands the free memory back to the system: the server's
+    size goes back down after an attack instead of staying at its peak.  Its
+    cost is in proportion to what was freed (about 10 ms for 256 MiB), so an
+    attacker pays for it by sending that much.
     """
 
-    def __init__(self, limit: int) -> None:
+    TRIM_AFTER = 16 * MiB
+    TRIM_QUIET = MiB
+
+    def __init__(self, limit: int, trim=_malloc_trim) -> None:
         self.limit = limit
         self.total = 0
         self._held: dict = {}
+        self._freed = 0
+        self._trim = trim
 
     def update(self, connection, size: int) -> None:
         """C{connection} now holds C{size} bytes of unfinished input."""
-        self.total += size - self._held.pop(connection, 0)
+        before = self._held.pop(connection, 0)
+        self.total += size - before
+        self._freed += max(0, before - size)
         if size:
             self._held[connection] = size
         while self.total > self.limit and self._held:
             victim = max(self._held, key=self._held.__getitem__)
             held = self._held.pop(victim)
             self.total -= held
+            self._freed += held
             victim.over_budget(held, self.limit)
+        if self._freed >= self.TRIM_AFTER or (
+            self._freed >= self.TRIM_QUIET and self.total < self.TRIM_QUIET
+        ):
+            self._freed = 0
+            if self._trim is not None:
+                self._trim(0)
 
     def held_by(self, connection) -> int:
         return self._held.get(connection, 0)
