@@ -236,7 +236,9 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:  # noqa: N802
         if self._pending:
-            self.resetTimeout()  # a request in flight is activity: wait for its reply
+            # A request in flight is activity: wait for its reply.  (The fired
+            # timer is gone, so this starts a new one; resetTimeout would not.)
+            self.setTimeout(self.timeOut)
             return
         if self._authenticating:
             self.log.info("{conn} closed: not authenticated in time", conn=self.context.label)

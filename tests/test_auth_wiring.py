@@ -112,7 +112,8 @@ def test_unauthenticated_connection_closed_after_idle_timeout():
     assert transport.disconnecting
 
 
-def test_no_idle_timeout_without_auth():
+def test_no_unauthenticated_timeout_without_auth():
+    # (the longer idle_timeout, 600 s by default, still applies: test_idle_keepalive.py)
     clock = task.Clock()
     factory = LineJSONFactory(make_dispatcher(), unauthenticated_idle_timeout=5, clock=clock)
     protocol = factory.buildProtocol(None)
