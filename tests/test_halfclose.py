@@ -100,6 +100,7 @@ TOOLS = {
     # socat waits only 0.5 s (-t) for the answer after its input ends; the
     # evaluate sleeps 0.3 s, so give socat's own give-up timer room.
     "socat -": ["socat", "-t10", "-", "TCP:127.0.0.1:{port}"],
+    "socat - OPENSSL": ["socat", "-t10", "-", "OPENSSL:127.0.0.1:{tls_port},cafile={cafile}"],
 }
 
 
@@ -108,7 +109,10 @@ def test_command_line_clients_get_every_reply(server, tool):
     argv = TOOLS[tool]
     if shutil.which(argv[0]) is None:
         pytest.skip(f"{argv[0]} is not installed (apt-get install netcat-openbsd socat)")
-    argv = [part.format(port=server.tcp_port) for part in argv]
+    argv = [
+        part.format(port=server.tcp_port, tls_port=server.tls_port, cafile=server.cert_path)
+        for part in argv
+    ]
     for _ in range(RUNS):
         done = subprocess.run(
             argv, input=requests(server.session_id), capture_output=True, timeout=20
