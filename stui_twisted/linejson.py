@@ -244,7 +244,7 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
             self.log.info("{conn} closed: not authenticated in time", conn=self.context.label)
         else:
             self.log.info(
-                "{conn} closed: idle for {seconds} s (idle_timeout)",
+                "{conn} closed: idle for {seconds} s (connection_idle_timeout)",
                 conn=self.context.label,
                 seconds=self.factory.idle_timeout,
             )

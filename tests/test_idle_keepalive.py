@@ -178,6 +178,6 @@ def test_a_real_server_arms_keepalive_and_closes_idle_connections(tmp_path):
         idle.sock.settimeout(5)
         assert idle.sock.recv(1) == b""
         assert busy.result("ping")["message"] == "pong"
-        assert "idle for 1.5 s (idle_timeout)" in proc.log_text()
+        assert "idle for 1.5 s (connection_idle_timeout)" in proc.log_text()
         idle.close()
         busy.close()

@@ -110,7 +110,11 @@ def test_full_write_buffer_pauses_reading():
 
 def test_a_trickled_line_is_scanned_once_not_once_per_read():
     protocol, transport = connect(max_message_bytes=16 * 1024 * 1024)
-    head, piece, tail = b'{"id": 1, "command": "ping", "parameters": {"pad": "', b"x" * 100, b'"}}\n'
+    head, piece, tail = (
+        b'{"id": 1, "command": "ping", "parameters": {"pad": "',
+        b"x" * 100,
+        b'"}}\n',
+    )
     protocol.dataReceived(head)
     for _ in range(20_000):  # a 2 MB line in 100-byte reads
         protocol.dataReceived(piece)
@@ -189,3 +193,33 @@ def test_input_held_while_paused_counts_against_the_budget():
     assert budget.total == len(data) - len(data) // 50  # all but the line in flight
     gate.callback(None)
     assert len(replies(transport)) == 50 and budget.total == 0
+
+
+# -- end of input (half-close) ---------------------------------------------------------
+
+
+def test_end_of_input_answers_everything_read_then_closes():
+    gate = defer.Deferred()
+
+    class Service(NullImageService):
+        async def handle(self, name, call):
+            await gate
+            return {}
+
+    protocol, transport = connect(make_dispatcher(service=Service()), max_pending=1)
+    protocol.dataReceived(b'{"id": 1, "command": "get_session_statistics"}\n' * 3)
+    protocol.dataReceived(b'{"id": 2, "command": "ping"}')  # no newline before the end
+    protocol.readConnectionLost()
+    assert not transport.disconnecting  # three requests are still to be answered
+    gate.callback(None)
+    assert sorted(r["id"] for r in replies(transport)) == [1, 1, 1, 2]  # match by id
+    assert transport.disconnecting
+    assert transport.producer is None  # unregistered first: TLS closes only then
+
+
+def test_end_of_input_with_nothing_pending_closes_at_once():
+    protocol, transport = connect()
+    protocol.dataReceived(b'{"id": 1, "command": "ping"}\n')
+    protocol.readConnectionLost()
+    assert [r["id"] for r in replies(transport)] == [1]
+    assert transport.disconnecting
