@@ -78,15 +78,17 @@ def test_the_largest_unfinished_line_is_refused_and_the_others_go_on(server):
         small[name] = sock
     time.sleep(0.5)  # let the server read them (3 MiB + a little, under the budget)
     big = connect(server)
-    # 5 MiB more: the budget is crossed only once all of it is read, so the
-    # server closes a connection with nothing unread (no reset) and the
-    # largest, this one, is the one refused.
-    big.sendall(line_start("big") + b"y" * (5 * MiB + 4096))
+    # Just under the budget first; then one small segment crosses it, so the
+    # server closes a connection with nothing unread (no reset that could
+    # swallow the reply) and the largest, this one, is the one refused.
+    big.sendall(line_start("big") + b"y" * (5 * MiB - 1024))
+    time.sleep(0.5)
+    big.sendall(b"y" * 2048)
     reply = read_line(big)
     assert reply["error_type"] == "MessageTooLarge", reply
     assert reply["details"]["scope"] == "server"
     assert reply["details"]["max_partial_input_bytes"] == BUDGET
-    assert reply["details"]["size"] > 5 * MiB
+    assert reply["details"]["size"] > 5 * MiB - 1024
     assert big.recv(1) == b""  # and closed
     big.close()
 
