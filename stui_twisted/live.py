@@ -181,7 +181,9 @@ class LiveImageCommands:
         await self._ensure_materialized(session)
         started = self.now()
         try:
-            outcome = await image.evaluate(session.session_id, params["code"], mode, timeout)
+            outcome = await image.evaluate(
+                session.session_id, params["code"], mode, timeout, cell_index=session.history_counter + 1
+            )
         except StuiError as error:
             if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
                 self._apply_delta(session, error.details)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -217,7 +218,9 @@ async def test_multi_megabyte_payloads_cross_amp(supervisor):
     assert result["result"] == "3000000"
     assert len(result["bindings_changed"]["big"]["value"]) == 3_000_000
     shown = await supervisor.evaluate("s_a", "big")
-    assert len(shown["result"]) == 3_000_002
+    # The payload crosses whole, but a result is clipped in the image (1 MiB).
+    assert len(shown["result"]) <= 1024 * 1024
+    assert shown["result"].endswith("... [3000000 characters in all]")
     outcome = await supervisor.materialize("s_b", result["bindings_changed"], {}, 1)
     assert outcome["restored"] == ["_", "big"]
     assert (await supervisor.evaluate("s_b", "len(big)"))["result"] == "3000000"
@@ -290,3 +293,99 @@ async def test_an_image_that_cannot_start_fails_requests_and_retries(tmp_path):
     finally:
         await image.stopService()
     assert image.status()["status"] == "stopped"
+
+
+def _count_channel_bytes(supervisor) -> list[int]:
+    """Count the bytes the current image sends back on its AMP channel (fd 4)."""
+    image = supervisor._image
+    received = [0]
+    original = image.childDataReceived
+
+    def counting(child_fd, data):
+        if child_fd == 4:
+            received[0] += len(data)
+        original(child_fd, data)
+
+    image.childDataReceived = counting
+    return received
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_big_values_are_clipped_before_they_leave_the_image(supervisor):
+    received = _count_channel_bytes(supervisor)
+    shown = await supervisor.evaluate("s_a", "s = 'a' * 200_000_000\ns", mode="display")
+    assert len(shown["display"]) <= 1024 * 1024 and len(shown["result"]) <= 1024 * 1024
+    assert shown["bindings_changed"]["s"]["encoding"] == "unrestorable"
+    assert received[0] < 3 * 1024 * 1024, received[0]  # result + display, not 200 MB
+    received[0] = 0
+    error = await failure_of(supervisor.evaluate("s_a", "raise ValueError('b' * (50 * 1024 * 1024))"))
+    assert error.error_type == "EvaluationError"
+    assert received[0] < 128 * 1024, received[0]  # not 150 MB with the message three times
+    everything = repr((error.message, error.details))
+    assert len(re.findall("b{5000,}", everything)) == 1
+    assert error.details["message"].startswith("b" * 60_000)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_a_binding_over_the_limit_costs_little_memory_and_later_cells_stay_fast(supervisor):
+    size = 64 * 1024 * 1024
+    await supervisor.evaluate("s_a", "small = bytearray(10)\nlen(small)")
+    pid = supervisor.status()["pid"]
+    before = _peak_rss_bytes(pid)
+    created = await supervisor.evaluate("s_a", f"x = bytearray({size})")
+    stored = created["bindings_changed"]["x"]
+    assert stored["encoding"] == "unrestorable" and stored["reason"].startswith("too large")
+    timings = []
+    for code in ("len(x)", "x[0] = 1", "x[:3]", "len(small)"):
+        started = time.perf_counter()
+        result = await supervisor.evaluate("s_a", code)
+        timings.append(time.perf_counter() - started)
+        if code != "x[0] = 1":  # that one changes x's summary repr
+            assert "x" not in result["bindings_changed"]
+    # No repr (4 characters a byte), pickle, base64 or JSON of the value was built:
+    # the image grew by about the value itself.
+    growth = _peak_rss_bytes(pid) - before
+    assert growth < 1.5 * size, growth / size
+    # A cell mentioning x costs about what one that does not mention it costs.
+    assert max(timings[:3]) < max(0.25, 5 * timings[3]), timings
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor):
+    for session, body in (("s_a", "return 1 / 0"), ("s_b", "raise KeyError('b')")):
+        await supervisor.evaluate(session, f"def f():\n    {body}\n", cell_index=2)
+    for session, body in (("s_a", "return 1 / 0"), ("s_b", "raise KeyError('b')")):
+        error = await failure_of(supervisor.evaluate(session, "f()", cell_index=7))
+        lines = error.details["traceback"]
+        assert '  File "<cell 7>", line 1, in <module>' in lines
+        assert '  File "<cell 2>", line 2, in f' in lines
+        assert f"    {body}" in lines  # each session's own cell 2, though both have one
+        assert error.details["line"] == 1
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_lone_surrogates_cross_the_image_pipe(supervisor):
+    broken = await failure_of(supervisor.evaluate("s_a", "z = 'ok\ud800'"))
+    assert broken.error_type == "EvaluationError"  # Python source cannot hold it; not InternalError
+    assert "surrogate" in broken.message
+    result = await supervisor.evaluate("s_a", "y = 'ok' + chr(0xd800)\nprint(y)\ny", mode="display")
+    assert result["display"] == "ok\ud800" and result["output"] == "ok\ud800\n"
+    assert result["bindings_changed"]["y"] == {
+        "encoding": "json", "value": "ok\ud800", "type": "str", "repr": "'ok\\ud800'"
+    }
+    snapshot = await supervisor.snapshot("s_a")
+    assert snapshot["bindings"]["y"]["value"] == "ok\ud800"
+    await supervisor.materialize("s_b", snapshot["bindings"], {}, 1)
+    assert (await supervisor.evaluate("s_b", "y == 'ok' + chr(0xd800)"))["result"] == "True"

@@ -165,10 +165,12 @@ class ImageChildProtocol(amp.AMP):
         return {"pid": os.getpid()}
 
     @commands.Evaluate.responder
-    def evaluate(self, session_id, code, mode, timeout=None):
+    def evaluate(self, session_id, code, mode, timeout=None, cell_index=None):
         workspace = self._image.session(session_id)
         return self._on_worker(
-            session_id, timeout, lambda guard: workspace.evaluate(code, mode, guard=guard)
+            session_id,
+            timeout,
+            lambda guard: workspace.evaluate(code, mode, guard=guard, cell_index=cell_index),
         )
 
     @commands.Interrupt.responder

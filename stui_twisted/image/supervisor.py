@@ -505,7 +505,8 @@ class ImageSupervisor(service.Service):
 
     # -- the API --
 
-    def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0) -> defer.Deferred:
+    def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0,
+                 cell_index: int | None = None) -> defer.Deferred:
         """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
         if mode not in EVALUATION_MODES:
             return defer.fail(StuiError(
@@ -514,7 +515,7 @@ class ImageSupervisor(service.Service):
             ))
         return defer.ensureDeferred(
             self._session_task(session_id, commands.Evaluate, f"evaluation in session {session_id}",
-                               timeout, session_id=session_id, code=code, mode=mode)
+                               timeout, session_id=session_id, code=code, mode=mode, cell_index=cell_index)
         )
 
     def interrupt(self, session_id: str) -> defer.Deferred:

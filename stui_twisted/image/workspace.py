@@ -46,6 +46,14 @@ from stui_twisted.image.interruption import (
 MiB = 1024 * 1024
 DEFAULT_MAX_BINDING_BYTES = 8 * MiB
 MAX_OUTPUT_CHARS = 1 * MiB
+#: ``result`` and ``display`` text of one evaluation (the server's MAX_RESULT_TEXT).
+MAX_RESULT_CHARS = 1 * MiB
+#: An exception's own message (``details.message``).
+MAX_MESSAGE_CHARS = 64 * 1024
+#: The error sentence (``"ValueError: ..."``) and each traceback line.
+MAX_ERROR_LINE_CHARS = 4096
+#: Traceback frames kept: this many from each end of a longer traceback.
+TRACEBACK_FRAMES_KEPT = 50
 SUMMARY_REPR_CHARS = 200
 INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
@@ -56,6 +64,7 @@ CELL_SOURCES_KEPT = 500
 REGISTRY_LIMIT = 1000
 _cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
+_NOTHING = object()
 
 
 # -- output capture -------------------------------------------------------------------------
@@ -165,63 +174,166 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def clip_text(text: str, limit: int) -> str:
+    """C{text} cut to at most C{limit} characters, a note of what was cut included.
+
+    The note has the server's form (C{"... [N more characters]"}) and fits
+    within C{limit}, so the server's own clipping to the same limit leaves the
+    text alone.
+    """
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 48, 0)
+    return text[:keep] + f"... [{len(text) - keep} more characters]"
+
+
+_SEQUENCES = (str, bytes, bytearray)
+
+
+def _repr_head(value: Any, limit: int) -> str | None:
+    """For a str/bytes/bytearray longer than C{limit}: the repr of its first
+    C{limit} items, which is where the full repr starts (bar the choice of
+    quote), without building the full one (a 400 MB bytearray's repr is 1.6 GB).
+    None for anything else."""
+    if type(value) in _SEQUENCES and len(value) > limit:
+        return repr(value[:limit])
+    return None
+
+
 def safe_repr(value: Any, limit: int | None = SUMMARY_REPR_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters; never raises for a broken ``__repr__``."""
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a user __repr__ may raise anything
-        text = f"<{type_name(value)} object; repr() failed: {type(exc).__name__}: {exc}>"
+    text = None if limit is None else _repr_head(value, limit)
+    if text is None:
+        try:
+            text = repr(value)
+        except Exception as exc:  # noqa: BLE001 - a user __repr__ may raise anything
+            text = f"<{type_name(value)} object; repr() failed: {type(exc).__name__}: {exc}>"
     if limit is not None and len(text) > limit:
         text = text[:limit] + "..."
     return text
 
 
-def _is_exact_json(value: Any) -> bool:
-    kind = type(value)
-    if value is None or kind is bool or kind is int or kind is str:
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if kind is list:
-        return all(_is_exact_json(item) for item in value)
-    if kind is dict:
-        return all(type(key) is str and _is_exact_json(item) for key, item in value.items())
-    return False
+def result_text(value: Any, limit: int = MAX_RESULT_CHARS) -> str:
+    """The C{result} of an evaluation: C{repr(value)} clipped to C{limit} with a note."""
+    head = _repr_head(value, limit)
+    if head is None:
+        return clip_text(safe_repr(value, None), limit)
+    unit = "characters" if isinstance(value, str) else "bytes"
+    keep = max(limit - 64, 0)
+    return head[:keep] + f"... [{len(value)} {unit} in all]"
+
+
+def display_text(value: Any, limit: int = MAX_RESULT_CHARS) -> str:
+    """The C{display} of an evaluation: C{str(value)} clipped to C{limit} with a note."""
+    if type(value) is str:
+        return clip_text(value, limit)
+    if type(value) in _SEQUENCES:
+        return result_text(value, limit)  # str() of bytes is their repr
+    try:
+        text = str(value)
+    except Exception as exc:  # noqa: BLE001 - a user __str__ may raise anything
+        text = f"<{type_name(value)} object; str() failed: {type(exc).__name__}: {exc}>"
+    return clip_text(text, limit)
+
+
+def _json_shape(value: Any, max_bytes: int) -> bool | None:
+    """Whether C{value} is exact JSON (a tree of dicts with str keys, lists,
+    str, int, finite float, bool, None), walked without recursion.
+
+    None when its JSON text would surely be over C{max_bytes} (a lower bound
+    of the size is added up on the way) or a container occurs twice (shared or
+    cyclic: JSON would copy it, pickle keeps it one object); then it is not
+    stored as JSON.
+    """
+    size = 0
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if item is None or kind is bool or kind is int:
+            size += 1
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+            size += 1
+        elif kind is str:
+            size += len(item) + 2
+        elif kind is list or kind is dict:
+            if id(item) in seen:
+                return None
+            seen.add(id(item))
+            size += len(item) + 1
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        return False
+                    size += len(key) + 3
+                stack.extend(item.values())
+            else:
+                stack.extend(item)
+        else:
+            return False
+        if size > max_bytes:
+            return None
+    return True
 
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class BindingTooLarge(Exception):
+    """The stored form of a binding would exceed max_binding_bytes."""
+
+
+def _too_large_reason(max_bytes: int) -> str:
+    return f"{TOO_LARGE}: its stored form would exceed max_binding_bytes ({max_bytes} bytes)"
+
+
+def _surely_larger(value: Any, limit: int) -> bool:
+    """A cheap look at a buffer's or string's length, before anything is encoded."""
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value) > limit
+    if isinstance(value, memoryview):
+        return value.nbytes > limit
+    return False
+
+
 def serialize_binding(
     value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES, workspace: SessionWorkspace | None = None
 ) -> dict:
-    """The stored form of one binding (see protocol: json, pickle, module, unrestorable)."""
+    """The stored form of one binding (see protocol: json, pickle, module, unrestorable).
+
+    Nothing is built in full when it would be over C{max_bytes}: the summary
+    repr is clipped as it is made, JSON is tried only when a walk of the value
+    stays under the limit, and the pickle is written into a buffer that gives
+    up at the limit.
+    """
     kind = type_name(value)
     summary = safe_repr(value)
     if isinstance(value, types.ModuleType):
         return {"encoding": "module", "module": value.__name__, "type": "module", "repr": summary}
-    try:
-        exact = _is_exact_json(value)
-    except RecursionError:
-        exact = False
-    if exact:
+    if _json_shape(value, max_bytes):
         try:
             text = json.dumps(value, ensure_ascii=False)
             round_trips = json.loads(text) == value
         except (ValueError, RecursionError):
             round_trips = False
         if round_trips:
-            if len(text.encode("utf-8")) > max_bytes:
-                return _unrestorable(kind, summary, TOO_LARGE)
+            if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+                return _unrestorable(kind, summary, _too_large_reason(max_bytes))
             return {"encoding": "json", "value": value, "type": kind, "repr": summary}
+    pickle_limit = max_bytes * 3 // 4  # base64 makes 4 characters of 3 bytes
+    if _surely_larger(value, pickle_limit):
+        return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     try:
-        data = _pickle_dumps(value, workspace)
+        data = _pickle_dumps(value, workspace, pickle_limit)
         pickle.loads(data)
+    except BindingTooLarge:
+        return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
         return _unrestorable(kind, summary, _reason(exc))
-    if len(data) * 4 // 3 > max_bytes:
-        return _unrestorable(kind, summary, TOO_LARGE)
     encoded = base64.b64encode(data).decode("ascii")
     return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
 
@@ -254,11 +366,36 @@ class WorkspacePickler(pickle.Pickler):
         return NotImplemented
 
 
-def _pickle_dumps(value: Any, workspace: SessionWorkspace | None) -> bytes:
+class _LimitedBuffer:
+    """A write-only file that raises L{BindingTooLarge} past C{limit} bytes.
+
+    The pickler streams its output here frame by frame (and a large buffer
+    in one write, without copying it first), so a value too large to store
+    costs at most C{limit} bytes of memory to find out.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._size = 0
+        self._buffer = io.BytesIO()
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._size += size
+        if self._size > self._limit:
+            raise BindingTooLarge
+        return self._buffer.write(data)
+
+    def getvalue(self) -> bytes:
+        return self._buffer.getvalue()
+
+
+def _pickle_dumps(value: Any, workspace: SessionWorkspace | None, limit: int) -> bytes:
+    buffer = _LimitedBuffer(limit)
     if workspace is None:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    buffer = io.BytesIO()
-    WorkspacePickler(buffer, workspace).dump(value)
+        pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    else:
+        WorkspacePickler(buffer, workspace).dump(value)
     return buffer.getvalue()
 
 
@@ -420,6 +557,8 @@ class SessionWorkspace:
         self.namespace: dict[str, Any] = self._fresh_namespace()
         self.next_object_id = 1
         self._stored: dict[str, dict] = {}
+        # name -> the object its _stored form was made from (see _delta)
+        self._stored_values: dict[str, Any] = {}
         self._unrestored: dict[str, dict] = {}
         self._registry: dict[str, Any] = {}
         self._registry_meta: dict[str, dict] = {}
@@ -537,10 +676,14 @@ class SessionWorkspace:
             names |= _code_names(expression)
         return body, expression, names, definitions
 
-    def evaluate(self, code: str, mode: str = "execute", guard=None) -> dict:
-        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta."""
+    def evaluate(self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None) -> dict:
+        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta.
+
+        ``cell_index`` is the history index the server will give this
+        evaluation; tracebacks call the cell ``<cell N>`` by it.
+        """
         guard = guard or NoGuard()
-        filename = f"<cell {next(_cell_numbers)}>"  # image-wide: linecache is global
+        filename = _cell_filename(cell_index)
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
@@ -575,10 +718,10 @@ class SessionWorkspace:
         if failure is not None:
             raise self._failure_error(failure, guard, filename, output, delta)
         return {
-            "result": None if value is None else safe_repr(value, self.image.max_binding_bytes),
+            "result": None if value is None else result_text(value),
             "result_type": type_name(value),
             "object_id": object_id,
-            "display": str(value) if mode == "display" and value is not None else None,
+            "display": display_text(value) if mode == "display" and value is not None else None,
             "output": output,
             "execution_time": round(elapsed_ms, 3),
             "has_error": False,
@@ -598,14 +741,14 @@ class SessionWorkspace:
             )
         if isinstance(stopped, EvaluationStopped):
             return StuiError("Interrupted", "the evaluation was interrupted", output=output, **delta)
-        message = failure.msg if isinstance(failure, SyntaxError) else str(failure)
+        message = _exception_message(failure)
         exception_type = type(failure).__name__
-        lines, line = _user_traceback(failure, filename)
+        lines, line = _user_traceback(failure, filename, message)
         return stui_error(
             "EvaluationError",
-            f"{exception_type}: {message}",
+            clip_text(f"{exception_type}: {message}", MAX_ERROR_LINE_CHARS),
             exception_type=exception_type,
-            message=message,
+            message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
             line=line,
             output=output,
@@ -622,7 +765,15 @@ class SessionWorkspace:
         bindings_changed = {}
         for name in changed_names:
             self._unrestored.pop(name, None)
-            stored = self._serialize(name, self.namespace[name])
+            value = self.namespace[name]
+            if (
+                type(value) in _TRIVIAL_TYPES
+                and name in self._stored
+                and self._stored_values.get(name, _NOTHING) is value
+            ):
+                continue  # the very object stored last time, and it cannot change
+            stored = self._serialize(name, value)
+            self._stored_values[name] = value
             if self._stored.get(name) != stored:
                 self._stored[name] = stored
                 bindings_changed[name] = stored
@@ -631,6 +782,7 @@ class SessionWorkspace:
         )
         for name in bindings_removed:
             del self._stored[name]
+            self._stored_values.pop(name, None)
         self._refresh_registry_bindings(set(changed_names) | set(bindings_removed), registry_added)
         shared_changed, shared_removed = self.image.shared_delta(shared_before, referenced)
         return {
@@ -656,7 +808,7 @@ class SessionWorkspace:
         pickle, so instances of the class unpickle against it)."""
         if name in self._definitions:
             source, made = self._definitions[name]
-            if made is value and len(source.encode("utf-8")) <= self.image.max_binding_bytes:
+            if made is value and len(source.encode("utf-8", "surrogatepass")) <= self.image.max_binding_bytes:
                 return {
                     "encoding": "source",
                     "source": source,
@@ -694,11 +846,13 @@ class SessionWorkspace:
 
     def snapshot(self) -> dict:
         """Every binding re-serialized (plus the ones that could not be restored)."""
-        fresh = {}
+        fresh, values = {}, {}
         for name, value in list(self.namespace.items()):
             if not is_hidden_name(name):
                 fresh[name] = self._serialize(name, value)
+                values[name] = value
         self._stored = dict(fresh)
+        self._stored_values = values
         bindings = dict(self._unrestored)
         bindings.update(fresh)
         return {"bindings": bindings, "variables": self.variables()}
@@ -754,6 +908,7 @@ class SessionWorkspace:
             self.namespace = namespace
             self._definitions = definitions
             self._stored = stored_ok
+            self._stored_values = {name: namespace[name] for name in stored_ok}
             self._unrestored = stored_failed
             self._registry = {}
             self._registry_meta = {}
@@ -781,6 +936,7 @@ class SessionWorkspace:
             if "variables" in parts:
                 self.namespace = self._fresh_namespace()
                 self._stored = {}
+                self._stored_values = {}
                 self._unrestored = {}
             if "registry" in parts:
                 self._registry = {}
@@ -919,8 +1075,51 @@ class SessionWorkspace:
             return set()
 
 
-def _user_traceback(failure: BaseException, filename: str) -> tuple[list[str], int | None]:
-    """Traceback lines without the workspace's own frames, and the cell's failing line."""
+#: An evaluation's internal cell filename (unique in the image, since linecache
+#: is image-wide) and the name users see, the session's history index.
+_CELL_FILENAME = re.compile(r"<cell (\d+)\|\d+>")
+
+
+def _cell_filename(cell_index: int | None) -> str:
+    """``<cell N|U>``: N the session's history index, U unique in this image."""
+    unique = next(_cell_numbers)
+    if cell_index is None:
+        return f"<cell {unique}>"
+    return f"<cell {int(cell_index)}|{unique}>"
+
+
+def _exception_message(failure: BaseException) -> str:
+    if isinstance(failure, SyntaxError):
+        return str(failure.msg)
+    try:
+        return str(failure)
+    except Exception as exc:  # noqa: BLE001 - a user __str__ may raise anything
+        return f"<str() of the exception failed: {type(exc).__name__}>"
+
+
+def _exception_lines(failure: BaseException, message: str) -> list[str]:
+    """What ``traceback.format_exception_only`` gives, without building a line
+    around a message too long to be shown whole."""
+    if isinstance(failure, SyntaxError) or len(message) <= MAX_ERROR_LINE_CHARS:
+        return traceback.format_exception_only(type(failure), failure)
+    kind = type(failure)
+    name = kind.__qualname__
+    if kind.__module__ not in ("__main__", "builtins"):
+        name = f"{kind.__module__}.{name}"
+    lines = [f"{name}: {clip_text(message, MAX_ERROR_LINE_CHARS)}"]
+    notes = getattr(failure, "__notes__", None)
+    if isinstance(notes, list | tuple):
+        lines.extend(safe_repr(note, MAX_ERROR_LINE_CHARS) if not isinstance(note, str) else note for note in notes)
+    return lines
+
+
+def _user_traceback(failure: BaseException, filename: str, message: str) -> tuple[list[str], int | None]:
+    """Traceback lines without the workspace's own frames, and the cell's failing line.
+
+    Bounded: the first and last L{TRACEBACK_FRAMES_KEPT} frames, each line
+    (the exception's included) clipped to L{MAX_ERROR_LINE_CHARS}; cells are
+    named by their history index.
+    """
     frames = [
         frame
         for frame in traceback.extract_tb(failure.__traceback__)
@@ -932,13 +1131,22 @@ def _user_traceback(failure: BaseException, filename: str) -> tuple[list[str], i
             line = frame.lineno
     if isinstance(failure, SyntaxError) and failure.filename == filename:
         line = failure.lineno
-    lines = []
+    entries = []
     if frames:
-        lines.append("Traceback (most recent call last):")
-        for entry in traceback.format_list(frames):
-            lines.extend(entry.rstrip("\n").split("\n"))
-    for entry in traceback.format_exception_only(type(failure), failure):
-        lines.extend(entry.rstrip("\n").split("\n"))
+        entries.append("Traceback (most recent call last):")
+        parts = [frames]
+        omitted = len(frames) - 2 * TRACEBACK_FRAMES_KEPT
+        if omitted > 0:
+            parts = [frames[:TRACEBACK_FRAMES_KEPT], frames[-TRACEBACK_FRAMES_KEPT:]]
+        for number, part in enumerate(parts):
+            if number:
+                entries.append(f"  [... {omitted} frames omitted ...]")
+            entries.extend(traceback.format_list(part))
+    entries.extend(_exception_lines(failure, message))
+    lines = []
+    for entry in entries:
+        for text in entry.rstrip("\n").split("\n"):
+            lines.append(_CELL_FILENAME.sub(r"<cell \1>", clip_text(text, MAX_ERROR_LINE_CHARS)))
     return lines, line
 
 
