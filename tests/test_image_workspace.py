@@ -116,7 +116,7 @@ def test_serialization_encodings():
     assert stored["encoding"] == "unrestorable"
     assert stored["type"] == "socket"
     assert "pickle" in stored["reason"]
-    too_large = "too large: its stored form would exceed max_binding_bytes (1000 bytes)"
+    too_large = "too large: its stored form would exceed 1000 bytes (the binding limit, max_session_bytes)"
     assert serialize_binding("x" * 2000, max_bytes=1000) == {
         "encoding": "unrestorable", "type": "str", "repr": repr("x" * 2000)[:200] + "...", "reason": too_large,
     }
@@ -343,8 +343,16 @@ def test_big_results_displays_and_exception_messages_are_clipped_in_the_image(wo
     assert shown["result"].startswith("'aaa") and shown["result"].endswith("[50000000 characters in all]")
     raw = workspace.evaluate("bytearray(5_000_000)", mode="display")
     assert len(raw["result"]) <= MAX_RESULT_CHARS and len(raw["display"]) <= MAX_RESULT_CHARS
-    with pytest.raises(StuiError) as caught:
-        workspace.evaluate("raise ValueError('b' * (50 * 1024 * 1024))")
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(StuiError) as caught:
+            workspace.evaluate("raise ValueError('b' * (50 * 1024 * 1024))")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.2 * 50 * 1024 * 1024, peak  # the message itself, no copy of it
     error = caught.value
     assert len(error.message) <= MAX_ERROR_LINE_CHARS
     assert error.message.startswith("ValueError: bbb")
@@ -405,7 +413,7 @@ def test_a_binding_over_the_limit_is_refused_before_it_is_encoded_whole(monkeypa
     stored = workspace.evaluate("x = bytearray(64 * 1024 * 1024)")["bindings_changed"]["x"]
     assert stored["encoding"] == "unrestorable"
     assert pickled == []  # refused by its length, never pickled
-    assert stored["reason"].startswith("too large") and "max_binding_bytes (1048576 bytes)" in stored["reason"]
+    assert stored["reason"].startswith("too large") and "exceed 1048576 bytes" in stored["reason"]
     tracemalloc.start()
     try:
         for code in ("len(x)", "x[0] = 1", "x[:3]"):

@@ -174,17 +174,17 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def clip_text(text: str, limit: int) -> str:
-    """C{text} cut to at most C{limit} characters, a note of what was cut included.
+def clip_text(text: str, limit: int, prefix: str = "") -> str:
+    """C{prefix + text} cut to at most C{limit} characters, a note of what was cut included.
 
     The note has the server's form (C{"... [N more characters]"}) and fits
     within C{limit}, so the server's own clipping to the same limit leaves the
-    text alone.
+    text alone.  Only the kept part of a long C{text} is copied.
     """
-    if len(text) <= limit:
-        return text
-    keep = max(limit - 48, 0)
-    return text[:keep] + f"... [{len(text) - keep} more characters]"
+    if len(prefix) + len(text) <= limit:
+        return prefix + text
+    keep = max(limit - len(prefix) - 48, 0)
+    return prefix + text[:keep] + f"... [{len(text) - keep} more characters]"
 
 
 _SEQUENCES = (str, bytes, bytearray)
@@ -288,7 +288,7 @@ class BindingTooLarge(Exception):
 
 
 def _too_large_reason(max_bytes: int) -> str:
-    return f"{TOO_LARGE}: its stored form would exceed max_binding_bytes ({max_bytes} bytes)"
+    return f"{TOO_LARGE}: its stored form would exceed {max_bytes} bytes (the binding limit, max_session_bytes)"
 
 
 def _surely_larger(value: Any, limit: int) -> bool:
@@ -746,7 +746,7 @@ class SessionWorkspace:
         lines, line = _user_traceback(failure, filename, message)
         return stui_error(
             "EvaluationError",
-            clip_text(f"{exception_type}: {message}", MAX_ERROR_LINE_CHARS),
+            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: "),
             exception_type=exception_type,
             message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
@@ -1106,7 +1106,7 @@ def _exception_lines(failure: BaseException, message: str) -> list[str]:
     name = kind.__qualname__
     if kind.__module__ not in ("__main__", "builtins"):
         name = f"{kind.__module__}.{name}"
-    lines = [f"{name}: {clip_text(message, MAX_ERROR_LINE_CHARS)}"]
+    lines = [clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{name}: ")]
     notes = getattr(failure, "__notes__", None)
     if isinstance(notes, list | tuple):
         lines.extend(safe_repr(note, MAX_ERROR_LINE_CHARS) if not isinstance(note, str) else note for note in notes)
