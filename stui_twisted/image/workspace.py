@@ -280,7 +280,12 @@ def _json_shape(value: Any, max_bytes: int) -> bool | None:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """Why a value could not be stored (kept in the session: clipped)."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a user __str__ may raise anything
+        message = "<str() of the exception failed>"
+    return clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{type(exc).__name__}: ")
 
 
 class BindingTooLarge(Exception):
