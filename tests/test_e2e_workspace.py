@@ -264,6 +264,11 @@ def test_tracebacks_name_cells_by_the_sessions_history_index_across_restarts(tmp
         again = evaluate(client, "1 / 0")
         assert again["details"]["history_index"] == 5
         assert '  File "<cell 5>", line 1, in <module>' in again["details"]["traceback"]
+        # f was restored from its stored definition: still cell 2, line 2.
+        restored = evaluate(client, "f()")["details"]["traceback"]
+        assert '  File "<cell 6>", line 1, in <module>' in restored, restored
+        assert '  File "<cell 2>", line 2, in f' in restored, restored
+        assert "    return 1 / 0" in restored
     finally:
         server.kill()
 

@@ -428,3 +428,24 @@ def test_a_binding_over_the_limit_is_refused_before_it_is_encoded_whole(monkeypa
         tracemalloc.stop()
     assert many["encoding"] == "unrestorable" and many["reason"].startswith("too large")
     assert peak < 200 * 1024 * 1024, peak  # the list itself is ~130 MB; its JSON/pickle were not built
+
+
+def test_a_restored_definition_keeps_its_cell_name_and_line_numbers():
+    first = Image().session("s_cells")
+    first.evaluate("x = 1\n\ndef f():\n    return 1 / 0\n", cell_index=3)
+    stored = first.snapshot()["bindings"]
+    assert (stored["f"]["cell"], stored["f"]["line"]) == (3, 3)
+    second = Image().session("s_cells")  # a new image, as after a restart
+    assert second.materialize(stored, {}, 1)["unrestorable"] == []
+    with pytest.raises(StuiError) as caught:
+        second.evaluate("f()", cell_index=9)
+    lines = caught.value.details["traceback"]
+    assert lines[1:5] == ['  File "<cell 9>", line 1, in <module>', "    f()", '  File "<cell 3>", line 4, in f', "    return 1 / 0"]
+    again = second.snapshot()["bindings"]["f"]
+    assert {k: again[k] for k in ("source", "cell", "line")} == {k: stored["f"][k] for k in ("source", "cell", "line")}
+    legacy = {key: value for key, value in stored["f"].items() if key not in ("cell", "line")}
+    third = Image().session("s_cells")
+    third.materialize({"f": legacy}, {}, 1)  # a file written before cells were recorded
+    with pytest.raises(StuiError) as caught:
+        third.evaluate("f()", cell_index=1)
+    assert '  File "<restored f>", line 2, in f' in caught.value.details["traceback"]

@@ -428,20 +428,33 @@ def deserialize_binding(stored: dict) -> Any:
 RESTORE_ORDER = {"module": 0, "json": 0, "source": 1, "pickle": 2}
 
 
-def _top_level_definitions(tree: ast.Module, code: str) -> list[tuple[str, str]]:
-    """(name, source) of each top-level C{def}/C{class} of a cell, decorators included."""
+def _top_level_definitions(tree: ast.Module, code: str) -> list[tuple[str, str, int]]:
+    """(name, source, first line) of each top-level C{def}/C{class} of a cell, decorators included."""
     lines = code.splitlines()
     found = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            found.append((node.name, "\n".join(lines[first - 1 : node.end_lineno]) + "\n"))
+            found.append((node.name, "\n".join(lines[first - 1 : node.end_lineno]) + "\n", first))
     return found
 
 
-def _run_definition(name: str, source: str, namespace: dict) -> Any:
-    """Run a stored C{def}/C{class} statement in C{namespace}; the object it binds."""
-    exec(compile(source, f"<restored {name}>", "exec"), namespace)  # noqa: S102 - the user's own code
+def _definition_place(stored: dict) -> tuple[int, int] | None:
+    """(cell, line) where a stored definition was written, when it says so."""
+    cell, line = stored.get("cell"), stored.get("line")
+    if type(cell) is int and type(line) is int and cell >= 1 and 1 <= line <= 1_000_000:
+        return cell, line
+    return None
+
+
+def _run_definition(name: str, source: str, namespace: dict, filename: str | None = None) -> Any:
+    """Run a stored C{def}/C{class} statement in C{namespace}; the object it binds.
+
+    C{source} may be preceded by blank lines, so that line numbers are the
+    ones of the cell it was written in (C{filename}).
+    """
+    filename = filename or f"<restored {name}>"
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - the user's own code
     if name not in namespace:
         raise ValueError(f"restoring the definition did not bind {name!r}")
     return namespace[name]
@@ -570,8 +583,9 @@ class SessionWorkspace:
         self._id_by_identity: dict[int, str] = {}
         self._registry_lock = threading.RLock()
         self._cell_sources: collections.deque[str] = collections.deque()
-        # name -> (source of the top-level def/class statement, the object it made)
-        self._definitions: dict[str, tuple[str, Any]] = {}
+        # name -> (source of the top-level def/class statement, the object it made,
+        # (cell, first line) it was written at or None)
+        self._definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
 
     @property
     def module_name(self) -> str:
@@ -702,7 +716,7 @@ class SessionWorkspace:
                     guard.arm()
                     body, expression, referenced, definitions = self._compile_cell(code, filename)
                     exec(body, self.namespace)  # noqa: S102 - running user code is the job
-                    self._remember_definitions(definitions)
+                    self._remember_definitions(definitions, cell_index)
                     if expression is not None:
                         value = eval(expression, self.namespace)  # noqa: S307
                 finally:
@@ -800,11 +814,13 @@ class SessionWorkspace:
             "next_object_id": self.next_object_id,
         }
 
-    def _remember_definitions(self, definitions: list[tuple[str, str]]) -> None:
-        """Keep the source of functions/classes this cell defined at top level."""
-        for name, source in definitions:
+    def _remember_definitions(self, definitions: list[tuple[str, str, int]], cell_index: int | None) -> None:
+        """Keep the source of functions/classes this cell defined at top level
+        (and where: tracebacks of a restored one then name the same cell)."""
+        for name, source, first in definitions:
             if name in self.namespace:
-                self._definitions[name] = (source, self.namespace[name])
+                place = (int(cell_index), first) if cell_index is not None else None
+                self._definitions[name] = (source, self.namespace[name], place)
 
     def _serialize(self, name: str, value: Any) -> dict:
         """Like L{serialize_binding}, but a function or class that is still the
@@ -812,14 +828,17 @@ class SessionWorkspace:
         statement's source, run again in the namespace on restore (before any
         pickle, so instances of the class unpickle against it)."""
         if name in self._definitions:
-            source, made = self._definitions[name]
+            source, made, place = self._definitions[name]
             if made is value and len(source.encode("utf-8", "surrogatepass")) <= self.image.max_binding_bytes:
-                return {
+                stored = {
                     "encoding": "source",
                     "source": source,
                     "type": type_name(value),
                     "repr": safe_repr(value),
                 }
+                if place is not None:
+                    stored["cell"], stored["line"] = place
+                return stored
         return serialize_binding(value, self.image.max_binding_bytes, workspace=self)
 
     def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
@@ -872,7 +891,7 @@ class SessionWorkspace:
         with captured_output(buffer):
             try:
                 guard.arm()
-                definitions: dict[str, tuple[str, Any]] = {}
+                definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
                 failures: dict[str, BaseException] = {}
                 pending = sorted(
                     (
@@ -890,8 +909,8 @@ class SessionWorkspace:
                         stored = bindings[name]
                         try:
                             if stored.get("encoding") == "source":
-                                namespace[name] = _run_definition(name, stored["source"], namespace)
-                                definitions[name] = (stored["source"], namespace[name])
+                                namespace[name] = self._restore_definition(name, stored, namespace)
+                                definitions[name] = (stored["source"], namespace[name], _definition_place(stored))
                             else:
                                 namespace[name] = deserialize_binding(stored)
                         except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
@@ -934,6 +953,17 @@ class SessionWorkspace:
             ]
             self.next_object_id = max([int(next_object_id), 1] + [number + 1 for number in known_numbers])
         return {"restored": restored, "unrestorable": unrestorable, "registry_live": sorted(registry_live)}
+
+    def _restore_definition(self, name: str, stored: dict, namespace: dict) -> Any:
+        """Run a stored definition again, under its cell's name and line numbers when known."""
+        place = _definition_place(stored)
+        if place is None:
+            return _run_definition(name, stored["source"], namespace)
+        cell, line = place
+        filename = _cell_filename(cell)
+        text = "\n" * (line - 1) + stored["source"]
+        self._remember_source(text, filename)
+        return _run_definition(name, text, namespace, filename)
 
     def clear(self, parts: list[str]) -> dict:
         """Forget the namespace bindings ("variables") and/or registry objects ("registry")."""
