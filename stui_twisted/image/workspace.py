@@ -236,6 +236,10 @@ def display_text(value: Any, limit: int = MAX_RESULT_CHARS) -> str:
     return clip_text(text, limit)
 
 
+_JSON_PLAIN = frozenset({type(None), bool, int})
+_JSON_NUMBERS = frozenset({bool, int, float})
+
+
 def _json_shape(value: Any, max_bytes: int) -> bool | None:
     """Whether C{value} is exact JSON (a tree of dicts with str keys, lists,
     str, int, finite float, bool, None), walked without recursion.
@@ -243,35 +247,52 @@ def _json_shape(value: Any, max_bytes: int) -> bool | None:
     None when its JSON text would surely be over C{max_bytes} (a lower bound
     of the size is added up on the way) or a container occurs twice (shared or
     cyclic: JSON would copy it, pickle keeps it one object); then it is not
-    stored as JSON.
+    stored as JSON.  Members that are all numbers (or all str) are checked at
+    C speed, without a step of the walk each.
     """
     size = 0
     seen: set[int] = set()
     stack = [value]
+    pop, push_all = stack.pop, stack.extend
     while stack:
-        item = stack.pop()
+        item = pop()
         kind = type(item)
-        if item is None or kind is bool or kind is int:
+        if kind is str:
+            size += len(item) + 2
+        elif kind is int or kind is bool or item is None:
             size += 1
         elif kind is float:
             if not math.isfinite(item):
                 return False
             size += 1
-        elif kind is str:
-            size += len(item) + 2
         elif kind is list or kind is dict:
-            if id(item) in seen:
-                return None
+            before = len(seen)
             seen.add(id(item))
+            if len(seen) == before:
+                return None
             size += len(item) + 1
             if kind is dict:
                 for key in item:
                     if type(key) is not str:
                         return False
                     size += len(key) + 3
-                stack.extend(item.values())
+                members = item.values()
             else:
-                stack.extend(item)
+                members = item
+            if len(item) < 32:
+                push_all(members)
+                continue
+            kinds = set(map(type, members))
+            if kinds <= _JSON_PLAIN:
+                size += len(item)
+            elif kinds <= _JSON_NUMBERS:
+                if not all(map(math.isfinite, members)):
+                    return False
+                size += len(item)
+            elif kinds == {str}:
+                size += sum(map(len, members)) + 2 * len(item)
+            else:
+                push_all(members)
         else:
             return False
         if size > max_bytes:
