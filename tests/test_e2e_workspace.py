@@ -297,3 +297,22 @@ def test_lone_surrogates_in_code_and_bindings_are_kept_saved_and_restored(tmp_pa
         assert client.result("save_context")["saved"] is True
     finally:
         server.kill()
+
+
+def test_pipelined_evaluations_name_their_cells_by_their_own_history_index(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client = server.tcp_client()
+        client.result("create_session", client_id="alice")
+        client.result("evaluate", code="import time")
+        codes = ["time.sleep(0.3); 1 / 0", "1 / 0", "1 / 0"]
+        for number, code in enumerate(codes):
+            request = {"id": f"p-{number}", "command": "evaluate", "parameters": {"code": code}}
+            client.send_raw(json.dumps(request).encode() + b"\n")  # all sent before any ends
+        replies = sorted((client.read_reply() for _ in codes), key=lambda reply: reply["id"])
+        for reply in replies:
+            index = reply["details"]["history_index"]
+            assert f'  File "<cell {index}>", line 1, in <module>' in reply["details"]["traceback"], reply
+        assert [reply["details"]["history_index"] for reply in replies] == [2, 3, 4]
+    finally:
+        server.kill()

@@ -449,3 +449,17 @@ def test_a_restored_definition_keeps_its_cell_name_and_line_numbers():
     with pytest.raises(StuiError) as caught:
         third.evaluate("f()", cell_index=1)
     assert '  File "<restored f>", line 2, in f' in caught.value.details["traceback"]
+
+
+def test_pipelined_cells_are_numbered_one_after_the_other(workspace):
+    def cell_of(code: str, cell_index: int) -> str:
+        with pytest.raises(StuiError) as caught:
+            workspace.evaluate(code, cell_index=cell_index)
+        return caught.value.details["traceback"][1]
+
+    assert cell_of("1 / 0", 5) == '  File "<cell 5>", line 1, in <module>'
+    # Sent while cell 5 still ran, so the server counted from before it: it gets 6.
+    assert cell_of("1 / 0", 5) == '  File "<cell 6>", line 1, in <module>'
+    assert cell_of("1 / 0", 9) == '  File "<cell 9>", line 1, in <module>'  # the server is ahead
+    workspace.materialize({}, {}, 1)  # load_context may take the history back
+    assert cell_of("1 / 0", 3) == '  File "<cell 3>", line 1, in <module>'

@@ -604,6 +604,9 @@ class SessionWorkspace:
         self._id_by_identity: dict[int, str] = {}
         self._registry_lock = threading.RLock()
         self._cell_sources: collections.deque[str] = collections.deque()
+        # the history index of the last evaluation (None after a materialize:
+        # load_context may take the history back)
+        self._last_cell: int | None = None
         # name -> (source of the top-level def/class statement, the object it made,
         # (cell, first line) it was written at or None)
         self._definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
@@ -723,7 +726,8 @@ class SessionWorkspace:
         evaluation; tracebacks call the cell ``<cell N>`` by it.
         """
         guard = guard or NoGuard()
-        filename = _cell_filename(cell_index)
+        cell = self._cell_number(cell_index)
+        filename = _cell_filename(cell)
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
@@ -737,7 +741,7 @@ class SessionWorkspace:
                     guard.arm()
                     body, expression, referenced, definitions = self._compile_cell(code, filename)
                     exec(body, self.namespace)  # noqa: S102 - running user code is the job
-                    self._remember_definitions(definitions, cell_index)
+                    self._remember_definitions(definitions, cell)
                     if expression is not None:
                         value = eval(expression, self.namespace)  # noqa: S307
                 finally:
@@ -755,6 +759,7 @@ class SessionWorkspace:
             object_id = self.register(value, registry_added)
         delta = self._delta(before, shared_before, referenced, registry_added)
         output = buffer.getvalue()
+        self._last_cell = cell  # the server makes a history entry of this outcome
         if failure is not None:
             raise self._failure_error(failure, guard, filename, output, delta)
         return {
@@ -767,6 +772,19 @@ class SessionWorkspace:
             "has_error": False,
             **delta,
         }
+
+    def _cell_number(self, cell_index: int | None) -> int | None:
+        """The history index this evaluation gets: C{cell_index}, the server's
+        C{history_counter + 1} when it sent the request, or one past the
+        previous evaluation when that one was still running then (pipelined
+        requests of one session run one after the other and each makes a
+        history entry)."""
+        if cell_index is None:
+            return None
+        cell = int(cell_index)
+        if self._last_cell is not None and cell <= self._last_cell:
+            cell = self._last_cell + 1
+        return cell
 
     def _failure_error(self, failure, guard, filename, output, delta) -> StuiError:
         stopped = failure if isinstance(failure, EvaluationStopped) else failure.__context__
@@ -840,7 +858,7 @@ class SessionWorkspace:
         (and where: tracebacks of a restored one then name the same cell)."""
         for name, source, first in definitions:
             if name in self.namespace:
-                place = (int(cell_index), first) if cell_index is not None else None
+                place = (cell_index, first) if cell_index is not None else None
                 self._definitions[name] = (source, self.namespace[name], place)
 
     def _serialize(self, name: str, value: Any) -> dict:
@@ -952,6 +970,7 @@ class SessionWorkspace:
         with self._registry_lock:
             self.namespace = namespace
             self._definitions = definitions
+            self._last_cell = None
             self._stored = stored_ok
             self._stored_values = {name: namespace[name] for name in stored_ok}
             self._unrestored = stored_failed
