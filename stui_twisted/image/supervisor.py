@@ -25,6 +25,7 @@ Pickled bindings are only ever unpickled in the child.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -114,7 +115,9 @@ class _ChildOutputLog:
         text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
         if len(raw) > MAX_LOG_LINE:
             text += " [...]"
-        self._log.info("image[{pid}] {stream}: {line}", pid=self.pid, stream=self._stream, line=text)
+        self._log.info(
+            "image[{pid}] {stream}: {line}", pid=self.pid, stream=self._stream, line=text
+        )
 
 
 class _ImageProcess(protocol.ProcessProtocol):
@@ -150,12 +153,46 @@ class _ImageProcess(protocol.ProcessProtocol):
         elif childFD in self._outputs:
             self._outputs[childFD].feed(data)
 
-    def processEnded(self, reason) -> None:
+    def processExited(self, reason) -> None:
+        """The image itself exited (reaped by its exit status).
+
+        This, not the end of its pipes, is the image's death: a process that
+        user code started (C{subprocess.Popen}, C{os.system('... &')},
+        C{os.fork()}) may hold copies of the pipes long after the image is
+        gone.  Its whole process group is killed, our ends of the pipes are
+        closed, and the supervisor learns of the death now.
+        """
+        if self.ended:
+            return
         self.ended = True
+        self.kill_group()
         for output in self._outputs.values():
             output.flush()
         self.amp.connectionLost(reason)
+        for child_fd in list(getattr(self.transport, "pipes", {})):
+            self.transport.closeChildFD(child_fd)
         self.supervisor._image_ended(self, reason)
+
+    def processEnded(self, reason) -> None:
+        # Normally processExited has run already; this covers a transport
+        # that reports only the end.
+        self.processExited(reason)
+
+    def kill_group(self) -> None:
+        """Kill every process left in the image's process group.
+
+        The image makes itself a session (and group) leader at start-up, so
+        its group id is its pid; Linux does not reuse a pid while a group of
+        that id has members, so this never reaches an unrelated process.
+        """
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # the group is empty: nothing the image started is left
+        except PermissionError:
+            self.supervisor.log.warn("cannot kill process group {pid} of the image", pid=self.pid)
 
     def signal(self, name: str) -> None:
         """Send a signal unless the process is already gone."""
@@ -338,11 +375,20 @@ class ImageSupervisor(service.Service):
             STARTUP_TIMEOUT, self._startup_too_slow, image
         )
         ping = image.amp.callRemote(commands.Ping)
-        ping.addCallbacks(self._image_ready, self._ping_failed, callbackArgs=(image, restarting), errbackArgs=(image,))
+        ping.addCallbacks(
+            self._image_ready,
+            self._ping_failed,
+            callbackArgs=(image, restarting),
+            errbackArgs=(image,),
+        )
 
     def _startup_too_slow(self, image: _ImageProcess) -> None:
         if not image.ready and not image.ended:
-            self.log.error("image pid {pid} did not answer within {seconds} s; killing it", pid=image.pid, seconds=STARTUP_TIMEOUT)
+            self.log.error(
+                "image pid {pid} did not answer within {seconds} s; killing it",
+                pid=image.pid,
+                seconds=STARTUP_TIMEOUT,
+            )
             image.signal("KILL")
 
     def _ping_failed(self, reason, image: _ImageProcess) -> None:
@@ -364,7 +410,9 @@ class ImageSupervisor(service.Service):
         if restarting:
             for observer in list(self._restart_observers):
                 outcome = defer.maybeDeferred(observer)
-                outcome.addErrback(lambda reason: self.log.failure("image restart observer failed", reason))
+                outcome.addErrback(
+                    lambda reason: self.log.failure("image restart observer failed", reason)
+                )
         waiters, self._ready_waiters = self._ready_waiters, []
         for waiter in waiters:
             waiter.callback(image)
@@ -379,12 +427,16 @@ class ImageSupervisor(service.Service):
         if self._stopping:
             self.log.info(
                 "image pid {pid} stopped (exit status {status}, signal {signal})",
-                pid=image.pid, status=exit_code, signal=exit_signal,
+                pid=image.pid,
+                status=exit_code,
+                signal=exit_signal,
             )
         else:
             self.log.error(
                 "image pid {pid} died (exit status {status}, signal {signal}); restarting",
-                pid=image.pid, status=exit_code, signal=exit_signal,
+                pid=image.pid,
+                status=exit_code,
+                signal=exit_signal,
             )
         for request in list(image.in_flight):
             request.fail(
@@ -435,14 +487,18 @@ class ImageSupervisor(service.Service):
     def _send(self, image: _ImageProcess, command, description: str, **arguments) -> _Request:
         request = _Request(image, description)
         if image.ended:
-            request.fail(StuiError("ImageRestarted", "the live image died before this request was sent"))
+            request.fail(
+                StuiError("ImageRestarted", "the live image died before this request was sent")
+            )
             return request
         image.in_flight.add(request)
         try:
             answer = image.amp.callRemote(command, **arguments)
         except Exception as exc:  # noqa: BLE001 - an unencodable argument fails only this request
             self.log.failure("could not send {what} to the image", what=description)
-            request.fail(StuiError("InternalError", f"could not send {description} to the image: {exc}"))
+            request.fail(
+                StuiError("InternalError", f"could not send {description} to the image: {exc}")
+            )
         else:
             answer.addBoth(request.answer)
         return request
@@ -464,8 +520,11 @@ class ImageSupervisor(service.Service):
                     "the live image restarted while this request waited; the session is intact, run it again",
                 )
             request = self._send(
-                image, command, description,
-                timeout=None if timeout is None else float(timeout), **arguments
+                image,
+                command,
+                description,
+                timeout=None if timeout is None else float(timeout),
+                **arguments,
             )
             self._running_tasks[lane_id] = request
             if timeout:
@@ -498,23 +557,37 @@ class ImageSupervisor(service.Service):
             return
         self.log.warn(
             "{what} did not stop within {grace} s (stuck outside Python); killing image pid {pid}",
-            what=request.description, grace=self.kill_grace, pid=request.image.pid,
+            what=request.description,
+            grace=self.kill_grace,
+            pid=request.image.pid,
         )
         request.forced_error = stuck_error
         request.image.signal("KILL")
 
     # -- the API --
 
-    def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0) -> defer.Deferred:
+    def evaluate(
+        self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0
+    ) -> defer.Deferred:
         """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
         if mode not in EVALUATION_MODES:
-            return defer.fail(StuiError(
-                "InvalidRequest", f"parameter 'mode' must be one of {', '.join(EVALUATION_MODES)}, not {mode!r}",
-                parameter="mode",
-            ))
+            return defer.fail(
+                StuiError(
+                    "InvalidRequest",
+                    f"parameter 'mode' must be one of {', '.join(EVALUATION_MODES)}, not {mode!r}",
+                    parameter="mode",
+                )
+            )
         return defer.ensureDeferred(
-            self._session_task(session_id, commands.Evaluate, f"evaluation in session {session_id}",
-                               timeout, session_id=session_id, code=code, mode=mode)
+            self._session_task(
+                session_id,
+                commands.Evaluate,
+                f"evaluation in session {session_id}",
+                timeout,
+                session_id=session_id,
+                code=code,
+                mode=mode,
+            )
         )
 
     def interrupt(self, session_id: str) -> defer.Deferred:
@@ -523,59 +596,116 @@ class ImageSupervisor(service.Service):
         if request is None or request.settled:
             return defer.succeed(False)
         sent = request.image.amp.callRemote(commands.Interrupt, session_id=session_id)
-        sent.addErrback(lambda reason: None if reason.check(error.ConnectionDone, error.ConnectionLost)
-                        else self.log.failure("interrupt failed", reason))
+        sent.addErrback(
+            lambda reason: (
+                None
+                if reason.check(error.ConnectionDone, error.ConnectionLost)
+                else self.log.failure("interrupt failed", reason)
+            )
+        )
         if request.forced_error is None:
             self._reactor.callLater(
                 self.kill_grace,
                 self._kill_stuck,
                 request,
-                StuiError("Interrupted", "the evaluation was interrupted; it was stuck, so the image was restarted"),
+                StuiError(
+                    "Interrupted",
+                    "the evaluation was interrupted; it was stuck, so the image was restarted",
+                ),
             )
         return defer.succeed(True)
 
-    def materialize(self, session_id: str, bindings: dict, registry: dict, next_object_id: int,
-                    timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+    def materialize(
+        self,
+        session_id: str,
+        bindings: dict,
+        registry: dict,
+        next_object_id: int,
+        timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+    ) -> defer.Deferred:
         """(Re)build the session's namespace; fires with ``{restored, unrestorable, registry_live}``."""
         return defer.ensureDeferred(
-            self._session_task(session_id, commands.Materialize, f"materialize of session {session_id}",
-                               timeout, session_id=session_id, bindings=bindings or {},
-                               registry=registry or {}, next_object_id=int(next_object_id))
+            self._session_task(
+                session_id,
+                commands.Materialize,
+                f"materialize of session {session_id}",
+                timeout,
+                session_id=session_id,
+                bindings=bindings or {},
+                registry=registry or {},
+                next_object_id=int(next_object_id),
+            )
         )
 
     def materialize_shared(self, bindings: dict) -> defer.Deferred:
         """(Re)build the image-wide ``shared`` object; same result shape as materialize."""
-        return defer.ensureDeferred(self._call(commands.MaterializeShared, "materialize of shared", bindings=bindings or {}))
+        return defer.ensureDeferred(
+            self._call(commands.MaterializeShared, "materialize of shared", bindings=bindings or {})
+        )
 
-    def inspect(self, session_id: str, object_id: str | None = None, expression: str | None = None,
-                limit: int = 100, timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+    def inspect(
+        self,
+        session_id: str,
+        object_id: str | None = None,
+        expression: str | None = None,
+        limit: int = 100,
+        timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+    ) -> defer.Deferred:
         """Describe a registry object or an expression's value."""
         if object_id is None and expression is None:
-            return defer.fail(StuiError("InvalidRequest", "parameter 'object_id' or 'expression' is required",
-                                        parameter="object_id"))
+            return defer.fail(
+                StuiError(
+                    "InvalidRequest",
+                    "parameter 'object_id' or 'expression' is required",
+                    parameter="object_id",
+                )
+            )
         if expression is not None:
             return defer.ensureDeferred(
-                self._session_task(session_id, commands.Inspect, f"inspection in session {session_id}",
-                                   timeout, session_id=session_id, expression=expression, limit=int(limit))
+                self._session_task(
+                    session_id,
+                    commands.Inspect,
+                    f"inspection in session {session_id}",
+                    timeout,
+                    session_id=session_id,
+                    expression=expression,
+                    limit=int(limit),
+                )
             )
         return defer.ensureDeferred(
-            self._call(commands.Inspect, "inspection", session_id=session_id, object_id=object_id, limit=int(limit))
+            self._call(
+                commands.Inspect,
+                "inspection",
+                session_id=session_id,
+                object_id=object_id,
+                limit=int(limit),
+            )
         )
 
     def complete(self, session_id: str, code: str, cursor_pos: int | None = None) -> defer.Deferred:
         """Completion ``{matches, cursor_start, cursor_end}`` at ``cursor_pos`` (default: end)."""
         position = len(code) if cursor_pos is None else int(cursor_pos)
         return defer.ensureDeferred(
-            self._call(commands.Complete, "completion", session_id=session_id, code=code, cursor_pos=position)
+            self._call(
+                commands.Complete,
+                "completion",
+                session_id=session_id,
+                code=code,
+                cursor_pos=position,
+            )
         )
 
     def snapshot(self, session_id: str) -> defer.Deferred:
         """Every binding of the session re-serialized: ``{bindings, variables}``."""
-        return defer.ensureDeferred(self._call(commands.Snapshot, "snapshot", session_id=session_id))
+        return defer.ensureDeferred(
+            self._call(commands.Snapshot, "snapshot", session_id=session_id)
+        )
 
     def clear(self, session_id: str, parts) -> defer.Deferred:
         """Forget ``variables`` and/or ``registry``; fires with ``{cleared}``."""
-        return defer.ensureDeferred(self._call(commands.Clear, "clear", session_id=session_id, parts=list(parts)))
+        return defer.ensureDeferred(
+            self._call(commands.Clear, "clear", session_id=session_id, parts=list(parts))
+        )
 
     def drop_session(self, session_id: str) -> defer.Deferred:
         """Forget everything about the session; fires with ``{dropped}``."""
