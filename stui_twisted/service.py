@@ -68,6 +68,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._by_client: dict[str, set[str]] = {}
         self.shared_bindings: dict = {}
         self._shared_dirty = False
+        self._shared_generation: int | None = None
+        self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._dirty: set[str] = set()
         self._storage_degraded = False
         self._stopping = False
@@ -106,7 +108,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.settings.durability == "batch":
             self._flush_loop.start(self.settings.flush_interval, now=False)
         if self.image is not None and self.shared_bindings:
-            await self._materialize_shared()
+            await self._ensure_shared(await self.image.current_generation())
 
     def _start_failed(self, failure):
         self.log.failure("session service could not start", failure)
@@ -344,7 +346,10 @@ class SessionService(LiveImageCommands, service.MultiService):
         # now, so no older snapshot is queued behind a newer write.
         group = []
         for session in dirty:
-            if session.session_id not in snapshots or self.sessions.get(session.session_id) is not session:
+            if (
+                session.session_id not in snapshots
+                or self.sessions.get(session.session_id) is not session
+            ):
                 continue
             version, snapshot = snapshots[session.session_id]
             if version != session.version:
@@ -545,17 +550,16 @@ class SessionService(LiveImageCommands, service.MultiService):
         session = await self._session_for(call)
         call.context.current_session_id = session.session_id
         restored = {"restored": [], "unrestorable": list(session.unrestorable)}
-        if self.image is not None and session.materialized:
+        if self._is_live(session):
             # Already live in the image (another connection, or a reconnect):
             # attach without rebuilding, so live objects that cannot be stored
             # (sockets, lambdas) are not thrown away.
-            live = [v.get("name") for v in session.variables]
             restored = {
-                "restored": live,
-                "unrestorable": [u for u in session.unrestorable if u.get("name") not in live],
+                "restored": [v.get("name") for v in session.variables],
+                "unrestorable": list(session.unrestorable),
             }
         elif self.image is not None:
-            restored = await self._materialize(session)
+            restored = await self._restore_in_image(session)
         self.log.info(
             "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id
         )
@@ -567,7 +571,11 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     async def update_session_state(self, call) -> dict:
         params = call.params
-        parts = [k for k in ("state_data", "workspace_context", "inspector_state") if k in call.request.parameters]
+        parts = [
+            k
+            for k in ("state_data", "workspace_context", "inspector_state")
+            if k in call.request.parameters
+        ]
         if not parts:
             raise StuiError(
                 "InvalidRequest",
@@ -582,7 +590,11 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.session_state = merge_patch(session.session_state, data) if merge else data
         if "workspace_context" in parts:
             session.client_workspace = self._client_part(
-                session.client_workspace, params["workspace_context"], "workspace_context", "client", merge
+                session.client_workspace,
+                params["workspace_context"],
+                "workspace_context",
+                "client",
+                merge,
             )
         if "inspector_state" in parts:
             session.inspector_view = self._client_part(
@@ -709,11 +721,20 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     async def save_context(self, call) -> dict:
         session = await self._session_for(call)
-        if self.image is not None and session.materialized:
-            snapshot = await self.image.snapshot(session.session_id)
+        if self._is_live(session):
+            try:
+                snapshot = await self.image.snapshot(
+                    session.session_id, generation=session.image_generation
+                )
+            except StuiError as error:
+                if error.error_type != "ImageRestarted":
+                    raise
+                # The namespace is gone with its image: what is stored is
+                # everything that was acknowledged, and that is what is saved.
+                snapshot = {}
             session.bindings = snapshot.get("bindings", session.bindings)
             if "variables" in snapshot:
-                session.variables = snapshot["variables"]
+                self._set_variables(session, snapshot["variables"])
             self._fit_bindings(session)
         result = await self._write_now(session, "save the context")  # shared too
         return {
@@ -742,7 +763,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         await self._changed(session, "load the context")
         restored = {"restored": [], "unrestorable": []}
         if self.image is not None:
-            restored = await self._materialize(session)
+            restored = await self._restore_in_image(session, rebuild=True)
         context = session.context()
         return {
             "session_id": session.session_id,
@@ -771,7 +792,9 @@ class SessionService(LiveImageCommands, service.MultiService):
             },
             "size_bytes": session.size_bytes or self._size_of(session),
             "dirty": session.dirty,
-            "last_saved_at": iso_timestamp(session.last_saved_at) if session.last_saved_at else None,
+            "last_saved_at": iso_timestamp(session.last_saved_at)
+            if session.last_saved_at
+            else None,
         }
 
     async def clear_context(self, call) -> dict:
@@ -786,8 +809,29 @@ class SessionService(LiveImageCommands, service.MultiService):
                 )
         session = await self._session_for(call)
         image_parts = [p for p in ("variables", "registry") if p in parts]
-        if image_parts and self.image is not None and session.materialized:
-            await self.image.clear(session.session_id, image_parts)
+        if image_parts and self.image is not None:
+            # Under the session's image lock: a rebuild in progress must not
+            # bring back what is being cleared.
+            lock = self._image_lock(session.session_id)
+            await lock.acquire()
+            try:
+                if self._is_live(session):
+                    await self.image.clear(
+                        session.session_id, image_parts, generation=session.image_generation
+                    )
+                self._clear_parts(session, parts)
+            finally:
+                self._release_image_lock(session.session_id, lock)
+        else:
+            self._clear_parts(session, parts)
+        await self._changed(session, "clear the context")
+        return {
+            "session_id": session.session_id,
+            "cleared": [p for p in CONTEXT_PARTS if p in parts],
+        }
+
+    @staticmethod
+    def _clear_parts(session: Session, parts) -> None:
         if "variables" in parts:
             session.bindings = {}
             session.variables = []
@@ -803,8 +847,6 @@ class SessionService(LiveImageCommands, service.MultiService):
         if "state" in parts:
             session.session_state = {}
             session.client_workspace = {}
-        await self._changed(session, "clear the context")
-        return {"session_id": session.session_id, "cleared": [p for p in CONTEXT_PARTS if p in parts]}
 
     # ================================================================ misc
 

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from stui_twisted.errors import StuiError
-from stui_twisted.image.supervisor import ImageSupervisor
+from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
 
 pytestmark = pytest.mark.image
 
@@ -373,3 +373,19 @@ def test_the_image_leads_its_own_process_group_and_keeps_its_pipes():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
     assert out.stdout.split() == ["True", "True", "False", "False"], out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_request_for_an_older_image_generation_is_not_sent(supervisor):
+    """A namespace built in one image is never used from the next (issue 12.1)."""
+    generation = await supervisor.current_generation()
+    await supervisor.evaluate("s_a", "x = 1", generation=generation)
+    crash = await failure_of(supervisor.evaluate("s_a", "import os\nos._exit(1)"))
+    assert crash.error_type == "ImageRestarted"
+    stale = await failure_of(supervisor.evaluate("s_a", "x = 2", generation=generation))
+    assert stale.error_type == "ImageRestarted"
+    assert isinstance(stale, StaleGeneration)
+    assert await supervisor.current_generation() == generation + 1
+    fresh = await supervisor.evaluate("s_a", "'x' in dir()", generation=generation + 1)
+    assert fresh["result"] == "False"

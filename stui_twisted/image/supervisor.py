@@ -238,6 +238,11 @@ class _Request:
             self.result.errback(failure_value)
 
 
+class StaleGeneration(StuiError):
+    """C{ImageRestarted} for a request that was never sent: its session is not
+    live in the running image.  Safe to retry once the session is rebuilt."""
+
+
 def _reply_value(reply: dict):
     """Unwrap a child reply envelope into its result, or raise its StuiError."""
     if reply.get("ok"):
@@ -325,6 +330,23 @@ class ImageSupervisor(service.Service):
     def removeRestartObserver(self, observer) -> None:
         """Stop calling ``observer`` after restarts."""
         self._restart_observers.remove(observer)
+
+    def current_generation(self) -> defer.Deferred:
+        """Fires with the generation of the running image, once one is ready.
+
+        Each spawned image has a new generation; a namespace built in one is
+        empty in the next, so callers pass it back as C{generation=} to run a
+        request only in the image their session is live in.
+        """
+        return self._ready_image().addCallback(lambda image: image.generation)
+
+    @property
+    def live_generation(self) -> int | None:
+        """The generation of the running image, or None while none is ready."""
+        image = self._image
+        if image is not None and image.ready and not image.ended:
+            return image.generation
+        return None
 
     def whenRunning(self) -> defer.Deferred:
         """Fires with ``status()`` once an image is ready (at once if one is)."""
@@ -503,22 +525,44 @@ class ImageSupervisor(service.Service):
             answer.addBoth(request.answer)
         return request
 
-    async def _call(self, command, description: str, **arguments):
+    def _check_generation(self, image: _ImageProcess, expected: int | None) -> None:
+        if image is not self._image or image.ended:
+            raise StuiError(
+                "ImageRestarted",
+                "the live image restarted while this request waited; the session is intact, run it again",
+            )
+        if expected is not None and image.generation != expected:
+            raise StaleGeneration(
+                "ImageRestarted",
+                "the live image was replaced before this request was sent; the session is "
+                "rebuilt in the new image first, run it again",
+            )
+
+    async def _call(self, command, description: str, expected_generation=None, **arguments):
         image = await self._ready_image()
+        self._check_generation(image, expected_generation)
         response = await self._send(image, command, description, **arguments).result
         return _reply_value(response["reply"]) if "reply" in response else response
 
-    async def _session_task(self, lane_id: str, command, description: str, timeout, **arguments):
-        """One task on the session's worker, serialized per session and watched."""
+    async def _session_task(
+        self,
+        lane_id: str,
+        command,
+        description: str,
+        timeout,
+        expected_generation=None,
+        **arguments,
+    ):
+        """One task on the session's worker, serialized per session and watched.
+
+        With C{expected_generation}, the task runs only in that image: a
+        namespace built in one image is never used from another.
+        """
         image = await self._ready_image()
         lane = self._lanes.setdefault(lane_id, defer.DeferredLock())
         await lane.acquire()
         try:
-            if image is not self._image or image.ended:
-                raise StuiError(
-                    "ImageRestarted",
-                    "the live image restarted while this request waited; the session is intact, run it again",
-                )
+            self._check_generation(image, expected_generation)
             request = self._send(
                 image,
                 command,
@@ -567,7 +611,13 @@ class ImageSupervisor(service.Service):
     # -- the API --
 
     def evaluate(
-        self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0
+        self,
+        session_id: str,
+        code: str,
+        mode: str = "execute",
+        timeout: float | None = 30.0,
+        *,
+        generation: int | None = None,
     ) -> defer.Deferred:
         """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
         if mode not in EVALUATION_MODES:
@@ -584,6 +634,7 @@ class ImageSupervisor(service.Service):
                 commands.Evaluate,
                 f"evaluation in session {session_id}",
                 timeout,
+                expected_generation=generation,
                 session_id=session_id,
                 code=code,
                 mode=mode,
@@ -622,6 +673,8 @@ class ImageSupervisor(service.Service):
         registry: dict,
         next_object_id: int,
         timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+        *,
+        generation: int | None = None,
     ) -> defer.Deferred:
         """(Re)build the session's namespace; fires with ``{restored, unrestorable, registry_live}``."""
         return defer.ensureDeferred(
@@ -630,6 +683,7 @@ class ImageSupervisor(service.Service):
                 commands.Materialize,
                 f"materialize of session {session_id}",
                 timeout,
+                expected_generation=generation,
                 session_id=session_id,
                 bindings=bindings or {},
                 registry=registry or {},
@@ -637,10 +691,17 @@ class ImageSupervisor(service.Service):
             )
         )
 
-    def materialize_shared(self, bindings: dict) -> defer.Deferred:
+    def materialize_shared(
+        self, bindings: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
         """(Re)build the image-wide ``shared`` object; same result shape as materialize."""
         return defer.ensureDeferred(
-            self._call(commands.MaterializeShared, "materialize of shared", bindings=bindings or {})
+            self._call(
+                commands.MaterializeShared,
+                "materialize of shared",
+                expected_generation=generation,
+                bindings=bindings or {},
+            )
         )
 
     def inspect(
@@ -650,6 +711,8 @@ class ImageSupervisor(service.Service):
         expression: str | None = None,
         limit: int = 100,
         timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+        *,
+        generation: int | None = None,
     ) -> defer.Deferred:
         """Describe a registry object or an expression's value."""
         if object_id is None and expression is None:
@@ -667,6 +730,7 @@ class ImageSupervisor(service.Service):
                     commands.Inspect,
                     f"inspection in session {session_id}",
                     timeout,
+                    expected_generation=generation,
                     session_id=session_id,
                     expression=expression,
                     limit=int(limit),
@@ -676,35 +740,55 @@ class ImageSupervisor(service.Service):
             self._call(
                 commands.Inspect,
                 "inspection",
+                expected_generation=generation,
                 session_id=session_id,
                 object_id=object_id,
                 limit=int(limit),
             )
         )
 
-    def complete(self, session_id: str, code: str, cursor_pos: int | None = None) -> defer.Deferred:
+    def complete(
+        self,
+        session_id: str,
+        code: str,
+        cursor_pos: int | None = None,
+        *,
+        generation: int | None = None,
+    ) -> defer.Deferred:
         """Completion ``{matches, cursor_start, cursor_end}`` at ``cursor_pos`` (default: end)."""
         position = len(code) if cursor_pos is None else int(cursor_pos)
         return defer.ensureDeferred(
             self._call(
                 commands.Complete,
                 "completion",
+                expected_generation=generation,
                 session_id=session_id,
                 code=code,
                 cursor_pos=position,
             )
         )
 
-    def snapshot(self, session_id: str) -> defer.Deferred:
+    def snapshot(self, session_id: str, *, generation: int | None = None) -> defer.Deferred:
         """Every binding of the session re-serialized: ``{bindings, variables}``."""
         return defer.ensureDeferred(
-            self._call(commands.Snapshot, "snapshot", session_id=session_id)
+            self._call(
+                commands.Snapshot,
+                "snapshot",
+                expected_generation=generation,
+                session_id=session_id,
+            )
         )
 
-    def clear(self, session_id: str, parts) -> defer.Deferred:
+    def clear(self, session_id: str, parts, *, generation: int | None = None) -> defer.Deferred:
         """Forget ``variables`` and/or ``registry``; fires with ``{cleared}``."""
         return defer.ensureDeferred(
-            self._call(commands.Clear, "clear", session_id=session_id, parts=list(parts))
+            self._call(
+                commands.Clear,
+                "clear",
+                expected_generation=generation,
+                session_id=session_id,
+                parts=list(parts),
+            )
         )
 
     def drop_session(self, session_id: str) -> defer.Deferred:
