@@ -80,6 +80,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._flush_loop = task.LoopingCall(self._flush_tick)
         self._flush_loop.clock = reactor
         self._flushing: defer.Deferred | None = None
+        self.unwritten_at_shutdown: list[str] = []
+        """Sessions the final flush could not write (the process then exits non-zero)."""
 
     # ================================================================ lifecycle
 
@@ -140,15 +142,31 @@ class SessionService(LiveImageCommands, service.MultiService):
         for loop in (self._cleanup_loop, self._flush_loop):
             if loop.running:
                 loop.stop()
+        unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
             try:
                 await self.flush()
-                await self._write_index()
             except Exception:
                 self.log.failure("flush at shutdown failed")
+            unwritten = sorted(self._dirty)
+            if self._shared_dirty:
+                unwritten.append("(the shared namespace)")
+            try:
+                await self._write_index()
+            except Exception:
+                self.log.failure("writing the session index at shutdown failed")
         await super().stopService()
         await self.store.close()
-        self.log.info("session service stopped; every dirty session was flushed")
+        if unwritten:
+            self.unwritten_at_shutdown = unwritten
+            self.log.critical(
+                "session service stopped, but the final flush FAILED: {count} sessions were "
+                "not written and their latest acknowledged changes are lost: {sessions}",
+                count=len(unwritten),
+                sessions=", ".join(unwritten),
+            )
+        else:
+            self.log.info("session service stopped; every dirty session was flushed")
 
     # ================================================================ lookups
 
