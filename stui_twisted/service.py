@@ -286,11 +286,11 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.settings.durability == "always" or self._storage_degraded:
             await self._write_now(session, action)
 
-    async def _write_now(self, session: Session, action: str):
+    async def _write_now(self, session: Session, action: str, *, saved_at: str | None = None):
         version = session.version
         document = session.to_document()
         try:
-            result = await self.store.write(document)
+            result = await self.store.write(document, saved_at=saved_at)
         except StorageFailure as exc:
             self._storage_degraded = True
             raise _storage_error(exc, action) from exc
@@ -306,7 +306,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         meanwhile keeps it dirty so the next flush writes it.
         """
         session.size_bytes = result.size_bytes
-        session.last_saved_at = self.now()
+        session.last_saved_at = result.saved_at
         if self.sessions.get(session.session_id) is session and session.version == version:
             session.dirty = False
             self._dirty.discard(session.session_id)
@@ -754,7 +754,17 @@ class SessionService(LiveImageCommands, service.MultiService):
             if "variables" in snapshot:
                 self._set_variables(session, snapshot["variables"])
             self._fit_bindings(session)
-        result = await self._write_now(session, "save the context")  # shared too
+        # One stamp for both files: save_context's saved_at, the session's
+        # last_saved_at and load_context's saved_at are the same string.
+        # The session file first: a save that fails leaves the previous saved
+        # copy as it was.
+        stamp = iso_timestamp(self.now())
+        document = session.to_document()
+        result = await self._write_now(session, "save the context", saved_at=stamp)  # shared too
+        try:
+            await self.store.write(document, saved_at=stamp, saved_copy=True)
+        except StorageFailure as exc:
+            raise _storage_error(exc, "save the context") from exc
         return {
             "session_id": session.session_id,
             "saved": True,
@@ -766,16 +776,19 @@ class SessionService(LiveImageCommands, service.MultiService):
     async def load_context(self, call) -> dict:
         session = await self._session_for(call)
         try:
-            document = await self.store.read(session.client_id, session.session_id)
+            document, saved_at = await self.store.read_saved(session.client_id, session.session_id)
         except KeyError:
             raise StuiError(
                 "InvalidRequest",
-                f"session {session.session_id!r} has never been saved",
+                f"session {session.session_id!r} has never been saved with save_context",
                 session_id=session.session_id,
             ) from None
         except StorageFailure as exc:
             raise _storage_error(exc, "load the context") from exc
+        counter = session.history_counter
         session.load_document(document)
+        # Cells keep numbers of their own: the next one is not numbered again.
+        session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state
         # must not leave that state on disk with the session marked clean.
         await self._changed(session, "load the context")
@@ -786,7 +799,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         return {
             "session_id": session.session_id,
             "loaded": True,
-            "saved_at": document.get("last_modified"),
+            "saved_at": saved_at,
             "context": context,
             "restored_bindings": restored["restored"],
             "unrestorable_bindings": restored["unrestorable"],
@@ -810,9 +823,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             },
             "size_bytes": session.size_bytes or self._size_of(session),
             "dirty": session.dirty,
-            "last_saved_at": iso_timestamp(session.last_saved_at)
-            if session.last_saved_at
-            else None,
+            "last_saved_at": session.last_saved_at,
         }
 
     async def clear_context(self, call) -> dict:

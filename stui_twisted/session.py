@@ -155,7 +155,8 @@ class Session:
     loaded: bool = True
     dirty: bool = False
     size_bytes: int = 0
-    last_saved_at: float | None = None
+    last_saved_at: str | None = None
+    """The C{saved_at} of the last write of the session file (as its envelope has it)."""
     materialized: bool = False
     image_generation: int | None = None
     """The image generation the namespace was built in (live only while it runs)."""

@@ -410,7 +410,7 @@ async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make,
     sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
     await h.ok(conn, "update_session_state", state_data={"n": 1})
     monkeypatch.setattr(
-        h.store, "write", lambda doc: defer.fail(StorageFailure("disk full (ENOSPC)"))
+        h.store, "write", lambda doc, **options: defer.fail(StorageFailure("disk full (ENOSPC)"))
     )
     reply = await h.error(conn, "update_session_state", state_data={"n": 2})
     assert reply["error_type"] == "StorageError"
