@@ -39,10 +39,10 @@ import stui_twisted
 from stui_twisted.envelope import iso_timestamp
 from stui_twisted.errors import ERROR_TYPES, StuiError
 from stui_twisted.image import amp_commands as commands
+from stui_twisted.image.outputlog import ChildOutputLog
 
 MiB = 1024 * 1024
 CHILD_MODULE = "stui_twisted.image.child"
-MAX_LOG_LINE = 2000
 STARTUP_TIMEOUT = 30.0
 MAX_RESTART_DELAY = 30.0
 SESSION_TASK_DEFAULT_TIMEOUT = 30.0
@@ -84,42 +84,6 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
-class _ChildOutputLog:
-    """Turns a child fd's bytes into bounded log lines."""
-
-    def __init__(self, logger: Logger, stream: str) -> None:
-        self._log = logger
-        self._stream = stream
-        self._pending = b""
-        self.pid: int | None = None
-
-    def feed(self, data: bytes) -> None:
-        self._pending += data
-        while True:
-            newline = self._pending.find(b"\n")
-            if newline < 0:
-                if len(self._pending) > MAX_LOG_LINE:
-                    self._emit(self._pending[:MAX_LOG_LINE])
-                    self._pending = self._pending[MAX_LOG_LINE:]
-                    continue
-                return
-            self._emit(self._pending[:newline])
-            self._pending = self._pending[newline + 1 :]
-
-    def flush(self) -> None:
-        if self._pending:
-            self._emit(self._pending)
-            self._pending = b""
-
-    def _emit(self, raw: bytes) -> None:
-        text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
-        if len(raw) > MAX_LOG_LINE:
-            text += " [...]"
-        self._log.info(
-            "image[{pid}] {stream}: {line}", pid=self.pid, stream=self._stream, line=text
-        )
-
-
 class _ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""
 
@@ -136,8 +100,8 @@ class _ImageProcess(protocol.ProcessProtocol):
         self.in_flight: set[_Request] = set()
         self.kill_timer = None
         self._outputs = {
-            1: _ChildOutputLog(supervisor.log, "stdout"),
-            2: _ChildOutputLog(supervisor.log, "stderr"),
+            1: ChildOutputLog(supervisor.log, "stdout", supervisor._reactor.seconds),
+            2: ChildOutputLog(supervisor.log, "stderr", supervisor._reactor.seconds),
         }
 
     def connectionMade(self) -> None:
