@@ -100,7 +100,12 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor
 
-        image = ImageSupervisor(reactor, max_binding_bytes=settings.max_session_bytes)
+        image = ImageSupervisor(
+            reactor,
+            max_binding_bytes=settings.max_session_bytes,
+            python=settings.image_python or sys.executable,
+            user=settings.image_user,
+        )
     sessions = SessionService(
         settings, reactor=reactor, store=store, image=image, connections=connections
     )

@@ -40,6 +40,7 @@ from stui_twisted.envelope import iso_timestamp
 from stui_twisted.errors import ERROR_TYPES, StuiError
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
+from stui_twisted.image.privileges import ImageAccount, lookup
 
 MiB = 1024 * 1024
 CHILD_MODULE = "stui_twisted.image.child"
@@ -230,6 +231,7 @@ class ImageSupervisor(service.Service):
     @param restart_delay: seconds between a death and the new spawn.
     @param kill_grace: seconds an interrupted/timed-out task, or a SIGTERMed
         image, gets before the image is killed.
+    @param user: run the image as this OS user (see L{stui_twisted.image.privileges}).
     """
 
     log = Logger()
@@ -242,9 +244,12 @@ class ImageSupervisor(service.Service):
         max_binding_bytes: int = 8 * MiB,
         restart_delay: float = 0.2,
         kill_grace: float = 2.0,
+        user: str | None = None,
     ) -> None:
         self._reactor = reactor
         self.python = python
+        self.account: ImageAccount | None = lookup(user) if user else None
+        """The OS account the image runs as (None: the server's own)."""
         self.max_binding_bytes = max_binding_bytes
         self.restart_delay = restart_delay
         self.kill_grace = kill_grace
@@ -333,9 +338,17 @@ class ImageSupervisor(service.Service):
         self._generation += 1
         image = _ImageProcess(self, self._generation)
         environment = dict(os.environ)
-        root = _package_root()
+        paths = [_package_root()]
+        if os.path.realpath(self.python) != os.path.realpath(sys.executable):
+            # Another interpreter (--image-python) finds our dependencies where we do.
+            paths += [p for p in sys.path if p.endswith("site-packages")]
         existing = environment.get("PYTHONPATH")
-        environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
+        environment["PYTHONPATH"] = os.pathsep.join(paths + ([existing] if existing else []))
+        switch: dict = {}
+        if self.account is not None:
+            account = self.account
+            environment.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+            switch = {"uid": account.uid, "gid": account.gid, "path": "/"}
         environment["PYTHONUNBUFFERED"] = "1"
         environment["STUI_IMAGE_MAX_BINDING_BYTES"] = str(self.max_binding_bytes)
         self._image = image
@@ -346,6 +359,7 @@ class ImageSupervisor(service.Service):
                 [self.python, "-m", CHILD_MODULE],
                 env=environment,
                 childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+                **switch,
             )
         except OSError:
             self.log.failure("could not spawn the image with {python}", python=self.python)
@@ -356,7 +370,11 @@ class ImageSupervisor(service.Service):
             self._restart_call = self._reactor.callLater(delay, self._spawn, restarting)
             self._fail_ready_waiters("the live image could not start")
             return
-        self.log.info("image started, pid {pid}", pid=image.pid)
+        self.log.info(
+            "image started, pid {pid}{as_user}",
+            pid=image.pid,
+            as_user=f", as user {self.account.name}" if self.account else "",
+        )
         self._startup_watchdog = self._reactor.callLater(
             STARTUP_TIMEOUT, self._startup_too_slow, image
         )
