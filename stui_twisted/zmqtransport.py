@@ -173,9 +173,7 @@ class ZmqRouterService(service.Service):
     max_peers = 10_000
     peer_idle_seconds = 24 * 3600.0
 
-    def __init__(
-        self, url: str, dispatcher, *, max_message_bytes: int, registry=None
-    ) -> None:
+    def __init__(self, url: str, dispatcher, *, max_message_bytes: int, registry=None) -> None:
         self.url = url
         self.dispatcher = dispatcher
         self.max_message_bytes = max_message_bytes
@@ -194,10 +192,21 @@ class ZmqRouterService(service.Service):
     def startService(self) -> None:  # noqa: N802
         self._factory = ZmqFactory()
         self._factory.registerForShutdown = False
-        endpoint = ZmqEndpoint(ZmqEndpointType.bind, self.url)
-        self._router = _StuiRouter(self._factory, endpoint, self)
+        # The socket is made without an endpoint and bound only after its
+        # options are set: libzmq copies a socket's options into a listener
+        # when it binds, so ZMQ_MAXMSGSIZE set after the bind would not apply
+        # to the peers it accepts (they could send frames of any size).
+        self._router = _StuiRouter(self._factory, None, self)
         self._router.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         self._router.socket.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._router.addEndpoints([ZmqEndpoint(ZmqEndpointType.bind, self.url)])
+        except BaseException:
+            # The socket is already registered with the reactor: take it back.
+            self._factory.shutdown()
+            self._factory = None
+            self._router = None
+            raise
         super().startService()
         self.log.info("zmq listening on {url}", url=", ".join(self.bound_endpoints))
 
