@@ -268,6 +268,7 @@ class ZmqRouterService(service.Service):
                 self._anonymous.move_to_end(identity)
             else:
                 peer = ZmqPeer(self._router, identity)
+                peer.last_seen = now
                 self._anonymous[identity] = peer
                 if self.registry is not None:
                     # Peers are listed (statistics) but not counted against

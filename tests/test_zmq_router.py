@@ -129,6 +129,7 @@ class RecordingRouter:
 @pytest.fixture
 def tables():
     clock = task.Clock()
+    clock.advance(1_790_000_000)  # like the reactor's clock: far from 0
     dispatcher = SessionDispatcher()
     service = ZmqRouterService("tcp://127.0.0.1:*", dispatcher, max_message_bytes=4096, clock=clock)
     service._router = RecordingRouter()
