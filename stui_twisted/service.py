@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from stui_twisted.connections import ConnectionRegistry
@@ -413,8 +414,19 @@ class SessionService(LiveImageCommands, service.MultiService):
             return None
 
     def _next_turn(self) -> defer.Deferred:
-        """Fires on the next reactor iteration, after what is waiting now."""
-        return task.deferLater(self.clock, 0, lambda: None)
+        """Fires on the next reactor iteration, after what is waiting now.
+
+        A turn belongs to the event loop, not to the clock: when the service
+        was given a clock that is not a reactor (a C{task.Clock} in tests),
+        nothing ever advances it by 0 s, so a yield scheduled on it never
+        fired and the flush (and everything waiting for it, shutdown
+        included) hung whenever serializing took longer than a slice.  The
+        yield therefore always goes through a running reactor.
+        """
+        loop = self.clock if IReactorCore.providedBy(self.clock) else None
+        if loop is None:
+            from twisted.internet import reactor as loop  # the running one
+        return task.deferLater(loop, 0, lambda: None)
 
     async def _flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
