@@ -129,7 +129,9 @@ class PartSize:
         old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
         # Align the new members with the old ones: by key for a dict, by
         # value for a list (the first new member's place among the old ones).
-        old_order, order = (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        old_order, order = (
+            (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        )
         try:
             drop = old_order.index(order[0]) if order else len(old_order)
         except ValueError:
@@ -192,8 +194,11 @@ class Session:
     loaded: bool = True
     dirty: bool = False
     size_bytes: int = 0
-    last_saved_at: float | None = None
+    last_saved_at: str | None = None
+    """The C{saved_at} of the last write of the session file (as its envelope has it)."""
     materialized: bool = False
+    image_generation: int | None = None
+    """The image generation the namespace was built in (live only while it runs)."""
     version: int = 0
     """Counts content changes, so a write knows whether it caught the latest."""
     binding_sizes: dict = field(default_factory=dict, repr=False)
@@ -294,7 +299,9 @@ class Session:
         registry = document.pop("object_registry")
         history = document["workspace_context"]["history"]
         document["workspace_context"]["history"] = []
-        size = len(_ASCII_JSON.encode(document)) + len(',"bindings":{}') + len(',"object_registry":{}')
+        size = (
+            len(_ASCII_JSON.encode(document)) + len(',"bindings":{}') + len(',"object_registry":{}')
+        )
         size += _members_size(self.binding_sizes, bindings)
         size += self.registry_size.measure(registry)
         size += self.history_size.measure(history)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from stui_twisted.errors import StuiError
-from stui_twisted.image.supervisor import ImageSupervisor
+from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
 
 pytestmark = pytest.mark.image
 
@@ -184,9 +187,13 @@ async def test_interrupting_code_stuck_in_c_restarts_the_image(supervisor):
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_time_limit_on_code_stuck_in_c_restarts_the_image(supervisor):
-    error = await failure_of(supervisor.evaluate("s_a", "import time\ntime.sleep(1000)", timeout=0.3))
+    error = await failure_of(
+        supervisor.evaluate("s_a", "import time\ntime.sleep(1000)", timeout=0.3)
+    )
     assert error.error_type == "Timeout"
-    await wait_until(lambda: supervisor.status()["status"] == "running" and supervisor.status()["restarts"] == 1)
+    await wait_until(
+        lambda: supervisor.status()["status"] == "running" and supervisor.status()["restarts"] == 1
+    )
 
 
 @pytest.mark.timeout(20)
@@ -204,7 +211,8 @@ async def test_output_capture_is_isolated_between_concurrent_sessions(supervisor
 @pytest_twisted.ensureDeferred
 async def test_writes_to_the_childs_fds_do_not_corrupt_the_channel(supervisor):
     result = await supervisor.evaluate(
-        "s_a", "import os, sys\nos.write(1, b'raw\\n' * 1000)\nsys.__stdout__.write('x' * 100000)\n'fine'"
+        "s_a",
+        "import os, sys\nos.write(1, b'raw\\n' * 1000)\nsys.__stdout__.write('x' * 100000)\n'fine'",
     )
     assert result["result"] == "'fine'"
     assert (await supervisor.evaluate("s_a", "1"))["result"] == "1"
@@ -239,7 +247,9 @@ async def test_snapshot_clear_drop_and_shared_materialize(supervisor):
     assert await supervisor.clear("s_a", ["variables"]) == {"cleared": ["variables"]}
     assert (await failure_of(supervisor.evaluate("s_a", "n"))).error_type == "EvaluationError"
     assert (await supervisor.drop_session("s_a")) == {"dropped": True}
-    outcome = await supervisor.materialize_shared({"team": {"encoding": "json", "value": "ok", "type": "str", "repr": "'ok'"}})
+    outcome = await supervisor.materialize_shared(
+        {"team": {"encoding": "json", "value": "ok", "type": "str", "repr": "'ok'"}}
+    )
     assert outcome == {"restored": ["team"], "unrestorable": [], "registry_live": []}
     assert (await supervisor.evaluate("s_b", "shared.team"))["result"] == "'ok'"
 
@@ -360,6 +370,27 @@ async def test_a_binding_over_the_limit_costs_little_memory_and_later_cells_stay
     assert max(timings[:3]) < max(0.25, 5 * timings[3]), timings
 
 
+def _alive(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+GRANDCHILDREN = """
+import os, subprocess, time
+popen = subprocess.Popen(['sleep', '300'])
+os.system('sleep 75 & echo $! > {pidfile}')
+forked = os.fork()
+if forked == 0:
+    time.sleep(300)
+    os._exit(0)
+pids = [popen.pid, forked]
+"""
+
+
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor):
@@ -372,6 +403,30 @@ async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor)
         assert '  File "<cell 2>", line 2, in f' in lines
         assert f"    {body}" in lines  # each session's own cell 2, though both have one
         assert error.details["line"] == 1
+
+
+async def test_image_death_is_noticed_while_processes_it_started_live(supervisor, tmp_path):
+    """The image's exit, not the end of its pipes, is its death (issue 13.1)."""
+    pidfile = tmp_path / "background.pid"
+    await supervisor.evaluate("s_a", GRANDCHILDREN.format(pidfile=pidfile))
+    pids = json.loads(
+        (await supervisor.evaluate("s_a", "import json; json.dumps(pids)", "display"))["display"]
+    )
+    await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
+    pids.append(int(pidfile.read_text()))
+    assert all(_alive(pid) for pid in pids)
+    old_pid = supervisor.status()["pid"]
+    sleeper = supervisor.evaluate("s_b", "import time\ntime.sleep(30)")
+    await sleep(0.1)
+    died_at = time.monotonic()
+    crash = await failure_of(supervisor.evaluate("s_c", "import os\nos._exit(3)"))
+    assert crash.error_type == "ImageRestarted"
+    assert (await failure_of(sleeper)).error_type == "ImageRestarted"
+    assert time.monotonic() - died_at < 1.0
+    await wait_until(lambda: supervisor.status()["status"] == "running", timeout=5)
+    assert supervisor.status()["pid"] != old_pid
+    await wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=5)
+    assert (await supervisor.evaluate("s_a", "1 + 1", "display"))["display"] == "2"
 
 
 @pytest.mark.timeout(30)
@@ -389,3 +444,43 @@ async def test_lone_surrogates_cross_the_image_pipe(supervisor):
     assert snapshot["bindings"]["y"]["value"] == "ok\ud800"
     await supervisor.materialize("s_b", snapshot["bindings"], {}, 1)
     assert (await supervisor.evaluate("s_b", "y == 'ok' + chr(0xd800)"))["result"] == "True"
+
+
+async def test_stopping_the_image_does_not_wait_for_processes_it_started(supervisor):
+    await supervisor.evaluate("s_a", "import os\nos.system('sleep 75 &')")
+    started = time.monotonic()
+    await supervisor.stopService()
+    assert time.monotonic() - started < supervisor.kill_grace + 1.0
+    assert supervisor.status()["status"] == "stopped"
+
+
+def test_the_image_leads_its_own_process_group_and_keeps_its_pipes():
+    """The child's start-up step, run in a fresh interpreter with pipes on fds 3 and 4."""
+    probe = (
+        "import os\n"
+        "r, w = os.pipe()\n"
+        "os.dup2(r, 3); os.dup2(w, 4)\n"
+        "assert os.getpgrp() != os.getpid()\n"
+        "from stui_twisted.image.child import _own_process_group\n"
+        "_own_process_group()\n"
+        "print(os.getpgrp() == os.getpid(), os.getsid(0) == os.getpid(),"
+        " os.get_inheritable(3), os.get_inheritable(4))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
+    assert out.stdout.split() == ["True", "True", "False", "False"], out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_request_for_an_older_image_generation_is_not_sent(supervisor):
+    """A namespace built in one image is never used from the next (issue 12.1)."""
+    generation = await supervisor.current_generation()
+    await supervisor.evaluate("s_a", "x = 1", generation=generation)
+    crash = await failure_of(supervisor.evaluate("s_a", "import os\nos._exit(1)"))
+    assert crash.error_type == "ImageRestarted"
+    stale = await failure_of(supervisor.evaluate("s_a", "x = 2", generation=generation))
+    assert stale.error_type == "ImageRestarted"
+    assert isinstance(stale, StaleGeneration)
+    assert await supervisor.current_generation() == generation + 1
+    fresh = await supervisor.evaluate("s_a", "'x' in dir()", generation=generation + 1)
+    assert fresh["result"] == "False"

@@ -436,6 +436,30 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     assert sids[0] not in h.service._dirty and sids[1] not in h.service._dirty
 
 
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_a_sliced_flush_finishes_although_nobody_advances_the_clock(make, monkeypatch):
+    """The suite's hang (issue 12.4): the flush yielded on the injected clock.
+
+    A flush that serializes for longer than a slice yields for a reactor turn.
+    It used to schedule that turn on the service's clock, a C{task.Clock}
+    here that nothing advances, so a flush slowed by a loaded machine (or a
+    slow failure log) never finished, and neither did the shutdown waiting
+    for it.  With a zero slice every session yields.
+    """
+    from stui_twisted import service as service_module
+
+    monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
+    h = await make(durability="batch", flush_interval=0.5)
+    conn = h.connection()
+    for n in range(3):
+        await h.ok(conn, "create_session", client_id=f"c{n}")
+    assert len(h.service._dirty) == 3
+    await h.service.flush()
+    assert not h.service._dirty
+    await h.service.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_written(
     make, monkeypatch
@@ -473,7 +497,7 @@ async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make,
     sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
     await h.ok(conn, "update_session_state", state_data={"n": 1})
     monkeypatch.setattr(
-        h.store, "write", lambda doc: defer.fail(StorageFailure("disk full (ENOSPC)"))
+        h.store, "write", lambda doc, **options: defer.fail(StorageFailure("disk full (ENOSPC)"))
     )
     reply = await h.error(conn, "update_session_state", state_data={"n": 2})
     assert reply["error_type"] == "StorageError"
