@@ -76,6 +76,19 @@ def _durability(name: str, text: Any) -> str:
     return value
 
 
+def _image_user(name: str, text: Any) -> str | None:
+    from stui_twisted.image.privileges import PrivilegeError, check_can_switch_to
+
+    value = str(text).strip()
+    if value.lower() in ("", "none"):
+        return None
+    try:
+        check_can_switch_to(value)
+    except PrivilegeError as exc:
+        raise ConfigError(f"--{name}: {exc}") from None
+    return value
+
+
 OPTIONS: dict[str, tuple[str, Any, str]] = {
     # name: (Settings field, parser, help)
     "tcp": ("tcp", _string, "line-JSON TCP listener (strports description) or none"),
@@ -113,6 +126,8 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "allow-clients": ("allow_clients", _globs, "client-id globs allowed (comma separated)"),
     "deny-clients": ("deny_clients", _globs, "client-id globs refused (comma separated)"),
     "image": ("image_enabled", _boolean, "run the live image (yes/no)"),
+    "image-user": ("image_user", _image_user, "run the image as this OS user (the server must start as root); none: as the server's user"),
+    "image-python": ("image_python", _optional_path, "interpreter that runs the image (default: the server's)"),
 }
 
 
@@ -150,6 +165,13 @@ def build_settings(file_values: dict[str, Any], flag_values: dict[str, Any], ins
     changes["insecure_no_auth"] = insecure
     settings = dataclasses.replace(Settings(), **changes)
     check_listeners(settings)
+    if settings.image_user:
+        from stui_twisted.image.privileges import PrivilegeError, check_private, lookup
+
+        try:
+            check_private(settings.data_dir, lookup(settings.image_user))
+        except PrivilegeError as exc:
+            raise ConfigError(f"--image-user: {exc}") from None
     return settings
 
 

@@ -60,6 +60,9 @@ class Settings:
     # image
     image_enabled: bool = True
     image_python: str | None = None
+    """The interpreter that runs the image (default: the server's own)."""
+    image_user: str | None = None
+    """Run the image as this OS user (privilege separation; the server needs root)."""
     capabilities: tuple[str, ...] = field(
         default=(
             "sessions",

@@ -8,7 +8,10 @@ starts a thread or spawns a process: those happen in ``startService`` because
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
 
 from twisted.application import internet, service
 from twisted.logger import Logger
@@ -97,7 +100,12 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor
 
-        image = ImageSupervisor(reactor, max_binding_bytes=settings.max_session_bytes)
+        image = ImageSupervisor(
+            reactor,
+            max_binding_bytes=settings.max_session_bytes,
+            python=settings.image_python or sys.executable,
+            user=settings.image_user,
+        )
     sessions = SessionService(
         settings, reactor=reactor, store=store, image=image, connections=connections
     )
@@ -192,6 +200,27 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     """Assemble the service tree from parsed L{Options} (twistd's entry point)."""
     from twisted.internet import reactor
 
-    root, _sessions = build_server(options.settings, reactor)
+    root, sessions = build_server(options.settings, reactor)
     CleanExitOnSigterm(reactor).setServiceParent(root)
+    atexit.register(exit_nonzero_if_unwritten, sessions)
     return root
+
+
+EXIT_UNWRITTEN = 75
+"""Exit status when the final flush failed (EX_TEMPFAIL: acknowledged work was lost)."""
+
+
+def exit_nonzero_if_unwritten(sessions) -> None:
+    """At interpreter exit: a shutdown whose final flush failed is not a success.
+
+    It runs when the interpreter exits, after twistd has stopped the reactor
+    (every service stopped, the failure logged) and removed its pidfile; it
+    then ends the process with L{EXIT_UNWRITTEN} instead of twistd's 0.
+    """
+    if sessions is not None and sessions.unwritten_at_shutdown:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                continue  # a closed or broken stream has nothing left to write
+        os._exit(EXIT_UNWRITTEN)
