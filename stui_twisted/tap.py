@@ -47,6 +47,69 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
 
 
+class StartupFailed(SystemExit, Exception):
+    """Start-up cannot go on; the reason is already logged, in one line.
+
+    An C{Exception}, so twistd's runner treats it as a failed start (it
+    reports it to the waiting parent of a daemon, which exits 1, and removes
+    the pidfile); a C{SystemExit}, so the interpreter then exits with status 1
+    without printing a traceback.  Raised before any thread is started, so
+    nothing keeps the process alive.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _listen_failure(option: str, child, exc: Exception) -> tuple[str, str]:
+    """Why a bind failed: (the log line, a short form for a daemon's parent).
+
+    Both name the option and the address; the short form fits the 100 bytes
+    twistd passes from a failed daemon to the parent that waits for it.
+    """
+    import zmq
+    from twisted.internet.error import CannotListenError
+
+    value = getattr(child, "description", None) or getattr(child, "url", "")
+    if isinstance(exc, CannotListenError):
+        address = f"{exc.interface or '*'}:{exc.port}"
+        reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+    else:
+        address = getattr(child, "url", value)
+        reason = zmq.strerror(exc.errno) if isinstance(exc, zmq.ZMQError) else str(exc)
+    line = f"start-up failed: {option}={value}: cannot listen on {address}: {reason}"
+    return line, f"{option} {address}: {reason}"
+
+
+class ServerRoot(service.MultiService):
+    """The root of the service tree: a listener that cannot bind stops start-up.
+
+    Every listener (TCP, TLS, metrics and ZeroMQ) binds in
+    C{privilegedStartService}, which twistd runs after daemonizing and before
+    any C{startService}: no thread, image or timer exists yet.  A bind that
+    fails is logged as one line naming the option and the address, and the
+    process exits with status 1 at once (L{StartupFailed}), instead of a
+    traceback or a server that runs without one of its listeners.
+    """
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except Exception as exc:
+                if not (isinstance(child, ListenerService) or hasattr(child, "url")):
+                    raise
+                option = f"--{child.name}" if child.name in OPTIONS else str(child.name)
+                line, short = _listen_failure(option, child, exc)
+                log.critical("{message}", message=line)
+                raise StartupFailed(short) from None
+
+
 class ListenerService(internet.StreamServerEndpointService):
     """A strports listener that logs the address it actually bound.
 
@@ -57,9 +120,10 @@ class ListenerService(internet.StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, name: str, endpoint, factory) -> None:
+    def __init__(self, name: str, endpoint, factory, description: str = "") -> None:
         super().__init__(endpoint, factory)
         self.listener_name = name
+        self.description = description
         self.port = None
 
     def privilegedStartService(self) -> None:  # noqa: N802
@@ -88,7 +152,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.store import SessionStore
     from stui_twisted.tls import TLSConfigError, server_endpoint
 
-    root = service.MultiService()
+    root = ServerRoot()
     connections = ConnectionRegistry(settings.max_connections)
     store = SessionStore(
         settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
@@ -135,7 +199,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             endpoint = server_endpoint(reactor, description)
         except TLSConfigError as exc:
             raise SystemExit(f"twistd stui: {exc}") from None
-        listener = ListenerService(name, endpoint, factory)
+        listener = ListenerService(name, endpoint, factory, description)
         listener.setName(name)
         listener.setServiceParent(root)
     if settings.zmq.lower() != "none":

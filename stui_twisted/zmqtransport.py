@@ -191,13 +191,23 @@ class ZmqRouterService(service.Service):
             return []
         return [self._router.socket.getsockopt_string(zmq.LAST_ENDPOINT)]
 
-    def startService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """Bind now, like the stream listeners (see L{stui_twisted.tap.ServerRoot}).
+
+        twistd calls this after it forked, so the context is still made after
+        the fork; a port in use fails start-up before any thread exists.
+        """
+        super().privilegedStartService()
         self._factory = ZmqFactory()
         self._factory.registerForShutdown = False
         endpoint = ZmqEndpoint(ZmqEndpointType.bind, self.url)
         self._router = _StuiRouter(self._factory, endpoint, self)
         self._router.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         self._router.socket.setsockopt(zmq.LINGER, 1000)
+
+    def startService(self) -> None:  # noqa: N802
+        if self._router is None:  # not started through privilegedStartService
+            self.privilegedStartService()
         super().startService()
         self.log.info("zmq listening on {url}", url=", ".join(self.bound_endpoints))
 
