@@ -90,6 +90,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "max-session-timeout": ("max_timeout", _positive_float, "largest timeout a client may ask for (s)"),
     "cleanup-interval": ("cleanup_interval", _positive_float, "seconds between cleanup runs"),
     "max-sessions-per-client": ("max_sessions_per_client", _positive_int, "active sessions per client"),
+    "max-sessions-total": ("max_sessions_total", _positive_int, "active sessions on the whole server"),
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),

@@ -34,6 +34,7 @@ class Settings:
     max_timeout: float = 7 * 24 * 3600.0
     cleanup_interval: float = 300.0
     max_sessions_per_client: int = 5
+    max_sessions_total: int = 100_000
     max_session_bytes: int = 8 * MiB
     history_limit: int = 100
     create_rate_limit: int = 10
@@ -80,6 +81,7 @@ class Settings:
             "max_message_bytes": self.max_message_bytes,
             "max_session_bytes": self.max_session_bytes,
             "max_sessions_per_client": self.max_sessions_per_client,
+            "max_sessions_total": self.max_sessions_total,
             "default_timeout": self.default_timeout,
             "max_timeout": self.max_timeout,
             "cleanup_interval": self.cleanup_interval,
