@@ -147,6 +147,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.commands import build_commands
     from stui_twisted.connections import ConnectionRegistry
     from stui_twisted.dispatcher import Dispatcher
+    from stui_twisted.fdlimit import FdGuardedFactory, FdReserve
     from stui_twisted.linejson import LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
@@ -154,6 +155,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
 
     root = ServerRoot()
     connections = ConnectionRegistry(settings.max_connections)
+    fd_reserve = FdReserve(reactor, connections)
+    fd_reserve.setServiceParent(root)  # first: raises the open-files limit
     store = SessionStore(
         settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
     )
@@ -199,7 +202,9 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             endpoint = server_endpoint(reactor, description)
         except TLSConfigError as exc:
             raise SystemExit(f"twistd stui: {exc}") from None
-        listener = ListenerService(name, endpoint, factory, description)
+        listener = ListenerService(
+            name, endpoint, FdGuardedFactory(factory, fd_reserve), description
+        )
         listener.setName(name)
         listener.setServiceParent(root)
     if settings.zmq.lower() != "none":
