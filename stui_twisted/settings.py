@@ -17,7 +17,7 @@ DURABILITY_POLICIES = ("always", "batch", "none")
 
 @dataclass(frozen=True)
 class Settings:
-    """All tunables of one server instance (protocol.md section 7, architecture.md)."""
+    """All tunables of one server instance (docs/protocol.md section 7, docs/operations.md section 3)."""
 
     # listeners
     tcp: str = "tcp:7555:interface=127.0.0.1"

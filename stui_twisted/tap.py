@@ -8,13 +8,15 @@ starts a thread or spawns a process: those happen in ``startService`` because
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 from twisted.application import internet, service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini
+from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini, shown_default
 from stui_twisted.settings import Settings
 
 log = Logger()
@@ -23,7 +25,7 @@ log = Logger()
 class Options(usage.Options):
     """Command-line options of C{twistd stui}."""
 
-    synopsis = "[twistd options] stui [options]"
+    # no synopsis: twistd already prints "Usage: twistd [options] stui [options]"
     longdesc = (
         "Serve durable STUI sessions over line-JSON TCP/TLS and ZeroMQ, with a "
         "supervised live Python image. Defaults: TCP tcp:7555:interface=127.0.0.1, "
@@ -31,20 +33,82 @@ class Options(usage.Options):
     )
     optFlags = [
         ["insecure-no-auth", None, "allow non-loopback listeners without --auth-file"],
+        [
+            "check-config",
+            None,
+            "check the configuration (--config file and options, TLS files, --auth-file) "
+            "and exit: 0 if it is good, 1 with the reason",
+        ],
     ]
     optParameters = [["config", "c", None, "INI file with a [stui] section (see etc/stui.ini)"]] + [
-        [name, None, None, f"{help_text} [default: {getattr(Settings(), field)}]"]
+        [name, None, None, f"{help_text} [default: {shown_default(getattr(Settings(), field))}]"]
         for name, (field, _parse, help_text) in OPTIONS.items()
     ]
+
+    def opt_version(self) -> None:
+        """Display the stui-twisted and Twisted versions and exit."""
+        from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
+        from twisted import copyright
+
+        print(f"{SERVER_NAME} {__version__} (protocol {PROTOCOL_VERSION})")
+        print(f"Twisted version: {copyright.version}")
+        sys.exit(0)
 
     def postOptions(self) -> None:  # noqa: N802
         """Merge defaults < --config < flags into C{self.settings}; refuse bad values."""
         try:
             file_values = read_ini(self["config"]) if self["config"] else {}
             flags = {name: self[name] for name in OPTIONS}
-            self.settings = build_settings(file_values, flags, bool(self["insecure-no-auth"]))
+            self.settings = build_settings(
+                file_values, flags, bool(self["insecure-no-auth"]), source=self["config"]
+            )
+            if self["check-config"]:
+                check_resources(self.settings)
         except ConfigError as exc:
+            if self["check-config"]:
+                raise SystemExit(f"twistd stui: configuration error: {exc}") from None
             raise usage.UsageError(str(exc)) from None
+        if self["check-config"]:
+            where = f"{self['config']} and the options" if self["config"] else "the options"
+            print(f"twistd stui: configuration OK ({where})")
+            sys.exit(0)
+
+
+def check_resources(settings: Settings) -> None:
+    """What start-up would read besides the options: TLS files, the password file.
+
+    Nothing is bound, started or written.  Raises L{ConfigError} naming the option.
+    """
+    from twisted.internet import reactor
+
+    if settings.tls.lower() != "none":
+        tls_endpoint(reactor, settings.tls)
+    if settings.auth_file:
+        from stui_twisted.auth import Authenticator
+        from stui_twisted.passwd import PasswordFileError
+
+        try:
+            Authenticator(settings, reactor).load()
+        except PasswordFileError as exc:
+            raise ConfigError(f"--auth-file: {exc}") from None
+    if os.path.exists(settings.data_dir) and not os.path.isdir(settings.data_dir):
+        raise ConfigError(f"--data-dir: {settings.data_dir} exists and is not a directory")
+
+
+def tls_endpoint(reactor, description: str):
+    """The C{--tls} endpoint; a bad description or unreadable file is a L{ConfigError}."""
+    from OpenSSL.SSL import Error as SSLError
+
+    from stui_twisted.tls import TLSConfigError, server_endpoint
+
+    try:
+        return server_endpoint(reactor, description)
+    except TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"--tls: cannot read {exc.filename}: {exc.strerror}") from None
+    except (ValueError, SSLError) as exc:
+        raise ConfigError(f"--tls: {description!r}: {exc}") from None
 
 
 class StartupFailed(SystemExit, Exception):
@@ -151,7 +215,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.linejson import LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
-    from stui_twisted.tls import TLSConfigError, server_endpoint
+    from stui_twisted.tls import server_endpoint
 
     root = ServerRoot()
     connections = ConnectionRegistry(settings.max_connections)
@@ -198,10 +262,13 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             unauthenticated_idle_timeout=settings.unauthenticated_idle_timeout,
             registry=connections,
         )
-        try:
+        if name == "tls":
+            try:
+                endpoint = tls_endpoint(reactor, description)
+            except ConfigError as exc:
+                raise SystemExit(f"twistd stui: {exc}") from None
+        else:
             endpoint = server_endpoint(reactor, description)
-        except TLSConfigError as exc:
-            raise SystemExit(f"twistd stui: {exc}") from None
         listener = ListenerService(
             name, endpoint, FdGuardedFactory(factory, fd_reserve), description
         )
@@ -254,10 +321,29 @@ class CleanExitOnSigterm(service.Service):
             self._reactor.stop()
 
 
+def apply_twistd_umask(options: Options) -> None:
+    """Apply twistd's C{--umask} now, so the log file it opens next honours it.
+
+    twistd opens C{--logfile} after C{makeService} but sets the umask only
+    later, when it daemonizes; the log file was therefore created 0644 even
+    with C{--umask=0077}.  The umask is the one twistd will set anyway:
+    C{--umask}, else 0077 for a daemon, else none (C{-n} keeps the caller's).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:  # not run by twistd (tests)
+        return
+    umask = parent.get("umask")
+    if umask is None and not parent.get("nodaemon"):
+        umask = 0o077
+    if umask is not None:
+        os.umask(umask)
+
+
 def makeService(options: Options) -> service.IService:  # noqa: N802
     """Assemble the service tree from parsed L{Options} (twistd's entry point)."""
     from twisted.internet import reactor
 
+    apply_twistd_umask(options)
     root, _sessions = build_server(options.settings, reactor)
     CleanExitOnSigterm(reactor).setServiceParent(root)
     return root

@@ -7,7 +7,10 @@ the option and the address; the CLI's own options (``--help``,
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import time
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverproc import REPO_ROOT, make_self_signed, twistd_command
+from tests.serverproc import REPO_ROOT, ServerProcess, make_self_signed, twistd_command
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +114,239 @@ def test_a_daemon_with_a_port_in_use_reports_it_to_its_parent(tmp_path, busy_por
     while time.monotonic() < deadline and "start-up failed" not in log.read_text():
         time.sleep(0.05)
     assert "Traceback" not in log.read_text()
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def test_help_prints_one_usage_line_and_defaults_as_they_are_written(tmp_path):
+    status, _seconds, output = run_twistd(tmp_path, [], ["--help"])
+    assert status == 0, output
+    usage_lines = [line for line in output.splitlines() if line.startswith("Usage:")]
+    assert usage_lines == ["Usage: twistd [options] stui [options]"], usage_lines
+    flat = " ".join(output.split())  # undo the help text's line wrapping
+    assert "run the live image (yes/no) [default: yes]" in flat
+    assert "[default: True]" not in flat and "[default: None]" not in flat
+    assert "[default: ()]" not in flat
+    assert "--check-config" in flat and "--max-sessions-total" in flat
+
+
+def test_version_says_the_stui_version_too(tmp_path):
+    from stui_twisted import PROTOCOL_VERSION, __version__
+    from twisted import copyright
+
+    status, _seconds, output = run_twistd(tmp_path, [], ["--version"])
+    assert status == 0, output
+    assert f"stui-twisted {__version__} (protocol {PROTOCOL_VERSION})" in output
+    assert f"Twisted version: {copyright.version}" in output
+
+
+@pytest.mark.parametrize(
+    "ini, words",
+    [
+        ("durabilty = always\n", "unknown option 'durabilty'"),
+        ("flush_interval = 0\n", "flush_interval = 0: --flush-interval must be greater than 0"),
+        ("tcp = tcp:7555\n", "without authentication"),
+        ("auth_file = missing-users\n", "--auth-file"),
+        ("tls = ssl:0:interface=127.0.0.1:privateKey=nokey.pem:certKey=nocert.pem\n", "nocert.pem"),
+    ],
+)
+def test_check_config_names_the_bad_key_and_exits_non_zero(tmp_path, ini, words):
+    config = tmp_path / "stui.ini"
+    config.write_text("[stui]\n" + ini)
+    status, seconds, output = run_twistd(tmp_path, [], [f"--config={config}", "--check-config"])
+    assert status == 1, output
+    assert "configuration error" in output and words in output, output
+    assert "Traceback" not in output and "Usage:" not in output
+    assert not (tmp_path / "stui-data").exists() and not (tmp_path / "twistd.pid").exists()
+
+
+def test_check_config_accepts_the_example_and_the_security_settings(tmp_path):
+    example = REPO_ROOT / "etc" / "stui.ini"
+    status, _seconds, output = run_twistd(tmp_path, [], [f"--config={example}", "--check-config"])
+    assert status == 0, output
+    assert "configuration OK" in output
+    config = tmp_path / "stui.ini"
+    config.write_text(
+        "[stui]\ntoken_ttl = 600\nauth_failures_per_peer = 3\nauth_failures_per_user = 4\n"
+        "auth_failure_window = 60\nmax_sessions_total = 50\n"
+    )
+    status, _seconds, output = run_twistd(tmp_path, [], [f"--config={config}", "--check-config"])
+    assert status == 0, output
+    from stui_twisted.tap import Options
+
+    options = Options()
+    options.parseOptions([f"--config={config}"])
+    settings = options.settings
+    assert (settings.token_ttl, settings.auth_failure_window) == (600.0, 60.0)
+    assert (settings.auth_failures_per_peer, settings.auth_failures_per_user) == (3, 4)
+
+
+def test_an_unreadable_tls_key_is_one_line_not_a_traceback(tmp_path):
+    status, _seconds, output = run_twistd(
+        tmp_path,
+        ["-n", "--pidfile="],
+        [
+            "--tls=ssl:0:interface=127.0.0.1:privateKey=nokey.pem:certKey=nocert.pem",
+            "--tcp=tcp:0:interface=127.0.0.1",
+            "--zmq=none",
+            "--image=no",
+        ],
+    )
+    assert status == 1, output
+    assert "--tls: cannot read" in output and "nocert.pem" in output
+    assert "Traceback" not in output
+
+
+def _wait_for_log(path: Path, words: str, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and words in path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{words!r} not in {path} within {seconds} s")
+
+
+@pytest.mark.parametrize(
+    "twistd_args, mode",
+    [(["--umask=0077"], 0o600), ([], 0o600), (["-n", "--umask=0027"], 0o640)],
+    ids=["daemon-umask-0077", "daemon-default", "foreground-umask-0027"],
+)
+def test_the_log_file_honours_the_umask(tmp_path, twistd_args, mode):
+    import signal
+
+    log = tmp_path / "twistd.log"
+    pidfile = tmp_path / "twistd.pid"
+    command = [
+        *twistd_command(),
+        *twistd_args,
+        f"--pidfile={pidfile}",
+        f"--logfile={log}",
+        "stui",
+        "--tcp=tcp:0:interface=127.0.0.1",
+        "--zmq=none",
+        "--image=no",
+        f"--data-dir={tmp_path / 'data'}",
+    ]
+    old_umask = os.umask(0o022)  # what a login shell typically has
+    try:
+        proc = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.umask(old_umask)
+    try:
+        _wait_for_log(log, "session service ready")
+        assert log.stat().st_mode & 0o777 == mode, oct(log.stat().st_mode)
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+# -- what the README and docs tell a new user to type ----------------------------------
+
+README = REPO_ROOT / "README.md"
+DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+
+
+def test_readme_starts_with_the_two_set_up_commands_and_says_where_to_type_next():
+    blocks = _code_blocks(README.read_text())
+    assert blocks[0].strip() == (
+        "python3.11 -m venv .venv && .venv/bin/pip install . && .venv/bin/twistd -n stui"
+    )
+    assert blocks[1].strip() == (
+        "python3.11 -m venv .venv && .venv/bin/pip install '.[test]' && .venv/bin/python -m pytest"
+    )
+    between = README.read_text().split(blocks[0], 1)[1].split(blocks[1], 1)[0]
+    assert "keeps this terminal" in between and "another terminal" in between
+
+
+def test_no_doc_recommends_an_editable_install_that_hides_the_plugin():
+    for path in [README, *DOCS]:
+        commands = [*_code_blocks(path.read_text()), *re.findall(r"`([^`\n]+)`", path.read_text())]
+        for line in "\n".join(commands).splitlines():
+            if re.search(r"pip install -e \S", line):
+                assert "editable_mode=compat" in line, f"{path.name}: {line}"
+
+
+def test_every_markdown_file_the_docs_cite_exists():
+    for path in [README, *DOCS]:
+        for name in set(re.findall(r"\b([a-z_]+\.md)\b", path.read_text())):
+            assert (REPO_ROOT / name).exists() or (REPO_ROOT / "docs" / name).exists(), (
+                f"{path.name} cites {name}, which does not exist"
+            )
+
+
+def test_the_daemon_recipe_creates_the_directories_it_uses():
+    text = (REPO_ROOT / "docs" / "operations.md").read_text()
+    recipe = next(block for block in _code_blocks(text) if "--pidfile=/run/stui" in block)
+    creates = next(line for line in recipe.splitlines() if line.startswith("install -d"))
+    assert "/run/stui" in creates and "/var/log/stui" in creates
+
+
+def test_every_doc_and_the_unit_agree_on_the_data_dir():
+    unit = (REPO_ROOT / "etc" / "systemd" / "stui.service").read_text()
+    (data_dir,) = set(re.findall(r"--data-dir=(\S+)", unit))
+    for path in [README, *DOCS]:
+        for found in re.findall(r"--data-dir[= ](/var/lib/stui\S*?)(?=[`\s)]|$)", path.read_text()):
+            assert found == data_dir, f"{path.name} says --data-dir={found}, the unit {data_dir}"
+
+
+def test_the_units_documentation_is_installed_where_it_points():
+    import configparser
+
+    unit = (REPO_ROOT / "etc" / "systemd" / "stui.service").read_text()
+    documentation = re.search(r"^Documentation=(.*)$", unit, re.M).group(1).split()
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    installed = {
+        f"/opt/stui/venv/{target}/{Path(source).name}"
+        for target, sources in setup["options.data_files"].items()
+        for source in sources.split()
+        if (REPO_ROOT / source).exists()
+    }
+    for url in documentation:
+        assert url.startswith("file://"), url
+        assert url[len("file://") :] in installed, f"{url} is not installed by setup.cfg"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_the_readme_tls_recipe_verifies_and_exits_with_the_pong(tmp_path):
+    """The README's s_client line, as written (but the port), ends by itself."""
+    text = README.read_text()
+    server_line = next(line for line in text.splitlines() if "twistd -n stui --tls=" in line)
+    client_block = next(block for block in _code_blocks(text) if "s_client" in block)
+    client = client_block.replace("\\\n", " ").strip()
+    assert "-CAfile cert.pem" in client
+    proc = ServerProcess(tmp_path, tls=True, image=False, zmq=False)
+    tls_option = server_line.split("stui ", 1)[1].strip()
+    assert tls_option.startswith(
+        "--tls=ssl:7556:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem"
+    )
+    proc.start()
+    try:
+        shell = client.replace("7556", str(proc.tls_port))
+        started = time.monotonic()
+        completed = subprocess.run(
+            ["sh", "-c", shell], cwd=tmp_path, capture_output=True, text=True, timeout=30
+        )
+        assert time.monotonic() - started < 10
+        assert completed.returncode == 0, completed.stderr
+        reply = json.loads(completed.stdout.strip().splitlines()[0])
+        assert reply["result"]["message"] == "pong"
+        assert "verify error" not in completed.stderr
+    finally:
+        proc.kill()
