@@ -209,6 +209,9 @@ class FdGuardedFactory(protocol.Factory):
         self.reserve = reserve
         self.refusals_in_flight = 0
 
+    def logPrefix(self) -> str:  # noqa: N802 - "LineJSONFactory starting on 7555"
+        return self.wrapped.logPrefix()
+
     def doStart(self) -> None:  # noqa: N802
         self.wrapped.doStart()
 

@@ -294,12 +294,14 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
 
 
 class CleanExitOnSigterm(service.Service):
-    """Make SIGTERM a clean shutdown that exits with status 0.
+    """Make SIGTERM (and SIGINT, Ctrl-C) a clean shutdown that exits with status 0.
 
-    twistd's own handler stops the reactor and then re-raises SIGTERM so the
+    twistd's own handler stops the reactor and then re-raises the signal so the
     process dies "by signal"; service managers and shell scripts read that as
     a failure.  This handler stops the reactor the same orderly way (every
     service's C{stopService} runs, sessions are flushed) and lets twistd exit 0.
+    A SIGINT that was ignored when the server started (a background job of a
+    non-interactive shell) stays ignored.
     """
 
     def __init__(self, reactor) -> None:
@@ -311,9 +313,14 @@ class CleanExitOnSigterm(service.Service):
 
     def _install(self) -> None:
         signal.signal(signal.SIGTERM, self._terminate)
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            signal.signal(signal.SIGINT, self._terminate)
 
     def _terminate(self, signum, frame) -> None:
-        log.info("SIGTERM: shutting down (flushing sessions, stopping the image)")
+        log.info(
+            "{signal}: shutting down (flushing sessions, stopping the image)",
+            signal=signal.Signals(signum).name,
+        )
         self._reactor.callFromThread(self._stop_once)
 
     def _stop_once(self) -> None:

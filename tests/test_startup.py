@@ -252,6 +252,20 @@ def test_the_log_file_honours_the_umask(tmp_path, twistd_args, mode):
             time.sleep(0.05)
 
 
+def test_sigint_is_a_clean_shutdown_with_status_zero(tmp_path):
+    """operations.md: SIGTERM or SIGINT (Ctrl-C) flushes everything and exits 0."""
+    import signal
+
+    proc = ServerProcess(tmp_path, image=False, zmq=False).start()
+    client = proc.tcp_client()
+    client.result("create_session", client_id="ctrl-c")
+    proc.process.send_signal(signal.SIGINT)
+    assert proc.process.wait(30) == 0, proc.log_text()
+    assert "SIGINT: shutting down" in proc.log_text()
+    assert "every dirty session was flushed" in proc.log_text()
+    client.close()
+
+
 # -- what the README and docs tell a new user to type ----------------------------------
 
 README = REPO_ROOT / "README.md"
