@@ -160,6 +160,28 @@ class ServerRoot(service.MultiService):
     traceback or a server that runs without one of its listeners.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        # (option, value, check): run first in startService, after twistd has
+        # dropped privileges (so nothing is created as root) and before any thread
+        self.start_checks: list = []
+
+    def startService(self) -> None:  # noqa: N802
+        from stui_twisted.errors import StorageFailure
+
+        for option, value, check in self.start_checks:
+            try:
+                check()
+            except (StorageFailure, OSError) as exc:
+                log.critical(
+                    "start-up failed: {option}={value}: {error}",
+                    option=option,
+                    value=value,
+                    error=exc,
+                )
+                raise StartupFailed(f"{option} {value}: {exc}") from None
+        super().startService()
+
     def privilegedStartService(self) -> None:  # noqa: N802
         service.Service.privilegedStartService(self)
         for child in self:
@@ -224,6 +246,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     store = SessionStore(
         settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
     )
+    root.start_checks.append(("--data-dir", settings.data_dir, store.check))
     image = None
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor

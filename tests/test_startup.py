@@ -91,6 +91,34 @@ def test_a_port_in_use_stops_start_up_at_once_with_one_clear_line(tmp_path, busy
     assert not (tmp_path / "data").exists()  # nor was the store opened
 
 
+@pytest.mark.parametrize("problem", ["not-a-directory", "short-secret-key"])
+def test_an_unusable_data_dir_stops_start_up_at_once(tmp_path, problem):
+    """operations.md: a damaged secret.key means "refusing to start" -- and so it does."""
+    data = tmp_path / "data"
+    if problem == "not-a-directory":
+        data.write_text("")
+        data = data / "data"
+        words = "could not prepare data directory"
+    else:
+        data.mkdir(mode=0o700)
+        (data / "secret.key").write_bytes(b"short")
+        words = "holds 5 bytes, expected 32; refusing to start"
+    log = tmp_path / "twistd.log"
+    status, seconds, output = run_twistd(
+        tmp_path,
+        ["-n", f"--logfile={log}", "--pidfile="],
+        ["--tcp=tcp:0:interface=127.0.0.1", "--zmq=tcp://127.0.0.1:*", f"--data-dir={data}"],
+        timeout=30,
+    )
+    text = log.read_text()
+    assert status == 1, text
+    assert seconds < 5, text
+    failures = [line for line in text.splitlines() if "start-up failed" in line]
+    assert len(failures) == 1 and f"--data-dir={data}" in failures[0] and words in failures[0]
+    assert "Traceback" not in text + output
+    assert "image started" not in text
+
+
 def test_a_daemon_with_a_port_in_use_reports_it_to_its_parent(tmp_path, busy_port):
     """Without -n the waiting parent exits 1 naming the option; no pidfile is left."""
     pidfile = tmp_path / "stui.pid"
