@@ -343,7 +343,7 @@ def test_every_doc_and_the_unit_agree_on_the_data_dir():
     unit = (REPO_ROOT / "etc" / "systemd" / "stui.service").read_text()
     (data_dir,) = set(re.findall(r"--data-dir=(\S+)", unit))
     for path in [README, *DOCS]:
-        for found in re.findall(r"--data-dir[= ](/var/lib/stui\S*?)(?=[`\s)]|$)", path.read_text()):
+        for found in re.findall(r"--data-dir[= ](/var/lib/stui[\w/.-]*)", path.read_text()):
             assert found == data_dir, f"{path.name} says --data-dir={found}, the unit {data_dir}"
 
 
