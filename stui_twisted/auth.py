@@ -288,6 +288,74 @@ class _FailureLog:
         return len(self._times)
 
 
+class _SpreadLog:
+    """Per key (a peer): the distinct usernames that failed from it within C{window}.
+
+    Each name is kept with the time of its last failure from that peer, so a
+    name counts once however often it failed, until its last failure leaves
+    the window.  This limits how many accounts one address can try (password
+    spraying) without letting one mistyped account lock every other account
+    out: repeated failures of one name are the per-username limit's job.
+    """
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._names: dict[str, collections.OrderedDict[str, float]] = {}
+
+    def _recent(self, key: str, now: float) -> collections.OrderedDict[str, float] | None:
+        names = self._names.get(key)
+        if names is None:
+            return None
+        while names:
+            name, last = next(iter(names.items()))
+            if last > now - self.window:
+                break
+            del names[name]
+        if not names:
+            del self._names[key]
+            return None
+        return names
+
+    def names(self, key: str, now: float) -> set[str]:
+        """The names that failed from C{key} within the window."""
+        names = self._recent(key, now)
+        return set(names) if names else set()
+
+    def count(self, key: str, now: float) -> int:
+        names = self._recent(key, now)
+        return len(names) if names else 0
+
+    def retry_after(self, key: str, now: float) -> float:
+        """Seconds until the oldest name leaves the window (meaningful at the limit)."""
+        names = self._recent(key, now)
+        if not names:
+            return 0.0
+        return next(iter(names.values())) + self.window - now
+
+    def record(self, key: str, name: str, now: float) -> None:
+        if self.limit <= 0:
+            return
+        names = self._recent(key, now)
+        if names is None:
+            if len(self._names) >= self.max_keys:
+                self.prune(now)
+                while len(self._names) >= self.max_keys:
+                    oldest = min(self._names, key=lambda k: next(reversed(self._names[k].values())))
+                    del self._names[oldest]
+            names = self._names[key] = collections.OrderedDict()
+        names[name] = now
+        names.move_to_end(name)
+
+    def prune(self, now: float) -> None:
+        for key in list(self._names):
+            self._recent(key, now)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Token:
     client_id: str
@@ -345,11 +413,13 @@ class Authenticator(service.Service):
         self._tokens: dict[bytes, _Token] = {}
         self._tokens_by_client: dict[str, collections.OrderedDict[bytes, None]] = {}
         window = settings.auth_failure_window
-        self._peer_failures = _FailureLog(settings.auth_failures_per_peer, window)
+        self._peer_failures = _SpreadLog(settings.auth_failures_per_peer, window)
         self._user_failures = _FailureLog(settings.auth_failures_per_user, window)
-        self._pending_by_peer: collections.Counter[str] = collections.Counter()
+        # Per peer: how many checks of each name are in flight.
+        self._pending_by_peer: dict[str, collections.Counter[str]] = {}
         self._pending_by_user: collections.Counter[str] = collections.Counter()
         self._pending = 0
+        self._malformed_attempts = 0
         self._next_stat = 0.0
         self._refreshing = False
         self.prune_interval = prune_interval
@@ -416,20 +486,24 @@ class Authenticator(service.Service):
             )
         peer_key = "unknown" if peer is None else str(peer)
         # Malformed names cannot be users: they still fail (after a dummy hash) and
-        # count against the peer, but get no per-user bucket an attacker could inflate.
+        # count against the peer, each attempt as a name of its own, but get no
+        # per-user bucket an attacker could inflate.
         user_key = username if valid_username(username) else None
-        self._check_rate(peer_key, user_key, self.clock.seconds())
+        if user_key is None:
+            self._malformed_attempts += 1
+        name_key = user_key if user_key is not None else f"\0malformed#{self._malformed_attempts}"
+        self._check_rate(peer_key, user_key, name_key, self.clock.seconds())
 
         credentials = UsernamePassword(_to_bytes(username), _to_bytes(password))
         self._pending += 1
-        self._pending_by_peer[peer_key] += 1
+        self._pending_by_peer.setdefault(peer_key, collections.Counter())[name_key] += 1
         if user_key is not None:
             self._pending_by_user[user_key] += 1
         try:
             _, principal, _logout = await self.portal.login(credentials, None, IClientId)
         except UnauthorizedLogin:
             now = self.clock.seconds()
-            self._peer_failures.record(peer_key, now)
+            self._peer_failures.record(peer_key, name_key, now)
             if user_key is not None:
                 self._user_failures.record(user_key, now)
             log.info(
@@ -440,7 +514,10 @@ class Authenticator(service.Service):
             raise StuiError("AuthenticationFailed", AUTH_FAILED_MESSAGE) from None
         finally:
             self._pending -= 1
-            _decrement(self._pending_by_peer, peer_key)
+            pending_names = self._pending_by_peer[peer_key]
+            _decrement(pending_names, name_key)
+            if not pending_names:
+                del self._pending_by_peer[peer_key]
             if user_key is not None:
                 _decrement(self._pending_by_user, user_key)
         log.info(
@@ -448,20 +525,32 @@ class Authenticator(service.Service):
         )
         return self._issue_token(principal.client_id)
 
-    def _check_rate(self, peer_key: str, user_key: str | None, now: float) -> None:
+    def _check_rate(self, peer_key: str, user_key: str | None, name_key: str, now: float) -> None:
+        """Raise C{RateLimited} when this attempt is over a limit.
+
+        Per username: the failures of that name, from anywhere.  Per peer: the
+        distinct names that failed from that peer (L{_SpreadLog}), whether or
+        not they exist, so the answer says nothing about which users exist.
+        Checks in flight count as failures until they end.
+        """
         if self._pending >= self.max_pending_checks:
             raise _rate_limited(1.0, "too many logins are being checked right now")
         waits = []
-        for failures, pending, key in (
-            (self._peer_failures, self._pending_by_peer, peer_key),
-            (self._user_failures, self._pending_by_user, user_key),
-        ):
-            if key is None or failures.limit <= 0:
-                continue
-            failed = failures.count(key, now)
-            if failed >= failures.limit:
-                waits.append(failures.retry_after(key, now))
-            elif failed + pending[key] >= failures.limit:
+        peers = self._peer_failures
+        if peers.limit > 0:
+            failed = peers.names(peer_key, now)
+            if len(failed) >= peers.limit:
+                waits.append(peers.retry_after(peer_key, now))
+            else:
+                counted = failed | set(self._pending_by_peer.get(peer_key, ()))
+                if name_key not in counted and len(counted) >= peers.limit:
+                    waits.append(1.0)  # attempts in flight would reach the limit
+        users = self._user_failures
+        if user_key is not None and users.limit > 0:
+            failed_count = users.count(user_key, now)
+            if failed_count >= users.limit:
+                waits.append(users.retry_after(user_key, now))
+            elif failed_count + self._pending_by_user[user_key] >= users.limit:
                 waits.append(1.0)  # attempts in flight would reach the limit
         if waits:
             raise _rate_limited(max(waits), "too many failed authentication attempts")

@@ -87,6 +87,19 @@ def _durability(name: str, text: Any) -> str:
     return value
 
 
+def _image_user(name: str, text: Any) -> str | None:
+    from stui_twisted.image.privileges import PrivilegeError, check_can_switch_to
+
+    value = str(text).strip()
+    if value.lower() in ("", "none"):
+        return None
+    try:
+        check_can_switch_to(value)
+    except PrivilegeError as exc:
+        raise ConfigError(f"--{name}: {exc}") from None
+    return value
+
+
 OPTIONS: dict[str, tuple[str, Any, str]] = {
     # name: (Settings field, parser, help)
     "tcp": ("tcp", _string, "line-JSON TCP listener (strports description) or none"),
@@ -105,6 +118,16 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),
+    "max-partial-input-bytes": (
+        "max_partial_input_bytes",
+        _positive_int,
+        "unfinished request lines of all TCP/TLS connections together (bytes)",
+    ),
+    "connection-idle-timeout": (
+        "connection_idle_timeout",
+        _positive_float,
+        "close TCP/TLS connections without a request for (s)",
+    ),
     "history-limit": ("history_limit", _positive_int, "evaluations kept per session"),
     "create-rate-limit": ("create_rate_limit", _positive_int, "create_session per client per window"),
     "create-rate-window": ("create_rate_window", _positive_float, "rate-limit window (s)"),
@@ -113,12 +136,14 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "auth-file": ("auth_file", _optional_path, "password file (see stui-passwd); turns auth on"),
     "idle-timeout": ("unauthenticated_idle_timeout", _positive_float, "close unauthenticated idle connections after (s)"),
     "token-ttl": ("token_ttl", _positive_float, "lifetime of an authenticate token (s)"),
-    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "failed logins per peer address per window"),
+    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "distinct usernames failing from one peer address per window"),
     "auth-failures-per-user": ("auth_failures_per_user", _positive_int, "failed logins per username per window"),
     "auth-failure-window": ("auth_failure_window", _positive_float, "sliding window of the failed-login limits (s)"),
     "allow-clients": ("allow_clients", _globs, "client-id globs allowed (comma separated)"),
     "deny-clients": ("deny_clients", _globs, "client-id globs refused (comma separated)"),
     "image": ("image_enabled", _boolean, "run the live image (yes/no)"),
+    "image-user": ("image_user", _image_user, "run the image as this OS user (the server must start as root); none: as the server's user"),
+    "image-python": ("image_python", _optional_path, "interpreter that runs the image (default: the server's)"),
 }
 
 
@@ -172,6 +197,13 @@ def build_settings(
     changes["insecure_no_auth"] = insecure
     settings = dataclasses.replace(Settings(), **changes)
     check_listeners(settings)
+    if settings.image_user:
+        from stui_twisted.image.privileges import PrivilegeError, check_private, lookup
+
+        try:
+            check_private(settings.data_dir, lookup(settings.image_user))
+        except PrivilegeError as exc:
+            raise ConfigError(f"--image-user: {exc}") from None
     return settings
 
 

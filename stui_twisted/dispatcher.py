@@ -39,6 +39,28 @@ _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "any": lambda v: True,
 }
 
+#: Arrays and objects nested deeper than this in a parameter are refused:
+#: client JSON is stored and sent back, and must stay readable (protocol.md §7).
+MAX_JSON_DEPTH = 100
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays/objects in C{value} nest more than C{limit} levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 _TYPE_NAMES = {
     "string": "a string",
     "integer": "an integer",
@@ -317,6 +339,13 @@ class Dispatcher:
                 raise invalid_parameter(
                     param.name,
                     f"must be {_TYPE_NAMES[param.type]}, not {json_type_name(value)}",
+                )
+            if isinstance(value, dict | list) and nested_deeper_than(value, MAX_JSON_DEPTH):
+                raise invalid_parameter(
+                    param.name,
+                    f"is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects); "
+                    f"at most {MAX_JSON_DEPTH} are accepted",
+                    max_depth=MAX_JSON_DEPTH,
                 )
             params[param.name] = value
         return params

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from stui_twisted.connections import ConnectionRegistry
@@ -70,6 +71,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._active_ids: set[str] = set()
         self.shared_bindings: dict = {}
         self._shared_dirty = False
+        self._shared_generation: int | None = None
+        self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._dirty: set[str] = set()
         self._storage_degraded = False
         self._stopping = False
@@ -80,6 +83,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._flush_loop = task.LoopingCall(self._flush_tick)
         self._flush_loop.clock = reactor
         self._flushing: defer.Deferred | None = None
+        self.unwritten_at_shutdown: list[str] = []
+        """Sessions the final flush could not write (the process then exits non-zero)."""
 
     # ================================================================ lifecycle
 
@@ -108,7 +113,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.settings.durability == "batch":
             self._flush_loop.start(self.settings.flush_interval, now=False)
         if self.image is not None and self.shared_bindings:
-            await self._materialize_shared()
+            await self._ensure_shared(await self.image.current_generation())
 
     def _start_failed(self, failure):
         self.log.failure("session service could not start", failure)
@@ -140,15 +145,31 @@ class SessionService(LiveImageCommands, service.MultiService):
         for loop in (self._cleanup_loop, self._flush_loop):
             if loop.running:
                 loop.stop()
+        unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
             try:
                 await self.flush()
-                await self._write_index()
             except Exception:
                 self.log.failure("flush at shutdown failed")
+            unwritten = sorted(self._dirty)
+            if self._shared_dirty:
+                unwritten.append("(the shared namespace)")
+            try:
+                await self._write_index()
+            except Exception:
+                self.log.failure("writing the session index at shutdown failed")
         await super().stopService()
         await self.store.close()
-        self.log.info("session service stopped; every dirty session was flushed")
+        if unwritten:
+            self.unwritten_at_shutdown = unwritten
+            self.log.critical(
+                "session service stopped, but the final flush FAILED: {count} sessions were "
+                "not written and their latest acknowledged changes are lost: {sessions}",
+                count=len(unwritten),
+                sessions=", ".join(unwritten),
+            )
+        else:
+            self.log.info("session service stopped; every dirty session was flushed")
 
     # ================================================================ lookups
 
@@ -271,11 +292,11 @@ class SessionService(LiveImageCommands, service.MultiService):
         if self.settings.durability == "always" or self._storage_degraded:
             await self._write_now(session, action)
 
-    async def _write_now(self, session: Session, action: str):
+    async def _write_now(self, session: Session, action: str, *, saved_at: str | None = None):
         version = session.version
         document = session.to_document()
         try:
-            result = await self.store.write(document)
+            result = await self.store.write(document, saved_at=saved_at)
         except StorageFailure as exc:
             self._storage_degraded = True
             raise _storage_error(exc, action) from exc
@@ -291,7 +312,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         meanwhile keeps it dirty so the next flush writes it.
         """
         session.size_bytes = result.size_bytes
-        session.last_saved_at = self.now()
+        session.last_saved_at = result.saved_at
         if self.sessions.get(session.session_id) is session and session.version == version:
             session.dirty = False
             self._dirty.discard(session.session_id)
@@ -349,7 +370,10 @@ class SessionService(LiveImageCommands, service.MultiService):
         # now, so no older snapshot is queued behind a newer write.
         group = []
         for session in dirty:
-            if session.session_id not in snapshots or self.sessions.get(session.session_id) is not session:
+            if (
+                session.session_id not in snapshots
+                or self.sessions.get(session.session_id) is not session
+            ):
                 continue
             version, snapshot = snapshots[session.session_id]
             if version != session.version:
@@ -395,8 +419,19 @@ class SessionService(LiveImageCommands, service.MultiService):
             return None
 
     def _next_turn(self) -> defer.Deferred:
-        """Fires on the next reactor iteration, after what is waiting now."""
-        return task.deferLater(self.clock, 0, lambda: None)
+        """Fires on the next reactor iteration, after what is waiting now.
+
+        A turn belongs to the event loop, not to the clock: when the service
+        was given a clock that is not a reactor (a C{task.Clock} in tests),
+        nothing ever advances it by 0 s, so a yield scheduled on it never
+        fired and the flush (and everything waiting for it, shutdown
+        included) hung whenever serializing took longer than a slice.  The
+        yield therefore always goes through a running reactor.
+        """
+        loop = self.clock if IReactorCore.providedBy(self.clock) else None
+        if loop is None:
+            from twisted.internet import reactor as loop  # the running one
+        return task.deferLater(loop, 0, lambda: None)
 
     async def _flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
@@ -561,17 +596,16 @@ class SessionService(LiveImageCommands, service.MultiService):
         session = await self._session_for(call)
         call.context.current_session_id = session.session_id
         restored = {"restored": [], "unrestorable": list(session.unrestorable)}
-        if self.image is not None and session.materialized:
+        if self._is_live(session):
             # Already live in the image (another connection, or a reconnect):
             # attach without rebuilding, so live objects that cannot be stored
             # (sockets, lambdas) are not thrown away.
-            live = [v.get("name") for v in session.variables]
             restored = {
-                "restored": live,
-                "unrestorable": [u for u in session.unrestorable if u.get("name") not in live],
+                "restored": [v.get("name") for v in session.variables],
+                "unrestorable": list(session.unrestorable),
             }
         elif self.image is not None:
-            restored = await self._materialize(session)
+            restored = await self._restore_in_image(session)
         self.log.info(
             "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id
         )
@@ -583,7 +617,11 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     async def update_session_state(self, call) -> dict:
         params = call.params
-        parts = [k for k in ("state_data", "workspace_context", "inspector_state") if k in call.request.parameters]
+        parts = [
+            k
+            for k in ("state_data", "workspace_context", "inspector_state")
+            if k in call.request.parameters
+        ]
         if not parts:
             raise StuiError(
                 "InvalidRequest",
@@ -598,7 +636,11 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.session_state = merge_patch(session.session_state, data) if merge else data
         if "workspace_context" in parts:
             session.client_workspace = self._client_part(
-                session.client_workspace, params["workspace_context"], "workspace_context", "client", merge
+                session.client_workspace,
+                params["workspace_context"],
+                "workspace_context",
+                "client",
+                merge,
             )
         if "inspector_state" in parts:
             session.inspector_view = self._client_part(
@@ -727,13 +769,32 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     async def save_context(self, call) -> dict:
         session = await self._session_for(call)
-        if self.image is not None and session.materialized:
-            snapshot = await self.image.snapshot(session.session_id)
+        if self._is_live(session):
+            try:
+                snapshot = await self.image.snapshot(
+                    session.session_id, generation=session.image_generation
+                )
+            except StuiError as error:
+                if error.error_type != "ImageRestarted":
+                    raise
+                # The namespace is gone with its image: what is stored is
+                # everything that was acknowledged, and that is what is saved.
+                snapshot = {}
             session.bindings = snapshot.get("bindings", session.bindings)
             if "variables" in snapshot:
-                session.variables = snapshot["variables"]
+                self._set_variables(session, snapshot["variables"])
             self._fit_bindings(session)
-        result = await self._write_now(session, "save the context")  # shared too
+        # One stamp for both files: save_context's saved_at, the session's
+        # last_saved_at and load_context's saved_at are the same string.
+        # The session file first: a save that fails leaves the previous saved
+        # copy as it was.
+        stamp = iso_timestamp(self.now())
+        document = session.to_document()
+        result = await self._write_now(session, "save the context", saved_at=stamp)  # shared too
+        try:
+            await self.store.write(document, saved_at=stamp, saved_copy=True)
+        except StorageFailure as exc:
+            raise _storage_error(exc, "save the context") from exc
         return {
             "session_id": session.session_id,
             "saved": True,
@@ -745,27 +806,30 @@ class SessionService(LiveImageCommands, service.MultiService):
     async def load_context(self, call) -> dict:
         session = await self._session_for(call)
         try:
-            document = await self.store.read(session.client_id, session.session_id)
+            document, saved_at = await self.store.read_saved(session.client_id, session.session_id)
         except KeyError:
             raise StuiError(
                 "InvalidRequest",
-                f"session {session.session_id!r} has never been saved",
+                f"session {session.session_id!r} has never been saved with save_context",
                 session_id=session.session_id,
             ) from None
         except StorageFailure as exc:
             raise _storage_error(exc, "load the context") from exc
+        counter = session.history_counter
         session.load_document(document)
+        # Cells keep numbers of their own: the next one is not numbered again.
+        session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state
         # must not leave that state on disk with the session marked clean.
         await self._changed(session, "load the context")
         restored = {"restored": [], "unrestorable": []}
         if self.image is not None:
-            restored = await self._materialize(session)
+            restored = await self._restore_in_image(session, rebuild=True)
         context = session.context()
         return {
             "session_id": session.session_id,
             "loaded": True,
-            "saved_at": document.get("last_modified"),
+            "saved_at": saved_at,
             "context": context,
             "restored_bindings": restored["restored"],
             "unrestorable_bindings": restored["unrestorable"],
@@ -789,7 +853,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             },
             "size_bytes": session.size_bytes or self._size_of(session),
             "dirty": session.dirty,
-            "last_saved_at": iso_timestamp(session.last_saved_at) if session.last_saved_at else None,
+            "last_saved_at": session.last_saved_at,
         }
 
     async def clear_context(self, call) -> dict:
@@ -804,8 +868,29 @@ class SessionService(LiveImageCommands, service.MultiService):
                 )
         session = await self._session_for(call)
         image_parts = [p for p in ("variables", "registry") if p in parts]
-        if image_parts and self.image is not None and session.materialized:
-            await self.image.clear(session.session_id, image_parts)
+        if image_parts and self.image is not None:
+            # Under the session's image lock: a rebuild in progress must not
+            # bring back what is being cleared.
+            lock = self._image_lock(session.session_id)
+            await lock.acquire()
+            try:
+                if self._is_live(session):
+                    await self.image.clear(
+                        session.session_id, image_parts, generation=session.image_generation
+                    )
+                self._clear_parts(session, parts)
+            finally:
+                self._release_image_lock(session.session_id, lock)
+        else:
+            self._clear_parts(session, parts)
+        await self._changed(session, "clear the context")
+        return {
+            "session_id": session.session_id,
+            "cleared": [p for p in CONTEXT_PARTS if p in parts],
+        }
+
+    @staticmethod
+    def _clear_parts(session: Session, parts) -> None:
         if "variables" in parts:
             session.bindings = {}
             session.variables = []
@@ -821,8 +906,6 @@ class SessionService(LiveImageCommands, service.MultiService):
         if "state" in parts:
             session.session_state = {}
             session.client_workspace = {}
-        await self._changed(session, "clear the context")
-        return {"session_id": session.session_id, "cleared": [p for p in CONTEXT_PARTS if p in parts]}
 
     # ================================================================ misc
 

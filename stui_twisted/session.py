@@ -9,7 +9,6 @@ network; :mod:`stui_twisted.service` decides when it is written.
 
 from __future__ import annotations
 
-import copy
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -29,16 +28,56 @@ def new_session_id() -> str:
     return "s_" + secrets.token_urlsafe(17)[:22]
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """Apply an RFC 7396 JSON merge patch and return the result (inputs untouched)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
+def json_copy(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, scalars), made without recursion.
+
+    Client data may be nested as deep as the JSON parser allows; a recursive
+    copy (C{copy.deepcopy}) would fail on it with RecursionError.
+    """
+    if not isinstance(value, dict | list):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack = [(value, root)]
+    while stack:
+        source, target = stack.pop()
+        if isinstance(source, dict):
+            for key, item in source.items():
+                if isinstance(item, dict | list):
+                    child: Any = {} if isinstance(item, dict) else []
+                    stack.append((item, child))
+                    item = child
+                target[key] = item
         else:
-            result[key] = merge_patch(result.get(key), value)
+            for item in source:
+                if isinstance(item, dict | list):
+                    child = {} if isinstance(item, dict) else []
+                    stack.append((item, child))
+                    item = child
+                target.append(item)
+    return root
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """Apply an RFC 7396 JSON merge patch and return the result (inputs untouched).
+
+    Iterative, like L{json_copy}: no depth of client data makes it fail.
+    """
+    if not isinstance(patch, dict):
+        return json_copy(patch)
+    result = json_copy(target) if isinstance(target, dict) else {}
+    stack = [(result, patch)]
+    while stack:
+        into, changes = stack.pop()
+        for key, value in changes.items():
+            if value is None:
+                into.pop(key, None)
+            elif isinstance(value, dict):
+                current = into.get(key)
+                if not isinstance(current, dict):
+                    current = into[key] = {}
+                stack.append((current, value))
+            else:
+                into[key] = json_copy(value)
     return result
 
 
@@ -90,7 +129,9 @@ class PartSize:
         old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
         # Align the new members with the old ones: by key for a dict, by
         # value for a list (the first new member's place among the old ones).
-        old_order, order = (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        old_order, order = (
+            (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
+        )
         try:
             drop = old_order.index(order[0]) if order else len(old_order)
         except ValueError:
@@ -153,8 +194,11 @@ class Session:
     loaded: bool = True
     dirty: bool = False
     size_bytes: int = 0
-    last_saved_at: float | None = None
+    last_saved_at: str | None = None
+    """The C{saved_at} of the last write of the session file (as its envelope has it)."""
     materialized: bool = False
+    image_generation: int | None = None
+    """The image generation the namespace was built in (live only while it runs)."""
     version: int = 0
     """Counts content changes, so a write knows whether it caught the latest."""
     binding_sizes: dict = field(default_factory=dict, repr=False)
@@ -205,25 +249,25 @@ class Session:
 
     def workspace_context(self) -> dict:
         return {
-            "variables": copy.deepcopy(self.variables),
-            "history": copy.deepcopy(self.history),
-            "client": copy.deepcopy(self.client_workspace),
+            "variables": json_copy(self.variables),
+            "history": json_copy(self.history),
+            "client": json_copy(self.client_workspace),
         }
 
     def inspector_state(self) -> dict:
         return {
             "selected_object": self.inspector_selected,
             "history": list(self.inspector_history),
-            "view": copy.deepcopy(self.inspector_view),
+            "view": json_copy(self.inspector_view),
         }
 
     def context(self) -> dict:
         """The four context parts a client restores."""
         return {
-            "session_state": copy.deepcopy(self.session_state),
+            "session_state": json_copy(self.session_state),
             "workspace_context": self.workspace_context(),
             "inspector_state": self.inspector_state(),
-            "object_registry": copy.deepcopy(self.registry),
+            "object_registry": json_copy(self.registry),
         }
 
     def meta(self) -> dict:
@@ -255,7 +299,9 @@ class Session:
         registry = document.pop("object_registry")
         history = document["workspace_context"]["history"]
         document["workspace_context"]["history"] = []
-        size = len(_ASCII_JSON.encode(document)) + len(',"bindings":{}') + len(',"object_registry":{}')
+        size = (
+            len(_ASCII_JSON.encode(document)) + len(',"bindings":{}') + len(',"object_registry":{}')
+        )
         size += _members_size(self.binding_sizes, bindings)
         size += self.registry_size.measure(registry)
         size += self.history_size.measure(history)

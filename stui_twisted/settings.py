@@ -48,6 +48,8 @@ class Settings:
     max_message_bytes: int = 8 * MiB
     max_connections: int = 1000
     max_pending_per_connection: int = 64
+    max_partial_input_bytes: int = 256 * MiB
+    connection_idle_timeout: float = 600.0
     # security
     auth_file: str | None = None
     insecure_no_auth: bool = False
@@ -59,6 +61,9 @@ class Settings:
     # image
     image_enabled: bool = True
     image_python: str | None = None
+    """The interpreter that runs the image (default: the server's own)."""
+    image_user: str | None = None
+    """Run the image as this OS user (privilege separation; the server needs root)."""
     capabilities: tuple[str, ...] = field(
         default=(
             "sessions",

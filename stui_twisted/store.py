@@ -37,6 +37,7 @@ later one is on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -161,6 +162,10 @@ class _Envelope:
 
 
 _SESSION_ENVELOPE = _Envelope("stui-session", "session")
+_SAVED_ENVELOPE = _Envelope("stui-saved-context", "session")
+"""What C{save_context} saved, beside the session file: a different format, so
+the MAC never lets one file stand in for the other."""
+SAVED_SUFFIX = ".saved.json"
 _SHARED_ENVELOPE = _Envelope("stui-shared", "bindings")
 _INDEX_ENVELOPE = _Envelope("stui-index", "sessions")
 
@@ -192,6 +197,8 @@ class _Snapshot:
     payload_json: bytes
     size_bytes: int
     extra_fields: dict[str, Any] = field(default_factory=dict)
+    saved_at: str | None = None
+    """The envelope's C{saved_at}, when the caller stamps the write itself."""
 
 
 @dataclass
@@ -577,14 +584,29 @@ class SessionStore:
 
     # ------------------------------------------------------------------ targets
 
-    def _session_target(self, client_id: str, session_id: str) -> _Target:
+    def _session_target(self, client_id: str, session_id: str, *, saved: bool = False) -> _Target:
+        """The session's file, or with C{saved} the copy C{save_context} made."""
         check_session_id(session_id)
         client_dir = encode_client_dir(client_id)
         # Both names are encoded or checked already; this keeps the path inside
         # sessions_dir even if that ever changes: each must be one plain component.
         for part in (client_dir, session_id):
-            if not part or part in (".", "..") or os.sep in part or (os.altsep and os.altsep in part):
+            if (
+                not part
+                or part in (".", "..")
+                or os.sep in part
+                or (os.altsep and os.altsep in part)
+            ):
                 raise ValueError(f"client id {client_id!r} would leave the sessions directory")
+        if saved:
+            return _Target(
+                key=(client_id, session_id + SAVED_SUFFIX),
+                path=os.path.join(self.sessions_dir, client_dir, session_id + SAVED_SUFFIX),
+                envelope=_SAVED_ENVELOPE,
+                keep_backup=False,
+                client_id=client_id,
+                session_id=session_id,
+            )
         path = os.path.join(self.sessions_dir, client_dir, session_id + ".json")
         return _Target(
             key=(client_id, session_id),
@@ -643,14 +665,42 @@ class SessionStore:
             return defer.fail()
         return self._submit_task(target.key, lambda: self._read_job(target))
 
-    def write(self, session: dict[str, Any]) -> defer.Deferred:
-        """Write C{session} durably; fires with a L{WriteResult}."""
+    def write(
+        self, session: dict[str, Any], *, saved_at: str | None = None, saved_copy: bool = False
+    ) -> defer.Deferred:
+        """Write C{session} durably; fires with a L{WriteResult}.
+
+        @param saved_at: the envelope's timestamp (default: when it is written).
+        @param saved_copy: write the copy that C{save_context} keeps (read back
+            with L{read_saved}) instead of the session file.
+        """
         try:
             self._check_open()
-            snapshot = self._session_snapshot(session)
+            if not isinstance(session, dict):
+                raise ValueError(f"a session must be a dict, not {type(session).__name__}")
+            target = self._session_target(
+                session.get("client_id"), session.get("session_id"), saved=saved_copy
+            )
+            snapshot = self._snapshot(target, session)
         except (ValueError, TypeError, RecursionError, StuiError, StorageFailure):
             return defer.fail()
+        if saved_at is not None:
+            snapshot = dataclasses.replace(snapshot, saved_at=saved_at)
         return self._submit_write(snapshot)
+
+    def read_saved(self, client_id: str, session_id: str) -> defer.Deferred:
+        """What C{save_context} last saved: fires with C{(session dict, saved_at)}.
+
+        Fails with L{SessionFileMissing} (a C{KeyError}) when nothing was saved.
+        """
+        try:
+            self._check_open()
+            target = self._session_target(client_id, session_id, saved=True)
+        except (ValueError, StorageFailure):
+            return defer.fail()
+        return self._submit_task(target.key, lambda: self._read_job(target)).addCallback(
+            lambda session: (session, self._file_info.get(target.key, (0, None))[1])
+        )
 
     def snapshot(self, session: dict[str, Any]) -> _Snapshot:
         """Serialize C{session} now, for a later L{write_many}.
@@ -714,13 +764,18 @@ class SessionStore:
         )
 
     def delete(self, client_id: str, session_id: str) -> defer.Deferred:
-        """Remove a session's file and its .bak (after its queued writes); missing is fine."""
+        """Remove a session's file, its .bak and its saved copy (after their queued
+        writes); missing is fine."""
         try:
             self._check_open()
             target = self._session_target(client_id, session_id)
+            saved = self._session_target(client_id, session_id, saved=True)
         except (ValueError, StorageFailure):
             return defer.fail()
-        return self._submit_task(target.key, lambda: self._delete_job(target))
+        deleted = self._submit_task(target.key, lambda: self._delete_job(target))
+        return deleted.addCallback(
+            lambda _: self._submit_task(saved.key, lambda: self._delete_job(saved))
+        )
 
     def read_shared(self) -> defer.Deferred:
         """The shared namespace bindings last written, or C{{}} if none were."""
@@ -956,7 +1011,7 @@ class SessionStore:
         @raise StorageFailure: on any OS error (the temp file is removed).
         """
         target = snapshot.target
-        saved_at = utc_iso(time.time())
+        saved_at = snapshot.saved_at or utc_iso(time.time())
         data = _seal(
             target.envelope,
             snapshot.payload_json,
@@ -1190,6 +1245,8 @@ class SessionStore:
                         if name.startswith("."):
                             self._remove_stale_temp(entry)
                             continue
+                        if name.endswith(SAVED_SUFFIX):
+                            continue  # save_context's copy, not a session of its own
                         if name.endswith(".json.bak"):
                             session_id, is_main = name[: -len(".json.bak")], False
                         elif name.endswith(".json"):
@@ -1335,7 +1392,11 @@ class SessionStore:
                 path = os.path.join(client_path, name)
                 session_id, kind = _classify_session_file(name)
                 try:
-                    target = self._session_target(client_id, session_id) if session_id else None
+                    target = (
+                        self._session_target(client_id, session_id, saved=kind == "saved")
+                        if session_id
+                        else None
+                    )
                 except ValueError:
                     target = None
                 check(path, kind if target or kind == "temp" else "unexpected", target)
@@ -1369,6 +1430,8 @@ def _classify_session_file(name: str) -> tuple[str | None, str]:
         return None, "temp"
     if name.endswith(".json.bak"):
         return name[: -len(".json.bak")], "backup"
+    if name.endswith(SAVED_SUFFIX):
+        return name[: -len(SAVED_SUFFIX)], "saved"
     if name.endswith(".json"):
         return name[: -len(".json")], "session"
     return None, "unexpected"

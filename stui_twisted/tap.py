@@ -8,6 +8,7 @@ starts a thread or spawns a process: those happen in ``startService`` because
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -234,7 +235,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.connections import ConnectionRegistry
     from stui_twisted.dispatcher import Dispatcher
     from stui_twisted.fdlimit import FdGuardedFactory, FdReserve
-    from stui_twisted.linejson import LineJSONFactory
+    from stui_twisted.linejson import InputBudget, LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
     from stui_twisted.tls import server_endpoint
@@ -251,7 +252,12 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor
 
-        image = ImageSupervisor(reactor, max_binding_bytes=settings.max_session_bytes)
+        image = ImageSupervisor(
+            reactor,
+            max_binding_bytes=settings.max_session_bytes,
+            python=settings.image_python or sys.executable,
+            user=settings.image_user,
+        )
     sessions = SessionService(
         settings, reactor=reactor, store=store, image=image, connections=connections
     )
@@ -273,6 +279,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
     sessions.dispatcher = dispatcher
 
+    input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):
         description = getattr(settings, name)
         if description.lower() == "none":
@@ -283,6 +290,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             max_message_bytes=settings.max_message_bytes,
             max_pending=settings.max_pending_per_connection,
             unauthenticated_idle_timeout=settings.unauthenticated_idle_timeout,
+            idle_timeout=settings.connection_idle_timeout,
+            input_budget=input_budget,
             registry=connections,
         )
         if name == "tls":
@@ -374,6 +383,27 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
     apply_twistd_umask(options)
-    root, _sessions = build_server(options.settings, reactor)
+    root, sessions = build_server(options.settings, reactor)
     CleanExitOnSigterm(reactor).setServiceParent(root)
+    atexit.register(exit_nonzero_if_unwritten, sessions)
     return root
+
+
+EXIT_UNWRITTEN = 75
+"""Exit status when the final flush failed (EX_TEMPFAIL: acknowledged work was lost)."""
+
+
+def exit_nonzero_if_unwritten(sessions) -> None:
+    """At interpreter exit: a shutdown whose final flush failed is not a success.
+
+    It runs when the interpreter exits, after twistd has stopped the reactor
+    (every service stopped, the failure logged) and removed its pidfile; it
+    then ends the process with L{EXIT_UNWRITTEN} instead of twistd's 0.
+    """
+    if sessions is not None and sessions.unwritten_at_shutdown:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                continue  # a closed or broken stream has nothing left to write
+        os._exit(EXIT_UNWRITTEN)

@@ -12,15 +12,28 @@ Every ``*.pem`` (and ``*.crt``) file in ``caCertsDir`` is read; a file may hold
 several certificates.  A directory with no readable CA certificate, or a key
 or certificate that cannot be loaded, stops start-up with a
 :class:`TLSConfigError` naming the file.
+
+Every TLS listener is TCP with :class:`HalfCloseableTLSFactory` on top (not
+``reactor.listenSSL``): Twisted's TLS layer closes the connection as soon as
+the client's input ends (its close_notify, or a TCP FIN), before the replies to
+what it sent are written.  The half-closeable layer passes end of input on to
+the line protocol (``readConnectionLost``), which answers what it read, and
+only then closes.
 """
 
 from __future__ import annotations
 
 import os
 
-from twisted.internet import endpoints, ssl
+from OpenSSL.SSL import Error as OpenSSLError
+from OpenSSL.SSL import WantReadError, ZeroReturnError
+from twisted.internet import defer, endpoints, interfaces, ssl
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from stui_twisted.config import split_description
 
@@ -115,6 +128,104 @@ def client_cert_options(named: dict[str, str]) -> ssl.CertificateOptions:
     )
 
 
+@implementer(interfaces.IHalfCloseableProtocol)
+class HalfCloseableTLSProtocol(BufferingTLSTransport):
+    """The server side of one TLS connection that survives the client's end of input.
+
+    When the client sends close_notify, or its TCP connection half-closes, a
+    half-closeable application protocol is told (C{readConnectionLost}) and
+    may go on writing; when it calls C{loseConnection}, close_notify is sent
+    and the TCP connection closed.  An application protocol that is not
+    half-closeable gets Twisted's usual behaviour (the connection closes).
+    """
+
+    _input_ended = False
+
+    def _half_closeable(self):
+        return interfaces.IHalfCloseableProtocol(self.wrappedProtocol, None)
+
+    def _end_of_input(self) -> None:
+        if self._input_ended:
+            return
+        self._input_ended = True
+        self._half_closeable().readConnectionLost()
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        """TCP FIN from the client (the reactor stopped reading)."""
+        if self._lostTLSConnection:
+            return
+        if not self._handshakeDone or self._half_closeable() is None:
+            self.transport.loseConnection()
+            return
+        self._end_of_input()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def _flushReceiveBIO(self) -> None:  # noqa: N802
+        # TLSMemoryBIOProtocol._flushReceiveBIO, except that close_notify from
+        # the client is end of input for a half-closeable protocol.
+        while not self._lostTLSConnection and not self._input_ended:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                if self._half_closeable() is None:
+                    self._shutdownTLS()
+                    self._tlsShutdownFinished(None)
+                else:
+                    self._end_of_input()
+            except OpenSSLError:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+    def loseConnection(self) -> None:  # noqa: N802
+        super().loseConnection()
+        if self._input_ended and self.disconnecting:
+            # The client sends nothing more, its close_notify included (it
+            # may have sent only a FIN): close once our data is written.
+            self.transport.loseConnection()
+
+
+class HalfCloseableTLSFactory(TLSMemoryBIOFactory):
+    """A server-side L{TLSMemoryBIOFactory} of L{HalfCloseableTLSProtocol}s."""
+
+    protocol = HalfCloseableTLSProtocol
+
+    def buildProtocol(self, addr):  # noqa: N802
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:  # refused (max_connections): the port closes the socket
+            return None
+        return self.protocol(self, wrapped)
+
+
+class HalfCloseableSSL4ServerEndpoint(endpoints.SSL4ServerEndpoint):
+    """C{SSL4ServerEndpoint} that listens with L{HalfCloseableTLSFactory} over TCP."""
+
+    def listen(self, protocolFactory):  # noqa: N802
+        return defer.execute(
+            self._reactor.listenTCP,
+            self._port,
+            HalfCloseableTLSFactory(self._sslContextFactory, False, protocolFactory),
+            backlog=self._backlog,
+            interface=self._interface,
+        )
+
+    @classmethod
+    def from_endpoint(cls, reactor, endpoint: endpoints.SSL4ServerEndpoint):
+        return cls(
+            reactor,
+            endpoint._port,
+            endpoint._sslContextFactory,
+            backlog=endpoint._backlog,
+            interface=endpoint._interface,
+        )
+
+
 def server_endpoint(reactor, description: str):
     """The server endpoint of a C{--tcp}/C{--tls} strports description.
 
@@ -126,9 +237,20 @@ def server_endpoint(reactor, description: str):
     parts = split_description(description)
     positional, named = _options(parts[1:])
     if parts[0].lower() != "ssl" or "caCertsDir" not in named:
-        return endpoints.serverFromString(reactor, description)
-    known = {"privateKey", "certKey", "caCertsDir", "interface", "backlog", "extraCertChain",
-             "dhParameters", "port"}
+        endpoint = endpoints.serverFromString(reactor, description)
+        if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+            return HalfCloseableSSL4ServerEndpoint.from_endpoint(reactor, endpoint)
+        return endpoint
+    known = {
+        "privateKey",
+        "certKey",
+        "caCertsDir",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+        "port",
+    }
     unknown = sorted(set(named) - known)
     if unknown:
         raise TLSConfigError(
@@ -145,7 +267,7 @@ def server_endpoint(reactor, description: str):
         "tls requires client certificates signed by a CA in {directory}",
         directory=named["caCertsDir"],
     )
-    return endpoints.SSL4ServerEndpoint(
+    return HalfCloseableSSL4ServerEndpoint(
         reactor,
         port,
         options,

@@ -16,7 +16,6 @@ Messages without one (ipc://, inproc://) all share one peer key,
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 
 import zmq
@@ -51,8 +50,14 @@ class ZmqPeer:
         self._router = router
         self.identity = identity
         self.context = ConnectionContext(transport="zmq", peer=UNKNOWN_PEER)
-        self.last_seen = time.monotonic()
+        self.last_seen = 0.0
+        self.in_flight = 0  # requests received and not yet answered
         self.envelope: list[bytes] = []
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether forgetting this peer loses nothing: no current session, no principal."""
+        return self.context.current_session_id is None and self.context.principal is None
 
     def sendReply(self, data: bytes) -> None:  # noqa: N802
         self.sendFrames(self.envelope, data)
@@ -167,22 +172,39 @@ class ZmqRouterService(service.Service):
 
     The ZeroMQ context and socket are made in C{startService}, never earlier,
     because C{twistd} forks after building the service tree.
+
+    Peers are kept in two least-recently-used tables.  Identities are free to
+    make, so I{anonymous} peers (no current session, no principal) are capped
+    at L{max_anonymous_peers} and the least recently used idle one is
+    forgotten beyond it: forgetting one loses nothing.  A peer with a current
+    session is forgotten only after L{peer_idle_seconds} without a request,
+    never to make room; at most L{max_attached_peers} of them are kept, and
+    while that table is full of peers younger than that, a further peer does
+    not keep the session it creates or restores as its current one (logged).
+    A peer with a request in flight is never forgotten.
+
+    @param clock: an C{IReactorTime} for idle times; default the reactor.
     """
 
     log = Logger()
-    max_peers = 10_000
+    max_anonymous_peers = 10_000
+    max_attached_peers = 100_000
     peer_idle_seconds = 24 * 3600.0
+    table_full_warning_interval = 60.0
 
     def __init__(
-        self, url: str, dispatcher, *, max_message_bytes: int, registry=None
+        self, url: str, dispatcher, *, max_message_bytes: int, registry=None, clock=None
     ) -> None:
         self.url = url
         self.dispatcher = dispatcher
         self.max_message_bytes = max_message_bytes
         self.registry = registry
+        self._clock = clock
         self._factory: ZmqFactory | None = None
         self._router: _StuiRouter | None = None
-        self._peers: OrderedDict[bytes, ZmqPeer] = OrderedDict()
+        self._anonymous: OrderedDict[bytes, ZmqPeer] = OrderedDict()
+        self._attached: OrderedDict[bytes, ZmqPeer] = OrderedDict()
+        self._next_full_warning = 0.0
 
     @property
     def bound_endpoints(self) -> list[str]:
@@ -200,10 +222,21 @@ class ZmqRouterService(service.Service):
         super().privilegedStartService()
         self._factory = ZmqFactory()
         self._factory.registerForShutdown = False
-        endpoint = ZmqEndpoint(ZmqEndpointType.bind, self.url)
-        self._router = _StuiRouter(self._factory, endpoint, self)
+        # The socket is made without an endpoint and bound only after its
+        # options are set: libzmq copies a socket's options into a listener
+        # when it binds, so ZMQ_MAXMSGSIZE set after the bind would not apply
+        # to the peers it accepts (they could send frames of any size).
+        self._router = _StuiRouter(self._factory, None, self)
         self._router.socket.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)
         self._router.socket.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._router.addEndpoints([ZmqEndpoint(ZmqEndpointType.bind, self.url)])
+        except BaseException:
+            # The socket is already registered with the reactor: take it back.
+            self._factory.shutdown()
+            self._factory = None
+            self._router = None
+            raise
 
     def startService(self) -> None:  # noqa: N802
         if self._router is None:  # not started through privilegedStartService
@@ -213,7 +246,7 @@ class ZmqRouterService(service.Service):
 
     def stopService(self) -> None:  # noqa: N802
         super().stopService()
-        for identity in list(self._peers):
+        for identity in [*self._anonymous, *self._attached]:
             self.forget(identity)
         if self._factory is not None:
             self._factory.shutdown()
@@ -222,40 +255,102 @@ class ZmqRouterService(service.Service):
 
     # -- peers ------------------------------------------------------------
 
+    def _now(self) -> float:
+        clock = self._clock
+        if clock is None:
+            from twisted.internet import reactor as clock  # lazily: importing it installs it
+        return clock.seconds()
+
+    @property
+    def peer_count(self) -> int:
+        """How many peer identities are remembered (both tables)."""
+        return len(self._anonymous) + len(self._attached)
+
     def peer(self, identity: bytes) -> ZmqPeer:
-        """The conversation of C{identity}, created on first contact (bounded LRU)."""
-        peer = self._peers.get(identity)
-        if peer is None:
-            peer = ZmqPeer(self._router, identity)
-            self._peers[identity] = peer
-            if self.registry is not None:
-                # Peers are listed (statistics) but not counted against
-                # --max-connections: identities are free to make.
-                self.registry.opened(peer, limited=False)
-            self.log.info(
-                "{conn} first request from identity {identity}",
-                conn=peer.context.label,
-                identity=identity.hex()[:32] or "-",
-            )
-            self._prune()
+        """The conversation of C{identity}, created on first contact; marks it used."""
+        now = self._now()
+        peer = self._attached.get(identity)
+        if peer is not None:
+            self._attached.move_to_end(identity)
         else:
-            self._peers.move_to_end(identity)
-        peer.last_seen = time.monotonic()
+            peer = self._anonymous.get(identity)
+            if peer is not None:
+                self._anonymous.move_to_end(identity)
+            else:
+                peer = ZmqPeer(self._router, identity)
+                peer.last_seen = now
+                self._anonymous[identity] = peer
+                if self.registry is not None:
+                    # Peers are listed (statistics) but not counted against
+                    # --max-connections: identities are free to make.
+                    self.registry.opened(peer, limited=False)
+                self.log.info(
+                    "{conn} first request from identity {identity}",
+                    conn=peer.context.label,
+                    identity=identity.hex()[:32] or "-",
+                )
+                self._prune(now)
+        peer.last_seen = now
         return peer
 
     def forget(self, identity: bytes) -> None:
-        peer = self._peers.pop(identity, None)
+        peer = self._anonymous.pop(identity, None) or self._attached.pop(identity, None)
         if peer is not None and self.registry is not None:
             self.registry.closed(peer)
 
-    def _prune(self) -> None:
-        now = time.monotonic()
-        while self._peers:
-            identity, oldest = next(iter(self._peers.items()))
-            if len(self._peers) > self.max_peers or now - oldest.last_seen > self.peer_idle_seconds:
+    def _answered(self, peer: ZmqPeer) -> None:
+        """A request of C{peer} was answered: file it by what it holds now."""
+        peer.in_flight -= 1
+        identity = peer.identity
+        if peer.anonymous:
+            if self._attached.get(identity) is peer:
+                # Its session was closed: it may be forgotten like any anonymous peer.
+                del self._attached[identity]
+                self._anonymous[identity] = peer
+                self._prune(self._now())
+            return
+        if self._anonymous.get(identity) is not peer:
+            return  # already attached, or forgotten (shutdown)
+        if len(self._attached) >= self.max_attached_peers:
+            self._prune(self._now())
+        if len(self._attached) >= self.max_attached_peers:
+            self._table_full(peer)
+            return
+        del self._anonymous[identity]
+        self._attached[identity] = peer
+
+    def _table_full(self, peer: ZmqPeer) -> None:
+        """No room for another peer with a current session: C{peer} keeps none."""
+        peer.context.current_session_id = None
+        now = self._now()
+        if now >= self._next_full_warning:
+            self._next_full_warning = now + self.table_full_warning_interval
+            self.log.warn(
+                "zmq: {count} peers already have a current session (max_attached_peers); "
+                "{conn} keeps no current session and must pass session_id",
+                count=len(self._attached),
+                conn=peer.context.label,
+            )
+
+    def _prune(self, now: float) -> None:
+        """Forget peers idle past L{peer_idle_seconds}, and anonymous ones over the cap."""
+        horizon = now - self.peer_idle_seconds
+        for table in (self._attached, self._anonymous):
+            while table:
+                identity, oldest = next(iter(table.items()))
+                if oldest.last_seen >= horizon or oldest.in_flight:
+                    break
                 self.forget(identity)
+        table = self._anonymous
+        skipped = 0
+        while len(table) > self.max_anonymous_peers and skipped < len(table):
+            identity, oldest = next(iter(table.items()))
+            if oldest.in_flight:
+                # Not idle: its reply is still to come.  Keep it (as recently used).
+                table.move_to_end(identity)
+                skipped += 1
             else:
-                break
+                self.forget(identity)
 
     # -- messages ---------------------------------------------------------
 
@@ -271,22 +366,31 @@ class ZmqRouterService(service.Service):
         peer.context.peer = address
         if not frames:
             return
+        peer.in_flight += 1  # until answered: a peer waiting for a reply is not idle
+        try:
+            envelope, reply = self._reply_to(peer, frames)
+        except BaseException:
+            self._answered(peer)
+            raise
+        if isinstance(reply, bytes):
+            try:
+                peer.sendFrames(envelope, reply)
+            finally:
+                self._answered(peer)
+        else:
+            reply.addCallback(lambda data: peer.sendFrames(envelope, data))
+            reply.addBoth(lambda result: (self._answered(peer), result)[1])
+
+    def _reply_to(self, peer: ZmqPeer, frames: list[bytes]):
+        """(envelope, the reply: bytes or a Deferred of bytes) for one message."""
         envelope, payload = frames[:-1], frames[-1]
         if len(envelope) > 1 or (envelope and envelope[0]):
             # Not [payload] or [b"", payload]: answer on the frames we got anyway.
             error = RequestError(
                 f"expected one payload frame (optionally after an empty delimiter), got {len(frames)} frames"
             )
-            peer.sendFrames(envelope, self.dispatcher.reject(peer.context, error))
-            return
+            return envelope, self.dispatcher.reject(peer.context, error)
         if len(payload) > self.max_message_bytes:
-            peer.sendFrames(
-                envelope,
-                self.dispatcher.too_large(peer.context, len(payload), self.max_message_bytes),
-            )
-            return
-        reply = self.dispatcher.answer(peer.context, payload)
-        if isinstance(reply, bytes):
-            peer.sendFrames(envelope, reply)
-        else:
-            reply.addCallback(lambda data: peer.sendFrames(envelope, data))
+            size, limit = len(payload), self.max_message_bytes
+            return envelope, self.dispatcher.too_large(peer.context, size, limit)
+        return envelope, self.dispatcher.answer(peer.context, payload)

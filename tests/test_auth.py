@@ -319,8 +319,8 @@ def test_unknown_users_are_limited_like_known_ones(users_file):
 def test_rate_limited_attempts_do_not_extend_the_lockout(users_file):
     clock = task.Clock()
     authenticator = make_auth(users_file, clock, auth_failures_per_peer=2)
-    for _ in range(2):
-        stui_error_of(login(authenticator, "alice", "bad"))
+    for name in ("mallory", "trudy"):
+        stui_error_of(login(authenticator, name, "bad"))
     for _ in range(50):
         clock.advance(1)
         assert stui_error_of(login(authenticator, "alice", "bad")).error_type == "RateLimited"
@@ -330,14 +330,81 @@ def test_rate_limited_attempts_do_not_extend_the_lockout(users_file):
 
 def test_concurrent_attempts_count_against_the_limit(users_file):
     pool = ManualPool()
-    authenticator = make_auth(users_file, pool=pool, auth_failures_per_peer=3)
-    pending = [login(authenticator, "alice", f"guess{i}") for i in range(3)]
-    flood = stui_error_of(login(authenticator, "alice", "guess"))
+    authenticator = make_auth(users_file, pool=pool, auth_failures_per_user=3)
+    pending = [login(authenticator, "alice", f"guess{i}", peer=f"p{i}") for i in range(3)]
+    flood = stui_error_of(login(authenticator, "alice", "guess", peer="p9"))
     assert flood.error_type == "RateLimited" and flood.details == {"retry_after": 1}
     assert len(pool.queue) == 3
     pool.run_all()
     for d in pending:
         assert stui_error_of(d).error_type == "AuthenticationFailed"
+
+
+def test_concurrent_attempts_on_many_names_count_against_the_address(users_file):
+    pool = ManualPool()
+    authenticator = make_auth(users_file, pool=pool, auth_failures_per_peer=3)
+    pending = [login(authenticator, name, "guess") for name in ("u1", "u2", "alice")]
+    flood = stui_error_of(login(authenticator, "u4", "guess"))
+    assert flood.error_type == "RateLimited" and flood.details == {"retry_after": 1}
+    # A name already in flight adds no name: the per-username limit bounds it.
+    pending.append(login(authenticator, "alice", "guess again"))
+    assert len(pool.queue) == 4
+    pool.run_all()
+    for d in pending:
+        assert stui_error_of(d).error_type == "AuthenticationFailed"
+
+
+def test_wrong_passwords_for_one_user_do_not_lock_out_others_on_the_same_address(users_file):
+    """Issue 12.9: a few wrong passwords for bob from 127.0.0.1 locked out alice too."""
+    clock = task.Clock()
+    authenticator = make_auth(
+        users_file, clock, auth_failures_per_peer=10, auth_failures_per_user=10
+    )
+    answers = []
+    for i in range(12):
+        answers.append(stui_error_of(login(authenticator, "bob", f"wrong{i}", peer="127.0.0.1")))
+        clock.advance(1)
+    assert [a.error_type for a in answers] == ["AuthenticationFailed"] * 10 + ["RateLimited"] * 2
+    granted = result_of(login(authenticator, "alice", "wonderland", peer="127.0.0.1"))
+    assert granted["client_id"] == "alice"
+    # The per-username limit still holds bob, whatever the address.
+    for peer in ("127.0.0.1", "10.0.0.5"):
+        assert stui_error_of(login(authenticator, "bob", "builder", peer=peer)).error_type == (
+            "RateLimited"
+        )
+
+
+def test_failures_for_many_unknown_usernames_lock_the_address(users_file):
+    clock = task.Clock()
+    authenticator = make_auth(
+        users_file, clock, auth_failures_per_peer=10, auth_failures_per_user=10
+    )
+    for i in range(10):
+        stui_error_of(login(authenticator, f"nobody{i}", "guess", peer="127.0.0.1"))
+        clock.advance(1)
+    locked = stui_error_of(login(authenticator, "alice", "wonderland", peer="127.0.0.1"))
+    assert locked.error_type == "RateLimited" and locked.details == {"retry_after": 50}
+    assert result_of(login(authenticator, "alice", "wonderland", peer="10.0.0.5"))
+    # Malformed names count one each, however often the same one is sent.
+    for _ in range(10):
+        stui_error_of(login(authenticator, "  not a name", "guess", peer="10.0.0.6"))
+    assert stui_error_of(
+        login(authenticator, "alice", "wonderland", peer="10.0.0.6")
+    ).error_type == ("RateLimited")
+    clock.advance(50)
+    assert result_of(login(authenticator, "alice", "wonderland", peer="127.0.0.1"))
+
+
+def test_the_address_limit_does_not_tell_which_users_exist(users_file):
+    """The same attempts with a real and a made-up name get the same answers."""
+
+    def answers(name: str) -> list[str]:
+        authenticator = make_auth(users_file, auth_failures_per_peer=3, auth_failures_per_user=5)
+        attempts = ["x1", "x2", name, name, name, "x3", name, name, name]
+        return [stui_error_of(login(authenticator, n, "guess")).error_type for n in attempts]
+
+    assert answers("bob") == answers("nobody")
+    assert answers("bob")[-4:] == ["RateLimited"] * 4
 
 
 def test_global_cap_on_queued_checks(users_file):

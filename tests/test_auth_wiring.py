@@ -6,6 +6,7 @@ import json
 
 import pytest
 from twisted.internet import task
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -111,7 +112,8 @@ def test_unauthenticated_connection_closed_after_idle_timeout():
     assert transport.disconnecting
 
 
-def test_no_idle_timeout_without_auth():
+def test_no_unauthenticated_timeout_without_auth():
+    # (the longer idle_timeout, 600 s by default, still applies: test_idle_keepalive.py)
     clock = task.Clock()
     factory = LineJSONFactory(make_dispatcher(), unauthenticated_idle_timeout=5, clock=clock)
     protocol = factory.buildProtocol(None)
@@ -168,7 +170,7 @@ def test_ca_certs_dir_builds_a_verifying_endpoint(tmp_path):
         task.Clock(),
         f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}:caCertsDir={tmp_path / 'cas'}",
     )
-    assert type(endpoint).__name__ == "SSL4ServerEndpoint"
+    assert isinstance(endpoint, SSL4ServerEndpoint)
     options = endpoint._sslContextFactory
     assert options.verify and options.requireCertificate
 

@@ -57,8 +57,11 @@ def _kill_loop(tmp_path: Path, durability: str, seed: int) -> list[dict]:
     """CYCLES stream-and-SIGKILL cycles; per cycle what was acknowledged and what came back."""
     rng = random.Random(seed)
     server = ServerProcess(
-        tmp_path, f"--durability={durability}", f"--flush-interval={FLUSH_INTERVAL}",
-        image=False, zmq=False,
+        tmp_path,
+        f"--durability={durability}",
+        f"--flush-interval={FLUSH_INTERVAL}",
+        image=False,
+        zmq=False,
     )
     server.start()
     client_id = "crash"
@@ -70,15 +73,17 @@ def _kill_loop(tmp_path: Path, durability: str, seed: int) -> list[dict]:
             cycle = kill_cycle(server, session_id, client_id, stored, rng.uniform(0.02, 0.25))
             server.start()
             stored = stored_counter(server, session_id, client_id)
-            outcomes.append({
-                "start": cycle.start_counter,
-                "acked": max(cycle.last_acked, cycle.start_counter),
-                "sent": cycle.last_sent,
-                "acks": cycle.acks,
-                "stored": stored,
-                "allowed": cycle.acked_since(FLUSH_INTERVAL + BATCH_MARGIN),
-                "errors": cycle.errors,
-            })
+            outcomes.append(
+                {
+                    "start": cycle.start_counter,
+                    "acked": max(cycle.last_acked, cycle.start_counter),
+                    "sent": cycle.last_sent,
+                    "acks": cycle.acks,
+                    "stored": stored,
+                    "allowed": cycle.acked_since(FLUSH_INTERVAL + BATCH_MARGIN),
+                    "errors": cycle.errors,
+                }
+            )
     finally:
         server.kill()
     return outcomes
@@ -91,8 +96,12 @@ def test_always_kill9_never_loses_an_acknowledged_update(tmp_path):
     assert sum(o["acks"] for o in outcomes) >= CYCLES, outcomes  # the stream really ran
     for number, o in enumerate(outcomes):
         assert not o["errors"], (number, o)
-        assert o["stored"] >= o["acked"], f"cycle {number}: acknowledged {o['acked']}, stored {o['stored']}"
-        assert o["stored"] <= max(o["sent"], o["start"]), f"cycle {number}: stored a counter never sent: {o}"
+        assert o["stored"] >= o["acked"], (
+            f"cycle {number}: acknowledged {o['acked']}, stored {o['stored']}"
+        )
+        assert o["stored"] <= max(o["sent"], o["start"]), (
+            f"cycle {number}: stored a counter never sent: {o}"
+        )
     assert time.monotonic() - started < 60
 
 
@@ -111,7 +120,9 @@ def test_batch_kill9_loses_at_most_one_flush_interval(tmp_path):
 
 
 def _update(client, session_id: str, counter: int) -> dict:
-    return client.call("update_session_state", session_id=session_id, state_data={"counter": counter})
+    return client.call(
+        "update_session_state", session_id=session_id, state_data={"counter": counter}
+    )
 
 
 def test_failing_disk_answers_storage_error_and_recovers(tmp_path):
@@ -161,7 +172,9 @@ def test_failing_disk_answers_storage_error_and_recovers(tmp_path):
 
 def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
     """SIGKILL the image under 8 running evaluations: all answered, no session lost."""
-    server = ServerProcess(tmp_path, "--max-sessions-per-client=20", "--create-rate-limit=100", zmq=False)
+    server = ServerProcess(
+        tmp_path, "--max-sessions-per-client=20", "--create-rate-limit=100", zmq=False
+    )
     server.start()
     try:
         clients, sessions = [], []
@@ -249,8 +262,9 @@ def test_batch_change_during_a_flush_is_written_later(tmp_path):
     """
     import json
 
-    server = ServerProcess(tmp_path, "--durability=batch", "--flush-interval=0.05",
-                           image=False, zmq=False)
+    server = ServerProcess(
+        tmp_path, "--durability=batch", "--flush-interval=0.05", image=False, zmq=False
+    )
     server.start()
     stop = threading.Event()
     writer = None
@@ -263,15 +277,20 @@ def test_batch_change_during_a_flush_is_written_later(tmp_path):
             n = 0
             while not stop.is_set():
                 n += 1
-                heavy.result("update_session_state", session_id=heavy_sid,
-                             state_data={"n": n, "blob": "x" * 2_000_000})
+                heavy.result(
+                    "update_session_state",
+                    session_id=heavy_sid,
+                    state_data={"n": n, "blob": "x" * 2_000_000},
+                )
 
         writer = threading.Thread(target=keep_flushes_busy, daemon=True)
         writer.start()
         path = server.data_dir / "sessions" / encode_client_dir("light") / f"{light_sid}.json"
         stale = []
         for i in range(1, 21):
-            light.result("update_session_state", session_id=light_sid, state_data={"counter": i - 0.5})
+            light.result(
+                "update_session_state", session_id=light_sid, state_data={"counter": i - 0.5}
+            )
             time.sleep(0.01 + (i % 7) * 0.01)
             light.result("update_session_state", session_id=light_sid, state_data={"counter": i})
             deadline = time.monotonic() + 3
@@ -295,3 +314,42 @@ def _no_leftover_aside(tmp_path):
     yield
     for aside in tmp_path.glob("stui-data/sessions/*.aside"):
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def test_batch_with_a_failing_disk_stops_acknowledging_and_a_failed_final_flush_exits_nonzero(
+    tmp_path,
+):
+    """Issue 13.9: no acknowledged change that batch cannot write, no false 'flushed'."""
+    server = ServerProcess(
+        tmp_path, "--durability=batch", "--flush-interval=0.2", image=False, zmq=False
+    )
+    server.start()
+    try:
+        client = server.tcp_client()
+        session_id = client.result("create_session", client_id="disk")["session_id"]
+        assert _update(client, session_id, 1)["status"] == "success"
+        time.sleep(0.6)  # flushed
+        client_dir = server.data_dir / "sessions" / encode_client_dir("disk")
+        client_dir.rename(client_dir.with_name(client_dir.name + ".aside"))
+        client_dir.write_text("not a directory: every write below it fails, even as root\n")
+        # Acknowledged within the batch window: the next flush fails to write it.
+        assert _update(client, session_id, 2)["status"] == "success"
+        deadline = time.monotonic() + 10
+        while (
+            "could not be written" not in server.log_text()
+            and "batch flush failed" not in server.log_text()
+        ):
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.05)
+        # From now on batch acknowledges nothing it cannot write.
+        for counter in (3, 4):
+            reply = _update(client, session_id, counter)
+            assert reply["error_type"] == "StorageError", reply
+        client.close()
+        status = server.stop()
+    finally:
+        server.kill()
+    log = server.log_text()
+    assert status == 75, log
+    assert "final flush FAILED" in log and session_id in log, log
+    assert "every dirty session was flushed" not in log

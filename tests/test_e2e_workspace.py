@@ -240,3 +240,79 @@ def test_load_context_of_an_empty_save_empties_a_live_namespace(tmp_path):
         assert client.call("evaluate", code="x")["details"]["exception_type"] == "NameError"
     finally:
         server.kill()
+
+
+def test_tracebacks_name_cells_by_the_sessions_history_index_across_restarts(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client, other = server.tcp_client(), server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        other.result("create_session", client_id="bob")
+        for code in ("a = 1", "def f():\n    return 1 / 0\n"):
+            client.result("evaluate", code=code)
+            other.result("evaluate", code=code)  # cells of another session in the same image
+        client.result("evaluate", code="b = 2")
+        failed = evaluate(client, "f()")
+        assert failed["details"]["history_index"] == 4
+        lines = failed["details"]["traceback"]
+        assert '  File "<cell 4>", line 1, in <module>' in lines, lines
+        assert '  File "<cell 2>", line 2, in f' in lines, lines
+        assert server.stop() == 0
+        server.start()
+        client = server.tcp_client()
+        client.result("restore_session", session_id=sid)
+        again = evaluate(client, "1 / 0")
+        assert again["details"]["history_index"] == 5
+        assert '  File "<cell 5>", line 1, in <module>' in again["details"]["traceback"]
+        # f was restored from its stored definition: still cell 2, line 2.
+        restored = evaluate(client, "f()")["details"]["traceback"]
+        assert '  File "<cell 6>", line 1, in <module>' in restored, restored
+        assert '  File "<cell 2>", line 2, in f' in restored, restored
+        assert "    return 1 / 0" in restored
+    finally:
+        server.kill()
+
+
+def test_lone_surrogates_in_code_and_bindings_are_kept_saved_and_restored(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client = server.tcp_client()
+        sid = client.result("create_session", client_id="alice")["session_id"]
+        broken = evaluate(client, "z = 'ok\ud800'")  # sent as the JSON escape \\ud800
+        assert broken["error_type"] == "EvaluationError", broken  # Python source cannot hold it
+        assert broken["details"]["history_index"] == 1
+        client.result("evaluate", code="y = 'ok' + chr(0xd800)")
+        shown = client.result("evaluate", code="print(y)\ny", mode="display")
+        assert shown["display"] == "ok\ud800" and shown["output"] == "ok\ud800\n"
+        assert shown["result"] == "'ok\\ud800'"
+        assert client.result("save_context")["saved"] is True
+        assert server.stop() == 0
+        server.start()
+        client = server.tcp_client()
+        restored = client.result("restore_session", session_id=sid)
+        assert "y" in restored["restored_bindings"] and restored["unrestorable_bindings"] == []
+        history = restored["workspace_context"]["history"]
+        assert [entry["code"] for entry in history[:2]] == ["z = 'ok\ud800'", "y = 'ok' + chr(0xd800)"]
+        assert client.result("evaluate", code="y == 'ok' + chr(0xd800)")["result"] == "True"
+        assert client.result("save_context")["saved"] is True
+    finally:
+        server.kill()
+
+
+def test_pipelined_evaluations_name_their_cells_by_their_own_history_index(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    try:
+        client = server.tcp_client()
+        client.result("create_session", client_id="alice")
+        client.result("evaluate", code="import time")
+        codes = ["time.sleep(0.3); 1 / 0", "1 / 0", "1 / 0"]
+        for number, code in enumerate(codes):
+            request = {"id": f"p-{number}", "command": "evaluate", "parameters": {"code": code}}
+            client.send_raw(json.dumps(request).encode() + b"\n")  # all sent before any ends
+        replies = sorted((client.read_reply() for _ in codes), key=lambda reply: reply["id"])
+        for reply in replies:
+            index = reply["details"]["history_index"]
+            assert f'  File "<cell {index}>", line 1, in <module>' in reply["details"]["traceback"], reply
+        assert [reply["details"]["history_index"] for reply in replies] == [2, 3, 4]
+    finally:
+        server.kill()

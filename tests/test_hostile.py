@@ -422,7 +422,8 @@ def test_line_protocol_idle_timer_and_authentication(world):
         b'{"command": "authenticate", "parameters": {"username": "alice", "password": "pw"}}\n'
     )
     assert json.loads(transport.value())["result"]["authenticated"] is True
-    world.reactor.advance(timeout * 10)
+    # authenticated: the (longer) idle_timeout applies instead, 600 s by default
+    world.reactor.advance(timeout * 5)
     assert not transport.disconnecting
     protocol.dataReceived(b'{"id": 2, "command": "get_session_statistics"}\n')
     assert b'"success"' in transport.value().split(b"\n")[1]

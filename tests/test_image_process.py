@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from stui_twisted.errors import StuiError
-from stui_twisted.image.supervisor import ImageSupervisor
+from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
 
 pytestmark = pytest.mark.image
 
@@ -183,9 +187,13 @@ async def test_interrupting_code_stuck_in_c_restarts_the_image(supervisor):
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_time_limit_on_code_stuck_in_c_restarts_the_image(supervisor):
-    error = await failure_of(supervisor.evaluate("s_a", "import time\ntime.sleep(1000)", timeout=0.3))
+    error = await failure_of(
+        supervisor.evaluate("s_a", "import time\ntime.sleep(1000)", timeout=0.3)
+    )
     assert error.error_type == "Timeout"
-    await wait_until(lambda: supervisor.status()["status"] == "running" and supervisor.status()["restarts"] == 1)
+    await wait_until(
+        lambda: supervisor.status()["status"] == "running" and supervisor.status()["restarts"] == 1
+    )
 
 
 @pytest.mark.timeout(20)
@@ -203,7 +211,8 @@ async def test_output_capture_is_isolated_between_concurrent_sessions(supervisor
 @pytest_twisted.ensureDeferred
 async def test_writes_to_the_childs_fds_do_not_corrupt_the_channel(supervisor):
     result = await supervisor.evaluate(
-        "s_a", "import os, sys\nos.write(1, b'raw\\n' * 1000)\nsys.__stdout__.write('x' * 100000)\n'fine'"
+        "s_a",
+        "import os, sys\nos.write(1, b'raw\\n' * 1000)\nsys.__stdout__.write('x' * 100000)\n'fine'",
     )
     assert result["result"] == "'fine'"
     assert (await supervisor.evaluate("s_a", "1"))["result"] == "1"
@@ -217,7 +226,9 @@ async def test_multi_megabyte_payloads_cross_amp(supervisor):
     assert result["result"] == "3000000"
     assert len(result["bindings_changed"]["big"]["value"]) == 3_000_000
     shown = await supervisor.evaluate("s_a", "big")
-    assert len(shown["result"]) == 3_000_002
+    # The payload crosses whole, but a result is clipped in the image (1 MiB).
+    assert len(shown["result"]) <= 1024 * 1024
+    assert shown["result"].endswith("... [3000000 characters in all]")
     outcome = await supervisor.materialize("s_b", result["bindings_changed"], {}, 1)
     assert outcome["restored"] == ["_", "big"]
     assert (await supervisor.evaluate("s_b", "len(big)"))["result"] == "3000000"
@@ -236,7 +247,9 @@ async def test_snapshot_clear_drop_and_shared_materialize(supervisor):
     assert await supervisor.clear("s_a", ["variables"]) == {"cleared": ["variables"]}
     assert (await failure_of(supervisor.evaluate("s_a", "n"))).error_type == "EvaluationError"
     assert (await supervisor.drop_session("s_a")) == {"dropped": True}
-    outcome = await supervisor.materialize_shared({"team": {"encoding": "json", "value": "ok", "type": "str", "repr": "'ok'"}})
+    outcome = await supervisor.materialize_shared(
+        {"team": {"encoding": "json", "value": "ok", "type": "str", "repr": "'ok'"}}
+    )
     assert outcome == {"restored": ["team"], "unrestorable": [], "registry_live": []}
     assert (await supervisor.evaluate("s_b", "shared.team"))["result"] == "'ok'"
 
@@ -290,3 +303,184 @@ async def test_an_image_that_cannot_start_fails_requests_and_retries(tmp_path):
     finally:
         await image.stopService()
     assert image.status()["status"] == "stopped"
+
+
+def _count_channel_bytes(supervisor) -> list[int]:
+    """Count the bytes the current image sends back on its AMP channel (fd 4)."""
+    image = supervisor._image
+    received = [0]
+    original = image.childDataReceived
+
+    def counting(child_fd, data):
+        if child_fd == 4:
+            received[0] += len(data)
+        original(child_fd, data)
+
+    image.childDataReceived = counting
+    return received
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_big_values_are_clipped_before_they_leave_the_image(supervisor):
+    received = _count_channel_bytes(supervisor)
+    shown = await supervisor.evaluate("s_a", "s = 'a' * 200_000_000\ns", mode="display")
+    assert len(shown["display"]) <= 1024 * 1024 and len(shown["result"]) <= 1024 * 1024
+    assert shown["bindings_changed"]["s"]["encoding"] == "unrestorable"
+    assert received[0] < 3 * 1024 * 1024, received[0]  # result + display, not 200 MB
+    received[0] = 0
+    error = await failure_of(supervisor.evaluate("s_a", "raise ValueError('b' * (50 * 1024 * 1024))"))
+    assert error.error_type == "EvaluationError"
+    assert received[0] < 128 * 1024, received[0]  # not 150 MB with the message three times
+    everything = repr((error.message, error.details))
+    assert len(re.findall("b{5000,}", everything)) == 1
+    assert error.details["message"].startswith("b" * 60_000)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_a_binding_over_the_limit_costs_little_memory_and_later_cells_stay_fast(supervisor):
+    size = 64 * 1024 * 1024
+    await supervisor.evaluate("s_a", "small = bytearray(10)\nlen(small)")
+    pid = supervisor.status()["pid"]
+    before = _peak_rss_bytes(pid)
+    created = await supervisor.evaluate("s_a", f"x = bytearray({size})")
+    stored = created["bindings_changed"]["x"]
+    assert stored["encoding"] == "unrestorable" and stored["reason"].startswith("too large")
+    timings = []
+    for code in ("len(x)", "x[0] = 1", "x[:3]", "len(small)"):
+        started = time.perf_counter()
+        result = await supervisor.evaluate("s_a", code)
+        timings.append(time.perf_counter() - started)
+        if code != "x[0] = 1":  # that one changes x's summary repr
+            assert "x" not in result["bindings_changed"]
+    # No repr (4 characters a byte), pickle, base64 or JSON of the value was built:
+    # the image grew by about the value itself.
+    growth = _peak_rss_bytes(pid) - before
+    assert growth < 1.5 * size, growth / size
+    # A cell mentioning x costs about what one that does not mention it costs.
+    assert max(timings[:3]) < max(0.25, 5 * timings[3]), timings
+
+
+def _alive(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+GRANDCHILDREN = """
+import os, subprocess, time
+popen = subprocess.Popen(['sleep', '300'])
+os.system('sleep 75 & echo $! > {pidfile}')
+forked = os.fork()
+if forked == 0:
+    time.sleep(300)
+    os._exit(0)
+pids = [popen.pid, forked]
+"""
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor):
+    for session, body in (("s_a", "return 1 / 0"), ("s_b", "raise KeyError('b')")):
+        await supervisor.evaluate(session, f"def f():\n    {body}\n", cell_index=2)
+    for session, body in (("s_a", "return 1 / 0"), ("s_b", "raise KeyError('b')")):
+        error = await failure_of(supervisor.evaluate(session, "f()", cell_index=7))
+        lines = error.details["traceback"]
+        assert '  File "<cell 7>", line 1, in <module>' in lines
+        assert '  File "<cell 2>", line 2, in f' in lines
+        assert f"    {body}" in lines  # each session's own cell 2, though both have one
+        assert error.details["line"] == 1
+
+
+async def test_image_death_is_noticed_while_processes_it_started_live(supervisor, tmp_path):
+    """The image's exit, not the end of its pipes, is its death (issue 13.1)."""
+    pidfile = tmp_path / "background.pid"
+    await supervisor.evaluate("s_a", GRANDCHILDREN.format(pidfile=pidfile))
+    pids = json.loads(
+        (await supervisor.evaluate("s_a", "import json; json.dumps(pids)", "display"))["display"]
+    )
+    await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
+    pids.append(int(pidfile.read_text()))
+    assert all(_alive(pid) for pid in pids)
+    old_pid = supervisor.status()["pid"]
+    sleeper = supervisor.evaluate("s_b", "import time\ntime.sleep(30)")
+    await sleep(0.1)
+    died_at = time.monotonic()
+    crash = await failure_of(supervisor.evaluate("s_c", "import os\nos._exit(3)"))
+    assert crash.error_type == "ImageRestarted"
+    assert (await failure_of(sleeper)).error_type == "ImageRestarted"
+    assert time.monotonic() - died_at < 1.0
+    await wait_until(lambda: supervisor.status()["status"] == "running", timeout=5)
+    assert supervisor.status()["pid"] != old_pid
+    await wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=5)
+    assert (await supervisor.evaluate("s_a", "1 + 1", "display"))["display"] == "2"
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_lone_surrogates_cross_the_image_pipe(supervisor):
+    broken = await failure_of(supervisor.evaluate("s_a", "z = 'ok\ud800'"))
+    assert broken.error_type == "EvaluationError"  # Python source cannot hold it; not InternalError
+    assert "surrogate" in broken.message
+    result = await supervisor.evaluate("s_a", "y = 'ok' + chr(0xd800)\nprint(y)\ny", mode="display")
+    assert result["display"] == "ok\ud800" and result["output"] == "ok\ud800\n"
+    assert result["bindings_changed"]["y"] == {
+        "encoding": "json", "value": "ok\ud800", "type": "str", "repr": "'ok\\ud800'"
+    }
+    snapshot = await supervisor.snapshot("s_a")
+    assert snapshot["bindings"]["y"]["value"] == "ok\ud800"
+    await supervisor.materialize("s_b", snapshot["bindings"], {}, 1)
+    assert (await supervisor.evaluate("s_b", "y == 'ok' + chr(0xd800)"))["result"] == "True"
+
+
+async def test_stopping_the_image_does_not_wait_for_processes_it_started(supervisor):
+    await supervisor.evaluate("s_a", "import os\nos.system('sleep 75 &')")
+    started = time.monotonic()
+    await supervisor.stopService()
+    assert time.monotonic() - started < supervisor.kill_grace + 1.0
+    assert supervisor.status()["status"] == "stopped"
+
+
+def test_the_image_leads_its_own_process_group_and_keeps_its_pipes():
+    """The child's start-up step, run in a fresh interpreter with pipes on fds 3 and 4."""
+    probe = (
+        "import os\n"
+        "r, w = os.pipe()\n"
+        "os.dup2(r, 3); os.dup2(w, 4)\n"
+        "assert os.getpgrp() != os.getpid()\n"
+        "from stui_twisted.image.child import _own_process_group\n"
+        "_own_process_group()\n"
+        "print(os.getpgrp() == os.getpid(), os.getsid(0) == os.getpid(),"
+        " os.get_inheritable(3), os.get_inheritable(4))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=20)
+    assert out.stdout.split() == ["True", "True", "False", "False"], out.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_a_request_for_an_older_image_generation_is_not_sent(supervisor):
+    """A namespace built in one image is never used from the next (issue 12.1)."""
+    generation = await supervisor.current_generation()
+    await supervisor.evaluate("s_a", "x = 1", generation=generation)
+    crash = await failure_of(supervisor.evaluate("s_a", "import os\nos._exit(1)"))
+    assert crash.error_type == "ImageRestarted"
+    stale = await failure_of(supervisor.evaluate("s_a", "x = 2", generation=generation))
+    assert stale.error_type == "ImageRestarted"
+    assert isinstance(stale, StaleGeneration)
+    assert await supervisor.current_generation() == generation + 1
+    fresh = await supervisor.evaluate("s_a", "'x' in dir()", generation=generation + 1)
+    assert fresh["result"] == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 
@@ -115,10 +116,11 @@ def test_serialization_encodings():
     assert stored["encoding"] == "unrestorable"
     assert stored["type"] == "socket"
     assert "pickle" in stored["reason"]
+    too_large = "too large: its stored form would exceed 1000 bytes (the binding limit, max_session_bytes)"
     assert serialize_binding("x" * 2000, max_bytes=1000) == {
-        "encoding": "unrestorable", "type": "str", "repr": repr("x" * 2000)[:200] + "...", "reason": "too large",
+        "encoding": "unrestorable", "type": "str", "repr": repr("x" * 2000)[:200] + "...", "reason": too_large,
     }
-    assert serialize_binding(bytes(2000), max_bytes=1000)["reason"] == "too large"
+    assert serialize_binding(bytes(2000), max_bytes=1000)["reason"] == too_large
     module = serialize_binding(socket)
     assert module["encoding"] == "module" and module["module"] == "socket"
     for value in ((1, 2), {1: "a"}, {3}, {"k": [1]}, socket):
@@ -326,3 +328,138 @@ def test_registry_is_bounded_oldest_first():
     with pytest.raises(StuiError) as caught:
         workspace.lookup(first)
     assert caught.value.error_type == "ObjectNotFound"
+
+
+# -- big values are clipped, and big bindings are not encoded again and again ---------
+
+
+def test_big_results_displays_and_exception_messages_are_clipped_in_the_image(workspace):
+    # The documented limits (protocol.md §7).
+    MAX_RESULT_CHARS, MAX_MESSAGE_CHARS, MAX_ERROR_LINE_CHARS = 1024 * 1024, 64 * 1024, 4096  # noqa: N806
+    shown = workspace.evaluate("s = 'a' * 50_000_000\ns", mode="display")
+    assert len(shown["display"]) <= MAX_RESULT_CHARS
+    assert shown["display"].endswith(f"... [{50_000_000 - (MAX_RESULT_CHARS - 48)} more characters]")
+    assert len(shown["result"]) <= MAX_RESULT_CHARS
+    assert shown["result"].startswith("'aaa") and shown["result"].endswith("[50000000 characters in all]")
+    raw = workspace.evaluate("bytearray(5_000_000)", mode="display")
+    assert len(raw["result"]) <= MAX_RESULT_CHARS and len(raw["display"]) <= MAX_RESULT_CHARS
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(StuiError) as caught:
+            workspace.evaluate("raise ValueError('b' * (50 * 1024 * 1024))")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.2 * 50 * 1024 * 1024, peak  # the message itself, no copy of it
+    error = caught.value
+    assert len(error.message) <= MAX_ERROR_LINE_CHARS
+    assert error.message.startswith("ValueError: bbb")
+    assert len(error.details["message"]) <= MAX_MESSAGE_CHARS
+    assert error.details["message"].startswith("b" * 60_000)
+    assert all(len(line) <= MAX_ERROR_LINE_CHARS for line in error.details["traceback"])
+    assert error.details["traceback"][-1].startswith("ValueError: bbb")
+    # The one long copy of the message is details.message; the rest are short.
+    everything = repr((error.message, error.details))
+    assert len(re.findall("b{5000,}", everything)) == 1
+    assert len(everything) < MAX_MESSAGE_CHARS + 4 * MAX_ERROR_LINE_CHARS
+
+
+def test_a_deep_recursion_traceback_keeps_both_ends(workspace):
+    code = "def ping(n):\n    return pong(n)\ndef pong(n):\n    return ping(n)\nping(1)"
+    with pytest.raises(StuiError) as caught:
+        workspace.evaluate(code)
+    lines = caught.value.details["traceback"]
+    assert caught.value.details["exception_type"] == "RecursionError"
+    assert any("frames omitted" in line for line in lines)
+    assert len(lines) < 450  # 100 frames of at most 4 lines, not ~1000 frames
+    assert lines[-1].startswith("RecursionError")
+
+
+def test_unchanged_immutable_bindings_are_not_serialized_again(workspace, monkeypatch):
+    from stui_twisted.image import workspace as ws_module
+
+    workspace.evaluate("text = 'x' * 1_000_000\nitems = [1, 2]")
+    serialized = []
+    real = ws_module.serialize_binding
+
+    def counting(value, *args, **kwargs):
+        serialized.append(type(value).__name__)
+        return real(value, *args, **kwargs)
+
+    monkeypatch.setattr(ws_module, "serialize_binding", counting)
+    assert workspace.evaluate("n = len(text)")["bindings_changed"].keys() == {"n"}
+    assert serialized == ["int"]  # the new binding n only: text is the same str object
+    serialized.clear()
+    changed = workspace.evaluate("items.append(len(text))")["bindings_changed"]
+    assert serialized == ["list"]  # a mentioned list may have changed in place: encoded again
+    assert changed["items"]["value"] == [1, 2, 1_000_000]
+    serialized.clear()
+    workspace.evaluate("text = text + 'y'")
+    assert serialized == ["str"]  # rebound: a new object
+    assert "text" in workspace.snapshot()["bindings"]  # save_context encodes everything
+
+
+def test_a_binding_over_the_limit_is_refused_before_it_is_encoded_whole(monkeypatch):
+    import tracemalloc
+
+    from stui_twisted.image import workspace as ws_module
+
+    workspace = Image(max_binding_bytes=1024 * 1024).session("s_big")
+    pickled = []
+    real = ws_module._pickle_dumps
+    monkeypatch.setattr(ws_module, "_pickle_dumps", lambda *args: pickled.append(1) or real(*args))
+    stored = workspace.evaluate("x = bytearray(64 * 1024 * 1024)")["bindings_changed"]["x"]
+    assert stored["encoding"] == "unrestorable"
+    assert pickled == []  # refused by its length, never pickled
+    assert stored["reason"].startswith("too large") and "exceed 1048576 bytes" in stored["reason"]
+    tracemalloc.start()
+    try:
+        for code in ("len(x)", "x[0] = 1", "x[:3]"):
+            workspace.evaluate(code)
+        _, peak = tracemalloc.get_traced_memory()
+        assert peak < 4 * 1024 * 1024, peak  # no repr, pickle or JSON of the 64 MiB value
+        # A big value the length test cannot see is given up when its pickle reaches the limit.
+        tracemalloc.reset_peak()
+        many = workspace.evaluate("many = [str(i) for i in range(2_000_000)]")["bindings_changed"]["many"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert many["encoding"] == "unrestorable" and many["reason"].startswith("too large")
+    assert peak < 200 * 1024 * 1024, peak  # the list itself is ~130 MB; its JSON/pickle were not built
+
+
+def test_a_restored_definition_keeps_its_cell_name_and_line_numbers():
+    first = Image().session("s_cells")
+    first.evaluate("x = 1\n\ndef f():\n    return 1 / 0\n", cell_index=3)
+    stored = first.snapshot()["bindings"]
+    assert (stored["f"]["cell"], stored["f"]["line"]) == (3, 3)
+    second = Image().session("s_cells")  # a new image, as after a restart
+    assert second.materialize(stored, {}, 1)["unrestorable"] == []
+    with pytest.raises(StuiError) as caught:
+        second.evaluate("f()", cell_index=9)
+    lines = caught.value.details["traceback"]
+    assert lines[1:5] == ['  File "<cell 9>", line 1, in <module>', "    f()", '  File "<cell 3>", line 4, in f', "    return 1 / 0"]
+    again = second.snapshot()["bindings"]["f"]
+    assert {k: again[k] for k in ("source", "cell", "line")} == {k: stored["f"][k] for k in ("source", "cell", "line")}
+    legacy = {key: value for key, value in stored["f"].items() if key not in ("cell", "line")}
+    third = Image().session("s_cells")
+    third.materialize({"f": legacy}, {}, 1)  # a file written before cells were recorded
+    with pytest.raises(StuiError) as caught:
+        third.evaluate("f()", cell_index=1)
+    assert '  File "<restored f>", line 2, in f' in caught.value.details["traceback"]
+
+
+def test_pipelined_cells_are_numbered_one_after_the_other(workspace):
+    def cell_of(code: str, cell_index: int) -> str:
+        with pytest.raises(StuiError) as caught:
+            workspace.evaluate(code, cell_index=cell_index)
+        return caught.value.details["traceback"][1]
+
+    assert cell_of("1 / 0", 5) == '  File "<cell 5>", line 1, in <module>'
+    # Sent while cell 5 still ran, so the server counted from before it: it gets 6.
+    assert cell_of("1 / 0", 5) == '  File "<cell 6>", line 1, in <module>'
+    assert cell_of("1 / 0", 9) == '  File "<cell 9>", line 1, in <module>'  # the server is ahead
+    workspace.materialize({}, {}, 1)  # load_context may take the history back
+    assert cell_of("1 / 0", 3) == '  File "<cell 3>", line 1, in <module>'

@@ -309,7 +309,9 @@ def test_brute_force_is_rate_limited_per_peer_on_every_transport(tmp_path, auth_
         client = proc.tcp_client()
         answers = []
         for attempt in range(12):
-            reply = client.call("authenticate", username=f"guess{attempt % 3}", password="nope")
+            # Distinct names: the per-peer limit counts the usernames tried from an
+            # address (repeated failures of one name are the per-username limit's).
+            reply = client.call("authenticate", username=f"guess{attempt}", password="nope")
             answers.append(reply["error_type"])
         assert answers[:10] == ["AuthenticationFailed"] * 10
         assert answers[10:] == ["RateLimited"] * 2

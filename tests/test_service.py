@@ -141,6 +141,69 @@ async def test_update_replaces_or_merges(make):
     assert restored["session_state"] == [1, 2]
 
 
+def _nested(depth: int) -> str:
+    """JSON text of objects nested C{depth} levels deep (built as text: no recursion)."""
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def _depth(value) -> int:
+    depth = 0
+    while isinstance(value, dict):
+        value, depth = value["a"], depth + 1
+    return depth
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_json_nested_too_deep_is_refused_and_what_is_kept_reads_back(make):
+    h = await make()
+    conn = h.connection()
+    sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
+
+    async def raw(command: str, parameters: str) -> dict:
+        data = f'{{"id":1,"command":"{command}","parameters":{parameters}}}'.encode()
+        return json.loads(await h.dispatcher.dispatch(conn, data))
+
+    deep = _nested(500)
+    for command, parameters, name in (
+        ("update_session_state", f'{{"state_data":{deep}}}', "state_data"),
+        ("update_session_state", f'{{"state_data":{{"x":[{deep}]}},"merge":true}}', "state_data"),
+        ("update_session_state", f'{{"workspace_context":{{"client":{deep}}}}}', "workspace_context"),
+        ("update_session_state", f'{{"inspector_state":{deep}}}', "inspector_state"),
+        ("create_session", f'{{"client_id":"alice","client_info":{deep}}}', "client_info"),
+        ("update_session_state", f'{{"state_data":{_nested(101)}}}', "state_data"),
+    ):
+        reply = await raw(command, parameters)
+        assert reply["error_type"] == "InvalidRequest", reply
+        assert reply["details"] == {"parameter": name, "max_depth": 100}
+        assert "more than 100 levels" in reply["error"]
+    # The limit itself is accepted, kept, merged into and read back.
+    assert (await raw("update_session_state", f'{{"state_data":{_nested(100)}}}'))["status"] == "success"
+    merged = await raw("update_session_state", '{"state_data":{"a":{"b":2}},"merge":true}')
+    assert merged["status"] == "success", merged
+    restored = await h.ok(conn, "restore_session", session_id=sid)
+    assert _depth(restored["session_state"]) == 100
+    assert restored["session_state"]["a"]["b"] == 2
+
+
+def test_session_data_is_copied_and_merged_without_recursion():
+    from stui_twisted.session import Session, merge_patch
+
+    deep: dict | int = 1
+    for _ in range(20_000):  # e.g. a session file written before the depth limit existed
+        deep = {"a": deep}
+    session = Session("s_x", "alice", START, 60.0, START, START, session_state=deep, inspector_view=deep)
+    context = session.context()
+    assert _depth(context["session_state"]) == 20_000
+    assert context["session_state"] is not deep and context["inspector_state"]["view"]["a"] is not deep["a"]
+    patched = merge_patch(deep, {"a": {"a": {"b": [1]}}})
+    assert patched["a"]["a"]["b"] == [1] and _depth(patched) == 20_000
+    assert "b" not in deep["a"]["a"]  # the input is untouched
+    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": None, "e": [1]}, "a": None}) == {
+        "b": {"d": 2, "e": [1]}
+    }
+    assert merge_patch({"a": [1]}, {"a": {"x": 1}}) == {"a": {"x": 1}}
+
+
 @pytest_twisted.ensureDeferred
 async def test_update_needs_something_to_update(make):
     h = await make()
@@ -373,6 +436,30 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     assert sids[0] not in h.service._dirty and sids[1] not in h.service._dirty
 
 
+@pytest.mark.timeout(20)
+@pytest_twisted.ensureDeferred
+async def test_a_sliced_flush_finishes_although_nobody_advances_the_clock(make, monkeypatch):
+    """The suite's hang (issue 12.4): the flush yielded on the injected clock.
+
+    A flush that serializes for longer than a slice yields for a reactor turn.
+    It used to schedule that turn on the service's clock, a C{task.Clock}
+    here that nothing advances, so a flush slowed by a loaded machine (or a
+    slow failure log) never finished, and neither did the shutdown waiting
+    for it.  With a zero slice every session yields.
+    """
+    from stui_twisted import service as service_module
+
+    monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
+    h = await make(durability="batch", flush_interval=0.5)
+    conn = h.connection()
+    for n in range(3):
+        await h.ok(conn, "create_session", client_id=f"c{n}")
+    assert len(h.service._dirty) == 3
+    await h.service.flush()
+    assert not h.service._dirty
+    await h.service.stopService()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_written(
     make, monkeypatch
@@ -410,7 +497,7 @@ async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make,
     sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
     await h.ok(conn, "update_session_state", state_data={"n": 1})
     monkeypatch.setattr(
-        h.store, "write", lambda doc: defer.fail(StorageFailure("disk full (ENOSPC)"))
+        h.store, "write", lambda doc, **options: defer.fail(StorageFailure("disk full (ENOSPC)"))
     )
     reply = await h.error(conn, "update_session_state", state_data={"n": 2})
     assert reply["error_type"] == "StorageError"

@@ -784,3 +784,49 @@ async def test_loose_secret_key_mode_is_tightened(tmp_path):
         assert stat.S_IMODE(os.stat(second.secret_key_path).st_mode) == 0o600
     finally:
         await within_time_limit(second.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_saved_copy_is_its_own_sealed_file_read_verified_and_deleted(tmp_path):
+    """save_context's copy (issue 12.6): beside the session file, never taken for it."""
+    session_store = await opened_store(tmp_path / "data")
+    try:
+        saved, later = make_session("alice", 1), make_session("alice", 1, session_state={"n": 2})
+        stamp = "2026-12-01T10:00:00.123Z"
+        result = await within_time_limit(
+            session_store.write(saved, saved_at=stamp, saved_copy=True)
+        )
+        assert result.saved_at == stamp
+        await within_time_limit(session_store.write(later))
+        document, saved_at = await within_time_limit(
+            session_store.read_saved("alice", saved["session_id"])
+        )
+        assert document["session_state"] == {"n": 1} and saved_at == stamp
+        assert (await within_time_limit(session_store.read("alice", saved["session_id"])))[
+            "session_state"
+        ] == {"n": 2}
+        copy_path = main_path(session_store, saved)[: -len(".json")] + ".saved.json"
+        assert os.path.exists(copy_path)
+        report = {row["path"]: row for row in await within_time_limit(session_store.verify_all())}
+        assert report[os.path.relpath(copy_path, session_store.data_dir)]["ok"] is True
+        assert report[os.path.relpath(copy_path, session_store.data_dir)]["kind"] == "saved"
+        # Put in the session file's place, the copy fails verification (another format).
+        main = main_path(session_store, saved)
+        with open(main, "rb") as original:
+            kept = original.read()
+        with open(copy_path, "rb") as copy, open(main, "wb") as swapped:
+            swapped.write(copy.read())
+        report = {row["path"]: row for row in await within_time_limit(session_store.verify_all())}
+        assert report[os.path.relpath(main, session_store.data_dir)]["ok"] is False
+        with open(main, "wb") as restored:
+            restored.write(kept)
+        await within_time_limit(session_store.write_index([later]))
+        assert [m["session_id"] for m in await within_time_limit(session_store.load_index())] == [
+            saved["session_id"]
+        ]
+        await within_time_limit(session_store.delete("alice", saved["session_id"]))
+        assert not os.path.exists(copy_path)
+        with pytest.raises(KeyError):
+            await within_time_limit(session_store.read_saved("alice", saved["session_id"]))
+    finally:
+        await within_time_limit(session_store.close())

@@ -58,7 +58,7 @@ Meta-commands:
   :sessions         list your active sessions on this server (* = current)
   :info             details of the current session
   :save             save the session context durably now
-  :load             replace the context with the last saved one
+  :load             go back to the context of the last :save
   :clear [PARTS]    clear all or some of: variables history registry inspector state
   :close            close the current session for good (the next command starts a new one)
   :help             this text

@@ -22,6 +22,10 @@ class ChunkedJSON(amp.Argument):
 
     The value is encoded once, cut into chunks below AMP's value limit and
     reassembled (as bytes, so a UTF-8 character cut in two is harmless).
+    Strings may hold lone surrogates (``chr(0xD800)`` is a valid Python string,
+    and JSON's ``"\\ud800"`` decodes to one): they cross as their
+    ``surrogatepass`` bytes and come back unchanged, where strict UTF-8 would
+    fail the whole request.
     """
 
     def toBox(self, name, strings, objects, proto):
@@ -29,7 +33,9 @@ class ChunkedJSON(amp.Argument):
         value = objects.pop(key, None)
         if value is None and self.optional:
             return
-        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogatepass"
+        )
         chunks = [encoded[start : start + CHUNK_BYTES] for start in range(0, len(encoded), CHUNK_BYTES)]
         for index, chunk in enumerate(chunks):
             strings[name + b"." + str(index).encode("ascii")] = chunk
@@ -47,7 +53,7 @@ class ChunkedJSON(amp.Argument):
                 raise KeyError(name)
             objects[key] = None
             return
-        objects[key] = json.loads(b"".join(parts).decode("utf-8"))
+        objects[key] = json.loads(b"".join(parts).decode("utf-8", "surrogatepass"))
 
 
 REPLY = [(b"reply", ChunkedJSON())]
@@ -61,13 +67,18 @@ class Ping(amp.Command):
 
 
 class Evaluate(amp.Command):
-    """Run ``code`` as a REPL cell on the session's worker thread."""
+    """Run ``code`` as a REPL cell on the session's worker thread.
+
+    ``cell_index`` is the history index the evaluation will get; tracebacks
+    name the cell ``<cell N>`` by it.
+    """
 
     arguments = [
         (b"session_id", amp.Unicode()),
         (b"code", ChunkedJSON()),
         (b"mode", amp.Unicode()),
         (b"timeout", amp.Float(optional=True)),
+        (b"cell_index", amp.Integer(optional=True)),
     ]
     response = REPLY
 

@@ -54,7 +54,12 @@ def ok_reply(result) -> dict:
 
 def error_reply(error: StuiError) -> dict:
     """The failure envelope for a StuiError."""
-    return {"ok": False, "error_type": error.error_type, "message": error.message, "details": error.details}
+    return {
+        "ok": False,
+        "error_type": error.error_type,
+        "message": error.message,
+        "details": error.details,
+    }
 
 
 def run_to_reply(work, *args) -> dict:
@@ -67,7 +72,9 @@ def run_to_reply(work, *args) -> dict:
         return error_reply(StuiError("Interrupted", "the evaluation was interrupted"))
     except Exception as exc:  # noqa: BLE001 - logged and answered as InternalError
         log.failure("image task failed")
-        return error_reply(StuiError("InternalError", f"the image failed: {type(exc).__name__}: {exc}"))
+        return error_reply(
+            StuiError("InternalError", f"the image failed: {type(exc).__name__}: {exc}")
+        )
 
 
 class _Task:
@@ -128,7 +135,9 @@ class SessionWorker:
 
     def _arm_timer(self, task: _Task) -> None:
         if not task.done.called:
-            task.timer = self._reactor.callLater(task.guard.timeout, task.guard.request_stop, TimeLimitReached)
+            task.timer = self._reactor.callLater(
+                task.guard.timeout, task.guard.request_stop, TimeLimitReached
+            )
 
     def _finish(self, task: _Task, reply: dict) -> None:
         if task.timer is not None and task.timer.active():
@@ -153,22 +162,28 @@ class ImageChildProtocol(amp.AMP):
 
     def _in_pool(self, work, *args) -> defer.Deferred:
         pool = self._reactor.getThreadPool()
-        return threads.deferToThreadPool(self._reactor, pool, run_to_reply, work, *args).addCallback(
-            lambda reply: {"reply": reply}
-        )
+        return threads.deferToThreadPool(
+            self._reactor, pool, run_to_reply, work, *args
+        ).addCallback(lambda reply: {"reply": reply})
 
     def _on_worker(self, session_id: str, timeout: float | None, work) -> defer.Deferred:
-        return self._worker(session_id).submit(work, timeout).addCallback(lambda reply: {"reply": reply})
+        return (
+            self._worker(session_id)
+            .submit(work, timeout)
+            .addCallback(lambda reply: {"reply": reply})
+        )
 
     @commands.Ping.responder
     def ping(self):
         return {"pid": os.getpid()}
 
     @commands.Evaluate.responder
-    def evaluate(self, session_id, code, mode, timeout=None):
+    def evaluate(self, session_id, code, mode, timeout=None, cell_index=None):
         workspace = self._image.session(session_id)
         return self._on_worker(
-            session_id, timeout, lambda guard: workspace.evaluate(code, mode, guard=guard)
+            session_id,
+            timeout,
+            lambda guard: workspace.evaluate(code, mode, guard=guard, cell_index=cell_index),
         )
 
     @commands.Interrupt.responder
@@ -182,7 +197,9 @@ class ImageChildProtocol(amp.AMP):
         return self._on_worker(
             session_id,
             timeout,
-            lambda guard: workspace.materialize(bindings or {}, registry or {}, next_object_id, guard=guard),
+            lambda guard: workspace.materialize(
+                bindings or {}, registry or {}, next_object_id, guard=guard
+            ),
         )
 
     @commands.MaterializeShared.responder
@@ -241,8 +258,25 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
+def _own_process_group() -> None:
+    """Lead a session of our own and keep the AMP pipes to ourselves.
+
+    The supervisor kills this process group when the image dies or is
+    replaced, so whatever user code started (C{subprocess.Popen},
+    C{os.system('... &')}, C{os.fork()}) dies with it; and the AMP pipes are
+    closed on exec, so a program user code runs does not hold the channel.
+    """
+    try:
+        os.setsid()
+    except OSError as exc:  # already a group leader: keep the group we have
+        log.warn("cannot start a session of our own: {error}", error=exc)
+    for fd in (AMP_IN_FD, AMP_OUT_FD):
+        os.set_inheritable(fd, False)
+
+
 def main() -> None:
     """Entry point of the image process."""
+    _own_process_group()
     _die_with_parent()
     quiet_amp = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     quiet_amp.setLogLevelForNamespace("twisted.protocols.amp", LogLevel.warn)
@@ -252,7 +286,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.setswitchinterval(SWITCH_INTERVAL)
     install_output_router()
-    max_binding_bytes = int(os.environ.get("STUI_IMAGE_MAX_BINDING_BYTES", DEFAULT_MAX_BINDING_BYTES))
+    max_binding_bytes = int(
+        os.environ.get("STUI_IMAGE_MAX_BINDING_BYTES", DEFAULT_MAX_BINDING_BYTES)
+    )
 
     from twisted.internet import reactor, stdio
 

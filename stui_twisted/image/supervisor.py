@@ -25,6 +25,7 @@ Pickled bindings are only ever unpickled in the child.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -38,10 +39,11 @@ import stui_twisted
 from stui_twisted.envelope import iso_timestamp
 from stui_twisted.errors import ERROR_TYPES, StuiError
 from stui_twisted.image import amp_commands as commands
+from stui_twisted.image.outputlog import ChildOutputLog
+from stui_twisted.image.privileges import ImageAccount, lookup
 
 MiB = 1024 * 1024
 CHILD_MODULE = "stui_twisted.image.child"
-MAX_LOG_LINE = 2000
 STARTUP_TIMEOUT = 30.0
 MAX_RESTART_DELAY = 30.0
 SESSION_TASK_DEFAULT_TIMEOUT = 30.0
@@ -83,40 +85,6 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
-class _ChildOutputLog:
-    """Turns a child fd's bytes into bounded log lines."""
-
-    def __init__(self, logger: Logger, stream: str) -> None:
-        self._log = logger
-        self._stream = stream
-        self._pending = b""
-        self.pid: int | None = None
-
-    def feed(self, data: bytes) -> None:
-        self._pending += data
-        while True:
-            newline = self._pending.find(b"\n")
-            if newline < 0:
-                if len(self._pending) > MAX_LOG_LINE:
-                    self._emit(self._pending[:MAX_LOG_LINE])
-                    self._pending = self._pending[MAX_LOG_LINE:]
-                    continue
-                return
-            self._emit(self._pending[:newline])
-            self._pending = self._pending[newline + 1 :]
-
-    def flush(self) -> None:
-        if self._pending:
-            self._emit(self._pending)
-            self._pending = b""
-
-    def _emit(self, raw: bytes) -> None:
-        text = raw[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\r")
-        if len(raw) > MAX_LOG_LINE:
-            text += " [...]"
-        self._log.info("image[{pid}] {stream}: {line}", pid=self.pid, stream=self._stream, line=text)
-
-
 class _ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""
 
@@ -133,8 +101,8 @@ class _ImageProcess(protocol.ProcessProtocol):
         self.in_flight: set[_Request] = set()
         self.kill_timer = None
         self._outputs = {
-            1: _ChildOutputLog(supervisor.log, "stdout"),
-            2: _ChildOutputLog(supervisor.log, "stderr"),
+            1: ChildOutputLog(supervisor.log, "stdout", supervisor._reactor.seconds),
+            2: ChildOutputLog(supervisor.log, "stderr", supervisor._reactor.seconds),
         }
 
     def connectionMade(self) -> None:
@@ -150,12 +118,46 @@ class _ImageProcess(protocol.ProcessProtocol):
         elif childFD in self._outputs:
             self._outputs[childFD].feed(data)
 
-    def processEnded(self, reason) -> None:
+    def processExited(self, reason) -> None:
+        """The image itself exited (reaped by its exit status).
+
+        This, not the end of its pipes, is the image's death: a process that
+        user code started (C{subprocess.Popen}, C{os.system('... &')},
+        C{os.fork()}) may hold copies of the pipes long after the image is
+        gone.  Its whole process group is killed, our ends of the pipes are
+        closed, and the supervisor learns of the death now.
+        """
+        if self.ended:
+            return
         self.ended = True
+        self.kill_group()
         for output in self._outputs.values():
             output.flush()
         self.amp.connectionLost(reason)
+        for child_fd in list(getattr(self.transport, "pipes", {})):
+            self.transport.closeChildFD(child_fd)
         self.supervisor._image_ended(self, reason)
+
+    def processEnded(self, reason) -> None:
+        # Normally processExited has run already; this covers a transport
+        # that reports only the end.
+        self.processExited(reason)
+
+    def kill_group(self) -> None:
+        """Kill every process left in the image's process group.
+
+        The image makes itself a session (and group) leader at start-up, so
+        its group id is its pid; Linux does not reuse a pid while a group of
+        that id has members, so this never reaches an unrelated process.
+        """
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # the group is empty: nothing the image started is left
+        except PermissionError:
+            self.supervisor.log.warn("cannot kill process group {pid} of the image", pid=self.pid)
 
     def signal(self, name: str) -> None:
         """Send a signal unless the process is already gone."""
@@ -201,6 +203,11 @@ class _Request:
             self.result.errback(failure_value)
 
 
+class StaleGeneration(StuiError):
+    """C{ImageRestarted} for a request that was never sent: its session is not
+    live in the running image.  Safe to retry once the session is rebuilt."""
+
+
 def _reply_value(reply: dict):
     """Unwrap a child reply envelope into its result, or raise its StuiError."""
     if reply.get("ok"):
@@ -224,6 +231,7 @@ class ImageSupervisor(service.Service):
     @param restart_delay: seconds between a death and the new spawn.
     @param kill_grace: seconds an interrupted/timed-out task, or a SIGTERMed
         image, gets before the image is killed.
+    @param user: run the image as this OS user (see L{stui_twisted.image.privileges}).
     """
 
     log = Logger()
@@ -236,9 +244,12 @@ class ImageSupervisor(service.Service):
         max_binding_bytes: int = 8 * MiB,
         restart_delay: float = 0.2,
         kill_grace: float = 2.0,
+        user: str | None = None,
     ) -> None:
         self._reactor = reactor
         self.python = python
+        self.account: ImageAccount | None = lookup(user) if user else None
+        """The OS account the image runs as (None: the server's own)."""
         self.max_binding_bytes = max_binding_bytes
         self.restart_delay = restart_delay
         self.kill_grace = kill_grace
@@ -289,6 +300,23 @@ class ImageSupervisor(service.Service):
         """Stop calling ``observer`` after restarts."""
         self._restart_observers.remove(observer)
 
+    def current_generation(self) -> defer.Deferred:
+        """Fires with the generation of the running image, once one is ready.
+
+        Each spawned image has a new generation; a namespace built in one is
+        empty in the next, so callers pass it back as C{generation=} to run a
+        request only in the image their session is live in.
+        """
+        return self._ready_image().addCallback(lambda image: image.generation)
+
+    @property
+    def live_generation(self) -> int | None:
+        """The generation of the running image, or None while none is ready."""
+        image = self._image
+        if image is not None and image.ready and not image.ended:
+            return image.generation
+        return None
+
     def whenRunning(self) -> defer.Deferred:
         """Fires with ``status()`` once an image is ready (at once if one is)."""
         return self._ready_image().addCallback(lambda image: self.status())
@@ -310,9 +338,17 @@ class ImageSupervisor(service.Service):
         self._generation += 1
         image = _ImageProcess(self, self._generation)
         environment = dict(os.environ)
-        root = _package_root()
+        paths = [_package_root()]
+        if os.path.realpath(self.python) != os.path.realpath(sys.executable):
+            # Another interpreter (--image-python) finds our dependencies where we do.
+            paths += [p for p in sys.path if p.endswith("site-packages")]
         existing = environment.get("PYTHONPATH")
-        environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
+        environment["PYTHONPATH"] = os.pathsep.join(paths + ([existing] if existing else []))
+        switch: dict = {}
+        if self.account is not None:
+            account = self.account
+            environment.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+            switch = {"uid": account.uid, "gid": account.gid, "path": "/"}
         environment["PYTHONUNBUFFERED"] = "1"
         environment["STUI_IMAGE_MAX_BINDING_BYTES"] = str(self.max_binding_bytes)
         self._image = image
@@ -323,6 +359,7 @@ class ImageSupervisor(service.Service):
                 [self.python, "-m", CHILD_MODULE],
                 env=environment,
                 childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+                **switch,
             )
         except OSError:
             self.log.failure("could not spawn the image with {python}", python=self.python)
@@ -333,16 +370,29 @@ class ImageSupervisor(service.Service):
             self._restart_call = self._reactor.callLater(delay, self._spawn, restarting)
             self._fail_ready_waiters("the live image could not start")
             return
-        self.log.info("image started, pid {pid}", pid=image.pid)
+        self.log.info(
+            "image started, pid {pid}{as_user}",
+            pid=image.pid,
+            as_user=f", as user {self.account.name}" if self.account else "",
+        )
         self._startup_watchdog = self._reactor.callLater(
             STARTUP_TIMEOUT, self._startup_too_slow, image
         )
         ping = image.amp.callRemote(commands.Ping)
-        ping.addCallbacks(self._image_ready, self._ping_failed, callbackArgs=(image, restarting), errbackArgs=(image,))
+        ping.addCallbacks(
+            self._image_ready,
+            self._ping_failed,
+            callbackArgs=(image, restarting),
+            errbackArgs=(image,),
+        )
 
     def _startup_too_slow(self, image: _ImageProcess) -> None:
         if not image.ready and not image.ended:
-            self.log.error("image pid {pid} did not answer within {seconds} s; killing it", pid=image.pid, seconds=STARTUP_TIMEOUT)
+            self.log.error(
+                "image pid {pid} did not answer within {seconds} s; killing it",
+                pid=image.pid,
+                seconds=STARTUP_TIMEOUT,
+            )
             image.signal("KILL")
 
     def _ping_failed(self, reason, image: _ImageProcess) -> None:
@@ -364,7 +414,9 @@ class ImageSupervisor(service.Service):
         if restarting:
             for observer in list(self._restart_observers):
                 outcome = defer.maybeDeferred(observer)
-                outcome.addErrback(lambda reason: self.log.failure("image restart observer failed", reason))
+                outcome.addErrback(
+                    lambda reason: self.log.failure("image restart observer failed", reason)
+                )
         waiters, self._ready_waiters = self._ready_waiters, []
         for waiter in waiters:
             waiter.callback(image)
@@ -379,12 +431,16 @@ class ImageSupervisor(service.Service):
         if self._stopping:
             self.log.info(
                 "image pid {pid} stopped (exit status {status}, signal {signal})",
-                pid=image.pid, status=exit_code, signal=exit_signal,
+                pid=image.pid,
+                status=exit_code,
+                signal=exit_signal,
             )
         else:
             self.log.error(
                 "image pid {pid} died (exit status {status}, signal {signal}); restarting",
-                pid=image.pid, status=exit_code, signal=exit_signal,
+                pid=image.pid,
+                status=exit_code,
+                signal=exit_signal,
             )
         for request in list(image.in_flight):
             request.fail(
@@ -435,37 +491,66 @@ class ImageSupervisor(service.Service):
     def _send(self, image: _ImageProcess, command, description: str, **arguments) -> _Request:
         request = _Request(image, description)
         if image.ended:
-            request.fail(StuiError("ImageRestarted", "the live image died before this request was sent"))
+            request.fail(
+                StuiError("ImageRestarted", "the live image died before this request was sent")
+            )
             return request
         image.in_flight.add(request)
         try:
             answer = image.amp.callRemote(command, **arguments)
         except Exception as exc:  # noqa: BLE001 - an unencodable argument fails only this request
             self.log.failure("could not send {what} to the image", what=description)
-            request.fail(StuiError("InternalError", f"could not send {description} to the image: {exc}"))
+            request.fail(
+                StuiError("InternalError", f"could not send {description} to the image: {exc}")
+            )
         else:
             answer.addBoth(request.answer)
         return request
 
-    async def _call(self, command, description: str, **arguments):
+    def _check_generation(self, image: _ImageProcess, expected: int | None) -> None:
+        if image is not self._image or image.ended:
+            raise StuiError(
+                "ImageRestarted",
+                "the live image restarted while this request waited; the session is intact, run it again",
+            )
+        if expected is not None and image.generation != expected:
+            raise StaleGeneration(
+                "ImageRestarted",
+                "the live image was replaced before this request was sent; the session is "
+                "rebuilt in the new image first, run it again",
+            )
+
+    async def _call(self, command, description: str, expected_generation=None, **arguments):
         image = await self._ready_image()
+        self._check_generation(image, expected_generation)
         response = await self._send(image, command, description, **arguments).result
         return _reply_value(response["reply"]) if "reply" in response else response
 
-    async def _session_task(self, lane_id: str, command, description: str, timeout, **arguments):
-        """One task on the session's worker, serialized per session and watched."""
+    async def _session_task(
+        self,
+        lane_id: str,
+        command,
+        description: str,
+        timeout,
+        expected_generation=None,
+        **arguments,
+    ):
+        """One task on the session's worker, serialized per session and watched.
+
+        With C{expected_generation}, the task runs only in that image: a
+        namespace built in one image is never used from another.
+        """
         image = await self._ready_image()
         lane = self._lanes.setdefault(lane_id, defer.DeferredLock())
         await lane.acquire()
         try:
-            if image is not self._image or image.ended:
-                raise StuiError(
-                    "ImageRestarted",
-                    "the live image restarted while this request waited; the session is intact, run it again",
-                )
+            self._check_generation(image, expected_generation)
             request = self._send(
-                image, command, description,
-                timeout=None if timeout is None else float(timeout), **arguments
+                image,
+                command,
+                description,
+                timeout=None if timeout is None else float(timeout),
+                **arguments,
             )
             self._running_tasks[lane_id] = request
             if timeout:
@@ -498,23 +583,46 @@ class ImageSupervisor(service.Service):
             return
         self.log.warn(
             "{what} did not stop within {grace} s (stuck outside Python); killing image pid {pid}",
-            what=request.description, grace=self.kill_grace, pid=request.image.pid,
+            what=request.description,
+            grace=self.kill_grace,
+            pid=request.image.pid,
         )
         request.forced_error = stuck_error
         request.image.signal("KILL")
 
     # -- the API --
 
-    def evaluate(self, session_id: str, code: str, mode: str = "execute", timeout: float | None = 30.0) -> defer.Deferred:
+    def evaluate(
+        self,
+        session_id: str,
+        code: str,
+        mode: str = "execute",
+        timeout: float | None = 30.0,
+        *,
+        generation: int | None = None,
+        cell_index: int | None = None,
+    ) -> defer.Deferred:
         """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
         if mode not in EVALUATION_MODES:
-            return defer.fail(StuiError(
-                "InvalidRequest", f"parameter 'mode' must be one of {', '.join(EVALUATION_MODES)}, not {mode!r}",
-                parameter="mode",
-            ))
+            return defer.fail(
+                StuiError(
+                    "InvalidRequest",
+                    f"parameter 'mode' must be one of {', '.join(EVALUATION_MODES)}, not {mode!r}",
+                    parameter="mode",
+                )
+            )
         return defer.ensureDeferred(
-            self._session_task(session_id, commands.Evaluate, f"evaluation in session {session_id}",
-                               timeout, session_id=session_id, code=code, mode=mode)
+            self._session_task(
+                session_id,
+                commands.Evaluate,
+                f"evaluation in session {session_id}",
+                timeout,
+                expected_generation=generation,
+                session_id=session_id,
+                code=code,
+                mode=mode,
+                cell_index=cell_index,
+            )
         )
 
     def interrupt(self, session_id: str) -> defer.Deferred:
@@ -523,59 +631,149 @@ class ImageSupervisor(service.Service):
         if request is None or request.settled:
             return defer.succeed(False)
         sent = request.image.amp.callRemote(commands.Interrupt, session_id=session_id)
-        sent.addErrback(lambda reason: None if reason.check(error.ConnectionDone, error.ConnectionLost)
-                        else self.log.failure("interrupt failed", reason))
+        sent.addErrback(
+            lambda reason: (
+                None
+                if reason.check(error.ConnectionDone, error.ConnectionLost)
+                else self.log.failure("interrupt failed", reason)
+            )
+        )
         if request.forced_error is None:
             self._reactor.callLater(
                 self.kill_grace,
                 self._kill_stuck,
                 request,
-                StuiError("Interrupted", "the evaluation was interrupted; it was stuck, so the image was restarted"),
+                StuiError(
+                    "Interrupted",
+                    "the evaluation was interrupted; it was stuck, so the image was restarted",
+                ),
             )
         return defer.succeed(True)
 
-    def materialize(self, session_id: str, bindings: dict, registry: dict, next_object_id: int,
-                    timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+    def materialize(
+        self,
+        session_id: str,
+        bindings: dict,
+        registry: dict,
+        next_object_id: int,
+        timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+        *,
+        generation: int | None = None,
+    ) -> defer.Deferred:
         """(Re)build the session's namespace; fires with ``{restored, unrestorable, registry_live}``."""
         return defer.ensureDeferred(
-            self._session_task(session_id, commands.Materialize, f"materialize of session {session_id}",
-                               timeout, session_id=session_id, bindings=bindings or {},
-                               registry=registry or {}, next_object_id=int(next_object_id))
+            self._session_task(
+                session_id,
+                commands.Materialize,
+                f"materialize of session {session_id}",
+                timeout,
+                expected_generation=generation,
+                session_id=session_id,
+                bindings=bindings or {},
+                registry=registry or {},
+                next_object_id=int(next_object_id),
+            )
         )
 
-    def materialize_shared(self, bindings: dict) -> defer.Deferred:
+    def materialize_shared(
+        self, bindings: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
         """(Re)build the image-wide ``shared`` object; same result shape as materialize."""
-        return defer.ensureDeferred(self._call(commands.MaterializeShared, "materialize of shared", bindings=bindings or {}))
+        return defer.ensureDeferred(
+            self._call(
+                commands.MaterializeShared,
+                "materialize of shared",
+                expected_generation=generation,
+                bindings=bindings or {},
+            )
+        )
 
-    def inspect(self, session_id: str, object_id: str | None = None, expression: str | None = None,
-                limit: int = 100, timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT) -> defer.Deferred:
+    def inspect(
+        self,
+        session_id: str,
+        object_id: str | None = None,
+        expression: str | None = None,
+        limit: int = 100,
+        timeout: float | None = SESSION_TASK_DEFAULT_TIMEOUT,
+        *,
+        generation: int | None = None,
+    ) -> defer.Deferred:
         """Describe a registry object or an expression's value."""
         if object_id is None and expression is None:
-            return defer.fail(StuiError("InvalidRequest", "parameter 'object_id' or 'expression' is required",
-                                        parameter="object_id"))
+            return defer.fail(
+                StuiError(
+                    "InvalidRequest",
+                    "parameter 'object_id' or 'expression' is required",
+                    parameter="object_id",
+                )
+            )
         if expression is not None:
             return defer.ensureDeferred(
-                self._session_task(session_id, commands.Inspect, f"inspection in session {session_id}",
-                                   timeout, session_id=session_id, expression=expression, limit=int(limit))
+                self._session_task(
+                    session_id,
+                    commands.Inspect,
+                    f"inspection in session {session_id}",
+                    timeout,
+                    expected_generation=generation,
+                    session_id=session_id,
+                    expression=expression,
+                    limit=int(limit),
+                )
             )
         return defer.ensureDeferred(
-            self._call(commands.Inspect, "inspection", session_id=session_id, object_id=object_id, limit=int(limit))
+            self._call(
+                commands.Inspect,
+                "inspection",
+                expected_generation=generation,
+                session_id=session_id,
+                object_id=object_id,
+                limit=int(limit),
+            )
         )
 
-    def complete(self, session_id: str, code: str, cursor_pos: int | None = None) -> defer.Deferred:
+    def complete(
+        self,
+        session_id: str,
+        code: str,
+        cursor_pos: int | None = None,
+        *,
+        generation: int | None = None,
+    ) -> defer.Deferred:
         """Completion ``{matches, cursor_start, cursor_end}`` at ``cursor_pos`` (default: end)."""
         position = len(code) if cursor_pos is None else int(cursor_pos)
         return defer.ensureDeferred(
-            self._call(commands.Complete, "completion", session_id=session_id, code=code, cursor_pos=position)
+            self._call(
+                commands.Complete,
+                "completion",
+                expected_generation=generation,
+                session_id=session_id,
+                code=code,
+                cursor_pos=position,
+            )
         )
 
-    def snapshot(self, session_id: str) -> defer.Deferred:
+    def snapshot(self, session_id: str, *, generation: int | None = None) -> defer.Deferred:
         """Every binding of the session re-serialized: ``{bindings, variables}``."""
-        return defer.ensureDeferred(self._call(commands.Snapshot, "snapshot", session_id=session_id))
+        return defer.ensureDeferred(
+            self._call(
+                commands.Snapshot,
+                "snapshot",
+                expected_generation=generation,
+                session_id=session_id,
+            )
+        )
 
-    def clear(self, session_id: str, parts) -> defer.Deferred:
+    def clear(self, session_id: str, parts, *, generation: int | None = None) -> defer.Deferred:
         """Forget ``variables`` and/or ``registry``; fires with ``{cleared}``."""
-        return defer.ensureDeferred(self._call(commands.Clear, "clear", session_id=session_id, parts=list(parts)))
+        return defer.ensureDeferred(
+            self._call(
+                commands.Clear,
+                "clear",
+                expected_generation=generation,
+                session_id=session_id,
+                parts=list(parts),
+            )
+        )
 
     def drop_session(self, session_id: str) -> defer.Deferred:
         """Forget everything about the session; fires with ``{dropped}``."""

@@ -46,6 +46,14 @@ from stui_twisted.image.interruption import (
 MiB = 1024 * 1024
 DEFAULT_MAX_BINDING_BYTES = 8 * MiB
 MAX_OUTPUT_CHARS = 1 * MiB
+#: ``result`` and ``display`` text of one evaluation (the server's MAX_RESULT_TEXT).
+MAX_RESULT_CHARS = 1 * MiB
+#: An exception's own message (``details.message``).
+MAX_MESSAGE_CHARS = 64 * 1024
+#: The error sentence (``"ValueError: ..."``) and each traceback line.
+MAX_ERROR_LINE_CHARS = 4096
+#: Traceback frames kept: this many from each end of a longer traceback.
+TRACEBACK_FRAMES_KEPT = 50
 SUMMARY_REPR_CHARS = 200
 INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
@@ -56,6 +64,7 @@ CELL_SOURCES_KEPT = 500
 REGISTRY_LIMIT = 1000
 _cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
+_NOTHING = object()
 
 
 # -- output capture -------------------------------------------------------------------------
@@ -165,63 +174,192 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def clip_text(text: str, limit: int, prefix: str = "") -> str:
+    """C{prefix + text} cut to at most C{limit} characters, a note of what was cut included.
+
+    The note has the server's form (C{"... [N more characters]"}) and fits
+    within C{limit}, so the server's own clipping to the same limit leaves the
+    text alone.  Only the kept part of a long C{text} is copied.
+    """
+    if len(prefix) + len(text) <= limit:
+        return prefix + text
+    keep = max(limit - len(prefix) - 48, 0)
+    return prefix + text[:keep] + f"... [{len(text) - keep} more characters]"
+
+
+_SEQUENCES = (str, bytes, bytearray)
+
+
+def _repr_head(value: Any, limit: int) -> str | None:
+    """For a str/bytes/bytearray longer than C{limit}: the repr of its first
+    C{limit} items, which is where the full repr starts (bar the choice of
+    quote), without building the full one (a 400 MB bytearray's repr is 1.6 GB).
+    None for anything else."""
+    if type(value) in _SEQUENCES and len(value) > limit:
+        return repr(value[:limit])
+    return None
+
+
 def safe_repr(value: Any, limit: int | None = SUMMARY_REPR_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters; never raises for a broken ``__repr__``."""
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a user __repr__ may raise anything
-        text = f"<{type_name(value)} object; repr() failed: {type(exc).__name__}: {exc}>"
+    text = None if limit is None else _repr_head(value, limit)
+    if text is None:
+        try:
+            text = repr(value)
+        except Exception as exc:  # noqa: BLE001 - a user __repr__ may raise anything
+            text = f"<{type_name(value)} object; repr() failed: {type(exc).__name__}: {exc}>"
     if limit is not None and len(text) > limit:
         text = text[:limit] + "..."
     return text
 
 
-def _is_exact_json(value: Any) -> bool:
-    kind = type(value)
-    if value is None or kind is bool or kind is int or kind is str:
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if kind is list:
-        return all(_is_exact_json(item) for item in value)
-    if kind is dict:
-        return all(type(key) is str and _is_exact_json(item) for key, item in value.items())
-    return False
+def result_text(value: Any, limit: int = MAX_RESULT_CHARS) -> str:
+    """The C{result} of an evaluation: C{repr(value)} clipped to C{limit} with a note."""
+    head = _repr_head(value, limit)
+    if head is None:
+        return clip_text(safe_repr(value, None), limit)
+    unit = "characters" if isinstance(value, str) else "bytes"
+    keep = max(limit - 64, 0)
+    return head[:keep] + f"... [{len(value)} {unit} in all]"
+
+
+def display_text(value: Any, limit: int = MAX_RESULT_CHARS) -> str:
+    """The C{display} of an evaluation: C{str(value)} clipped to C{limit} with a note."""
+    if type(value) is str:
+        return clip_text(value, limit)
+    if type(value) in _SEQUENCES:
+        return result_text(value, limit)  # str() of bytes is their repr
+    try:
+        text = str(value)
+    except Exception as exc:  # noqa: BLE001 - a user __str__ may raise anything
+        text = f"<{type_name(value)} object; str() failed: {type(exc).__name__}: {exc}>"
+    return clip_text(text, limit)
+
+
+_JSON_PLAIN = frozenset({type(None), bool, int})
+_JSON_NUMBERS = frozenset({bool, int, float})
+
+
+def _json_shape(value: Any, max_bytes: int) -> bool | None:
+    """Whether C{value} is exact JSON (a tree of dicts with str keys, lists,
+    str, int, finite float, bool, None), walked without recursion.
+
+    None when its JSON text would surely be over C{max_bytes} (a lower bound
+    of the size is added up on the way) or a container occurs twice (shared or
+    cyclic: JSON would copy it, pickle keeps it one object); then it is not
+    stored as JSON.  Members that are all numbers (or all str) are checked at
+    C speed, without a step of the walk each.
+    """
+    size = 0
+    seen: set[int] = set()
+    stack = [value]
+    pop, push_all = stack.pop, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            size += len(item) + 2
+        elif kind is int or kind is bool or item is None:
+            size += 1
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+            size += 1
+        elif kind is list or kind is dict:
+            before = len(seen)
+            seen.add(id(item))
+            if len(seen) == before:
+                return None
+            size += len(item) + 1
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        return False
+                    size += len(key) + 3
+                members = item.values()
+            else:
+                members = item
+            if len(item) < 32:
+                push_all(members)
+                continue
+            kinds = set(map(type, members))
+            if kinds <= _JSON_PLAIN:
+                size += len(item)
+            elif kinds <= _JSON_NUMBERS:
+                if not all(map(math.isfinite, members)):
+                    return False
+                size += len(item)
+            elif kinds == {str}:
+                size += sum(map(len, members)) + 2 * len(item)
+            else:
+                push_all(members)
+        else:
+            return False
+        if size > max_bytes:
+            return None
+    return True
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """Why a value could not be stored (kept in the session: clipped)."""
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a user __str__ may raise anything
+        message = "<str() of the exception failed>"
+    return clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{type(exc).__name__}: ")
+
+
+class BindingTooLarge(Exception):
+    """The stored form of a binding would exceed max_binding_bytes."""
+
+
+def _too_large_reason(max_bytes: int) -> str:
+    return f"{TOO_LARGE}: its stored form would exceed {max_bytes} bytes (the binding limit, max_session_bytes)"
+
+
+def _surely_larger(value: Any, limit: int) -> bool:
+    """A cheap look at a buffer's or string's length, before anything is encoded."""
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value) > limit
+    if isinstance(value, memoryview):
+        return value.nbytes > limit
+    return False
 
 
 def serialize_binding(
     value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES, workspace: SessionWorkspace | None = None
 ) -> dict:
-    """The stored form of one binding (see protocol: json, pickle, module, unrestorable)."""
+    """The stored form of one binding (see protocol: json, pickle, module, unrestorable).
+
+    Nothing is built in full when it would be over C{max_bytes}: the summary
+    repr is clipped as it is made, JSON is tried only when a walk of the value
+    stays under the limit, and the pickle is written into a buffer that gives
+    up at the limit.
+    """
     kind = type_name(value)
     summary = safe_repr(value)
     if isinstance(value, types.ModuleType):
         return {"encoding": "module", "module": value.__name__, "type": "module", "repr": summary}
-    try:
-        exact = _is_exact_json(value)
-    except RecursionError:
-        exact = False
-    if exact:
+    if _json_shape(value, max_bytes):
         try:
             text = json.dumps(value, ensure_ascii=False)
             round_trips = json.loads(text) == value
         except (ValueError, RecursionError):
             round_trips = False
         if round_trips:
-            if len(text.encode("utf-8")) > max_bytes:
-                return _unrestorable(kind, summary, TOO_LARGE)
+            if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+                return _unrestorable(kind, summary, _too_large_reason(max_bytes))
             return {"encoding": "json", "value": value, "type": kind, "repr": summary}
+    pickle_limit = max_bytes * 3 // 4  # base64 makes 4 characters of 3 bytes
+    if _surely_larger(value, pickle_limit):
+        return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     try:
-        data = _pickle_dumps(value, workspace)
+        data = _pickle_dumps(value, workspace, pickle_limit)
         pickle.loads(data)
+    except BindingTooLarge:
+        return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
         return _unrestorable(kind, summary, _reason(exc))
-    if len(data) * 4 // 3 > max_bytes:
-        return _unrestorable(kind, summary, TOO_LARGE)
     encoded = base64.b64encode(data).decode("ascii")
     return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
 
@@ -254,11 +392,36 @@ class WorkspacePickler(pickle.Pickler):
         return NotImplemented
 
 
-def _pickle_dumps(value: Any, workspace: SessionWorkspace | None) -> bytes:
+class _LimitedBuffer:
+    """A write-only file that raises L{BindingTooLarge} past C{limit} bytes.
+
+    The pickler streams its output here frame by frame (and a large buffer
+    in one write, without copying it first), so a value too large to store
+    costs at most C{limit} bytes of memory to find out.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._size = 0
+        self._buffer = io.BytesIO()
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._size += size
+        if self._size > self._limit:
+            raise BindingTooLarge
+        return self._buffer.write(data)
+
+    def getvalue(self) -> bytes:
+        return self._buffer.getvalue()
+
+
+def _pickle_dumps(value: Any, workspace: SessionWorkspace | None, limit: int) -> bytes:
+    buffer = _LimitedBuffer(limit)
     if workspace is None:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    buffer = io.BytesIO()
-    WorkspacePickler(buffer, workspace).dump(value)
+        pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    else:
+        WorkspacePickler(buffer, workspace).dump(value)
     return buffer.getvalue()
 
 
@@ -286,20 +449,33 @@ def deserialize_binding(stored: dict) -> Any:
 RESTORE_ORDER = {"module": 0, "json": 0, "source": 1, "pickle": 2}
 
 
-def _top_level_definitions(tree: ast.Module, code: str) -> list[tuple[str, str]]:
-    """(name, source) of each top-level C{def}/C{class} of a cell, decorators included."""
+def _top_level_definitions(tree: ast.Module, code: str) -> list[tuple[str, str, int]]:
+    """(name, source, first line) of each top-level C{def}/C{class} of a cell, decorators included."""
     lines = code.splitlines()
     found = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            found.append((node.name, "\n".join(lines[first - 1 : node.end_lineno]) + "\n"))
+            found.append((node.name, "\n".join(lines[first - 1 : node.end_lineno]) + "\n", first))
     return found
 
 
-def _run_definition(name: str, source: str, namespace: dict) -> Any:
-    """Run a stored C{def}/C{class} statement in C{namespace}; the object it binds."""
-    exec(compile(source, f"<restored {name}>", "exec"), namespace)  # noqa: S102 - the user's own code
+def _definition_place(stored: dict) -> tuple[int, int] | None:
+    """(cell, line) where a stored definition was written, when it says so."""
+    cell, line = stored.get("cell"), stored.get("line")
+    if type(cell) is int and type(line) is int and cell >= 1 and 1 <= line <= 1_000_000:
+        return cell, line
+    return None
+
+
+def _run_definition(name: str, source: str, namespace: dict, filename: str | None = None) -> Any:
+    """Run a stored C{def}/C{class} statement in C{namespace}; the object it binds.
+
+    C{source} may be preceded by blank lines, so that line numbers are the
+    ones of the cell it was written in (C{filename}).
+    """
+    filename = filename or f"<restored {name}>"
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - the user's own code
     if name not in namespace:
         raise ValueError(f"restoring the definition did not bind {name!r}")
     return namespace[name]
@@ -420,14 +596,20 @@ class SessionWorkspace:
         self.namespace: dict[str, Any] = self._fresh_namespace()
         self.next_object_id = 1
         self._stored: dict[str, dict] = {}
+        # name -> the object its _stored form was made from (see _delta)
+        self._stored_values: dict[str, Any] = {}
         self._unrestored: dict[str, dict] = {}
         self._registry: dict[str, Any] = {}
         self._registry_meta: dict[str, dict] = {}
         self._id_by_identity: dict[int, str] = {}
         self._registry_lock = threading.RLock()
         self._cell_sources: collections.deque[str] = collections.deque()
-        # name -> (source of the top-level def/class statement, the object it made)
-        self._definitions: dict[str, tuple[str, Any]] = {}
+        # the history index of the last evaluation (None after a materialize:
+        # load_context may take the history back)
+        self._last_cell: int | None = None
+        # name -> (source of the top-level def/class statement, the object it made,
+        # (cell, first line) it was written at or None)
+        self._definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
 
     @property
     def module_name(self) -> str:
@@ -537,10 +719,15 @@ class SessionWorkspace:
             names |= _code_names(expression)
         return body, expression, names, definitions
 
-    def evaluate(self, code: str, mode: str = "execute", guard=None) -> dict:
-        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta."""
+    def evaluate(self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None) -> dict:
+        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta.
+
+        ``cell_index`` is the history index the server will give this
+        evaluation; tracebacks call the cell ``<cell N>`` by it.
+        """
         guard = guard or NoGuard()
-        filename = f"<cell {next(_cell_numbers)}>"  # image-wide: linecache is global
+        cell = self._cell_number(cell_index)
+        filename = _cell_filename(cell)
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
@@ -554,7 +741,7 @@ class SessionWorkspace:
                     guard.arm()
                     body, expression, referenced, definitions = self._compile_cell(code, filename)
                     exec(body, self.namespace)  # noqa: S102 - running user code is the job
-                    self._remember_definitions(definitions)
+                    self._remember_definitions(definitions, cell)
                     if expression is not None:
                         value = eval(expression, self.namespace)  # noqa: S307
                 finally:
@@ -572,18 +759,32 @@ class SessionWorkspace:
             object_id = self.register(value, registry_added)
         delta = self._delta(before, shared_before, referenced, registry_added)
         output = buffer.getvalue()
+        self._last_cell = cell  # the server makes a history entry of this outcome
         if failure is not None:
             raise self._failure_error(failure, guard, filename, output, delta)
         return {
-            "result": None if value is None else safe_repr(value, self.image.max_binding_bytes),
+            "result": None if value is None else result_text(value),
             "result_type": type_name(value),
             "object_id": object_id,
-            "display": str(value) if mode == "display" and value is not None else None,
+            "display": display_text(value) if mode == "display" and value is not None else None,
             "output": output,
             "execution_time": round(elapsed_ms, 3),
             "has_error": False,
             **delta,
         }
+
+    def _cell_number(self, cell_index: int | None) -> int | None:
+        """The history index this evaluation gets: C{cell_index}, the server's
+        C{history_counter + 1} when it sent the request, or one past the
+        previous evaluation when that one was still running then (pipelined
+        requests of one session run one after the other and each makes a
+        history entry)."""
+        if cell_index is None:
+            return None
+        cell = int(cell_index)
+        if self._last_cell is not None and cell <= self._last_cell:
+            cell = self._last_cell + 1
+        return cell
 
     def _failure_error(self, failure, guard, filename, output, delta) -> StuiError:
         stopped = failure if isinstance(failure, EvaluationStopped) else failure.__context__
@@ -598,14 +799,14 @@ class SessionWorkspace:
             )
         if isinstance(stopped, EvaluationStopped):
             return StuiError("Interrupted", "the evaluation was interrupted", output=output, **delta)
-        message = failure.msg if isinstance(failure, SyntaxError) else str(failure)
+        message = _exception_message(failure)
         exception_type = type(failure).__name__
-        lines, line = _user_traceback(failure, filename)
+        lines, line = _user_traceback(failure, filename, message)
         return stui_error(
             "EvaluationError",
-            f"{exception_type}: {message}",
+            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: "),
             exception_type=exception_type,
-            message=message,
+            message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
             line=line,
             output=output,
@@ -622,7 +823,15 @@ class SessionWorkspace:
         bindings_changed = {}
         for name in changed_names:
             self._unrestored.pop(name, None)
-            stored = self._serialize(name, self.namespace[name])
+            value = self.namespace[name]
+            if (
+                type(value) in _TRIVIAL_TYPES
+                and name in self._stored
+                and self._stored_values.get(name, _NOTHING) is value
+            ):
+                continue  # the very object stored last time, and it cannot change
+            stored = self._serialize(name, value)
+            self._stored_values[name] = value
             if self._stored.get(name) != stored:
                 self._stored[name] = stored
                 bindings_changed[name] = stored
@@ -631,6 +840,7 @@ class SessionWorkspace:
         )
         for name in bindings_removed:
             del self._stored[name]
+            self._stored_values.pop(name, None)
         self._refresh_registry_bindings(set(changed_names) | set(bindings_removed), registry_added)
         shared_changed, shared_removed = self.image.shared_delta(shared_before, referenced)
         return {
@@ -643,11 +853,13 @@ class SessionWorkspace:
             "next_object_id": self.next_object_id,
         }
 
-    def _remember_definitions(self, definitions: list[tuple[str, str]]) -> None:
-        """Keep the source of functions/classes this cell defined at top level."""
-        for name, source in definitions:
+    def _remember_definitions(self, definitions: list[tuple[str, str, int]], cell_index: int | None) -> None:
+        """Keep the source of functions/classes this cell defined at top level
+        (and where: tracebacks of a restored one then name the same cell)."""
+        for name, source, first in definitions:
             if name in self.namespace:
-                self._definitions[name] = (source, self.namespace[name])
+                place = (cell_index, first) if cell_index is not None else None
+                self._definitions[name] = (source, self.namespace[name], place)
 
     def _serialize(self, name: str, value: Any) -> dict:
         """Like L{serialize_binding}, but a function or class that is still the
@@ -655,14 +867,17 @@ class SessionWorkspace:
         statement's source, run again in the namespace on restore (before any
         pickle, so instances of the class unpickle against it)."""
         if name in self._definitions:
-            source, made = self._definitions[name]
-            if made is value and len(source.encode("utf-8")) <= self.image.max_binding_bytes:
-                return {
+            source, made, place = self._definitions[name]
+            if made is value and len(source.encode("utf-8", "surrogatepass")) <= self.image.max_binding_bytes:
+                stored = {
                     "encoding": "source",
                     "source": source,
                     "type": type_name(value),
                     "repr": safe_repr(value),
                 }
+                if place is not None:
+                    stored["cell"], stored["line"] = place
+                return stored
         return serialize_binding(value, self.image.max_binding_bytes, workspace=self)
 
     def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
@@ -694,11 +909,13 @@ class SessionWorkspace:
 
     def snapshot(self) -> dict:
         """Every binding re-serialized (plus the ones that could not be restored)."""
-        fresh = {}
+        fresh, values = {}, {}
         for name, value in list(self.namespace.items()):
             if not is_hidden_name(name):
                 fresh[name] = self._serialize(name, value)
+                values[name] = value
         self._stored = dict(fresh)
+        self._stored_values = values
         bindings = dict(self._unrestored)
         bindings.update(fresh)
         return {"bindings": bindings, "variables": self.variables()}
@@ -713,7 +930,7 @@ class SessionWorkspace:
         with captured_output(buffer):
             try:
                 guard.arm()
-                definitions: dict[str, tuple[str, Any]] = {}
+                definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
                 failures: dict[str, BaseException] = {}
                 pending = sorted(
                     (
@@ -731,8 +948,8 @@ class SessionWorkspace:
                         stored = bindings[name]
                         try:
                             if stored.get("encoding") == "source":
-                                namespace[name] = _run_definition(name, stored["source"], namespace)
-                                definitions[name] = (stored["source"], namespace[name])
+                                namespace[name] = self._restore_definition(name, stored, namespace)
+                                definitions[name] = (stored["source"], namespace[name], _definition_place(stored))
                             else:
                                 namespace[name] = deserialize_binding(stored)
                         except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
@@ -753,7 +970,9 @@ class SessionWorkspace:
         with self._registry_lock:
             self.namespace = namespace
             self._definitions = definitions
+            self._last_cell = None
             self._stored = stored_ok
+            self._stored_values = {name: namespace[name] for name in stored_ok}
             self._unrestored = stored_failed
             self._registry = {}
             self._registry_meta = {}
@@ -775,12 +994,24 @@ class SessionWorkspace:
             self.next_object_id = max([int(next_object_id), 1] + [number + 1 for number in known_numbers])
         return {"restored": restored, "unrestorable": unrestorable, "registry_live": sorted(registry_live)}
 
+    def _restore_definition(self, name: str, stored: dict, namespace: dict) -> Any:
+        """Run a stored definition again, under its cell's name and line numbers when known."""
+        place = _definition_place(stored)
+        if place is None:
+            return _run_definition(name, stored["source"], namespace)
+        cell, line = place
+        filename = _cell_filename(cell)
+        text = "\n" * (line - 1) + stored["source"]
+        self._remember_source(text, filename)
+        return _run_definition(name, text, namespace, filename)
+
     def clear(self, parts: list[str]) -> dict:
         """Forget the namespace bindings ("variables") and/or registry objects ("registry")."""
         with self._registry_lock:
             if "variables" in parts:
                 self.namespace = self._fresh_namespace()
                 self._stored = {}
+                self._stored_values = {}
                 self._unrestored = {}
             if "registry" in parts:
                 self._registry = {}
@@ -919,8 +1150,51 @@ class SessionWorkspace:
             return set()
 
 
-def _user_traceback(failure: BaseException, filename: str) -> tuple[list[str], int | None]:
-    """Traceback lines without the workspace's own frames, and the cell's failing line."""
+#: An evaluation's internal cell filename (unique in the image, since linecache
+#: is image-wide) and the name users see, the session's history index.
+_CELL_FILENAME = re.compile(r"<cell (\d+)\|\d+>")
+
+
+def _cell_filename(cell_index: int | None) -> str:
+    """``<cell N|U>``: N the session's history index, U unique in this image."""
+    unique = next(_cell_numbers)
+    if cell_index is None:
+        return f"<cell {unique}>"
+    return f"<cell {int(cell_index)}|{unique}>"
+
+
+def _exception_message(failure: BaseException) -> str:
+    if isinstance(failure, SyntaxError):
+        return str(failure.msg)
+    try:
+        return str(failure)
+    except Exception as exc:  # noqa: BLE001 - a user __str__ may raise anything
+        return f"<str() of the exception failed: {type(exc).__name__}>"
+
+
+def _exception_lines(failure: BaseException, message: str) -> list[str]:
+    """What ``traceback.format_exception_only`` gives, without building a line
+    around a message too long to be shown whole."""
+    if isinstance(failure, SyntaxError) or len(message) <= MAX_ERROR_LINE_CHARS:
+        return traceback.format_exception_only(type(failure), failure)
+    kind = type(failure)
+    name = kind.__qualname__
+    if kind.__module__ not in ("__main__", "builtins"):
+        name = f"{kind.__module__}.{name}"
+    lines = [clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{name}: ")]
+    notes = getattr(failure, "__notes__", None)
+    if isinstance(notes, list | tuple):
+        lines.extend(safe_repr(note, MAX_ERROR_LINE_CHARS) if not isinstance(note, str) else note for note in notes)
+    return lines
+
+
+def _user_traceback(failure: BaseException, filename: str, message: str) -> tuple[list[str], int | None]:
+    """Traceback lines without the workspace's own frames, and the cell's failing line.
+
+    Bounded: the first and last L{TRACEBACK_FRAMES_KEPT} frames, each line
+    (the exception's included) clipped to L{MAX_ERROR_LINE_CHARS}; cells are
+    named by their history index.
+    """
     frames = [
         frame
         for frame in traceback.extract_tb(failure.__traceback__)
@@ -932,13 +1206,22 @@ def _user_traceback(failure: BaseException, filename: str) -> tuple[list[str], i
             line = frame.lineno
     if isinstance(failure, SyntaxError) and failure.filename == filename:
         line = failure.lineno
-    lines = []
+    entries = []
     if frames:
-        lines.append("Traceback (most recent call last):")
-        for entry in traceback.format_list(frames):
-            lines.extend(entry.rstrip("\n").split("\n"))
-    for entry in traceback.format_exception_only(type(failure), failure):
-        lines.extend(entry.rstrip("\n").split("\n"))
+        entries.append("Traceback (most recent call last):")
+        parts = [frames]
+        omitted = len(frames) - 2 * TRACEBACK_FRAMES_KEPT
+        if omitted > 0:
+            parts = [frames[:TRACEBACK_FRAMES_KEPT], frames[-TRACEBACK_FRAMES_KEPT:]]
+        for number, part in enumerate(parts):
+            if number:
+                entries.append(f"  [... {omitted} frames omitted ...]")
+            entries.extend(traceback.format_list(part))
+    entries.extend(_exception_lines(failure, message))
+    lines = []
+    for entry in entries:
+        for text in entry.rstrip("\n").split("\n"):
+            lines.append(_CELL_FILENAME.sub(r"<cell \1>", clip_text(text, MAX_ERROR_LINE_CHARS)))
     return lines, line
 
 
