@@ -136,7 +136,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "auth-file": ("auth_file", _optional_path, "password file (see stui-passwd); turns auth on"),
     "idle-timeout": ("unauthenticated_idle_timeout", _positive_float, "close unauthenticated idle connections after (s)"),
     "token-ttl": ("token_ttl", _positive_float, "lifetime of an authenticate token (s)"),
-    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "failed logins per peer address per window"),
+    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "distinct usernames failing from one peer address per window"),
     "auth-failures-per-user": ("auth_failures_per_user", _positive_int, "failed logins per username per window"),
     "auth-failure-window": ("auth_failure_window", _positive_float, "sliding window of the failed-login limits (s)"),
     "allow-clients": ("allow_clients", _globs, "client-id globs allowed (comma separated)"),

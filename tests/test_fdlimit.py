@@ -140,3 +140,27 @@ def test_raise_nofile_limit_reaches_the_hard_limit():
             assert after == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_slow_count_is_made_less_often():
+    """Counting costs ~1 µs per descriptor: the gaps stretch to 100x its duration."""
+    clock, registry, counts = Clock(), _Registry(), []
+
+    def slow_count() -> int:
+        counts.append(clock.seconds())
+        time.sleep(0.02)  # as slow as ~20,000 open descriptors
+        return 200
+
+    reserve = FdReserve(clock, registry, reserve=10, count=slow_count, limit=100)
+    reserve.startService()
+    try:
+        assert len(counts) == 1
+        assert reserve._count_seconds >= 0.02
+        clock.advance(reserve.interval)  # 1 s < 100 x 20 ms: not yet
+        assert not reserve.admit()  # full, but not counted again either
+        assert len(counts) == 1
+        clock.advance(100 * reserve._count_seconds)
+        assert not reserve.admit()
+        assert len(counts) == 2
+    finally:
+        reserve.stopService()
