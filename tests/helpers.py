@@ -6,9 +6,9 @@ import json
 
 from twisted.internet import task
 
-from stui_twisted.commands import build_commands
-from stui_twisted.dispatcher import Dispatcher
-from stui_twisted.interfaces import ConnectionContext
+from stui_twisted.dispatch.commands import build_commands
+from stui_twisted.dispatch.dispatcher import Dispatcher
+from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.settings import Settings
 
 

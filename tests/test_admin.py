@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from stui_twisted.admin import (
+from stui_twisted.ops.admin import (
     _server_data_dir,
     effective_state,
     parse_quarantine_name,
     running_servers,
 )
-from stui_twisted.envelope import iso_timestamp
-from stui_twisted.pathcodec import encode_client_dir
+from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.storage.pathcodec import encode_client_dir
 from tests.serverproc import REPO_ROOT, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,7 +51,7 @@ DOCUMENTS = (ACTIVE, IDLE, CLOSED, EXPIRED)
 STORE_SCRIPT = """
 import json, sys
 from twisted.internet import task
-from stui_twisted.store import SessionStore
+from stui_twisted.storage.store import SessionStore
 
 async def main(reactor, data_dir, operation, payload):
     store = SessionStore(data_dir, reactor=reactor)
@@ -98,7 +98,7 @@ def data_dir(tmp_path):
 def admin(data_dir: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "stui_twisted.admin", "--data-dir", str(data_dir), *args],
+        [sys.executable, "-m", "stui_twisted.ops.admin", "--data-dir", str(data_dir), *args],
         capture_output=True, text=True, timeout=60, env=env, cwd=cwd or data_dir.parent,
     )
 

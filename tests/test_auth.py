@@ -19,8 +19,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stui_twisted import auth, passwd
-from stui_twisted.auth import (
+from stui_twisted.access import auth, passwd
+from stui_twisted.access.auth import (
     Authenticator,
     ClientIdRealm,
     IClientId,
@@ -28,8 +28,8 @@ from stui_twisted.auth import (
     Principal,
     iso_utc,
 )
-from stui_twisted.errors import StuiError
-from stui_twisted.passwd import PasswordFileError, hash_password, write_atomically
+from stui_twisted.access.passwd import PasswordFileError, hash_password, write_atomically
+from stui_twisted.protocol.errors import StuiError
 from stui_twisted.settings import Settings
 
 FAST = {"n": 2**10, "r": 8, "p": 1}

@@ -11,12 +11,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.interfaces import ConnectionContext
-from stui_twisted.linejson import LineJSONFactory
-from stui_twisted.passwd import hash_password, write_atomically
+from stui_twisted.access.passwd import hash_password, write_atomically
+from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.settings import Settings
-from stui_twisted.tls import TLSConfigError, server_endpoint
+from stui_twisted.transports.connections import ConnectionRegistry
+from stui_twisted.transports.linejson import LineJSONFactory
+from stui_twisted.transports.tls import TLSConfigError, server_endpoint
 from tests.helpers import NullImageService, dispatch, make_dispatcher
 
 

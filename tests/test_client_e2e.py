@@ -17,7 +17,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from stui_twisted.passwd import hash_password, write_atomically
+from stui_twisted.access.passwd import hash_password, write_atomically
 from tests.helpers import wait_for_signal_keys
 from tests.serverproc import REPO_ROOT, ServerProcess
 

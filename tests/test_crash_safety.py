@@ -37,7 +37,7 @@ from benchmarks.killloop import (
     kill_cycle,
     stored_counter,
 )
-from stui_twisted.pathcodec import encode_client_dir
+from stui_twisted.storage.pathcodec import encode_client_dir
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.e2e

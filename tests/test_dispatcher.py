@@ -8,7 +8,7 @@ import re
 import pytest
 from twisted.internet import defer
 
-from stui_twisted.errors import StuiError
+from stui_twisted.protocol.errors import StuiError
 from tests.helpers import NullImageService, context, dispatch, make_dispatcher
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -135,7 +135,7 @@ def test_numbers_that_overflow_to_infinity_are_invalid_json(dispatcher, number):
 def test_timestamps_match_datetime_formatting_across_seconds():
     from datetime import UTC, datetime
 
-    from stui_twisted.envelope import iso_timestamp
+    from stui_twisted.protocol.envelope import iso_timestamp
 
     for seconds in (0.0, 1790000000.123, 1790000000.5, 1790000001.001, 1790000001.999, 2e9 + 0.25):
         moment = datetime.fromtimestamp(seconds, UTC)
@@ -257,7 +257,7 @@ def test_a_result_that_cannot_be_encoded_is_an_internal_error():
 
 
 def test_replies_encode_like_json_dumps_and_survive_values_json_lacks():
-    from stui_twisted.envelope import encode_success
+    from stui_twisted.protocol.envelope import encode_success
 
     result = {"text": "héllo \u2028 \"quoted\"", "n": [1, 2.5, -0.0, 10**30], "none": None, "t": True}
     reply = json.loads(encode_success("r", result, 0.0))

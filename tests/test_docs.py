@@ -14,10 +14,10 @@ from unittest import mock
 import pytest
 from twisted.internet.task import Clock
 
-from stui_twisted.commands import build_commands
 from stui_twisted.config import OPTIONS
-from stui_twisted.dispatcher import Dispatcher
-from stui_twisted.errors import ERROR_TYPES
+from stui_twisted.dispatch.commands import build_commands
+from stui_twisted.dispatch.dispatcher import Dispatcher
+from stui_twisted.protocol.errors import ERROR_TYPES
 from stui_twisted.settings import Settings
 from stui_twisted.tap import Options
 
@@ -166,7 +166,7 @@ def test_every_error_type_is_documented():
 
 
 def test_operations_mentions_every_admin_command():
-    from stui_twisted.admin import COMMANDS
+    from stui_twisted.ops.admin import COMMANDS
 
     text = OPERATIONS.read_text()
     for name in COMMANDS:

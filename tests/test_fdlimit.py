@@ -14,8 +14,13 @@ import time
 import pytest
 from twisted.internet.task import Clock
 
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.fdlimit import FdGuardedFactory, FdReserve, _Refusal, raise_nofile_limit
+from stui_twisted.transports.connections import ConnectionRegistry
+from stui_twisted.transports.fdlimit import (
+    FdGuardedFactory,
+    FdReserve,
+    _Refusal,
+    raise_nofile_limit,
+)
 from tests.serverproc import ServerProcess
 
 

@@ -2,8 +2,8 @@
 
 Three entry points are fed random envelopes and random bytes (hypothesis):
 
-(a) the :class:`~stui_twisted.dispatcher.Dispatcher` with the real command table
-    over a real :class:`~stui_twisted.service.SessionService` on a temp dir
+(a) the :class:`~stui_twisted.dispatch.dispatcher.Dispatcher` with the real command table
+    over a real :class:`~stui_twisted.sessions.service.SessionService` on a temp dir
     (image disabled), once without and once with authentication;
 (b) the line protocol over ``StringTransport``;
 (c) the ZeroMQ adapter's ``message_received`` with a fake router.
@@ -30,17 +30,17 @@ from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from stui_twisted.auth import Authenticator
-from stui_twisted.commands import build_commands
-from stui_twisted.dispatcher import Dispatcher
-from stui_twisted.errors import ERROR_TYPES
-from stui_twisted.interfaces import ConnectionContext
-from stui_twisted.linejson import LineJSONFactory
-from stui_twisted.passwd import hash_password, write_atomically
-from stui_twisted.service import SessionService
+from stui_twisted.access.auth import Authenticator
+from stui_twisted.access.passwd import hash_password, write_atomically
+from stui_twisted.dispatch.commands import build_commands
+from stui_twisted.dispatch.dispatcher import Dispatcher
+from stui_twisted.dispatch.interfaces import ConnectionContext
+from stui_twisted.protocol.errors import ERROR_TYPES
+from stui_twisted.sessions.service import SessionService
 from stui_twisted.settings import Settings
-from stui_twisted.store import SessionStore
-from stui_twisted.zmqtransport import ZmqRouterService
+from stui_twisted.storage.store import SessionStore
+from stui_twisted.transports.linejson import LineJSONFactory
+from stui_twisted.transports.zmqrouter import ZmqRouterService
 from tests.helpers import NullImageService
 
 EXAMPLES = int(os.environ.get("STUI_HOSTILE_EXAMPLES", "10000"))

@@ -19,15 +19,15 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.linejson import (
+from stui_twisted.transports.connections import ConnectionRegistry
+from stui_twisted.transports.linejson import (
     KEEPALIVE_IDLE,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_PROBES,
     LineJSONFactory,
     _socket_of,
 )
-from stui_twisted.tls import server_endpoint
+from stui_twisted.transports.tls import server_endpoint
 from tests.helpers import NullImageService, make_dispatcher
 from tests.serverproc import ServerProcess, make_self_signed
 

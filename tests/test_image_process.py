@@ -13,8 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from stui_twisted.errors import StuiError
 from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
+from stui_twisted.protocol.errors import StuiError
 
 pytestmark = pytest.mark.image
 

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from stui_twisted.errors import StuiError
 from stui_twisted.image.interruption import InterruptRequested, StopGuard, TimeLimitReached
 from stui_twisted.image.workspace import Image, deserialize_binding, serialize_binding
+from stui_twisted.protocol.errors import StuiError
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from stui_twisted.linejson import InputBudget, LineJSONFactory
+from stui_twisted.transports.linejson import InputBudget, LineJSONFactory
 from tests.helpers import NullImageService, make_dispatcher
 
 

@@ -14,17 +14,17 @@ from twisted.internet import defer
 from twisted.python import usage
 from twisted.web.test.requesthelper import DummyRequest
 
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.interfaces import ConnectionContext
-from stui_twisted.metrics import (
+from stui_twisted.dispatch.interfaces import ConnectionContext
+from stui_twisted.ops.metrics import (
     MetricsPage,
     RequestMetrics,
     ServerCollector,
     metrics_site,
     time_store_writes,
 )
-from stui_twisted.session import Session
+from stui_twisted.sessions.model import Session
 from stui_twisted.tap import Options
+from stui_twisted.transports.connections import ConnectionRegistry
 from tests.serverproc import ServerProcess
 
 NOW = 1_800_000_000.0

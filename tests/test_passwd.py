@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stui_twisted import passwd
-from stui_twisted.passwd import (
+from stui_twisted.access import passwd
+from stui_twisted.access.passwd import (
     PasswordHash,
     delete_user,
     hash_password,
@@ -126,7 +126,7 @@ def test_set_and_delete_user_keep_other_lines():
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "stui_twisted.passwd", *args],
+        [sys.executable, "-m", "stui_twisted.access.passwd", *args],
         input=stdin,
         capture_output=True,
         text=True,

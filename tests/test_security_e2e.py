@@ -1,7 +1,7 @@
 """End to end with authentication and TLS: a real ``twistd -n stui`` and plain clients.
 
 The password file is made the way an operator makes it (``python -m
-stui_twisted.passwd FILE USER`` with the password on stdin); clients are plain
+stui_twisted.access.passwd FILE USER`` with the password on stdin); clients are plain
 sockets, ``ssl``, ``openssl s_client`` and pyzmq, as in the user's own tools.
 """
 
@@ -34,7 +34,7 @@ def make_auth_file(directory: Path, users: dict[str, str] = PASSWORDS) -> Path:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     for user, password in users.items():
         done = subprocess.run(
-            [sys.executable, "-m", "stui_twisted.passwd", str(path), user],
+            [sys.executable, "-m", "stui_twisted.access.passwd", str(path), user],
             input=password + "\n",
             text=True,
             capture_output=True,

@@ -8,13 +8,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from stui_twisted.commands import build_commands
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.dispatcher import Dispatcher
-from stui_twisted.interfaces import ConnectionContext
-from stui_twisted.service import SessionService
+from stui_twisted.dispatch.commands import build_commands
+from stui_twisted.dispatch.dispatcher import Dispatcher
+from stui_twisted.dispatch.interfaces import ConnectionContext
+from stui_twisted.sessions.service import SessionService
 from stui_twisted.settings import Settings
-from stui_twisted.store import SessionStore
+from stui_twisted.storage.store import SessionStore
+from stui_twisted.transports.connections import ConnectionRegistry
 
 START = 1_790_000_000.0
 
@@ -186,7 +186,7 @@ async def test_client_json_nested_too_deep_is_refused_and_what_is_kept_reads_bac
 
 
 def test_session_data_is_copied_and_merged_without_recursion():
-    from stui_twisted.session import Session, merge_patch
+    from stui_twisted.sessions.model import Session, merge_patch
 
     deep: dict | int = 1
     for _ in range(20_000):  # e.g. a session file written before the depth limit existed
@@ -412,7 +412,7 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     make, monkeypatch
 ):
     """With a zero slice every session yields: changes made meanwhile are what is written."""
-    from stui_twisted import service as service_module
+    from stui_twisted.sessions import service as service_module
 
     monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
     h = await make(durability="batch", flush_interval=0.5)
@@ -447,7 +447,7 @@ async def test_a_sliced_flush_finishes_although_nobody_advances_the_clock(make, 
     slow failure log) never finished, and neither did the shutdown waiting
     for it.  With a zero slice every session yields.
     """
-    from stui_twisted import service as service_module
+    from stui_twisted.sessions import service as service_module
 
     monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
     h = await make(durability="batch", flush_interval=0.5)
@@ -490,7 +490,7 @@ async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_w
 async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make, monkeypatch):
     from twisted.internet import defer
 
-    from stui_twisted.errors import StorageFailure
+    from stui_twisted.protocol.errors import StorageFailure
 
     h = await make(durability="always")
     conn = h.connection()
@@ -584,7 +584,7 @@ async def test_sessions_survive_a_service_restart(make, tmp_path):
 
 
 def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
-    from stui_twisted.session import Session
+    from stui_twisted.sessions.model import Session
 
     session = Session("s_" + "a" * 22, "alice", 0.0, 10.0, 0.0, 0.0)
     for bindings in (
@@ -636,8 +636,8 @@ async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
 
 
 def test_largest_bindings_are_demoted_until_the_session_fits():
-    from stui_twisted.live import LiveImageCommands
-    from stui_twisted.session import Session
+    from stui_twisted.sessions.live import LiveImageCommands
+    from stui_twisted.sessions.model import Session
 
     class Fitter(LiveImageCommands):
         settings = Settings(max_session_bytes=6000, image_enabled=False)
@@ -664,7 +664,7 @@ def test_largest_bindings_are_demoted_until_the_session_fits():
 def test_encoded_size_stays_exact_through_random_registry_and_history_changes():
     import random
 
-    from stui_twisted.session import Session
+    from stui_twisted.sessions.model import Session
 
     rng = random.Random(11)
     session = Session("s_" + "b" * 22, "bob", 0.0, 10.0, 0.0, 0.0)

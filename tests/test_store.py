@@ -14,10 +14,10 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from stui_twisted import store as store_module
-from stui_twisted.errors import StorageFailure, StuiError
-from stui_twisted.pathcodec import decode_client_dir, encode_client_dir
-from stui_twisted.store import (
+from stui_twisted.protocol.errors import StorageFailure, StuiError
+from stui_twisted.storage import store as store_module
+from stui_twisted.storage.pathcodec import decode_client_dir, encode_client_dir
+from stui_twisted.storage.store import (
     SessionFileCorrupt,
     SessionFileMissing,
     SessionStore,

@@ -16,7 +16,7 @@ import pytest_twisted
 import zmq
 from twisted.internet import defer, task
 
-from stui_twisted.zmqtransport import ZmqRouterService
+from stui_twisted.transports.zmqrouter import ZmqRouterService
 
 
 def _reactor():

@@ -7,7 +7,7 @@ and completes.  :class:`Image` holds the workspaces and the one ``shared``
 object every session sees.  Nothing here knows about processes, threads or
 Twisted (the child adds those), so tests drive it directly.
 
-Failures are raised as :class:`~stui_twisted.errors.StuiError` with protocol
+Failures are raised as :class:`~stui_twisted.protocol.errors.StuiError` with protocol
 error types; evaluation failures carry the persistence delta in their details
 so bindings changed before an exception are still saved.
 """
@@ -36,12 +36,12 @@ import traceback
 import types
 from typing import Any
 
-from stui_twisted.errors import StuiError
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
     TimeLimitReached,
 )
+from stui_twisted.protocol.errors import StuiError
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BINDING_BYTES = 8 * MiB

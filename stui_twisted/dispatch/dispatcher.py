@@ -18,7 +18,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stui_twisted.envelope import (
+from stui_twisted.dispatch.interfaces import ConnectionContext
+from stui_twisted.protocol.envelope import (
     Request,
     RequestError,
     encode_error,
@@ -26,8 +27,7 @@ from stui_twisted.envelope import (
     json_type_name,
     parse_request,
 )
-from stui_twisted.errors import StuiError, invalid_parameter
-from stui_twisted.interfaces import ConnectionContext
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
 
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
@@ -136,7 +136,7 @@ class Command:
 
 
 class IAuthGate:
-    """What the dispatcher needs from authentication (see L{stui_twisted.auth})."""
+    """What the dispatcher needs from authentication (see L{stui_twisted.access.auth})."""
 
     enabled: bool = False
 

@@ -25,8 +25,8 @@ from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
 from zope.interface import implementer
 
-from stui_twisted.envelope import RequestError
-from stui_twisted.interfaces import ConnectionContext, IClientConnection
+from stui_twisted.dispatch.interfaces import ConnectionContext, IClientConnection
+from stui_twisted.protocol.envelope import RequestError
 
 UNKNOWN_PEER = "zmq:no-peer-address"
 

@@ -4,7 +4,7 @@ Pieces, from the bottom up:
 
 - :class:`PasswordFileChecker` is an ``ICredentialsChecker`` for
   ``IUsernamePassword`` backed by the ``--auth-file`` password file
-  (:mod:`stui_twisted.passwd`).  scrypt is slow on purpose, so the check runs in
+  (:mod:`stui_twisted.access.passwd`).  scrypt is slow on purpose, so the check runs in
   a thread pool and the reactor is never blocked.  The file is re-read when it
   changes on disk (its mtime, size or inode).
 - :class:`ClientIdRealm` turns an authenticated username into a
@@ -45,8 +45,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from stui_twisted.errors import StuiError, invalid_parameter
-from stui_twisted.passwd import (
+from stui_twisted.access.passwd import (
     SALT_BYTES,
     SCRYPT_N,
     SCRYPT_P,
@@ -58,6 +57,7 @@ from stui_twisted.passwd import (
     too_permissive,
     valid_username,
 )
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
 from stui_twisted.settings import Settings
 
 log = Logger()

@@ -21,12 +21,19 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from stui_twisted.connections import ConnectionRegistry
-from stui_twisted.envelope import iso_timestamp
-from stui_twisted.errors import StorageFailure, StuiError, invalid_parameter
-from stui_twisted.live import LiveImageCommands
-from stui_twisted.policy import ClientPolicy, check_client_id
-from stui_twisted.session import ACTIVE, CLOSED, EXPIRED, Session, merge_patch, new_session_id
+from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.errors import StorageFailure, StuiError, invalid_parameter
+from stui_twisted.sessions.live import LiveImageCommands
+from stui_twisted.sessions.model import (
+    ACTIVE,
+    CLOSED,
+    EXPIRED,
+    Session,
+    merge_patch,
+    new_session_id,
+)
+from stui_twisted.sessions.policy import ClientPolicy, check_client_id
+from stui_twisted.transports.connections import ConnectionRegistry
 
 DAY = 24 * 3600.0
 FLUSH_SLICE_SECONDS = 0.001

@@ -1,7 +1,7 @@
 """The request/reply envelope of protocol.md section 2: parsing and encoding.
 
 Parsing is strict and total: any byte string either becomes a :class:`Request`
-or raises :class:`~stui_twisted.errors.StuiError` (``InvalidRequest``) carrying
+or raises :class:`~stui_twisted.protocol.errors.StuiError` (``InvalidRequest``) carrying
 the request's ``id`` when one could be read, so the error reply can echo it.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from stui_twisted.errors import StuiError
+from stui_twisted.protocol.errors import StuiError
 
 _NO_ID = object()
 

@@ -4,7 +4,7 @@ A :class:`Session` holds everything protocol.md section 5 returns on
 ``restore_session``: client state, workspace (variables, history, client
 part), inspector state, object registry, and the stored bindings that let the
 image rebuild the session's namespace.  It knows nothing about files or the
-network; :mod:`stui_twisted.service` decides when it is written.
+network; :mod:`stui_twisted.sessions.service` decides when it is written.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from itertools import compress
 from operator import is_not
 from typing import Any
 
-from stui_twisted.envelope import iso_timestamp, parse_iso_timestamp
+from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp
 
 _ASCII_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 

@@ -15,9 +15,9 @@ characters of ``A-Z a-z 0-9 . _ : @ -`` starting with a letter or digit.
 Hashes are ``hashlib.scrypt`` with a random 16-byte salt and a 32-byte key;
 the cost parameters are stored per line, so they can be raised later without
 invalidating old entries.  This module does blocking work only (hashing, file
-I/O): the server calls it from a thread pool (see :mod:`stui_twisted.auth`).
+I/O): the server calls it from a thread pool (see :mod:`stui_twisted.access.auth`).
 
-Run as ``python -m stui_twisted.passwd FILE USER [--delete]`` (or
+Run as ``python -m stui_twisted.access.passwd FILE USER [--delete]`` (or
 ``stui-passwd``) to add, change or delete a user.
 """
 
@@ -392,7 +392,7 @@ def run(argv: list[str] | None = None, stdin=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``stui-passwd`` and ``python -m stui_twisted.passwd``."""
+    """Entry point of ``stui-passwd`` and ``python -m stui_twisted.access.passwd``."""
     try:
         return run(argv)
     except _CommandError as e:

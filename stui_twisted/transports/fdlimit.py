@@ -35,8 +35,8 @@ from twisted.application import service
 from twisted.internet import protocol, task
 from twisted.logger import Logger
 
-from stui_twisted.envelope import encode_error
-from stui_twisted.errors import StuiError
+from stui_twisted.protocol.envelope import encode_error
+from stui_twisted.protocol.errors import StuiError
 
 log = Logger()
 

@@ -9,7 +9,7 @@ Layout (architecture.md, Persistence)::
     DATA/quarantine/                          unreadable files, moved here, never deleted
 
 Directories are 0700 and files 0600.  ``<client-dir>`` comes from
-L{stui_twisted.pathcodec.encode_client_dir}, so no client id can name a path outside
+L{stui_twisted.storage.pathcodec.encode_client_dir}, so no client id can name a path outside
 ``DATA/sessions/``.
 
 Every file is one JSON object, the I{envelope}::
@@ -63,8 +63,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from stui_twisted.errors import StorageFailure, StuiError
-from stui_twisted.pathcodec import check_session_id, decode_client_dir, encode_client_dir
+from stui_twisted.protocol.errors import StorageFailure, StuiError
+from stui_twisted.storage.pathcodec import check_session_id, decode_client_dir, encode_client_dir
 
 __all__ = [
     "META_KEYS",

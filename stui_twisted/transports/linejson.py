@@ -1,7 +1,7 @@
 """Line-JSON transport: one JSON request per line over TCP or TLS.
 
 :class:`LineJSONProtocol` frames bytes into lines and hands each line to the
-shared :class:`~stui_twisted.dispatcher.Dispatcher`; replies are written as
+shared :class:`~stui_twisted.dispatch.dispatcher.Dispatcher`; replies are written as
 they complete, so a slow evaluation never holds back later fast requests.
 
 Framing scans each received byte once: the unfinished line is kept as a list
@@ -52,8 +52,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from stui_twisted.errors import StuiError
-from stui_twisted.interfaces import ConnectionContext, IClientConnection
+from stui_twisted.dispatch.interfaces import ConnectionContext, IClientConnection
+from stui_twisted.protocol.errors import StuiError
 
 MiB = 1024 * 1024
 

@@ -2,7 +2,7 @@
 
 Each entry binds a command name to a handler and declares its parameters, so
 the dispatcher validates them and ``describe`` lists them from one source.
-Session rules live in :class:`~stui_twisted.service.SessionService`; this
+Session rules live in :class:`~stui_twisted.sessions.service.SessionService`; this
 module only connects names to it.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
-from stui_twisted.dispatcher import Command, Param
-from stui_twisted.errors import invalid_parameter
+from stui_twisted.dispatch.dispatcher import Command, Param
+from stui_twisted.protocol.errors import invalid_parameter
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 

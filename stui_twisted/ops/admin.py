@@ -1,6 +1,6 @@
 """``stui-admin``: look after a data directory from the shell.
 
-Usage (also ``python -m stui_twisted.admin``)::
+Usage (also ``python -m stui_twisted.ops.admin``)::
 
     stui-admin [--data-dir DIR] list [--client ID] [--state STATE] [--json]
     stui-admin [--data-dir DIR] verify [--json]
@@ -8,7 +8,7 @@ Usage (also ``python -m stui_twisted.admin``)::
     stui-admin [--data-dir DIR] expire SESSION_ID [--force]
     stui-admin [--data-dir DIR] delete SESSION_ID --yes [--force]
 
-Everything goes through :class:`~stui_twisted.store.SessionStore`, so the tool
+Everything goes through :class:`~stui_twisted.storage.store.SessionStore`, so the tool
 reads and writes exactly the files the server does (MACs, ``.bak`` recovery,
 atomic replacement) and never re-implements the file format.
 
@@ -37,10 +37,10 @@ import sys
 import time
 from typing import Any
 
-from stui_twisted.envelope import iso_timestamp, parse_iso_timestamp
-from stui_twisted.errors import StorageFailure
-from stui_twisted.pathcodec import decode_client_dir
-from stui_twisted.store import SessionFileMissing, SessionStore
+from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp
+from stui_twisted.protocol.errors import StorageFailure
+from stui_twisted.storage.pathcodec import decode_client_dir
+from stui_twisted.storage.store import SessionFileMissing, SessionStore
 
 DEFAULT_DATA_DIR = "./stui-data"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -9,7 +9,7 @@ import fnmatch
 import re
 from collections import deque
 
-from stui_twisted.errors import StuiError
+from stui_twisted.protocol.errors import StuiError
 
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 SESSION_ID_PATTERN = re.compile(r"s_[A-Za-z0-9_-]{22}")

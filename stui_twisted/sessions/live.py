@@ -1,7 +1,7 @@
 """The live-image side of a session: materializing, evaluating, inspecting.
 
 :class:`LiveImageCommands` is mixed into
-:class:`~stui_twisted.service.SessionService`.  It turns the image's replies
+:class:`~stui_twisted.sessions.service.SessionService`.  It turns the image's replies
 into session changes (stored bindings, variables, registry, history, shared
 namespace) and rebuilds namespaces from stored bindings when a session is
 restored or the image is replaced.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from stui_twisted.envelope import iso_timestamp
-from stui_twisted.errors import StuiError, invalid_parameter
 from stui_twisted.image.supervisor import StaleGeneration
-from stui_twisted.session import ACTIVE, Session
+from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.sessions.model import ACTIVE, Session
 
 MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024

@@ -9,7 +9,7 @@ What is measured, and where it comes from:
   command ``?`` (so a client cannot grow the label set).
 - Sessions by state, connections by transport, uptime, the image's state and
   restarts, and the store's counters are read from the running
-  :class:`~stui_twisted.service.SessionService` at scrape time by
+  :class:`~stui_twisted.sessions.service.SessionService` at scrape time by
   :class:`ServerCollector`; nothing is copied ahead of time.
 - ``stui_storage_flush_duration_seconds{kind}`` (histogram): how long each
   durable write took, ``kind="batch"`` for a group flush (``write_many``) and
@@ -41,7 +41,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from stui_twisted import PROTOCOL_VERSION, __version__
-from stui_twisted.envelope import parse_iso_timestamp
+from stui_twisted.protocol.envelope import parse_iso_timestamp
 
 __all__ = [
     "LATENCY_BUCKETS",
