@@ -80,7 +80,10 @@ def with_store(data_dir: Path, operation: str, job: dict):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
         [sys.executable, "-c", STORE_SCRIPT, str(data_dir), operation, json.dumps(job)],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout) if operation == "read" else None
@@ -99,7 +102,11 @@ def admin(data_dir: Path, *args: str, cwd: Path | None = None) -> subprocess.Com
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
         [sys.executable, "-m", "stui_twisted.ops.admin", "--data-dir", str(data_dir), *args],
-        capture_output=True, text=True, timeout=60, env=env, cwd=cwd or data_dir.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd or data_dir.parent,
     )
 
 
@@ -137,7 +144,10 @@ def test_list_filters_and_json(data_dir):
     assert set(rows) == {ACTIVE["session_id"], IDLE["session_id"]}
     assert rows[IDLE["session_id"]]["state"] == "active"
     assert rows[IDLE["session_id"]]["effective_state"] == "expired"
-    assert set(listed(data_dir, "--state", "expired")) == {IDLE["session_id"], EXPIRED["session_id"]}
+    assert set(listed(data_dir, "--state", "expired")) == {
+        IDLE["session_id"],
+        EXPIRED["session_id"],
+    }
 
 
 def test_list_without_an_index_scans_the_files(data_dir):
@@ -146,8 +156,16 @@ def test_list_without_an_index_scans_the_files(data_dir):
 
 
 def test_effective_state():
-    assert effective_state({"state": "active", "last_activity": iso_timestamp(NOW), "timeout": 60}, NOW) == "active"
-    assert effective_state({"state": "active", "last_activity": NOW - 61, "timeout": 60}, NOW) == "expired"
+    assert (
+        effective_state(
+            {"state": "active", "last_activity": iso_timestamp(NOW), "timeout": 60}, NOW
+        )
+        == "active"
+    )
+    assert (
+        effective_state({"state": "active", "last_activity": NOW - 61, "timeout": 60}, NOW)
+        == "expired"
+    )
     assert effective_state({"state": "closed"}, NOW) == "closed"
 
 

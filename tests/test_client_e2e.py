@@ -39,7 +39,9 @@ def supports_evaluate(proc: ServerProcess) -> bool:
         reply = client.call("describe")
     finally:
         client.close()
-    return reply.get("status") == "success" and "evaluate" in (reply["result"].get("commands") or {})
+    return reply.get("status") == "success" and "evaluate" in (
+        reply["result"].get("commands") or {}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,9 @@ class FakeStuiServer:
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         return self
 
     def stop(self):
@@ -135,7 +137,9 @@ class FakeStuiServer:
                     # Evaluations run beside the connection so that later requests
                     # (interrupt) are answered first: replies come out of order.
                     threading.Thread(
-                        target=lambda r=request: self._send(conn, context, self._answer(r, context)),
+                        target=lambda r=request: self._send(
+                            conn, context, self._answer(r, context)
+                        ),
                         daemon=True,
                     ).start()
                     continue
@@ -167,13 +171,19 @@ class FakeStuiServer:
         if command == "create_session":
             mine = [s for s in self.sessions.values() if s.client_id == params["client_id"]]
             if self.session_limit is not None and len(mine) >= self.session_limit:
-                return failure(request, "SessionLimitExceeded", "too many sessions; close one first")
+                return failure(
+                    request, "SessionLimitExceeded", "too many sessions; close one first"
+                )
             session = FakeSession(f"s_{len(self.sessions) + 1}", params["client_id"])
             self.sessions[session.session_id] = session
             return success(request, **session.record(), capabilities=["evaluate"])
         if command == "list_client_sessions":
-            mine = [s.record() for s in self.sessions.values() if s.client_id == params["client_id"]]
-            return success(request, client_id=params["client_id"], session_count=len(mine), sessions=mine)
+            mine = [
+                s.record() for s in self.sessions.values() if s.client_id == params["client_id"]
+            ]
+            return success(
+                request, client_id=params["client_id"], session_count=len(mine), sessions=mine
+            )
         session = self.sessions.get(params.get("session_id"))
         if session is None:
             return failure(request, "SessionNotFound", "no such session")
@@ -183,7 +193,9 @@ class FakeStuiServer:
             return failure(request, "SessionExpired", "session expired")
         if command == "restore_session":
             names = sorted(k for k in session.namespace if not k.startswith("_"))
-            return success(request, **session.record(), restored_bindings=names, unrestorable_bindings=[])
+            return success(
+                request, **session.record(), restored_bindings=names, unrestorable_bindings=[]
+            )
         if command == "evaluate":
             return self._evaluate(request, session, params.get("code", ""))
         if command == "interrupt":
@@ -193,7 +205,9 @@ class FakeStuiServer:
             code = params["code"][: params.get("cursor_pos", len(params["code"]))]
             word = code.split()[-1] if code.split() else ""
             names = sorted(n for n in session.namespace if n.startswith(word))
-            return success(request, matches=names, cursor_start=len(code) - len(word), cursor_end=len(code))
+            return success(
+                request, matches=names, cursor_start=len(code) - len(word), cursor_end=len(code)
+            )
         if command == "get_session_info":
             return success(request, **session.record(), variable_count=len(session.namespace))
         if command == "close_session":
@@ -413,7 +427,15 @@ def run_main(argv, capsys):
 
 def test_eval_prints_the_result_and_exits_zero(fake_server, state_dir, capsys):
     status, out, err = run_main(
-        [fake_server.url, "--state-dir", str(state_dir), "--client-id", "alice", "-e", "print('hi'); 6 * 7"],
+        [
+            fake_server.url,
+            "--state-dir",
+            str(state_dir),
+            "--client-id",
+            "alice",
+            "-e",
+            "print('hi'); 6 * 7",
+        ],
         capsys,
     )
     assert (status, out) == (0, "hi\n42\n")
@@ -465,8 +487,16 @@ def spawn_client(server, state_dir, *extra):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "stui_twisted.client", server.url, "--state-dir", str(state_dir),
-         "--client-id", "alice", *extra],
+        [
+            "-m",
+            "stui_twisted.client",
+            server.url,
+            "--state-dir",
+            str(state_dir),
+            "--client-id",
+            "alice",
+            *extra,
+        ],
         env=env,
         cwd=str(REPO_ROOT),
         encoding="utf-8",

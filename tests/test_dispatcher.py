@@ -43,7 +43,11 @@ def test_id_is_echoed_unchanged(dispatcher, request_id):
         (b'{"command": 5}', "InvalidRequest", "field 'command' must be a string"),
         (b'{"id": 1}', "InvalidRequest", "field 'command' is required"),
         (b"\xff\xfe{}", "InvalidRequest", "not valid UTF-8"),
-        (b'{"command": "ping", "parameters": []}', "InvalidRequest", "'parameters' must be an object"),
+        (
+            b'{"command": "ping", "parameters": []}',
+            "InvalidRequest",
+            "'parameters' must be an object",
+        ),
         (b'{"command": "ping", "id": {"a": 1}}', "InvalidRequest", "'id' must be"),
         (b'{"command": "ping", "x": NaN}', "InvalidRequest", "NaN"),
         (b"[" * 100_000 + b"]" * 100_000, "InvalidRequest", ""),
@@ -90,10 +94,24 @@ def test_top_level_client_id_is_an_alias(dispatcher):
 def test_describe_lists_every_command_with_parameters(dispatcher):
     result = dispatch(dispatcher, {"command": "describe"})["result"]
     expected = {
-        "ping", "describe", "authenticate", "create_session", "restore_session",
-        "update_session_state", "close_session", "get_session_info", "list_client_sessions",
-        "get_session_statistics", "save_context", "load_context", "get_context_summary",
-        "clear_context", "evaluate", "inspect", "complete", "interrupt",
+        "ping",
+        "describe",
+        "authenticate",
+        "create_session",
+        "restore_session",
+        "update_session_state",
+        "close_session",
+        "get_session_info",
+        "list_client_sessions",
+        "get_session_statistics",
+        "save_context",
+        "load_context",
+        "get_context_summary",
+        "clear_context",
+        "evaluate",
+        "inspect",
+        "complete",
+        "interrupt",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True
@@ -259,7 +277,7 @@ def test_a_result_that_cannot_be_encoded_is_an_internal_error():
 def test_replies_encode_like_json_dumps_and_survive_values_json_lacks():
     from stui_twisted.protocol.envelope import encode_success
 
-    result = {"text": "héllo \u2028 \"quoted\"", "n": [1, 2.5, -0.0, 10**30], "none": None, "t": True}
+    result = {"text": 'héllo \u2028 "quoted"', "n": [1, 2.5, -0.0, 10**30], "none": None, "t": True}
     reply = json.loads(encode_success("r", result, 0.0))
     assert reply["result"] == result
     assert encode_success("r", result, 0.0).decode() == json.dumps(
@@ -278,6 +296,8 @@ def test_json_whitespace_around_a_request_is_allowed(dispatcher, text):
     assert dispatch(dispatcher, text)["status"] == "success"
 
 
-@pytest.mark.parametrize("text", [b'{"command": "ping"} {}', b'{"command": "ping"}\xc2\xa0', b"\x0b{}"])
+@pytest.mark.parametrize(
+    "text", [b'{"command": "ping"} {}', b'{"command": "ping"}\xc2\xa0', b"\x0b{}"]
+)
 def test_anything_but_json_whitespace_around_a_request_is_invalid(dispatcher, text):
     assert dispatch(dispatcher, text)["error_type"] == "InvalidRequest"

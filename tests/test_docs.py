@@ -97,9 +97,7 @@ def test_every_option_is_in_the_example_ini():
     text = INI.read_text()
     parser.read_string(text)
     keys = {key.replace("_", "-") for key in parser["stui"]}
-    commented = {
-        m.replace("_", "-") for m in re.findall(r"^;\s*([a-z_]+)\s*=", text, re.MULTILINE)
-    }
+    commented = {m.replace("_", "-") for m in re.findall(r"^;\s*([a-z_]+)\s*=", text, re.MULTILINE)}
     missing = [name for name in OPTIONS if name not in keys | commented]
     assert missing == [], f"etc/stui.ini lacks {missing}"
 

@@ -150,7 +150,11 @@ def test_zmq_pipelined_requests_that_wait_and_that_do_not_are_all_answered(tmp_p
             sockets.append(sock)
             for index in range(50):
                 command = "create_session" if index % 2 else "ping"
-                request = {"id": f"{number}-{index}", "command": command, "client_id": f"c{number}-{index}"}
+                request = {
+                    "id": f"{number}-{index}",
+                    "command": command,
+                    "client_id": f"c{number}-{index}",
+                }
                 sock.send_multipart([b"", json.dumps(request).encode()])
         poller = zmq.Poller()
         for sock in sockets:
@@ -186,13 +190,28 @@ def test_daemon_mode_answers_and_stops_on_sigterm(tmp_path):
 
     pidfile = tmp_path / "stui.pid"
     logfile = tmp_path / "stui.log"
-    env = dict(os.environ, PYTHONPATH=str(ServerProcess(tmp_path).__class__.__module__ and
-                                           __import__("tests.serverproc").serverproc.REPO_ROOT))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(
+            ServerProcess(tmp_path).__class__.__module__
+            and __import__("tests.serverproc").serverproc.REPO_ROOT
+        ),
+    )
     subprocess.run(
-        [*twistd_command(), f"--pidfile={pidfile}", f"--logfile={logfile}", "stui",
-         "--tcp=tcp:0:interface=127.0.0.1", "--zmq=tcp://127.0.0.1:*",
-         f"--data-dir={tmp_path / 'data'}", "--image=no"],
-        cwd=tmp_path, env=env, check=True, timeout=30,
+        [
+            *twistd_command(),
+            f"--pidfile={pidfile}",
+            f"--logfile={logfile}",
+            "stui",
+            "--tcp=tcp:0:interface=127.0.0.1",
+            "--zmq=tcp://127.0.0.1:*",
+            f"--data-dir={tmp_path / 'data'}",
+            "--image=no",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=30,
     )
     deadline = time.monotonic() + 30
     text = ""

@@ -50,13 +50,19 @@ def test_two_transports_two_clients_and_a_restart(tmp_path, zmq_socket):
         b = zmq_call(server, bob_sock, "create_session", client_id="bob")["result"]
         reply = zmq_call(server, bob_sock, "update_session_state", state_data={"bob": True})
         assert reply["status"] == "success"
-        assert [s["session_id"] for s in alice.result("list_client_sessions", client_id="alice")["sessions"]] == [a["session_id"]]
+        assert [
+            s["session_id"]
+            for s in alice.result("list_client_sessions", client_id="alice")["sessions"]
+        ] == [a["session_id"]]
         listed = zmq_call(server, bob_sock, "list_client_sessions", client_id="bob")["result"]
         assert [s["session_id"] for s in listed["sessions"]] == [b["session_id"]]
         carol = server.tcp_client()
         assert carol.result("list_client_sessions", client_id="carol")["session_count"] == 0
         for sid in (a["session_id"], b["session_id"]):
-            assert carol.call("restore_session", session_id=sid, client_id="carol")["error_type"] == "SessionNotFound"
+            assert (
+                carol.call("restore_session", session_id=sid, client_id="carol")["error_type"]
+                == "SessionNotFound"
+            )
         assert server.stop() == 0
         server.start()
         again = server.tcp_client()
@@ -65,7 +71,9 @@ def test_two_transports_two_clients_and_a_restart(tmp_path, zmq_socket):
         assert restored["workspace_context"]["client"] == {"editor": "x = 1"}
         assert restored["inspector_state"]["view"] == {"panel": "left"}
         bob_again = zmq_socket(server.zmq_url)
-        restored_b = zmq_call(server, bob_again, "restore_session", session_id=b["session_id"])["result"]
+        restored_b = zmq_call(server, bob_again, "restore_session", session_id=b["session_id"])[
+            "result"
+        ]
         assert restored_b["session_state"] == {"bob": True}
         stats = again.result("get_session_statistics")
         assert stats["active_sessions"] == 2 and stats["total_sessions"] == 2
@@ -127,7 +135,8 @@ def test_hostile_client_ids_never_leave_the_data_dir(tmp_path):
         for client_id in ("a..b", "x:y@z", "A-b.c_d"):
             client.result("create_session", client_id=client_id)
         outside = [
-            p for p in tmp_path.rglob("*")
+            p
+            for p in tmp_path.rglob("*")
             if p.is_file() and server.data_dir not in p.parents and p.name not in ("twistd.log",)
         ]
         assert outside == []

@@ -292,7 +292,10 @@ def test_lone_surrogates_in_code_and_bindings_are_kept_saved_and_restored(tmp_pa
         restored = client.result("restore_session", session_id=sid)
         assert "y" in restored["restored_bindings"] and restored["unrestorable_bindings"] == []
         history = restored["workspace_context"]["history"]
-        assert [entry["code"] for entry in history[:2]] == ["z = 'ok\ud800'", "y = 'ok' + chr(0xd800)"]
+        assert [entry["code"] for entry in history[:2]] == [
+            "z = 'ok\ud800'",
+            "y = 'ok' + chr(0xd800)",
+        ]
         assert client.result("evaluate", code="y == 'ok' + chr(0xd800)")["result"] == "True"
         assert client.result("save_context")["saved"] is True
     finally:
@@ -312,7 +315,9 @@ def test_pipelined_evaluations_name_their_cells_by_their_own_history_index(tmp_p
         replies = sorted((client.read_reply() for _ in codes), key=lambda reply: reply["id"])
         for reply in replies:
             index = reply["details"]["history_index"]
-            assert f'  File "<cell {index}>", line 1, in <module>' in reply["details"]["traceback"], reply
+            assert (
+                f'  File "<cell {index}>", line 1, in <module>' in reply["details"]["traceback"]
+            ), reply
         assert [reply["details"]["history_index"] for reply in replies] == [2, 3, 4]
     finally:
         server.kill()

@@ -98,9 +98,7 @@ class World:
             auth_file=str(users),
             durability="none",
         )
-        store = SessionStore(
-            self.settings.data_dir, reactor=self.reactor, threadpool=SyncPool()
-        )
+        store = SessionStore(self.settings.data_dir, reactor=self.reactor, threadpool=SyncPool())
         self.sessions = SessionService(self.settings, reactor=self.reactor, store=store)
         self.sessions.startService()
         self.auth = Authenticator(
@@ -112,9 +110,13 @@ class World:
         self.guarded = Dispatcher(clock=self.reactor, auth=self.auth)
         self.guarded.register_all(build_commands(self.sessions, self.guarded, self.auth))
         self.sessions.dispatcher = self.open
-        token = self.dispatch(self.guarded, ConnectionContext("zmq", "x"), json.dumps(
-            {"command": "authenticate", "parameters": {"username": "alice", "password": "pw"}}
-        ).encode())
+        token = self.dispatch(
+            self.guarded,
+            ConnectionContext("zmq", "x"),
+            json.dumps(
+                {"command": "authenticate", "parameters": {"username": "alice", "password": "pw"}}
+            ).encode(),
+        )
         self.token = token["result"]["token"]
 
     def dispatch(self, dispatcher, context, data: bytes) -> dict:
@@ -160,11 +162,28 @@ PARAMETER_NAMES = sorted({p.name for c in TABLE for p in c.params})
 # the envelope's shape (command, parameter names, which fields are present) and
 # reports the failing seed and payload.
 SPECIAL_STRINGS = [
-    "NaN", "Infinity", "-Infinity", "1e999", "", "\x00", "s_" + "A" * 22, "alice", "bob",
-    "../../etc/passwd", "\ud800", "\udfff\ud800", "\u202e", "\r\n", "TOKEN", "null",
-    "__import__('os').system('true')", "a" * 129, "display", "execute",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e999",
+    "",
+    "\x00",
+    "s_" + "A" * 22,
+    "alice",
+    "bob",
+    "../../etc/passwd",
+    "\ud800",
+    "\udfff\ud800",
+    "\u202e",
+    "\r\n",
+    "TOKEN",
+    "null",
+    "__import__('os').system('true')",
+    "a" * 129,
+    "display",
+    "execute",
 ]
-ALPHABET = "az09 _-.:@\"\\/\n\t\x00\x7f\u00e9\u4e2d\U0001f600\ud800\udc00{}[],"
+ALPHABET = 'az09 _-.:@"\\/\n\t\x00\x7f\u00e9\u4e2d\U0001f600\ud800\udc00{}[],'
 HUGE_INTS = [2**64, -(2**63) - 1, 10**300, 2**31, -1, 0]
 
 
@@ -189,8 +208,12 @@ def random_value(rng, depth: int = 0):
         return rng.choice(COMMANDS + PARAMETER_NAMES)
     if kind in (9, 10):
         return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
-    return {_key(random_value(rng, 4)) if rng.random() < 0.2 else rng.choice(PARAMETER_NAMES):
-            random_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+    return {
+        _key(random_value(rng, 4))
+        if rng.random() < 0.2
+        else rng.choice(PARAMETER_NAMES): random_value(rng, depth + 1)
+        for _ in range(rng.randrange(4))
+    }
 
 
 def _key(value) -> str:
@@ -339,7 +362,9 @@ def test_one_megabyte_in_every_parameter(world, command):
 
 def _line_connection(world, max_message_bytes: int = 4096):
     factory = LineJSONFactory(
-        world.guarded, transport_name="tcp", max_message_bytes=max_message_bytes,
+        world.guarded,
+        transport_name="tcp",
+        max_message_bytes=max_message_bytes,
         clock=world.reactor,
     )
     protocol = factory.buildProtocol(None)
@@ -366,9 +391,7 @@ def _drain(world) -> None:
 )
 def test_line_protocol_answers_every_line_or_closes(world, lines, ending, chunk):
     protocol, transport = _line_connection(world)
-    stream = b"".join(
-        with_token(line, world.token).replace(b"\n", b" ") + ending for line in lines
-    )
+    stream = b"".join(with_token(line, world.token).replace(b"\n", b" ") + ending for line in lines)
     for start in range(0, len(stream), chunk):
         protocol.dataReceived(stream[start : start + chunk])
     _drain(world)
@@ -460,7 +483,9 @@ class FakeRouter:
 
 
 def _zmq_adapter(world, max_message_bytes: int = 4096) -> tuple[ZmqRouterService, FakeRouter]:
-    adapter = ZmqRouterService("tcp://127.0.0.1:0", world.guarded, max_message_bytes=max_message_bytes)
+    adapter = ZmqRouterService(
+        "tcp://127.0.0.1:0", world.guarded, max_message_bytes=max_message_bytes
+    )
     router = FakeRouter()
     adapter._router = router
     return adapter, router

@@ -337,7 +337,9 @@ async def test_big_values_are_clipped_before_they_leave_the_image(supervisor):
     assert shown["bindings_changed"]["s"]["encoding"] == "unrestorable"
     assert received[0] < 3 * 1024 * 1024, received[0]  # result + display, not 200 MB
     received[0] = 0
-    error = await failure_of(supervisor.evaluate("s_a", "raise ValueError('b' * (50 * 1024 * 1024))"))
+    error = await failure_of(
+        supervisor.evaluate("s_a", "raise ValueError('b' * (50 * 1024 * 1024))")
+    )
     assert error.error_type == "EvaluationError"
     assert received[0] < 128 * 1024, received[0]  # not 150 MB with the message three times
     everything = repr((error.message, error.details))
@@ -438,7 +440,10 @@ async def test_lone_surrogates_cross_the_image_pipe(supervisor):
     result = await supervisor.evaluate("s_a", "y = 'ok' + chr(0xd800)\nprint(y)\ny", mode="display")
     assert result["display"] == "ok\ud800" and result["output"] == "ok\ud800\n"
     assert result["bindings_changed"]["y"] == {
-        "encoding": "json", "value": "ok\ud800", "type": "str", "repr": "'ok\\ud800'"
+        "encoding": "json",
+        "value": "ok\ud800",
+        "type": "str",
+        "repr": "'ok\\ud800'",
     }
     snapshot = await supervisor.snapshot("s_a")
     assert snapshot["bindings"]["y"]["value"] == "ok\ud800"

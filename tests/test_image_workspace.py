@@ -33,14 +33,21 @@ def test_last_expression_is_the_result_bound_to_underscore_and_registered(worksp
     assert result["result_type"] == "int"
     assert result["object_id"] == "obj_1"
     assert workspace.namespace["_"] == 42
-    assert result["registry_added"]["obj_1"] == {"type": "int", "repr": "42", "live": True, "binding": "x"}
+    assert result["registry_added"]["obj_1"] == {
+        "type": "int",
+        "repr": "42",
+        "live": True,
+        "binding": "x",
+    }
     assert result["next_object_id"] == 2
     second = workspace.evaluate("[1, 2]")
     assert second["object_id"] == "obj_2"
 
 
 def test_display_mode_and_statements_only_cell(workspace):
-    result = workspace.evaluate("class P:\n    def __str__(self): return 'pretty'\nP()", mode="display")
+    result = workspace.evaluate(
+        "class P:\n    def __str__(self): return 'pretty'\nP()", mode="display"
+    )
     assert result["display"] == "pretty"
     assert result["result"].startswith("<")
     assert workspace.evaluate("y = 1\nz = 2")["result"] is None
@@ -64,7 +71,10 @@ def test_output_capture_is_isolated_between_threads(image):
         )
         outputs[tag] = workspace.evaluate(code)["output"]
 
-    threads = [threading.Thread(target=run, args=(a, "A")), threading.Thread(target=run, args=(b, "B"))]
+    threads = [
+        threading.Thread(target=run, args=(a, "A")),
+        threading.Thread(target=run, args=(b, "B")),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -116,9 +126,14 @@ def test_serialization_encodings():
     assert stored["encoding"] == "unrestorable"
     assert stored["type"] == "socket"
     assert "pickle" in stored["reason"]
-    too_large = "too large: its stored form would exceed 1000 bytes (the binding limit, max_session_bytes)"
+    too_large = (
+        "too large: its stored form would exceed 1000 bytes (the binding limit, max_session_bytes)"
+    )
     assert serialize_binding("x" * 2000, max_bytes=1000) == {
-        "encoding": "unrestorable", "type": "str", "repr": repr("x" * 2000)[:200] + "...", "reason": too_large,
+        "encoding": "unrestorable",
+        "type": "str",
+        "repr": repr("x" * 2000)[:200] + "...",
+        "reason": too_large,
     }
     assert serialize_binding(bytes(2000), max_bytes=1000)["reason"] == too_large
     module = serialize_binding(socket)
@@ -203,7 +218,11 @@ def test_complete_names_attributes_and_keywords(workspace):
     assert completion == {"matches": ["team"], "cursor_start": 7, "cursor_end": 9}
     assert "path" in workspace.complete("os.pa")["matches"]
     workspace.evaluate("x = [1]")
-    assert workspace.complete("y = x.app + 1", 9) == {"matches": ["append"], "cursor_start": 6, "cursor_end": 9}
+    assert workspace.complete("y = x.app + 1", 9) == {
+        "matches": ["append"],
+        "cursor_start": 6,
+        "cursor_end": 9,
+    }
     assert workspace.complete("open().re")["matches"] == []
 
 
@@ -218,7 +237,9 @@ def test_snapshot_and_materialize_round_trip(image):
     target = image.session("b")
     outcome = target.materialize(snapshot["bindings"], registry, listed["next_object_id"])
     assert sorted(outcome["restored"]) == ["_", "items", "n", "socket", "t"]
-    assert outcome["unrestorable"] == [{"name": "s", "type": "socket", "reason": snapshot["bindings"]["s"]["reason"]}]
+    assert outcome["unrestorable"] == [
+        {"name": "s", "type": "socket", "reason": snapshot["bindings"]["s"]["reason"]}
+    ]
     assert outcome["registry_live"] == [listed["object_id"]]
     assert target.inspect(object_id=listed["object_id"])["items"][0]["repr"] == "1"
     tuple_result = target.evaluate("t")
@@ -338,9 +359,13 @@ def test_big_results_displays_and_exception_messages_are_clipped_in_the_image(wo
     MAX_RESULT_CHARS, MAX_MESSAGE_CHARS, MAX_ERROR_LINE_CHARS = 1024 * 1024, 64 * 1024, 4096  # noqa: N806
     shown = workspace.evaluate("s = 'a' * 50_000_000\ns", mode="display")
     assert len(shown["display"]) <= MAX_RESULT_CHARS
-    assert shown["display"].endswith(f"... [{50_000_000 - (MAX_RESULT_CHARS - 48)} more characters]")
+    assert shown["display"].endswith(
+        f"... [{50_000_000 - (MAX_RESULT_CHARS - 48)} more characters]"
+    )
     assert len(shown["result"]) <= MAX_RESULT_CHARS
-    assert shown["result"].startswith("'aaa") and shown["result"].endswith("[50000000 characters in all]")
+    assert shown["result"].startswith("'aaa") and shown["result"].endswith(
+        "[50000000 characters in all]"
+    )
     raw = workspace.evaluate("bytearray(5_000_000)", mode="display")
     assert len(raw["result"]) <= MAX_RESULT_CHARS and len(raw["display"]) <= MAX_RESULT_CHARS
     import tracemalloc
@@ -422,12 +447,16 @@ def test_a_binding_over_the_limit_is_refused_before_it_is_encoded_whole(monkeypa
         assert peak < 4 * 1024 * 1024, peak  # no repr, pickle or JSON of the 64 MiB value
         # A big value the length test cannot see is given up when its pickle reaches the limit.
         tracemalloc.reset_peak()
-        many = workspace.evaluate("many = [str(i) for i in range(2_000_000)]")["bindings_changed"]["many"]
+        many = workspace.evaluate("many = [str(i) for i in range(2_000_000)]")["bindings_changed"][
+            "many"
+        ]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert many["encoding"] == "unrestorable" and many["reason"].startswith("too large")
-    assert peak < 200 * 1024 * 1024, peak  # the list itself is ~130 MB; its JSON/pickle were not built
+    assert peak < 200 * 1024 * 1024, (
+        peak
+    )  # the list itself is ~130 MB; its JSON/pickle were not built
 
 
 def test_a_restored_definition_keeps_its_cell_name_and_line_numbers():
@@ -440,9 +469,16 @@ def test_a_restored_definition_keeps_its_cell_name_and_line_numbers():
     with pytest.raises(StuiError) as caught:
         second.evaluate("f()", cell_index=9)
     lines = caught.value.details["traceback"]
-    assert lines[1:5] == ['  File "<cell 9>", line 1, in <module>', "    f()", '  File "<cell 3>", line 4, in f', "    return 1 / 0"]
+    assert lines[1:5] == [
+        '  File "<cell 9>", line 1, in <module>',
+        "    f()",
+        '  File "<cell 3>", line 4, in f',
+        "    return 1 / 0",
+    ]
     again = second.snapshot()["bindings"]["f"]
-    assert {k: again[k] for k in ("source", "cell", "line")} == {k: stored["f"][k] for k in ("source", "cell", "line")}
+    assert {k: again[k] for k in ("source", "cell", "line")} == {
+        k: stored["f"][k] for k in ("source", "cell", "line")
+    }
     legacy = {key: value for key, value in stored["f"].items() if key not in ("cell", "line")}
     third = Image().session("s_cells")
     third.materialize({"f": legacy}, {}, 1)  # a file written before cells were recorded

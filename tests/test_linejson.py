@@ -44,7 +44,7 @@ def test_whitespace_lines_are_ignored():
 
 def test_bad_input_leaves_the_connection_usable():
     protocol, transport = connect()
-    protocol.dataReceived(b"not json\n[]\n\xff\xfe\n{\"command\": 5}\n{\"id\":9,\"command\":\"ping\"}\n")
+    protocol.dataReceived(b'not json\n[]\n\xff\xfe\n{"command": 5}\n{"id":9,"command":"ping"}\n')
     got = replies(transport)
     assert [r["status"] for r in got] == ["error"] * 4 + ["success"]
     assert not transport.disconnecting

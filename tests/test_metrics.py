@@ -36,8 +36,12 @@ NOW = 1_800_000_000.0
 class FakeStore:
     def __init__(self, **statistics) -> None:
         self._statistics = {
-            "files": 0, "bytes": 0, "pending_writes": 0, "last_flush_at": None,
-            "write_errors": 0, "quarantined": 0,
+            "files": 0,
+            "bytes": 0,
+            "pending_writes": 0,
+            "last_flush_at": None,
+            "write_errors": 0,
+            "quarantined": 0,
         }
         self._statistics.update(statistics)
         self.pending: list[defer.Deferred] = []
@@ -74,8 +78,13 @@ class FakeService:
 
 def session(number: int, client: str, state: str = "active", idle: float = 0.0) -> Session:
     return Session(
-        session_id=f"s_{number:022d}", client_id=client, created_at=NOW - 100,
-        timeout=60.0, last_activity=NOW - idle, last_modified=NOW - idle, state=state,
+        session_id=f"s_{number:022d}",
+        client_id=client,
+        created_at=NOW - 100,
+        timeout=60.0,
+        last_activity=NOW - idle,
+        last_modified=NOW - idle,
+        state=state,
     )
 
 
@@ -117,7 +126,11 @@ def test_collector_reads_sessions_storage_and_image_at_scrape_time():
             session(5, "dave"),
         ],
         image={"status": "running", "pid": 7, "started_at": None, "restarts": 3},
-        files=4, bytes=4096, pending_writes=2, write_errors=5, quarantined=1,
+        files=4,
+        bytes=4096,
+        pending_writes=2,
+        write_errors=5,
+        quarantined=1,
         last_flush_at="2027-01-15T08:00:00.000Z",
     )
     registry = registry_with(service)
@@ -247,8 +260,12 @@ def test_real_server_metrics_move_under_load(tmp_path):
 
         before = scrape(port)
         assert sample(before, "stui_sessions", state="active") == 0
-        assert sample(before, "stui_build_info", version=sample_version(before),
-                      protocol_version="1.0") == 1
+        assert (
+            sample(
+                before, "stui_build_info", version=sample_version(before), protocol_version="1.0"
+            )
+            == 1
+        )
 
         client = server.tcp_client()
         for _ in range(3):
@@ -270,11 +287,11 @@ def test_real_server_metrics_move_under_load(tmp_path):
         assert moved("stui_requests_total", command="ping", status="success") == 3
         assert moved("stui_requests_total", command="create_session", status="success") == 1
         assert moved("stui_requests_total", command="?", status="UnknownCommand") == 1
-        assert moved("stui_requests_total", command="restore_session",
-                     status="SessionNotFound") == 1
+        assert (
+            moved("stui_requests_total", command="restore_session", status="SessionNotFound") == 1
+        )
         assert moved("stui_request_duration_seconds_count", command="ping") == 3
-        assert sample(after, "stui_request_duration_seconds_bucket", command="ping",
-                      le="+Inf") == 3
+        assert sample(after, "stui_request_duration_seconds_bucket", command="ping", le="+Inf") == 3
         assert sample(after, "stui_sessions", state="active") == 1
         assert sample(after, "stui_active_clients") == 1
         assert sample(after, "stui_connections", transport="tcp") == 1

@@ -130,7 +130,9 @@ def test_zmq_needs_authentication(server, socket_type):
             )
             assert reply["error_type"] == "AuthenticationRequired", reply
             assert "token" in reply["error"]
-        reply = zmq_call(sock, {"id": 4, "command": "evaluate", "token": "made-up", "parameters": {"code": "1"}})
+        reply = zmq_call(
+            sock, {"id": 4, "command": "evaluate", "token": "made-up", "parameters": {"code": "1"}}
+        )
         assert reply["error_type"] == "AuthenticationRequired"
     finally:
         sock.close()
@@ -160,9 +162,10 @@ def test_line_transports_work_after_authenticate(server, transport):
     )
     info = again.call("get_session_info", token=token, session_id=session["session_id"])
     assert info["status"] == "success", info
-    assert again.call("close_session", token="junk", session_id=session["session_id"])[
-        "error_type"
-    ] == "AuthenticationRequired"
+    assert (
+        again.call("close_session", token="junk", session_id=session["session_id"])["error_type"]
+        == "AuthenticationRequired"
+    )
     again.call("close_session", token=token, session_id=session["session_id"])
     again.close()
 
@@ -173,14 +176,25 @@ def test_zmq_token_in_each_request_and_a_forged_identity_gets_nothing(server):
     try:
         token = zmq_call(
             sock,
-            {"id": 1, "command": "authenticate",
-             "parameters": {"username": "alice", "password": PASSWORDS["alice"]}},
+            {
+                "id": 1,
+                "command": "authenticate",
+                "parameters": {"username": "alice", "password": PASSWORDS["alice"]},
+            },
         )["result"]["token"]
-        created = zmq_call(sock, {"id": 2, "command": "create_session", "token": token,
-                                  "parameters": {"client_id": "alice"}})
+        created = zmq_call(
+            sock,
+            {
+                "id": 2,
+                "command": "create_session",
+                "token": token,
+                "parameters": {"client_id": "alice"},
+            },
+        )
         assert created["status"] == "success", created
-        evaluated = zmq_call(sock, {"id": 3, "command": "evaluate", "token": token,
-                                    "parameters": {"code": "6 * 7"}})
+        evaluated = zmq_call(
+            sock, {"id": 3, "command": "evaluate", "token": token, "parameters": {"code": "6 * 7"}}
+        )
         assert evaluated["result"]["result"] == "42"
         # The same peer, without the token: refused although it authenticated before.
         bare = zmq_call(sock, {"id": 4, "command": "evaluate", "parameters": {"code": "1"}})
@@ -190,12 +204,23 @@ def test_zmq_token_in_each_request_and_a_forged_identity_gets_nothing(server):
 
     # Someone who knows only the identity: a second socket with the SAME identity.
     session_id = created["result"]["session_id"]
-    for kind, command in (("REQ", "evaluate"), ("DEALER", "get_session_info"),
-                          ("DEALER", "list_client_sessions"), ("DEALER", "create_session")):
-        reply = _forged_call(server, kind, identity, {
-            "id": 5, "command": command, "client_id": "alice",
-            "parameters": {"code": "1", "session_id": session_id},
-        })
+    for kind, command in (
+        ("REQ", "evaluate"),
+        ("DEALER", "get_session_info"),
+        ("DEALER", "list_client_sessions"),
+        ("DEALER", "create_session"),
+    ):
+        reply = _forged_call(
+            server,
+            kind,
+            identity,
+            {
+                "id": 5,
+                "command": command,
+                "client_id": "alice",
+                "parameters": {"code": "1", "session_id": session_id},
+            },
+        )
         assert reply is not None, f"the forged-identity {kind} socket got no reply"
         assert reply["error_type"] == "AuthenticationRequired", (command, reply)
 
@@ -275,8 +300,17 @@ def test_alice_cannot_see_bobs_sessions(server):
 def run_twistd(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
-        [*twistd_command(), "-n", f"--logfile={tmp_path / 'twistd.log'}", "--pidfile=", "stui",
-         f"--data-dir={tmp_path / 'data'}", "--zmq=none", "--image=no", *args],
+        [
+            *twistd_command(),
+            "-n",
+            f"--logfile={tmp_path / 'twistd.log'}",
+            "--pidfile=",
+            "stui",
+            f"--data-dir={tmp_path / 'data'}",
+            "--zmq=none",
+            "--image=no",
+            *args,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -321,11 +355,15 @@ def test_brute_force_is_rate_limited_per_peer_on_every_transport(tmp_path, auth_
         # A new connection from the same address is the same peer; so is ZeroMQ
         # from it (the per-peer key is the IP address, Peer-Address for ZeroMQ).
         other = proc.tcp_client()
-        assert other.call("authenticate", username="bob", password="x")["error_type"] == "RateLimited"
+        assert (
+            other.call("authenticate", username="bob", password="x")["error_type"] == "RateLimited"
+        )
         sock = zmq_socket(proc, "DEALER", b"fresh-identity")
         try:
-            reply = zmq_call(sock, {"command": "authenticate",
-                                    "parameters": {"username": "bob", "password": "x"}})
+            reply = zmq_call(
+                sock,
+                {"command": "authenticate", "parameters": {"username": "bob", "password": "x"}},
+            )
             assert reply["error_type"] == "RateLimited"
         finally:
             sock.close()
@@ -334,7 +372,9 @@ def test_brute_force_is_rate_limited_per_peer_on_every_transport(tmp_path, auth_
 
 
 def test_idle_unauthenticated_connections_are_closed(tmp_path, auth_file):
-    with ServerProcess(tmp_path, f"--auth-file={auth_file}", "--idle-timeout=1", image=False) as proc:
+    with ServerProcess(
+        tmp_path, f"--auth-file={auth_file}", "--idle-timeout=1", image=False
+    ) as proc:
         started = time.monotonic()
         idle = proc.tcp_client(timeout=10)
         chatty = proc.tcp_client(timeout=10)
@@ -397,8 +437,15 @@ def test_tls_host_name_is_verified(server):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_s_client_gets_the_pong(server):
     line = s_client_first_line(
-        ["-connect", f"127.0.0.1:{server.tls_port}", "-CAfile", str(server.cert_path),
-         "-verify_hostname", "localhost", "-verify_return_error"],
+        [
+            "-connect",
+            f"127.0.0.1:{server.tls_port}",
+            "-CAfile",
+            str(server.cert_path),
+            "-verify_hostname",
+            "localhost",
+            "-verify_return_error",
+        ],
         b'{"id": "o-1", "command": "ping"}\n',
     )
     assert json.loads(line)["result"]["message"] == "pong"
@@ -408,8 +455,12 @@ def s_client_first_line(args: list[str], request: bytes, seconds: float = 20) ->
     """The first line C{openssl s_client -quiet} prints for C{request} (b"" if it ended)."""
     import threading
 
-    proc = subprocess.Popen(["openssl", "s_client", "-quiet", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["openssl", "s_client", "-quiet", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     lines: list[bytes] = []
     try:
         proc.stdin.write(request)
@@ -470,9 +521,13 @@ class PKI:
     def _write_key(self, path: Path, key) -> Path:
         from cryptography.hazmat.primitives import serialization
 
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         return path
 
     def issue(self, name: str, *, signed: bool = True, server: bool = False) -> tuple[Path, Path]:
@@ -481,11 +536,17 @@ class PKI:
         from cryptography.hazmat.primitives.asymmetric import ec
 
         key = ec.generate_private_key(ec.SECP256R1())
-        san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if server else []
+        san = (
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            if server
+            else []
+        )
         issuer = (self.ca_cert.subject, self.ca_key) if signed else None
         cert = self._certificate(name, key, issuer, san=san)
-        return (self._write_cert(self.directory / f"{name}.pem", cert),
-                self._write_key(self.directory / f"{name}.key", key))
+        return (
+            self._write_cert(self.directory / f"{name}.pem", cert),
+            self._write_key(self.directory / f"{name}.key", key),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -494,8 +555,10 @@ def mtls_server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mtls")
     pki = PKI(workdir)
     server_cert, server_key = pki.issue("server", server=True)
-    tls = (f"--tls=ssl:0:interface=127.0.0.1:privateKey={server_key}:certKey={server_cert}"
-           f":caCertsDir={workdir / 'client-cas'}")
+    tls = (
+        f"--tls=ssl:0:interface=127.0.0.1:privateKey={server_key}:certKey={server_cert}"
+        f":caCertsDir={workdir / 'client-cas'}"
+    )
     proc = ServerProcess(workdir, tls=True, image=False, zmq=False)
     proc.extra_args.append(tls)  # the later --tls wins
     proc.cert_path = pki.directory / "client-cas" / "ca.pem"
@@ -542,9 +605,17 @@ def test_client_certificate_from_another_ca_is_refused(mtls_server):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_s_client_with_a_client_certificate(mtls_server):
     cert, key = mtls_server.pki.issue("carol-client")
-    base = ["-connect", f"127.0.0.1:{mtls_server.tls_port}", "-CAfile",
-            str(mtls_server.cert_path), "-verify_hostname", "localhost",
-            "-verify_return_error"]
-    line = s_client_first_line([*base, "-cert", str(cert), "-key", str(key)], b'{"command": "ping"}\n')
+    base = [
+        "-connect",
+        f"127.0.0.1:{mtls_server.tls_port}",
+        "-CAfile",
+        str(mtls_server.cert_path),
+        "-verify_hostname",
+        "localhost",
+        "-verify_return_error",
+    ]
+    line = s_client_first_line(
+        [*base, "-cert", str(cert), "-key", str(key)], b'{"command": "ping"}\n'
+    )
     assert json.loads(line)["result"]["message"] == "pong"
     assert b"pong" not in s_client_first_line(base, b'{"command": "ping"}\n')

@@ -167,7 +167,11 @@ async def test_client_json_nested_too_deep_is_refused_and_what_is_kept_reads_bac
     for command, parameters, name in (
         ("update_session_state", f'{{"state_data":{deep}}}', "state_data"),
         ("update_session_state", f'{{"state_data":{{"x":[{deep}]}},"merge":true}}', "state_data"),
-        ("update_session_state", f'{{"workspace_context":{{"client":{deep}}}}}', "workspace_context"),
+        (
+            "update_session_state",
+            f'{{"workspace_context":{{"client":{deep}}}}}',
+            "workspace_context",
+        ),
         ("update_session_state", f'{{"inspector_state":{deep}}}', "inspector_state"),
         ("create_session", f'{{"client_id":"alice","client_info":{deep}}}', "client_info"),
         ("update_session_state", f'{{"state_data":{_nested(101)}}}', "state_data"),
@@ -177,7 +181,9 @@ async def test_client_json_nested_too_deep_is_refused_and_what_is_kept_reads_bac
         assert reply["details"] == {"parameter": name, "max_depth": 100}
         assert "more than 100 levels" in reply["error"]
     # The limit itself is accepted, kept, merged into and read back.
-    assert (await raw("update_session_state", f'{{"state_data":{_nested(100)}}}'))["status"] == "success"
+    assert (await raw("update_session_state", f'{{"state_data":{_nested(100)}}}'))[
+        "status"
+    ] == "success"
     merged = await raw("update_session_state", '{"state_data":{"a":{"b":2}},"merge":true}')
     assert merged["status"] == "success", merged
     restored = await h.ok(conn, "restore_session", session_id=sid)
@@ -191,16 +197,21 @@ def test_session_data_is_copied_and_merged_without_recursion():
     deep: dict | int = 1
     for _ in range(20_000):  # e.g. a session file written before the depth limit existed
         deep = {"a": deep}
-    session = Session("s_x", "alice", START, 60.0, START, START, session_state=deep, inspector_view=deep)
+    session = Session(
+        "s_x", "alice", START, 60.0, START, START, session_state=deep, inspector_view=deep
+    )
     context = session.context()
     assert _depth(context["session_state"]) == 20_000
-    assert context["session_state"] is not deep and context["inspector_state"]["view"]["a"] is not deep["a"]
+    assert (
+        context["session_state"] is not deep
+        and context["inspector_state"]["view"]["a"] is not deep["a"]
+    )
     patched = merge_patch(deep, {"a": {"a": {"b": [1]}}})
     assert patched["a"]["a"]["b"] == [1] and _depth(patched) == 20_000
     assert "b" not in deep["a"]["a"]  # the input is untouched
-    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": None, "e": [1]}, "a": None}) == {
-        "b": {"d": 2, "e": [1]}
-    }
+    assert merge_patch(
+        {"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": None, "e": [1]}, "a": None}
+    ) == {"b": {"d": 2, "e": [1]}}
     assert merge_patch({"a": [1]}, {"a": {"x": 1}}) == {"a": {"x": 1}}
 
 
@@ -296,7 +307,9 @@ async def test_allow_and_deny_lists(make):
     h = await make(allow_clients=("team-*",), deny_clients=("team-banned",))
     conn = h.connection()
     await h.ok(conn, "create_session", client_id="team-alice")
-    assert (await h.error(conn, "create_session", client_id="alice"))["error_type"] == "ClientNotAllowed"
+    assert (await h.error(conn, "create_session", client_id="alice"))[
+        "error_type"
+    ] == "ClientNotAllowed"
     denied = await h.error(conn, "create_session", client_id="team-banned")
     assert "deny list" in denied["error"]
 
@@ -358,7 +371,11 @@ async def test_clear_context_parts(make):
     assert restored["session_state"] == {"v": 1}
     assert restored["inspector_state"]["view"] == {}
     assert (await h.ok(conn, "clear_context"))["cleared"] == [
-        "variables", "history", "registry", "inspector", "state"
+        "variables",
+        "history",
+        "registry",
+        "inspector",
+        "state",
     ]
     bad = await h.error(conn, "clear_context", parts=["everything"])
     assert "everything" in bad["error"]
@@ -380,7 +397,12 @@ async def test_statistics_count_sessions_and_storage(make):
     assert stats["closed_sessions"] == 1
     assert stats["active_clients"] == 1
     assert set(stats["storage"]) >= {
-        "files", "bytes", "pending_writes", "last_flush_at", "write_errors", "quarantined"
+        "files",
+        "bytes",
+        "pending_writes",
+        "last_flush_at",
+        "write_errors",
+        "quarantined",
     }
     assert a["session_id"]
 
@@ -423,7 +445,9 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     flushing = defer.ensureDeferred(h.service.flush())
     assert not flushing.called  # waiting for the next reactor turn after one session
     # Between slices: change the first session, close the third.
-    await h.ok(conn, "update_session_state", session_id=sids[0], client_id="c0", state_data={"late": True})
+    await h.ok(
+        conn, "update_session_state", session_id=sids[0], client_id="c0", state_data={"late": True}
+    )
     await h.ok(conn, "close_session", session_id=sids[2], client_id="c2")
     for _ in range(10):
         h.clock.advance(0)
@@ -578,7 +602,9 @@ async def test_sessions_survive_a_service_restart(make, tmp_path):
     assert restored["session_state"] == {"k": [1, 2]}
     assert restored["workspace_context"]["client"] == {"editor": "print(1)"}
     assert restored["inspector_state"]["view"] == {"tab": 2}
-    assert (await again.error(conn2, "restore_session", session_id=closed))["error_type"] == "SessionClosed"
+    assert (await again.error(conn2, "restore_session", session_id=closed))[
+        "error_type"
+    ] == "SessionClosed"
     stats = await again.ok(conn2, "get_session_statistics")
     assert stats["active_sessions"] == 1 and stats["closed_sessions"] == 1
 
@@ -590,13 +616,21 @@ def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
     for bindings in (
         {},
         {"x": {"encoding": "json", "value": "é" * 100, "type": "str", "repr": "'é'"}},
-        {f"b{i}": {"encoding": "json", "value": i, "type": "int", "repr": str(i)} for i in range(50)},
+        {
+            f"b{i}": {"encoding": "json", "value": i, "type": "int", "repr": str(i)}
+            for i in range(50)
+        },
     ):
         session.bindings = bindings
         session.history = [{"index": 1, "code": "ü = 1"}]
         exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
         assert session.encoded_size() == exact
-    session.bindings["b3"] = {"encoding": "json", "value": "longer" * 100, "type": "str", "repr": "'…'"}
+    session.bindings["b3"] = {
+        "encoding": "json",
+        "value": "longer" * 100,
+        "type": "str",
+        "repr": "'…'",
+    }
     exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
     assert session.encoded_size() == exact
     # Registry and history: added, replaced, evicted, emptied.

@@ -115,7 +115,11 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
         Command(
             "close_session",
             S.close_session,
-            (SESSION_ID, Param("client_id", "string"), Param("save_state", "boolean", default=True)),
+            (
+                SESSION_ID,
+                Param("client_id", "string"),
+                Param("save_state", "boolean", default=True),
+            ),
             "end a session for good",
         ),
         Command(
@@ -127,7 +131,10 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
         Command(
             "list_client_sessions",
             S.list_client_sessions,
-            (Param("client_id", "string", True), Param("include_inactive", "boolean", default=False)),
+            (
+                Param("client_id", "string", True),
+                Param("include_inactive", "boolean", default=False),
+            ),
             "the client's sessions",
         ),
         Command("get_session_statistics", S.get_session_statistics, (), "server-wide counters"),

@@ -177,7 +177,9 @@ def _print_table(headers: list[str], rows: list[list[Any]]) -> None:
     table = [headers] + [["" if cell is None else str(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in table) for column in range(len(headers))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def _print_json(value: Any) -> None:
@@ -186,8 +188,13 @@ def _print_json(value: Any) -> None:
 
 def parse_quarantine_name(name: str) -> dict:
     """What a quarantined file's name tells: when, from where, which session."""
-    info = {"file": name, "quarantined_at": None, "original": None,
-            "client_id": None, "session_id": None}
+    info = {
+        "file": name,
+        "quarantined_at": None,
+        "original": None,
+        "client_id": None,
+        "session_id": None,
+    }
     match = _QUARANTINE_NAME.match(name)
     if match is None:
         return info
@@ -247,8 +254,13 @@ async def command_list(reactor, store, args) -> int:
     _print_table(
         ["SESSION_ID", "CLIENT", "STATE", "LAST_ACTIVITY", "SIZE"],
         [
-            [r["session_id"], r["client_id"], r["effective_state"], r.get("last_activity"),
-             r.get("size_bytes")]
+            [
+                r["session_id"],
+                r["client_id"],
+                r["effective_state"],
+                r.get("last_activity"),
+                r.get("size_bytes"),
+            ]
             for r in rows
         ],
     )
@@ -299,8 +311,17 @@ async def command_quarantine(reactor, store, args) -> int:
         return EXIT_OK
     _print_table(
         ["QUARANTINED_AT", "CLIENT", "SESSION_ID", "ORIGINAL", "SIZE", "FILE"],
-        [[r["quarantined_at"], r["client_id"], r["session_id"], r["original"], r["size_bytes"],
-          r["file"]] for r in rows],
+        [
+            [
+                r["quarantined_at"],
+                r["client_id"],
+                r["session_id"],
+                r["original"],
+                r["size_bytes"],
+                r["file"],
+            ]
+            for r in rows
+        ],
     )
     print(f"{len(rows)} files in {store.quarantine_dir}", file=sys.stderr)
     return EXIT_OK
@@ -329,9 +350,16 @@ async def command_expire(reactor, store, args) -> int:
     document["last_modified"] = iso_timestamp(now)
     await store.write(document)
     updated = [
-        _index_without_cache(dict(m, state="expired", timeout=document["timeout"],
-                                  last_modified=document["last_modified"]))
-        if m["session_id"] == args.session_id else m
+        _index_without_cache(
+            dict(
+                m,
+                state="expired",
+                timeout=document["timeout"],
+                last_modified=document["last_modified"],
+            )
+        )
+        if m["session_id"] == args.session_id
+        else m
         for m in metas
     ]
     await store.write_index(updated)
@@ -372,11 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="expire and delete are offline operations: stop the server first.",
     )
     parser.add_argument(
-        "--data-dir", default=DEFAULT_DATA_DIR,
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
         help=f"the server's data directory (default: {DEFAULT_DATA_DIR})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    listing = commands.add_parser("list", help="sessions on disk: id, client, state, last activity, size")
+    listing = commands.add_parser(
+        "list", help="sessions on disk: id, client, state, last activity, size"
+    )
     listing.add_argument("--client", help="only this client id's sessions")
     listing.add_argument("--state", choices=("active", "expired", "closed"), help="only this state")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")

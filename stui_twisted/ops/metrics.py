@@ -56,12 +56,43 @@ __all__ = [
 #: Request latency buckets (s): fast commands land in the first few, evaluations
 #: may run up to the 600 s maximum time limit.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    600.0,
 )
 
 #: Durable write buckets (s): an fsync'd write takes a millisecond to a second.
-FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FLUSH_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 SESSION_STATES = ("active", "expired", "closed")
 TRANSPORTS = ("tcp", "tls", "zmq")
@@ -123,7 +154,8 @@ class ServerCollector:
         info.add_metric((__version__, PROTOCOL_VERSION), 1)
         yield info
         yield GaugeMetricFamily(
-            "stui_uptime_seconds", "Seconds since the session service started.",
+            "stui_uptime_seconds",
+            "Seconds since the session service started.",
             value=self.service.uptime(),
         )
 
@@ -148,7 +180,8 @@ class ServerCollector:
             sessions.add_metric((state,), counts[state])
         yield sessions
         yield GaugeMetricFamily(
-            "stui_active_clients", "Client ids with at least one active session.",
+            "stui_active_clients",
+            "Client ids with at least one active session.",
             value=len(clients),
         )
 
@@ -170,15 +203,18 @@ class ServerCollector:
     def _storage(self):
         statistics = self.service.store.statistics()
         yield GaugeMetricFamily(
-            "stui_storage_files", "Session files the store knows of.",
+            "stui_storage_files",
+            "Session files the store knows of.",
             value=statistics.get("files", 0),
         )
         yield GaugeMetricFamily(
-            "stui_storage_bytes", "Bytes in those session files.",
+            "stui_storage_bytes",
+            "Bytes in those session files.",
             value=statistics.get("bytes", 0),
         )
         yield GaugeMetricFamily(
-            "stui_storage_pending_writes", "Writes queued or running in the store.",
+            "stui_storage_pending_writes",
+            "Writes queued or running in the store.",
             value=statistics.get("pending_writes", 0),
         )
         yield CounterMetricFamily(
@@ -206,7 +242,8 @@ class ServerCollector:
     def _image(self):
         status = self.service.image_status() or {}
         yield GaugeMetricFamily(
-            "stui_image_up", "1 when the live image process is running, else 0.",
+            "stui_image_up",
+            "1 when the live image process is running, else 0.",
             value=1 if status.get("status") == "running" else 0,
         )
         yield CounterMetricFamily(
@@ -313,8 +350,9 @@ def metrics_site(registry: CollectorRegistry) -> MetricsSite:
     return MetricsSite(root)
 
 
-def metrics_listener(description: str, service: Any, dispatcher: Any, reactor: Any,
-                     connections: Any = None):
+def metrics_listener(
+    description: str, service: Any, dispatcher: Any, reactor: Any, connections: Any = None
+):
     """The C{metrics} listener service for a strports C{description}.
 
     It logs C{metrics listening on HOST:PORT} once bound, like the other
@@ -324,7 +362,9 @@ def metrics_listener(description: str, service: Any, dispatcher: Any, reactor: A
 
     registry = build_registry(service, dispatcher, connections)
     listener = ListenerService(
-        "metrics", endpoints.serverFromString(reactor, description), metrics_site(registry),
+        "metrics",
+        endpoints.serverFromString(reactor, description),
+        metrics_site(registry),
         description,
     )
     listener.setName("metrics")

@@ -124,16 +124,12 @@ def parse_request(data: bytes) -> Request:
         raise RequestError(f"request is not valid UTF-8 (byte {exc.start})") from None
     message = _decode_json(text)
     if not isinstance(message, dict):
-        raise RequestError(
-            f"request must be a JSON object, not {_json_type_name(message)}"
-        )
+        raise RequestError(f"request must be a JSON object, not {_json_type_name(message)}")
     request_id = message.get("id")
     if request_id is not None and (
         isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
     ):
-        raise RequestError(
-            "field 'id' must be a string, a number or null", None, field="id"
-        )
+        raise RequestError("field 'id' must be a string, a number or null", None, field="id")
     command = message.get("command")
     if command is None:
         raise RequestError("field 'command' is required", request_id, field="command")

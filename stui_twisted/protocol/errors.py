@@ -58,9 +58,7 @@ class StuiError(Exception):
 
 def invalid_parameter(name: str, problem: str, **details: Any) -> StuiError:
     """An C{InvalidRequest} naming parameter C{name}, e.g. "must be a string"."""
-    return StuiError(
-        "InvalidRequest", f"parameter '{name}' {problem}", parameter=name, **details
-    )
+    return StuiError("InvalidRequest", f"parameter '{name}' {problem}", parameter=name, **details)
 
 
 class StorageFailure(Exception):
