@@ -28,24 +28,13 @@ from stui_twisted.access.auth import (
     Principal,
     iso_utc,
 )
-from stui_twisted.access.passwd import PasswordFileError, hash_password, write_atomically
+from stui_twisted.access.passwd import PasswordFileError, hash_password
 from stui_twisted.protocol.errors import StuiError
 from stui_twisted.settings import Settings
+from tests.helpers import SyncPool, write_users
 
 FAST = {"n": 2**10, "r": 8, "p": 1}
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
-
-
-class SyncPool:
-    """A thread pool stand-in that runs the work at once, on the calling thread."""
-
-    def callInThreadWithCallback(self, onResult, func, *args, **kw):
-        try:
-            result = func(*args, **kw)
-        except BaseException:
-            onResult(False, Failure())
-        else:
-            onResult(True, result)
 
 
 class ManualPool:
@@ -81,13 +70,6 @@ def stui_error_of(d) -> StuiError:
     with pytest.raises(StuiError) as info:
         result_of(d)
     return info.value
-
-
-def write_users(path, **users: str) -> None:
-    lines = [
-        f"{name.replace('__', ':')}:{hash_password(pw, **FAST)}\n" for name, pw in users.items()
-    ]
-    write_atomically(str(path), ["# test users\n", *lines])
 
 
 @pytest.fixture

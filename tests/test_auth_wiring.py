@@ -11,13 +11,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from stui_twisted.access.passwd import hash_password, write_atomically
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.settings import Settings
 from stui_twisted.transports.connections import ConnectionRegistry
 from stui_twisted.transports.linejson import LineJSONFactory
 from stui_twisted.transports.tls import TLSConfigError, server_endpoint
-from tests.helpers import NullImageService, dispatch, make_dispatcher
+from tests.helpers import NullImageService, dispatch, make_dispatcher, write_users
 
 
 class FakeAuth:
@@ -184,7 +183,7 @@ def test_build_server_loads_the_auth_file_and_starts_auth_before_listeners(tmp_p
     from stui_twisted.tap import build_server
 
     users = tmp_path / "users"
-    write_atomically(str(users), [f"alice:{hash_password('pw', n=2**4, r=1, p=1)}\n"])
+    write_users(users, alice="pw")
     settings = Settings(data_dir=str(tmp_path / "d"), auth_file=str(users), image_enabled=False)
     root, _ = build_server(settings, reactor)
     names = [child.name for child in root]

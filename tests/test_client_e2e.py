@@ -190,60 +190,55 @@ def test_eval_over_zmq_and_verified_tls(server, state_dir):
     assert "not trusted" in completed.stderr
 
 
-def test_the_client_reconnects_after_the_server_is_killed_and_restarted(tmp_path, state_dir):
+def test_the_client_reconnects_after_the_server_is_killed_and_restarted(
+    tmp_path, state_dir, start_server
+):
     port = free_port()
-    proc = ServerProcess(tmp_path / "server", f"--tcp=tcp:{port}:interface=127.0.0.1", zmq=False)
+    proc = start_server(tmp_path / "server", f"--tcp=tcp:{port}:interface=127.0.0.1", zmq=False)
+    child = spawn_repl(tcp_url(proc), state_dir)
+    child.expect(">>>")
+    submit(child, "y = 5")
+    child.expect(">>>")
+    submit(child, ":save")
+    child.expect("Saved at")
+    child.expect(">>>")
+    proc.kill()
+    child.expect("reconnecting")
     proc.start()
-    try:
-        child = spawn_repl(tcp_url(proc), state_dir)
-        child.expect(">>>")
-        submit(child, "y = 5")
-        child.expect(">>>")
-        submit(child, ":save")
-        child.expect("Saved at")
-        child.expect(">>>")
-        proc.kill()
-        child.expect("reconnecting")
-        proc.start()
-        child.expect("Reconnected to", timeout=20)
-        child.expect("restored")
-        submit(child, "y * 2222")
-        child.expect("11110")
-        child.expect(">>>")
-        quit_repl(child)
-    finally:
-        proc.kill()
+    child.expect("Reconnected to", timeout=20)
+    child.expect("restored")
+    submit(child, "y * 2222")
+    child.expect("11110")
+    child.expect(">>>")
+    quit_repl(child)
 
 
-def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch):
+def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch, start_server):
     users = tmp_path / "users"
     write_atomically(str(users), [f"alice:{hash_password('s3cret', n=2**4)}"])
-    proc = ServerProcess(tmp_path / "server", f"--auth-file={users}", zmq=True).start()
-    try:
-        monkeypatch.setenv("STUI_PASSWORD", "s3cret")
-        completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
-        assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
-        zmq_url = proc.zmq_url.replace("tcp://", "zmq://")
-        completed = run_eval(zmq_url, state_dir, "--user", "alice", "--eval", "6 * 7")
-        assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
-        monkeypatch.setenv("STUI_PASSWORD", "wrong")
-        completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
-        assert completed.returncode == 2
-        assert "AuthenticationFailed" in completed.stderr
-        monkeypatch.delenv("STUI_PASSWORD")
-        completed = run_eval(tcp_url(proc), state_dir, "--eval", "1")
-        assert completed.returncode == 2
-        assert "--user" in completed.stderr
-        child = spawn_repl(tcp_url(proc), state_dir, "--client-id=alice")
-        child.expect("username: ")
-        child.sendline("alice")
-        child.expect("password for alice: ")
-        child.sendline("s3cret")
-        child.expect("Session s_\\S+ restored")
-        child.expect(">>>")
-        submit(child, "6 * 7")
-        child.expect("42")
-        child.expect(">>>")
-        quit_repl(child)
-    finally:
-        proc.kill()
+    proc = start_server(tmp_path / "server", f"--auth-file={users}", zmq=True)
+    monkeypatch.setenv("STUI_PASSWORD", "s3cret")
+    completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
+    assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
+    zmq_url = proc.zmq_url.replace("tcp://", "zmq://")
+    completed = run_eval(zmq_url, state_dir, "--user", "alice", "--eval", "6 * 7")
+    assert (completed.returncode, completed.stdout) == (0, "42\n"), completed.stderr
+    monkeypatch.setenv("STUI_PASSWORD", "wrong")
+    completed = run_eval(tcp_url(proc), state_dir, "--user", "alice", "--eval", "6 * 7")
+    assert completed.returncode == 2
+    assert "AuthenticationFailed" in completed.stderr
+    monkeypatch.delenv("STUI_PASSWORD")
+    completed = run_eval(tcp_url(proc), state_dir, "--eval", "1")
+    assert completed.returncode == 2
+    assert "--user" in completed.stderr
+    child = spawn_repl(tcp_url(proc), state_dir, "--client-id=alice")
+    child.expect("username: ")
+    child.sendline("alice")
+    child.expect("password for alice: ")
+    child.sendline("s3cret")
+    child.expect("Session s_\\S+ restored")
+    child.expect(">>>")
+    submit(child, "6 * 7")
+    child.expect("42")
+    child.expect(">>>")
+    quit_repl(child)

@@ -62,8 +62,7 @@ def _kill_loop(tmp_path: Path, durability: str, seed: int) -> list[dict]:
         f"--flush-interval={FLUSH_INTERVAL}",
         image=False,
         zmq=False,
-    )
-    server.start()
+    ).start()
     client_id = "crash"
     session_id = create_counter_session(server, client_id)
     stored = 0
@@ -127,8 +126,7 @@ def _update(client, session_id: str, counter: int) -> dict:
 
 def test_failing_disk_answers_storage_error_and_recovers(tmp_path):
     """Unwritable session directory: StorageError, reads work, nothing acknowledged is lost."""
-    server = ServerProcess(tmp_path, "--durability=always", image=False, zmq=False)
-    server.start()
+    server = ServerProcess(tmp_path, "--durability=always", image=False, zmq=False).start()
     try:
         client = server.tcp_client()
         session_id = client.result("create_session", client_id="disk")["session_id"]
@@ -170,67 +168,62 @@ def test_failing_disk_answers_storage_error_and_recovers(tmp_path):
         server.kill()
 
 
-def test_image_killed_during_eight_concurrent_evaluations(tmp_path):
+def test_image_killed_during_eight_concurrent_evaluations(tmp_path, start_server):
     """SIGKILL the image under 8 running evaluations: all answered, no session lost."""
-    server = ServerProcess(
+    server = start_server(
         tmp_path, "--max-sessions-per-client=20", "--create-rate-limit=100", zmq=False
     )
-    server.start()
-    try:
-        clients, sessions = [], []
-        for i in range(8):
-            client = server.tcp_client(timeout=30)
-            sid = client.result("create_session", client_id=f"eval-{i}")["session_id"]
-            assert client.result("evaluate", session_id=sid, code=f"x = {i}")["has_error"] is False
-            clients.append(client)
-            sessions.append(sid)
-        probe = server.tcp_client()
-        old_pid = probe.result("ping")["image"]["pid"]
-        assert old_pid
+    clients, sessions = [], []
+    for i in range(8):
+        client = server.tcp_client(timeout=30)
+        sid = client.result("create_session", client_id=f"eval-{i}")["session_id"]
+        assert client.result("evaluate", session_id=sid, code=f"x = {i}")["has_error"] is False
+        clients.append(client)
+        sessions.append(sid)
+    probe = server.tcp_client()
+    old_pid = probe.result("ping")["image"]["pid"]
+    assert old_pid
 
-        replies: list[dict | None] = [None] * 8
-        running = threading.Barrier(9)
+    replies: list[dict | None] = [None] * 8
+    running = threading.Barrier(9)
 
-        def evaluate(index: int) -> None:
-            running.wait(10)
-            replies[index] = clients[index].call(
-                "evaluate", session_id=sessions[index], code="import time; time.sleep(3); 42"
-            )
-
-        threads = [threading.Thread(target=evaluate, args=(i,), daemon=True) for i in range(8)]
-        for thread in threads:
-            thread.start()
+    def evaluate(index: int) -> None:
         running.wait(10)
-        time.sleep(0.5)  # the 8 evaluations are running in the image now
-        os.kill(old_pid, signal.SIGKILL)
-        for thread in threads:
-            thread.join(30)
-        assert all(reply is not None for reply in replies), replies
-        for reply in replies:
-            assert reply["status"] == "success" or reply["error_type"] == "ImageRestarted", reply
+        replies[index] = clients[index].call(
+            "evaluate", session_id=sessions[index], code="import time; time.sleep(3); 42"
+        )
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            image = probe.result("ping")["image"]
-            if image["pid"] and image["pid"] != old_pid and image["status"] in ("ready", "running"):
-                break
-            time.sleep(0.05)
-        assert image["pid"] != old_pid, image
-        for i, (client, sid) in enumerate(zip(clients, sessions, strict=True)):
-            assert client.result("get_session_info", session_id=sid)["is_active"] is True
-            result = client.result("evaluate", session_id=sid, code="x")
-            assert result["result"] == repr(i), result
-        for client in (*clients, probe):
-            client.close()
-    finally:
-        server.kill()
+    threads = [threading.Thread(target=evaluate, args=(i,), daemon=True) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    running.wait(10)
+    time.sleep(0.5)  # the 8 evaluations are running in the image now
+    os.kill(old_pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(30)
+    assert all(reply is not None for reply in replies), replies
+    for reply in replies:
+        assert reply["status"] == "success" or reply["error_type"] == "ImageRestarted", reply
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        image = probe.result("ping")["image"]
+        if image["pid"] and image["pid"] != old_pid and image["status"] in ("ready", "running"):
+            break
+        time.sleep(0.05)
+    assert image["pid"] != old_pid, image
+    for i, (client, sid) in enumerate(zip(clients, sessions, strict=True)):
+        assert client.result("get_session_info", session_id=sid)["is_active"] is True
+        result = client.result("evaluate", session_id=sid, code="x")
+        assert result["result"] == repr(i), result
+    for client in (*clients, probe):
+        client.close()
 
 
 @pytest.mark.parametrize("durability", ["batch", "none"])
 def test_sigterm_keeps_every_acknowledged_update(tmp_path, durability):
     """A clean SIGTERM mid-stream must not lose an acknowledged update, whatever the policy."""
-    server = ServerProcess(tmp_path, f"--durability={durability}", image=False, zmq=False)
-    server.start()
+    server = ServerProcess(tmp_path, f"--durability={durability}", image=False, zmq=False).start()
     session_id = create_counter_session(server, "term")
     stored = 0
     try:
@@ -264,8 +257,7 @@ def test_batch_change_during_a_flush_is_written_later(tmp_path):
 
     server = ServerProcess(
         tmp_path, "--durability=batch", "--flush-interval=0.05", image=False, zmq=False
-    )
-    server.start()
+    ).start()
     stop = threading.Event()
     writer = None
     try:
@@ -318,37 +310,34 @@ def _no_leftover_aside(tmp_path):
 
 def test_batch_with_a_failing_disk_stops_acknowledging_and_a_failed_final_flush_exits_nonzero(
     tmp_path,
+    start_server,
 ):
     """Issue 13.9: no acknowledged change that batch cannot write, no false 'flushed'."""
-    server = ServerProcess(
+    server = start_server(
         tmp_path, "--durability=batch", "--flush-interval=0.2", image=False, zmq=False
     )
-    server.start()
-    try:
-        client = server.tcp_client()
-        session_id = client.result("create_session", client_id="disk")["session_id"]
-        assert _update(client, session_id, 1)["status"] == "success"
-        time.sleep(0.6)  # flushed
-        client_dir = server.data_dir / "sessions" / encode_client_dir("disk")
-        client_dir.rename(client_dir.with_name(client_dir.name + ".aside"))
-        client_dir.write_text("not a directory: every write below it fails, even as root\n")
-        # Acknowledged within the batch window: the next flush fails to write it.
-        assert _update(client, session_id, 2)["status"] == "success"
-        deadline = time.monotonic() + 10
-        while (
-            "could not be written" not in server.log_text()
-            and "batch flush failed" not in server.log_text()
-        ):
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.05)
-        # From now on batch acknowledges nothing it cannot write.
-        for counter in (3, 4):
-            reply = _update(client, session_id, counter)
-            assert reply["error_type"] == "StorageError", reply
-        client.close()
-        status = server.stop()
-    finally:
-        server.kill()
+    client = server.tcp_client()
+    session_id = client.result("create_session", client_id="disk")["session_id"]
+    assert _update(client, session_id, 1)["status"] == "success"
+    time.sleep(0.6)  # flushed
+    client_dir = server.data_dir / "sessions" / encode_client_dir("disk")
+    client_dir.rename(client_dir.with_name(client_dir.name + ".aside"))
+    client_dir.write_text("not a directory: every write below it fails, even as root\n")
+    # Acknowledged within the batch window: the next flush fails to write it.
+    assert _update(client, session_id, 2)["status"] == "success"
+    deadline = time.monotonic() + 10
+    while (
+        "could not be written" not in server.log_text()
+        and "batch flush failed" not in server.log_text()
+    ):
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.05)
+    # From now on batch acknowledges nothing it cannot write.
+    for counter in (3, 4):
+        reply = _update(client, session_id, counter)
+        assert reply["error_type"] == "StorageError", reply
+    client.close()
+    status = server.stop()
     log = server.log_text()
     assert status == 75, log
     assert "final flush FAILED" in log and session_id in log, log

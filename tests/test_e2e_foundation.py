@@ -17,8 +17,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("e2e"), tls=True, image=False)
-    proc.start()
+    proc = ServerProcess(tmp_path_factory.mktemp("e2e"), tls=True, image=False).start()
     yield proc
     proc.kill()
 

@@ -43,8 +43,7 @@ def rss_kib(pid: int) -> int:
 def server(tmp_path):
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux /proc")
-    proc = ServerProcess(tmp_path, tls=False, zmq=False, image=False)
-    proc.start()
+    proc = ServerProcess(tmp_path, tls=False, zmq=False, image=False).start()
     yield proc
     proc.kill()
 

@@ -41,7 +41,7 @@ from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
 from stui_twisted.transports.linejson import LineJSONFactory
 from stui_twisted.transports.zmqrouter import ZmqRouterService
-from tests.helpers import NullImageService
+from tests.helpers import NullImageService, SyncPool
 
 EXAMPLES = int(os.environ.get("STUI_HOSTILE_EXAMPLES", "10000"))
 HYPOTHESIS = settings(
@@ -53,26 +53,6 @@ HYPOTHESIS = settings(
 # Extra angles on the same entry points get a fifth of the budget.
 SECONDARY = settings(HYPOTHESIS, max_examples=max(1, EXAMPLES // 5))
 ONE_MB = 1024 * 1024
-
-
-class SyncPool:
-    """A thread-pool stand-in: runs the work at once, on the calling thread."""
-
-    started = True
-
-    def start(self) -> None:
-        self.started = True
-
-    def stop(self) -> None:
-        self.started = False
-
-    def callInThreadWithCallback(self, on_result, func, *args, **kw):  # noqa: N802
-        try:
-            result = func(*args, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 class SyncReactor(task.Clock):

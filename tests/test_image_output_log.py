@@ -10,7 +10,6 @@ from twisted.logger import Logger
 
 from stui_twisted.image import outputlog
 from stui_twisted.image.outputlog import ChildOutputLog
-from tests.serverproc import ServerProcess
 
 
 class Recorder:
@@ -78,18 +77,15 @@ threading.Thread(target=flood, daemon=True).start()
 @pytest.mark.e2e
 @pytest.mark.image
 @pytest.mark.timeout(60)
-def test_a_thread_writing_to_fd_1_does_not_grow_the_server_log(tmp_path):
-    server = ServerProcess(tmp_path, zmq=False).start()
-    try:
-        client = server.tcp_client()
-        client.result("create_session", client_id="alice")
-        before = server.log_path.stat().st_size
-        client.result("evaluate", code=FLOOD)
-        time.sleep(2.5)
-        assert client.result("ping")["message"] == "pong"
-        grown = server.log_path.stat().st_size - before
-        # About 3 intervals' worth of lines at most (each ~200 bytes with its prefix).
-        assert grown < 3 * outputlog.MAX_LINES_PER_INTERVAL * 300, grown
-        assert "dropped" in server.log_text()
-    finally:
-        server.kill()
+def test_a_thread_writing_to_fd_1_does_not_grow_the_server_log(tmp_path, start_server):
+    server = start_server(tmp_path, zmq=False)
+    client = server.tcp_client()
+    client.result("create_session", client_id="alice")
+    before = server.log_path.stat().st_size
+    client.result("evaluate", code=FLOOD)
+    time.sleep(2.5)
+    assert client.result("ping")["message"] == "pong"
+    grown = server.log_path.stat().st_size - before
+    # About 3 intervals' worth of lines at most (each ~200 bytes with its prefix).
+    assert grown < 3 * outputlog.MAX_LINES_PER_INTERVAL * 300, grown
+    assert "dropped" in server.log_text()

@@ -43,8 +43,7 @@ def server(tmp_path):
         f"--max-message-bytes={16 * MiB}",
         zmq=False,
         image=False,
-    )
-    proc.start()
+    ).start()
     yield proc
     proc.kill()
 

@@ -84,8 +84,7 @@ def server(tmp_path_factory, auth_file):
     """Auth on, TCP + TLS + ZeroMQ, with the live image (evaluate needs it)."""
     proc = ServerProcess(
         tmp_path_factory.mktemp("secure"), f"--auth-file={auth_file}", tls=True, image=True
-    )
-    proc.start()
+    ).start()
     yield proc
     proc.kill()
 

@@ -219,7 +219,7 @@ def _status_kib(pid: int, field: str) -> int:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(90)
-def test_a_frame_over_the_limit_is_refused_by_libzmq_before_it_is_buffered(tmp_path):
+def test_a_frame_over_the_limit_is_refused_by_libzmq_before_it_is_buffered(tmp_path, start_server):
     """1 MiB limit (2 x 512 KiB), a 64 MiB frame: the server never holds it.
 
     libzmq checks a frame's size from its header when C{ZMQ_MAXMSGSIZE} is
@@ -229,42 +229,37 @@ def test_a_frame_over_the_limit_is_refused_by_libzmq_before_it_is_buffered(tmp_p
     """
     import os
 
-    from tests.serverproc import ServerProcess
-
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux /proc")
     limit = 512 * 1024
-    server = ServerProcess(tmp_path, f"--max-message-bytes={limit}", image=False).start()
-    try:
-        pid = server.process.pid
-        for n in range(20):  # warm up: imports, buffers, the first peers
-            assert server.zmq_request({"id": n, "command": "ping"})["status"] == "success"
-        peak_before = _status_kib(pid, "VmHWM")
-        rss_before = _status_kib(pid, "VmRSS")
+    server = start_server(tmp_path, f"--max-message-bytes={limit}", image=False)
+    pid = server.process.pid
+    for n in range(20):  # warm up: imports, buffers, the first peers
+        assert server.zmq_request({"id": n, "command": "ping"})["status"] == "success"
+    peak_before = _status_kib(pid, "VmHWM")
+    rss_before = _status_kib(pid, "VmRSS")
 
-        hog = zmq.Context.instance().socket(zmq.DEALER)
-        hog.setsockopt(zmq.LINGER, 0)
-        hog.setsockopt(zmq.SNDTIMEO, 30_000)
-        hog.connect(server.zmq_url)
-        try:
-            hog.send_multipart([b"", b"x" * (64 << 20)])
-            # While (or after) the hog sends, another client is answered.
-            started = time.monotonic()
-            assert server.zmq_request({"id": "other", "command": "ping"})["status"] == "success"
-            other_latency = time.monotonic() - started
-            time.sleep(1.0)  # the hog's frame has been pushed by now (or refused)
-            hog_reply = hog.poll(500) and hog.recv_multipart()
-        finally:
-            hog.close()
-        assert server.zmq_request({"id": "after", "command": "ping"})["status"] == "success"
-        peak_growth = _status_kib(pid, "VmHWM") - peak_before
-        rss_growth = _status_kib(pid, "VmRSS") - rss_before
-        print(
-            f"64 MiB frame, 1 MiB limit: server peak RSS +{peak_growth} KiB, "
-            f"RSS +{rss_growth} KiB, other client's ping {other_latency * 1000:.1f} ms"
-        )
-        assert peak_growth < 8 * 1024, f"peak RSS grew by {peak_growth} KiB"
-        assert rss_growth < 8 * 1024, f"RSS grew by {rss_growth} KiB"
-        assert not hog_reply, "the frame reached the server (libzmq should have dropped it)"
+    hog = zmq.Context.instance().socket(zmq.DEALER)
+    hog.setsockopt(zmq.LINGER, 0)
+    hog.setsockopt(zmq.SNDTIMEO, 30_000)
+    hog.connect(server.zmq_url)
+    try:
+        hog.send_multipart([b"", b"x" * (64 << 20)])
+        # While (or after) the hog sends, another client is answered.
+        started = time.monotonic()
+        assert server.zmq_request({"id": "other", "command": "ping"})["status"] == "success"
+        other_latency = time.monotonic() - started
+        time.sleep(1.0)  # the hog's frame has been pushed by now (or refused)
+        hog_reply = hog.poll(500) and hog.recv_multipart()
     finally:
-        server.kill()
+        hog.close()
+    assert server.zmq_request({"id": "after", "command": "ping"})["status"] == "success"
+    peak_growth = _status_kib(pid, "VmHWM") - peak_before
+    rss_growth = _status_kib(pid, "VmRSS") - rss_before
+    print(
+        f"64 MiB frame, 1 MiB limit: server peak RSS +{peak_growth} KiB, "
+        f"RSS +{rss_growth} KiB, other client's ping {other_latency * 1000:.1f} ms"
+    )
+    assert peak_growth < 8 * 1024, f"peak RSS grew by {peak_growth} KiB"
+    assert rss_growth < 8 * 1024, f"RSS grew by {rss_growth} KiB"
+    assert not hog_reply, "the frame reached the server (libzmq should have dropped it)"
