@@ -24,7 +24,7 @@ itself stuck in blocking code: for tests marked with pytest-twisted (whose
 bodies await) it fires :data:`BACKSTOP_GRACE` seconds after the deadline; for
 plain test functions it fires at the deadline, raising inside the blocked
 test code (the test then fails normally).
-``tests/test_conftest_timeouts.py`` runs pytest on a hanging test file to
+``tests/unit/test_conftest_timeouts.py`` runs pytest on a hanging test file to
 show a hang fails in bounded time and the next test still passes.
 """
 

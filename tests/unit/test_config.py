@@ -41,7 +41,7 @@ def test_flags_override_config_file(tmp_path):
 def test_shipped_example_config_parses():
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "etc" / "stui.ini"
+    example = Path(__file__).resolve().parents[2] / "etc" / "stui.ini"
     settings = parse(f"--config={example}").settings
     assert settings.tcp.startswith("tcp:")
 

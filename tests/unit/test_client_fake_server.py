@@ -31,7 +31,7 @@ from tests.helpers import wait_for_signal_keys
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SPIN_FOREVER = "while True: pass"
 
 

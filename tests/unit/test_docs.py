@@ -1,7 +1,7 @@
 """The documentation matches the code: options, commands, error types, etc/ files.
 
 Regenerate the option table of docs/operations.md with
-C{python -m tests.test_docs > /tmp/options.md} and paste it between the markers.
+C{python -m tests.unit.test_docs > /tmp/options.md} and paste it between the markers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from stui_twisted.protocol.errors import ERROR_TYPES
 from stui_twisted.settings import Settings
 from stui_twisted.tap import Options
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTOCOL = ROOT / "docs" / "protocol.md"
 OPERATIONS = ROOT / "docs" / "operations.md"
 INI = ROOT / "etc" / "stui.ini"
@@ -80,7 +80,7 @@ def test_operations_option_table_matches_the_options():
     block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert block == options_table(), (
         "docs/operations.md's option table is out of date; regenerate it with "
-        "`python -m tests.test_docs`"
+        "`python -m tests.unit.test_docs`"
     )
 
 
