@@ -51,6 +51,8 @@ class Request:
     id: Any = None
     parameters: dict = field(default_factory=dict)
     token: str | None = None
+    format_a: Any = None
+    """A L{stui_twisted.protocol.format_a.FormatA} when the request came in that envelope."""
 
 
 class RequestError(StuiError):
@@ -125,6 +127,8 @@ def parse_request(data: bytes) -> Request:
     message = _decode_json(text)
     if not isinstance(message, dict):
         raise RequestError(f"request must be a JSON object, not {_json_type_name(message)}")
+    if "payload" in message and "command" not in message:
+        return format_a.parse(message)
     request_id = message.get("id")
     if request_id is not None and (
         isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
@@ -226,3 +230,6 @@ def encode_error(request_id: Any, error: StuiError, now: float | None = None) ->
     except (ValueError, TypeError):
         reply["details"] = _sanitize(error.details)
         return _dumps(reply)
+
+
+from stui_twisted.protocol import format_a  # noqa: E402 - format_a builds on this module
