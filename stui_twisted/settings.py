@@ -73,6 +73,7 @@ class Settings:
             "complete",
             "interrupt",
             "shared_namespace",
+            "browse",
         )
     )
 

@@ -13,6 +13,7 @@ import os
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.protocol.errors import invalid_parameter
+from stui_twisted.sessions.browse import build_browse_commands
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -203,4 +204,5 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             (SESSION_ID, Param("client_id", "string")),
             "stop the session's running evaluation",
         ),
+        *build_browse_commands(service),
     ]

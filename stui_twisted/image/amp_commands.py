@@ -155,3 +155,14 @@ class DropSession(amp.Command):
 
     arguments = [(b"session_id", amp.Unicode())]
     response = REPLY
+
+
+class Browse(amp.Command):
+    """A browse-tool operation (list_classes, browse_class, get_method, system_info)."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"operation", amp.Unicode()),
+        (b"arguments", ChunkedJSON()),
+    ]
+    response = REPLY

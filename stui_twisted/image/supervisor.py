@@ -752,6 +752,21 @@ class ImageSupervisor(service.Service):
             )
         )
 
+    def browse(
+        self, session_id: str, operation: str, arguments: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
+        """A browse-tool operation in the session's namespace (L{stui_twisted.image.browse})."""
+        return defer.ensureDeferred(
+            self._call(
+                commands.Browse,
+                operation,
+                expected_generation=generation,
+                session_id=session_id,
+                operation=operation,
+                arguments=arguments,
+            )
+        )
+
     def snapshot(self, session_id: str, *, generation: int | None = None) -> defer.Deferred:
         """Every binding of the session re-serialized: ``{bindings, variables}``."""
         return defer.ensureDeferred(

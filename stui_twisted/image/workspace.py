@@ -36,6 +36,7 @@ import traceback
 import types
 from typing import Any
 
+from stui_twisted.image.browse import object_facts
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -875,6 +876,11 @@ class SessionWorkspace:
                 place = (cell_index, first) if cell_index is not None else None
                 self._definitions[name] = (source, self.namespace[name], place)
 
+    def definition_source(self, name: str, value: Any) -> str | None:
+        """The source of the top-level C{def}/C{class} C{name} when it made C{value}."""
+        definition = self._definitions.get(name)
+        return definition[0] if definition is not None and definition[1] is value else None
+
     def _serialize(self, name: str, value: Any) -> dict:
         """Like L{serialize_binding}, but a function or class that is still the
         object its cell's C{def}/C{class} statement made is stored as that
@@ -1091,6 +1097,7 @@ class SessionWorkspace:
             "attributes": attributes,
             "items": items,
             "truncated": attributes_truncated or items_truncated,
+            **object_facts(target),
             "registry_added": registry_added,
             "next_object_id": self.next_object_id,
         }
