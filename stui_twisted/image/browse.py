@@ -302,7 +302,8 @@ def list_classes(
                 if isinstance(value, type) and getattr(value, "__module__", None) == module_name:
                     found.setdefault(id(value), (_qualified(workspace, value), value))
     matching = sorted(
-        (name, cls) for name, cls in found.values() if fnmatch.fnmatchcase(name, pattern)
+        ((name, cls) for name, cls in found.values() if fnmatch.fnmatchcase(name, pattern)),
+        key=lambda pair: pair[0],
     )
     return {
         "classes": [class_info(workspace, cls) for _, cls in matching[:limit]],
