@@ -309,3 +309,64 @@ def test_sources_of_session_classes_survive_a_restart(tmp_path):
         client.close()
     finally:
         proc.kill()
+
+
+# -- flat-format leniency (stui-compat.md §2) against the real image ------------
+
+
+@pytest.fixture(scope="module")
+def flat(server):
+    client = server.tcp_client(timeout=30)
+    created = client.call("create_session", client_id="lenient", timeout=120)
+    yield client, created
+    client.close()
+
+
+def test_session_records_use_whole_seconds(flat):
+    client, created = flat
+    assert created["status"] == "success"
+    assert type(created["result"]["timeout"]) is int
+    assert type(created["result"]["time_until_expiry"]) is int
+    statistics = client.result("get_session_statistics")
+    assert type(statistics["default_timeout"]) is int
+    assert type(statistics["cleanup_interval"]) is int
+
+
+def test_smalltalk_gets_a_python_hint(flat):
+    client, _ = flat
+    for code in ("x := 3 + 4.", "Transcript show: 'Hello'.", "Array with: 1 with: 2"):
+        reply = client.call("evaluate", code=code)
+        assert reply["error_type"] == "EvaluationError", reply
+        assert "looks like Smalltalk" in reply["error"], code
+        assert "evaluates Python" in reply["error"]
+        assert reply["details"]["language"] == "python"
+    reply = client.call("evaluate", code="def (:")
+    assert "Smalltalk" not in reply["error"]
+    assert reply["details"]["language"] == "python"
+
+
+def test_tracebacks_show_no_frame_of_the_server_or_image(flat):
+    client, _ = flat
+    for code in ("x = (", "1/0", "import no_such_module_here", "def f():\n    return g()\nf()"):
+        reply = client.call("evaluate", code=code)
+        text = "\n".join(reply["details"]["traceback"])
+        assert "ast.py" not in text, text
+        assert "stui_twisted" not in text, text
+        assert "<cell" in text, text
+
+
+def test_object_id_alias_and_evaluation_mode_over_the_wire(flat):
+    client, _ = flat
+    client.send_raw(
+        json.dumps(
+            {"id": "m", "command": "evaluate", "code": "[1, 2]", "evaluation_mode": "Display"}
+        ).encode()
+        + b"\n"
+    )
+    reply = client.read_reply()
+    assert reply["result"]["display"] == "[1, 2]"
+    object_id = reply["result"]["object_id"]
+    inspected = client.result("inspect", objectId=object_id)
+    assert inspected["object_id"] == object_id and inspected["size"] == 2
+    reply = client.call("inspect", objectId="obj_424242")
+    assert reply["error_type"] == "ObjectNotFound"

@@ -81,12 +81,18 @@ class Param:
     default: Any = None
     description: str = ""
     nullable: bool = False
+    aliases: tuple[str, ...] = ()
+    """Other names the parameter is accepted under (the declared name wins)."""
+    lowercase: bool = False
+    """String values are matched case-insensitively (e.g. C{Display} = C{display})."""
 
     def describe(self) -> dict:
         """The parameter as C{describe} lists it."""
         described = {"type": self.type, "required": self.required}
         if self.default is not None:
             described["default"] = self.default
+        if self.aliases:
+            described["aliases"] = list(self.aliases)
         if self.description:
             described["description"] = self.description
         return described
@@ -336,12 +342,15 @@ class Dispatcher:
     def _validate(self, command: Command, given: dict) -> dict:
         params: dict = {}
         for param in command.params:
-            if param.name not in given or (given[param.name] is None and not param.nullable):
+            name = param.name
+            if param.aliases and given.get(name) is None:
+                name = next((alias for alias in param.aliases if alias in given), name)
+            if name not in given or (given[name] is None and not param.nullable):
                 if param.required:
                     raise invalid_parameter(param.name, "is required")
                 params[param.name] = param.default
                 continue
-            value = given[param.name]
+            value = given[name]
             if value is not None and not _TYPE_CHECKS[param.type](value):
                 raise invalid_parameter(
                     param.name,
@@ -354,6 +363,8 @@ class Dispatcher:
                     f"at most {MAX_JSON_DEPTH} are accepted",
                     max_depth=MAX_JSON_DEPTH,
                 )
+            if param.lowercase and isinstance(value, str):
+                value = value.lower()
             params[param.name] = value
         return params
 

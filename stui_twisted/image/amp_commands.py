@@ -65,7 +65,7 @@ class Ping(amp.Command):
     """Is the child up?  Answers its pid; the first answer marks it ready."""
 
     arguments = []
-    response = [(b"pid", amp.Integer())]
+    response = [(b"pid", amp.Integer()), (b"python_version", amp.Unicode(optional=True))]
 
 
 class Evaluate(amp.Command):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import queue
 import signal
 import sys
@@ -176,7 +177,7 @@ class ImageChildProtocol(amp.AMP):
 
     @commands.Ping.responder
     def ping(self):
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "python_version": platform.python_version()}
 
     @commands.Evaluate.responder
     def evaluate(self, session_id, code, mode, timeout=None, cell_index=None):

@@ -37,6 +37,7 @@ import types
 from typing import Any
 
 from stui_twisted.image.browse import object_facts
+from stui_twisted.image.hints import LANGUAGE, smalltalk_hint
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -60,6 +61,7 @@ INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIRECTORY = os.path.dirname(_THIS_DIRECTORY)
 CELL_SOURCES_KEPT = 500
 #: Registry entries kept per session; the oldest are forgotten first (bounded memory).
 REGISTRY_LIMIT = 1000
@@ -817,9 +819,11 @@ class SessionWorkspace:
         message = _exception_message(failure)
         exception_type = type(failure).__name__
         lines, line = _user_traceback(failure, filename, message)
+        hint = smalltalk_hint(failure, "".join(linecache.getlines(filename)))
         return stui_error(
             "EvaluationError",
-            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: "),
+            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: ") + hint,
+            language=LANGUAGE,
             exception_type=exception_type,
             message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
@@ -1268,8 +1272,16 @@ def _user_traceback(
     frames = [
         frame
         for frame in traceback.extract_tb(failure.__traceback__)
-        if not os.path.abspath(frame.filename).startswith(_THIS_DIRECTORY + os.sep)
+        if not os.path.abspath(frame.filename).startswith(_PACKAGE_DIRECTORY + os.sep)
     ]
+    # What ran before the first frame of the user's code is the image's machinery
+    # (the compile in ast.parse of a SyntaxError, say): cells, restored
+    # definitions and inspected expressions all have "<...>" file names.
+    first_user = next(
+        (index for index, frame in enumerate(frames) if frame.filename.startswith("<")),
+        len(frames),
+    )
+    frames = frames[first_user:]
     line = None
     for frame in frames:
         if frame.filename == filename:

@@ -17,6 +17,7 @@ from typing import Any
 from stui_twisted.protocol.errors import StuiError
 
 _NO_ID = object()
+_ENVELOPE_FIELDS = frozenset({"id", "command", "token"})
 
 
 _second_prefix: tuple[int, str] = (-1, "")
@@ -36,6 +37,13 @@ def iso_timestamp(seconds: float | None = None) -> str:
         moment = datetime.fromtimestamp(whole, UTC)
         _second_prefix = (whole, moment.strftime("%Y-%m-%dT%H:%M:%S."))
     return f"{_second_prefix[1]}{millis:03d}Z"
+
+
+def whole_seconds(value: Any) -> Any:
+    """A number of seconds as a JSON integer when it is whole (C{3600.0} -> C{3600})."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def parse_iso_timestamp(text: str) -> float:
@@ -143,7 +151,12 @@ def parse_request(data: bytes) -> Request:
             request_id,
             field="command",
         )
-    parameters = message.get("parameters", {})
+    if "parameters" not in message:
+        # Clients written against STUI's session documents put the parameters
+        # at the top level; the command's declared ones are read from there.
+        parameters = {k: v for k, v in message.items() if k not in _ENVELOPE_FIELDS}
+    else:
+        parameters = message["parameters"]
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):

@@ -7,12 +7,20 @@ C{system_info} asks the image about itself and needs no session.
 
 from __future__ import annotations
 
+import platform
+
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.image.browse import INFO_TYPES, MAX_LIST_LIMIT
 from stui_twisted.protocol.errors import invalid_parameter
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 CLIENT_ID = Param("client_id", "string")
+
+
+def language_version(service) -> str:
+    """The Python version the image runs: its own answer, else the server's."""
+    version = getattr(getattr(service, "image", None), "python_version", None)
+    return version if isinstance(version, str) else platform.python_version()
 
 
 async def _in_session(service, call, operation: str, arguments: dict) -> dict:
