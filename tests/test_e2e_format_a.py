@@ -370,3 +370,15 @@ def test_object_id_alias_and_evaluation_mode_over_the_wire(flat):
     assert inspected["object_id"] == object_id and inspected["size"] == 2
     reply = client.call("inspect", objectId="obj_424242")
     assert reply["error_type"] == "ObjectNotFound"
+
+
+def test_system_info_without_an_image_is_unsupported(tmp_path):
+    proc = ServerProcess(tmp_path, zmq=False, image=False).start()
+    try:
+        client = proc.tcp_client()
+        reply = client.call("system_info")
+        assert reply["error_type"] == "UnsupportedOperation", reply
+        assert "disabled" in reply["error"]
+        client.close()
+    finally:
+        proc.kill()

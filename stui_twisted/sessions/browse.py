@@ -11,7 +11,7 @@ import platform
 
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.image.browse import INFO_TYPES, MAX_LIST_LIMIT
-from stui_twisted.protocol.errors import invalid_parameter
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 CLIENT_ID = Param("client_id", "string")
@@ -98,8 +98,13 @@ def build_browse_commands(service) -> list[Command]:
                 f"must be one of {', '.join(INFO_TYPES)}, not {call.params['info_type'][:40]!r}",
             )
         await service.ready()
-        image = service._need_image()
-        return await image.browse("", "system_info", {"info_type": info_type})
+        if service.image is None:
+            raise StuiError(
+                "UnsupportedOperation",
+                "system_info describes the live image, which is disabled on this server "
+                "(image_enabled=false)",
+            )
+        return await service.image.browse("", "system_info", {"info_type": info_type})
 
     return [
         Command(
