@@ -382,3 +382,12 @@ def test_system_info_without_an_image_is_unsupported(tmp_path):
         client.close()
     finally:
         proc.kill()
+
+
+def test_format_a_close_session_creates_no_session_to_close(server):
+    conv = ZmqConversation(server.zmq_url, "REQ")
+    try:
+        kind, data = body(conv.send(fa("CloseSession", {})))
+        assert (kind, data["code"]) == ("Error", "NoSession")
+    finally:
+        conv.close()

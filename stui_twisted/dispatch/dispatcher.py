@@ -425,6 +425,10 @@ class Dispatcher:
         return self._error(context, request_id, command_name, error, started, shape)
 
 
+#: Session commands for which a new session would be pointless (nothing to close or stop).
+_NO_NEW_SESSION = frozenset({"close_session", "interrupt"})
+
+
 def format_a_call(dispatcher: Dispatcher, command: Command, call: Call):
     """Run C{command} for a Format A request: the flat handler, and the session rule.
 
@@ -435,7 +439,8 @@ def format_a_call(dispatcher: Dispatcher, command: Command, call: Call):
     run exactly as flat ones, without a coroutine.
     """
     needs_session = (
-        call.params.get("session_id") is None
+        command.name not in _NO_NEW_SESSION
+        and call.params.get("session_id") is None
         and call.context.current_session_id is None
         and any(param.name == "session_id" for param in command.params)
         and "create_session" in dispatcher._commands

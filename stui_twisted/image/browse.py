@@ -47,7 +47,9 @@ def _iso(seconds: float) -> str:
 def _session_classes(workspace) -> dict[int, tuple[str, type]]:
     found = {}
     for name, value in list(workspace.namespace.items()):
-        if isinstance(value, type) and not name.startswith("__"):
+        if type(value) is not type and not issubclass(type(value), type):
+            continue  # type(), not isinstance(): a user __class__ property may raise
+        if isinstance(name, str) and not name.startswith("__"):
             found[id(value)] = (_qualified(workspace, value), value)
     return found
 
@@ -299,7 +301,11 @@ def list_classes(
             except TypeError:
                 continue
             for value in members:
-                if isinstance(value, type) and getattr(value, "__module__", None) == module_name:
+                if (
+                    issubclass(type(value), type)
+                    and value.__dict__.get("__module__", getattr(value, "__module__", None))
+                    == module_name
+                ):
                     found.setdefault(id(value), (_qualified(workspace, value), value))
     matching = sorted(
         ((name, cls) for name, cls in found.values() if fnmatch.fnmatchcase(name, pattern)),
