@@ -36,6 +36,8 @@ import traceback
 import types
 from typing import Any
 
+from stui_twisted.image.browse import object_facts
+from stui_twisted.image.hints import LANGUAGE, smalltalk_hint
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -59,6 +61,7 @@ INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIRECTORY = os.path.dirname(_THIS_DIRECTORY)
 CELL_SOURCES_KEPT = 500
 #: Registry entries kept per session; the oldest are forgotten first (bounded memory).
 REGISTRY_LIMIT = 1000
@@ -816,9 +819,11 @@ class SessionWorkspace:
         message = _exception_message(failure)
         exception_type = type(failure).__name__
         lines, line = _user_traceback(failure, filename, message)
+        hint = smalltalk_hint(failure, "".join(linecache.getlines(filename)))
         return stui_error(
             "EvaluationError",
-            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: "),
+            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: ") + hint,
+            language=LANGUAGE,
             exception_type=exception_type,
             message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
@@ -874,6 +879,11 @@ class SessionWorkspace:
             if name in self.namespace:
                 place = (cell_index, first) if cell_index is not None else None
                 self._definitions[name] = (source, self.namespace[name], place)
+
+    def definition_source(self, name: str, value: Any) -> str | None:
+        """The source of the top-level C{def}/C{class} C{name} when it made C{value}."""
+        definition = self._definitions.get(name)
+        return definition[0] if definition is not None and definition[1] is value else None
 
     def _serialize(self, name: str, value: Any) -> dict:
         """Like L{serialize_binding}, but a function or class that is still the
@@ -1091,6 +1101,7 @@ class SessionWorkspace:
             "attributes": attributes,
             "items": items,
             "truncated": attributes_truncated or items_truncated,
+            **object_facts(target),
             "registry_added": registry_added,
             "next_object_id": self.next_object_id,
         }
@@ -1261,8 +1272,16 @@ def _user_traceback(
     frames = [
         frame
         for frame in traceback.extract_tb(failure.__traceback__)
-        if not os.path.abspath(frame.filename).startswith(_THIS_DIRECTORY + os.sep)
+        if not os.path.abspath(frame.filename).startswith(_PACKAGE_DIRECTORY + os.sep)
     ]
+    # What ran before the first frame of the user's code is the image's machinery
+    # (the compile in ast.parse of a SyntaxError, say): cells, restored
+    # definitions and inspected expressions all have "<...>" file names.
+    first_user = next(
+        (index for index, frame in enumerate(frames) if frame.filename.startswith("<")),
+        len(frames),
+    )
+    frames = frames[first_user:]
     line = None
     for frame in frames:
         if frame.filename == filename:

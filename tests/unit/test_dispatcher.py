@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 
 import pytest
@@ -112,9 +113,20 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "inspect",
         "complete",
         "interrupt",
+        "list_classes",
+        "browse_class",
+        "get_method",
+        "system_info",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True
+    assert result["commands"]["evaluate"]["parameters"]["mode"]["aliases"] == ["evaluation_mode"]
+    assert result["commands"]["inspect"]["parameters"]["object_id"]["aliases"] == ["objectId"]
+    assert result["commands"]["browse_class"]["parameters"]["class_name"]["required"] is True
+    assert (result["language"], result["language_version"]) == (
+        "python",
+        platform.python_version(),
+    )
     assert result["auth_required"] is False
     assert result["limits"]["max_message_bytes"] == 8 * 1024 * 1024
 
