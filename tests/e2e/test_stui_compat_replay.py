@@ -224,8 +224,7 @@ def check_error(reply: dict, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("replay"))
-    proc.start()
+    proc = ServerProcess(tmp_path_factory.mktemp("replay")).start()
     yield proc
     proc.kill()
 

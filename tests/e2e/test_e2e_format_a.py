@@ -93,8 +93,7 @@ class LineConversation:
 def server(tmp_path_factory):
     proc = ServerProcess(
         tmp_path_factory.mktemp("format-a"), "--max-sessions-per-client=50", tls=True
-    )
-    proc.start()
+    ).start()
     yield proc
     proc.kill()
 
@@ -288,27 +287,24 @@ def test_system_info_never_shows_the_environment(server):
     client.close()
 
 
-def test_sources_of_session_classes_survive_a_restart(tmp_path):
-    proc = ServerProcess(tmp_path, zmq=False).start()
-    try:
-        client = proc.tcp_client(timeout=30)
-        session_id = client.result("create_session", client_id="alice")["session_id"]
-        client.result("evaluate", code=POINT)
-        client.result("save_context")
-        client.close()
-        proc.stop()
-        proc.start()
-        client = proc.tcp_client(timeout=30)
-        client.result("restore_session", session_id=session_id)
-        method = client.result("get_method", class_name="Point", method_name="__init__")
-        assert method["method"]["source"] == (
-            "def __init__(self, x, y):\n    self.x = x\n    self.y = y\n"
-        )
-        info = client.result("browse_class", class_name="Point")["class_info"]
-        assert info["is_system"] is False and info["comment"] == "A point in the plane."
-        client.close()
-    finally:
-        proc.kill()
+def test_sources_of_session_classes_survive_a_restart(tmp_path, start_server):
+    proc = start_server(tmp_path, zmq=False)
+    client = proc.tcp_client(timeout=30)
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    client.result("evaluate", code=POINT)
+    client.result("save_context")
+    client.close()
+    proc.stop()
+    proc.start()
+    client = proc.tcp_client(timeout=30)
+    client.result("restore_session", session_id=session_id)
+    method = client.result("get_method", class_name="Point", method_name="__init__")
+    assert method["method"]["source"] == (
+        "def __init__(self, x, y):\n    self.x = x\n    self.y = y\n"
+    )
+    info = client.result("browse_class", class_name="Point")["class_info"]
+    assert info["is_system"] is False and info["comment"] == "A point in the plane."
+    client.close()
 
 
 # -- flat-format leniency (stui-compat.md §2) against the real image ------------
@@ -372,16 +368,13 @@ def test_object_id_alias_and_evaluation_mode_over_the_wire(flat):
     assert reply["error_type"] == "ObjectNotFound"
 
 
-def test_system_info_without_an_image_is_unsupported(tmp_path):
-    proc = ServerProcess(tmp_path, zmq=False, image=False).start()
-    try:
-        client = proc.tcp_client()
-        reply = client.call("system_info")
-        assert reply["error_type"] == "UnsupportedOperation", reply
-        assert "disabled" in reply["error"]
-        client.close()
-    finally:
-        proc.kill()
+def test_system_info_without_an_image_is_unsupported(tmp_path, start_server):
+    proc = start_server(tmp_path, zmq=False, image=False)
+    client = proc.tcp_client()
+    reply = client.call("system_info")
+    assert reply["error_type"] == "UnsupportedOperation", reply
+    assert "disabled" in reply["error"]
+    client.close()
 
 
 def test_format_a_close_session_creates_no_session_to_close(server):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from stui_twisted.client.browsing import format_class, format_method, highlight
+from tests.e2e.test_client_e2e import quit_repl, spawn_repl, submit, tcp_url
 from tests.serverproc import ServerProcess
-from tests.test_client_e2e import quit_repl, spawn_repl, submit, tcp_url
 
 CLIENT_TIMEOUT = 15
 ANSI = "\x1b["
