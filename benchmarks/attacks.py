@@ -153,14 +153,21 @@ class Pinger:
         return result
 
 
-def start_server(name: str, *args: str, image: bool = True, zmq: bool = False,
-                 preexec_fn=None, directory: Path | None = None) -> ServerProcess:
+def start_server(
+    name: str,
+    *args: str,
+    image: bool = True,
+    zmq: bool = False,
+    preexec_fn=None,
+    directory: Path | None = None,
+) -> ServerProcess:
     """A real C{twistd -n stui} (from C{$STUI_BENCH_TREE} when set), image warmed up."""
     tree = server_tree()
     env = {"PYTHONPATH": tree} if tree else None
     extra = {"preexec_fn": preexec_fn} if preexec_fn is not None else {}
-    server = ServerProcess(directory or workdir(name), *args, image=image, zmq=zmq, env=env,
-                           **extra)
+    server = ServerProcess(
+        directory or workdir(name), *args, image=image, zmq=zmq, env=env, **extra
+    )
     server.start(timeout=60)
     if image:
         wait_image_running(server)
@@ -277,6 +284,7 @@ def attack_image_death(args) -> dict:
     """Item 1: the image dies while processes it started hold its pipes."""
     server = start_server("image-death")
     run = Run(server)
+    pids: list[int] = []
     try:
         a, b, c = (tcp_client(server.tcp_port, timeout=150) for _ in range(3))
         for name, client in (("a", a), ("b", b), ("c", c)):
@@ -288,30 +296,56 @@ def attack_image_death(args) -> dict:
         pids.append(int(pidfile.read_text()))
         started_alive = sum(_alive(pid) for pid in pids)
         old_pid = image_pid(a)
-        b.send_raw(json.dumps({"id": "sleep", "command": "evaluate",
-                               "parameters": {"code": "import time\ntime.sleep(30)"}}).encode()
-                   + b"\n")
+        b.send_raw(
+            json.dumps(
+                {
+                    "id": "sleep",
+                    "command": "evaluate",
+                    "parameters": {"code": "import time\ntime.sleep(30)"},
+                }
+            ).encode()
+            + b"\n"
+        )
         time.sleep(0.2)
         died = time.monotonic()
-        c.send_raw(json.dumps({"id": "die", "command": "evaluate",
-                               "parameters": {"code": "import os\nos._exit(3)"}}).encode() + b"\n")
+        c.send_raw(
+            json.dumps(
+                {
+                    "id": "die",
+                    "command": "evaluate",
+                    "parameters": {"code": "import os\nos._exit(3)"},
+                }
+            ).encode()
+            + b"\n"
+        )
         crash = c.read_reply()
         crash_s = time.monotonic() - died
         sleeper = b.read_reply()
         sleeper_s = time.monotonic() - died
-        running = wait_for(lambda: image_pid(a) not in (None, old_pid)
-                           and a.result("ping")["image"]["status"] == "running", 15)
+        running = wait_for(
+            lambda: (
+                image_pid(a) not in (None, old_pid)
+                and a.result("ping")["image"]["status"] == "running"
+            ),
+            15,
+        )
         running_s = time.monotonic() - died
         all_dead = wait_for(lambda: not any(_alive(pid) for pid in pids), 5)
         after = a.call("evaluate", code="1 + 1")
         # SIGTERM while the new image again has processes of its own holding its pipes.
-        a.result("evaluate", code=GRANDCHILDREN.format(pidfile=server.workdir / "again.pid"))
+        again = server.workdir / "again.pid"
+        a.result("evaluate", code=GRANDCHILDREN.format(pidfile=again))
+        second = json.loads(a.result("evaluate", code="pids")["result"])
+        wait_for(lambda: again.exists() and again.read_text().strip(), 5)
+        second.append(int(again.read_text()))
+        pids.extend(second)
         run.end_attack()
         for client in (a, b, c):
             client.close()
         stopped = time.monotonic()
         status = server.stop(timeout=60)
         stop_s = time.monotonic() - stopped
+        second_dead = wait_for(lambda: not any(_alive(pid) for pid in second), 5)
         outcome = {
             "processes_started_by_user_code": started_alive,
             "in_flight_error_types": [crash.get("error_type"), sleeper.get("error_type")],
@@ -320,20 +354,33 @@ def attack_image_death(args) -> dict:
             "started_processes_killed": bool(all_dead),
             "evaluate_after": value_of(after),
             "sigterm_seconds": round(stop_s, 2),
+            "started_processes_killed_by_sigterm": bool(second_dead),
             "exit_status": status,
         }
         holds = (
             outcome["in_flight_error_types"] == ["ImageRestarted", "ImageRestarted"]
-            and max(crash_s, sleeper_s) < 1.0 and bool(running) and bool(all_dead)
-            and stop_s < 10 and status == 0
+            and max(crash_s, sleeper_s) < 1.0
+            and bool(running)
+            and bool(all_dead)
+            and stop_s < 10
+            and status == 0
+            and bool(second_dead)
         )
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"ImageRestarted after {max(crash_s, sleeper_s) * 1000:.0f} ms "
-                           f"(both in-flight), new image after {running_s:.2f} s, "
-                           f"{started_alive} started processes killed: {bool(all_dead)}, "
-                           f"SIGTERM {stop_s:.2f} s, exit {status}"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"ImageRestarted after {max(crash_s, sleeper_s) * 1000:.0f} ms "
+            f"(both in-flight), new image after {running_s:.2f} s, "
+            f"{started_alive} started processes killed: {bool(all_dead)}, "
+            f"SIGTERM {stop_s:.2f} s, exit {status}",
+        }
     finally:
         run.close()
+        for pid in pids:  # ours; left only if the fix does not hold
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def attack_zmq_frame(args) -> dict:
@@ -373,9 +420,14 @@ def attack_zmq_frame(args) -> dict:
             "zmq_ping_after_ok": after_ok and other["status"] == "success",
         }
         holds = rise < 8 and not reply and after_ok
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"{args.frame_mib} MiB frame: server peak +{rise} MiB, "
-                           f"dropped by libzmq: {not reply}"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"{args.frame_mib} MiB frame: server peak +{rise} MiB, "
+            f"dropped by libzmq: {not reply}",
+        }
     finally:
         run.close()
 
@@ -386,30 +438,51 @@ def attack_partial_lines(args) -> dict:
         [f"--connections={args.partial_connections}", f"--line-mib={args.partial_line_mib}"]
     )
     rss = result["server_rss_mib"]
-    outcome = {k: result[k] for k in ("connections", "line_mib", "budget_mib", "offered_mib",
-                                      "refused_by_the_server", "seconds_to_send")}
-    holds = rss["peak_vmhwm"] < result["budget_mib"] + 128 and rss["after_close"] < rss["before"] + 32
-    return {"memory": {"before": rss["before"], "peak": rss["peak_vmhwm"],
-                       "after": rss["after_close"]},
-            "ping": result["ping_while_held"], "outcome": outcome, "holds": holds,
-            "summary": f"{result['offered_mib']} MiB offered, "
-                       f"{result['refused_by_the_server']} connections refused, "
-                       f"RSS back to {rss['after_close']} MiB after close"}
+    outcome = {
+        k: result[k]
+        for k in (
+            "connections",
+            "line_mib",
+            "budget_mib",
+            "offered_mib",
+            "refused_by_the_server",
+            "seconds_to_send",
+        )
+    }
+    holds = (
+        rss["peak_vmhwm"] < result["budget_mib"] + 128 and rss["after_close"] < rss["before"] + 32
+    )
+    return {
+        "memory": {"before": rss["before"], "peak": rss["peak_vmhwm"], "after": rss["after_close"]},
+        "ping": result["ping_while_held"],
+        "outcome": outcome,
+        "holds": holds,
+        "summary": f"{result['offered_mib']} MiB offered, "
+        f"{result['refused_by_the_server']} connections refused, "
+        f"RSS back to {rss['after_close']} MiB after close",
+    }
 
 
 def attack_trickle_lines(args) -> dict:
     """Item 4: trickled segments onto long unfinished lines (attack_trickle.py)."""
-    result = attack_trickle.main([f"--attackers={args.trickle_attackers}",
-                                  f"--seconds={args.trickle_seconds}"])
+    result = attack_trickle.main(
+        [f"--attackers={args.trickle_attackers}", f"--seconds={args.trickle_seconds}"]
+    )
     during = result["ping_during"]
-    outcome = {k: result[k] for k in ("attackers", "partial_mib", "segment_bytes",
-                                      "segments_sent")}
+    outcome = {k: result[k] for k in ("attackers", "partial_mib", "segment_bytes", "segments_sent")}
     outcome["ping_before_attack"] = result["ping_before"]
-    return {"memory": {"before": None, "peak": result["server_vmhwm_mib"],
-                       "after": result["server_rss_mib_during"]},
-            "ping": during, "outcome": outcome, "holds": during["p99_ms"] < 50,
-            "summary": f"{result['segments_sent']} segments of {result['segment_bytes']} B "
-                       f"onto {result['attackers']} x {result['partial_mib']} MiB lines"}
+    return {
+        "memory": {
+            "before": None,
+            "peak": result["server_vmhwm_mib"],
+            "after": result["server_rss_mib_during"],
+        },
+        "ping": during,
+        "outcome": outcome,
+        "holds": during["p99_ms"] < 50,
+        "summary": f"{result['segments_sent']} segments of {result['segment_bytes']} B "
+        f"onto {result['attackers']} x {result['partial_mib']} MiB lines",
+    }
 
 
 def _image_value_attack(name: str, setup: list[str], cells: list[tuple[str, dict]]) -> dict:
@@ -425,13 +498,23 @@ def _image_value_attack(name: str, setup: list[str], cells: list[tuple[str, dict
         runs = []
         for code, extra in cells:
             seconds, size, reply = _timed(client, code, **extra)
-            runs.append({"code": code[:40], "seconds": round(seconds, 4), "reply_bytes": size,
-                         "status": reply["status"], "error_type": reply.get("error_type")})
+            runs.append(
+                {
+                    "code": code[:40],
+                    "seconds": round(seconds, 4),
+                    "reply_bytes": size,
+                    "status": reply["status"],
+                    "error_type": reply.get("error_type"),
+                }
+            )
         image_peak = status_mib(image)
         run.end_attack()
         client.close()
-        return {"run": run, "runs": runs,
-                "image_peak_rise_mib": round(image_peak["VmHWM"] - image_before["VmRSS"], 1)}
+        return {
+            "run": run,
+            "runs": runs,
+            "image_peak_rise_mib": round(image_peak["VmHWM"] - image_before["VmRSS"], 1),
+        }
     finally:
         run.close()
 
@@ -442,13 +525,21 @@ def attack_big_display(args) -> dict:
     got = _image_value_attack("display", [], [(f"s = 'a' * {size}\ns", {"mode": "display"})])
     run, cell = got["run"], got["runs"][0]
     rise = round(run.peak["VmHWM"] - run.before["VmRSS"], 1)
-    outcome = {"value_mib": args.value_mib, "reply_bytes": cell["reply_bytes"],
-               "server_peak_rise_mib": rise, "image_peak_rise_mib": got["image_peak_rise_mib"],
-               "seconds": cell["seconds"]}
-    return {"memory": run.memory(), "ping": run.ping, "outcome": outcome,
-            "holds": cell["reply_bytes"] < 4 * MiB and rise < 32,
-            "summary": f"{args.value_mib} MiB str shown: reply {cell['reply_bytes'] / MiB:.2f} MiB,"
-                       f" server peak +{rise} MiB"}
+    outcome = {
+        "value_mib": args.value_mib,
+        "reply_bytes": cell["reply_bytes"],
+        "server_peak_rise_mib": rise,
+        "image_peak_rise_mib": got["image_peak_rise_mib"],
+        "seconds": cell["seconds"],
+    }
+    return {
+        "memory": run.memory(),
+        "ping": run.ping,
+        "outcome": outcome,
+        "holds": cell["reply_bytes"] < 4 * MiB and rise < 32,
+        "summary": f"{args.value_mib} MiB str shown: reply {cell['reply_bytes'] / MiB:.2f} MiB,"
+        f" server peak +{rise} MiB",
+    }
 
 
 def attack_big_exception(args) -> dict:
@@ -457,37 +548,56 @@ def attack_big_exception(args) -> dict:
     got = _image_value_attack("exception", [], [(f"raise ValueError('b' * {size})", {})])
     run, cell = got["run"], got["runs"][0]
     rise = round(run.peak["VmHWM"] - run.before["VmRSS"], 1)
-    outcome = {"message_mib": args.exception_mib, "reply_bytes": cell["reply_bytes"],
-               "error_type": cell["error_type"], "server_peak_rise_mib": rise,
-               "image_peak_rise_mib": got["image_peak_rise_mib"]}
-    return {"memory": run.memory(), "ping": run.ping, "outcome": outcome,
-            "holds": cell["reply_bytes"] < MiB and rise < 32,
-            "summary": f"{args.exception_mib} MiB message: reply {cell['reply_bytes'] / 1024:.0f} KiB,"
-                       f" server peak +{rise} MiB"}
+    outcome = {
+        "message_mib": args.exception_mib,
+        "reply_bytes": cell["reply_bytes"],
+        "error_type": cell["error_type"],
+        "server_peak_rise_mib": rise,
+        "image_peak_rise_mib": got["image_peak_rise_mib"],
+    }
+    return {
+        "memory": run.memory(),
+        "ping": run.ping,
+        "outcome": outcome,
+        "holds": cell["reply_bytes"] < MiB and rise < 32,
+        "summary": f"{args.exception_mib} MiB message: reply {cell['reply_bytes'] / 1024:.0f} KiB,"
+        f" server peak +{rise} MiB",
+    }
 
 
 def attack_big_binding(args) -> dict:
     """Item 6: a huge binding, then cells that mention it."""
     size, n = args.value_mib * MiB, 3
     got = _image_value_attack(
-        "binding", ["small = bytearray(10)"],
-        [(f"x = bytearray({size})", {})] + [("len(x)", {}), ("x[:3]", {})] * n
+        "binding",
+        ["small = bytearray(10)"],
+        [(f"x = bytearray({size})", {})]
+        + [("len(x)", {}), ("x[:3]", {})] * n
         + [("len(small)", {})] * n,
     )
     run, runs = got["run"], got["runs"]
-    mentioning = sorted(r["seconds"] for r in runs[1:1 + 2 * n])
-    plain = sorted(r["seconds"] for r in runs[1 + 2 * n:])
-    outcome = {"value_mib": args.value_mib,
-               "median_cell_mentioning_x_ms": round(mentioning[len(mentioning) // 2] * 1000, 1),
-               "median_cell_not_mentioning_x_ms": round(plain[len(plain) // 2] * 1000, 1),
-               "image_peak_rise_mib": got["image_peak_rise_mib"],
-               "image_peak_over_value": round(got["image_peak_rise_mib"] / args.value_mib, 2)}
-    holds = (outcome["median_cell_mentioning_x_ms"] < 100
-             and got["image_peak_rise_mib"] < 1.5 * args.value_mib + 32)
-    return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-            "summary": f"x = bytearray({args.value_mib} MiB): a cell mentioning x "
-                       f"{outcome['median_cell_mentioning_x_ms']} ms, image peak "
-                       f"{outcome['image_peak_over_value']} x the value"}
+    mentioning = sorted(r["seconds"] for r in runs[1 : 1 + 2 * n])
+    plain = sorted(r["seconds"] for r in runs[1 + 2 * n :])
+    outcome = {
+        "value_mib": args.value_mib,
+        "median_cell_mentioning_x_ms": round(mentioning[len(mentioning) // 2] * 1000, 1),
+        "median_cell_not_mentioning_x_ms": round(plain[len(plain) // 2] * 1000, 1),
+        "image_peak_rise_mib": got["image_peak_rise_mib"],
+        "image_peak_over_value": round(got["image_peak_rise_mib"] / args.value_mib, 2),
+    }
+    holds = (
+        outcome["median_cell_mentioning_x_ms"] < 100
+        and got["image_peak_rise_mib"] < 1.5 * args.value_mib + 32
+    )
+    return {
+        "memory": run.memory(),
+        "ping": run.ping,
+        "outcome": outcome,
+        "holds": holds,
+        "summary": f"x = bytearray({args.value_mib} MiB): a cell mentioning x "
+        f"{outcome['median_cell_mentioning_x_ms']} ms, image peak "
+        f"{outcome['image_peak_over_value']} x the value",
+    }
 
 
 def attack_zmq_peers(args) -> dict:
@@ -503,9 +613,11 @@ def attack_zmq_peers(args) -> dict:
     keeper.setsockopt(zmq.ROUTING_ID, b"the-peer-with-a-session")
     keeper.connect(server.zmq_url)
     try:
+
         def ask(command: str, **params) -> dict:
-            keeper.send_multipart([b"", json.dumps({"id": 1, "command": command,
-                                                    "parameters": params}).encode()])
+            keeper.send_multipart(
+                [b"", json.dumps({"id": 1, "command": command, "parameters": params}).encode()]
+            )
             return json.loads(keeper.recv_multipart()[-1])
 
         session_id = ask("create_session", client_id="keeper")["result"]["session_id"]
@@ -530,14 +642,22 @@ def attack_zmq_peers(args) -> dict:
         info = ask("get_session_info")
         run.end_attack()
         kept = info["status"] == "success" and info["result"]["session_id"] == session_id
-        outcome = {"one_shot_peers": made, "answered": answered,
-                   "seconds": round(peers_s, 1), "anonymous_peer_cap": 10_000,
-                   "peer_kept_its_current_session": kept,
-                   "reply_without_session_id": info.get("error_type") or "success"}
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome,
-                "holds": kept and made > 10_000,
-                "summary": f"{made} one-shot peers ({peers_s:.0f} s); the peer kept its "
-                           f"current session: {kept}"}
+        outcome = {
+            "one_shot_peers": made,
+            "answered": answered,
+            "seconds": round(peers_s, 1),
+            "anonymous_peer_cap": 10_000,
+            "peer_kept_its_current_session": kept,
+            "reply_without_session_id": info.get("error_type") or "success",
+        }
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": kept and made > 10_000,
+            "summary": f"{made} one-shot peers ({peers_s:.0f} s); the peer kept its "
+            f"current session: {kept}",
+        }
     finally:
         keeper.close()
         run.close()
@@ -571,13 +691,21 @@ def attack_stdout_flood(args) -> dict:
         client.close()
         # 100 lines (64 KiB at most) per second are logged, plus one 'dropped' line.
         bound = (args.flood_seconds + 3) * (64 * 1024 + 1024)
-        outcome = {"flood_seconds": args.flood_seconds, "log_growth_bytes": grown,
-                   "log_growth_kib_per_s": round(grown / 1024 / (args.flood_seconds + 1), 1),
-                   "dropped_notices": dropped, "server_answered": pong}
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome,
-                "holds": grown < bound and dropped > 0 and pong,
-                "summary": f"log grew {grown / 1024:.0f} KiB in {args.flood_seconds} s of "
-                           f"flooding, {dropped} 'dropped' notices"}
+        outcome = {
+            "flood_seconds": args.flood_seconds,
+            "log_growth_bytes": grown,
+            "log_growth_kib_per_s": round(grown / 1024 / (args.flood_seconds + 1), 1),
+            "dropped_notices": dropped,
+            "server_answered": pong,
+        }
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": grown < bound and dropped > 0 and pong,
+            "summary": f"log grew {grown / 1024:.0f} KiB in {args.flood_seconds} s of "
+            f"flooding, {dropped} 'dropped' notices",
+        }
     finally:
         run.close()
 
@@ -595,8 +723,12 @@ def attack_batch_disk_full(args) -> dict:
         session_id = client.result("create_session", client_id="disk")["session_id"]
 
         def update(counter: int) -> dict:
-            return rpc(client, "update_session_state", session_id=session_id,
-                       state_data={"counter": counter})
+            return rpc(
+                client,
+                "update_session_state",
+                session_id=session_id,
+                state_data={"counter": counter},
+            )
 
         counter = 0
         for counter in range(1, 16):
@@ -639,19 +771,34 @@ def attack_batch_disk_full(args) -> dict:
         stored_counter = (stored.get("session_state") or {}).get("counter")
         again.close()
         server.kill()
-        outcome = {"acknowledged_after_the_disk_failed": acknowledged,
-                   "acknowledged_before_the_first_failed_flush": window if failed else None,
-                   "storage_errors": refused, "last_acknowledged": last_acknowledged,
-                   "counter_after_restart": stored_counter, "exit_status": status,
-                   "log_names_the_unwritten_session": names_it,
-                   "log_claims_everything_flushed": false_claim}
-        holds = (failed and status != 0 and names_it and not false_claim
-                 and acknowledged == window and refused > 0)
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"{window if failed else '?'} change(s) acknowledged in the batch window "
-                           f"before the failed flush, then {refused} StorageError; exit "
-                           f"{status}; log names the session: {names_it}; after restart "
-                           f"{stored_counter} (last acknowledged {last_acknowledged})"}
+        outcome = {
+            "acknowledged_after_the_disk_failed": acknowledged,
+            "acknowledged_before_the_first_failed_flush": window if failed else None,
+            "storage_errors": refused,
+            "last_acknowledged": last_acknowledged,
+            "counter_after_restart": stored_counter,
+            "exit_status": status,
+            "log_names_the_unwritten_session": names_it,
+            "log_claims_everything_flushed": false_claim,
+        }
+        holds = (
+            failed
+            and status != 0
+            and names_it
+            and not false_claim
+            and acknowledged == window
+            and refused > 0
+        )
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"{window if failed else '?'} change(s) acknowledged in the batch window "
+            f"before the failed flush, then {refused} StorageError; exit "
+            f"{status}; log names the session: {names_it}; after restart "
+            f"{stored_counter} (last acknowledged {last_acknowledged})",
+        }
     finally:
         if aside is not None and aside.exists():
             (aside.with_name(aside.name[: -len(".aside")])).unlink(missing_ok=True)
@@ -669,23 +816,35 @@ def attack_deep_nesting(args) -> dict:
         replies = {}
         for depth in (100, args.depth, 970):
             body = "[" * depth + "]" * depth
-            line = ('{"id": "d%d", "command": "update_session_state", "parameters": '
-                    '{"session_id": "%s", "state_data": %s}}\n' % (depth, session_id, body))
+            line = (
+                '{"id": "d%d", "command": "update_session_state", "parameters": '
+                '{"session_id": "%s", "state_data": %s}}\n' % (depth, session_id, body)
+            )
             client.send_raw(line.encode())
             reply = client.read_reply()
             restore = rpc(client, "restore_session", session_id=session_id)
-            replies[depth] = {"update": reply.get("error_type") or "success",
-                              "max_depth": (reply.get("details") or {}).get("max_depth"),
-                              "restore_after": restore.get("error_type") or "success"}
+            replies[depth] = {
+                "update": reply.get("error_type") or "success",
+                "max_depth": (reply.get("details") or {}).get("max_depth"),
+                "restore_after": restore.get("error_type") or "success",
+            }
         run.end_attack()
         client.close()
-        holds = (replies[100]["update"] == "success"
-                 and all(r["update"] == "InvalidRequest" for d, r in replies.items() if d > 100)
-                 and all(r["restore_after"] == "success" for r in replies.values()))
-        return {"memory": run.memory(), "ping": run.ping, "outcome": {"by_depth": replies},
-                "holds": holds,
-                "summary": "; ".join(f"depth {d}: {r['update']}, restore {r['restore_after']}"
-                                     for d, r in replies.items())}
+        holds = (
+            replies[100]["update"] == "success"
+            and all(r["update"] == "InvalidRequest" for d, r in replies.items() if d > 100)
+            and all(r["restore_after"] == "success" for r in replies.values())
+        )
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": {"by_depth": replies},
+            "holds": holds,
+            "summary": "; ".join(
+                f"depth {d}: {r['update']}, restore {r['restore_after']}"
+                for d, r in replies.items()
+            ),
+        }
     finally:
         run.close()
 
@@ -711,19 +870,28 @@ def attack_lone_surrogates(args) -> dict:
         same = rpc(again, "evaluate", code="y == 'ok' + chr(0xd800)")
         again.close()
         server.kill()
-        outcome = {"code_with_a_lone_surrogate": in_code.get("error_type") or "success",
-                   "binding_with_a_lone_surrogate": binding.get("error_type") or "success",
-                   "save_context": saved.get("error_type") or "success",
-                   "later_save_context": saved_again.get("error_type") or "success",
-                   "restore_after_restart": restored.get("error_type") or "success",
-                   "binding_equal_after_restart": value_of(same)}
-        holds = (outcome["code_with_a_lone_surrogate"] == "EvaluationError"
-                 and outcome["binding_with_a_lone_surrogate"] == "success"
-                 and outcome["save_context"] == outcome["later_save_context"] == "success"
-                 and outcome["restore_after_restart"] == "success"
-                 and outcome["binding_equal_after_restart"] == "True")
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": ", ".join(f"{k}: {v}" for k, v in outcome.items())}
+        outcome = {
+            "code_with_a_lone_surrogate": in_code.get("error_type") or "success",
+            "binding_with_a_lone_surrogate": binding.get("error_type") or "success",
+            "save_context": saved.get("error_type") or "success",
+            "later_save_context": saved_again.get("error_type") or "success",
+            "restore_after_restart": restored.get("error_type") or "success",
+            "binding_equal_after_restart": value_of(same),
+        }
+        holds = (
+            outcome["code_with_a_lone_surrogate"] == "EvaluationError"
+            and outcome["binding_with_a_lone_surrogate"] == "success"
+            and outcome["save_context"] == outcome["later_save_context"] == "success"
+            and outcome["restore_after_restart"] == "success"
+            and outcome["binding_equal_after_restart"] == "True"
+        )
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": ", ".join(f"{k}: {v}" for k, v in outcome.items()),
+        }
     finally:
         run.close()
 
@@ -754,25 +922,40 @@ def attack_fd_exhaustion(args) -> dict:
         old_pid = image_pid(client)
         died = time.monotonic()
         crash = rpc(client, "evaluate", code="import os\nos._exit(3)")
-        running = wait_for(lambda: image_pid(client) not in (None, old_pid)
-                           and client.result("ping")["image"]["status"] == "running", 15, 0.05)
+        running = wait_for(
+            lambda: (
+                image_pid(client) not in (None, old_pid)
+                and client.result("ping")["image"]["status"] == "running"
+            ),
+            15,
+            0.05,
+        )
         respawn_s = time.monotonic() - died
         x = rpc(client, "evaluate", code="x")
         run.end_attack()
         client.close()
-        outcome = {"soft_hard_at_start": [soft, hard], "soft_limit_raised_to": raised_to,
-                   "connections_opened": len(socks), "refused_by_the_server": refused,
-                   "held": len(socks) - refused,
-                   "dying_evaluate": crash.get("error_type") or "success",
-                   "image_respawned": bool(running),
-                   "seconds_to_respawn": round(respawn_s, 2) if running else None,
-                   "x_after_respawn": value_of(x)}
+        outcome = {
+            "soft_hard_at_start": [soft, hard],
+            "soft_limit_raised_to": raised_to,
+            "connections_opened": len(socks),
+            "refused_by_the_server": refused,
+            "held": len(socks) - refused,
+            "dying_evaluate": crash.get("error_type") or "success",
+            "image_respawned": bool(running),
+            "seconds_to_respawn": round(respawn_s, 2) if running else None,
+            "x_after_respawn": value_of(x),
+        }
         holds = bool(running) and value_of(x) == "42" and raised_to == hard
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"ulimit -n {soft} (hard {hard}): limit raised to {raised_to}, "
-                           f"{len(socks) - refused} of {len(socks)} connections held; the image "
-                           f"respawned: {bool(running)} in {respawn_s:.2f} s, x = "
-                           f"{outcome['x_after_respawn']}"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"ulimit -n {soft} (hard {hard}): limit raised to {raised_to}, "
+            f"{len(socks) - refused} of {len(socks)} connections held; the image "
+            f"respawned: {bool(running)} in {respawn_s:.2f} s, x = "
+            f"{outcome['x_after_respawn']}",
+        }
     finally:
         for sock in socks:
             sock.close()
@@ -782,12 +965,15 @@ def attack_fd_exhaustion(args) -> dict:
 def attack_idle_connections(args) -> dict:
     """Item 13: idle connections take every slot (auth off)."""
     timeout, cap = args.idle_timeout, args.idle_connections
-    server = start_server("idle", f"--connection-idle-timeout={timeout}",
-                          f"--max-connections={cap}", image=False)
+    server = start_server(
+        "idle", f"--connection-idle-timeout={timeout}", f"--max-connections={cap}", image=False
+    )
     run = Run(server)  # its pinger holds one slot, and stays busy
     socks: list[socket.socket] = []
     try:
+        first_opened = time.monotonic()
         socks = _open_idle(server.tcp_port, cap, 30)
+        opened_s = time.monotonic() - first_opened
         time.sleep(0.3)
 
         def newcomer() -> bool:
@@ -800,23 +986,34 @@ def attack_idle_connections(args) -> dict:
             except (OSError, ValueError):
                 return False
 
-        started = time.monotonic()
         locked_out = not newcomer()
-        admitted = wait_for(newcomer, timeout + 15, 0.25)
-        admitted_s = time.monotonic() - started
+        admitted = wait_for(newcomer, timeout + 15, 0.1)
+        admitted_s = time.monotonic() - first_opened  # the first idle one is the oldest
         closed = _closed_by_server(socks, 2.0)
         run.end_attack()
-        outcome = {"max_connections": cap, "idle_connections": len(socks),
-                   "connection_idle_timeout_s": timeout,
-                   "newcomer_locked_out_at_first": locked_out,
-                   "newcomer_admitted": bool(admitted),
-                   "seconds_until_admitted": round(admitted_s, 1) if admitted else None,
-                   "idle_connections_closed_by_the_server": closed}
+        outcome = {
+            "max_connections": cap,
+            "idle_connections": len(socks),
+            "connection_idle_timeout_s": timeout,
+            "seconds_to_open_them": round(opened_s, 2),
+            "newcomer_locked_out_at_first": locked_out,
+            "newcomer_admitted": bool(admitted),
+            "seconds_from_the_first_idle_connection_until_admitted": round(admitted_s, 1)
+            if admitted
+            else None,
+            "idle_connections_closed_by_the_server": closed,
+        }
         holds = locked_out and bool(admitted) and admitted_s < timeout + 5
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"{len(socks)} idle connections: a newcomer locked out first, "
-                           f"admitted after {admitted_s:.1f} s (idle timeout {timeout} s); "
-                           f"{closed} idle ones closed"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"{len(socks)} idle connections: a newcomer locked out first, "
+            f"admitted {admitted_s:.1f} s after the first idle one opened "
+            f"(idle timeout {timeout} s); "
+            f"{closed} idle ones closed",
+        }
     finally:
         for sock in socks:
             sock.close()
@@ -837,10 +1034,19 @@ def attack_session_flood(args) -> dict:
         total, started = cap + extra, time.monotonic()
         for first in range(0, total, 50):
             batch = range(first, min(total, first + 50))
-            client.send_raw(b"".join(
-                json.dumps({"id": i, "command": "create_session",
-                            "parameters": {"client_id": f"invented-{i}"}}).encode() + b"\n"
-                for i in batch))
+            client.send_raw(
+                b"".join(
+                    json.dumps(
+                        {
+                            "id": i,
+                            "command": "create_session",
+                            "parameters": {"client_id": f"invented-{i}"},
+                        }
+                    ).encode()
+                    + b"\n"
+                    for i in batch
+                )
+            )
             for _ in batch:
                 reply = client.read_reply()
                 if reply["status"] == "success":
@@ -853,14 +1059,25 @@ def attack_session_flood(args) -> dict:
         seconds = time.monotonic() - started
         run.end_attack()
         client.close()
-        outcome = {"max_sessions_total": cap, "attempted": total, "created": created,
-                   "session_limit_exceeded": refused, "scopes": sorted(map(str, scopes)),
-                   "other_errors": sorted(map(str, other)), "seconds": round(seconds, 2)}
+        outcome = {
+            "max_sessions_total": cap,
+            "attempted": total,
+            "created": created,
+            "session_limit_exceeded": refused,
+            "scopes": sorted(map(str, scopes)),
+            "other_errors": sorted(map(str, other)),
+            "seconds": round(seconds, 2),
+        }
         holds = created == cap and refused == extra and scopes == {"server"}
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"{total} create_session under invented ids in {seconds:.1f} s: "
-                           f"{created} created, {refused} SessionLimitExceeded (scope "
-                           f"{'/'.join(outcome['scopes'])})"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"{total} create_session under invented ids in {seconds:.1f} s: "
+            f"{created} created, {refused} SessionLimitExceeded (scope "
+            f"{'/'.join(outcome['scopes'])})",
+        }
     finally:
         run.close()
 
@@ -874,8 +1091,12 @@ def attack_privilege_separation(args) -> dict:
         return {"skipped": reason}
     directory = Path(tempfile.mkdtemp(prefix="stui-bench-privsep-", dir="/tmp"))
     directory.chmod(0o755)
-    server = start_server("privsep", f"--image-user={IMAGE_USER}",
-                          f"--image-python={SYSTEM_PYTHON}", directory=directory)
+    server = start_server(
+        "privsep",
+        f"--image-user={IMAGE_USER}",
+        f"--image-python={SYSTEM_PYTHON}",
+        directory=directory,
+    )
     run = Run(server)
     try:
         client = tcp_client(server.tcp_port)
@@ -892,16 +1113,24 @@ def attack_privilege_separation(args) -> dict:
         def denied(reply: dict) -> bool:
             return "PermissionError" in (reply.get("error") or "")
 
-        outcome = {"image_uid": int(uid), "image_user": IMAGE_USER,
-                   "read_secret_key": "PermissionError" if denied(read) else "read",
-                   "list_data_dir": "PermissionError" if denied(listed) else "listed",
-                   "kill_server": "PermissionError" if denied(kill) else "sent",
-                   "server_alive": alive}
+        outcome = {
+            "image_uid": int(uid),
+            "image_user": IMAGE_USER,
+            "read_secret_key": "PermissionError" if denied(read) else "read",
+            "list_data_dir": "PermissionError" if denied(listed) else "listed",
+            "kill_server": "PermissionError" if denied(kill) else "sent",
+            "server_alive": alive,
+        }
         holds = denied(read) and denied(listed) and denied(kill) and alive
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"as {IMAGE_USER}: read secret.key, list the data dir, "
-                           f"os.kill(server): PermissionError x{denied(read) + denied(listed) + denied(kill)}"
-                           f"; server alive: {alive}"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"as {IMAGE_USER}: read secret.key, list the data dir, "
+            f"os.kill(server): PermissionError x{denied(read) + denied(listed) + denied(kill)}"
+            f"; server alive: {alive}",
+        }
     finally:
         run.close()
         shutil.rmtree(directory, ignore_errors=True)
@@ -920,11 +1149,19 @@ def attack_timestamps(args) -> dict:
         loaded = client.result("load_context")["saved_at"]
         run.end_attack()
         client.close()
-        outcome = {"save_context.saved_at": saved, "get_context_summary.last_saved_at": summary,
-                   "load_context.saved_at": loaded}
+        outcome = {
+            "save_context.saved_at": saved,
+            "get_context_summary.last_saved_at": summary,
+            "load_context.saved_at": loaded,
+        }
         holds = saved == summary == loaded
-        return {"memory": run.memory(), "ping": run.ping, "outcome": outcome, "holds": holds,
-                "summary": f"all three equal: {holds} ({saved})"}
+        return {
+            "memory": run.memory(),
+            "ping": run.ping,
+            "outcome": outcome,
+            "holds": holds,
+            "summary": f"all three equal: {holds} ({saved})",
+        }
     finally:
         run.close()
 
@@ -979,8 +1216,12 @@ def run_one(name: str, args) -> dict:
         result = function(args)
     except Exception as exc:  # reported as a failed measurement, the other attacks still run
         result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    result = {"attack": name, "item": item, "seconds": round(time.monotonic() - started, 1),
-              **result}
+    result = {
+        "attack": name,
+        "item": item,
+        "seconds": round(time.monotonic() - started, 1),
+        **result,
+    }
     if "holds" in result:
         result["verdict"] = "holds" if result["holds"] else "DOES NOT HOLD"
     elif "skipped" in result:
@@ -1008,41 +1249,47 @@ def markdown(report: dict) -> str:
         memory = r.get("memory") or {}
         ping = r.get("ping") or {}
         mem = " / ".join(_cell(memory.get(k)) for k in ("before", "peak", "after"))
-        pings = (f"{ping['p50_ms']} / {ping['p99_ms']} ({ping['count']})" if "p50_ms" in ping
-                 else "–")
+        pings = (
+            f"{ping['p50_ms']} / {ping['p99_ms']} ({ping['count']})" if "p50_ms" in ping else "–"
+        )
         text = r.get("summary") or r.get("skipped") or r.get("error", "")
-        lines.append(f"| {r['item']} | {r['attack']} | {mem} | {pings} | {text} | "
-                     f"{r['verdict']} |")
+        lines.append(f"| {r['item']} | {r['attack']} | {mem} | {pings} | {text} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", choices=sorted(ATTACKS),
-                        help="run only this attack (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(ATTACKS), help="run only this attack (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
     parser.add_argument("--full", action="store_true", help="the issue's original sizes")
     parser.add_argument("--no-write", action="store_true", help="print only")
     for key, (scaled, _full) in SCALES.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(scaled), default=None,
-                            help=f"default {scaled}, --full {_full}")
+        parser.add_argument(
+            "--" + key.replace("_", "-"),
+            type=type(scaled),
+            default=None,
+            help=f"default {scaled}, --full {_full}",
+        )
     args = parser.parse_args(argv)
     for key, (scaled, full) in SCALES.items():
         if getattr(args, key) is None:
             setattr(args, key, full if args.full else scaled)
     names = args.only or list(ATTACKS)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = {
         "stamp": stamp,
         "commit": commit,
         "tree": server_tree() or str(REPO_ROOT),
-        "command": "python -m benchmarks.attacks " + " ".join(argv if argv is not None
-                                                               else sys.argv[1:]),
+        "command": "python -m benchmarks.attacks "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
-                   f"{platform.python_version()}, uid {os.geteuid()} "
-                   f"({pwd.getpwuid(os.geteuid()).pw_name})",
+        f"{platform.python_version()}, uid {os.geteuid()} "
+        f"({pwd.getpwuid(os.geteuid()).pw_name})",
         "scale": {key: getattr(args, key) for key in SCALES},
         "results": [],
     }
@@ -1050,8 +1297,11 @@ def main(argv=None) -> dict:
     for name in names:
         print(f"-- {name} (item {ATTACKS[name][0]})", flush=True)
         result = run_one(name, args)
-        print(f"   {result['verdict']}: {result.get('summary') or result.get('skipped') or result.get('error')}"
-              f" [{result['seconds']} s]", flush=True)
+        print(
+            f"   {result['verdict']}: {result.get('summary') or result.get('skipped') or result.get('error')}"
+            f" [{result['seconds']} s]",
+            flush=True,
+        )
         report["results"].append(result)
     report["total_seconds"] = round(time.monotonic() - started, 1)
     if not args.no_write:
