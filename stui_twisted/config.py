@@ -67,6 +67,17 @@ def _globs(name: str, text: Any) -> tuple[str, ...]:
     return tuple(part for part in re.split(r"[,\s]+", str(text)) if part)
 
 
+def shown_default(value: Any) -> str:
+    """A default as a user would write it in the INI file or on the command line."""
+    if isinstance(value, tuple):
+        return ", ".join(value) if value else "(empty)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    return str(value)
+
+
 def _durability(name: str, text: Any) -> str:
     value = str(text).strip().lower()
     if value not in DURABILITY_POLICIES:
@@ -103,6 +114,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "max-session-timeout": ("max_timeout", _positive_float, "largest timeout a client may ask for (s)"),
     "cleanup-interval": ("cleanup_interval", _positive_float, "seconds between cleanup runs"),
     "max-sessions-per-client": ("max_sessions_per_client", _positive_int, "active sessions per client"),
+    "max-sessions-total": ("max_sessions_total", _positive_int, "active sessions on the whole server"),
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),
@@ -123,6 +135,10 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "max-eval-timeout": ("max_eval_timeout", _positive_float, "largest evaluation time limit (s)"),
     "auth-file": ("auth_file", _optional_path, "password file (see stui-passwd); turns auth on"),
     "idle-timeout": ("unauthenticated_idle_timeout", _positive_float, "close unauthenticated idle connections after (s)"),
+    "token-ttl": ("token_ttl", _positive_float, "lifetime of an authenticate token (s)"),
+    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "failed logins per peer address per window"),
+    "auth-failures-per-user": ("auth_failures_per_user", _positive_int, "failed logins per username per window"),
+    "auth-failure-window": ("auth_failure_window", _positive_float, "sliding window of the failed-login limits (s)"),
     "allow-clients": ("allow_clients", _globs, "client-id globs allowed (comma separated)"),
     "deny-clients": ("deny_clients", _globs, "client-id globs refused (comma separated)"),
     "image": ("image_enabled", _boolean, "run the live image (yes/no)"),
@@ -152,16 +168,32 @@ def read_ini(path: str) -> dict[str, str]:
     return values
 
 
-def build_settings(file_values: dict[str, Any], flag_values: dict[str, Any], insecure: bool) -> Settings:
-    """Merge defaults < file < flags into checked L{Settings}."""
+def build_settings(
+    file_values: dict[str, Any],
+    flag_values: dict[str, Any],
+    insecure: bool,
+    source: str | None = None,
+) -> Settings:
+    """Merge defaults < file < flags into checked L{Settings}.
+
+    @param source: the INI file's path; a bad value that came from it is
+        reported with the file and its key.
+    """
     changes: dict[str, Any] = {}
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    flags = {k: v for k, v in flag_values.items() if v is not None}
+    merged = {**file_values, **flags}
     for name, raw in merged.items():
-        if name == "insecure-no-auth":
-            insecure = insecure or _boolean(name, raw)
-            continue
-        field, parse, _ = OPTIONS[name]
-        changes[field] = parse(name, raw)
+        try:
+            if name == "insecure-no-auth":
+                insecure = insecure or _boolean(name, raw)
+                continue
+            field, parse, _ = OPTIONS[name]
+            changes[field] = parse(name, raw)
+        except ConfigError as exc:
+            if name in flags or source is None:
+                raise
+            key = name.replace("-", "_")
+            raise ConfigError(f"--config: {source}: {key} = {raw}: {exc}") from None
     changes["insecure_no_auth"] = insecure
     settings = dataclasses.replace(Settings(), **changes)
     check_listeners(settings)

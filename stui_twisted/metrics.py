@@ -324,7 +324,8 @@ def metrics_listener(description: str, service: Any, dispatcher: Any, reactor: A
 
     registry = build_registry(service, dispatcher, connections)
     listener = ListenerService(
-        "metrics", endpoints.serverFromString(reactor, description), metrics_site(registry)
+        "metrics", endpoints.serverFromString(reactor, description), metrics_site(registry),
+        description,
     )
     listener.setName("metrics")
     listener.registry = registry

@@ -67,6 +67,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         )
         self.sessions: dict[str, Session] = {}
         self._by_client: dict[str, set[str]] = {}
+        # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
+        self._active_ids: set[str] = set()
         self.shared_bindings: dict = {}
         self._shared_dirty = False
         self._shared_generation: int | None = None
@@ -228,10 +230,13 @@ class SessionService(LiveImageCommands, service.MultiService):
     def _add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
         self._by_client.setdefault(session.client_id, set()).add(session.session_id)
+        if session.state == ACTIVE:
+            self._active_ids.add(session.session_id)
 
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
         self._dirty.discard(session.session_id)
+        self._active_ids.discard(session.session_id)
         owned = self._by_client.get(session.client_id)
         if owned is not None:
             owned.discard(session.session_id)
@@ -478,6 +483,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         if session.state != ACTIVE:
             return
         session.state = EXPIRED
+        self._active_ids.discard(session.session_id)
         session.materialized = False
         if session.loaded:
             self._dirty.add(session.session_id)
@@ -535,6 +541,16 @@ class SessionService(LiveImageCommands, service.MultiService):
                 "close one first",
                 active_sessions=len(active),
                 max_sessions_per_client=self.settings.max_sessions_per_client,
+                scope="client",
+            )
+        if len(self._active_ids) >= self.settings.max_sessions_total:
+            raise StuiError(
+                "SessionLimitExceeded",
+                f"the server already has {len(self._active_ids)} active sessions "
+                f"(max_sessions_total={self.settings.max_sessions_total}); try again later",
+                active_sessions=len(self._active_ids),
+                max_sessions_total=self.settings.max_sessions_total,
+                scope="server",
             )
         self.policy.record_create(client_id, now)
         client_info = call.params.get("client_info") or {}
@@ -666,6 +682,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             except StorageFailure as exc:
                 raise _storage_error(exc, "close the session") from exc
         session.state = CLOSED
+        self._active_ids.discard(session.session_id)
         session.closed_at = now
         session.materialized = False
         session.last_modified = now
@@ -673,6 +690,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             await self._write_now(session, "close the session")
         except StuiError:
             session.state, session.closed_at = ACTIVE, None
+            self._active_ids.add(session.session_id)
             raise
         if call.context.current_session_id == session.session_id:
             call.context.current_session_id = None

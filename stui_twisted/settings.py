@@ -17,7 +17,7 @@ DURABILITY_POLICIES = ("always", "batch", "none")
 
 @dataclass(frozen=True)
 class Settings:
-    """All tunables of one server instance (protocol.md section 7, architecture.md)."""
+    """All tunables of one server instance (docs/protocol.md section 7, docs/operations.md section 3)."""
 
     # listeners
     tcp: str = "tcp:7555:interface=127.0.0.1"
@@ -34,6 +34,7 @@ class Settings:
     max_timeout: float = 7 * 24 * 3600.0
     cleanup_interval: float = 300.0
     max_sessions_per_client: int = 5
+    max_sessions_total: int = 100_000
     max_session_bytes: int = 8 * MiB
     history_limit: int = 100
     create_rate_limit: int = 10
@@ -85,6 +86,7 @@ class Settings:
             "max_message_bytes": self.max_message_bytes,
             "max_session_bytes": self.max_session_bytes,
             "max_sessions_per_client": self.max_sessions_per_client,
+            "max_sessions_total": self.max_sessions_total,
             "default_timeout": self.default_timeout,
             "max_timeout": self.max_timeout,
             "cleanup_interval": self.cleanup_interval,

@@ -526,6 +526,15 @@ class SessionStore:
         if helpers is not None:
             helpers.shutdown(wait=True)
 
+    def check(self) -> None:
+        """Prepare the data directory and read (or create) the key, synchronously.
+
+        For start-up, before the pool or any other thread exists: a directory
+        or a key that cannot be used stops the server at once
+        (L{StorageFailure}) instead of failing every command later.
+        """
+        self._open_in_thread()
+
     def _open_in_thread(self) -> bytes:
         try:
             if not os.path.isdir(self.data_dir):

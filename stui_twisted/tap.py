@@ -17,7 +17,7 @@ from twisted.application import internet, service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini
+from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini, shown_default
 from stui_twisted.settings import Settings
 
 log = Logger()
@@ -26,7 +26,7 @@ log = Logger()
 class Options(usage.Options):
     """Command-line options of C{twistd stui}."""
 
-    synopsis = "[twistd options] stui [options]"
+    # no synopsis: twistd already prints "Usage: twistd [options] stui [options]"
     longdesc = (
         "Serve durable STUI sessions over line-JSON TCP/TLS and ZeroMQ, with a "
         "supervised live Python image. Defaults: TCP tcp:7555:interface=127.0.0.1, "
@@ -34,20 +34,167 @@ class Options(usage.Options):
     )
     optFlags = [
         ["insecure-no-auth", None, "allow non-loopback listeners without --auth-file"],
+        [
+            "check-config",
+            None,
+            "check the configuration (--config file and options, TLS files, --auth-file) "
+            "and exit: 0 if it is good, 1 with the reason",
+        ],
     ]
     optParameters = [["config", "c", None, "INI file with a [stui] section (see etc/stui.ini)"]] + [
-        [name, None, None, f"{help_text} [default: {getattr(Settings(), field)}]"]
+        [name, None, None, f"{help_text} [default: {shown_default(getattr(Settings(), field))}]"]
         for name, (field, _parse, help_text) in OPTIONS.items()
     ]
+
+    def opt_version(self) -> None:
+        """Display the stui-twisted and Twisted versions and exit."""
+        from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
+        from twisted import copyright
+
+        print(f"{SERVER_NAME} {__version__} (protocol {PROTOCOL_VERSION})")
+        print(f"Twisted version: {copyright.version}")
+        sys.exit(0)
 
     def postOptions(self) -> None:  # noqa: N802
         """Merge defaults < --config < flags into C{self.settings}; refuse bad values."""
         try:
             file_values = read_ini(self["config"]) if self["config"] else {}
             flags = {name: self[name] for name in OPTIONS}
-            self.settings = build_settings(file_values, flags, bool(self["insecure-no-auth"]))
+            self.settings = build_settings(
+                file_values, flags, bool(self["insecure-no-auth"]), source=self["config"]
+            )
+            if self["check-config"]:
+                check_resources(self.settings)
         except ConfigError as exc:
+            if self["check-config"]:
+                raise SystemExit(f"twistd stui: configuration error: {exc}") from None
             raise usage.UsageError(str(exc)) from None
+        if self["check-config"]:
+            where = f"{self['config']} and the options" if self["config"] else "the options"
+            print(f"twistd stui: configuration OK ({where})")
+            sys.exit(0)
+
+
+def check_resources(settings: Settings) -> None:
+    """What start-up would read besides the options: TLS files, the password file.
+
+    Nothing is bound, started or written.  Raises L{ConfigError} naming the option.
+    """
+    from twisted.internet import reactor
+
+    if settings.tls.lower() != "none":
+        tls_endpoint(reactor, settings.tls)
+    if settings.auth_file:
+        from stui_twisted.auth import Authenticator
+        from stui_twisted.passwd import PasswordFileError
+
+        try:
+            Authenticator(settings, reactor).load()
+        except PasswordFileError as exc:
+            raise ConfigError(f"--auth-file: {exc}") from None
+    if os.path.exists(settings.data_dir) and not os.path.isdir(settings.data_dir):
+        raise ConfigError(f"--data-dir: {settings.data_dir} exists and is not a directory")
+
+
+def tls_endpoint(reactor, description: str):
+    """The C{--tls} endpoint; a bad description or unreadable file is a L{ConfigError}."""
+    from OpenSSL.SSL import Error as SSLError
+
+    from stui_twisted.tls import TLSConfigError, server_endpoint
+
+    try:
+        return server_endpoint(reactor, description)
+    except TLSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"--tls: cannot read {exc.filename}: {exc.strerror}") from None
+    except (ValueError, SSLError) as exc:
+        raise ConfigError(f"--tls: {description!r}: {exc}") from None
+
+
+class StartupFailed(SystemExit, Exception):
+    """Start-up cannot go on; the reason is already logged, in one line.
+
+    An C{Exception}, so twistd's runner treats it as a failed start (it
+    reports it to the waiting parent of a daemon, which exits 1, and removes
+    the pidfile); a C{SystemExit}, so the interpreter then exits with status 1
+    without printing a traceback.  Raised before any thread is started, so
+    nothing keeps the process alive.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _listen_failure(option: str, child, exc: Exception) -> tuple[str, str]:
+    """Why a bind failed: (the log line, a short form for a daemon's parent).
+
+    Both name the option and the address; the short form fits the 100 bytes
+    twistd passes from a failed daemon to the parent that waits for it.
+    """
+    import zmq
+    from twisted.internet.error import CannotListenError
+
+    value = getattr(child, "description", None) or getattr(child, "url", "")
+    if isinstance(exc, CannotListenError):
+        address = f"{exc.interface or '*'}:{exc.port}"
+        reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+    else:
+        address = getattr(child, "url", value)
+        reason = zmq.strerror(exc.errno) if isinstance(exc, zmq.ZMQError) else str(exc)
+    line = f"start-up failed: {option}={value}: cannot listen on {address}: {reason}"
+    return line, f"{option} {address}: {reason}"
+
+
+class ServerRoot(service.MultiService):
+    """The root of the service tree: a listener that cannot bind stops start-up.
+
+    Every listener (TCP, TLS, metrics and ZeroMQ) binds in
+    C{privilegedStartService}, which twistd runs after daemonizing and before
+    any C{startService}: no thread, image or timer exists yet.  A bind that
+    fails is logged as one line naming the option and the address, and the
+    process exits with status 1 at once (L{StartupFailed}), instead of a
+    traceback or a server that runs without one of its listeners.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (option, value, check): run first in startService, after twistd has
+        # dropped privileges (so nothing is created as root) and before any thread
+        self.start_checks: list = []
+
+    def startService(self) -> None:  # noqa: N802
+        from stui_twisted.errors import StorageFailure
+
+        for option, value, check in self.start_checks:
+            try:
+                check()
+            except (StorageFailure, OSError) as exc:
+                log.critical(
+                    "start-up failed: {option}={value}: {error}",
+                    option=option,
+                    value=value,
+                    error=exc,
+                )
+                raise StartupFailed(f"{option} {value}: {exc}") from None
+        super().startService()
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except Exception as exc:
+                if not (isinstance(child, ListenerService) or hasattr(child, "url")):
+                    raise
+                option = f"--{child.name}" if child.name in OPTIONS else str(child.name)
+                line, short = _listen_failure(option, child, exc)
+                log.critical("{message}", message=line)
+                raise StartupFailed(short) from None
 
 
 class ListenerService(internet.StreamServerEndpointService):
@@ -60,9 +207,10 @@ class ListenerService(internet.StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, name: str, endpoint, factory) -> None:
+    def __init__(self, name: str, endpoint, factory, description: str = "") -> None:
         super().__init__(endpoint, factory)
         self.listener_name = name
+        self.description = description
         self.port = None
 
     def privilegedStartService(self) -> None:  # noqa: N802
@@ -86,16 +234,20 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.commands import build_commands
     from stui_twisted.connections import ConnectionRegistry
     from stui_twisted.dispatcher import Dispatcher
+    from stui_twisted.fdlimit import FdGuardedFactory, FdReserve
     from stui_twisted.linejson import InputBudget, LineJSONFactory
     from stui_twisted.service import SessionService
     from stui_twisted.store import SessionStore
-    from stui_twisted.tls import TLSConfigError, server_endpoint
+    from stui_twisted.tls import server_endpoint
 
-    root = service.MultiService()
+    root = ServerRoot()
     connections = ConnectionRegistry(settings.max_connections)
+    fd_reserve = FdReserve(reactor, connections)
+    fd_reserve.setServiceParent(root)  # first: raises the open-files limit
     store = SessionStore(
         settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
     )
+    root.start_checks.append(("--data-dir", settings.data_dir, store.check))
     image = None
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor
@@ -142,11 +294,16 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             input_budget=input_budget,
             registry=connections,
         )
-        try:
+        if name == "tls":
+            try:
+                endpoint = tls_endpoint(reactor, description)
+            except ConfigError as exc:
+                raise SystemExit(f"twistd stui: {exc}") from None
+        else:
             endpoint = server_endpoint(reactor, description)
-        except TLSConfigError as exc:
-            raise SystemExit(f"twistd stui: {exc}") from None
-        listener = ListenerService(name, endpoint, factory)
+        listener = ListenerService(
+            name, endpoint, FdGuardedFactory(factory, fd_reserve), description
+        )
         listener.setName(name)
         listener.setServiceParent(root)
     if settings.zmq.lower() != "none":
@@ -169,12 +326,14 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
 
 
 class CleanExitOnSigterm(service.Service):
-    """Make SIGTERM a clean shutdown that exits with status 0.
+    """Make SIGTERM (and SIGINT, Ctrl-C) a clean shutdown that exits with status 0.
 
-    twistd's own handler stops the reactor and then re-raises SIGTERM so the
+    twistd's own handler stops the reactor and then re-raises the signal so the
     process dies "by signal"; service managers and shell scripts read that as
     a failure.  This handler stops the reactor the same orderly way (every
     service's C{stopService} runs, sessions are flushed) and lets twistd exit 0.
+    A SIGINT that was ignored when the server started (a background job of a
+    non-interactive shell) stays ignored.
     """
 
     def __init__(self, reactor) -> None:
@@ -186,9 +345,14 @@ class CleanExitOnSigterm(service.Service):
 
     def _install(self) -> None:
         signal.signal(signal.SIGTERM, self._terminate)
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            signal.signal(signal.SIGINT, self._terminate)
 
     def _terminate(self, signum, frame) -> None:
-        log.info("SIGTERM: shutting down (flushing sessions, stopping the image)")
+        log.info(
+            "{signal}: shutting down (flushing sessions, stopping the image)",
+            signal=signal.Signals(signum).name,
+        )
         self._reactor.callFromThread(self._stop_once)
 
     def _stop_once(self) -> None:
@@ -196,10 +360,29 @@ class CleanExitOnSigterm(service.Service):
             self._reactor.stop()
 
 
+def apply_twistd_umask(options: Options) -> None:
+    """Apply twistd's C{--umask} now, so the log file it opens next honours it.
+
+    twistd opens C{--logfile} after C{makeService} but sets the umask only
+    later, when it daemonizes; the log file was therefore created 0644 even
+    with C{--umask=0077}.  The umask is the one twistd will set anyway:
+    C{--umask}, else 0077 for a daemon, else none (C{-n} keeps the caller's).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:  # not run by twistd (tests)
+        return
+    umask = parent.get("umask")
+    if umask is None and not parent.get("nodaemon"):
+        umask = 0o077
+    if umask is not None:
+        os.umask(umask)
+
+
 def makeService(options: Options) -> service.IService:  # noqa: N802
     """Assemble the service tree from parsed L{Options} (twistd's entry point)."""
     from twisted.internet import reactor
 
+    apply_twistd_umask(options)
     root, sessions = build_server(options.settings, reactor)
     CleanExitOnSigterm(reactor).setServiceParent(root)
     atexit.register(exit_nonzero_if_unwritten, sessions)

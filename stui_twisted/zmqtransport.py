@@ -213,7 +213,13 @@ class ZmqRouterService(service.Service):
             return []
         return [self._router.socket.getsockopt_string(zmq.LAST_ENDPOINT)]
 
-    def startService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:  # noqa: N802
+        """Bind now, like the stream listeners (see L{stui_twisted.tap.ServerRoot}).
+
+        twistd calls this after it forked, so the context is still made after
+        the fork; a port in use fails start-up before any thread exists.
+        """
+        super().privilegedStartService()
         self._factory = ZmqFactory()
         self._factory.registerForShutdown = False
         # The socket is made without an endpoint and bound only after its
@@ -231,6 +237,10 @@ class ZmqRouterService(service.Service):
             self._factory = None
             self._router = None
             raise
+
+    def startService(self) -> None:  # noqa: N802
+        if self._router is None:  # not started through privilegedStartService
+            self.privilegedStartService()
         super().startService()
         self.log.info("zmq listening on {url}", url=", ".join(self.bound_endpoints))
 

@@ -124,7 +124,8 @@ class ServerProcess:
     """One real C{twistd -n stui} child with its ports, data dir and log."""
 
     def __init__(self, workdir: Path, *extra_args: str, tls: bool = False, zmq: bool = True,
-                 image: bool = True, env: dict | None = None) -> None:
+                 image: bool = True, env: dict | None = None,
+                 preexec_fn=None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "stui-data"
@@ -134,6 +135,7 @@ class ServerProcess:
         self.use_zmq = zmq
         self.image = image
         self.env = env or {}
+        self.preexec_fn = preexec_fn  # e.g. to lower RLIMIT_NOFILE for the server
         self.process: subprocess.Popen | None = None
         self.tcp_port: int | None = None
         self.tls_port: int | None = None
@@ -171,6 +173,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -58,6 +58,9 @@ def options_table() -> str:
         default = _default(getattr(defaults, field))
         lines.append(f"| `--{long_name}` | `{key}` | `{default}` | {_cell(text)} |")
     for long_name, _short, doc in Options.optFlags:
+        if long_name == "check-config":  # an action, not a setting: no INI key
+            lines.append(f"| `--{long_name}` | — | — | {_cell(doc)} |")
+            continue
         lines.append(f"| `--{long_name}` | `{long_name.replace('-', '_')}` | `no` | {_cell(doc)} |")
     return "\n".join(lines)
 

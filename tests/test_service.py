@@ -692,3 +692,51 @@ def test_encoded_size_stays_exact_through_random_registry_and_history_changes():
             session.history = json.loads(json.dumps(session.history))
         exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
         assert session.encoded_size() == exact, (step, action)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_limit_per_client_says_its_scope(make):
+    h = await make(max_sessions_per_client=1)
+    conn = h.connection()
+    await h.ok(conn, "create_session", client_id="alice")
+    reply = await h.error(conn, "create_session", client_id="alice")
+    assert reply["error_type"] == "SessionLimitExceeded"
+    assert reply["details"]["scope"] == "client"
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_wide_session_cap_whatever_the_client_ids(make):
+    """Invented client ids cannot get past max_sessions_total; ended sessions free places."""
+    h = await make(max_sessions_total=3, max_sessions_per_client=5, default_timeout=100)
+    conn = h.connection()
+    first = await h.ok(conn, "create_session", client_id="c1")
+    await h.ok(conn, "create_session", client_id="c2")
+    await h.ok(conn, "create_session", client_id="c3")
+    reply = await h.error(conn, "create_session", client_id="c4")
+    assert reply["error_type"] == "SessionLimitExceeded"
+    assert reply["details"] == {"active_sessions": 3, "max_sessions_total": 3, "scope": "server"}
+    await h.ok(conn, "close_session", session_id=first["session_id"])
+    fourth = await h.ok(conn, "create_session", client_id="c4")
+    assert (await h.error(conn, "create_session", client_id="c5"))["details"]["scope"] == "server"
+    # an idle session marked expired by the cleanup run frees its place too
+    h.clock.advance(50)
+    await h.ok(conn, "update_session_state", session_id=fourth["session_id"], state_data={"a": 1})
+    h.clock.advance(60)  # c2 and c3 have been idle for 110 s, c4 for 60 s
+    await h.service.cleanup()
+    await h.ok(conn, "create_session", client_id="c5")
+    await h.ok(conn, "create_session", client_id="c6")
+    assert (await h.error(conn, "create_session", client_id="c7"))["details"]["scope"] == "server"
+
+
+def test_max_sessions_total_option_and_ini_key(tmp_path):
+    from stui_twisted.tap import Options
+
+    assert Settings().max_sessions_total == 100_000
+    ini = tmp_path / "stui.ini"
+    ini.write_text("[stui]\nmax_sessions_total = 7\n")
+    options = Options()
+    options.parseOptions([f"--config={ini}"])
+    assert options.settings.max_sessions_total == 7
+    options = Options()
+    options.parseOptions([f"--config={ini}", "--max-sessions-total=9"])
+    assert options.settings.max_sessions_total == 9
