@@ -1201,7 +1201,7 @@ SCALES = {
     "flood_seconds": (5.0, 15.0),
     "depth": (500, 500),
     "nofile_soft": (128, 1024),
-    "nofile_hard": (256, 4096),
+    "nofile_hard": (256, 1024),
     "fd_connections": (300, 1000),
     "idle_timeout": (3.0, 600.0),
     "idle_connections": (100, 1000),
