@@ -399,26 +399,31 @@ def attack_zmq_frame(args) -> dict:
             server.zmq_request({"id": n, "command": "ping"})
         hwm_before = status_mib(run.pid)["VmHWM"]
         frame = b"x" * (args.frame_mib * MiB)
-        hog = zmq.Context.instance().socket(zmq.DEALER)
+        # Its own context (I/O thread), so pushing the frame does not delay our other ping.
+        hog_context = zmq.Context()
+        hog = hog_context.socket(zmq.DEALER)
         hog.setsockopt(zmq.LINGER, 0)
         hog.setsockopt(zmq.SNDTIMEO, 60_000)
         hog.connect(server.zmq_url)
         try:
-            sent = time.monotonic()
             hog.send_multipart([b"", frame])
             del frame
+            time.sleep(0.05)  # libzmq is pushing the frame now
+            asked = time.monotonic()
             other = server.zmq_request({"id": "other", "command": "ping"})
-            other_ms = (time.monotonic() - sent) * 1000
+            other_ms = (time.monotonic() - asked) * 1000
             time.sleep(1.5)
             reply = hog.poll(500) and hog.recv_multipart()
         finally:
             hog.close()
+            hog_context.term()
         after_ok = server.zmq_request({"id": "after", "command": "ping"})["status"] == "success"
         run.end_attack()
         rise = round(run.peak["VmHWM"] - hwm_before, 1)
         outcome = {
             "frame_mib": args.frame_mib,
-            "limit_mib": 8,
+            "max_message_bytes_mib": 8,
+            "libzmq_frame_limit_mib": 16,
             "peak_rise_mib": rise,
             "frame_reached_the_server": bool(reply),
             "zmq_ping_during_ms": round(other_ms, 1),
@@ -543,7 +548,7 @@ def attack_big_display(args) -> dict:
         "outcome": outcome,
         "holds": cell["reply_bytes"] < 4 * MiB and rise < 32,
         "summary": f"{args.value_mib} MiB str shown: reply {cell['reply_bytes'] / MiB:.2f} MiB,"
-        f" server peak +{rise} MiB",
+        f" server peak +{rise} MiB, image peak +{got['image_peak_rise_mib']} MiB",
     }
 
 
@@ -767,6 +772,7 @@ def attack_batch_disk_full(args) -> dict:
         log = server.log_text()
         names_it = "final flush FAILED" in log and session_id in log
         false_claim = "every dirty session was flushed" in log
+        said = [line[-300:] for line in log.splitlines() if "final flush FAILED" in line]
         client_dir.unlink()
         aside.rename(client_dir)
         aside = None
@@ -785,6 +791,10 @@ def attack_batch_disk_full(args) -> dict:
             "exit_status": status,
             "log_names_the_unwritten_session": names_it,
             "log_claims_everything_flushed": false_claim,
+            "acknowledged_then_lost": (
+                last_acknowledged - stored_counter if isinstance(stored_counter, int) else None
+            ),
+            "log_line": said[0] if said else None,
         }
         holds = (
             failed
@@ -800,9 +810,9 @@ def attack_batch_disk_full(args) -> dict:
             "outcome": outcome,
             "holds": holds,
             "summary": f"{window if failed else '?'} change(s) acknowledged in the batch window "
-            f"before the failed flush, then {refused} StorageError; exit "
-            f"{status}; log names the session: {names_it}; after restart "
-            f"{stored_counter} (last acknowledged {last_acknowledged})",
+            f"before the first failed flush, then {refused} of {refused} StorageError; exit "
+            f"{status}; log names the unwritten session: {names_it}; after restart counter "
+            f"{stored_counter}, last acknowledged {last_acknowledged}",
         }
     finally:
         if aside is not None and aside.exists():
