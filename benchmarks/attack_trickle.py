@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     try:
         client = tcp_client(server.tcp_port)
         baseline = summary(ping_latencies(client, 3.0))
+        before = rss_mib(server.process.pid)
         partial = int(args.partial_mib * 1024 * 1024)
         attacker = subprocess.Popen(
             [
@@ -134,6 +135,9 @@ def main(argv=None) -> dict:
         finally:
             attacker.kill()
             attacker.wait(10)
+        time.sleep(2.0)  # the attackers' connections are closed: is their memory back?
+        client.call("ping")
+        after = rss_mib(server.process.pid)
         client.close()
     finally:
         server.kill()
@@ -145,7 +149,9 @@ def main(argv=None) -> dict:
         "interval_s": args.interval,
         "segments_sent": segments,
         "seconds_to_send_the_partial_lines": round(build_s, 2),
+        "server_rss_mib_before": round(before, 1),
         "server_rss_mib_during": round(rss, 1),
+        "server_rss_mib_after_close": round(after, 1),
         "server_vmhwm_mib": round(peak, 1),
         "ping_before": baseline,
         "ping_during": during,

@@ -202,7 +202,7 @@ class Run:
             self.end_attack()
         return {
             "before": self.before.get("VmRSS"),
-            "peak": self.peak.get("VmHWM"),
+            "peak": self.after.get("VmHWM", self.peak.get("VmHWM")),  # a high-water mark
             "after": self.after.get("VmRSS"),
         }
 
@@ -481,17 +481,19 @@ def attack_trickle_lines(args) -> dict:
     during = result["ping_during"]
     outcome = {k: result[k] for k in ("attackers", "partial_mib", "segment_bytes", "segments_sent")}
     outcome["ping_before_attack"] = result["ping_before"]
+    outcome["server_rss_mib_during"] = result["server_rss_mib_during"]
     return {
         "memory": {
-            "before": None,
+            "before": result["server_rss_mib_before"],
             "peak": result["server_vmhwm_mib"],
-            "after": result["server_rss_mib_during"],
+            "after": result["server_rss_mib_after_close"],
         },
         "ping": during,
         "outcome": outcome,
         "holds": during["p99_ms"] < 50,
         "summary": f"{result['segments_sent']} segments of {result['segment_bytes']} B "
-        f"onto {result['attackers']} x {result['partial_mib']} MiB lines",
+        f"onto {result['attackers']} x {result['partial_mib']} MiB lines; others' ping p99 "
+        f"{during['p99_ms']} ms (no attack: {result['ping_before']['p99_ms']} ms)",
     }
 
 
