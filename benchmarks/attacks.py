@@ -27,7 +27,9 @@ connections (``--full``: the default 600 s with 1,000).  Each size has its own f
 reader short of memory or time can scale down.  The whole run takes about 2-3 minutes
 on 2 cores and needs about 1 GB of free memory.  Every loop is bounded in count and in
 time.  Items 3 and 4 reuse ``benchmarks.attack_partial`` and ``benchmarks.attack_trickle``;
-items 5 and 6 reuse the helpers of ``benchmarks.attack_image_values``.  Item 15 runs only
+items 5 and 6 reuse the helpers of ``benchmarks.attack_image_values``
+(``benchmarks.exhaustion`` measures items 12 and 14 in more detail: held, told and
+silently closed connections).  Item 15 runs only
 as root with ``/usr/bin/python3.11`` (as ``tests/test_privsep.py``), else it is skipped.  Results go to
 ``benchmarks/results/attacks-<stamp>.json`` and ``.md``; the figures quoted in
 docs/security.md and docs/reliability.md come from one such run.
