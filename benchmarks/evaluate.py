@@ -114,14 +114,20 @@ def sequential(server, requests: int, warmup: int) -> tuple[dict[str, Series], d
     return series, info
 
 
-async def _tcp_workers(port: int, sessions: int, total: int, command: str, prefix: str) -> tuple[Series, float]:
+async def _tcp_workers(
+    port: int, sessions: int, total: int, command: str, prefix: str
+) -> tuple[Series, float]:
     """C{sessions} connections, each with its own session, C{total} calls in all."""
     conns = [await Conn.open(port) for _ in range(sessions)]
     sids = []
     for i, conn in enumerate(conns):
         reply = await conn.call("create_session", client_id=f"{prefix}-{i}")
         sids.append(reply["result"]["session_id"])
-    params = (lambda sid: {"session_id": sid, "code": CODE}) if command == "evaluate" else (lambda sid: {})
+    params = (
+        (lambda sid: {"session_id": sid, "code": CODE})
+        if command == "evaluate"
+        else (lambda sid: {})
+    )
     for conn, sid in zip(conns, sids, strict=True):  # warm-up: materialize every session
         await conn.call(command, **params(sid))
     series = Series(f"{command} x{sessions}")
@@ -161,12 +167,16 @@ async def _zmq_workers(url: str, sessions: int, total: int, prefix: str) -> tupl
         sockets.append(sock)
 
     async def call(sock, command: str, **params) -> dict:
-        await sock.send_multipart([b"", json.dumps({"id": 1, "command": command, "parameters": params}).encode()])
+        await sock.send_multipart(
+            [b"", json.dumps({"id": 1, "command": command, "parameters": params}).encode()]
+        )
         frames = await asyncio.wait_for(sock.recv_multipart(), 60)
         return json.loads(frames[-1])
 
-    sids = [(await call(s, "create_session", client_id=f"{prefix}-{i}"))["result"]["session_id"]
-            for i, s in enumerate(sockets)]
+    sids = [
+        (await call(s, "create_session", client_id=f"{prefix}-{i}"))["result"]["session_id"]
+        for i, s in enumerate(sockets)
+    ]
     for sock, sid in zip(sockets, sids, strict=True):
         await call(sock, "evaluate", session_id=sid, code=CODE)
     series = Series(f"evaluate x{sessions} (ZeroMQ)")
@@ -197,17 +207,30 @@ def run(requests: int = 5000, warmup: int = 300, throughput_requests: int | None
     """Every evaluate figure with its reference; rows + series + throughput table."""
     pin_to_cpu()
     throughput_requests = throughput_requests or requests
-    server = start_stui("evaluate", "--max-sessions-per-client=1000", "--create-rate-limit=100000",
-                        "--max-connections=5000")
+    server = start_stui(
+        "evaluate",
+        "--max-sessions-per-client=1000",
+        "--create-rate-limit=100000",
+        "--max-connections=5000",
+    )
     rows, all_series, throughput = [], {}, []
     try:
         seq, info = sequential(server, requests, warmup)
         all_series.update(seq)
         jupyter = seq.get("ipykernel execute_request → idle")
-        for name, transport in (("stui evaluate (TCP)", "TCP"), ("stui evaluate (ZeroMQ)", "ZeroMQ")):
+        for name, transport in (
+            ("stui evaluate (TCP)", "TCP"),
+            ("stui evaluate (ZeroMQ)", "ZeroMQ"),
+        ):
             if jupyter is not None:
-                rows.append(compare(f"evaluate('1+1') sequential, {transport}", seq[name], jupyter,
-                                    target="median ≤ 0.15× Jupyter"))
+                rows.append(
+                    compare(
+                        f"evaluate('1+1') sequential, {transport}",
+                        seq[name],
+                        jupyter,
+                        target="median ≤ 0.15× Jupyter",
+                    )
+                )
         # 8 concurrent sessions: latency under contention, TCP and ZeroMQ
         c8_tcp, _ = asyncio.run(_tcp_workers(server.tcp_port, 8, requests, "evaluate", "bench-c8"))
         c8_tcp.name = "stui evaluate, 8 concurrent sessions (TCP)"
@@ -215,19 +238,41 @@ def run(requests: int = 5000, warmup: int = 300, throughput_requests: int | None
         c8_zmq.name = "stui evaluate, 8 concurrent sessions (ZeroMQ)"
         all_series[c8_tcp.name] = c8_tcp
         all_series[c8_zmq.name] = c8_zmq
-        rows.append(compare("evaluate, 8 concurrent sessions, TCP (vs sequential TCP)", c8_tcp, seq["stui evaluate (TCP)"]))
-        rows.append(compare("evaluate, 8 concurrent sessions, ZeroMQ (vs sequential ZeroMQ)", c8_zmq, seq["stui evaluate (ZeroMQ)"]))
+        rows.append(
+            compare(
+                "evaluate, 8 concurrent sessions, TCP (vs sequential TCP)",
+                c8_tcp,
+                seq["stui evaluate (TCP)"],
+            )
+        )
+        rows.append(
+            compare(
+                "evaluate, 8 concurrent sessions, ZeroMQ (vs sequential ZeroMQ)",
+                c8_zmq,
+                seq["stui evaluate (ZeroMQ)"],
+            )
+        )
         for sessions in (1, 8, 64):
-            ev, ev_wall = asyncio.run(_tcp_workers(server.tcp_port, sessions, throughput_requests, "evaluate", f"bench-t{sessions}"))
-            pg, pg_wall = asyncio.run(_tcp_workers(server.tcp_port, sessions, throughput_requests, "ping", f"bench-p{sessions}"))
+            ev, ev_wall = asyncio.run(
+                _tcp_workers(
+                    server.tcp_port, sessions, throughput_requests, "evaluate", f"bench-t{sessions}"
+                )
+            )
+            pg, pg_wall = asyncio.run(
+                _tcp_workers(
+                    server.tcp_port, sessions, throughput_requests, "ping", f"bench-p{sessions}"
+                )
+            )
             all_series[f"evaluate throughput x{sessions}"] = ev
-            throughput.append({
-                "sessions": sessions,
-                "evaluate_per_s": round(len(ev.samples) / ev_wall, 1),
-                "evaluate": ev.summary(),
-                "ping_per_s": round(len(pg.samples) / pg_wall, 1),
-                "ping": pg.summary(),
-            })
+            throughput.append(
+                {
+                    "sessions": sessions,
+                    "evaluate_per_s": round(len(ev.samples) / ev_wall, 1),
+                    "evaluate": ev.summary(),
+                    "ping_per_s": round(len(pg.samples) / pg_wall, 1),
+                    "ping": pg.summary(),
+                }
+            )
     finally:
         server.kill()
     return {"rows": rows, "series": all_series, "throughput": throughput, "info": info}
@@ -241,8 +286,10 @@ def main() -> None:
     result = run(args.requests)
     for row in result["rows"]:
         m, r = row["measured"], row["reference"]
-        print(f"{row['name']:60s} median {m.get('median_us')}us p99 {m.get('p99_us')}us err {m.get('errors')} "
-              f"| {row['reference_label']}: {r.get('median_us')}us p99 {r.get('p99_us')}us ratio {row['median_ratio']}")
+        print(
+            f"{row['name']:60s} median {m.get('median_us')}us p99 {m.get('p99_us')}us err {m.get('errors')} "
+            f"| {row['reference_label']}: {r.get('median_us')}us p99 {r.get('p99_us')}us ratio {row['median_ratio']}"
+        )
     print(json.dumps(result["throughput"], indent=1))
     print(result["info"])
 

@@ -116,17 +116,21 @@ def create_counter_session(server: ServerProcess, client_id: str) -> str:
     client = server.tcp_client(timeout=15)
     try:
         session_id = client.result("create_session", client_id=client_id)["session_id"]
-        client.result(
-            "update_session_state", session_id=session_id, state_data={"counter": 0}
-        )
+        client.result("update_session_state", session_id=session_id, state_data={"counter": 0})
         client.result("save_context", session_id=session_id)
         return session_id
     finally:
         client.close()
 
 
-def kill_cycle(server: ServerProcess, session_id: str, client_id: str, start_counter: int,
-               kill_after: float, rss=None) -> CycleResult:
+def kill_cycle(
+    server: ServerProcess,
+    session_id: str,
+    client_id: str,
+    start_counter: int,
+    kill_after: float,
+    rss=None,
+) -> CycleResult:
     """Stream updates from C{start_counter + 1}, SIGKILL the server after C{kill_after} s."""
     result = CycleResult(start_counter=start_counter)
     stream = CounterStream(server.tcp_port, session_id, client_id, result)

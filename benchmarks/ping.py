@@ -48,7 +48,10 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
             return one
 
         tcp = interleaved(
-            {"stui ping (TCP)": tcp_runner(stui_tcp), "Twisted LineReceiver floor": tcp_runner(floor_tcp)},
+            {
+                "stui ping (TCP)": tcp_runner(stui_tcp),
+                "Twisted LineReceiver floor": tcp_runner(floor_tcp),
+            },
             requests,
             warmup,
         )
@@ -65,7 +68,10 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
             return one
 
         zmq = interleaved(
-            {"stui ping (ZeroMQ)": zmq_runner(stui_zmq, True), "txzmq ROUTER echo floor": zmq_runner(floor_zmq, False)},
+            {
+                "stui ping (ZeroMQ)": zmq_runner(stui_zmq, True),
+                "txzmq ROUTER echo floor": zmq_runner(floor_zmq, False),
+            },
             requests,
             warmup,
         )
@@ -81,8 +87,18 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
         floor.stop()
     series: dict[str, Series] = {**tcp, **zmq}
     rows = [
-        compare("ping over TCP", tcp["stui ping (TCP)"], tcp["Twisted LineReceiver floor"], target="median ≤ 1.5× floor"),
-        compare("ping over ZeroMQ", zmq["stui ping (ZeroMQ)"], zmq["txzmq ROUTER echo floor"], target="median ≤ 1.3× floor"),
+        compare(
+            "ping over TCP",
+            tcp["stui ping (TCP)"],
+            tcp["Twisted LineReceiver floor"],
+            target="median ≤ 1.5× floor",
+        ),
+        compare(
+            "ping over ZeroMQ",
+            zmq["stui ping (ZeroMQ)"],
+            zmq["txzmq ROUTER echo floor"],
+            target="median ≤ 1.3× floor",
+        ),
     ]
     return {"rows": rows, "series": series, "pinning": pinning}
 

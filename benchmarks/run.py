@@ -56,8 +56,9 @@ def machine() -> dict:
 
 def git_commit() -> str:
     """The checkout's HEAD (the servers' code when --snapshot is not given, plus local edits)."""
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, check=False).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
 
 
 def fmt_us(value) -> str:
@@ -92,17 +93,25 @@ def markdown(result: dict) -> str:
         )
     idle = [r for r in result["rows"] if "total_after_mib" in r]
     for row in idle:
-        lines += ["", f"**{row['name']}**: {row['total_after_mib']} MiB after "
-                  f"(reference, before the first session: {row['total_before_mib']} MiB); "
-                  f"{row['per_session_bytes']} bytes per session; {row['sessions_created']} created at "
-                  f"{row['create_per_s']}/s with {row['create_errors']} errors. Target: {row['target']}."]
+        lines += [
+            "",
+            f"**{row['name']}**: {row['total_after_mib']} MiB after "
+            f"(reference, before the first session: {row['total_before_mib']} MiB); "
+            f"{row['per_session_bytes']} bytes per session; {row['sessions_created']} created at "
+            f"{row['create_per_s']}/s with {row['create_errors']} errors. Target: {row['target']}.",
+        ]
     if result.get("throughput"):
-        lines += ["", "| concurrent sessions | evaluate/s | evaluate median / p99 | ping/s (same connections) | ping median / p99 |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| concurrent sessions | evaluate/s | evaluate median / p99 | ping/s (same connections) | ping median / p99 |",
+            "|---|---|---|---|---|",
+        ]
         for t in result["throughput"]:
-            lines.append(f"| {t['sessions']} | {t['evaluate_per_s']} | {fmt_us(t['evaluate'].get('median_us'))} / "
-                         f"{fmt_us(t['evaluate'].get('p99_us'))} | {t['ping_per_s']} | {fmt_us(t['ping'].get('median_us'))} / "
-                         f"{fmt_us(t['ping'].get('p99_us'))} |")
+            lines.append(
+                f"| {t['sessions']} | {t['evaluate_per_s']} | {fmt_us(t['evaluate'].get('median_us'))} / "
+                f"{fmt_us(t['evaluate'].get('p99_us'))} | {t['ping_per_s']} | {fmt_us(t['ping'].get('median_us'))} / "
+                f"{fmt_us(t['ping'].get('p99_us'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +139,7 @@ def plot(series: dict[str, Series], groups: list[tuple[str, list[str]]], path: P
         ax.axhline(0.5, color="grey", lw=0.5, ls=":")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -138,12 +147,24 @@ def plot(series: dict[str, Series], groups: list[tuple[str, list[str]]], path: P
 
 def main() -> int:
     """Run the selected benchmarks and write the three result files."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1,000 requests per figure, 2,000 idle sessions")
-    mode.add_argument("--full", action="store_true", help="≥ 5,000 requests per figure, 10,000 idle sessions")
-    parser.add_argument("--snapshot", action="store_true", help="run the servers from git HEAD, not the working tree")
-    parser.add_argument("--only", action="append", choices=("ping", "sessions", "evaluate", "scale"))
+    mode.add_argument(
+        "--quick", action="store_true", help="1,000 requests per figure, 2,000 idle sessions"
+    )
+    mode.add_argument(
+        "--full", action="store_true", help="≥ 5,000 requests per figure, 10,000 idle sessions"
+    )
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run the servers from git HEAD, not the working tree",
+    )
+    parser.add_argument(
+        "--only", action="append", choices=("ping", "sessions", "evaluate", "scale")
+    )
     args = parser.parse_args()
     full = args.full
     requests = 5000 if full else 1000
@@ -172,7 +193,10 @@ def main() -> int:
         started = time.monotonic()
         part = ping.run(requests, warmup=500)
         result["rows"] += part["rows"]
-        result["parts"]["ping"] = {"pinning": part["pinning"], "seconds": round(time.monotonic() - started, 1)}
+        result["parts"]["ping"] = {
+            "pinning": part["pinning"],
+            "seconds": round(time.monotonic() - started, 1),
+        }
         series.update(part["series"])
     if "sessions" in only:
         from benchmarks import sessions
@@ -189,14 +213,23 @@ def main() -> int:
         part = evaluate.run(requests, warmup=300, throughput_requests=requests)
         result["rows"] += part["rows"]
         result["throughput"] = part["throughput"]
-        result["parts"]["evaluate"] = {"info": part["info"], "seconds": round(time.monotonic() - started, 1)}
+        result["parts"]["evaluate"] = {
+            "info": part["info"],
+            "seconds": round(time.monotonic() - started, 1),
+        }
         series.update(part["series"])
     if "scale" in only:
         from benchmarks import scale
 
         started = time.monotonic()
-        part = scale.run(connections=1000, pings=10 if full else 5, sessions=10_000 if full else 2000,
-                         requests=requests if full else 300, warmup=50, cold_runs=5 if full else 2)
+        part = scale.run(
+            connections=1000,
+            pings=10 if full else 5,
+            sessions=10_000 if full else 2000,
+            requests=requests if full else 300,
+            warmup=50,
+            cold_runs=5 if full else 2,
+        )
         result["rows"] += part["rows"]
         result["parts"]["scale"] = {"seconds": round(time.monotonic() - started, 1)}
         series.update(part["series"])
@@ -206,16 +239,57 @@ def main() -> int:
     base = RESULTS / stamp
     base.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     base.with_suffix(".md").write_text(markdown(result))
-    plot(series, [
-        ("ping over TCP vs Twisted LineReceiver floor", ["stui ping (TCP)", "Twisted LineReceiver floor"]),
-        ("ping over ZeroMQ vs txzmq ROUTER echo", ["stui ping (ZeroMQ)", "txzmq ROUTER echo floor"]),
-        ("evaluate('1+1') vs ipykernel", ["stui evaluate (TCP)", "stui evaluate (ZeroMQ)", "ipykernel execute_request → idle",
-                                          "stui evaluate, 8 concurrent sessions (TCP)", "stui evaluate, 8 concurrent sessions (ZeroMQ)"]),
-        ("sessions, batch", [f"batch: {n}" for n in ("ping", "create_session", "restore_session", "update 1 KiB", "update 100 KiB")]),
-        ("sessions, always", [f"always: {n}" for n in ("ping", "create_session", "update 1 KiB", "save_context (100 KiB)",
-                                                      "raw durable write 1 KiB")]),
-        ("1,000 connections", ["stui ping, 1000 connections", "floor ping, 1000 connections"]),
-    ], base.with_suffix(".png"))
+    plot(
+        series,
+        [
+            (
+                "ping over TCP vs Twisted LineReceiver floor",
+                ["stui ping (TCP)", "Twisted LineReceiver floor"],
+            ),
+            (
+                "ping over ZeroMQ vs txzmq ROUTER echo",
+                ["stui ping (ZeroMQ)", "txzmq ROUTER echo floor"],
+            ),
+            (
+                "evaluate('1+1') vs ipykernel",
+                [
+                    "stui evaluate (TCP)",
+                    "stui evaluate (ZeroMQ)",
+                    "ipykernel execute_request → idle",
+                    "stui evaluate, 8 concurrent sessions (TCP)",
+                    "stui evaluate, 8 concurrent sessions (ZeroMQ)",
+                ],
+            ),
+            (
+                "sessions, batch",
+                [
+                    f"batch: {n}"
+                    for n in (
+                        "ping",
+                        "create_session",
+                        "restore_session",
+                        "update 1 KiB",
+                        "update 100 KiB",
+                    )
+                ],
+            ),
+            (
+                "sessions, always",
+                [
+                    f"always: {n}"
+                    for n in (
+                        "ping",
+                        "create_session",
+                        "update 1 KiB",
+                        "save_context (100 KiB)",
+                        "raw durable write 1 KiB",
+                    )
+                ],
+            ),
+            ("1,000 connections", ["stui ping, 1000 connections", "floor ping, 1000 connections"]),
+        ],
+        base.with_suffix(".png"),
+    )
     print(markdown(result))
     print(f"wrote {base}.json, .md, .png")
     return 0

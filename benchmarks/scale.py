@@ -77,23 +77,42 @@ async def _many_connections(port: int, connections: int, pings: int, label: str)
 
 def connections_benchmark(connections: int, pings: int) -> tuple[list[dict], dict]:
     """stui and the floor under the same 1,000-connection ping load."""
-    server = start_stui("scale-conns", f"--max-connections={connections * 2}", image=True, zmq=False)
+    server = start_stui(
+        "scale-conns", f"--max-connections={connections * 2}", image=True, zmq=False
+    )
     floor = FloorServer().start()
     try:
-        stui = asyncio.run(_many_connections(server.tcp_port, connections, pings, f"stui ping, {connections} connections"))
-        ref = asyncio.run(_many_connections(floor.tcp_port, connections, pings, f"floor ping, {connections} connections"))
+        stui = asyncio.run(
+            _many_connections(
+                server.tcp_port, connections, pings, f"stui ping, {connections} connections"
+            )
+        )
+        ref = asyncio.run(
+            _many_connections(
+                floor.tcp_port, connections, pings, f"floor ping, {connections} connections"
+            )
+        )
         server_rss = sum(rss_bytes(pid) for pid in server_pids(server))
     finally:
         server.kill()
         floor.stop()
-    row = compare(f"ping, {connections} concurrent connections × {pings}", stui["series"], ref["series"],
-                  target="0 errors", errors_by_kind=stui["errors_by_kind"],
-                  reference_errors_by_kind=ref["errors_by_kind"], wall_s=stui["wall_s"],
-                  reference_wall_s=ref["wall_s"], server_rss_bytes=server_rss)
+    row = compare(
+        f"ping, {connections} concurrent connections × {pings}",
+        stui["series"],
+        ref["series"],
+        target="0 errors",
+        errors_by_kind=stui["errors_by_kind"],
+        reference_errors_by_kind=ref["errors_by_kind"],
+        wall_s=stui["wall_s"],
+        reference_wall_s=ref["wall_s"],
+        server_rss_bytes=server_rss,
+    )
     return [row], {stui["series"].name: stui["series"], ref["series"].name: ref["series"]}
 
 
-async def _create_sessions(port: int, sessions: int, connections: int = 16, depth: int = 8) -> Series:
+async def _create_sessions(
+    port: int, sessions: int, connections: int = 16, depth: int = 8
+) -> Series:
     """Create C{sessions} sessions over C{connections} connections, C{depth} in flight on each."""
     conns = [await Conn.open(port) for _ in range(connections)]
     series = Series("create_session (10k run)")
@@ -115,12 +134,21 @@ async def _create_sessions(port: int, sessions: int, connections: int = 16, dept
 
 def idle_sessions_benchmark(sessions: int, probes: int = 500) -> tuple[list[dict], dict]:
     """RSS of server + image before and after C{sessions} idle sessions."""
-    server = start_stui("scale-idle", "--max-sessions-per-client=100000", "--create-rate-limit=100000000",
-                        "--max-connections=5000", image=True, zmq=False)
+    server = start_stui(
+        "scale-idle",
+        "--max-sessions-per-client=100000",
+        "--create-rate-limit=100000000",
+        "--max-connections=5000",
+        image=True,
+        zmq=False,
+    )
+
     def sequential_creates(client, label: str) -> Series:
         series = Series(label)
         for i in range(probes + 50):
-            elapsed, reply = timed_call(client, "create_session", client_id=f"probe-{label[:5]}-{i % 50}")
+            elapsed, reply = timed_call(
+                client, "create_session", client_id=f"probe-{label[:5]}-{i % 50}"
+            )
             if reply.get("status") != "success":
                 series.errors += 1
             elif i >= 50:
@@ -162,8 +190,12 @@ def idle_sessions_benchmark(sessions: int, probes: int = 500) -> tuple[list[dict
         "storage": stats.get("storage"),
         "target": "total ≤ 300 MB",
     }
-    growth = compare(f"create_session (sequential, batch) with {sessions} sessions vs few", full, empty,
-                     note="create_session counts the client's active sessions by scanning every session")
+    growth = compare(
+        f"create_session (sequential, batch) with {sessions} sessions vs few",
+        full,
+        empty,
+        note="create_session counts the client's active sessions by scanning every session",
+    )
     return [row, growth], {created.name: created, empty.name: empty, full.name: full}
 
 
@@ -181,18 +213,33 @@ def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[l
 
         def restorer(sid: str):
             def one() -> float:
-                elapsed, reply = timed_call(client, "restore_session", session_id=sid, client_id="big")
+                elapsed, reply = timed_call(
+                    client, "restore_session", session_id=sid, client_id="big"
+                )
                 if reply.get("status") != "success":
                     raise ValueError(reply)
                 return elapsed
 
             return one
 
-        warm = interleaved({"restore 1 MB bindings (warm)": restorer(big),
-                            "restore empty session (warm)": restorer(small)}, requests, warmup)
+        warm = interleaved(
+            {
+                "restore 1 MB bindings (warm)": restorer(big),
+                "restore empty session (warm)": restorer(small),
+            },
+            requests,
+            warmup,
+        )
         series.update(warm)
-        rows.append(compare("restore_session, ~1 MB of bindings, warm", warm["restore 1 MB bindings (warm)"],
-                            warm["restore empty session (warm)"], file_bytes=saved.get("size_bytes")))
+        rows.append(
+            compare(
+                "restore_session, ~1 MB of bindings, warm",
+                warm["restore 1 MB bindings (warm)"],
+                warm["restore empty session (warm)"],
+                file_bytes=saved.get("size_bytes"),
+            )
+        )
+
         def evaluator(sid: str):
             def one() -> float:
                 elapsed, reply = timed_call(client, "evaluate", session_id=sid, code="1+1")
@@ -204,8 +251,9 @@ def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[l
 
         def updater(sid: str):
             def one() -> float:
-                elapsed, reply = timed_call(client, "update_session_state", session_id=sid,
-                                            state_data={"n": 1})
+                elapsed, reply = timed_call(
+                    client, "update_session_state", session_id=sid, state_data={"n": 1}
+                )
                 if reply.get("status") != "success":
                     raise ValueError(reply)
                 return elapsed
@@ -214,17 +262,36 @@ def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[l
 
         # Per-request cost that grows with the session: evaluate and a tiny
         # update in the 1 MB session, beside the same in the empty one.
-        grow = interleaved({"evaluate 1+1 in 1 MB session": evaluator(big),
-                            "evaluate 1+1 in empty session": evaluator(small),
-                            "tiny update in 1 MB session": updater(big),
-                            "tiny update in empty session": updater(small)}, requests, warmup)
+        grow = interleaved(
+            {
+                "evaluate 1+1 in 1 MB session": evaluator(big),
+                "evaluate 1+1 in empty session": evaluator(small),
+                "tiny update in 1 MB session": updater(big),
+                "tiny update in empty session": updater(small),
+            },
+            requests,
+            warmup,
+        )
         series.update(grow)
-        rows.append(compare("evaluate('1+1') in a session with ~1 MB of bindings", grow["evaluate 1+1 in 1 MB session"],
-                            grow["evaluate 1+1 in empty session"]))
-        rows.append(compare("update_session_state (tiny) in a session with ~1 MB of bindings",
-                            grow["tiny update in 1 MB session"], grow["tiny update in empty session"]))
+        rows.append(
+            compare(
+                "evaluate('1+1') in a session with ~1 MB of bindings",
+                grow["evaluate 1+1 in 1 MB session"],
+                grow["evaluate 1+1 in empty session"],
+            )
+        )
+        rows.append(
+            compare(
+                "update_session_state (tiny) in a session with ~1 MB of bindings",
+                grow["tiny update in 1 MB session"],
+                grow["tiny update in empty session"],
+            )
+        )
         client.close()
-        cold_big, cold_small = Series("restore 1 MB bindings (cold, after restart)"), Series("restore empty (cold)")
+        cold_big, cold_small = (
+            Series("restore 1 MB bindings (cold, after restart)"),
+            Series("restore empty (cold)"),
+        )
         for run in range(cold_runs):
             server.stop()
             server.start(timeout=60)
@@ -232,22 +299,40 @@ def big_restore_benchmark(requests: int, warmup: int, cold_runs: int) -> tuple[l
             client = tcp_client(server.tcp_port)
             order = ((big, cold_big), (small, cold_small))
             for sid, s in order if run % 2 else reversed(order):
-                elapsed, reply = timed_call(client, "restore_session", session_id=sid, client_id="big")
-                if reply.get("status") == "success" and reply["result"]["restored_bindings"]  or sid == small:
+                elapsed, reply = timed_call(
+                    client, "restore_session", session_id=sid, client_id="big"
+                )
+                if (
+                    reply.get("status") == "success"
+                    and reply["result"]["restored_bindings"]
+                    or sid == small
+                ):
                     s.samples.append(elapsed)
                 else:
                     s.errors += 1
             client.close()
         series.update({cold_big.name: cold_big, cold_small.name: cold_small})
-        rows.append(compare("restore_session, ~1 MB of bindings, cold (first after restart)", cold_big, cold_small,
-                            note=f"{cold_runs} restarts"))
+        rows.append(
+            compare(
+                "restore_session, ~1 MB of bindings, cold (first after restart)",
+                cold_big,
+                cold_small,
+                note=f"{cold_runs} restarts",
+            )
+        )
     finally:
         server.kill()
     return rows, series
 
 
-def run(connections: int = 1000, pings: int = 10, sessions: int = 10_000, requests: int = 1000,
-        warmup: int = 50, cold_runs: int = 5) -> dict:
+def run(
+    connections: int = 1000,
+    pings: int = 10,
+    sessions: int = 10_000,
+    requests: int = 1000,
+    warmup: int = 50,
+    cold_runs: int = 5,
+) -> dict:
     """All three scale figures."""
     pin_to_cpu()
     rows, series = [], {}

@@ -83,23 +83,40 @@ def measure_policy(policy: str, requests: int, warmup: int) -> dict[str, Series]
             return results
 
         timed("ping", requests, "ping", lambda i: {})
-        created = timed("create_session", requests, "create_session", lambda i: {"client_id": f"bench-{i % 50}"})
+        created = timed(
+            "create_session", requests, "create_session", lambda i: {"client_id": f"bench-{i % 50}"}
+        )
         ids = [(r["session_id"], r["client_id"]) for r in created]
         sid, cid = ids[-1]
-        timed("update 1 KiB", requests, "update_session_state",
-              lambda i: {"session_id": sid, "state_data": {**STATE_1K, "n": i}})
-        timed("update 100 KiB", requests, "update_session_state",
-              lambda i: {"session_id": sid, "state_data": {**STATE_100K, "n": i}})
+        timed(
+            "update 1 KiB",
+            requests,
+            "update_session_state",
+            lambda i: {"session_id": sid, "state_data": {**STATE_1K, "n": i}},
+        )
+        timed(
+            "update 100 KiB",
+            requests,
+            "update_session_state",
+            lambda i: {"session_id": sid, "state_data": {**STATE_100K, "n": i}},
+        )
         # Restore cycles over sessions holding 1 KiB of state (set above for one,
         # the rest are fresh): each restore also re-materializes in the image.
-        timed("restore_session", requests, "restore_session",
-              lambda i: {"session_id": ids[i % len(ids)][0], "client_id": ids[i % len(ids)][1]})
+        timed(
+            "restore_session",
+            requests,
+            "restore_session",
+            lambda i: {"session_id": ids[i % len(ids)][0], "client_id": ids[i % len(ids)][1]},
+        )
         timed("save_context (100 KiB)", requests, "save_context", lambda i: {"session_id": sid})
         client.close()
     finally:
         server.kill()
     with tempfile.TemporaryDirectory(dir=server.data_dir.parent) as scratch:
-        for size, name in ((1024, "raw durable write 1 KiB"), (100 * 1024, "raw durable write 100 KiB")):
+        for size, name in (
+            (1024, "raw durable write 1 KiB"),
+            (100 * 1024, "raw durable write 100 KiB"),
+        ):
             s = series.setdefault(name, Series(name))
             for i in range(warmup + requests // 2):
                 elapsed = raw_durable_write(scratch, size)
@@ -123,12 +140,23 @@ def run(requests: int = 5000, warmup: int = 200, policies: tuple[str, ...] = POL
             ("restore_session", "ping"),
             ("save_context (100 KiB)", "raw durable write 100 KiB"),
         ):
-            target = "p99 ≤ 2 ms" if policy == "batch" and op in ("create_session", "restore_session") else None
+            target = (
+                "p99 ≤ 2 ms"
+                if policy == "batch" and op in ("create_session", "restore_session")
+                else None
+            )
             row = compare(f"{op} [{policy}]", s[op], s[ref], policy=policy, reference_kind=ref)
             if target:
                 row["target"] = target
             rows.append(row)
-        rows.append(compare(f"raw durable write 1 KiB vs ping [{policy} run]", s["raw durable write 1 KiB"], s["ping"], policy=policy))
+        rows.append(
+            compare(
+                f"raw durable write 1 KiB vs ping [{policy} run]",
+                s["raw durable write 1 KiB"],
+                s["ping"],
+                policy=policy,
+            )
+        )
     return {"rows": rows, "series": all_series}
 
 
@@ -141,8 +169,10 @@ def main() -> None:
     result = run(args.requests, policies=tuple(args.policy or POLICIES))
     for row in result["rows"]:
         m, r = row["measured"], row["reference"]
-        print(f"{row['name']:45s} median {m.get('median_us')}us p99 {m.get('p99_us')}us  "
-              f"| ref {row['reference_label']}: {r.get('median_us')}us p99 {r.get('p99_us')}us  err {m.get('errors')}")
+        print(
+            f"{row['name']:45s} median {m.get('median_us')}us p99 {m.get('p99_us')}us  "
+            f"| ref {row['reference_label']}: {r.get('median_us')}us p99 {r.get('p99_us')}us  err {m.get('errors')}"
+        )
 
 
 if __name__ == "__main__":

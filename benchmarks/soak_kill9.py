@@ -44,8 +44,9 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
     workdir = Path(tempfile.mkdtemp(prefix=f"stui-soak-{durability}-"))
     tree = server_tree()
     args = [f"--durability={durability}", f"--flush-interval={flush_interval}"]
-    server = ServerProcess(workdir, *args, image=False, zmq=False,
-                           env={"PYTHONPATH": tree} if tree else None)
+    server = ServerProcess(
+        workdir, *args, image=False, zmq=False, env={"PYTHONPATH": tree} if tree else None
+    )
     client_id = "soak"
     started = time.monotonic()
     server.start()
@@ -62,7 +63,11 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
             startup = 0.0
         stored = stored_counter(server, session_id, client_id)
         lost = max(0, last_acked - stored)
-        allowed = 0 if durability == "always" or previous is None else previous.acked_since(flush_interval + BATCH_MARGIN)
+        allowed = (
+            0
+            if durability == "always" or previous is None
+            else previous.acked_since(flush_interval + BATCH_MARGIN)
+        )
         violation = lost > allowed
         violations += violation
         lost_total += lost
@@ -70,27 +75,42 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
         if run and records:
             phantom = stored > records[-1]["last_sent"]
             violations += phantom
-            records[-1].update(stored_after_restart=stored, lost=lost, allowed_loss=allowed,
-                               violation=violation, phantom=phantom,
-                               lost_window_s=round(previous.lost_window(stored), 4))
+            records[-1].update(
+                stored_after_restart=stored,
+                lost=lost,
+                allowed_loss=allowed,
+                violation=violation,
+                phantom=phantom,
+                lost_window_s=round(previous.lost_window(stored), 4),
+            )
         if violation:
-            print(f"run {run}: VIOLATION stored {stored} < acknowledged {last_acked} (allowed {allowed})",
-                  file=sys.stderr, flush=True)
-        previous = kill_cycle(server, session_id, client_id, stored, rng.uniform(0.01, 0.4), rss=rss_bytes)
+            print(
+                f"run {run}: VIOLATION stored {stored} < acknowledged {last_acked} (allowed {allowed})",
+                file=sys.stderr,
+                flush=True,
+            )
+        previous = kill_cycle(
+            server, session_id, client_id, stored, rng.uniform(0.01, 0.4), rss=rss_bytes
+        )
         last_acked = max(previous.last_acked, stored)
-        records.append({
-            "run": run,
-            "start_counter": stored,
-            "last_sent": previous.last_sent,
-            "last_acked": previous.last_acked,
-            "acks": previous.acks,
-            "errors": previous.errors[:5],
-            "server_rss": previous.server_rss,
-            "startup_s": round(startup, 3),
-        })
+        records.append(
+            {
+                "run": run,
+                "start_counter": stored,
+                "last_sent": previous.last_sent,
+                "last_acked": previous.last_acked,
+                "acks": previous.acks,
+                "errors": previous.errors[:5],
+                "server_rss": previous.server_rss,
+                "startup_s": round(startup, 3),
+            }
+        )
         if log_every and run % log_every == 0:
-            print(f"run {run}/{runs}: stored {stored}, acked {previous.last_acked}, "
-                  f"lost so far {lost_total}, rss {previous.server_rss >> 20} MiB", flush=True)
+            print(
+                f"run {run}/{runs}: stored {stored}, acked {previous.last_acked}, "
+                f"lost so far {lost_total}, rss {previous.server_rss >> 20} MiB",
+                flush=True,
+            )
     # the final read-back checks the last run
     server.start()
     stored = stored_counter(server, session_id, client_id)
@@ -99,14 +119,22 @@ def soak(runs: int, durability: str, flush_interval: float, seed: int, log_every
     violations += (lost > allowed) + (stored > records[-1]["last_sent"])
     lost_total += lost
     max_lost = max(max_lost, lost)
-    records[-1].update(stored_after_restart=stored, lost=lost, allowed_loss=allowed, violation=lost > allowed,
-                       lost_window_s=round(previous.lost_window(stored), 4))
+    records[-1].update(
+        stored_after_restart=stored,
+        lost=lost,
+        allowed_loss=allowed,
+        violation=lost > allowed,
+        lost_window_s=round(previous.lost_window(stored), 4),
+    )
     server.stop()
     windows = sorted(r.get("lost_window_s", 0.0) for r in records)
     return {
         "durability": durability,
-        "lost_window_s": {"median": windows[len(windows) // 2], "p99": windows[int(len(windows) * 0.99)],
-                          "max": windows[-1]},
+        "lost_window_s": {
+            "median": windows[len(windows) // 2],
+            "p99": windows[int(len(windows) * 0.99)],
+            "max": windows[-1],
+        },
         "flush_interval": flush_interval,
         "runs": runs,
         "seed": seed,
@@ -135,8 +163,10 @@ def plot(summary: dict, path: Path) -> None:
     ax.plot(runs, rss, lw=0.8)
     ax.set_xlabel("kill -9 run")
     ax.set_ylabel("server RSS at kill (MiB)")
-    ax.set_title(f"kill -9 soak, durability={summary['durability']}: "
-                 f"{summary['lost_acknowledged_updates']} lost acknowledged updates")
+    ax.set_title(
+        f"kill -9 soak, durability={summary['durability']}: "
+        f"{summary['lost_acknowledged_updates']} lost acknowledged updates"
+    )
     ax.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -144,12 +174,16 @@ def plot(summary: dict, path: Path) -> None:
 
 def main() -> int:
     """Parse arguments, soak, write the JSON and the PNG; exit 1 on a violation."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--durability", choices=("always", "batch"), default="always")
     parser.add_argument("--flush-interval", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--cpu", type=int, default=None, help="pin the soak (and its servers) to this CPU")
+    parser.add_argument(
+        "--cpu", type=int, default=None, help="pin the soak (and its servers) to this CPU"
+    )
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})

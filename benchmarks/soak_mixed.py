@@ -81,21 +81,36 @@ class Soak:
                     if reply["status"] != "success":
                         self.count_error(f"restore: {reply.get('error_type')}")
                         continue
-                    counter = max(counter, int((reply["result"]["session_state"] or {}).get("counter", 0)))
+                    counter = max(
+                        counter, int((reply["result"]["session_state"] or {}).get("counter", 0))
+                    )
                 for _ in range(rng.randint(20, 400)):
                     if time.monotonic() - self.started >= self.seconds:
                         break
                     choice = rng.random()
                     if choice < 0.4:
                         counter += 1
-                        reply = await conn.call("update_session_state", session_id=sid,
-                                                state_data={"counter": counter, "pad": "x" * rng.randint(10, 2000)})
+                        reply = await conn.call(
+                            "update_session_state",
+                            session_id=sid,
+                            state_data={"counter": counter, "pad": "x" * rng.randint(10, 2000)},
+                        )
                         if reply["status"] == "success":
                             self.acked[sid] = max(self.acked[sid], counter)
                     elif choice < 0.6:
-                        reply = await conn.call("evaluate", session_id=sid,
-                                                code=rng.choice(["1+1", "x = list(range(100))", "len(x) if 'x' in dir() else 0",
-                                                                 "print('hi')", "y = {'a': [1, 2, 3]}"]))
+                        reply = await conn.call(
+                            "evaluate",
+                            session_id=sid,
+                            code=rng.choice(
+                                [
+                                    "1+1",
+                                    "x = list(range(100))",
+                                    "len(x) if 'x' in dir() else 0",
+                                    "print('hi')",
+                                    "y = {'a': [1, 2, 3]}",
+                                ]
+                            ),
+                        )
                     elif choice < 0.75:
                         reply = await conn.call("get_session_info", session_id=sid)
                     elif choice < 0.85:
@@ -108,7 +123,9 @@ class Soak:
                     await asyncio.sleep(rng.uniform(0, 0.02))
                 self.disconnects += 1
             except CONNECTION_ERRORS:
-                self.count_error("connection lost (during restart)" if self.restarting else "connection lost")
+                self.count_error(
+                    "connection lost (during restart)" if self.restarting else "connection lost"
+                )
             finally:
                 await conn.close()
 
@@ -117,8 +134,13 @@ class Soak:
         while time.monotonic() - self.started < self.seconds:
             if not self.restarting:
                 pids = server_pids(self.server)
-                self.memory.append((round(time.monotonic() - self.started, 1), rss_bytes(pids[0]),
-                                    sum(rss_bytes(p) for p in pids[1:])))
+                self.memory.append(
+                    (
+                        round(time.monotonic() - self.started, 1),
+                        rss_bytes(pids[0]),
+                        sum(rss_bytes(p) for p in pids[1:]),
+                    )
+                )
             await asyncio.sleep(2.0)
 
     async def restart_twice(self) -> None:
@@ -135,11 +157,16 @@ class Soak:
 
     async def run(self) -> None:
         """Start the server and the clients; verify every counter at the end."""
-        self.server = start_stui("soak-mixed", "--max-sessions-per-client=10", "--max-connections=5000")
+        self.server = start_stui(
+            "soak-mixed", "--max-sessions-per-client=10", "--max-connections=5000"
+        )
         self.started = time.monotonic()
         try:
-            await asyncio.gather(self.sample_memory(), self.restart_twice(),
-                                 *(self.client(i) for i in range(self.clients)))
+            await asyncio.gather(
+                self.sample_memory(),
+                self.restart_twice(),
+                *(self.client(i) for i in range(self.clients)),
+            )
             self.lost = await self.verify()
         finally:
             self.server.stop()
@@ -173,8 +200,10 @@ def plot(summary: dict, path) -> None:
     ax.set_xlabel("minutes (dashed: server restarts)")
     ax.set_ylabel("MiB")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"mixed soak, {summary['clients']} clients: {summary['requests']} requests, "
-                 f"{len(summary['lost'])} lost updates")
+    ax.set_title(
+        f"mixed soak, {summary['clients']} clients: {summary['requests']} requests, "
+        f"{len(summary['lost'])} lost updates"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -182,7 +211,9 @@ def plot(summary: dict, path) -> None:
 
 def main() -> int:
     """Run the soak, write JSON and PNG; exit 1 when an acknowledged update was lost."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seed", type=int, default=11)

@@ -81,9 +81,7 @@ def shown_default(value: Any) -> str:
 def _durability(name: str, text: Any) -> str:
     value = str(text).strip().lower()
     if value not in DURABILITY_POLICIES:
-        raise ConfigError(
-            f"--{name} must be one of {', '.join(DURABILITY_POLICIES)}, not {text!r}"
-        )
+        raise ConfigError(f"--{name} must be one of {', '.join(DURABILITY_POLICIES)}, not {text!r}")
     return value
 
 
@@ -103,18 +101,38 @@ def _image_user(name: str, text: Any) -> str | None:
 OPTIONS: dict[str, tuple[str, Any, str]] = {
     # name: (Settings field, parser, help)
     "tcp": ("tcp", _string, "line-JSON TCP listener (strports description) or none"),
-    "tls": ("tls", _string, "line-JSON TLS listener, e.g. ssl:7556:privateKey=k.pem:certKey=c.pem, or none"),
+    "tls": (
+        "tls",
+        _string,
+        "line-JSON TLS listener, e.g. ssl:7556:privateKey=k.pem:certKey=c.pem, or none",
+    ),
     "zmq": ("zmq", _string, "ZeroMQ ROUTER bind URL, e.g. tcp://127.0.0.1:5555, or none"),
     "metrics": ("metrics", _string, "Prometheus /metrics HTTP listener (strports) or none"),
     "data-dir": ("data_dir", _string, "directory of session files"),
     "durability": ("durability", _durability, "always | batch | none"),
     "flush-interval": ("flush_interval", _positive_float, "seconds between batch flushes"),
     "retention-days": ("retention_days", _positive_float, "days to keep files of ended sessions"),
-    "session-timeout": ("default_timeout", _positive_float, "default idle timeout of a session (s)"),
-    "max-session-timeout": ("max_timeout", _positive_float, "largest timeout a client may ask for (s)"),
+    "session-timeout": (
+        "default_timeout",
+        _positive_float,
+        "default idle timeout of a session (s)",
+    ),
+    "max-session-timeout": (
+        "max_timeout",
+        _positive_float,
+        "largest timeout a client may ask for (s)",
+    ),
     "cleanup-interval": ("cleanup_interval", _positive_float, "seconds between cleanup runs"),
-    "max-sessions-per-client": ("max_sessions_per_client", _positive_int, "active sessions per client"),
-    "max-sessions-total": ("max_sessions_total", _positive_int, "active sessions on the whole server"),
+    "max-sessions-per-client": (
+        "max_sessions_per_client",
+        _positive_int,
+        "active sessions per client",
+    ),
+    "max-sessions-total": (
+        "max_sessions_total",
+        _positive_int,
+        "active sessions on the whole server",
+    ),
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),
@@ -129,21 +147,49 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "close TCP/TLS connections without a request for (s)",
     ),
     "history-limit": ("history_limit", _positive_int, "evaluations kept per session"),
-    "create-rate-limit": ("create_rate_limit", _positive_int, "create_session per client per window"),
+    "create-rate-limit": (
+        "create_rate_limit",
+        _positive_int,
+        "create_session per client per window",
+    ),
     "create-rate-window": ("create_rate_window", _positive_float, "rate-limit window (s)"),
     "eval-timeout": ("eval_timeout", _positive_float, "default evaluation time limit (s)"),
     "max-eval-timeout": ("max_eval_timeout", _positive_float, "largest evaluation time limit (s)"),
     "auth-file": ("auth_file", _optional_path, "password file (see stui-passwd); turns auth on"),
-    "idle-timeout": ("unauthenticated_idle_timeout", _positive_float, "close unauthenticated idle connections after (s)"),
+    "idle-timeout": (
+        "unauthenticated_idle_timeout",
+        _positive_float,
+        "close unauthenticated idle connections after (s)",
+    ),
     "token-ttl": ("token_ttl", _positive_float, "lifetime of an authenticate token (s)"),
-    "auth-failures-per-peer": ("auth_failures_per_peer", _positive_int, "failed logins per peer address per window"),
-    "auth-failures-per-user": ("auth_failures_per_user", _positive_int, "failed logins per username per window"),
-    "auth-failure-window": ("auth_failure_window", _positive_float, "sliding window of the failed-login limits (s)"),
+    "auth-failures-per-peer": (
+        "auth_failures_per_peer",
+        _positive_int,
+        "distinct usernames failing from one peer address per window",
+    ),
+    "auth-failures-per-user": (
+        "auth_failures_per_user",
+        _positive_int,
+        "failed logins per username per window",
+    ),
+    "auth-failure-window": (
+        "auth_failure_window",
+        _positive_float,
+        "sliding window of the failed-login limits (s)",
+    ),
     "allow-clients": ("allow_clients", _globs, "client-id globs allowed (comma separated)"),
     "deny-clients": ("deny_clients", _globs, "client-id globs refused (comma separated)"),
     "image": ("image_enabled", _boolean, "run the live image (yes/no)"),
-    "image-user": ("image_user", _image_user, "run the image as this OS user (the server must start as root); none: as the server's user"),
-    "image-python": ("image_python", _optional_path, "interpreter that runs the image (default: the server's)"),
+    "image-user": (
+        "image_user",
+        _image_user,
+        "run the image as this OS user (the server must start as root); none: as the server's user",
+    ),
+    "image-python": (
+        "image_python",
+        _optional_path,
+        "interpreter that runs the image (default: the server's)",
+    ),
 }
 
 

@@ -85,8 +85,8 @@ def check_resources(settings: Settings) -> None:
     if settings.tls.lower() != "none":
         tls_endpoint(reactor, settings.tls)
     if settings.auth_file:
-        from stui_twisted.auth import Authenticator
-        from stui_twisted.passwd import PasswordFileError
+        from stui_twisted.access.auth import Authenticator
+        from stui_twisted.access.passwd import PasswordFileError
 
         try:
             Authenticator(settings, reactor).load()
@@ -100,7 +100,7 @@ def tls_endpoint(reactor, description: str):
     """The C{--tls} endpoint; a bad description or unreadable file is a L{ConfigError}."""
     from OpenSSL.SSL import Error as SSLError
 
-    from stui_twisted.tls import TLSConfigError, server_endpoint
+    from stui_twisted.transports.tls import TLSConfigError, server_endpoint
 
     try:
         return server_endpoint(reactor, description)
@@ -168,7 +168,7 @@ class ServerRoot(service.MultiService):
         self.start_checks: list = []
 
     def startService(self) -> None:  # noqa: N802
-        from stui_twisted.errors import StorageFailure
+        from stui_twisted.protocol.errors import StorageFailure
 
         for option, value, check in self.start_checks:
             try:
@@ -231,14 +231,14 @@ class ListenerService(internet.StreamServerEndpointService):
 
 def build_server(settings: Settings, reactor) -> tuple[service.MultiService, object]:
     """The whole service tree for C{settings}; returns (root, session service)."""
-    from stui_twisted.commands import build_commands
-    from stui_twisted.connections import ConnectionRegistry
-    from stui_twisted.dispatcher import Dispatcher
-    from stui_twisted.fdlimit import FdGuardedFactory, FdReserve
-    from stui_twisted.linejson import InputBudget, LineJSONFactory
-    from stui_twisted.service import SessionService
-    from stui_twisted.store import SessionStore
-    from stui_twisted.tls import server_endpoint
+    from stui_twisted.dispatch.commands import build_commands
+    from stui_twisted.dispatch.dispatcher import Dispatcher
+    from stui_twisted.sessions.service import SessionService
+    from stui_twisted.storage.store import SessionStore
+    from stui_twisted.transports.connections import ConnectionRegistry
+    from stui_twisted.transports.fdlimit import FdGuardedFactory, FdReserve
+    from stui_twisted.transports.linejson import InputBudget, LineJSONFactory
+    from stui_twisted.transports.tls import server_endpoint
 
     root = ServerRoot()
     connections = ConnectionRegistry(settings.max_connections)
@@ -266,8 +266,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
 
     authenticator = None
     if settings.auth_file:
-        from stui_twisted.auth import Authenticator
-        from stui_twisted.passwd import PasswordFileError
+        from stui_twisted.access.auth import Authenticator
+        from stui_twisted.access.passwd import PasswordFileError
 
         authenticator = Authenticator(settings, reactor)
         try:
@@ -307,7 +307,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         listener.setName(name)
         listener.setServiceParent(root)
     if settings.zmq.lower() != "none":
-        from stui_twisted.zmqtransport import ZmqRouterService
+        from stui_twisted.transports.zmqrouter import ZmqRouterService
 
         zmq_service = ZmqRouterService(
             settings.zmq,
@@ -318,7 +318,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         zmq_service.setName("zmq")
         zmq_service.setServiceParent(root)
     if settings.metrics.lower() != "none":
-        from stui_twisted.metrics import metrics_listener
+        from stui_twisted.ops.metrics import metrics_listener
 
         metrics = metrics_listener(settings.metrics, sessions, dispatcher, reactor, connections)
         metrics.setServiceParent(root)

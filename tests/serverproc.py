@@ -123,9 +123,16 @@ class LineClient:
 class ServerProcess:
     """One real C{twistd -n stui} child with its ports, data dir and log."""
 
-    def __init__(self, workdir: Path, *extra_args: str, tls: bool = False, zmq: bool = True,
-                 image: bool = True, env: dict | None = None,
-                 preexec_fn=None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *extra_args: str,
+        tls: bool = False,
+        zmq: bool = True,
+        image: bool = True,
+        env: dict | None = None,
+        preexec_fn=None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.workdir / "stui-data"
@@ -167,7 +174,14 @@ class ServerProcess:
         env.update(self.env)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.process = subprocess.Popen(
-            [*twistd_command(), "-n", f"--logfile={self.log_path}", "--pidfile=", "stui", *self.args()],
+            [
+                *twistd_command(),
+                "-n",
+                f"--logfile={self.log_path}",
+                "--pidfile=",
+                "stui",
+                *self.args(),
+            ],
             cwd=self.workdir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -201,7 +215,7 @@ class ServerProcess:
 
     def log_text(self) -> str:
         try:
-            return self.log_path.read_bytes()[self._log_offset:].decode("utf-8", "replace")
+            return self.log_path.read_bytes()[self._log_offset :].decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
 
@@ -244,7 +258,9 @@ class ServerProcess:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"twistd ignored SIGTERM for {timeout} s:\n{self.log_text()}") from None
+            raise AssertionError(
+                f"twistd ignored SIGTERM for {timeout} s:\n{self.log_text()}"
+            ) from None
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="tcp://HOST:PORT, tls://HOST:PORT or zmq://HOST:PORT "
         f"(default: $STUI_SERVER or {DEFAULT_SERVER_URL})",
     )
-    parser.add_argument("--cafile", help="CA certificates (PEM) that sign the server's TLS certificate")
+    parser.add_argument(
+        "--cafile", help="CA certificates (PEM) that sign the server's TLS certificate"
+    )
     parser.add_argument("--user", help="log in as USER (password from $STUI_PASSWORD or asked for)")
     parser.add_argument(
         "--client-id",
@@ -178,7 +180,9 @@ def session_limit_hint(client: StuiClient) -> str:
     )
 
 
-def run_evaluations(client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool) -> int:
+def run_evaluations(
+    client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool
+) -> int:
     """``--eval``: run each snippet in order, stop at the first failure."""
     for snippet in snippets:
         code = sys.stdin.read() if snippet == "-" else snippet

@@ -360,7 +360,10 @@ class StuiClient:
                     if not watch_liveness:
                         continue
                     now = time.monotonic()
-                    if liveness_ping is None and now - last_traffic >= ZMQ_LIVENESS_INTERVAL_SECONDS:
+                    if (
+                        liveness_ping is None
+                        and now - last_traffic >= ZMQ_LIVENESS_INTERVAL_SECONDS
+                    ):
                         liveness_ping = (self._send("ping", {}), now)
                     elif liveness_ping and now - liveness_ping[1] >= ZMQ_PING_TIMEOUT_SECONDS:
                         raise RequestLost(f"no answer from {self.address.url}")
@@ -452,8 +455,10 @@ class StuiClient:
             self._adopt_session(result["session_id"])
             return f"Session {self.session_id} restored.\n" + format_bindings_note(result)
         note = ""
-        last = None if force_new or self.state is None else self.state.last_session(
-            self.address.url, self.client_id
+        last = (
+            None
+            if force_new or self.state is None
+            else self.state.last_session(self.address.url, self.client_id)
         )
         if last:
             reply = self.call(
@@ -565,7 +570,9 @@ class StuiClient:
             allow_prompt=allow_prompt,
         )
         if reply.get("status") == "success":
-            return f"Session {previous} restored.\n" + format_bindings_note(reply.get("result") or {})
+            return f"Session {previous} restored.\n" + format_bindings_note(
+                reply.get("result") or {}
+            )
         error = ServerError(reply)
         if error.error_type not in SESSION_GONE_ERRORS:
             raise error

@@ -133,7 +133,9 @@ class LineJsonTransport:
         try:
             sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as error:
-            raise ConnectionLost(f"cannot connect to {self.address.url}: {_reason(error)}") from error
+            raise ConnectionLost(
+                f"cannot connect to {self.address.url}: {_reason(error)}"
+            ) from error
         if self.address.scheme == "tls":
             try:
                 context = ssl.create_default_context(cafile=self.cafile)
@@ -161,7 +163,9 @@ class LineJsonTransport:
             sock.sendall(encode_request(message) + b"\n")
         except OSError as error:
             self.close()
-            raise ConnectionLost(f"connection to {self.address.url} lost: {_reason(error)}") from error
+            raise ConnectionLost(
+                f"connection to {self.address.url} lost: {_reason(error)}"
+            ) from error
 
     def receive(self, timeout: float | None) -> dict[str, Any] | None:
         """The next reply object, or ``None`` if none arrived within ``timeout`` s."""

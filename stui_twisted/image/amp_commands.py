@@ -36,7 +36,9 @@ class ChunkedJSON(amp.Argument):
         encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogatepass"
         )
-        chunks = [encoded[start : start + CHUNK_BYTES] for start in range(0, len(encoded), CHUNK_BYTES)]
+        chunks = [
+            encoded[start : start + CHUNK_BYTES] for start in range(0, len(encoded), CHUNK_BYTES)
+        ]
         for index, chunk in enumerate(chunks):
             strings[name + b"." + str(index).encode("ascii")] = chunk
 

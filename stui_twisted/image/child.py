@@ -29,7 +29,6 @@ from twisted.logger import (
 )
 from twisted.protocols import amp
 
-from stui_twisted.errors import StuiError
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.interruption import (
     EvaluationStopped,
@@ -38,6 +37,7 @@ from stui_twisted.image.interruption import (
     TimeLimitReached,
 )
 from stui_twisted.image.workspace import DEFAULT_MAX_BINDING_BYTES, Image, install_output_router
+from stui_twisted.protocol.errors import StuiError
 
 AMP_IN_FD = 3
 AMP_OUT_FD = 4

@@ -4,7 +4,7 @@
 ``python -m stui_twisted.image.child`` with AMP on extra pipes (the child reads
 fd 3 and writes fd 4; its fds 1/2 are only logged), so user output can never
 corrupt the channel.  Every public method returns a Deferred that fires with a
-plain dict or fails with a :class:`~stui_twisted.errors.StuiError`.
+plain dict or fails with a :class:`~stui_twisted.protocol.errors.StuiError`.
 
 Rules it enforces:
 
@@ -36,11 +36,11 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 import stui_twisted
-from stui_twisted.envelope import iso_timestamp
-from stui_twisted.errors import ERROR_TYPES, StuiError
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.image.privileges import ImageAccount, lookup
+from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
 
 MiB = 1024 * 1024
 CHILD_MODULE = "stui_twisted.image.child"

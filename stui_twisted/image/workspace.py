@@ -7,7 +7,7 @@ and completes.  :class:`Image` holds the workspaces and the one ``shared``
 object every session sees.  Nothing here knows about processes, threads or
 Twisted (the child adds those), so tests drive it directly.
 
-Failures are raised as :class:`~stui_twisted.errors.StuiError` with protocol
+Failures are raised as :class:`~stui_twisted.protocol.errors.StuiError` with protocol
 error types; evaluation failures carry the persistence delta in their details
 so bindings changed before an exception are still saved.
 """
@@ -36,12 +36,12 @@ import traceback
 import types
 from typing import Any
 
-from stui_twisted.errors import StuiError
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
     TimeLimitReached,
 )
+from stui_twisted.protocol.errors import StuiError
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BINDING_BYTES = 8 * MiB
@@ -327,7 +327,9 @@ def _surely_larger(value: Any, limit: int) -> bool:
 
 
 def serialize_binding(
-    value: Any, max_bytes: int = DEFAULT_MAX_BINDING_BYTES, workspace: SessionWorkspace | None = None
+    value: Any,
+    max_bytes: int = DEFAULT_MAX_BINDING_BYTES,
+    workspace: SessionWorkspace | None = None,
 ) -> dict:
     """The stored form of one binding (see protocol: json, pickle, module, unrestorable).
 
@@ -385,7 +387,10 @@ class WorkspacePickler(pickle.Pickler):
         self._workspace = workspace
 
     def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
-        if isinstance(obj, type | types.FunctionType) and getattr(obj, "__module__", None) == "__main__":
+        if (
+            isinstance(obj, type | types.FunctionType)
+            and getattr(obj, "__module__", None) == "__main__"
+        ):
             qualname = getattr(obj, "__qualname__", "")
             if "<" not in qualname and self._workspace.resolve(qualname) is obj:
                 return _workspace_attribute, (self._workspace.module_name, qualname)
@@ -545,7 +550,11 @@ class Image:
                 values[name] = deserialize_binding(stored)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
                 unrestorable.append(
-                    {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
+                    {
+                        "name": name,
+                        "type": stored.get("type", "?"),
+                        "reason": _restore_reason(stored, exc),
+                    }
                 )
             else:
                 restored.append(name)
@@ -641,9 +650,10 @@ class SessionWorkspace:
 
     def forget_module(self) -> None:
         """Unregister the workspace module (the session was dropped)."""
-        if sys.modules.get(self.module_name) is not None and sys.modules[
-            self.module_name
-        ].__dict__ is self.namespace:
+        if (
+            sys.modules.get(self.module_name) is not None
+            and sys.modules[self.module_name].__dict__ is self.namespace
+        ):
             del sys.modules[self.module_name]
 
     # -- registry --
@@ -719,7 +729,9 @@ class SessionWorkspace:
             names |= _code_names(expression)
         return body, expression, names, definitions
 
-    def evaluate(self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None) -> dict:
+    def evaluate(
+        self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None
+    ) -> dict:
         """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta.
 
         ``cell_index`` is the history index the server will give this
@@ -798,7 +810,9 @@ class SessionWorkspace:
                 **delta,
             )
         if isinstance(stopped, EvaluationStopped):
-            return StuiError("Interrupted", "the evaluation was interrupted", output=output, **delta)
+            return StuiError(
+                "Interrupted", "the evaluation was interrupted", output=output, **delta
+            )
         message = _exception_message(failure)
         exception_type = type(failure).__name__
         lines, line = _user_traceback(failure, filename, message)
@@ -835,9 +849,7 @@ class SessionWorkspace:
             if self._stored.get(name) != stored:
                 self._stored[name] = stored
                 bindings_changed[name] = stored
-        bindings_removed = sorted(
-            name for name in self._stored if name not in self.namespace
-        )
+        bindings_removed = sorted(name for name in self._stored if name not in self.namespace)
         for name in bindings_removed:
             del self._stored[name]
             self._stored_values.pop(name, None)
@@ -853,7 +865,9 @@ class SessionWorkspace:
             "next_object_id": self.next_object_id,
         }
 
-    def _remember_definitions(self, definitions: list[tuple[str, str, int]], cell_index: int | None) -> None:
+    def _remember_definitions(
+        self, definitions: list[tuple[str, str, int]], cell_index: int | None
+    ) -> None:
         """Keep the source of functions/classes this cell defined at top level
         (and where: tracebacks of a restored one then name the same cell)."""
         for name, source, first in definitions:
@@ -868,7 +882,10 @@ class SessionWorkspace:
         pickle, so instances of the class unpickle against it)."""
         if name in self._definitions:
             source, made, place = self._definitions[name]
-            if made is value and len(source.encode("utf-8", "surrogatepass")) <= self.image.max_binding_bytes:
+            if (
+                made is value
+                and len(source.encode("utf-8", "surrogatepass")) <= self.image.max_binding_bytes
+            ):
                 stored = {
                     "encoding": "source",
                     "source": source,
@@ -885,7 +902,9 @@ class SessionWorkspace:
         with self._registry_lock:
             for object_id, meta in self._registry_meta.items():
                 name = meta.get("binding")
-                if name in touched and self.namespace.get(name) is not self._registry.get(object_id):
+                if name in touched and self.namespace.get(name) is not self._registry.get(
+                    object_id
+                ):
                     meta["binding"] = None
                     registry_added[object_id] = dict(meta)
 
@@ -920,7 +939,9 @@ class SessionWorkspace:
         bindings.update(fresh)
         return {"bindings": bindings, "variables": self.variables()}
 
-    def materialize(self, bindings: dict[str, dict], registry: dict[str, dict], next_object_id: int, guard=None) -> dict:
+    def materialize(
+        self, bindings: dict[str, dict], registry: dict[str, dict], next_object_id: int, guard=None
+    ) -> dict:
         """Replace the namespace and registry with the stored ones (restoring what can be)."""
         guard = guard or NoGuard()
         namespace = self._fresh_namespace()
@@ -949,7 +970,11 @@ class SessionWorkspace:
                         try:
                             if stored.get("encoding") == "source":
                                 namespace[name] = self._restore_definition(name, stored, namespace)
-                                definitions[name] = (stored["source"], namespace[name], _definition_place(stored))
+                                definitions[name] = (
+                                    stored["source"],
+                                    namespace[name],
+                                    _definition_place(stored),
+                                )
                             else:
                                 namespace[name] = deserialize_binding(stored)
                         except Exception as exc:  # noqa: BLE001 - any unpickling failure is reported
@@ -962,7 +987,11 @@ class SessionWorkspace:
                     stored = bindings[name]
                     stored_failed[name] = stored
                     unrestorable.append(
-                        {"name": name, "type": stored.get("type", "?"), "reason": _restore_reason(stored, exc)}
+                        {
+                            "name": name,
+                            "type": stored.get("type", "?"),
+                            "reason": _restore_reason(stored, exc),
+                        }
                     )
             finally:
                 guard.disarm()
@@ -991,8 +1020,14 @@ class SessionWorkspace:
             known_numbers = [
                 int(object_id[4:]) for object_id in registry if re.fullmatch(r"obj_\d+", object_id)
             ]
-            self.next_object_id = max([int(next_object_id), 1] + [number + 1 for number in known_numbers])
-        return {"restored": restored, "unrestorable": unrestorable, "registry_live": sorted(registry_live)}
+            self.next_object_id = max(
+                [int(next_object_id), 1] + [number + 1 for number in known_numbers]
+            )
+        return {
+            "restored": restored,
+            "unrestorable": unrestorable,
+            "registry_live": sorted(registry_live),
+        }
 
     def _restore_definition(self, name: str, stored: dict, namespace: dict) -> Any:
         """Run a stored definition again, under its cell's name and line numbers when known."""
@@ -1021,7 +1056,13 @@ class SessionWorkspace:
 
     # -- inspection --
 
-    def inspect(self, object_id: str | None = None, expression: str | None = None, limit: int = 100, guard=None) -> dict:
+    def inspect(
+        self,
+        object_id: str | None = None,
+        expression: str | None = None,
+        limit: int = 100,
+        guard=None,
+    ) -> dict:
         """Describe an object (by registry id, or the value of ``expression``)."""
         registry_added: dict[str, dict] = {}
         if expression is not None:
@@ -1031,7 +1072,9 @@ class SessionWorkspace:
             target = self.lookup(object_id)
         else:
             raise StuiError(
-                "InvalidRequest", "parameter 'object_id' or 'expression' is required", parameter="object_id"
+                "InvalidRequest",
+                "parameter 'object_id' or 'expression' is required",
+                parameter="object_id",
             )
         limit = max(int(limit), 0)
         attributes, attributes_truncated = self._attributes_of(target, limit, registry_added)
@@ -1059,7 +1102,12 @@ class SessionWorkspace:
             try:
                 try:
                     guard.arm()
-                    linecache.cache[filename] = (len(expression), None, expression.splitlines(True), filename)
+                    linecache.cache[filename] = (
+                        len(expression),
+                        None,
+                        expression.splitlines(True),
+                        filename,
+                    )
                     code = compile(expression, filename, "eval")
                     return eval(code, self.namespace)  # noqa: S307 - inspecting user expressions
                 finally:
@@ -1069,7 +1117,9 @@ class SessionWorkspace:
                 raise self._failure_error(exc, guard, filename, buffer.getvalue(), {}) from None
 
     def _describe_child(self, value: Any, registry_added: dict) -> dict:
-        child_id = None if isinstance(value, _TRIVIAL_TYPES) else self.register(value, registry_added)
+        child_id = (
+            None if isinstance(value, _TRIVIAL_TYPES) else self.register(value, registry_added)
+        )
         return {"type": type_name(value), "repr": safe_repr(value), "object_id": child_id}
 
     def _attributes_of(self, target: Any, limit: int, registry_added: dict) -> tuple[list, bool]:
@@ -1081,7 +1131,9 @@ class SessionWorkspace:
             names = [name for name in list(instance_dict) if isinstance(name, str)]
         else:
             names = [name for name in dir(target) if not callable(getattr(target, name, None))]
-        names = sorted(name for name in names if not (name.startswith("__") and name.endswith("__")))
+        names = sorted(
+            name for name in names if not (name.startswith("__") and name.endswith("__"))
+        )
         attributes = []
         for name in names[:limit]:
             try:
@@ -1102,7 +1154,9 @@ class SessionWorkspace:
             return [], False
         items = []
         for key, value in pairs[:limit]:
-            key_json = key if isinstance(key, (str, int)) and not isinstance(key, bool) else safe_repr(key)
+            key_json = (
+                key if isinstance(key, (str, int)) and not isinstance(key, bool) else safe_repr(key)
+            )
             items.append({"key": key_json, **self._describe_child(value, registry_added)})
         return items, len(pairs) > limit
 
@@ -1129,7 +1183,11 @@ class SessionWorkspace:
         if not prefix.startswith("_"):
             candidates = {name for name in candidates if not name.startswith("_")}
         matches = sorted(name for name in candidates if name.startswith(prefix))
-        return {"matches": matches, "cursor_start": cursor_pos - len(prefix), "cursor_end": cursor_pos}
+        return {
+            "matches": matches,
+            "cursor_start": cursor_pos - len(prefix),
+            "cursor_end": cursor_pos,
+        }
 
     def _attribute_names(self, parts: list[str]) -> set[str]:
         head, *rest = parts
@@ -1184,11 +1242,16 @@ def _exception_lines(failure: BaseException, message: str) -> list[str]:
     lines = [clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{name}: ")]
     notes = getattr(failure, "__notes__", None)
     if isinstance(notes, list | tuple):
-        lines.extend(safe_repr(note, MAX_ERROR_LINE_CHARS) if not isinstance(note, str) else note for note in notes)
+        lines.extend(
+            safe_repr(note, MAX_ERROR_LINE_CHARS) if not isinstance(note, str) else note
+            for note in notes
+        )
     return lines
 
 
-def _user_traceback(failure: BaseException, filename: str, message: str) -> tuple[list[str], int | None]:
+def _user_traceback(
+    failure: BaseException, filename: str, message: str
+) -> tuple[list[str], int | None]:
     """Traceback lines without the workspace's own frames, and the cell's failing line.
 
     Bounded: the first and last L{TRACEBACK_FRAMES_KEPT} frames, each line

@@ -1,0 +1,1 @@
+"""Requests to commands: the connection interface, the dispatcher and the command table."""

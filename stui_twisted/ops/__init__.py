@@ -1,0 +1,1 @@
+"""Operating the server: metrics, the offline admin tool."""

@@ -1,0 +1,372 @@
+"""Prometheus metrics over HTTP: ``--metrics=ENDPOINT`` serves ``GET /metrics``.
+
+What is measured, and where it comes from:
+
+- ``stui_requests_total{command,status}`` and
+  ``stui_request_duration_seconds{command}`` (histogram): one observation per
+  reply, through :meth:`Dispatcher.addObserver`.  ``status`` is ``success`` or
+  the reply's ``error_type``; requests that named no known command count as
+  command ``?`` (so a client cannot grow the label set).
+- Sessions by state, connections by transport, uptime, the image's state and
+  restarts, and the store's counters are read from the running
+  :class:`~stui_twisted.sessions.service.SessionService` at scrape time by
+  :class:`ServerCollector`; nothing is copied ahead of time.
+- ``stui_storage_flush_duration_seconds{kind}`` (histogram): how long each
+  durable write took, ``kind="batch"`` for a group flush (``write_many``) and
+  ``kind="single"`` for one session (``always`` durability, ``save_context``,
+  ``close_session``).  The store has no hook for this, so
+  :func:`time_store_writes` wraps those two methods of the one store instance.
+- ``process_*``: CPU, memory and file descriptors of the server process.
+
+Each server has its own :class:`CollectorRegistry`, never the global one, so
+tests can run several servers in one process.
+
+The page is rendered on the reactor thread (:class:`MetricsPage`), not in a
+thread pool as ``prometheus_client.twisted.MetricsResource`` would: the
+collector reads session and connection tables that only the reactor thread
+may touch, and rendering a few hundred samples takes well under a
+millisecond.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from twisted.internet import endpoints
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from stui_twisted import PROTOCOL_VERSION, __version__
+from stui_twisted.protocol.envelope import parse_iso_timestamp
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MetricsPage",
+    "RequestMetrics",
+    "ServerCollector",
+    "build_registry",
+    "metrics_listener",
+    "time_store_writes",
+]
+
+#: Request latency buckets (s): fast commands land in the first few, evaluations
+#: may run up to the 600 s maximum time limit.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    600.0,
+)
+
+#: Durable write buckets (s): an fsync'd write takes a millisecond to a second.
+FLUSH_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+SESSION_STATES = ("active", "expired", "closed")
+TRANSPORTS = ("tcp", "tls", "zmq")
+
+
+class RequestMetrics:
+    """Counts every reply by command and status and times it by command.
+
+    An instance is a dispatcher observer: C{dispatcher.addObserver(metrics)}.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "stui_requests",
+            "Requests answered, by command and status (success or the error_type).",
+            ("command", "status"),
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "stui_request_duration_seconds",
+            "Time from receiving a request to having its reply, by command.",
+            ("command",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def __call__(self, command: str, status: str, seconds: float) -> None:
+        """Record one reply (the dispatcher's observer signature)."""
+        self.requests.labels(command, status).inc()
+        self.latency.labels(command).observe(seconds)
+
+
+class ServerCollector:
+    """Reads sessions, connections, storage and image state at scrape time.
+
+    @param service: the running L{SessionService}.
+    @param connections: the L{ConnectionRegistry} the transports fill; defaults
+        to C{service.connections}.
+    """
+
+    def __init__(self, service: Any, connections: Any = None) -> None:
+        self.service = service
+        self.connections = connections if connections is not None else service.connections
+
+    def collect(self):
+        """Yield one family per metric (called by the registry while rendering)."""
+        yield from self._build_info()
+        yield from self._sessions()
+        yield from self._connections()
+        yield from self._storage()
+        yield from self._image()
+
+    def _build_info(self):
+        info = GaugeMetricFamily(
+            "stui_build_info",
+            "Always 1; the labels say which server and protocol version runs.",
+            labels=("version", "protocol_version"),
+        )
+        info.add_metric((__version__, PROTOCOL_VERSION), 1)
+        yield info
+        yield GaugeMetricFamily(
+            "stui_uptime_seconds",
+            "Seconds since the session service started.",
+            value=self.service.uptime(),
+        )
+
+    def _sessions(self):
+        now = self.service.now()
+        counts = dict.fromkeys(SESSION_STATES, 0)
+        clients = set()
+        for session in list(self.service.sessions.values()):
+            if session.state == "closed":
+                counts["closed"] += 1
+            elif session.is_expired(now):
+                counts["expired"] += 1
+            else:
+                counts["active"] += 1
+                clients.add(session.client_id)
+        sessions = GaugeMetricFamily(
+            "stui_sessions",
+            "Sessions the server knows (in memory or on disk only), by state.",
+            labels=("state",),
+        )
+        for state in SESSION_STATES:
+            sessions.add_metric((state,), counts[state])
+        yield sessions
+        yield GaugeMetricFamily(
+            "stui_active_clients",
+            "Client ids with at least one active session.",
+            value=len(clients),
+        )
+
+    def _connections(self):
+        counts = dict.fromkeys(TRANSPORTS, 0)
+        for connection in self.connections:
+            context = getattr(connection, "context", None)
+            transport = getattr(context, "transport", None) or "unknown"
+            counts[transport] = counts.get(transport, 0) + 1
+        family = GaugeMetricFamily(
+            "stui_connections",
+            "Open TCP/TLS connections, and ZeroMQ peers seen in the last 24 h, by transport.",
+            labels=("transport",),
+        )
+        for transport, count in sorted(counts.items()):
+            family.add_metric((transport,), count)
+        yield family
+
+    def _storage(self):
+        statistics = self.service.store.statistics()
+        yield GaugeMetricFamily(
+            "stui_storage_files",
+            "Session files the store knows of.",
+            value=statistics.get("files", 0),
+        )
+        yield GaugeMetricFamily(
+            "stui_storage_bytes",
+            "Bytes in those session files.",
+            value=statistics.get("bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "stui_storage_pending_writes",
+            "Writes queued or running in the store.",
+            value=statistics.get("pending_writes", 0),
+        )
+        yield CounterMetricFamily(
+            "stui_storage_write_errors",
+            "Session, shared or index writes that failed since start.",
+            value=statistics.get("write_errors", 0),
+        )
+        yield CounterMetricFamily(
+            "stui_storage_quarantined",
+            "Unreadable files moved to DATA/quarantine since start.",
+            value=statistics.get("quarantined", 0),
+        )
+        last_flush = statistics.get("last_flush_at")
+        if last_flush:
+            try:
+                stamp = parse_iso_timestamp(last_flush)
+            except ValueError:
+                return
+            yield GaugeMetricFamily(
+                "stui_storage_last_flush_timestamp_seconds",
+                "When the store last finished a durable write (Unix time).",
+                value=stamp,
+            )
+
+    def _image(self):
+        status = self.service.image_status() or {}
+        yield GaugeMetricFamily(
+            "stui_image_up",
+            "1 when the live image process is running, else 0.",
+            value=1 if status.get("status") == "running" else 0,
+        )
+        yield CounterMetricFamily(
+            "stui_image_restarts",
+            "Times the image process died and was started again.",
+            value=status.get("restarts") or 0,
+        )
+
+
+def time_store_writes(store: Any, histogram: Histogram) -> None:
+    """Time C{store.write} and C{store.write_many} into C{histogram}.
+
+    Replaces the two methods on this one instance with wrappers that observe
+    how long each returned Deferred took to fire (success or failure).
+    """
+    clock = time.perf_counter
+
+    def timed(method, kind: str):
+        child = histogram.labels(kind)
+
+        def wrapper(*args, **kwargs):
+            started = clock()
+            deferred = method(*args, **kwargs)
+
+            def observed(result):
+                child.observe(clock() - started)
+                return result
+
+            return deferred.addBoth(observed)
+
+        wrapper.__wrapped__ = method
+        wrapper.__doc__ = method.__doc__
+        return wrapper
+
+    store.write_many = timed(store.write_many, "batch")
+    store.write = timed(store.write, "single")
+
+
+def build_registry(service: Any, dispatcher: Any, connections: Any = None) -> CollectorRegistry:
+    """A fresh registry with every stui metric, hooked into C{dispatcher} and the store."""
+    registry = CollectorRegistry(auto_describe=True)
+    dispatcher.addObserver(RequestMetrics(registry))
+    flushes = Histogram(
+        "stui_storage_flush_duration_seconds",
+        "Durable writes: kind=batch is one group flush, kind=single one session.",
+        ("kind",),
+        buckets=FLUSH_BUCKETS,
+        registry=registry,
+    )
+    flushes.labels("batch")
+    flushes.labels("single")
+    time_store_writes(service.store, flushes)
+    registry.register(ServerCollector(service, connections))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsPage(Resource):
+    """C{GET /metrics}: the registry in the format the scraper asks for."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request) -> bytes:  # noqa: N802
+        """Prometheus text (or OpenMetrics when the Accept header asks for it)."""
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+        return encoder(self.registry)
+
+    render_HEAD = render_GET  # noqa: N815
+
+
+class _Index(Resource):
+    """C{GET /}: a pointer to C{/metrics}, for a person with a browser."""
+
+    def getChild(self, path: bytes, request):  # noqa: N802
+        """C{/} itself is this resource; other unknown paths are 404."""
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render_GET(self, request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"stui-twisted metrics: GET /metrics\n"
+
+
+class MetricsSite(Site):
+    """The HTTP factory of the metrics listener, without per-scrape access log lines."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        """Scrapes come every few seconds; logging each would flood the server log."""
+
+
+def metrics_site(registry: CollectorRegistry) -> MetricsSite:
+    """The site serving C{/metrics} (and a hint at C{/})."""
+    root = _Index()
+    root.putChild(b"metrics", MetricsPage(registry))
+    return MetricsSite(root)
+
+
+def metrics_listener(
+    description: str, service: Any, dispatcher: Any, reactor: Any, connections: Any = None
+):
+    """The C{metrics} listener service for a strports C{description}.
+
+    It logs C{metrics listening on HOST:PORT} once bound, like the other
+    listeners.  Nothing listens before C{startService}.
+    """
+    from stui_twisted.tap import ListenerService
+
+    registry = build_registry(service, dispatcher, connections)
+    listener = ListenerService(
+        "metrics",
+        endpoints.serverFromString(reactor, description),
+        metrics_site(registry),
+        description,
+    )
+    listener.setName("metrics")
+    listener.registry = registry
+    return listener

@@ -1,0 +1,1 @@
+"""The wire: envelopes, error types, time formatting."""

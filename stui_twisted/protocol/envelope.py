@@ -1,0 +1,228 @@
+"""The request/reply envelope of protocol.md section 2: parsing and encoding.
+
+Parsing is strict and total: any byte string either becomes a :class:`Request`
+or raises :class:`~stui_twisted.protocol.errors.StuiError` (``InvalidRequest``) carrying
+the request's ``id`` when one could be read, so the error reply can echo it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from stui_twisted.protocol.errors import StuiError
+
+_NO_ID = object()
+
+
+_second_prefix: tuple[int, str] = (-1, "")
+
+
+def iso_timestamp(seconds: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds and C{Z}, e.g. C{2026-11-23T10:30:00.123Z}.
+
+    Every reply carries one, so the C{strftime} part is formatted once per second.
+    """
+    global _second_prefix
+    if seconds is None:
+        seconds = time.time()
+    whole = math.floor(seconds)
+    millis = min(999_999, round((seconds - whole) * 1_000_000)) // 1000
+    if _second_prefix[0] != whole:
+        moment = datetime.fromtimestamp(whole, UTC)
+        _second_prefix = (whole, moment.strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{_second_prefix[1]}{millis:03d}Z"
+
+
+def parse_iso_timestamp(text: str) -> float:
+    """Seconds since the epoch for a timestamp written by L{iso_timestamp}."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+@dataclass
+class Request:
+    """One parsed request: what to do, with which parameters, for which reply id."""
+
+    command: str
+    id: Any = None
+    parameters: dict = field(default_factory=dict)
+    token: str | None = None
+
+
+class RequestError(StuiError):
+    """An C{InvalidRequest} that also remembers the request id it could read."""
+
+    def __init__(self, message: str, request_id: Any = None, **details: Any) -> None:
+        super().__init__("InvalidRequest", message, **details)
+        self.request_id = request_id
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def _not_serializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# Every reply is encoded here, so the C encoder is made once instead of once
+# per reply as JSONEncoder.encode does; same output as _ENCODER, without the
+# circular-reference check (replies are trees built by handlers; a cycle
+# fails with RecursionError, an internal error like any other encoding bug).
+_c_encoder = (
+    None
+    if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(
+        None, _not_serializable, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+)
+
+
+def _encode_text(reply: dict) -> str:
+    if _c_encoder is None:
+        return _ENCODER.encode(reply)
+    return "".join(_c_encoder(reply, 0))
+
+
+def _decode_json(text: str) -> Any:
+    """What C{json.loads} gives, minus its two whitespace regex scans."""
+    body = text.strip(_JSON_WHITESPACE)
+    try:
+        message, end = _DECODER.raw_decode(body)
+        if end != len(body):
+            raise json.JSONDecodeError("Extra data", body, end)
+        return message
+    except RecursionError:
+        raise RequestError("request is nested too deeply to parse") from None
+    except ValueError as exc:
+        # json.JSONDecodeError, NaN/Infinity, and int digit-limit errors.
+        raise RequestError(f"request is not valid JSON: {exc}") from None
+
+
+def parse_request(data: bytes) -> Request:
+    """Parse one line/frame into a L{Request} or raise L{RequestError}."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"request is not valid UTF-8 (byte {exc.start})") from None
+    message = _decode_json(text)
+    if not isinstance(message, dict):
+        raise RequestError(f"request must be a JSON object, not {_json_type_name(message)}")
+    request_id = message.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
+    ):
+        raise RequestError("field 'id' must be a string, a number or null", None, field="id")
+    command = message.get("command")
+    if command is None:
+        raise RequestError("field 'command' is required", request_id, field="command")
+    if not isinstance(command, str):
+        raise RequestError(
+            f"field 'command' must be a string, not {_json_type_name(command)}",
+            request_id,
+            field="command",
+        )
+    parameters = message.get("parameters", {})
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise RequestError(
+            f"field 'parameters' must be an object, not {_json_type_name(parameters)}",
+            request_id,
+            field="parameters",
+        )
+    if "client_id" in message and "client_id" not in parameters:
+        parameters = dict(parameters, client_id=message["client_id"])
+    token = message.get("token")
+    if token is not None and not isinstance(token, str):
+        raise RequestError("field 'token' must be a string", request_id, field="token")
+    return Request(command=command, id=request_id, parameters=parameters, token=token)
+
+
+def _json_type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+json_type_name = _json_type_name
+
+
+def _dumps(reply: dict) -> bytes:
+    text = _encode_text(reply)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (e.g. echoed from a request's "\ud800") is not UTF-8;
+        # the ASCII form escapes it and is still valid JSON.
+        return _ASCII_ENCODER.encode(reply).encode("ascii")
+
+
+def _sanitize(value: Any) -> Any:
+    """Replace non-finite floats (not JSON) by their string form, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _sanitize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sanitize(v) for v in value]
+    return value
+
+
+def encode_success(request_id: Any, result: dict, now: float | None = None) -> bytes:
+    """The bytes of a success reply (no line terminator)."""
+    reply = {
+        "id": request_id,
+        "status": "success",
+        "result": result,
+        "timestamp": iso_timestamp(now),
+    }
+    try:
+        return _dumps(reply)
+    except ValueError:
+        reply["result"] = _sanitize(result)
+        return _dumps(reply)
+
+
+def encode_error(request_id: Any, error: StuiError, now: float | None = None) -> bytes:
+    """The bytes of an error reply (no line terminator)."""
+    reply = {
+        "id": request_id,
+        "status": "error",
+        "error": error.message,
+        "error_type": error.error_type,
+        "details": error.details,
+        "timestamp": iso_timestamp(now),
+    }
+    try:
+        return _dumps(reply)
+    except (ValueError, TypeError):
+        reply["details"] = _sanitize(error.details)
+        return _dumps(reply)

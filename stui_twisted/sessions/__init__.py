@@ -1,0 +1,1 @@
+"""Sessions: the model, the policy, the session service and its live-image glue."""

@@ -1,0 +1,427 @@
+"""The live-image side of a session: materializing, evaluating, inspecting.
+
+:class:`LiveImageCommands` is mixed into
+:class:`~stui_twisted.sessions.service.SessionService`.  It turns the image's replies
+into session changes (stored bindings, variables, registry, history, shared
+namespace) and rebuilds namespaces from stored bindings when a session is
+restored or the image is replaced.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from stui_twisted.image.supervisor import StaleGeneration
+from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.sessions.model import ACTIVE, Session
+
+MAX_HISTORY_TEXT = 64 * 1024
+MAX_RESULT_TEXT = 1024 * 1024
+MAX_INSPECTOR_HISTORY = 100
+REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
+STALE_RETRIES = 3
+"""How often a request is re-tried when the image was replaced before it was sent."""
+#: The persistence delta the image attaches to results and errors (not for clients).
+DELTA_KEYS = frozenset(
+    {
+        "bindings_changed",
+        "bindings_removed",
+        "variables",
+        "registry_added",
+        "shared_changed",
+        "shared_removed",
+        "next_object_id",
+    }
+)
+
+
+def clip(text, limit: int = MAX_HISTORY_TEXT):
+    """C{text} cut to C{limit} characters with a note of what was cut."""
+    if isinstance(text, str) and len(text) > limit:
+        return text[:limit] + f"... [{len(text) - limit} more characters]"
+    return text
+
+
+class LiveImageCommands:
+    """evaluate / inspect / complete / interrupt, and keeping sessions in the image.
+
+    Expects the host class to provide C{image}, C{settings}, C{sessions},
+    C{shared_bindings}, C{log}, C{now()}, C{_session_for()}, C{_changed()}
+    and C{_size_of()}.
+    """
+
+    # ================================================================ image glue
+
+    def _need_image(self):
+        if self.image is None:
+            raise StuiError(
+                "InternalError", "the live image is disabled on this server (image_enabled=false)"
+            )
+        return self.image
+
+    def _is_live(self, session: Session) -> bool:
+        """Whether C{session}'s namespace exists in the running image."""
+        return (
+            self.image is not None
+            and session.materialized
+            and session.image_generation is not None
+            and session.image_generation == self.image.live_generation
+        )
+
+    def _image_lock(self, session_id: str | None) -> defer.DeferredLock:
+        """The lock under which a session's namespace is checked and (re)built.
+
+        C{None} names the image-wide C{shared} namespace.
+        """
+        return self._image_locks.setdefault(session_id, defer.DeferredLock())
+
+    def _release_image_lock(self, session_id: str | None, lock: defer.DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            self._image_locks.pop(session_id, None)
+
+    async def _ensure_materialized(self, session: Session, *, rebuild: bool = False) -> int:
+        """Make C{session} live in the running image; answer that image's generation.
+
+        Every image command on a session goes through here, so none runs in a
+        namespace that is not (yet) rebuilt after an image restart, and a
+        rebuild never replaces a namespace in which acknowledged work was done:
+        under the session's lock a namespace is rebuilt only when the running
+        image has none for it (or C{rebuild}, for C{load_context}).
+        """
+        image = self._need_image()
+        lock = self._image_lock(session.session_id)
+        await lock.acquire()
+        try:
+            generation = await image.current_generation()
+            await self._ensure_shared(generation)
+            if rebuild or not (session.materialized and session.image_generation == generation):
+                await self._materialize(session, generation)
+            return generation
+        finally:
+            self._release_image_lock(session.session_id, lock)
+
+    async def _materialize(self, session: Session, generation: int) -> dict:
+        """Rebuild C{session}'s namespace in image C{generation} from its stored bindings."""
+        image = self._need_image()
+        if not self._is_live(session) and not session.bindings and not session.registry:
+            # Nothing to rebuild and nothing to replace: a session that is not
+            # live has no workspace in the image, which makes an empty one on
+            # first use. Skipping the round trip keeps restore_session of a
+            # fresh session fast.
+            session.materialized = True
+            session.image_generation = generation
+            session.unrestorable = []
+            return {"restored": [], "unrestorable": []}
+        outcome = await image.materialize(
+            session.session_id,
+            session.bindings,
+            session.registry,
+            session.next_object_id,
+            generation=generation,
+        )
+        live = set(outcome.get("registry_live", ()))
+        for object_id, entry in session.registry.items():
+            entry["live"] = object_id in live
+        session.materialized = True
+        session.image_generation = generation
+        unrestorable = list(outcome.get("unrestorable", ()))
+        for name, binding in session.bindings.items():
+            if binding.get("encoding") == "unrestorable" and name not in {
+                u.get("name") for u in unrestorable
+            }:
+                unrestorable.append(
+                    {"name": name, "type": binding.get("type"), "reason": binding.get("reason")}
+                )
+        session.unrestorable = unrestorable
+        # A binding that did not come back is not a variable of the session
+        # any more: it stays reported as unrestorable until rebound or deleted.
+        gone = {u.get("name") for u in unrestorable}
+        session.variables = [v for v in session.variables if v.get("name") not in gone]
+        return {"restored": list(outcome.get("restored", ())), "unrestorable": unrestorable}
+
+    async def _restore_in_image(self, session: Session, *, rebuild: bool = False) -> dict:
+        """Make C{session} live (rebuilt from what is stored when C{rebuild});
+        answer C{{restored, unrestorable}} as restore_session reports them."""
+        await self._ensure_materialized(session, rebuild=rebuild)
+        return {
+            "restored": [v.get("name") for v in session.variables],
+            "unrestorable": list(session.unrestorable),
+        }
+
+    async def _in_image(self, session: Session, operation):
+        """C{operation(generation)} with C{session} live in that image generation.
+
+        An image replaced after the session was made live but before the
+        request was sent answers L{StaleGeneration}; the session is then
+        rebuilt in the new image and the request sent again (a request that
+        reached an image that then died is never repeated: it answers
+        C{ImageRestarted}).
+        """
+        for attempt in range(STALE_RETRIES):
+            generation = await self._ensure_materialized(session)
+            try:
+                return await operation(generation)
+            except StaleGeneration:
+                if attempt == STALE_RETRIES - 1:
+                    raise
+
+    async def _ensure_shared(self, generation: int) -> None:
+        """Make the image-wide C{shared} namespace live in image C{generation}."""
+        if self._shared_generation == generation:
+            return
+        lock = self._image_lock(None)
+        await lock.acquire()
+        try:
+            if self._shared_generation != generation:
+                if self.shared_bindings:
+                    await self._materialize_shared(generation)
+                self._shared_generation = generation
+        finally:
+            self._release_image_lock(None, lock)
+
+    async def _materialize_shared(self, generation: int | None = None) -> None:
+        outcome = await self._need_image().materialize_shared(
+            self.shared_bindings, generation=generation
+        )
+        if outcome.get("unrestorable"):
+            self.log.warn(
+                "shared namespace: {count} bindings could not be restored: {names}",
+                count=len(outcome["unrestorable"]),
+                names=[u.get("name") for u in outcome["unrestorable"]],
+            )
+
+    async def _image_restarted(self) -> None:
+        """A new image replaced a dead one: bring every live session back.
+
+        Commands that arrive meanwhile do not wait for this loop: each makes
+        its own session live first (L{_ensure_materialized}), under the same
+        per-session lock, so a session is rebuilt once and before any use.
+        """
+        sessions = [s for s in self.sessions.values() if s.materialized and s.state == ACTIVE]
+        restored = 0
+        for session in sessions:
+            try:
+                await self._ensure_materialized(session)
+                restored += 1
+            except Exception:
+                self.log.failure("re-materializing {sid} failed", sid=session.session_id)
+        self.log.info("image restart: {count} sessions re-materialized", count=restored)
+
+    def _apply_delta(self, session: Session, delta: dict) -> None:
+        changed = delta.get("bindings_changed") or {}
+        removed = delta.get("bindings_removed") or ()
+        for name, binding in changed.items():
+            session.bindings[name] = binding
+        for name in removed:
+            session.bindings.pop(name, None)
+        if session.unrestorable and (changed or removed):
+            session.unrestorable = [
+                u
+                for u in session.unrestorable
+                if u.get("name") not in changed and u.get("name") not in removed
+            ]
+        if "variables" in delta:
+            self._set_variables(session, delta["variables"])
+        for object_id, entry in (delta.get("registry_added") or {}).items():
+            session.registry[object_id] = entry
+        while len(session.registry) > REGISTRY_LIMIT:
+            del session.registry[next(iter(session.registry))]
+        if delta.get("next_object_id"):
+            session.next_object_id = delta["next_object_id"]
+        shared_changed = delta.get("shared_changed") or {}
+        shared_removed = delta.get("shared_removed") or ()
+        if shared_changed or shared_removed:
+            self.shared_bindings.update(shared_changed)
+            for name in shared_removed:
+                self.shared_bindings.pop(name, None)
+            self._shared_dirty = True
+        self._fit_bindings(session)
+
+    @staticmethod
+    def _set_variables(session: Session, variables: list) -> None:
+        """Take the image's variable list, less what could not be restored.
+
+        The image lists bindings it could not restore too; they are not
+        variables of the session (evaluating one is a NameError) and stay in
+        C{session.unrestorable} until rebound or deleted.
+        """
+        gone = {u.get("name") for u in session.unrestorable}
+        session.variables = [v for v in variables if v.get("name") not in gone]
+
+    def _fit_bindings(self, session: Session) -> None:
+        """Demote the largest bindings to unrestorable until the session fits."""
+        limit = self.settings.max_session_bytes
+        while self._size_of(session) > limit:
+            # _size_of just refreshed session.binding_sizes for every binding.
+            candidates = [
+                (session.binding_sizes[name][1], name)
+                for name, b in session.bindings.items()
+                if b.get("encoding") in ("json", "pickle")
+            ]
+            if not candidates:
+                break
+            _, name = max(candidates)
+            old = session.bindings[name]
+            session.bindings[name] = {
+                "encoding": "unrestorable",
+                "type": old.get("type"),
+                "repr": clip(old.get("repr"), 200),
+                "reason": "too large: the session would exceed max_session_bytes",
+            }
+            for variable in session.variables:
+                if variable.get("name") == name:
+                    variable["restorable"] = False
+
+    # ================================================================ image commands
+
+    async def evaluate(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        timeout = params.get("timeout")
+        if timeout is None:
+            timeout = self.settings.eval_timeout
+        if timeout <= 0 or timeout > self.settings.max_eval_timeout:
+            raise invalid_parameter(
+                "timeout",
+                f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
+            )
+        mode = params["mode"]
+        if mode not in ("execute", "display"):
+            raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
+        started = self.now()
+        try:
+            outcome = await self._in_image(
+                session,
+                lambda generation: image.evaluate(
+                    session.session_id,
+                    params["code"],
+                    mode,
+                    timeout,
+                    generation=generation,
+                    cell_index=session.history_counter + 1,
+                ),
+            )
+        except StuiError as error:
+            if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
+                self._apply_delta(session, error.details)
+                entry = self._history_entry(session, params["code"], started, error=error)
+                for key in DELTA_KEYS:
+                    error.details.pop(key, None)
+                error.details["history_index"] = entry["index"]
+                await self._changed(session, "record the evaluation")
+            elif error.error_type == "ImageRestarted":
+                session.materialized = False
+            raise
+        self._apply_delta(session, outcome)
+        entry = self._history_entry(session, params["code"], started, outcome=outcome)
+        await self._changed(session, "record the evaluation")
+        return {
+            "session_id": session.session_id,
+            "result": clip(outcome.get("result"), MAX_RESULT_TEXT),
+            "result_type": outcome.get("result_type"),
+            "object_id": outcome.get("object_id"),
+            "display": clip(outcome.get("display"), MAX_RESULT_TEXT),
+            "output": outcome.get("output", ""),
+            "execution_time": outcome.get("execution_time"),
+            "has_error": False,
+            "history_index": entry["index"],
+        }
+
+    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
+        session.history_counter += 1
+        entry = {
+            "index": session.history_counter,
+            "code": clip(code),
+            "timestamp": iso_timestamp(started),
+        }
+        if outcome is not None:
+            entry.update(
+                {
+                    "result": clip(outcome.get("result")),
+                    "result_type": outcome.get("result_type"),
+                    "object_id": outcome.get("object_id"),
+                    "ok": True,
+                    "output": clip(outcome.get("output", "")),
+                    "duration_ms": outcome.get("execution_time"),
+                }
+            )
+        else:
+            entry.update(
+                {
+                    "result": None,
+                    "result_type": None,
+                    "ok": False,
+                    "output": clip(error.details.get("output", "")),
+                    "duration_ms": round((self.now() - started) * 1000, 3),
+                    "error": {
+                        "error_type": error.error_type,
+                        "exception_type": error.details.get("exception_type"),
+                        "message": clip(error.message, 4096),
+                    },
+                }
+            )
+        session.history.append(entry)
+        del session.history[: -self.settings.history_limit]
+        return entry
+
+    async def inspect(self, call) -> dict:
+        params = call.params
+        if params.get("object_id") is None and params.get("expression") is None:
+            raise invalid_parameter("object_id", "or 'expression' is required")
+        limit = params["limit"]
+        if limit < 0:
+            raise invalid_parameter("limit", "must be 0 or more")
+        session = await self._session_for(call)
+        image = self._need_image()
+        try:
+            outcome = await self._in_image(
+                session,
+                lambda generation: image.inspect(
+                    session.session_id,
+                    object_id=params.get("object_id"),
+                    expression=params.get("expression"),
+                    limit=limit,
+                    generation=generation,
+                ),
+            )
+        except StuiError as error:
+            if error.error_type == "ObjectNotFound" and params.get("object_id") in session.registry:
+                error.details["registry_entry"] = session.registry[params["object_id"]]
+            raise
+        self._apply_delta(session, outcome)
+        object_id = outcome.get("object_id")
+        if object_id:
+            session.inspector_selected = object_id
+            session.inspector_history.append(object_id)
+            del session.inspector_history[:-MAX_INSPECTOR_HISTORY]
+        await self._changed(session, "record the inspection")
+        result = {k: v for k, v in outcome.items() if k not in DELTA_KEYS}
+        result["session_id"] = session.session_id
+        return result
+
+    async def complete(self, call) -> dict:
+        params = call.params
+        session = await self._session_for(call)
+        image = self._need_image()
+        code = params["code"]
+        cursor = params.get("cursor_pos")
+        if cursor is None:
+            cursor = len(code)
+        if cursor < 0 or cursor > len(code):
+            raise invalid_parameter("cursor_pos", f"must be between 0 and {len(code)}")
+        return await self._in_image(
+            session,
+            lambda generation: image.complete(
+                session.session_id, code, cursor, generation=generation
+            ),
+        )
+
+    async def interrupt(self, call) -> dict:
+        session = await self._session_for(call)
+        interrupted = False
+        if self.image is not None:
+            interrupted = bool(await self.image.interrupt(session.session_id))
+        return {"session_id": session.session_id, "interrupted": interrupted}

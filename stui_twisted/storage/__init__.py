@@ -1,0 +1,1 @@
+"""Session files on disk: format, MACs, durable writes, the index."""
