@@ -29,8 +29,8 @@ on 2 cores and needs about 1 GB of free memory.  Every loop is bounded in count 
 time.  Items 3 and 4 reuse ``benchmarks.attack_partial`` and ``benchmarks.attack_trickle``;
 items 5 and 6 reuse the helpers of ``benchmarks.attack_image_values``
 (``benchmarks.exhaustion`` measures items 12 and 14 in more detail: held, told and
-silently closed connections).  Item 15 runs only
-as root with ``/usr/bin/python3.11`` (as ``tests/test_privsep.py``), else it is skipped.  Results go to
+silently closed connections).  Item 15 runs only as root with ``/usr/bin/python3.11``
+(as ``tests/e2e/test_privsep.py``), else it is skipped.  Results go to
 ``benchmarks/results/attacks-<stamp>.json`` and ``.md``; the figures quoted in
 docs/security.md and docs/reliability.md come from one such run.
 """
@@ -753,7 +753,7 @@ def attack_stdout_flood(args) -> dict:
 
 def attack_batch_disk_full(args) -> dict:
     """Item 9: under batch the disk fails, then SIGTERM."""
-    from stui_twisted.pathcodec import encode_client_dir
+    from stui_twisted.storage.pathcodec import encode_client_dir
 
     options = ("--durability=batch", "--flush-interval=0.2")
     server = start_server("batch-disk", *options, image=False)
@@ -1130,7 +1130,7 @@ def attack_session_flood(args) -> dict:
 
 def attack_privilege_separation(args) -> dict:
     """Item 15: user code reads DATA/secret.key and signals the server, with --image-user."""
-    from tests.test_privsep import IMAGE_USER, SYSTEM_PYTHON, _image_user_can_run_the_image
+    from tests.e2e.test_privsep import IMAGE_USER, SYSTEM_PYTHON, _image_user_can_run_the_image
 
     reason = _image_user_can_run_the_image()
     if reason:
