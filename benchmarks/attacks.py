@@ -213,9 +213,11 @@ class Run:
         }
 
     def close(self) -> None:
-        if self.ping is None:
-            self.pinger.stop()
+        """Kill the server whatever happened; then the pinger (it ends with its connection)."""
         self.server.kill()
+        if self.pinger.process.poll() is None:
+            self.pinger.process.kill()
+            self.pinger.process.wait(10)
 
 
 def rpc(client, command: str, **params) -> dict:
