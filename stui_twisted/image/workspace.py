@@ -15,6 +15,7 @@ so bindings changed before an exception are still saved.
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import builtins
 import collections
@@ -36,6 +37,7 @@ import traceback
 import types
 from typing import Any
 
+from stui_twisted.image.asyncloop import ImageLoop, OutputSink, current_sink
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -59,6 +61,18 @@ INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+#: Where the frames between the event loop and an awaited cell's code come from.
+_ASYNC_DIRECTORIES = tuple(
+    os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (asyncio,)
+)
+#: Compile flags of a cell: top-level C{await}, C{async for} and C{async with} allowed.
+CELL_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+#: Names that need a running event loop: a cell that does not await but calls
+#: one of these at top level (``t = asyncio.create_task(poll())``) runs on the
+#: image's loop too, as in ``python -m asyncio``.
+LOOP_NAMES = frozenset(
+    {"create_task", "ensure_future", "get_running_loop", "get_event_loop", "TaskGroup"}
+)
 CELL_SOURCES_KEPT = 500
 #: Registry entries kept per session; the oldest are forgotten first (bounded memory).
 REGISTRY_LIMIT = 1000
@@ -112,6 +126,9 @@ class ThreadOutputRouter:
     def write(self, text) -> int:
         buffer = getattr(_capture_state, "buffer", None)
         if buffer is None:
+            # a coroutine of a cell (or a task it made) on the image's event loop
+            buffer = current_sink.get()
+        if buffer is None:
             return self.fallback.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
@@ -123,7 +140,7 @@ class ThreadOutputRouter:
             self.write(line)
 
     def flush(self) -> None:
-        if getattr(_capture_state, "buffer", None) is None:
+        if getattr(_capture_state, "buffer", None) is None and current_sink.get() is None:
             self.fallback.flush()
 
     def isatty(self) -> bool:
@@ -519,6 +536,8 @@ class Image:
         self._shared_lock = threading.Lock()
         self._sessions: dict[str, SessionWorkspace] = {}
         self._sessions_lock = threading.Lock()
+        #: the event loop of cells that await (started on first use)
+        self.loop = ImageLoop()
 
     def session(self, session_id: str) -> SessionWorkspace:
         """The workspace of ``session_id``, created empty on first use."""
@@ -619,6 +638,9 @@ class SessionWorkspace:
         # name -> (source of the top-level def/class statement, the object it made,
         # (cell, first line) it was written at or None)
         self._definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
+        # characters background tasks printed after their evaluation answered
+        self._background_dropped = 0
+        self._background_lock = threading.Lock()
 
     @property
     def module_name(self) -> str:
@@ -721,11 +743,11 @@ class SessionWorkspace:
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last_expression = ast.Expression(tree.body.pop().value)
-        body = compile(tree, filename, "exec")
+        body = compile(tree, filename, "exec", flags=CELL_FLAGS)
         names = _code_names(body)
         expression = None
         if last_expression is not None:
-            expression = compile(last_expression, filename, "eval")
+            expression = compile(last_expression, filename, "eval", flags=CELL_FLAGS)
             names |= _code_names(expression)
         return body, expression, names, definitions
 
@@ -746,21 +768,25 @@ class SessionWorkspace:
         value = None
         failure: BaseException | None = None
         buffer = BoundedTextBuffer()
+        self._note_dropped_background_output(buffer)
+        sink = OutputSink(buffer, self._count_dropped_background_output)
         started = time.perf_counter()
         with captured_output(buffer):
             try:
                 try:
                     guard.arm()
                     body, expression, referenced, definitions = self._compile_cell(code, filename)
-                    exec(body, self.namespace)  # noqa: S102 - running user code is the job
+                    self._run_code(body, guard, sink)
                     self._remember_definitions(definitions, cell)
                     if expression is not None:
-                        value = eval(expression, self.namespace)  # noqa: S307
+                        value = self._run_code(expression, guard, sink)
                 finally:
                     guard.disarm()
             except BaseException as exc:  # noqa: BLE001 - user code may raise anything
                 guard.disarm()
                 failure = exc
+            finally:
+                sink.close()
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self.namespace["__builtins__"] = builtins
         self.namespace["shared"] = self.image.shared
@@ -784,6 +810,35 @@ class SessionWorkspace:
             "has_error": False,
             **delta,
         }
+
+    def _run_code(self, code: types.CodeType, guard, sink: OutputSink) -> Any:
+        """Run one compiled part of a cell; a coroutine (the cell awaits) runs
+        on the image's event loop while this thread waits, and a stop cancels
+        only its task."""
+        if code.co_flags & pyinspect.CO_COROUTINE:
+            coroutine = eval(code, self.namespace)  # noqa: S307 - running user code is the job
+        elif LOOP_NAMES.isdisjoint(code.co_names):
+            return eval(code, self.namespace)  # noqa: S307
+        else:
+            coroutine = _run_on_loop(code, self.namespace)
+        awaited = self.image.loop.submit(coroutine, sink)
+        with guard.cancelling(awaited.cancel):
+            return awaited.result()
+
+    def _count_dropped_background_output(self, characters: int) -> None:
+        with self._background_lock:
+            self._background_dropped += characters
+
+    def _note_dropped_background_output(self, buffer: BoundedTextBuffer) -> None:
+        """Start an evaluation's output with a note of what background tasks
+        printed, and was dropped, since the previous evaluation answered."""
+        with self._background_lock:
+            dropped, self._background_dropped = self._background_dropped, 0
+        if dropped:
+            buffer.write(
+                f"[{dropped} characters printed by background tasks outside any"
+                " evaluation were dropped]\n"
+            )
 
     def _cell_number(self, cell_index: int | None) -> int | None:
         """The history index this evaluation gets: C{cell_index}, the server's
@@ -1213,6 +1268,11 @@ class SessionWorkspace:
 _CELL_FILENAME = re.compile(r"<cell (\d+)\|\d+>")
 
 
+async def _run_on_loop(code: types.CodeType, namespace: dict) -> Any:
+    """Run a cell's code that does not await, on the event loop (see L{LOOP_NAMES})."""
+    return eval(code, namespace)  # noqa: S307 - running user code is the job
+
+
 def _cell_filename(cell_index: int | None) -> str:
     """``<cell N|U>``: N the session's history index, U unique in this image."""
     unique = next(_cell_numbers)
@@ -1263,6 +1323,9 @@ def _user_traceback(
         for frame in traceback.extract_tb(failure.__traceback__)
         if not os.path.abspath(frame.filename).startswith(_THIS_DIRECTORY + os.sep)
     ]
+    # an awaited cell: the worker's wait and the loop's task step come first
+    while frames and os.path.abspath(frames[0].filename).startswith(_ASYNC_DIRECTORIES):
+        del frames[0]
     line = None
     for frame in frames:
         if frame.filename == filename:
