@@ -18,6 +18,7 @@ output starts with a one-line note of it).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import threading
 from typing import Any
@@ -138,6 +139,15 @@ class ImageLoop:
             thread, self._thread = self._thread, None
         if loop is None:
             return
+
+        async def cancel_all() -> None:
+            tasks = await _all_tasks()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        # a task that ignores its cancellation does not hold the loop up longer
+        concurrent.futures.wait([asyncio.run_coroutine_threadsafe(cancel_all(), loop)], 5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         if not thread.is_alive():

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import builtins
 import collections
+import copyreg
 import importlib
 import inspect as pyinspect
 import io
@@ -36,6 +37,8 @@ import time
 import traceback
 import types
 from typing import Any
+
+import cloudpickle
 
 from stui_twisted.image.asyncloop import ImageLoop, OutputSink, current_sink
 from stui_twisted.image.interruption import (
@@ -79,6 +82,14 @@ REGISTRY_LIMIT = 1000
 _cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 _NOTHING = object()
+#: Set to C{0} to store bindings with plain pickle only (measurements: the
+#: corpus of benchmarks/bindings_corpus.py before and after, docs/reliability.md).
+CLOUDPICKLE_ENVIRONMENT = "STUI_IMAGE_CLOUDPICKLE"
+
+
+def cloudpickle_enabled() -> bool:
+    """Whether what plain pickle cannot store is tried with cloudpickle."""
+    return os.environ.get(CLOUDPICKLE_ENVIRONMENT, "1") != "0"
 
 
 # -- output capture -------------------------------------------------------------------------
@@ -347,6 +358,7 @@ def serialize_binding(
     value: Any,
     max_bytes: int = DEFAULT_MAX_BINDING_BYTES,
     workspace: SessionWorkspace | None = None,
+    name: str | None = None,
 ) -> dict:
     """The stored form of one binding (see protocol: json, pickle, module, unrestorable).
 
@@ -354,6 +366,10 @@ def serialize_binding(
     repr is clipped as it is made, JSON is tried only when a walk of the value
     stays under the limit, and the pickle is written into a buffer that gives
     up at the limit.
+
+    C{name} is the binding's name in C{workspace}: a class or function found
+    under that name is stored by value, not as a reference to the binding
+    itself (C{Pt = namedtuple('Pt', 'x y')} is no def statement to run again).
     """
     kind = type_name(value)
     summary = safe_repr(value)
@@ -372,15 +388,29 @@ def serialize_binding(
     pickle_limit = max_bytes * 3 // 4  # base64 makes 4 characters of 3 bytes
     if _surely_larger(value, pickle_limit):
         return _unrestorable(kind, summary, _too_large_reason(max_bytes))
+    pickler = "pickle"
     try:
-        data = _pickle_dumps(value, workspace, pickle_limit)
+        data = _pickle_dumps(value, workspace, pickle_limit, name=name)
         pickle.loads(data)
     except BindingTooLarge:
         return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
-        return _unrestorable(kind, summary, _reason(exc))
+        if not cloudpickle_enabled():
+            return _unrestorable(kind, summary, _reason(exc))
+        # lambdas, closures, nested functions and classes, what refers to them
+        pickler = "cloudpickle"
+        try:
+            data = _pickle_dumps(value, workspace, pickle_limit, SessionCloudPickler, name)
+            pickle.loads(data)
+        except BindingTooLarge:
+            return _unrestorable(kind, summary, _too_large_reason(max_bytes))
+        except Exception as exc:  # noqa: BLE001 - not even cloudpickle can: unrestorable
+            return _unrestorable(kind, summary, _reason(exc))
     encoded = base64.b64encode(data).decode("ascii")
-    return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+    stored = {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+    if pickler != "pickle":
+        stored["pickler"] = pickler
+    return stored
 
 
 def _workspace_attribute(module_name: str, qualname: str) -> Any:
@@ -399,9 +429,10 @@ class WorkspacePickler(pickle.Pickler):
     the workspace's registered module instead (see L{_workspace_attribute}).
     """
 
-    def __init__(self, file, workspace: SessionWorkspace) -> None:
+    def __init__(self, file, workspace: SessionWorkspace, binding: str | None = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._workspace = workspace
+        self._binding = binding
 
     def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
         if (
@@ -409,9 +440,87 @@ class WorkspacePickler(pickle.Pickler):
             and getattr(obj, "__module__", None) == "__main__"
         ):
             qualname = getattr(obj, "__qualname__", "")
-            if "<" not in qualname and self._workspace.resolve(qualname) is obj:
+            if (
+                "<" not in qualname
+                and qualname.partition(".")[0] != self._binding
+                and self._workspace.resolve(qualname) is obj
+            ):
                 return _workspace_attribute, (self._workspace.module_name, qualname)
         return NotImplemented
+
+
+def _workspace_globals(module_name: str) -> dict:
+    """Unpickling helper: the global namespace of a session workspace."""
+    return sys.modules[module_name].__dict__
+
+
+class _WorkspaceGlobals:
+    """Stands for a workspace's namespace in a pickle (a dict is never reduced by hook)."""
+
+    def __init__(self, module_name: str) -> None:
+        self._module_name = module_name
+
+    def __reduce__(self):
+        return _workspace_globals, (self._module_name,)
+
+
+#: cloudpickle's reducers, less the one that stores an open text file as its
+#: contents (it would come back as a different object: an open file is unrestorable).
+_CLOUDPICKLE_DISPATCH = collections.ChainMap(
+    {
+        kind: reducer
+        for kind, reducer in cloudpickle.Pickler._dispatch_table.items()
+        if kind is not io.TextIOWrapper
+    },
+    copyreg.dispatch_table,
+)
+
+
+class SessionCloudPickler(cloudpickle.Pickler):
+    """cloudpickle, for what plain pickle cannot store (lambdas, closures,
+    nested functions and classes), made to fit a session workspace.
+
+    Functions and classes a cell bound at top level still go by reference
+    (as with L{WorkspacePickler}); a function whose globals are the session's
+    namespace gets that namespace back on restore, not a copy of the globals
+    it used, so it keeps seeing the session's live bindings like any function
+    written in a cell.
+    """
+
+    dispatch_table = _CLOUDPICKLE_DISPATCH
+
+    def __init__(
+        self, file, workspace: SessionWorkspace | None, binding: str | None = None
+    ) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._workspace = workspace
+        self._binding = binding
+
+    def _in_workspace(self, func: Any) -> bool:
+        workspace = self._workspace
+        return workspace is not None and getattr(func, "__globals__", None) is workspace.namespace
+
+    def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
+        if self._workspace is not None:
+            by_reference = WorkspacePickler.reducer_override(self, obj)
+            if by_reference is not NotImplemented:
+                return by_reference
+        return super().reducer_override(obj)
+
+    def _function_getnewargs(self, func):
+        newargs = super()._function_getnewargs(func)
+        if self._in_workspace(func):
+            code, _, name, defaults, closure = newargs
+            return code, _WorkspaceGlobals(self._workspace.module_name), name, defaults, closure
+        return newargs
+
+    def _dynamic_function_reduce(self, func):
+        reduced = super()._dynamic_function_reduce(func)
+        if self._in_workspace(func):
+            make, newargs, (state, slotstate), *rest = reduced
+            slotstate = dict(slotstate, __globals__={})  # the namespace itself comes back
+            reduced = (make, newargs, (state, slotstate), *rest)
+        return reduced
 
 
 class _LimitedBuffer:
@@ -438,12 +547,20 @@ class _LimitedBuffer:
         return self._buffer.getvalue()
 
 
-def _pickle_dumps(value: Any, workspace: SessionWorkspace | None, limit: int) -> bytes:
+def _pickle_dumps(
+    value: Any,
+    workspace: SessionWorkspace | None,
+    limit: int,
+    pickler_class=None,
+    name: str | None = None,
+) -> bytes:
     buffer = _LimitedBuffer(limit)
-    if workspace is None:
+    if pickler_class is not None:
+        pickler_class(buffer, workspace, name).dump(value)
+    elif workspace is None:
         pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
     else:
-        WorkspacePickler(buffer, workspace).dump(value)
+        WorkspacePickler(buffer, workspace, name).dump(value)
     return buffer.getvalue()
 
 
@@ -950,7 +1067,7 @@ class SessionWorkspace:
                 if place is not None:
                     stored["cell"], stored["line"] = place
                 return stored
-        return serialize_binding(value, self.image.max_binding_bytes, workspace=self)
+        return serialize_binding(value, self.image.max_binding_bytes, workspace=self, name=name)
 
     def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
         """Registry entries whose binding name now means something else lose it."""
