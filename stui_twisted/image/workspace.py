@@ -41,6 +41,7 @@ from typing import Any
 import cloudpickle
 
 from stui_twisted.image.asyncloop import ImageLoop, OutputSink, current_sink
+from stui_twisted.image.help import describe, help_request
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -879,6 +880,9 @@ class SessionWorkspace:
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
         filename = _cell_filename(cell)
+        # ``name?`` / ``name??``: the expression is the cell, its description the result
+        request = help_request(code)
+        help_text = None
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
@@ -892,11 +896,21 @@ class SessionWorkspace:
             try:
                 try:
                     guard.arm()
-                    body, expression, referenced, definitions = self._compile_cell(code, filename)
+                    body, expression, referenced, definitions = self._compile_cell(
+                        code if request is None else request.expression, filename
+                    )
                     self._run_code(body, guard, sink)
                     self._remember_definitions(definitions, cell)
                     if expression is not None:
                         value = self._run_code(expression, guard, sink)
+                    if request is not None:
+                        help_text = describe(
+                            request.expression,
+                            value,
+                            request.with_source,
+                            self._recorded_source,
+                            safe_repr,
+                        )
                 finally:
                     guard.disarm()
             except BaseException as exc:  # noqa: BLE001 - user code may raise anything
@@ -909,6 +923,8 @@ class SessionWorkspace:
         self.namespace["shared"] = self.image.shared
         registry_added: dict[str, dict] = {}
         object_id = None
+        if help_text is not None:
+            value = None  # described, not the cell's value: no ``_``, no registry entry
         if failure is None and value is not None:
             self.namespace["_"] = value
             object_id = self.register(value, registry_added)
@@ -917,6 +933,18 @@ class SessionWorkspace:
         self._last_cell = cell  # the server makes a history entry of this outcome
         if failure is not None:
             raise self._failure_error(failure, guard, filename, output, delta)
+        if help_text is not None:
+            help_text = clip_text(help_text, MAX_RESULT_CHARS)
+            return {
+                "result": help_text,
+                "result_type": "help",
+                "object_id": None,
+                "display": help_text if mode == "display" else None,
+                "output": output,
+                "execution_time": round(elapsed_ms, 3),
+                "has_error": False,
+                **delta,
+            }
         return {
             "result": None if value is None else result_text(value),
             "result_type": type_name(value),
@@ -941,6 +969,13 @@ class SessionWorkspace:
         awaited = self.image.loop.submit(coroutine, sink)
         with guard.cancelling(awaited.cancel):
             return awaited.result()
+
+    def _recorded_source(self, value: Any) -> str | None:
+        """The source of the top-level C{def}/C{class} that made C{value}, if one did."""
+        for source, made, _ in list(self._definitions.values()):
+            if made is value:
+                return source
+        return None
 
     def _count_dropped_background_output(self, characters: int) -> None:
         with self._background_lock:
