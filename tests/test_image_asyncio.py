@@ -158,6 +158,26 @@ async def test_a_coroutine_blocking_the_loop_is_handled_like_a_c_loop(supervisor
     assert again["result"] == "2"
 
 
+def test_dropping_a_session_cancels_its_tasks_only():
+    image = Image()
+    try:
+        kept = image.session("s_kept")
+        dropped = image.session("s_dropped")
+        kept.evaluate(POLLER + "t = asyncio.create_task(poll())")
+        dropped.evaluate(POLLER + "t = asyncio.create_task(poll())\nawait asyncio.sleep(0)")
+        dropped_task = dropped.namespace["t"]
+        assert image.drop_session("s_dropped") is True
+        deadline = time.monotonic() + 5
+        while not dropped_task.done():
+            assert time.monotonic() < deadline, "the dropped session's task still runs"
+            time.sleep(0.01)
+        assert dropped_task.cancelled()
+        assert not kept.namespace["t"].done()
+        assert image.loop.tasks() == {kept.namespace["t"]}
+    finally:
+        image.loop.close()
+
+
 def test_background_output_after_the_cell_is_dropped_and_counted_in_the_next_output():
     image = Image()
     try:

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
+import weakref
 from typing import Any
 
 #: The sink of the evaluation whose coroutine (or a task it made) is running.
@@ -31,11 +32,16 @@ current_sink: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar
 
 class OutputSink:
     """Where one evaluation's asynchronous output goes: its buffer while it
-    runs, then nowhere (counted in C{dropped}, a callable taking the count)."""
+    runs, then nowhere (counted in C{dropped}, a callable taking the count).
 
-    def __init__(self, buffer, dropped) -> None:
+    C{tasks} (a C{WeakSet} of the session's) gets every task made under this
+    sink, so the session's tasks can be cancelled when it is dropped.
+    """
+
+    def __init__(self, buffer, dropped, tasks: weakref.WeakSet | None = None) -> None:
         self._buffer = buffer
         self._dropped = dropped
+        self.tasks = tasks
         self._lock = threading.Lock()
         self._open = True
 
@@ -107,6 +113,7 @@ class ImageLoop:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
+                loop.set_task_factory(_session_task)
                 started = threading.Event()
 
                 def run() -> None:
@@ -123,6 +130,15 @@ class ImageLoop:
     def submit(self, coroutine, sink: OutputSink) -> AwaitedCell:
         """Run C{coroutine} as a task on the loop with C{sink} as its output."""
         return AwaitedCell(self._running_loop(), coroutine, sink)
+
+    def cancel_soon(self, tasks: weakref.WeakSet) -> None:
+        """Cancel the unfinished tasks of C{tasks} (a session's; from any thread).
+
+        The set is only touched on the loop's thread, where tasks are added to it.
+        """
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(_cancel_all, tasks)
 
     def tasks(self) -> set[asyncio.Task]:
         """The loop's unfinished tasks (for tests and diagnostics)."""
@@ -152,6 +168,20 @@ class ImageLoop:
         thread.join(5)
         if not thread.is_alive():
             loop.close()
+
+
+def _session_task(loop, coroutine, context=None) -> asyncio.Task:
+    """The loop's task factory: a task, recorded as its session's (see L{OutputSink})."""
+    task = asyncio.Task(coroutine, loop=loop, context=context)
+    sink = context.get(current_sink) if context is not None else current_sink.get()
+    if sink is not None and sink.tasks is not None:
+        sink.tasks.add(task)
+    return task
+
+
+def _cancel_all(tasks: weakref.WeakSet) -> None:
+    for task in list(tasks):
+        task.cancel()
 
 
 async def _all_tasks() -> set[asyncio.Task]:

@@ -36,6 +36,7 @@ import threading
 import time
 import traceback
 import types
+import weakref
 from typing import Any
 
 import cloudpickle
@@ -675,6 +676,7 @@ class Image:
             workspace = self._sessions.pop(session_id, None)
         if workspace is None:
             return False
+        workspace.cancel_tasks()
         workspace.forget_module()
         return True
 
@@ -759,6 +761,8 @@ class SessionWorkspace:
         # characters background tasks printed after their evaluation answered
         self._background_dropped = 0
         self._background_lock = threading.Lock()
+        # the asyncio tasks this session's cells made (cancelled when it is dropped)
+        self._tasks: weakref.WeakSet = weakref.WeakSet()
 
     @property
     def module_name(self) -> str:
@@ -787,6 +791,10 @@ class SessionWorkspace:
         for part in rest:
             target = getattr(target, part, None)
         return target
+
+    def cancel_tasks(self) -> None:
+        """Cancel the asyncio tasks this session's cells made (soon, on the loop)."""
+        self.image.loop.cancel_soon(self._tasks)
 
     def forget_module(self) -> None:
         """Unregister the workspace module (the session was dropped)."""
@@ -890,7 +898,7 @@ class SessionWorkspace:
         failure: BaseException | None = None
         buffer = BoundedTextBuffer()
         self._note_dropped_background_output(buffer)
-        sink = OutputSink(buffer, self._count_dropped_background_output)
+        sink = OutputSink(buffer, self._count_dropped_background_output, self._tasks)
         started = time.perf_counter()
         with captured_output(buffer):
             try:
