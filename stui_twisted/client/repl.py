@@ -9,6 +9,7 @@ start with ``:`` are meta-commands handled by the client (``:help`` lists them).
 
 from __future__ import annotations
 
+import ast
 import codeop
 import sys
 import threading
@@ -100,7 +101,8 @@ def needs_more_input(text: str) -> bool:
     indented block that no empty line has ended yet.  Unlike that interpreter, a
     complete one-line compound statement (``while True: pass``) runs at once.
     Complete code, meta-commands and code with a syntax error are submitted (the
-    server reports the error).
+    server reports the error).  Top-level ``await``, ``async for`` and ``async
+    with`` are Python here, as on the server (protocol.md, evaluate).
     """
     if not text.strip() or text.lstrip().startswith(":"):
         return False
@@ -113,8 +115,10 @@ def needs_more_input(text: str) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for symbol in symbols:
+            compiler = codeop.CommandCompiler()
+            compiler.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
             try:
-                return codeop.compile_command(source, "<input>", symbol) is None
+                return compiler(source, "<input>", symbol) is None
             except (SyntaxError, ValueError, OverflowError):
                 continue
     return False
@@ -273,7 +277,9 @@ class Repl:
             stripped = text.strip()
             if stripped.startswith(":"):
                 return self.meta_command(stripped[1:])
-            self.write(format_reply(self.client.evaluate(text, self.mode)))
+            stream = self.output or sys.stdout
+            colour = bool(getattr(stream, "isatty", lambda: False)())
+            self.write(format_reply(self.client.evaluate(text, self.mode), colour=colour))
         except KeyboardInterrupt:
             self.write("Stopped waiting for the reply.")
         except RequestLost as error:

@@ -176,6 +176,10 @@ def test_a_damaged_state_file_is_ignored_then_replaced(tmp_path, content):
         ("while True: pass", False),
         ("def f(): return 1", False),
         ("while True:\n    pass", True),
+        ("async with lock:\n    await x", True),
+        ("async for i in it():\n    print(i)", True),
+        ("await asyncio.sleep(1)", False),
+        ("len?", False),
     ],
 )
 def test_needs_more_input(text, more):
@@ -197,6 +201,20 @@ def test_format_evaluation_shows_output_then_result():
     assert format_evaluation({"output": "no newline", "result": None}) == "no newline\n"
     assert format_evaluation({"output": "", "result": None}) == ""
     assert format_evaluation({"output": "", "result": "'a'", "display": "a"}) == "a\n"
+
+
+def test_help_replies_are_highlighted_on_a_terminal_only():
+    help_reply = {
+        "output": "",
+        "result": "Type:      int\nDocstring:\nint(x)",
+        "result_type": "help",
+    }
+    assert format_evaluation(help_reply) == "Type:      int\nDocstring:\nint(x)\n"
+    assert format_evaluation(help_reply, colour=True) == (
+        "\x1b[1;36mType:\x1b[0m      int\n\x1b[1;36mDocstring:\x1b[0m\nint(x)\n"
+    )
+    value = {"output": "", "result": "'Type: x'", "result_type": "str"}
+    assert format_evaluation(value, colour=True) == "'Type: x'\n"
 
 
 def test_format_evaluation_error_ends_with_exception_line():

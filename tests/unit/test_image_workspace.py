@@ -329,12 +329,16 @@ def test_rebound_definition_is_not_stored_as_stale_source():
     assert workspace.snapshot()["bindings"]["f"]["encoding"] == "pickle"
 
 
-def test_lambdas_are_unrestorable_with_a_reason_and_repl_name_is_main():
-    stored, outcome, result = _round_trip("lam = lambda: 1\nname = __name__\n", "name")
-    assert stored["lam"]["encoding"] == "unrestorable"
-    assert "lambda" in stored["lam"]["reason"]
-    assert [u["name"] for u in outcome["unrestorable"]] == ["lam"]
-    assert result == "'__main__'"
+def test_lambdas_come_back_generators_are_unrestorable_with_a_reason_and_name_is_main():
+    stored, outcome, result = _round_trip(
+        "lam = lambda: 1\ngen = (n for n in [])\nname = __name__\n", "(name, lam())"
+    )
+    assert stored["lam"]["encoding"] == "pickle"
+    assert stored["lam"]["pickler"] == "cloudpickle"
+    assert stored["gen"]["encoding"] == "unrestorable"
+    assert "generator" in stored["gen"]["reason"]
+    assert [u["name"] for u in outcome["unrestorable"]] == ["gen"]
+    assert result == "('__main__', 1)"
 
 
 def test_registry_is_bounded_oldest_first():
