@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from stui_twisted.protocol.errors import StorageFailure, StuiError
+from stui_twisted.storage import durable, index
 from stui_twisted.storage import store as store_module
 from stui_twisted.storage.pathcodec import decode_client_dir, encode_client_dir
 from stui_twisted.storage.store import (
@@ -381,13 +382,13 @@ async def test_write_many_one_job_and_one_fsync_per_directory(store, monkeypatch
     await within_time_limit(store.write_many(sessions))  # creates the client dirs
 
     synced = []
-    real_fsync_dir = store_module._fsync_dir
+    real_fsync_dir = durable.fsync_dir
 
     def counting_fsync_dir(path):
         synced.append(path)
         real_fsync_dir(path)
 
-    monkeypatch.setattr(store_module, "_fsync_dir", counting_fsync_dir)
+    monkeypatch.setattr(durable, "fsync_dir", counting_fsync_dir)
     updated = [dict(session, state="closed") for session in sessions]
     results = await within_time_limit(store.write_many(updated))
     assert set(results) == {session["session_id"] for session in sessions}
@@ -707,7 +708,7 @@ async def test_load_index_removes_only_stale_temp_files(store):
     for path in (stale, fresh):
         with open(path, "wb") as handle:
             handle.write(b'{"half a wri')
-    backdate(stale, seconds=2 * store_module.STALE_TEMP_SECONDS)
+    backdate(stale, seconds=2 * index.STALE_TEMP_SECONDS)
     report = await within_time_limit(store.verify_all())
     assert sorted(row["kind"] for row in report if not row["ok"]) == ["temp", "temp"]
     await within_time_limit(store.load_index())
