@@ -168,7 +168,7 @@ class ServerRoot(service.MultiService):
         self.start_checks: list = []
 
     def startService(self) -> None:  # noqa: N802
-        from stui_twisted.protocol.errors import StorageFailure
+        from stui_twisted.storage.errors import StorageFailure
 
         for option, value, check in self.start_checks:
             try:

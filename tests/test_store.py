@@ -14,9 +14,9 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from stui_twisted.protocol.errors import StorageFailure, StuiError
 from stui_twisted.storage import durable, index
 from stui_twisted.storage import store as store_module
+from stui_twisted.storage.errors import RecordTooLarge, StorageFailure
 from stui_twisted.storage.pathcodec import decode_client_dir, encode_client_dir
 from stui_twisted.storage.store import (
     SessionFileCorrupt,
@@ -417,8 +417,7 @@ async def test_write_many_reports_each_failure_and_keeps_order_with_single_write
         assert isinstance(results[busy["session_id"]], WriteResult)
         assert isinstance(results["s_" + "0" * 21 + "2"], WriteResult)
         too_large = results["s_" + "0" * 21 + "3"]
-        assert isinstance(too_large, Failure) and too_large.check(StuiError)
-        assert too_large.value.error_type == "StateTooLarge"
+        assert isinstance(too_large, Failure) and too_large.check(RecordTooLarge)
         assert isinstance(results["../evil"], Failure) and results["../evil"].check(ValueError)
         read = await within_time_limit(small_store.read("alice", busy["session_id"]))
         assert read["session_state"] == {"n": "from the batch"}
@@ -484,11 +483,14 @@ async def test_state_too_large_is_refused_before_touching_disk(tmp_path):
     small_store = await opened_store(tmp_path / "data", max_session_bytes=2000)
     try:
         session = make_session(blob="x" * 2000)
-        with pytest.raises(StuiError) as caught:
+        with pytest.raises(RecordTooLarge) as caught:
             await within_time_limit(small_store.write(session))
-        assert caught.value.error_type == "StateTooLarge"
-        assert caught.value.details["max_session_bytes"] == 2000
-        assert caught.value.details["size_bytes"] > 2000
+        assert caught.value.max_bytes == 2000
+        assert caught.value.size_bytes > 2000
+        assert str(caught.value) == (
+            f"{session['session_id']} would take {caught.value.size_bytes} bytes on disk,"
+            " more than max_session_bytes (2000)"
+        )
         assert os.listdir(small_store.sessions_dir) == []
         fitting = make_session(blob="x" * 100)
         result = await within_time_limit(small_store.write(fitting))
@@ -506,7 +508,7 @@ async def test_exact_size_limit(tmp_path):
     exact_store = await opened_store(tmp_path / "exact", max_session_bytes=size)
     try:
         assert (await within_time_limit(exact_store.write(session))).size_bytes == size
-        with pytest.raises(StuiError):
+        with pytest.raises(RecordTooLarge):
             await within_time_limit(exact_store.write(dict(session, blob="x" * 501)))
     finally:
         await within_time_limit(exact_store.close())
@@ -831,3 +833,21 @@ async def test_the_saved_copy_is_its_own_sealed_file_read_verified_and_deleted(t
             await within_time_limit(session_store.read_saved("alice", saved["session_id"]))
     finally:
         await within_time_limit(session_store.close())
+
+
+def test_the_storage_layer_raises_only_its_own_errors():
+    """No storage module imports the wire's errors: the service maps at its edge."""
+    import ast
+    import pathlib
+
+    import stui_twisted.storage
+
+    for module in pathlib.Path(stui_twisted.storage.__file__).parent.glob("*.py"):
+        tree = ast.parse(module.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        assert "stui_twisted.protocol.errors" not in imported, module.name

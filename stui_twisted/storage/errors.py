@@ -1,17 +1,33 @@
-"""The storage layer's errors: what a caller of the store can be told went wrong."""
+"""The storage layer's own errors: what a caller of the store can be told went wrong.
+
+The storage layer raises only these (and C{ValueError} for ids that cannot name a
+file, C{KeyError} via L{SessionFileMissing}); the session service maps them to wire
+errors at its edge (C{StorageFailure} to C{StorageError}, L{RecordTooLarge} to
+C{StateTooLarge}).
+"""
 
 from __future__ import annotations
 
 import errno
 
-from stui_twisted.protocol.errors import StorageFailure
-
 __all__ = [
+    "RecordTooLarge",
     "SessionFileCorrupt",
     "SessionFileMissing",
     "StorageFailure",
     "storage_failure",
 ]
+
+
+class StorageFailure(Exception):
+    """A session file could not be written or read durably (maps to StorageError).
+
+    @ivar path: the file concerned, when one is known.
+    @ivar errno: the OS error number, when an OS error caused it.
+    """
+
+    path: str | None = None
+    errno: int | None = None
 
 
 class SessionFileMissing(KeyError):
@@ -40,6 +56,24 @@ class SessionFileCorrupt(StorageFailure):
         self.path = path
         self.reasons = reasons
         self.quarantined = quarantined
+
+
+class RecordTooLarge(Exception):
+    """A record would take more than the store's size limit on disk; nothing was written.
+
+    @ivar size_bytes: the size its file would have.
+    @ivar max_bytes: the limit (the store's C{max_session_bytes}).
+    @ivar name: what the record is (a session id, or a file name).
+    """
+
+    def __init__(self, size_bytes: int, max_bytes: int, name: str = "the record") -> None:
+        super().__init__(
+            f"{name} would take {size_bytes} bytes on disk, more than"
+            f" max_session_bytes ({max_bytes})"
+        )
+        self.size_bytes = size_bytes
+        self.max_bytes = max_bytes
+        self.name = name
 
 
 def storage_failure(action: str, path: str, error: OSError) -> StorageFailure:

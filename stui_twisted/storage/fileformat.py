@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from stui_twisted.protocol.errors import StorageFailure
+from stui_twisted.storage.errors import StorageFailure
 
 SECRET_KEY_BYTES = 32
 MAC_PREFIX = "hmac-sha256:"

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from stui_twisted.protocol.errors import StorageFailure
 from stui_twisted.storage import durable
-from stui_twisted.storage.errors import SessionFileMissing, storage_failure
+from stui_twisted.storage.errors import SessionFileMissing, StorageFailure, storage_failure
 from stui_twisted.storage.fileformat import BadFile
 from stui_twisted.storage.lanes import Key, Target
 from stui_twisted.storage.pathcodec import check_session_id, decode_client_dir

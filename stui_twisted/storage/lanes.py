@@ -26,9 +26,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from stui_twisted.protocol.errors import StorageFailure
 from stui_twisted.storage import durable
-from stui_twisted.storage.errors import storage_failure
+from stui_twisted.storage.errors import StorageFailure, storage_failure
 from stui_twisted.storage.fileformat import Envelope
 
 #: Threads that write and fsync the temp files of one write_many in parallel.

@@ -40,10 +40,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from stui_twisted.protocol.errors import StorageFailure, StuiError
 from stui_twisted.storage import durable, index, recovery
 from stui_twisted.storage.durable import DIR_MODE
-from stui_twisted.storage.errors import SessionFileCorrupt, SessionFileMissing, storage_failure
+from stui_twisted.storage.errors import (
+    RecordTooLarge,
+    SessionFileCorrupt,
+    SessionFileMissing,
+    StorageFailure,
+    storage_failure,
+)
 from stui_twisted.storage.fileformat import (
     INDEX_ENVELOPE,
     SAVED_ENVELOPE,
@@ -230,13 +235,7 @@ class SessionStore:
         size_bytes = overhead + len(payload_json)
         if target.envelope is not INDEX_ENVELOPE and size_bytes > self.max_session_bytes:
             what = target.session_id or os.path.basename(target.path)
-            raise StuiError(
-                "StateTooLarge",
-                f"{what} would take {size_bytes} bytes on disk, more than"
-                f" max_session_bytes ({self.max_session_bytes})",
-                size_bytes=size_bytes,
-                max_session_bytes=self.max_session_bytes,
-            )
+            raise RecordTooLarge(size_bytes, self.max_session_bytes, what)
         return Snapshot(target, payload_json, size_bytes, dict(extra_fields or {}))
 
     def _session_snapshot(self, session: dict[str, Any]) -> Snapshot:
@@ -273,7 +272,7 @@ class SessionStore:
                 session.get("client_id"), session.get("session_id"), saved=saved_copy
             )
             snapshot = self._snapshot(target, session)
-        except (ValueError, TypeError, RecursionError, StuiError, StorageFailure):
+        except (ValueError, TypeError, RecursionError, RecordTooLarge, StorageFailure):
             return defer.fail()
         if saved_at is not None:
             snapshot = dataclasses.replace(snapshot, saved_at=saved_at)
@@ -300,7 +299,7 @@ class SessionStore:
         sessions one by one with this, yielding in between, and writes the
         snapshots together.
 
-        @raise StuiError: C{StateTooLarge} over C{max_session_bytes}.
+        @raise RecordTooLarge: over C{max_session_bytes}.
         @raise ValueError: not a session dict, or ids that cannot name a file.
         """
         return self._session_snapshot(session)
@@ -329,7 +328,7 @@ class SessionStore:
                 name = session_id if isinstance(session_id, str) else repr(session_id)
                 try:
                     snapshot = self._session_snapshot(session)
-                except (ValueError, TypeError, RecursionError, StuiError):
+                except (ValueError, TypeError, RecursionError, RecordTooLarge):
                     outcomes[name] = defer.fail()
                     continue
             key = snapshot.target.key
@@ -381,7 +380,7 @@ class SessionStore:
             if not isinstance(bindings, dict):
                 raise ValueError(f"bindings must be a dict, not {type(bindings).__name__}")
             snapshot = self._snapshot(self._shared_target(), bindings)
-        except (ValueError, TypeError, RecursionError, StuiError, StorageFailure):
+        except (ValueError, TypeError, RecursionError, RecordTooLarge, StorageFailure):
             return defer.fail()
         return self._lanes.submit_write(snapshot)
 
