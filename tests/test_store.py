@@ -851,3 +851,27 @@ def test_the_storage_layer_raises_only_its_own_errors():
             for alias in node.names
         }
         assert "stui_twisted.protocol.errors" not in imported, module.name
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_observers_hear_each_write_and_write_many_when_it_finishes(tmp_path):
+    small_store = await opened_store(tmp_path / "data", max_session_bytes=4000)
+    heard = []
+    try:
+        small_store.addWriteObserver(lambda *event: heard.append(event))
+        small_store.addWriteObserver(lambda *event: 1 / 0)  # logged, changes nothing
+        written = small_store.write(make_session())
+        assert heard == []  # not before the write is on disk
+        assert isinstance(await within_time_limit(written), WriteResult)
+        await within_time_limit(small_store.write_many([make_session("bob", 2)]))
+        with pytest.raises(RecordTooLarge):
+            await within_time_limit(small_store.write(make_session(blob="x" * 5000)))
+        await within_time_limit(small_store.write_shared({}))  # not a session write
+        assert [(kind, ok) for kind, _, ok in heard] == [
+            ("single", True),
+            ("batch", True),
+            ("single", False),
+        ]
+        assert all(seconds >= 0 for _, seconds, _ in heard)
+    finally:
+        await within_time_limit(small_store.close())

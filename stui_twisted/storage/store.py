@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from stui_twisted.storage import durable, index, recovery
+from stui_twisted.storage.counters import StoreCounters, WriteObserver
 from stui_twisted.storage.durable import DIR_MODE
 from stui_twisted.storage.errors import (
     RecordTooLarge,
@@ -105,6 +106,7 @@ class SessionStore:
         self.shared_path = os.path.join(self.data_dir, "shared.json")
         self.max_session_bytes = max_session_bytes
         self._reactor = reactor
+        self._counters = StoreCounters(reactor.seconds)
         self._lanes = WriteLanes(
             reactor,
             threadpool=threadpool,
@@ -115,12 +117,6 @@ class SessionStore:
         self._secret_key: bytes | None = None
         self._is_open = False
         self._is_closing = False
-        # cached counters (reactor thread only)
-        self._file_info: dict[Key, tuple[int, str | None]] = {}
-        self._file_bytes = 0
-        self._last_flush_at: str | None = None
-        self._write_errors = 0
-        self._quarantined = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -264,6 +260,13 @@ class SessionStore:
         @param saved_copy: write the copy that C{save_context} keeps (read back
             with L{read_saved}) instead of the session file.
         """
+        return self._counters.observed(
+            "single", lambda: self._write(session, saved_at=saved_at, saved_copy=saved_copy)
+        )
+
+    def _write(
+        self, session: dict[str, Any], *, saved_at: str | None, saved_copy: bool
+    ) -> defer.Deferred:
         try:
             self._check_open()
             if not isinstance(session, dict):
@@ -278,6 +281,21 @@ class SessionStore:
             snapshot = dataclasses.replace(snapshot, saved_at=saved_at)
         return self._lanes.submit_write(snapshot)
 
+    def addWriteObserver(self, observer: WriteObserver) -> None:  # noqa: N802
+        """Call C{observer(kind, seconds, ok)} each time a L{write} or L{write_many} finishes.
+
+        C{kind} is C{"single"} (L{write}) or C{"batch"} (L{write_many});
+        C{seconds} runs from the call to its Deferred firing, on the reactor's
+        clock; C{ok} is false when that Deferred failed.  Observers run on the
+        reactor thread before the caller sees the result; one that raises is
+        logged and changes nothing.
+        """
+        self._counters.add_write_observer(observer)
+
+    def removeWriteObserver(self, observer: WriteObserver) -> None:  # noqa: N802
+        """Stop calling C{observer}."""
+        self._counters.remove_write_observer(observer)
+
     def read_saved(self, client_id: str, session_id: str) -> defer.Deferred:
         """What C{save_context} last saved: fires with C{(session dict, saved_at)}.
 
@@ -289,7 +307,7 @@ class SessionStore:
         except (ValueError, StorageFailure):
             return defer.fail()
         return self._lanes.submit_task(target.key, lambda: self._read_job(target)).addCallback(
-            lambda session: (session, self._file_info.get(target.key, (0, None))[1])
+            lambda session: (session, self._counters.saved_at(target.key))
         )
 
     def snapshot(self, session: dict[str, Any]) -> Snapshot:
@@ -313,6 +331,9 @@ class SessionStore:
         A session with a write already queued or running joins that queue instead
         (so writes of one session stay in order).
         """
+        return self._counters.observed("batch", lambda: self._write_many(sessions))
+
+    def _write_many(self, sessions: list[dict[str, Any] | Snapshot]) -> defer.Deferred:
         try:
             self._check_open()
         except StorageFailure:
@@ -395,7 +416,7 @@ class SessionStore:
                 key = (meta.get("client_id"), meta.get("session_id"))
                 self._session_target(*key)  # validates both ids
                 entry = meta_of(meta)
-                size_bytes, saved_at = self._file_info.get(key, (None, None))
+                size_bytes, saved_at = self._counters.file_info.get(key, (None, None))
                 entry["size_bytes"] = meta.get("size_bytes", size_bytes)
                 entry["saved_at"] = meta.get("saved_at", saved_at)
                 entries.append(entry)
@@ -437,16 +458,9 @@ class SessionStore:
 
     def statistics(self) -> dict[str, Any]:
         """Cached counters; no I/O."""
-        return {
-            "files": len(self._file_info),
-            "bytes": self._file_bytes,
-            "pending_writes": self._lanes.pending_writes,
-            "last_flush_at": self._last_flush_at,
-            "write_errors": self._write_errors,
-            "quarantined": self._quarantined,
-        }
+        return self._counters.statistics(self._lanes.pending_writes)
 
-    # ------------------------------------------------------------------ counters
+    # ------------------------------------------------------------------ checks
 
     def _check_open(self) -> None:
         if not self._is_open or self._lanes.threadpool is None:
@@ -455,28 +469,20 @@ class SessionStore:
             raise StorageFailure(f"session store {self.data_dir} is closing")
 
     def _write_finished(self, result: object, snapshot: Snapshot) -> object:
-        """Update the counters after one write of C{snapshot} (reactor thread)."""
-        target = snapshot.target
+        """Log a failed write and count it (reactor thread)."""
         if isinstance(result, Failure):
-            self._write_errors += 1
-            self.log.error("write of {path} failed: {error}", path=target.path, error=result.value)
-            return result
-        self._last_flush_at = result.saved_at
-        if target.session_id is not None:
-            self._set_file_info(target.key, result.size_bytes, result.saved_at)
-        return result
+            path, error = snapshot.target.path, result.value
+            self.log.error("write of {path} failed: {error}", path=path, error=error)
+        return self._counters.written(result, snapshot)
 
-    def _set_file_info(self, key: Key, size: int, saved_at: str | None) -> None:
-        previous = self._file_info.get(key)
-        if previous is not None:
-            self._file_bytes -= previous[0]
-        self._file_info[key] = (size, saved_at)
-        self._file_bytes += size
-
-    def _forget_file(self, key: Key) -> None:
-        previous = self._file_info.pop(key, None)
-        if previous is not None:
-            self._file_bytes -= previous[0]
+    def _note_quarantine(self, path: str, destination: str, reason: str) -> None:
+        self._counters.quarantined()
+        self.log.warn(
+            "quarantined unreadable {path} as {destination}: {reason}",
+            path=path,
+            destination=destination,
+            reason=reason,
+        )
 
     # ------------------------------------------------------------------ thread side
 
@@ -523,15 +529,6 @@ class SessionStore:
         self._reactor.callFromThread(self._note_quarantine, path, destination, reason)
         return destination
 
-    def _note_quarantine(self, path: str, destination: str, reason: str) -> None:
-        self._quarantined += 1
-        self.log.warn(
-            "quarantined unreadable {path} as {destination}: {reason}",
-            path=path,
-            destination=destination,
-            reason=reason,
-        )
-
     def _load_verified(self, path: str, target: Target) -> tuple[dict[str, Any], int]:
         return recovery.load_verified(path, target, self._secret_key)
 
@@ -548,12 +545,12 @@ class SessionStore:
 
         def loaded(outcome: tuple[dict[str, Any], int]) -> dict[str, Any]:
             document, size = outcome
-            self._set_file_info(target.key, size, document.get("saved_at"))
+            self._counters.set_file(target.key, size, document.get("saved_at"))
             return document["session"]
 
         def gone(reason: Failure) -> Failure:
             reason.trap(SessionFileMissing, SessionFileCorrupt)
-            self._forget_file(target.key)
+            self._counters.forget_file(target.key)
             return reason
 
         return self._lanes.in_pool(read_in_thread).addCallbacks(loaded, gone)
@@ -580,16 +577,13 @@ class SessionStore:
                     raise storage_failure("delete", target.path, exc) from exc
 
         def deleted(_: object) -> None:
-            self._forget_file(target.key)
+            self._counters.forget_file(target.key)
 
         return self._lanes.in_pool(delete_in_thread).addCallback(deleted)
 
     def _index_loaded(self, outcome: tuple[list[dict], dict, dict]) -> list[dict]:
         metas, file_info, counts = outcome
-        self._file_info = {}
-        self._file_bytes = 0
-        for key, (size, saved_at) in file_info.items():
-            self._set_file_info(key, size, saved_at)
+        self._counters.reset(file_info)
         self.log.info(
             "loaded {total} sessions: {from_index} from the index, {from_files} read"
             " from their files, {dropped} index entries dropped, {unreadable} unreadable",
