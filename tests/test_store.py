@@ -875,3 +875,52 @@ async def test_write_observers_hear_each_write_and_write_many_when_it_finishes(t
         assert all(seconds >= 0 for _, seconds, _ in heard)
     finally:
         await within_time_limit(small_store.close())
+
+
+class _ReactorAtFixedTime:
+    """The running reactor (threads, callFromThread), with C{seconds()} from a fixed clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.now = seconds
+
+    def seconds(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(the_reactor(), name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_reads_time_only_from_its_reactor(tmp_path):
+    reactor = _ReactorAtFixedTime(1_800_000_000.25)  # a month after the wall clock here
+    clocked = SessionStore(tmp_path / "data", reactor=reactor)
+    await within_time_limit(clocked.open())
+    try:
+        session = make_session()
+        await within_time_limit(clocked.write(session))
+        result = await within_time_limit(clocked.write(session))
+        assert result.saved_at == "2027-01-15T08:00:00.250Z"
+        await within_time_limit(clocked.write_index([session]))
+        with open(clocked.index_path) as handle:
+            assert json.load(handle)["saved_at_ns"] == int(reactor.now * 1_000_000_000)
+        truncate(main_path(clocked, session))
+        assert await within_time_limit(clocked.read("alice", session["session_id"])) == session
+        assert quarantined_files(clocked)[0].startswith("20270115T080000-")
+        # a temp file made now is an hour old by the store's clock: load_index removes it
+        stale = os.path.join(os.path.dirname(main_path(clocked, session)), ".x.json.tmp-ab")
+        open(stale, "wb").close()
+        await within_time_limit(clocked.load_index())
+        assert not os.path.exists(stale)
+    finally:
+        await within_time_limit(clocked.close())
+
+
+def test_session_ids_have_the_one_shape_the_server_makes():
+    from stui_twisted.sessions.model import new_session_id
+    from stui_twisted.storage.pathcodec import check_session_id
+
+    made = new_session_id()
+    assert check_session_id(made) == made
+    for wrong in ("s_" + "a" * 21, "s_" + "a" * 23, "s_" + "a" * 30, "s_" + "a" * 14):
+        with pytest.raises(ValueError, match="22 URL-safe"):
+            check_session_id(wrong)

@@ -26,9 +26,10 @@ import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from stui_twisted.protocol.jsoncodec import canonical_json
+from stui_twisted.protocol.timefmt import iso_timestamp
 from stui_twisted.storage.errors import StorageFailure
 
 SECRET_KEY_BYTES = 32
@@ -80,19 +81,6 @@ SHARED_ENVELOPE = Envelope("stui-shared", "bindings")
 INDEX_ENVELOPE = Envelope("stui-index", "sessions")
 
 
-def utc_iso(timestamp: float) -> str:
-    """C{timestamp} as ISO-8601 UTC with milliseconds and C{Z}."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def canonical_json(value: Any) -> bytes:
-    """The canonical JSON the MAC covers: sorted keys, compact, ASCII, no NaN."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
 def _compose(fields: dict[str, Any], payload_key: str, payload_json: bytes) -> bytes:
     """Canonical JSON of C{fields} plus C{payload_key}, splicing in pre-made payload JSON."""
     parts = []
@@ -140,7 +128,7 @@ def unseal(data: bytes, envelope: Envelope, secret_key: bytes) -> dict[str, Any]
         raise BadFile(f"no {envelope.payload_key!r} member")
     unsigned = {key: value for key, value in document.items() if key != "mac"}
     try:
-        signed = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode("ascii")
+        signed = canonical_json(unsigned, allow_nan=True)
     except (ValueError, TypeError, RecursionError) as exc:
         raise BadFile(f"cannot re-serialize ({exc})") from None
     expected = MAC_PREFIX + hmac.new(secret_key, signed, hashlib.sha256).hexdigest()
@@ -152,7 +140,7 @@ def unseal(data: bytes, envelope: Envelope, secret_key: bytes) -> dict[str, Any]
 @functools.lru_cache(maxsize=16)
 def envelope_overhead(envelope: Envelope, extra_items: tuple[tuple[str, Any], ...]) -> int:
     """Bytes an envelope adds around its payload (saved_at and MAC have fixed widths)."""
-    return len(seal(envelope, b"", b"\0" * SECRET_KEY_BYTES, utc_iso(0), dict(extra_items)))
+    return len(seal(envelope, b"", b"\0" * SECRET_KEY_BYTES, iso_timestamp(0), dict(extra_items)))
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -38,7 +38,7 @@ SAVED_SUFFIX = ".saved.json"
 """The file name ending of the copy C{save_context} keeps beside a session file."""
 
 #: Session files modified later than this before the index snapshot are read again by
-#: load_index (file mtimes come from a coarse kernel clock, a few ms behind time_ns()).
+#: load_index (file mtimes come from a coarse kernel clock, a few ms behind the wall clock).
 INDEX_MTIME_SLACK_NS = 2_000_000_000
 
 #: load_index removes temp files of interrupted writes once they are this old (a
@@ -51,7 +51,7 @@ def meta_of(session: dict[str, Any]) -> dict[str, Any]:
     return {key: session.get(key) for key in META_KEYS}
 
 
-def read_index_file(store: SessionStore) -> tuple[dict[Key, dict], int | None]:
+def read_index_file(store: SessionStore, now: float) -> tuple[dict[Key, dict], int | None]:
     """Entries of a valid index and its snapshot time; ({}, None) without one."""
     target = store._index_target()
     try:
@@ -64,7 +64,7 @@ def read_index_file(store: SessionStore) -> tuple[dict[Key, dict], int | None]:
         store._log_from_thread("info", "no session index: scanning every session file")
         return {}, None
     except BadFile as exc:
-        store._quarantine(store.index_path, str(exc))
+        store._quarantine(store.index_path, str(exc), now)
         return {}, None
     known: dict[Key, dict] = {}
     for entry in entries:
@@ -134,10 +134,11 @@ def remove_stale_temp(store: SessionStore, entry: os.DirEntry, now: float) -> No
 def load_index(store: SessionStore, now: float) -> tuple[list[dict], dict, dict]:
     """The index reconciled with the files (thread side).
 
-    @param now: the time (Unix seconds) temp file ages are measured against.
+    @param now: the time (Unix seconds, read on the reactor thread) that temp file
+        ages are measured against and quarantined files are stamped with.
     @return: the metas, C{{key: (size, saved_at)}} and counts for the log.
     """
-    known, saved_at_ns = read_index_file(store)
+    known, saved_at_ns = read_index_file(store, now)
     try:
         on_disk = scan_sessions(store, now)
     except OSError as exc:
@@ -162,7 +163,7 @@ def load_index(store: SessionStore, now: float) -> tuple[list[dict], dict, dict]
             target = store._session_target(*key)
             try:
                 with store._file_lock(key):
-                    document, size = store._read_recovering(target)
+                    document, size = store._read_recovering(target, now)
             except (SessionFileMissing, StorageFailure) as exc:
                 counts["unreadable"] += 1
                 store._log_from_thread(

@@ -59,9 +59,10 @@ class Snapshot:
     target: Target
     payload_json: bytes
     size_bytes: int
+    saved_at: str
+    """The envelope's C{saved_at}: stamped on the reactor thread when the write is
+    asked for (or given by the caller), so no thread reads a clock."""
     extra_fields: dict[str, Any] = field(default_factory=dict)
-    saved_at: str | None = None
-    """The envelope's C{saved_at}, when the caller stamps the write itself."""
 
 
 @dataclass

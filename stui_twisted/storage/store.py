@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from stui_twisted.protocol.timefmt import iso_timestamp
 from stui_twisted.storage import durable, index, recovery
 from stui_twisted.storage.counters import StoreCounters, WriteObserver
 from stui_twisted.storage.durable import DIR_MODE
@@ -60,7 +60,6 @@ from stui_twisted.storage.fileformat import (
     envelope_overhead,
     load_or_create_secret_key,
     seal,
-    utc_iso,
 )
 from stui_twisted.storage.index import META_KEYS, SAVED_SUFFIX, meta_of
 from stui_twisted.storage.lanes import Key, Snapshot, Target, WriteLanes
@@ -232,7 +231,8 @@ class SessionStore:
         if target.envelope is not INDEX_ENVELOPE and size_bytes > self.max_session_bytes:
             what = target.session_id or os.path.basename(target.path)
             raise RecordTooLarge(size_bytes, self.max_session_bytes, what)
-        return Snapshot(target, payload_json, size_bytes, dict(extra_fields or {}))
+        saved_at = iso_timestamp(self._reactor.seconds())
+        return Snapshot(target, payload_json, size_bytes, saved_at, dict(extra_fields or {}))
 
     def _session_snapshot(self, session: dict[str, Any]) -> Snapshot:
         if not isinstance(session, dict):
@@ -421,7 +421,9 @@ class SessionStore:
                 entry["saved_at"] = meta.get("saved_at", saved_at)
                 entries.append(entry)
             snapshot = self._snapshot(
-                self._index_target(), entries, extra_fields={"saved_at_ns": time.time_ns()}
+                self._index_target(),
+                entries,
+                extra_fields={"saved_at_ns": int(self._reactor.seconds() * 1_000_000_000)},
             )
         except (ValueError, TypeError, StorageFailure):
             return defer.fail()
@@ -440,7 +442,7 @@ class SessionStore:
             self._check_open()
         except StorageFailure:
             return defer.fail()
-        return self._lanes.in_pool(lambda: index.load_index(self, time.time())).addCallback(
+        return self._lanes.in_pool(index.load_index, self, self._reactor.seconds()).addCallback(
             self._index_loaded
         )
 
@@ -496,7 +498,7 @@ class SessionStore:
         @raise StorageFailure: on any OS error (the temp file is removed).
         """
         target = snapshot.target
-        saved_at = snapshot.saved_at or utc_iso(time.time())
+        saved_at = snapshot.saved_at
         data = seal(
             target.envelope,
             snapshot.payload_json,
@@ -522,9 +524,9 @@ class SessionStore:
             raise storage_failure("write", target.path, exc) from exc
         return WriteResult.of(data, saved_at)
 
-    def _quarantine(self, path: str, reason: str) -> str:
+    def _quarantine(self, path: str, reason: str, now: float) -> str:
         """Move C{path} into the quarantine directory under a unique name."""
-        stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.fromtimestamp(now, tz=UTC).strftime("%Y%m%dT%H%M%S")
         destination = durable.quarantine_move(path, self.data_dir, self.quarantine_dir, stamp)
         self._reactor.callFromThread(self._note_quarantine, path, destination, reason)
         return destination
@@ -532,16 +534,21 @@ class SessionStore:
     def _load_verified(self, path: str, target: Target) -> tuple[dict[str, Any], int]:
         return recovery.load_verified(path, target, self._secret_key)
 
-    def _read_recovering(self, target: Target) -> tuple[dict[str, Any], int]:
-        """Caller holds the file lock."""
+    def _read_recovering(self, target: Target, now: float) -> tuple[dict[str, Any], int]:
+        """Caller holds the file lock; C{now} stamps what it quarantines."""
         return recovery.read_recovering(
-            target, self._secret_key, self._quarantine, self._log_from_thread
+            target,
+            self._secret_key,
+            lambda path, reason: self._quarantine(path, reason, now),
+            self._log_from_thread,
         )
 
     def _read_job(self, target: Target) -> defer.Deferred:
+        now = self._reactor.seconds()
+
         def read_in_thread() -> tuple[dict[str, Any], int]:
             with self._file_lock(target.key):
-                return self._read_recovering(target)
+                return self._read_recovering(target, now)
 
         def loaded(outcome: tuple[dict[str, Any], int]) -> dict[str, Any]:
             document, size = outcome
@@ -556,10 +563,12 @@ class SessionStore:
         return self._lanes.in_pool(read_in_thread).addCallbacks(loaded, gone)
 
     def _read_shared_job(self, target: Target) -> defer.Deferred:
+        now = self._reactor.seconds()
+
         def read_in_thread() -> dict[str, Any]:
             with self._file_lock(target.key):
                 try:
-                    document, _ = self._read_recovering(target)
+                    document, _ = self._read_recovering(target, now)
                 except SessionFileMissing:
                     return {}
             return document["bindings"]
