@@ -13,6 +13,7 @@ import os
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.protocol.errors import invalid_parameter
+from stui_twisted.sessions.browse import build_browse_commands, language_version
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -28,6 +29,8 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             "server": SERVER_NAME,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "language": "python",
+            "language_version": language_version(service),
             "uptime": service.uptime(),
             "pid": os.getpid(),
             "image": service.image_status(),
@@ -38,6 +41,8 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             "server": SERVER_NAME,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "language": "python",
+            "language_version": language_version(service),
             "commands": {
                 name: {
                     "description": command.description,
@@ -169,7 +174,13 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
                 SESSION_ID,
                 Param("client_id", "string"),
                 Param("code", "string", True),
-                Param("mode", "string", default="execute"),
+                Param(
+                    "mode",
+                    "string",
+                    default="execute",
+                    aliases=("evaluation_mode",),
+                    lowercase=True,
+                ),
                 Param("timeout", "number", description="seconds, default 30, max 600"),
             ),
             "run code in the session's workspace",
@@ -180,7 +191,7 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             (
                 SESSION_ID,
                 Param("client_id", "string"),
-                Param("object_id", "string"),
+                Param("object_id", "string", aliases=("objectId",)),
                 Param("expression", "string"),
                 Param("limit", "integer", default=100),
             ),
@@ -203,4 +214,5 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             (SESSION_ID, Param("client_id", "string")),
             "stop the session's running evaluation",
         ),
+        *build_browse_commands(service),
     ]

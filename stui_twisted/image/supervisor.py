@@ -235,6 +235,8 @@ class ImageSupervisor(service.Service):
     """
 
     log = Logger()
+    python_version: str | None = None
+    """The Python version the image runs (from its first ping), e.g. C{"3.11.7"}."""
 
     def __init__(
         self,
@@ -406,6 +408,7 @@ class ImageSupervisor(service.Service):
         if self._startup_watchdog is not None and self._startup_watchdog.active():
             self._startup_watchdog.cancel()
         image.ready = True
+        self.python_version = response.get("python_version") or self.python_version
         image.started_at = self._reactor.seconds()
         image.started_at_text = iso_timestamp(image.started_at)
         self._failed_starts = 0
@@ -749,6 +752,21 @@ class ImageSupervisor(service.Service):
                 session_id=session_id,
                 code=code,
                 cursor_pos=position,
+            )
+        )
+
+    def browse(
+        self, session_id: str, operation: str, arguments: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
+        """A browse-tool operation in the session's namespace (L{stui_twisted.image.browse})."""
+        return defer.ensureDeferred(
+            self._call(
+                commands.Browse,
+                operation,
+                expected_generation=generation,
+                session_id=session_id,
+                operation=operation,
+                arguments=arguments,
             )
         )
 

@@ -21,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
 from stui_twisted.sessions.live import LiveImageCommands
 from stui_twisted.sessions.model import (
@@ -777,8 +777,8 @@ class SessionService(LiveImageCommands, service.MultiService):
             "active_clients": len(clients),
             "connected_clients": len(self.connections),
             "max_sessions_per_client": self.settings.max_sessions_per_client,
-            "default_timeout": self.settings.default_timeout,
-            "cleanup_interval": self.settings.cleanup_interval,
+            "default_timeout": whole_seconds(self.settings.default_timeout),
+            "cleanup_interval": whole_seconds(self.settings.cleanup_interval),
             "uptime": round(now - (self._started_at or now), 3),
             "durability": self.settings.durability,
             "storage": storage,
