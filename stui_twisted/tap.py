@@ -168,7 +168,7 @@ class ServerRoot(service.MultiService):
         self.start_checks: list = []
 
     def startService(self) -> None:  # noqa: N802
-        from stui_twisted.protocol.errors import StorageFailure
+        from stui_twisted.storage.errors import StorageFailure
 
         for option, value, check in self.start_checks:
             try:
@@ -319,9 +319,17 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         zmq_service.setName("zmq")
         zmq_service.setServiceParent(root)
     if settings.metrics.lower() != "none":
-        from stui_twisted.ops.metrics import metrics_listener
+        from stui_twisted.ops.metrics import build_registry, metrics_site
 
-        metrics = metrics_listener(settings.metrics, sessions, dispatcher, reactor, connections)
+        registry = build_registry(sessions, dispatcher, connections)
+        metrics = ListenerService(
+            "metrics",
+            server_endpoint(reactor, settings.metrics),
+            metrics_site(registry),
+            settings.metrics,
+        )
+        metrics.setName("metrics")
+        metrics.registry = registry
         metrics.setServiceParent(root)
     return root, sessions
 

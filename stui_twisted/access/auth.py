@@ -30,7 +30,6 @@ import secrets
 import threading
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application import service
@@ -58,6 +57,7 @@ from stui_twisted.access.passwd import (
     valid_username,
 )
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.protocol.timefmt import iso_timestamp
 from stui_twisted.settings import Settings
 
 log = Logger()
@@ -72,8 +72,7 @@ FILE_STAT_INTERVAL = 1.0
 
 def iso_utc(seconds: float) -> str:
     """ISO-8601 UTC with milliseconds and ``Z`` (protocol.md section 2)."""
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    return iso_timestamp(seconds)
 
 
 def _to_text(value: str | bytes) -> str:

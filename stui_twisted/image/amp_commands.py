@@ -14,6 +14,8 @@ import json
 
 from twisted.protocols import amp
 
+from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+
 CHUNK_BYTES = 60_000
 
 
@@ -33,9 +35,7 @@ class ChunkedJSON(amp.Argument):
         value = objects.pop(key, None)
         if value is None and self.optional:
             return
-        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogatepass"
-        )
+        encoded = COMPACT_ALLOW_NAN.encode(value).encode("utf-8", "surrogatepass")
         chunks = [
             encoded[start : start + CHUNK_BYTES] for start in range(0, len(encoded), CHUNK_BYTES)
         ]

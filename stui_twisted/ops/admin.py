@@ -38,7 +38,7 @@ import time
 from typing import Any
 
 from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp
-from stui_twisted.protocol.errors import StorageFailure
+from stui_twisted.storage.errors import StorageFailure
 from stui_twisted.storage.pathcodec import decode_client_dir
 from stui_twisted.storage.store import SessionFileMissing, SessionStore
 

@@ -14,8 +14,8 @@ What is measured, and where it comes from:
 - ``stui_storage_flush_duration_seconds{kind}`` (histogram): how long each
   durable write took, ``kind="batch"`` for a group flush (``write_many``) and
   ``kind="single"`` for one session (``always`` durability, ``save_context``,
-  ``close_session``).  The store has no hook for this, so
-  :func:`time_store_writes` wraps those two methods of the one store instance.
+  ``close_session``), from the store's write observer hook
+  (``SessionStore.addWriteObserver``; :func:`time_store_writes`).
 - ``process_*``: CPU, memory and file descriptors of the server process.
 
 Each server has its own :class:`CollectorRegistry`, never the global one, so
@@ -30,13 +30,11 @@ millisecond.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
-from twisted.internet import endpoints
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -49,7 +47,6 @@ __all__ = [
     "RequestMetrics",
     "ServerCollector",
     "build_registry",
-    "metrics_listener",
     "time_store_writes",
 ]
 
@@ -254,32 +251,17 @@ class ServerCollector:
 
 
 def time_store_writes(store: Any, histogram: Histogram) -> None:
-    """Time C{store.write} and C{store.write_many} into C{histogram}.
+    """Time each C{store.write} and C{store.write_many} into C{histogram}.
 
-    Replaces the two methods on this one instance with wrappers that observe
-    how long each returned Deferred took to fire (success or failure).
+    Through the store's write observer hook (C{kind} is the label: C{single}
+    or C{batch}); the store itself is not changed.
     """
-    clock = time.perf_counter
+    children = {kind: histogram.labels(kind) for kind in ("single", "batch")}
 
-    def timed(method, kind: str):
-        child = histogram.labels(kind)
+    def observe(kind: str, seconds: float, ok: bool) -> None:
+        children[kind].observe(seconds)
 
-        def wrapper(*args, **kwargs):
-            started = clock()
-            deferred = method(*args, **kwargs)
-
-            def observed(result):
-                child.observe(clock() - started)
-                return result
-
-            return deferred.addBoth(observed)
-
-        wrapper.__wrapped__ = method
-        wrapper.__doc__ = method.__doc__
-        return wrapper
-
-    store.write_many = timed(store.write_many, "batch")
-    store.write = timed(store.write, "single")
+    store.addWriteObserver(observe)
 
 
 def build_registry(service: Any, dispatcher: Any, connections: Any = None) -> CollectorRegistry:
@@ -348,25 +330,3 @@ def metrics_site(registry: CollectorRegistry) -> MetricsSite:
     root = _Index()
     root.putChild(b"metrics", MetricsPage(registry))
     return MetricsSite(root)
-
-
-def metrics_listener(
-    description: str, service: Any, dispatcher: Any, reactor: Any, connections: Any = None
-):
-    """The C{metrics} listener service for a strports C{description}.
-
-    It logs C{metrics listening on HOST:PORT} once bound, like the other
-    listeners.  Nothing listens before C{startService}.
-    """
-    from stui_twisted.tap import ListenerService
-
-    registry = build_registry(service, dispatcher, connections)
-    listener = ListenerService(
-        "metrics",
-        endpoints.serverFromString(reactor, description),
-        metrics_site(registry),
-        description,
-    )
-    listener.setName("metrics")
-    listener.registry = registry
-    return listener

@@ -9,34 +9,26 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from stui_twisted.protocol.errors import StuiError
+from stui_twisted.protocol.jsoncodec import COMPACT, COMPACT_ASCII
+from stui_twisted.protocol.timefmt import iso_timestamp, parse_iso_timestamp
+
+__all__ = [
+    "Request",
+    "RequestError",
+    "encode_error",
+    "encode_success",
+    "iso_timestamp",  # defined in protocol.timefmt; imported from here by older code
+    "parse_iso_timestamp",
+    "parse_request",
+    "whole_seconds",
+]
 
 _NO_ID = object()
 _ENVELOPE_FIELDS = frozenset({"id", "command", "token"})
-
-
-_second_prefix: tuple[int, str] = (-1, "")
-
-
-def iso_timestamp(seconds: float | None = None) -> str:
-    """ISO-8601 UTC with milliseconds and C{Z}, e.g. C{2026-11-23T10:30:00.123Z}.
-
-    Every reply carries one, so the C{strftime} part is formatted once per second.
-    """
-    global _second_prefix
-    if seconds is None:
-        seconds = time.time()
-    whole = math.floor(seconds)
-    millis = min(999_999, round((seconds - whole) * 1_000_000)) // 1000
-    if _second_prefix[0] != whole:
-        moment = datetime.fromtimestamp(whole, UTC)
-        _second_prefix = (whole, moment.strftime("%Y-%m-%dT%H:%M:%S."))
-    return f"{_second_prefix[1]}{millis:03d}Z"
 
 
 def whole_seconds(value: Any) -> Any:
@@ -44,11 +36,6 @@ def whole_seconds(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-
-
-def parse_iso_timestamp(text: str) -> float:
-    """Seconds since the epoch for a timestamp written by L{iso_timestamp}."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 @dataclass
@@ -83,8 +70,8 @@ def _finite_float(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_ENCODER = COMPACT
+_ASCII_ENCODER = COMPACT_ASCII
 _JSON_WHITESPACE = " \t\n\r"
 
 

@@ -62,7 +62,3 @@ class StuiError(Exception):
 def invalid_parameter(name: str, problem: str, **details: Any) -> StuiError:
     """An C{InvalidRequest} naming parameter C{name}, e.g. "must be a string"."""
     return StuiError("InvalidRequest", f"parameter '{name}' {problem}", parameter=name, **details)
-
-
-class StorageFailure(Exception):
-    """A session file could not be written or read durably (maps to StorageError)."""

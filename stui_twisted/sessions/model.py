@@ -9,7 +9,6 @@ network; :mod:`stui_twisted.sessions.service` decides when it is written.
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -17,9 +16,11 @@ from itertools import compress
 from operator import is_not
 from typing import Any
 
-from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp, whole_seconds
+from stui_twisted.protocol.envelope import whole_seconds
+from stui_twisted.protocol.jsoncodec import COMPACT_ASCII
+from stui_twisted.protocol.timefmt import iso_timestamp, parse_iso_timestamp
 
-_ASCII_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_ASCII_JSON = COMPACT_ASCII
 
 ACTIVE, CLOSED, EXPIRED = "active", "closed", "expired"
 

@@ -12,7 +12,6 @@ from collections import deque
 from stui_twisted.protocol.errors import StuiError
 
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
-SESSION_ID_PATTERN = re.compile(r"s_[A-Za-z0-9_-]{22}")
 
 
 def check_client_id(client_id: str) -> str:
@@ -25,11 +24,6 @@ def check_client_id(client_id: str) -> str:
             parameter="client_id",
         )
     return client_id
-
-
-def is_session_id(value: str) -> bool:
-    """Whether C{value} has the shape of a server-made session id."""
-    return bool(SESSION_ID_PATTERN.fullmatch(value))
 
 
 class ClientPolicy:

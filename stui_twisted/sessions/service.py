@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
-from stui_twisted.protocol.errors import StorageFailure, StuiError, invalid_parameter
+from stui_twisted.protocol.errors import StuiError, invalid_parameter
 from stui_twisted.sessions.live import LiveImageCommands
 from stui_twisted.sessions.model import (
     ACTIVE,
@@ -33,6 +33,7 @@ from stui_twisted.sessions.model import (
     new_session_id,
 )
 from stui_twisted.sessions.policy import ClientPolicy, check_client_id
+from stui_twisted.storage.errors import RecordTooLarge, StorageFailure
 from stui_twisted.transports.connections import ConnectionRegistry
 
 DAY = 24 * 3600.0
@@ -45,6 +46,13 @@ def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
     return StuiError(
         "StorageError",
         f"could not {action} durably: {failure_or_exc}; nothing was acknowledged",
+    )
+
+
+def _state_too_large(exc: RecordTooLarge) -> StuiError:
+    """The wire error for a store write refused as too large (nothing was written)."""
+    return StuiError(
+        "StateTooLarge", str(exc), size_bytes=exc.size_bytes, max_session_bytes=exc.max_bytes
     )
 
 
@@ -304,6 +312,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         document = session.to_document()
         try:
             result = await self.store.write(document, saved_at=saved_at)
+        except RecordTooLarge as exc:
+            raise _state_too_large(exc) from exc
         except StorageFailure as exc:
             self._storage_degraded = True
             raise _storage_error(exc, action) from exc
@@ -328,6 +338,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._shared_dirty = False
         try:
             await self.store.write_shared(dict(self.shared_bindings))
+        except RecordTooLarge as exc:
+            raise _state_too_large(exc) from exc
         except StorageFailure as exc:
             self._shared_dirty = True
             raise _storage_error(exc, action) from exc
@@ -800,6 +812,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         result = await self._write_now(session, "save the context", saved_at=stamp)  # shared too
         try:
             await self.store.write(document, saved_at=stamp, saved_copy=True)
+        except RecordTooLarge as exc:
+            raise _state_too_large(exc) from exc
         except StorageFailure as exc:
             raise _storage_error(exc, "save the context") from exc
         return {

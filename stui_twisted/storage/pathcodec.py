@@ -11,7 +11,8 @@ the lowercase RFC 4648 base32 of its UTF-8 bytes, without padding.  The encoding
 Ids that cannot be encoded (not a string, empty, containing NUL, lone surrogates, or so
 long that the directory name would pass the usual 255-byte limit) are refused with
 :class:`ValueError` before any path is built.  Session ids are never encoded, only
-validated: ``s_`` followed by URL-safe base64 characters, 16 to 64 characters in all.
+validated: ``s_`` followed by 22 URL-safe base64 characters
+(:data:`stui_twisted.protocol.ids.SESSION_ID_PATTERN`, the one definition).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import base64
 import binascii
 import re
 
+from stui_twisted.protocol.ids import is_session_id
+
 CLIENT_DIR_PREFIX = "c-"
 
 #: Largest client id, in UTF-8 bytes, whose directory name stays under 255 bytes
 #: (base32 makes 8 characters of every 5 bytes: 150 bytes -> 240 characters).
 MAX_CLIENT_ID_BYTES = 150
-
-SESSION_ID_PATTERN = re.compile(r"s_[A-Za-z0-9_-]{14,62}")
 
 _CLIENT_DIR_PATTERN = re.compile(r"c-[a-z2-7]{2,240}")
 
@@ -78,17 +79,16 @@ def decode_client_dir(name: str) -> str | None:
 
 def is_valid_session_id(session_id: object) -> bool:
     """Whether C{session_id} has the shape the server makes (and is safe in a path)."""
-    return isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id) is not None
+    return is_session_id(session_id)
 
 
 def check_session_id(session_id: object) -> str:
     """C{session_id}, if it is valid.
 
-    @raise ValueError: it is not C{s_} plus 14 to 62 URL-safe base64 characters.
+    @raise ValueError: it is not C{s_} plus 22 URL-safe base64 characters.
     """
     if not is_valid_session_id(session_id):
         raise ValueError(
-            f"session id {session_id!r} is not 's_' plus URL-safe base64 characters"
-            " (16 to 64 characters in all)"
+            f"session id {session_id!r} is not 's_' plus 22 URL-safe base64 characters"
         )
     return session_id  # type: ignore[return-value]

@@ -8,10 +8,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+import pytest_twisted
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from stui_twisted.dispatch.interfaces import ConnectionContext
@@ -23,6 +25,7 @@ from stui_twisted.ops.metrics import (
     time_store_writes,
 )
 from stui_twisted.sessions.model import Session
+from stui_twisted.storage.store import SessionStore
 from stui_twisted.tap import Options
 from stui_twisted.transports.connections import ConnectionRegistry
 from tests.serverproc import ServerProcess
@@ -45,16 +48,28 @@ class FakeStore:
         }
         self._statistics.update(statistics)
         self.pending: list[defer.Deferred] = []
+        self.observers: list = []
 
     def statistics(self) -> dict:
         return dict(self._statistics)
 
+    def addWriteObserver(self, observer) -> None:  # noqa: N802
+        self.observers.append(observer)
+
+    def _observed(self, kind: str, written: defer.Deferred) -> defer.Deferred:
+        def finished(result):
+            for observer in self.observers:
+                observer(kind, 0.001, not isinstance(result, Failure))
+            return result
+
+        return written.addBoth(finished)
+
     def write(self, document):
         self.pending.append(defer.Deferred())
-        return self.pending[-1]
+        return self._observed("single", self.pending[-1])
 
     def write_many(self, documents):
-        return defer.succeed({})
+        return self._observed("batch", defer.succeed({}))
 
 
 class FakeService:
@@ -197,6 +212,48 @@ def test_store_writes_are_timed_when_they_finish():
     with pytest.raises(RuntimeError):
         failing.result.raiseException()
     failing.addErrback(lambda _: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_observe_a_real_store_through_its_hook_without_replacing_methods(
+    tmp_path,
+):
+    from twisted.internet import reactor
+
+    store = SessionStore(tmp_path / "data", reactor=reactor)
+    await store.open()
+    try:
+        registry = CollectorRegistry()
+        histogram = Histogram("t_flush_seconds", "test", ("kind",), registry=registry)
+        time_store_writes(store, histogram)
+        assert "write" not in vars(store) and "write_many" not in vars(store)
+        document = {"session_id": "s_" + "a" * 22, "client_id": "alice"}
+        await store.write(document)
+        await store.write_many([document, dict(document, session_id="s_" + "b" * 22)])
+        count = registry.get_sample_value
+        assert count("t_flush_seconds_count", {"kind": "single"}) == 1
+        assert count("t_flush_seconds_count", {"kind": "batch"}) == 1
+        assert count("t_flush_seconds_sum", {"kind": "single"}) > 0
+    finally:
+        await store.close()
+
+
+def test_metrics_do_not_import_the_service_tree():
+    """tap builds the tree and imports metrics; metrics never imports tap back."""
+    import ast
+    import inspect
+
+    import stui_twisted.ops.metrics as metrics
+
+    tree = ast.parse(inspect.getsource(metrics))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("stui_twisted.tap")}
 
 
 def test_page_negotiates_prometheus_text_or_openmetrics():

@@ -226,6 +226,27 @@ async def test_update_needs_something_to_update(make):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_write_the_store_refuses_as_too_large_is_answered_state_too_large(make):
+    # The store counts the envelope too, so it can refuse what the service let
+    # through; its RecordTooLarge becomes StateTooLarge at the service's edge.
+    h = await make(durability="always")
+    conn = h.connection()
+    await h.ok(conn, "create_session", client_id="alice")
+    h.store.max_session_bytes = 1500
+    reply = await h.error(conn, "update_session_state", state_data={"big": "x" * 2000})
+    assert reply["error_type"] == "StateTooLarge"
+    assert reply["details"]["max_session_bytes"] == 1500
+    assert reply["details"]["size_bytes"] > 1500
+    assert reply["error"] == (
+        f"{conn.current_session_id} would take {reply['details']['size_bytes']} bytes on"
+        " disk, more than max_session_bytes (1500)"
+    )
+    h.store.max_session_bytes = h.settings.max_session_bytes
+    restored = await h.ok(conn, "restore_session", session_id=conn.current_session_id)
+    assert restored["session_state"] == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_state_too_large_is_refused_and_nothing_changes(make):
     h = await make(max_session_bytes=4096)
     conn = h.connection()
@@ -514,7 +535,7 @@ async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_w
 async def test_failed_write_answers_storage_error_and_acknowledges_nothing(make, monkeypatch):
     from twisted.internet import defer
 
-    from stui_twisted.protocol.errors import StorageFailure
+    from stui_twisted.storage.errors import StorageFailure
 
     h = await make(durability="always")
     conn = h.connection()

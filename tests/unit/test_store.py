@@ -14,8 +14,9 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from stui_twisted.protocol.errors import StorageFailure, StuiError
+from stui_twisted.storage import durable, index
 from stui_twisted.storage import store as store_module
+from stui_twisted.storage.errors import RecordTooLarge, StorageFailure
 from stui_twisted.storage.pathcodec import decode_client_dir, encode_client_dir
 from stui_twisted.storage.store import (
     SessionFileCorrupt,
@@ -381,13 +382,13 @@ async def test_write_many_one_job_and_one_fsync_per_directory(store, monkeypatch
     await within_time_limit(store.write_many(sessions))  # creates the client dirs
 
     synced = []
-    real_fsync_dir = store_module._fsync_dir
+    real_fsync_dir = durable.fsync_dir
 
     def counting_fsync_dir(path):
         synced.append(path)
         real_fsync_dir(path)
 
-    monkeypatch.setattr(store_module, "_fsync_dir", counting_fsync_dir)
+    monkeypatch.setattr(durable, "fsync_dir", counting_fsync_dir)
     updated = [dict(session, state="closed") for session in sessions]
     results = await within_time_limit(store.write_many(updated))
     assert set(results) == {session["session_id"] for session in sessions}
@@ -416,8 +417,7 @@ async def test_write_many_reports_each_failure_and_keeps_order_with_single_write
         assert isinstance(results[busy["session_id"]], WriteResult)
         assert isinstance(results["s_" + "0" * 21 + "2"], WriteResult)
         too_large = results["s_" + "0" * 21 + "3"]
-        assert isinstance(too_large, Failure) and too_large.check(StuiError)
-        assert too_large.value.error_type == "StateTooLarge"
+        assert isinstance(too_large, Failure) and too_large.check(RecordTooLarge)
         assert isinstance(results["../evil"], Failure) and results["../evil"].check(ValueError)
         read = await within_time_limit(small_store.read("alice", busy["session_id"]))
         assert read["session_state"] == {"n": "from the batch"}
@@ -483,11 +483,14 @@ async def test_state_too_large_is_refused_before_touching_disk(tmp_path):
     small_store = await opened_store(tmp_path / "data", max_session_bytes=2000)
     try:
         session = make_session(blob="x" * 2000)
-        with pytest.raises(StuiError) as caught:
+        with pytest.raises(RecordTooLarge) as caught:
             await within_time_limit(small_store.write(session))
-        assert caught.value.error_type == "StateTooLarge"
-        assert caught.value.details["max_session_bytes"] == 2000
-        assert caught.value.details["size_bytes"] > 2000
+        assert caught.value.max_bytes == 2000
+        assert caught.value.size_bytes > 2000
+        assert str(caught.value) == (
+            f"{session['session_id']} would take {caught.value.size_bytes} bytes on disk,"
+            " more than max_session_bytes (2000)"
+        )
         assert os.listdir(small_store.sessions_dir) == []
         fitting = make_session(blob="x" * 100)
         result = await within_time_limit(small_store.write(fitting))
@@ -505,7 +508,7 @@ async def test_exact_size_limit(tmp_path):
     exact_store = await opened_store(tmp_path / "exact", max_session_bytes=size)
     try:
         assert (await within_time_limit(exact_store.write(session))).size_bytes == size
-        with pytest.raises(StuiError):
+        with pytest.raises(RecordTooLarge):
             await within_time_limit(exact_store.write(dict(session, blob="x" * 501)))
     finally:
         await within_time_limit(exact_store.close())
@@ -707,7 +710,7 @@ async def test_load_index_removes_only_stale_temp_files(store):
     for path in (stale, fresh):
         with open(path, "wb") as handle:
             handle.write(b'{"half a wri')
-    backdate(stale, seconds=2 * store_module.STALE_TEMP_SECONDS)
+    backdate(stale, seconds=2 * index.STALE_TEMP_SECONDS)
     report = await within_time_limit(store.verify_all())
     assert sorted(row["kind"] for row in report if not row["ok"]) == ["temp", "temp"]
     await within_time_limit(store.load_index())
@@ -830,3 +833,94 @@ async def test_the_saved_copy_is_its_own_sealed_file_read_verified_and_deleted(t
             await within_time_limit(session_store.read_saved("alice", saved["session_id"]))
     finally:
         await within_time_limit(session_store.close())
+
+
+def test_the_storage_layer_raises_only_its_own_errors():
+    """No storage module imports the wire's errors: the service maps at its edge."""
+    import ast
+    import pathlib
+
+    import stui_twisted.storage
+
+    for module in pathlib.Path(stui_twisted.storage.__file__).parent.glob("*.py"):
+        tree = ast.parse(module.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        assert "stui_twisted.protocol.errors" not in imported, module.name
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_observers_hear_each_write_and_write_many_when_it_finishes(tmp_path):
+    small_store = await opened_store(tmp_path / "data", max_session_bytes=4000)
+    heard = []
+    try:
+        small_store.addWriteObserver(lambda *event: heard.append(event))
+        small_store.addWriteObserver(lambda *event: 1 / 0)  # logged, changes nothing
+        written = small_store.write(make_session())
+        assert heard == []  # not before the write is on disk
+        assert isinstance(await within_time_limit(written), WriteResult)
+        await within_time_limit(small_store.write_many([make_session("bob", 2)]))
+        with pytest.raises(RecordTooLarge):
+            await within_time_limit(small_store.write(make_session(blob="x" * 5000)))
+        await within_time_limit(small_store.write_shared({}))  # not a session write
+        assert [(kind, ok) for kind, _, ok in heard] == [
+            ("single", True),
+            ("batch", True),
+            ("single", False),
+        ]
+        assert all(seconds >= 0 for _, seconds, _ in heard)
+    finally:
+        await within_time_limit(small_store.close())
+
+
+class _ReactorAtFixedTime:
+    """The running reactor (threads, callFromThread), with C{seconds()} from a fixed clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.now = seconds
+
+    def seconds(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(the_reactor(), name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_store_reads_time_only_from_its_reactor(tmp_path):
+    reactor = _ReactorAtFixedTime(1_800_000_000.25)  # a month after the wall clock here
+    clocked = SessionStore(tmp_path / "data", reactor=reactor)
+    await within_time_limit(clocked.open())
+    try:
+        session = make_session()
+        await within_time_limit(clocked.write(session))
+        result = await within_time_limit(clocked.write(session))
+        assert result.saved_at == "2027-01-15T08:00:00.250Z"
+        await within_time_limit(clocked.write_index([session]))
+        with open(clocked.index_path) as handle:
+            assert json.load(handle)["saved_at_ns"] == int(reactor.now * 1_000_000_000)
+        truncate(main_path(clocked, session))
+        assert await within_time_limit(clocked.read("alice", session["session_id"])) == session
+        assert quarantined_files(clocked)[0].startswith("20270115T080000-")
+        # a temp file made now is an hour old by the store's clock: load_index removes it
+        stale = os.path.join(os.path.dirname(main_path(clocked, session)), ".x.json.tmp-ab")
+        open(stale, "wb").close()
+        await within_time_limit(clocked.load_index())
+        assert not os.path.exists(stale)
+    finally:
+        await within_time_limit(clocked.close())
+
+
+def test_session_ids_have_the_one_shape_the_server_makes():
+    from stui_twisted.sessions.model import new_session_id
+    from stui_twisted.storage.pathcodec import check_session_id
+
+    made = new_session_id()
+    assert check_session_id(made) == made
+    for wrong in ("s_" + "a" * 21, "s_" + "a" * 23, "s_" + "a" * 30, "s_" + "a" * 14):
+        with pytest.raises(ValueError, match="22 URL-safe"):
+            check_session_id(wrong)
