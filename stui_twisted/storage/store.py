@@ -62,8 +62,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from stui_twisted.protocol.errors import StorageFailure, StuiError
+from stui_twisted.storage.interface import ISessionStore
 from stui_twisted.storage.pathcodec import check_session_id, decode_client_dir, encode_client_dir
 
 __all__ = [
@@ -412,6 +414,7 @@ def _meta_of(session: dict[str, Any]) -> dict[str, Any]:
     return {key: session.get(key) for key in META_KEYS}
 
 
+@implementer(ISessionStore)
 class SessionStore:
     """Session files under one data directory, read and written off the reactor thread.
 

@@ -1,0 +1,295 @@
+"""The store-level cases that apply to both stores, run against each: file and PostgreSQL.
+
+The PostgreSQL store runs against the test session's throwaway cluster (conftest
+C{pg_cluster}), one fresh database per test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import psycopg
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from stui_twisted.protocol.errors import StuiError
+from stui_twisted.storage.interface import ISessionStore
+from stui_twisted.storage.pathcodec import encode_client_dir
+from stui_twisted.storage.postgres import PostgresSessionStore
+from stui_twisted.storage.store import (
+    SessionFileCorrupt,
+    SessionFileMissing,
+    SessionStore,
+    WriteResult,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+DEFERRED_TIMEOUT = 30
+
+
+def the_reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def within_time_limit(deferred: defer.Deferred) -> defer.Deferred:
+    return deferred.addTimeout(DEFERRED_TIMEOUT, the_reactor())
+
+
+def make_session(client_id: str = "alice", number: int = 1, **extra) -> dict:
+    session = {
+        "session_id": f"s_{number:022d}",
+        "client_id": client_id,
+        "state": "active",
+        "created_at": "2026-11-23T10:00:00.000Z",
+        "last_modified": "2026-11-23T10:00:00.000Z",
+        "last_activity": "2026-11-23T10:00:00.000Z",
+        "timeout": 3600.0,
+        "closed_at": None,
+        "session_state": {"n": number},
+    }
+    session.update(extra)
+    return session
+
+
+class FileBackend:
+    name = "file"
+
+    def __init__(self, tmp_path, request) -> None:
+        self.data_dir = tmp_path / "data"
+
+    def make(self, **options):
+        return SessionStore(self.data_dir, reactor=the_reactor(), **options)
+
+    def stored_bytes(self, store, session) -> bytes:
+        with open(self._path(store, session), "rb") as handle:
+            return handle.read()
+
+    def forge(self, store, session, data: bytes) -> None:
+        path = self._path(store, session)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        if os.path.exists(path + ".bak"):
+            os.unlink(path + ".bak")
+
+    def quarantined(self, store) -> list[bytes]:
+        found = []
+        for name in sorted(os.listdir(store.quarantine_dir)):
+            with open(os.path.join(store.quarantine_dir, name), "rb") as handle:
+                found.append(handle.read())
+        return found
+
+    def _path(self, store, session) -> str:
+        return os.path.join(
+            store.sessions_dir,
+            encode_client_dir(session["client_id"]),
+            session["session_id"] + ".json",
+        )
+
+
+class PostgresBackend:
+    name = "postgresql"
+
+    def __init__(self, tmp_path, request) -> None:
+        self.dsn = request.getfixturevalue("pg_dsn")
+        self.secret_file = str(tmp_path / "node" / "secret.key")
+
+    def make(self, **options):
+        return PostgresSessionStore(
+            self.dsn, reactor=the_reactor(), secret_file=self.secret_file, **options
+        )
+
+    def stored_bytes(self, store, session) -> bytes:
+        with psycopg.connect(self.dsn) as connection:
+            row = connection.execute(
+                "SELECT document FROM sessions WHERE client_id = %s AND session_id = %s",
+                (session["client_id"], session["session_id"]),
+            ).fetchone()
+        return bytes(row[0])
+
+    def forge(self, store, session, data: bytes) -> None:
+        with psycopg.connect(self.dsn) as connection:
+            connection.execute(
+                "UPDATE sessions SET document = %s WHERE client_id = %s AND session_id = %s",
+                (data, session["client_id"], session["session_id"]),
+            )
+
+    def quarantined(self, store) -> list[bytes]:
+        with psycopg.connect(self.dsn) as connection:
+            rows = connection.execute("SELECT document FROM quarantine ORDER BY id").fetchall()
+        return [bytes(row[0]) for row in rows]
+
+
+@pytest.fixture(params=[FileBackend, PostgresBackend], ids=["file", "postgresql"])
+def backend(request, tmp_path):
+    return request.param(tmp_path, request)
+
+
+@pytest_twisted.async_yield_fixture
+async def store(backend):
+    session_store = backend.make()
+    session_store.check()
+    await within_time_limit(session_store.open())
+    yield session_store
+    await within_time_limit(session_store.close())
+
+
+def test_both_stores_provide_the_interface(backend):
+    assert verifyObject(ISessionStore, backend.make())
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_trip_is_the_sealed_envelope(store, backend):
+    session = make_session(payload={"unicode": "héllo ☃", "nested": [1, 2.5, None, True]})
+    result = await within_time_limit(store.write(session))
+    assert isinstance(result, WriteResult)
+    assert await within_time_limit(store.read("alice", session["session_id"])) == session
+    data = backend.stored_bytes(store, session)
+    assert result.size_bytes == len(data)
+    assert result.checksum == "sha256:" + hashlib.sha256(data).hexdigest()
+    document = json.loads(data)
+    assert document["format"] == "stui-session" and document["mac"].startswith("hmac-sha256:")
+    assert document["saved_at"] == result.saved_at
+    assert store.statistics()["files"] == 1
+    assert store.statistics()["bytes"] == len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_session_is_a_key_error(store):
+    with pytest.raises(SessionFileMissing) as caught:
+        await within_time_limit(store.read("alice", make_session(number=9)["session_id"]))
+    assert isinstance(caught.value, KeyError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_of_one_session_apply_in_call_order(store):
+    writes = [store.write(make_session(session_state={"n": n})) for n in range(20)]
+    await within_time_limit(defer.gatherResults(writes))
+    read = await within_time_limit(store.read("alice", make_session()["session_id"]))
+    assert read["session_state"] == {"n": 19}
+
+
+@pytest_twisted.ensureDeferred
+async def test_saved_copy_is_separate_from_the_session(store):
+    session = make_session(session_state={"v": "live"})
+    saved = make_session(session_state={"v": "saved"})
+    await within_time_limit(store.write(session))
+    await within_time_limit(
+        store.write(saved, saved_at="2026-11-23T11:00:00.000Z", saved_copy=True)
+    )
+    read, saved_at = await within_time_limit(store.read_saved("alice", session["session_id"]))
+    assert read == saved and saved_at == "2026-11-23T11:00:00.000Z"
+    assert await within_time_limit(store.read("alice", session["session_id"])) == session
+    with pytest.raises(SessionFileMissing):
+        await within_time_limit(store.read_saved("alice", make_session(number=2)["session_id"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_many_reports_each_session(store):
+    good = [make_session(number=n) for n in range(1, 6)]
+    bad = make_session(number=7, client_id="")
+    snapshot = store.snapshot(make_session(number=8))
+    results = await within_time_limit(store.write_many([*good, bad, snapshot]))
+    for session in [*good, make_session(number=8)]:
+        assert isinstance(results[session["session_id"]], WriteResult)
+        assert await within_time_limit(store.read("alice", session["session_id"])) == session
+    assert isinstance(results[bad["session_id"]], Failure)
+    assert store.statistics()["files"] == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_large_is_refused_before_any_io(backend):
+    store = backend.make(max_session_bytes=1000)
+    store.check()
+    await within_time_limit(store.open())
+    try:
+        with pytest.raises(StuiError) as caught:
+            await within_time_limit(store.write(make_session(blob="x" * 2000)))
+        assert caught.value.error_type == "StateTooLarge"
+        with pytest.raises(StuiError):
+            store.snapshot(make_session(blob="x" * 2000))
+    finally:
+        await within_time_limit(store.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_session_and_saved_copy(store):
+    session = make_session()
+    await within_time_limit(store.write(session))
+    await within_time_limit(store.write(session, saved_copy=True))
+    await within_time_limit(store.delete("alice", session["session_id"]))
+    with pytest.raises(SessionFileMissing):
+        await within_time_limit(store.read("alice", session["session_id"]))
+    with pytest.raises(SessionFileMissing):
+        await within_time_limit(store.read_saved("alice", session["session_id"]))
+    await within_time_limit(store.delete("alice", session["session_id"]))  # missing is fine
+    assert store.statistics()["files"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_bindings_round_trip(store):
+    assert await within_time_limit(store.read_shared()) == {}
+    await within_time_limit(store.write_shared({"team": {"pickle": "abc"}}))
+    assert await within_time_limit(store.read_shared()) == {"team": {"pickle": "abc"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_index_after_reopen(backend):
+    first = backend.make()
+    first.check()
+    await within_time_limit(first.open())
+    sessions = [make_session(number=n, client_id=c) for n, c in ((1, "alice"), (2, "bob"))]
+    for session in sessions:
+        await within_time_limit(first.write(session))
+    await within_time_limit(first.write_index(sessions))
+    await within_time_limit(first.close())
+
+    second = backend.make()
+    second.check()
+    await within_time_limit(second.open())
+    try:
+        metas = await within_time_limit(second.load_index())
+        by_id = {meta["session_id"]: meta for meta in metas}
+        assert set(by_id) == {s["session_id"] for s in sessions}
+        for session in sessions:
+            meta = by_id[session["session_id"]]
+            assert meta["client_id"] == session["client_id"] and meta["state"] == "active"
+            assert meta["size_bytes"] == len(backend.stored_bytes(second, session))
+        assert second.statistics()["files"] == 2
+    finally:
+        await within_time_limit(second.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_document_is_quarantined_not_loaded(store, backend):
+    session = make_session(session_state={"bindings": {"x": "pickle-of-41"}})
+    await within_time_limit(store.write(session))
+    data = backend.stored_bytes(store, session)
+    forged = data.replace(b"pickle-of-41", b"pickle-of-66")
+    assert forged != data
+    backend.forge(store, session, forged)
+    with pytest.raises(SessionFileCorrupt) as caught:
+        await within_time_limit(store.read("alice", session["session_id"]))
+    assert "MAC mismatch" in str(caught.value)
+    assert backend.quarantined(store) == [forged]  # kept, byte for byte
+    assert store.statistics()["quarantined"] == 1
+    with pytest.raises(SessionFileMissing):  # gone from the live sessions
+        await within_time_limit(store.read("alice", session["session_id"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_document_is_quarantined_by_load_index(store, backend):
+    good, bad = make_session(number=1), make_session(number=2)
+    await within_time_limit(store.write_many([good, bad]))
+    forged = backend.stored_bytes(store, bad).replace(b'"n":2', b'"n":3')
+    backend.forge(store, bad, forged)
+    metas = await within_time_limit(store.load_index())
+    assert [meta["session_id"] for meta in metas] == [good["session_id"]]
+    assert backend.quarantined(store) == [forged]
