@@ -1,0 +1,120 @@
+"""End to end on the PostgreSQL store: a real ``twistd -n stui --store=postgresql:...``.
+
+- A session with ``x = 41`` and a class instance, written under ``always``, survives
+  ``kill -9`` of the server: after a restart on the same database, restore brings both
+  back.
+- A row forged in the database (valid JSON, bad MAC) is quarantined at start-up and
+  never unpickled: its pickle would create a marker file, and none appears.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def start_pg_server(start_server, workdir, dsn):
+    return start_server(
+        workdir,
+        f"--store=postgresql:{dsn}",
+        f"--secret-file={workdir / 'node' / 'secret.key'}",
+        "--durability=always",
+        zmq=False,
+    )
+
+
+def session_rows(dsn):
+    with psycopg.connect(dsn) as connection:
+        return connection.execute(
+            "SELECT client_id, session_id, document FROM sessions ORDER BY session_id"
+        ).fetchall()
+
+
+def test_kill9_then_restart_restores_the_workspace_from_postgresql(tmp_path, start_server, pg_dsn):
+    server = start_pg_server(start_server, tmp_path, pg_dsn)
+    client = server.tcp_client(timeout=30)
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    code = "class Point:\n    def __init__(self, x):\n        self.x = x\nx = 41\np = Point(x + 1)"
+    assert client.result("evaluate", session_id=session_id, code=code)["has_error"] is False
+    client.close()
+    # under always the reply came after the commit: the row is there now
+    assert [(row[0], row[1]) for row in session_rows(pg_dsn)] == [("alice", session_id)]
+    assert not (server.data_dir / "sessions").exists()  # nothing went to files
+    server.process.kill()  # SIGKILL: no flush, no clean shutdown
+    server.process.wait(30)
+
+    server.start()
+    client = server.tcp_client(timeout=30)
+    restored = client.result("restore_session", client_id="alice", session_id=session_id)
+    assert {"x", "p"} <= set(restored["restored_bindings"]), restored
+    result = client.result("evaluate", session_id=session_id, code="(x, p.x, type(p).__name__)")
+    assert result["result"] == "(41, 42, 'Point')", result
+    client.close()
+
+
+class _Marker:
+    """Unpickling this would create C{path}: proof that a forged pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _bindings_with_x(value):
+    """The stored bindings dict (the one that holds C{x}) inside a session document."""
+    if isinstance(value, dict):
+        if isinstance(value.get("bindings"), dict) and "x" in value["bindings"]:
+            return value["bindings"]
+        for item in value.values():
+            found = _bindings_with_x(item)
+            if found is not None:
+                return found
+    return None
+
+
+def test_forged_row_is_quarantined_and_never_unpickled(tmp_path, start_server, pg_dsn):
+    server = start_pg_server(start_server, tmp_path, pg_dsn)
+    client = server.tcp_client(timeout=30)
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    assert client.result("evaluate", session_id=session_id, code="x = 41")["has_error"] is False
+    client.close()
+    server.stop()
+
+    # Forge: x becomes a pickle that would create a marker file when unpickled.
+    marker = tmp_path / "forged-pickle-ran"
+    (_client_id, _sid, document) = session_rows(pg_dsn)[0]
+    envelope = json.loads(bytes(document))
+    bindings = _bindings_with_x(envelope["session"])
+    assert bindings is not None, envelope["session"]
+    evil = base64.b64encode(pickle.dumps(_Marker(str(marker)))).decode()
+    bindings["x"] = {"encoding": "pickle", "data": evil, "type": "int", "repr": "41"}
+    forged = json.dumps(envelope).encode()
+    with psycopg.connect(pg_dsn) as connection:
+        connection.execute(
+            "UPDATE sessions SET document = %s WHERE session_id = %s", (forged, session_id)
+        )
+
+    server.start()
+    client = server.tcp_client(timeout=30)
+    reply = client.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["status"] == "error", reply
+    client.close()
+    assert not marker.exists()
+    assert session_rows(pg_dsn) == []
+    with psycopg.connect(pg_dsn) as connection:
+        rows = connection.execute(
+            "SELECT source, client_id, session_id, document, reason FROM quarantine"
+        ).fetchall()
+    assert [(r[0], r[1], r[2], bytes(r[3])) for r in rows] == [
+        ("sessions", "alice", session_id, forged)
+    ]
+    assert "MAC mismatch" in rows[0][4]
+    assert "quarantined sessions row" in server.log_text()
