@@ -118,3 +118,47 @@ def test_forged_row_is_quarantined_and_never_unpickled(tmp_path, start_server, p
     ]
     assert "MAC mismatch" in rows[0][4]
     assert "quarantined sessions row" in server.log_text()
+
+
+def test_always_kill9_loses_no_acknowledged_update_on_postgresql(tmp_path, pg_dsn):
+    """20 × SIGKILL mid-stream with durability=always on PostgreSQL: stored ≥ acknowledged."""
+    import random
+    import time
+
+    from benchmarks.killloop import create_counter_session, kill_cycle, stored_counter
+    from tests.serverproc import ServerProcess
+
+    rng = random.Random(int(time.time()))
+    server = ServerProcess(
+        tmp_path,
+        f"--store=postgresql:{pg_dsn}",
+        f"--secret-file={tmp_path / 'node' / 'secret.key'}",
+        "--durability=always",
+        image=False,
+        zmq=False,
+    ).start()
+    outcomes = []
+    try:
+        session_id = create_counter_session(server, "crash")
+        stored = 0
+        for _ in range(20):
+            cycle = kill_cycle(server, session_id, "crash", stored, rng.uniform(0.02, 0.25))
+            server.start()
+            stored = stored_counter(server, session_id, "crash")
+            outcomes.append(
+                {
+                    "start": cycle.start_counter,
+                    "acked": max(cycle.last_acked, cycle.start_counter),
+                    "sent": cycle.last_sent,
+                    "acks": cycle.acks,
+                    "stored": stored,
+                    "errors": cycle.errors,
+                }
+            )
+    finally:
+        server.kill()
+    assert sum(o["acks"] for o in outcomes) >= 20, outcomes  # the stream really ran
+    for number, o in enumerate(outcomes):
+        assert not o["errors"], (number, o)
+        assert o["stored"] >= o["acked"], f"cycle {number}: acknowledged {o['acked']}: {o}"
+        assert o["stored"] <= max(o["sent"], o["start"]), f"cycle {number}: never sent: {o}"
