@@ -293,3 +293,22 @@ async def test_forged_document_is_quarantined_by_load_index(store, backend):
     metas = await within_time_limit(store.load_index())
     assert [meta["session_id"] for meta in metas] == [good["session_id"]]
     assert backend.quarantined(store) == [forged]
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_show_the_postgresql_pool(store, backend):
+    from types import SimpleNamespace
+
+    from stui_twisted.ops.metrics import ServerCollector
+
+    await within_time_limit(store.write_many([make_session(number=n) for n in (1, 2, 3)]))
+    collector = ServerCollector(SimpleNamespace(store=store), connections=object())
+    values = {family.name: family.samples[0].value for family in collector._storage()}
+    assert values["stui_storage_files"] == 3
+    if backend.name == "postgresql":
+        assert values["stui_storage_pool_size"] == 4
+        assert values["stui_storage_pool_in_use"] == 0
+        assert values["stui_storage_transactions"] == 1  # three sessions, one transaction
+        assert values["stui_storage_transaction_seconds"] > 0
+    else:
+        assert "stui_storage_pool_size" not in values
