@@ -301,18 +301,36 @@ class PostgresSessionStore:
     def _transaction(self, action: str, function: Callable, *args: Any) -> Any:
         """Run C{function(connection, *args)} in one transaction (in a pool thread).
 
+        A connection found broken (the server restarted, a failover, an idle
+        connection cut by a firewall) is replaced and the transaction run once more
+        on the new one: every job of this store can run twice (upserts, deletes,
+        reads).
+
         @return: C{(result, seconds)}.
         """
-        connection = self._connection()
         started = time.perf_counter()
-        try:
-            with connection.transaction():
-                result = function(connection, *args)
-        except psycopg.Error as exc:
-            raise StorageFailure(
-                f"PostgreSQL store {self.where}: could not {action}: {exc}"
-            ) from exc
+        for attempt in (1, 2):
+            connection = self._connection()
+            try:
+                with connection.transaction():
+                    result = function(connection, *args)
+                break
+            except psycopg.Error as exc:
+                if attempt == 1 and connection.broken:
+                    self._log_from_thread(
+                        "warn",
+                        "PostgreSQL connection lost ({error}); reconnecting to {where}",
+                        error=exc,
+                        where=self.where,
+                    )
+                    continue
+                raise StorageFailure(
+                    f"PostgreSQL store {self.where}: could not {action}: {exc}"
+                ) from exc
         return result, time.perf_counter() - started
+
+    def _log_from_thread(self, level: str, format: str, **fields: Any) -> None:
+        self._reactor.callFromThread(getattr(self.log, level), format, **fields)
 
     def _in_pool(self, action: str, function: Callable, *args: Any) -> defer.Deferred:
         self._active_jobs += 1

@@ -312,3 +312,28 @@ async def test_metrics_show_the_postgresql_pool(store, backend):
         assert values["stui_storage_transaction_seconds"] > 0
     else:
         assert "stui_storage_pool_size" not in values
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgresql_store_reconnects_after_its_connections_are_cut(pg_dsn, tmp_path):
+    """The server ends every connection of the store (a restart, a failover): the next
+    operations reconnect instead of failing forever."""
+    store = PostgresSessionStore(
+        pg_dsn, reactor=the_reactor(), secret_file=str(tmp_path / "k"), pool_size=1
+    )
+    store.check()
+    await within_time_limit(store.open())
+    try:
+        session = make_session()
+        await within_time_limit(store.write(session))
+        with psycopg.connect(pg_dsn, autocommit=True) as connection:
+            ended = connection.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        assert ended == 1
+        changed = make_session(session_state={"n": 2})
+        await within_time_limit(store.write(changed))
+        assert await within_time_limit(store.read("alice", session["session_id"])) == changed
+    finally:
+        await within_time_limit(store.close())
