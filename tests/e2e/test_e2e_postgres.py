@@ -162,3 +162,40 @@ def test_always_kill9_loses_no_acknowledged_update_on_postgresql(tmp_path, pg_ds
         assert not o["errors"], (number, o)
         assert o["stored"] >= o["acked"], f"cycle {number}: acknowledged {o['acked']}: {o}"
         assert o["stored"] <= max(o["sent"], o["start"]), f"cycle {number}: never sent: {o}"
+
+
+def test_batch_flushes_reach_postgresql_before_a_kill9(tmp_path, start_server, pg_dsn):
+    """Under batch, an update is in the database one flush later; kill -9 keeps it."""
+    import time
+
+    server = start_server(
+        tmp_path,
+        f"--store=postgresql:{pg_dsn}",
+        f"--secret-file={tmp_path / 'node' / 'secret.key'}",
+        "--durability=batch",
+        "--flush-interval=0.1",
+        image=False,
+        zmq=False,
+    )
+    client = server.tcp_client(timeout=30)
+    ids = [client.result("create_session", client_id=f"c{n}")["session_id"] for n in range(3)]
+    for number, session_id in enumerate(ids):
+        client.result("update_session_state", session_id=session_id, state_data={"n": number})
+    client.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for _client_id, _sid, document in session_rows(pg_dsn):
+            states.append(json.loads(bytes(document))["session"].get("session_state"))
+        if len(states) == 3 and all(state for state in states):
+            break
+        time.sleep(0.05)
+    assert sorted(state["n"] for state in states) == [0, 1, 2], states
+    server.process.kill()
+    server.process.wait(30)
+    server.start()
+    client = server.tcp_client(timeout=30)
+    for number, session_id in enumerate(ids):
+        restored = client.result("restore_session", client_id=f"c{number}", session_id=session_id)
+        assert restored["session_state"] == {"n": number}, restored
+    client.close()
