@@ -142,7 +142,7 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "secret-file": (
         "secret_file",
         _optional_path,
-        "the MAC key's file, outside the database (default: DATA/secret.key)",
+        "with --store=postgresql: the MAC key's file, outside the database (default: DATA/secret.key)",
     ),
     "node-id": ("node_id", _optional_path, "this node's id (default: the hostname)"),
     "durability": ("durability", _durability, "always | batch | none"),
@@ -285,6 +285,11 @@ def build_settings(
                 f"--store={store} and --data-dir={changes['data_dir']} name different directories"
             )
         changes["data_dir"], changes["store"] = directory, "file"
+    if changes.get("secret_file") and not changes.get("store", "file").startswith("postgresql:"):
+        raise ConfigError(
+            "--secret-file applies to --store=postgresql:DSN only (the file store keeps its"
+            " key in DATA/secret.key)"
+        )
     settings = dataclasses.replace(Settings(), **changes)
     check_listeners(settings)
     if settings.image_user:

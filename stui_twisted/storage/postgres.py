@@ -225,7 +225,7 @@ class PostgresSessionStore:
         self._threadpool = ThreadPool(minthreads=1, maxthreads=self.pool_size, name="stui-pg")
         self._threadpool.start()
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "after", "shutdown", self._stop_pool
+            "after", "shutdown", self._reactor_shut_down
         )
 
         def opened_in_thread() -> bytes:
@@ -267,13 +267,16 @@ class PostgresSessionStore:
 
         return waiter.addCallback(closed)
 
+    def _reactor_shut_down(self) -> None:
+        self._shutdown_trigger = None  # it is firing: nothing left to remove
+        if self._threadpool is not None:
+            self.log.warn("reactor stopped before the session store was closed")
+        self._stop_pool()
+
     def _stop_pool(self) -> None:
         trigger, self._shutdown_trigger = self._shutdown_trigger, None
         if trigger is not None:
-            try:
-                self._reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass  # it is the trigger now firing
+            self._reactor.removeSystemEventTrigger(trigger)
         pool, self._threadpool = self._threadpool, None
         if pool is not None:
             pool.stop()

@@ -45,6 +45,8 @@ def test_bad_store_values_name_the_option_and_hide_the_dsn():
     with pytest.raises(ConfigError, match="--store: the PostgreSQL connection string") as caught:
         build_settings({}, {"store": "postgresql:password=sekrit bad'quote"}, False)
     assert "sekrit" not in str(caught.value)
+    with pytest.raises(ConfigError, match="--secret-file applies to --store=postgresql"):
+        build_settings({}, {"secret-file": "/k"}, False)
 
 
 def test_postgresql_store_is_built_in_place_of_the_file_store():
