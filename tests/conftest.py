@@ -223,11 +223,15 @@ def pg_cluster():
     cluster.stop()
 
 
+_pg_databases = 0
+
+
 @pytest.fixture
 def pg_dsn(pg_cluster, request):
     """The DSN of a fresh database in the test session's cluster."""
     import re
 
-    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
-    name = f"{name}_{os.getpid()}_{id(request) % 100000}"
-    return pg_cluster.create_database(name)
+    global _pg_databases
+    _pg_databases += 1
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return pg_cluster.create_database(f"{name}_{_pg_databases}")  # < 63 characters
