@@ -337,3 +337,38 @@ async def test_postgresql_store_reconnects_after_its_connections_are_cut(pg_dsn,
         assert await within_time_limit(store.read("alice", session["session_id"])) == changed
     finally:
         await within_time_limit(store.close())
+
+
+def test_postgresql_schema_is_created_once_and_a_newer_one_is_refused(pg_dsn, tmp_path):
+    from stui_twisted.protocol.errors import StorageFailure
+    from stui_twisted.storage import pg_schema
+
+    store = PostgresSessionStore(pg_dsn, reactor=the_reactor(), secret_file=str(tmp_path / "k"))
+    store.check()
+    store.check()  # a second start-up finds the schema current and changes nothing
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+        assert versions == [(pg_schema.LATEST_VERSION,)]
+        tables = {
+            row[0]
+            for row in connection.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        }
+        assert {"sessions", "saved_copies", "shared", "quarantine", "schema_version"} <= tables
+        connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (999,))
+    with pytest.raises(StorageFailure, match="schema is version 999, newer than"):
+        store.check()
+
+
+def test_postgresql_store_that_cannot_connect_fails_start_up_without_the_password(tmp_path):
+    from stui_twisted.protocol.errors import StorageFailure
+
+    store = PostgresSessionStore(
+        f"host={tmp_path} dbname=nothing password=sekrit",
+        reactor=the_reactor(),
+        secret_file=str(tmp_path / "k"),
+    )
+    with pytest.raises(StorageFailure) as caught:
+        store.check()
+    assert "sekrit" not in str(caught.value) and "dbname=nothing" in str(caught.value)
