@@ -85,6 +85,31 @@ def _durability(name: str, text: Any) -> str:
     return value
 
 
+def _store(name: str, text: Any) -> str:
+    """C{file:DIR} or C{postgresql:DSN} (C{postgres:} too); the DSN must parse."""
+    value = str(text).strip()
+    kind, colon, rest = value.partition(":")
+    kind = kind.lower()
+    if kind == "file" and colon and rest.strip():
+        return f"file:{rest.strip()}"
+    if kind == "file" and not colon:
+        return "file"
+    if kind in ("postgresql", "postgres") and colon:
+        if rest.startswith("//"):  # postgresql://user@host/db: the URI is the DSN
+            rest = value
+        import psycopg
+
+        try:
+            psycopg.conninfo.conninfo_to_dict(rest)
+        except psycopg.Error:  # the DSN is not echoed: it may hold a password
+            raise ConfigError(
+                f"--{name}: the PostgreSQL connection string does not parse"
+                " (expected postgresql:host=... dbname=... or postgresql://...)"
+            ) from None
+        return f"postgresql:{rest}"
+    raise ConfigError(f"--{name} must be file:DIR or postgresql:DSN, not {value!r}")
+
+
 def _image_user(name: str, text: Any) -> str | None:
     from stui_twisted.image.privileges import PrivilegeError, check_can_switch_to
 
@@ -109,6 +134,17 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
     "zmq": ("zmq", _string, "ZeroMQ ROUTER bind URL, e.g. tcp://127.0.0.1:5555, or none"),
     "metrics": ("metrics", _string, "Prometheus /metrics HTTP listener (strports) or none"),
     "data-dir": ("data_dir", _string, "directory of session files"),
+    "store": (
+        "store",
+        _store,
+        "where sessions live: file:DIR (same as --data-dir) or postgresql:DSN",
+    ),
+    "secret-file": (
+        "secret_file",
+        _optional_path,
+        "with --store=postgresql: the MAC key's file, outside the database (default: DATA/secret.key)",
+    ),
+    "node-id": ("node_id", _optional_path, "this node's id (default: the hostname)"),
     "durability": ("durability", _durability, "always | batch | none"),
     "flush-interval": ("flush_interval", _positive_float, "seconds between batch flushes"),
     "retention-days": ("retention_days", _positive_float, "days to keep files of ended sessions"),
@@ -241,6 +277,19 @@ def build_settings(
             key = name.replace("-", "_")
             raise ConfigError(f"--config: {source}: {key} = {raw}: {exc}") from None
     changes["insecure_no_auth"] = insecure
+    store = changes.get("store", "file")
+    if store.startswith("file:"):  # --data-dir's alias
+        directory = store[len("file:") :]
+        if "data_dir" in changes and changes["data_dir"] != directory:
+            raise ConfigError(
+                f"--store={store} and --data-dir={changes['data_dir']} name different directories"
+            )
+        changes["data_dir"], changes["store"] = directory, "file"
+    if changes.get("secret_file") and not changes.get("store", "file").startswith("postgresql:"):
+        raise ConfigError(
+            "--secret-file applies to --store=postgresql:DSN only (the file store keeps its"
+            " key in DATA/secret.key)"
+        )
     settings = dataclasses.replace(Settings(), **changes)
     check_listeners(settings)
     if settings.image_user:

@@ -28,6 +28,12 @@ class Settings:
     metrics: str = "none"
     # storage
     data_dir: str = "./stui-data"
+    store: str = "file"
+    """C{file} (sessions under data_dir) or C{postgresql:DSN}; C{--store=file:DIR} sets data_dir."""
+    secret_file: str | None = None
+    """The MAC key's file (default: data_dir/secret.key)."""
+    node_id: str | None = None
+    """This node's name (default: the hostname); the shared namespace is stored per node id."""
     durability: str = "batch"
     flush_interval: float = 0.1
     retention_days: float = 30.0

@@ -229,6 +229,21 @@ class ListenerService(internet.StreamServerEndpointService):
         return port
 
 
+def build_postgres_store(settings: Settings, reactor):
+    """The PostgreSQL session store of C{--store=postgresql:DSN}."""
+    import socket
+
+    from stui_twisted.storage.postgres import PostgresSessionStore
+
+    return PostgresSessionStore(
+        settings.store[len("postgresql:") :],
+        reactor=reactor,
+        secret_file=settings.secret_file or os.path.join(settings.data_dir, "secret.key"),
+        node_id=settings.node_id or socket.gethostname(),
+        max_session_bytes=settings.max_session_bytes,
+    )
+
+
 def build_server(settings: Settings, reactor) -> tuple[service.MultiService, object]:
     """The whole service tree for C{settings}; returns (root, session service)."""
     from stui_twisted.dispatch.commands import build_commands
@@ -244,10 +259,14 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     connections = ConnectionRegistry(settings.max_connections)
     fd_reserve = FdReserve(reactor, connections)
     fd_reserve.setServiceParent(root)  # first: raises the open-files limit
-    store = SessionStore(
-        settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
-    )
-    root.start_checks.append(("--data-dir", settings.data_dir, store.check))
+    if settings.store.startswith("postgresql:"):
+        store = build_postgres_store(settings, reactor)
+        root.start_checks.append(("--store", store.where, store.check))
+    else:
+        store = SessionStore(
+            settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
+        )
+        root.start_checks.append(("--data-dir", settings.data_dir, store.check))
     image = None
     if settings.image_enabled:
         from stui_twisted.image.supervisor import ImageSupervisor

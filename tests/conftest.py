@@ -201,3 +201,37 @@ def auth_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster (tests/pgcluster.py), started once per test session.
+
+    Without PostgreSQL the tests that use it skip with the reason, except when
+    C{CI} or C{STUI_REQUIRE_POSTGRES} is set: CI must not skip them.
+    """
+    from tests.pgcluster import PgCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") or os.environ.get("STUI_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL is required here: {reason}")
+        pytest.skip(reason)
+    cluster = PgCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+_pg_databases = 0
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster, request):
+    """The DSN of a fresh database in the test session's cluster."""
+    import re
+
+    global _pg_databases
+    _pg_databases += 1
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return pg_cluster.create_database(f"{name}_{_pg_databases}")  # < 63 characters

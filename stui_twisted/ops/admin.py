@@ -7,6 +7,7 @@ Usage (also ``python -m stui_twisted.ops.admin``)::
     stui-admin [--data-dir DIR] quarantine [--json]
     stui-admin [--data-dir DIR] expire SESSION_ID [--force]
     stui-admin [--data-dir DIR] delete SESSION_ID --yes [--force]
+    stui-admin migrate --from file:DIR --to postgresql:DSN [--secret-file F] [--node-id ID]
 
 Everything goes through :class:`~stui_twisted.storage.store.SessionStore`, so the tool
 reads and writes exactly the files the server does (MACs, ``.bak`` recovery,
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import time
 from typing import Any
@@ -382,7 +384,37 @@ async def command_delete(reactor, store, args) -> int:
     return EXIT_OK
 
 
+async def command_migrate(reactor, store, args) -> int:
+    """Copy every session of the data directory to the PostgreSQL store, verified."""
+    from twisted.internet import threads
+
+    from stui_twisted.storage.migrate import migrate_sessions
+    from stui_twisted.storage.postgres import PostgresSessionStore
+
+    target = PostgresSessionStore(
+        args.to[len("postgresql:") :],
+        reactor=reactor,
+        secret_file=args.secret_file or os.path.join(args.data_dir, "secret.key"),
+        node_id=args.node_id or socket.gethostname(),
+    )
+    await threads.deferToThread(target.check)  # connect and create/migrate the schema
+    await target.open()
+    try:
+        counts = await migrate_sessions(store, target)
+    finally:
+        await target.close()
+    for bad in counts["unreadable_sessions"]:
+        print(f"not copied: {bad['session_id']}: {bad['reason']}", file=sys.stderr)
+    print(
+        f"copied {counts['sessions']} sessions, {counts['saved_copies']} saved copies and"
+        f" {counts['shared']} shared namespace to {target.where};"
+        f" {counts['unreadable']} unreadable"
+    )
+    return EXIT_FAILED if counts["unreadable"] else EXIT_OK
+
+
 COMMANDS = {
+    "migrate": command_migrate,
     "list": command_list,
     "verify": command_verify,
     "quarantine": command_quarantine,
@@ -422,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("session_id")
     delete.add_argument("--yes", action="store_true", help="really delete")
     delete.add_argument("--force", action="store_true", help="skip the running-server check")
+    migrate = commands.add_parser(
+        "migrate", help="copy every session to a PostgreSQL store, verified by MAC; idempotent"
+    )
+    migrate.add_argument("--from", dest="source", required=True, help="file:DIR")
+    migrate.add_argument("--to", required=True, help="postgresql:DSN")
+    migrate.add_argument(
+        "--secret-file", help="the PostgreSQL store's MAC key (default: DIR/secret.key)"
+    )
+    migrate.add_argument("--node-id", help="whose shared namespace it becomes (default: hostname)")
     return parser
 
 
@@ -458,10 +499,27 @@ async def _run(reactor, args) -> None:
         raise SystemExit(code)
 
 
+def _migrate_ends(source: str, to: str) -> tuple[str, str]:
+    """The data directory of C{--from file:DIR} and the normalised C{--to postgresql:DSN}."""
+    from stui_twisted.config import ConfigError, _store
+
+    try:
+        source_store, target_store = _store("from", source), _store("to", to)
+    except ConfigError as exc:
+        raise AdminError(str(exc), EXIT_USAGE) from None
+    if not source_store.startswith("file:"):
+        raise AdminError("--from must be file:DIR", EXIT_USAGE)
+    if not target_store.startswith("postgresql:"):
+        raise AdminError("--to must be postgresql:DSN", EXIT_USAGE)
+    return source_store[len("file:") :], target_store
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of C{stui-admin}; exits with the status described in the module doc."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "migrate":
+            args.data_dir, args.to = _migrate_ends(args.source, args.to)
         args.data_dir = check_data_dir(args.data_dir)
         if args.command in OFFLINE_COMMANDS:
             refuse_if_running(args.data_dir, args.force)

@@ -224,6 +224,27 @@ class ServerCollector:
             "Unreadable files moved to DATA/quarantine since start.",
             value=statistics.get("quarantined", 0),
         )
+        if "pool_size" in statistics:  # the PostgreSQL store's connection pool
+            yield GaugeMetricFamily(
+                "stui_storage_pool_size",
+                "Database connections (threads) the PostgreSQL store may use.",
+                value=statistics["pool_size"],
+            )
+            yield GaugeMetricFamily(
+                "stui_storage_pool_in_use",
+                "Database transactions running in the PostgreSQL store now (at most the pool size).",
+                value=statistics.get("pool_in_use", 0),
+            )
+            yield CounterMetricFamily(
+                "stui_storage_transactions",
+                "Database transactions the PostgreSQL store committed since start.",
+                value=statistics.get("transactions", 0),
+            )
+            yield CounterMetricFamily(
+                "stui_storage_transaction_seconds",
+                "Time spent in those transactions (s).",
+                value=statistics.get("transaction_seconds", 0.0),
+            )
         last_flush = statistics.get("last_flush_at")
         if last_flush:
             try:

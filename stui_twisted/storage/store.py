@@ -38,6 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from stui_twisted.protocol.timefmt import iso_timestamp
 from stui_twisted.storage import durable, index, recovery
@@ -62,6 +63,7 @@ from stui_twisted.storage.fileformat import (
     seal,
 )
 from stui_twisted.storage.index import META_KEYS, SAVED_SUFFIX, meta_of
+from stui_twisted.storage.interface import ISessionStore
 from stui_twisted.storage.lanes import Key, Snapshot, Target, WriteLanes
 from stui_twisted.storage.pathcodec import check_session_id, encode_client_dir
 
@@ -78,6 +80,7 @@ _SHARED_KEY = ("", "shared.json")
 _INDEX_KEY = ("", "index.json")
 
 
+@implementer(ISessionStore)
 class SessionStore:
     """Session files under one data directory, read and written off the reactor thread.
 
