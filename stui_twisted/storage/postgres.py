@@ -18,6 +18,12 @@ psycopg connection; the reactor thread only serializes snapshots and keeps
 counters.  Operations on one session run one at a time, in call order.  A write
 commits before its Deferred fires; L{write_many} writes its whole group in one
 transaction (one commit for many sessions).
+
+Why one module of about 800 lines: it is one job, the L{ISessionStore} contract
+over one database, and its parts (the connection pool, the per-session ordering,
+the transactions of each operation, quarantine) share the same connection and
+lock discipline; the schema is apart in C{pg_schema}, the envelope and MAC are
+the file store's own (L{stui_twisted.storage.fileformat}).
 """
 
 from __future__ import annotations
