@@ -14,6 +14,7 @@ import signal
 import sys
 
 from twisted.application import internet, service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -229,11 +230,63 @@ class ListenerService(internet.StreamServerEndpointService):
         return port
 
 
+class StopInOrder(service.MultiService):
+    """Children start in the order added and stop in reverse, one after another.
+
+    Twisted's C{MultiService} stops its children all at once; the session core
+    needs each stopped before the next: the cleanup and flush timers (their
+    running call finished), then the session service (its final flush), and
+    only then the image, so no request in flight loses its image before the
+    flush that records it.
+    """
+
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name or child)
+
+
+def build_session_core(settings: Settings, reactor, store, image=None, connections=None):
+    """The session service with its image and timers; returns (core, session service).
+
+    The core's children, in start order: the image (when enabled), the
+    session service, the cleanup timer and (C{batch} durability) the flush
+    timer.  L{StopInOrder} stops them in reverse, each after the one before.
+    """
+    from stui_twisted.sessions.service import SessionService
+
+    core = StopInOrder()
+    core.setName("session-core")
+    if image is not None:
+        image.setName("image")
+        image.setServiceParent(core)
+    sessions = SessionService(
+        settings, reactor=reactor, store=store, image=image, connections=connections
+    )
+    sessions.setName("sessions")
+    sessions.setServiceParent(core)
+    cleanup = internet.TimerService(settings.cleanup_interval, sessions.cleanup_tick)
+    cleanup.clock = reactor
+    cleanup.setName("cleanup")
+    cleanup.setServiceParent(core)
+    if settings.durability == "batch":
+        flush = internet.TimerService(settings.flush_interval, sessions.flush_tick)
+        flush.clock = reactor
+        flush.setName("flush")
+        flush.setServiceParent(core)
+    return core, sessions
+
+
 def build_server(settings: Settings, reactor) -> tuple[service.MultiService, object]:
     """The whole service tree for C{settings}; returns (root, session service)."""
     from stui_twisted.dispatch.commands import build_commands
     from stui_twisted.dispatch.dispatcher import Dispatcher
-    from stui_twisted.sessions.service import SessionService
     from stui_twisted.storage.store import SessionStore
     from stui_twisted.transports.connections import ConnectionRegistry
     from stui_twisted.transports.fdlimit import FdGuardedFactory, FdReserve
@@ -258,11 +311,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             python=settings.image_python or sys.executable,
             user=settings.image_user,
         )
-    sessions = SessionService(
-        settings, reactor=reactor, store=store, image=image, connections=connections
-    )
-    sessions.setName("sessions")
-    sessions.setServiceParent(root)
+    core, sessions = build_session_core(settings, reactor, store, image, connections)
+    core.setServiceParent(root)
 
     authenticator = None
     if settings.auth_file:
@@ -277,7 +327,6 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         authenticator.setServiceParent(root)  # before the listeners: started first
     dispatcher = Dispatcher(clock=reactor, auth=authenticator)
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
-    sessions.dispatcher = dispatcher
 
     input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):

@@ -11,16 +11,17 @@ from twisted.internet import defer, reactor, task
 from stui_twisted.dispatch.commands import build_commands
 from stui_twisted.dispatch.dispatcher import Dispatcher
 from stui_twisted.dispatch.interfaces import ConnectionContext
-from stui_twisted.sessions.service import SessionService
 from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
+from stui_twisted.tap import build_session_core
 from stui_twisted.transports.connections import ConnectionRegistry
 
 START = 1_790_000_000.0
 
 
 class Harness:
-    """One SessionService with the real command table, driven by a task.Clock."""
+    """One session core as tap.py builds it (service, cleanup and flush timers),
+    with the real command table, driven by a task.Clock."""
 
     def __init__(self, data_dir, **overrides) -> None:
         self.data_dir = data_dir
@@ -32,20 +33,17 @@ class Harness:
         self.store = SessionStore(
             str(self.data_dir), reactor=reactor, max_session_bytes=self.settings.max_session_bytes
         )
-        self.service = SessionService(
-            self.settings,
-            reactor=self.clock,
-            store=self.store,
-            connections=ConnectionRegistry(100),
+        self.core, self.service = build_session_core(
+            self.settings, self.clock, self.store, connections=ConnectionRegistry(100)
         )
         self.dispatcher = Dispatcher(clock=self.clock)
         self.dispatcher.register_all(build_commands(self.service, self.dispatcher))
-        self.service.startService()
+        self.core.startService()
         await self.service.ready()
         return self
 
     async def stop(self) -> None:
-        await self.service.stopService()
+        await self.core.stopService()
 
     def connection(self) -> ConnectionContext:
         return ConnectionContext(transport="tcp", peer="test")
@@ -76,8 +74,8 @@ def make(tmp_path):
 
     yield factory
     for harness in started:
-        if harness.service.running:
-            pytest_twisted.blockon(harness.service.stopService())
+        if harness.core.running:
+            pytest_twisted.blockon(harness.core.stopService())
 
 
 @pytest_twisted.ensureDeferred
@@ -481,7 +479,7 @@ async def test_a_sliced_flush_finishes_although_nobody_advances_the_clock(make, 
     assert len(h.service._dirty) == 3
     await h.service.flush()
     assert not h.service._dirty
-    await h.service.stopService()
+    await h.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -565,10 +563,9 @@ async def test_cleanup_loop_survives_a_failing_step(make, monkeypatch):
     await _settle()
     assert calls
     assert h.service.sessions[conn.current_session_id].state == "expired"
-    assert h.service._cleanup_loop.running
     h.clock.advance(10)
     await _settle()
-    assert len(calls) == 2
+    assert len(calls) == 2  # the timer goes on
 
 
 async def _settle():
@@ -660,7 +657,6 @@ async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
     monkeypatch.setattr(h.store, "write_many", lambda docs: defer.fail(RuntimeError("boom")))
     h.clock.advance(0.5)
     await _settle()
-    assert h.service._flush_loop.running
     monkeypatch.setattr(h.store, "write_many", real_write_many)
     assert sid in h.service._dirty  # the failed group stays dirty
     h.clock.advance(0.5)
@@ -670,14 +666,11 @@ async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
 
 
 def test_largest_bindings_are_demoted_until_the_session_fits():
-    from stui_twisted.sessions.live import LiveImageCommands
+    from stui_twisted.sessions.live import LiveSessions
     from stui_twisted.sessions.model import Session
 
-    class Fitter(LiveImageCommands):
-        settings = Settings(max_session_bytes=6000, image_enabled=False)
-
-        def _size_of(self, session):
-            return session.encoded_size()
+    settings = Settings(max_session_bytes=6000, image_enabled=False)
+    live = LiveSessions(view=None, image=None, settings=settings, clock=task.Clock())
 
     session = Session("s_" + "a" * 22, "alice", 0.0, 10.0, 0.0, 0.0)
     session.bindings = {
@@ -686,7 +679,7 @@ def test_largest_bindings_are_demoted_until_the_session_fits():
         "small": {"encoding": "json", "value": 1, "type": "int", "repr": "1"},
     }
     session.variables = [{"name": n, "restorable": True} for n in session.bindings]
-    Fitter()._fit_bindings(session)
+    live.fit_bindings(session)
     assert session.bindings["big"]["encoding"] == "unrestorable"
     assert "too large" in session.bindings["big"]["reason"]
     assert session.bindings["mid"]["encoding"] == "pickle"  # fits once big is gone

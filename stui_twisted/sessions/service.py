@@ -6,15 +6,20 @@ and decides when each is written through the :class:`SessionStore` according
 to the durability policy.  Time comes from an injected ``IReactorTime`` so
 tests drive expiry and cleanup with ``task.Clock``.
 
-Its children are the image supervisor (when enabled); its own timers are the
-cleanup loop (expiry, retention, index) and, for ``batch`` durability, the
-group-flush loop.
+It is protocol-free: its commands take typed arguments (and the caller's
+:class:`~stui_twisted.dispatch.interfaces.ConnectionContext`) and answer
+:class:`~stui_twisted.sessions.model.Session` objects or the small results of
+:mod:`stui_twisted.sessions.results`; :mod:`stui_twisted.dispatch.commands`
+turns them into replies.  The live image is a component it owns
+(:class:`~stui_twisted.sessions.live.LiveSessions`).  It builds no services:
+``tap.py`` parents the image beside it and runs :meth:`SessionService.cleanup_tick`
+and :meth:`SessionService.flush_tick` as ``TimerService`` children.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -23,7 +28,7 @@ from twisted.logger import Logger
 
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StorageFailure, StuiError, invalid_parameter
-from stui_twisted.sessions.live import LiveImageCommands
+from stui_twisted.sessions.live import LiveSessions
 from stui_twisted.sessions.model import (
     ACTIVE,
     CLOSED,
@@ -33,7 +38,23 @@ from stui_twisted.sessions.model import (
     new_session_id,
 )
 from stui_twisted.sessions.policy import ClientPolicy, check_client_id
+from stui_twisted.sessions.results import (
+    UNSET,
+    ClientSessions,
+    Completions,
+    EvaluationOutcome,
+    Inspection,
+    LoadResult,
+    RestoreResult,
+    SaveResult,
+    SessionInfo,
+    SessionStatistics,
+    SharedNamespace,
+)
 from stui_twisted.transports.connections import ConnectionRegistry
+
+if TYPE_CHECKING:
+    from stui_twisted.dispatch.interfaces import ConnectionContext
 
 DAY = 24 * 3600.0
 FLUSH_SLICE_SECONDS = 0.001
@@ -48,8 +69,13 @@ def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
     )
 
 
-class SessionService(LiveImageCommands, service.MultiService):
-    """Owns every session; the dispatcher's commands call into it."""
+class SessionService(service.Service):
+    """Owns every session; the command table calls into it.
+
+    @param reactor: the clock (C{IReactorTime}); every time it uses is read from it.
+    @param image: the L{ImageSupervisor}, or C{None}; the caller parents it
+        (tap.py), so that it stops after this service's final flush.
+    """
 
     log = Logger()
 
@@ -59,9 +85,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self.clock = reactor
         self.store = store
         self.image = image
-        if image is not None:
-            image.setServiceParent(self)
-            image.addRestartObserver(self._image_restarted)
+        self.shared = SharedNamespace()
+        self.live = LiveSessions(self, image, settings, reactor)
         # Not `connections or ...`: an empty registry has len() 0 and is falsy.
         self.connections = (
             connections if connections is not None else ConnectionRegistry(settings.max_connections)
@@ -76,19 +101,11 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._by_client: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
-        self.shared_bindings: dict = {}
-        self._shared_dirty = False
-        self._shared_generation: int | None = None
-        self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._dirty: set[str] = set()
         self._storage_degraded = False
         self._stopping = False
         self._started_at: float | None = None
         self._ready: defer.Deferred | None = None
-        self._cleanup_loop = task.LoopingCall(self.cleanup)
-        self._cleanup_loop.clock = reactor
-        self._flush_loop = task.LoopingCall(self._flush_tick)
-        self._flush_loop.clock = reactor
         self._flushing: defer.Deferred | None = None
         self.unwritten_at_shutdown: list[str] = []
         """Sessions the final flush could not write (the process then exits non-zero)."""
@@ -107,7 +124,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         for meta in metas:
             session = Session.from_meta(meta)
             self._add(session)
-        self.shared_bindings = await self.store.read_shared()
+        self.shared.bindings = await self.store.read_shared()
         now = self.clock.seconds()
         active = sum(1 for s in self.sessions.values() if s.is_active(now))
         self.log.info(
@@ -116,15 +133,19 @@ class SessionService(LiveImageCommands, service.MultiService):
             active=active,
             data=self.settings.data_dir,
         )
-        self._cleanup_loop.start(self.settings.cleanup_interval, now=False)
-        if self.settings.durability == "batch":
-            self._flush_loop.start(self.settings.flush_interval, now=False)
-        if self.image is not None and self.shared_bindings:
-            await self._ensure_shared(await self.image.current_generation())
+        await self.live.start()
 
     def _start_failed(self, failure):
         self.log.failure("session service could not start", failure)
         return failure
+
+    def is_ready(self) -> bool:
+        """Whether the store is open and the index loaded (and start-up did not fail)."""
+        return (
+            self._ready is not None
+            and self._ready.called
+            and not isinstance(self._ready.result, Exception)
+        )
 
     async def ready(self) -> None:
         """Wait until the store is open and the index loaded."""
@@ -143,15 +164,14 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     async def _stop(self) -> None:
         # Order matters: no change may be acknowledged after the final flush.
-        # Listeners stop first (they are stopped before this service); then
+        # Listeners stop first (they are stopped before this service), and the
+        # cleanup and flush timers (tap.py stops them just before it); then
         # open connections stop being read and every later change is refused;
-        # then everything dirty is written.
+        # then everything dirty is written.  The image stops after this
+        # (tap.py: the session core stops its children one after another).
         self._stopping = True
         for connection in self.connections:
             connection.close()
-        for loop in (self._cleanup_loop, self._flush_loop):
-            if loop.running:
-                loop.stop()
         unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
             try:
@@ -159,13 +179,13 @@ class SessionService(LiveImageCommands, service.MultiService):
             except Exception:
                 self.log.failure("flush at shutdown failed")
             unwritten = sorted(self._dirty)
-            if self._shared_dirty:
+            if self.shared.dirty:
                 unwritten.append("(the shared namespace)")
             try:
                 await self._write_index()
             except Exception:
                 self.log.failure("writing the session index at shutdown failed")
-        await super().stopService()
+        super().stopService()
         await self.store.close()
         if unwritten:
             self.unwritten_at_shutdown = unwritten
@@ -183,10 +203,20 @@ class SessionService(LiveImageCommands, service.MultiService):
     def now(self) -> float:
         return self.clock.seconds()
 
-    async def _session_for(self, call, *, touch: bool = True) -> Session:
-        """The session a command names (or the connection's current one), checked."""
+    async def _session_for(
+        self,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        *,
+        touch: bool = True,
+    ) -> Session:
+        """The session C{session_id} names (or C{connection}'s current one), checked.
+
+        @param client_id: the acting client; C{None} acts for any (auth off, no id given).
+        """
         await self.ready()
-        session_id = call.params.get("session_id") or call.context.current_session_id
+        session_id = session_id or connection.current_session_id
         if session_id is None:
             raise StuiError(
                 "NoSession",
@@ -194,8 +224,7 @@ class SessionService(LiveImageCommands, service.MultiService):
                 "create_session or restore_session first",
             )
         session = self.sessions.get(session_id)
-        acting = call.client_id
-        if session is None or (acting is not None and session.client_id != acting):
+        if session is None or (client_id is not None and session.client_id != client_id):
             raise StuiError(
                 "SessionNotFound",
                 f"no session {session_id[:80]!r} for this client",
@@ -254,13 +283,15 @@ class SessionService(LiveImageCommands, service.MultiService):
         """The sessions of one client, without scanning every session."""
         return [self.sessions[sid] for sid in self._by_client.get(client_id, ())]
 
-    def _owned_client(self, call, required: bool = True) -> str | None:
-        client_id = call.client_id
+    @staticmethod
+    def _owned_client(client_id: str | None) -> str:
         if client_id is None:
-            if required:
-                raise invalid_parameter("client_id", "is required")
-            return None
+            raise invalid_parameter("client_id", "is required")
         return check_client_id(client_id)
+
+    def live_sessions(self) -> list[Session]:
+        """The active sessions that were live in the image (for L{LiveSessions})."""
+        return [s for s in self.sessions.values() if s.materialized and s.state == ACTIVE]
 
     # ================================================================ persistence
 
@@ -280,7 +311,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         session.size_bytes = size
         return size
 
-    async def _changed(self, session: Session, action: str) -> None:
+    async def changed(self, session: Session, action: str) -> None:
         """Record a content change; durable before return under C{always}.
 
         During shutdown, after the final flush has begun, a change is refused
@@ -308,7 +339,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._storage_degraded = True
             raise _storage_error(exc, action) from exc
         self._wrote(session, result, version)
-        if self._shared_dirty:
+        if self.shared.dirty:
             await self._write_shared(action)
         return result
 
@@ -325,11 +356,11 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._dirty.discard(session.session_id)
 
     async def _write_shared(self, action: str = "save the shared namespace") -> None:
-        self._shared_dirty = False
+        self.shared.dirty = False
         try:
-            await self.store.write_shared(dict(self.shared_bindings))
+            await self.store.write_shared(dict(self.shared.bindings))
         except StorageFailure as exc:
-            self._shared_dirty = True
+            self.shared.dirty = True
             raise _storage_error(exc, action) from exc
 
     async def flush(self) -> None:
@@ -342,7 +373,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         """
         if self._flushing is not None:
             await self._flushing_wait()
-        if not self._dirty and not self._shared_dirty:
+        if not self._dirty and not self.shared.dirty:
             return
         self._flushing = defer.Deferred()
         try:
@@ -350,7 +381,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             self._dirty.clear()
             if dirty:
                 await self._flush_sessions(dirty)
-            if self._shared_dirty:
+            if self.shared.dirty:
                 try:
                     await self._write_shared()
                 except StuiError as exc:
@@ -440,12 +471,15 @@ class SessionService(LiveImageCommands, service.MultiService):
             from twisted.internet import reactor as loop  # the running one
         return task.deferLater(loop, 0, lambda: None)
 
-    async def _flush_tick(self) -> None:
+    async def flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
 
-        (A LoopingCall stops for good when its call fails, which would leave
-        every later change unwritten.)
+        (A TimerService's loop stops for good when its call fails, which would
+        leave every later change unwritten.)  Before the service is ready, and
+        once it is stopping (its own final flush follows), it does nothing.
         """
+        if not self.is_ready() or self._stopping:
+            return
         try:
             await self.flush()
         except Exception:
@@ -460,6 +494,15 @@ class SessionService(LiveImageCommands, service.MultiService):
         await self.store.write_index([s.meta() for s in self.sessions.values()])
 
     # ================================================================ cleanup
+
+    async def cleanup_tick(self) -> None:
+        """One run of the cleanup timer (tap.py): L{cleanup} once the service is ready.
+
+        The timer's first run comes at start-up, before the index is loaded;
+        it and any run once the service is stopping do nothing.
+        """
+        if self.is_ready() and not self._stopping:
+            await self.cleanup()
 
     async def cleanup(self) -> None:
         """Expire idle sessions, apply retention, flush, write the index.
@@ -500,8 +543,9 @@ class SessionService(LiveImageCommands, service.MultiService):
             client=session.client_id,
             timeout=session.timeout,
         )
-        if self.image is not None:
-            self.image.drop_session(session.session_id).addErrback(
+        dropped = self.live.drop(session.session_id)
+        if dropped is not None:
+            dropped.addErrback(
                 lambda f: self.log.failure("image: dropping {sid}", f, sid=session.session_id)
             )
 
@@ -533,12 +577,20 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     # ================================================================ session commands
 
-    async def create_session(self, call) -> dict:
+    async def create_session(
+        self,
+        *,
+        client_id: str | None,
+        timeout: float | None,
+        client_info: dict | None,
+        connection: ConnectionContext,
+    ) -> Session:
+        """A new session of C{client_id}; it becomes C{connection}'s current one."""
         await self.ready()
-        client_id = self._owned_client(call)
+        client_id = self._owned_client(client_id)
         self.policy.admit(client_id)
         now = self.now()
-        timeout = self._timeout_param(call.params.get("timeout"))
+        timeout = self._timeout_param(timeout)
         active = [s for s in self._sessions_of(client_id) if s.is_active(now)]
         if len(active) >= self.settings.max_sessions_per_client:
             raise StuiError(
@@ -560,7 +612,6 @@ class SessionService(LiveImageCommands, service.MultiService):
                 scope="server",
             )
         self.policy.record_create(client_id, now)
-        client_info = call.params.get("client_info") or {}
         session = Session(
             session_id=new_session_id(),
             client_id=client_id,
@@ -568,25 +619,23 @@ class SessionService(LiveImageCommands, service.MultiService):
             timeout=timeout,
             last_activity=now,
             last_modified=now,
-            client_info=client_info,
+            client_info=client_info or {},
         )
         self._check_size(session)
         self._add(session)
         try:
-            await self._changed(session, "create the session")
+            await self.changed(session, "create the session")
         except StuiError:
             self._remove(session)
             raise
-        call.context.current_session_id = session.session_id
+        connection.current_session_id = session.session_id
         self.log.info(
             "{conn} created session {sid} for {client}",
-            conn=call.context.label,
+            conn=connection.label,
             sid=session.session_id,
             client=client_id,
         )
-        result = session.record(now)
-        result["capabilities"] = list(self.settings.capabilities)
-        return result
+        return session
 
     def _timeout_param(self, value) -> float:
         if value is None:
@@ -599,72 +648,63 @@ class SessionService(LiveImageCommands, service.MultiService):
             )
         return float(value)
 
-    async def restore_session(self, call) -> dict:
-        session = await self._session_for(call)
-        call.context.current_session_id = session.session_id
-        restored = {"restored": [], "unrestorable": list(session.unrestorable)}
-        if self._is_live(session):
-            # Already live in the image (another connection, or a reconnect):
-            # attach without rebuilding, so live objects that cannot be stored
-            # (sockets, lambdas) are not thrown away.
-            restored = {
-                "restored": [v.get("name") for v in session.variables],
-                "unrestorable": list(session.unrestorable),
-            }
-        elif self.image is not None:
-            restored = await self._restore_in_image(session)
+    async def restore_session(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> RestoreResult:
+        """Reattach C{connection} to a session, its namespace live in the image."""
+        session = await self._session_for(session_id, client_id, connection)
+        connection.current_session_id = session.session_id
+        rebuilt = await self.live.restore(session)
         self.log.info(
-            "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id
+            "{conn} restored session {sid}", conn=connection.label, sid=session.session_id
         )
-        result = session.record(self.now())
-        result.update(session.context())
-        result["restored_bindings"] = restored["restored"]
-        result["unrestorable_bindings"] = restored["unrestorable"]
-        return result
+        return RestoreResult(session, rebuilt)
 
-    async def update_session_state(self, call) -> dict:
-        params = call.params
-        parts = [
-            k
-            for k in ("state_data", "workspace_context", "inspector_state")
-            if k in call.request.parameters
-        ]
+    async def update_session_state(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        state_data: Any = UNSET,
+        workspace_context: Any = UNSET,
+        inspector_state: Any = UNSET,
+        merge: bool = False,
+    ) -> Session:
+        """Store client state: each part given replaces (or, C{merge}, patches) its own."""
+        given = {
+            "state_data": state_data,
+            "workspace_context": workspace_context,
+            "inspector_state": inspector_state,
+        }
+        parts = [name for name, value in given.items() if value is not UNSET]
         if not parts:
             raise StuiError(
                 "InvalidRequest",
                 "give at least one of 'state_data', 'workspace_context', 'inspector_state'",
                 parameter="state_data",
             )
-        session = await self._session_for(call)
-        merge = params["merge"]
+        session = await self._session_for(session_id, client_id, connection)
         before = (session.session_state, session.client_workspace, session.inspector_view)
-        if "state_data" in parts:
-            data = call.request.parameters["state_data"]
-            session.session_state = merge_patch(session.session_state, data) if merge else data
-        if "workspace_context" in parts:
-            session.client_workspace = self._client_part(
-                session.client_workspace,
-                params["workspace_context"],
-                "workspace_context",
-                "client",
-                merge,
+        if state_data is not UNSET:
+            session.session_state = (
+                merge_patch(session.session_state, state_data) if merge else state_data
             )
-        if "inspector_state" in parts:
+        if workspace_context is not UNSET:
+            session.client_workspace = self._client_part(
+                session.client_workspace, workspace_context, "workspace_context", "client", merge
+            )
+        if inspector_state is not UNSET:
             session.inspector_view = self._client_part(
-                session.inspector_view, params["inspector_state"], "inspector_state", "view", merge
+                session.inspector_view, inspector_state, "inspector_state", "view", merge
             )
         try:
             self._check_size(session)
-            await self._changed(session, "save the session state")
+            await self.changed(session, "save the session state")
         except StuiError:
             session.session_state, session.client_workspace, session.inspector_view = before
             raise
-        return {
-            "session_id": session.session_id,
-            "last_modified": iso_timestamp(session.last_modified),
-            "session_state": session.session_state,
-            "update_successful": True,
-        }
+        return session
 
     @staticmethod
     def _client_part(current: dict, given: Any, name: str, key: str, merge: bool) -> dict:
@@ -676,11 +716,18 @@ class SessionService(LiveImageCommands, service.MultiService):
             raise invalid_parameter(f"{name}.{key}", "must be an object")
         return merge_patch(current, value) if merge else value
 
-    async def close_session(self, call) -> dict:
-        session = await self._session_for(call)
+    async def close_session(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        save_state: bool = True,
+    ) -> Session:
+        """End a session for good (without C{save_state}: as it was last written)."""
+        session = await self._session_for(session_id, client_id, connection)
         now = self.now()
-        save = call.params["save_state"]
-        if not save:
+        if not save_state:
             try:
                 document = await self.store.read(session.client_id, session.session_id)
                 session.load_document(document)
@@ -699,50 +746,48 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.state, session.closed_at = ACTIVE, None
             self._active_ids.add(session.session_id)
             raise
-        if call.context.current_session_id == session.session_id:
-            call.context.current_session_id = None
-        for connection in self.connections:
-            if connection.context.current_session_id == session.session_id:
-                connection.context.current_session_id = None
-        if self.image is not None:
-            await self.image.drop_session(session.session_id)
+        if connection.current_session_id == session.session_id:
+            connection.current_session_id = None
+        for other in self.connections:
+            if other.context.current_session_id == session.session_id:
+                other.context.current_session_id = None
+        dropped = self.live.drop(session.session_id)
+        if dropped is not None:
+            await dropped
         self.log.info(
             "{conn} closed session {sid} (saved={saved})",
-            conn=call.context.label,
+            conn=connection.label,
             sid=session.session_id,
-            saved=save,
+            saved=save_state,
         )
-        return {"session_id": session.session_id, "closed": True, "saved": bool(save)}
+        return session
 
-    async def get_session_info(self, call) -> dict:
-        session = await self._session_for(call, touch=False)
-        result = session.record(self.now())
-        result.update(
-            {
-                "variable_count": len(session.variables),
-                "history_length": len(session.history),
-                "size_bytes": session.size_bytes or self._size_of(session),
-                "attached_connections": self.connections.attached_to(session.session_id),
-            }
+    async def get_session_info(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SessionInfo:
+        """The session (not touched: asking about it is not activity) and its sizes."""
+        session = await self._session_for(session_id, client_id, connection, touch=False)
+        return SessionInfo(
+            session,
+            size_bytes=session.size_bytes or self._size_of(session),
+            attached_connections=self.connections.attached_to(session.session_id),
         )
-        return result
 
-    async def list_client_sessions(self, call) -> dict:
+    async def list_client_sessions(
+        self, *, client_id: str | None, include_inactive: bool = False
+    ) -> ClientSessions:
+        """C{client_id}'s sessions (only active ones unless C{include_inactive}), oldest first."""
         await self.ready()
-        client_id = self._owned_client(call)
+        client_id = self._owned_client(client_id)
         now = self.now()
-        include_inactive = call.params["include_inactive"]
         sessions = sorted(
             (s for s in self._sessions_of(client_id) if include_inactive or s.is_active(now)),
             key=lambda s: s.created_at,
         )
-        return {
-            "client_id": client_id,
-            "session_count": len(sessions),
-            "sessions": [s.record(now) for s in sessions],
-        }
+        return ClientSessions(client_id, sessions)
 
-    async def get_session_statistics(self, call) -> dict:
+    async def get_session_statistics(self) -> SessionStatistics:
+        """Server-wide session counts, connections and storage counters."""
         await self.ready()
         now = self.now()
         counts = {ACTIVE: 0, EXPIRED: 0, CLOSED: 0}
@@ -757,40 +802,25 @@ class SessionService(LiveImageCommands, service.MultiService):
                 clients.add(session.client_id)
         storage = dict(self.store.statistics())
         storage["pending_writes"] = storage.get("pending_writes", 0) + len(self._dirty)
-        return {
-            "total_sessions": len(self.sessions),
-            "active_sessions": counts[ACTIVE],
-            "expired_sessions": counts[EXPIRED],
-            "closed_sessions": counts[CLOSED],
-            "active_clients": len(clients),
-            "connected_clients": len(self.connections),
-            "max_sessions_per_client": self.settings.max_sessions_per_client,
-            "default_timeout": self.settings.default_timeout,
-            "cleanup_interval": self.settings.cleanup_interval,
-            "uptime": round(now - (self._started_at or now), 3),
-            "durability": self.settings.durability,
-            "storage": storage,
-        }
+        return SessionStatistics(
+            total=len(self.sessions),
+            active=counts[ACTIVE],
+            expired=counts[EXPIRED],
+            closed=counts[CLOSED],
+            active_clients=len(clients),
+            connected_clients=len(self.connections),
+            uptime=round(now - (self._started_at or now), 3),
+            storage=storage,
+        )
 
     # ================================================================ context commands
 
-    async def save_context(self, call) -> dict:
-        session = await self._session_for(call)
-        if self._is_live(session):
-            try:
-                snapshot = await self.image.snapshot(
-                    session.session_id, generation=session.image_generation
-                )
-            except StuiError as error:
-                if error.error_type != "ImageRestarted":
-                    raise
-                # The namespace is gone with its image: what is stored is
-                # everything that was acknowledged, and that is what is saved.
-                snapshot = {}
-            session.bindings = snapshot.get("bindings", session.bindings)
-            if "variables" in snapshot:
-                self._set_variables(session, snapshot["variables"])
-            self._fit_bindings(session)
+    async def save_context(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SaveResult:
+        """Write the session (its live namespace included) durably now, and a saved copy."""
+        session = await self._session_for(session_id, client_id, connection)
+        await self.live.snapshot_into(session)
         # One stamp for both files: save_context's saved_at, the session's
         # last_saved_at and load_context's saved_at are the same string.
         # The session file first: a save that fails leaves the previous saved
@@ -802,16 +832,13 @@ class SessionService(LiveImageCommands, service.MultiService):
             await self.store.write(document, saved_at=stamp, saved_copy=True)
         except StorageFailure as exc:
             raise _storage_error(exc, "save the context") from exc
-        return {
-            "session_id": session.session_id,
-            "saved": True,
-            "saved_at": result.saved_at,
-            "size_bytes": result.size_bytes,
-            "checksum": result.checksum,
-        }
+        return SaveResult(session.session_id, result.saved_at, result.size_bytes, result.checksum)
 
-    async def load_context(self, call) -> dict:
-        session = await self._session_for(call)
+    async def load_context(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> LoadResult:
+        """Replace the in-memory context with the copy C{save_context} wrote last."""
+        session = await self._session_for(session_id, client_id, connection)
         try:
             document, saved_at = await self.store.read_saved(session.client_id, session.session_id)
         except KeyError:
@@ -828,43 +855,30 @@ class SessionService(LiveImageCommands, service.MultiService):
         session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state
         # must not leave that state on disk with the session marked clean.
-        await self._changed(session, "load the context")
-        restored = {"restored": [], "unrestorable": []}
-        if self.image is not None:
-            restored = await self._restore_in_image(session, rebuild=True)
-        context = session.context()
-        return {
-            "session_id": session.session_id,
-            "loaded": True,
-            "saved_at": saved_at,
-            "context": context,
-            "restored_bindings": restored["restored"],
-            "unrestorable_bindings": restored["unrestorable"],
-        }
+        await self.changed(session, "load the context")
+        rebuilt = await self.live.restore(session, rebuild=True)
+        return LoadResult(session, saved_at, rebuilt)
 
-    async def get_context_summary(self, call) -> dict:
-        session = await self._session_for(call, touch=False)
-        return {
-            "session_id": session.session_id,
-            "variables": [
-                {"name": v.get("name"), "type": v.get("type"), "repr": v.get("repr")}
-                for v in session.variables
-            ],
-            "variable_count": len(session.variables),
-            "history_length": len(session.history),
-            "last_evaluation": session.history[-1] if session.history else None,
-            "registry_size": len(session.registry),
-            "inspector": {
-                "selected_object": session.inspector_selected,
-                "history_length": len(session.inspector_history),
-            },
-            "size_bytes": session.size_bytes or self._size_of(session),
-            "dirty": session.dirty,
-            "last_saved_at": session.last_saved_at,
-        }
+    async def get_context_summary(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SessionInfo:
+        """The session, not touched, for a summary of its context."""
+        return await self.get_session_info(
+            session_id=session_id, client_id=client_id, connection=connection
+        )
 
-    async def clear_context(self, call) -> dict:
-        parts = call.params.get("parts")
+    async def clear_context(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        parts: list | None = None,
+    ) -> tuple[str, list[str]]:
+        """Forget C{parts} of the context (all of them by default).
+
+        Answers the session's id and the parts cleared.
+        """
         if parts is None:
             parts = list(CONTEXT_PARTS)
         for part in parts:
@@ -873,28 +887,11 @@ class SessionService(LiveImageCommands, service.MultiService):
                     "parts",
                     f"has unknown part {str(part)[:40]!r}; use any of {', '.join(CONTEXT_PARTS)}",
                 )
-        session = await self._session_for(call)
+        session = await self._session_for(session_id, client_id, connection)
         image_parts = [p for p in ("variables", "registry") if p in parts]
-        if image_parts and self.image is not None:
-            # Under the session's image lock: a rebuild in progress must not
-            # bring back what is being cleared.
-            lock = self._image_lock(session.session_id)
-            await lock.acquire()
-            try:
-                if self._is_live(session):
-                    await self.image.clear(
-                        session.session_id, image_parts, generation=session.image_generation
-                    )
-                self._clear_parts(session, parts)
-            finally:
-                self._release_image_lock(session.session_id, lock)
-        else:
-            self._clear_parts(session, parts)
-        await self._changed(session, "clear the context")
-        return {
-            "session_id": session.session_id,
-            "cleared": [p for p in CONTEXT_PARTS if p in parts],
-        }
+        await self.live.clear(session, image_parts, lambda: self._clear_parts(session, parts))
+        await self.changed(session, "clear the context")
+        return session.session_id, [p for p in CONTEXT_PARTS if p in parts]
 
     @staticmethod
     def _clear_parts(session: Session, parts) -> None:
@@ -914,12 +911,61 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.session_state = {}
             session.client_workspace = {}
 
+    # ================================================================ image commands
+
+    async def evaluate(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        code: str,
+        mode: str = "execute",
+        timeout: float | None = None,
+    ) -> EvaluationOutcome:
+        """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.evaluate(session, code, mode, timeout)
+
+    async def inspect(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        object_id: str | None = None,
+        expression: str | None = None,
+        limit: int = 100,
+    ) -> Inspection:
+        """Look inside an object of the session (see L{LiveSessions.inspect})."""
+        LiveSessions.check_inspect(object_id, expression, limit)
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.inspect(session, object_id, expression, limit)
+
+    async def complete(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        code: str,
+        cursor_pos: int | None = None,
+    ) -> Completions:
+        """Completions at the cursor (see L{LiveSessions.complete})."""
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.complete(session, code, cursor_pos)
+
+    async def interrupt(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> tuple[str, bool]:
+        """Stop the session's running evaluation: (session id, whether one was stopped)."""
+        session = await self._session_for(session_id, client_id, connection)
+        return session.session_id, await self.live.interrupt(session)
+
     # ================================================================ misc
 
     def uptime(self) -> float:
         return round(self.now() - (self._started_at or self.now()), 3)
 
     def image_status(self) -> dict:
-        if self.image is None:
-            return {"status": "disabled", "pid": None, "started_at": None}
-        return self.image.status()
+        return self.live.status()
