@@ -6,6 +6,7 @@ import json
 
 import pytest
 import pytest_twisted
+from twisted.application import service
 from twisted.internet import defer, reactor, task
 
 from stui_twisted.dispatch.commands import build_commands
@@ -767,3 +768,198 @@ def test_max_sessions_total_option_and_ini_key(tmp_path):
     options = Options()
     options.parseOptions([f"--config={ini}", "--max-sessions-total=9"])
     assert options.settings.max_sessions_total == 9
+
+
+# -- issue 14: the protocol-free service, the live component, the session core -------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_takes_typed_arguments_and_answers_domain_objects(make):
+    from stui_twisted.protocol.errors import StuiError
+    from stui_twisted.sessions.live import LiveSessions
+    from stui_twisted.sessions.model import Session
+    from stui_twisted.sessions.results import RestoreResult, SessionStatistics
+
+    h = await make()
+    conn = h.connection()
+    session = await h.service.create_session(
+        client_id="alice", timeout=60, client_info={"platform": "tty"}, connection=conn
+    )
+    assert isinstance(session, Session)
+    assert (session.client_id, session.timeout, session.client_info) == (
+        "alice",
+        60.0,
+        {"platform": "tty"},
+    )
+    assert session.created_at == START  # read from the injected clock
+    assert conn.current_session_id == session.session_id
+    other = h.connection()
+    restored = await h.service.restore_session(
+        session_id=session.session_id, client_id="alice", connection=other
+    )
+    assert isinstance(restored, RestoreResult) and restored.session is session
+    assert other.current_session_id == session.session_id
+    stats = await h.service.get_session_statistics()
+    assert isinstance(stats, SessionStatistics) and (stats.total, stats.active) == (1, 1)
+    with pytest.raises(StuiError) as caught:
+        await h.service.get_session_info(session_id=None, client_id="bob", connection=other)
+    assert caught.value.error_type == "SessionNotFound"
+    # the live-image part is a component the service owns, not a base class
+    assert isinstance(h.service.live, LiveSessions)
+    assert not isinstance(h.service, LiveSessions)
+
+
+class _ScriptedImage:
+    """An image that answers every evaluation with one scripted outcome."""
+
+    live_generation = 1
+
+    def __init__(self, outcome: dict) -> None:
+        self.outcome = outcome
+        self.observers = []
+        self.evaluated = []
+        self.rebuilt = []
+
+    def addRestartObserver(self, observer):  # noqa: N802
+        self.observers.append(observer)
+
+    def current_generation(self):
+        return defer.succeed(self.live_generation)
+
+    def evaluate(self, session_id, code, mode, timeout, *, generation, cell_index):
+        self.evaluated.append((session_id, code, generation, cell_index))
+        return defer.succeed(dict(self.outcome))
+
+    def materialize_shared(self, bindings, *, generation):
+        self.rebuilt.append(("shared", sorted(bindings), generation))
+        return defer.succeed({"unrestorable": []})
+
+    def materialize(self, session_id, bindings, registry, next_object_id, *, generation):
+        self.rebuilt.append((session_id, sorted(bindings), generation))
+        return defer.succeed({"restored": sorted(bindings), "unrestorable": []})
+
+
+class _View:
+    """A SessionsView: the three members LiveSessions may use of its service."""
+
+    def __init__(self, sessions) -> None:
+        from stui_twisted.sessions.results import SharedNamespace
+
+        self.shared = SharedNamespace()
+        self.sessions = sessions
+        self.changes = []
+
+    def live_sessions(self):
+        return [s for s in self.sessions if s.materialized]
+
+    async def changed(self, session, action):
+        self.changes.append((session.session_id, action))
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_sessions_works_through_its_small_view_of_the_service():
+    from stui_twisted.sessions.live import LiveSessions
+    from stui_twisted.sessions.model import Session
+    from stui_twisted.sessions.results import EvaluationOutcome
+
+    clock = task.Clock()
+    clock.advance(START)
+    session = Session("s_" + "c" * 22, "alice", 0.0, 60.0, 0.0, 0.0)
+    view = _View([session])
+    image = _ScriptedImage(
+        {
+            "result": "2",
+            "result_type": "int",
+            "output": "",
+            "execution_time": 0.5,
+            "bindings_changed": {"x": {"encoding": "json", "value": 2, "type": "int"}},
+            "shared_changed": {"team": {"encoding": "json", "value": "ok", "type": "str"}},
+            "variables": [{"name": "x", "type": "int", "repr": "2"}],
+        }
+    )
+    live = LiveSessions(view, image, Settings(image_enabled=True), clock)
+    assert image.observers == [live.image_restarted]
+    outcome = await live.evaluate(session, "x = 2", "execute", None)
+    assert isinstance(outcome, EvaluationOutcome)
+    assert (outcome.result, outcome.history_index) == ("2", 1)
+    assert view.changes == [(session.session_id, "record the evaluation")]
+    assert session.bindings["x"]["value"] == 2
+    assert view.shared.dirty and view.shared.bindings["team"]["value"] == "ok"
+    assert session.history[0]["timestamp"].startswith("2026-09-21T")  # the injected clock
+    # a restarted image rebuilds what the view says was live
+    image.live_generation = 2
+    await image.observers[0]()
+    assert session.image_generation == 2
+    assert image.rebuilt == [("shared", ["team"], 2), (session.session_id, ["x"], 2)]
+
+
+class _RecordingImage(service.Service):
+    """An image service that records when it is stopped."""
+
+    live_generation = None
+
+    def __init__(self, events) -> None:
+        self.events = events
+
+    def addRestartObserver(self, observer):  # noqa: N802
+        pass
+
+    def status(self):
+        return {"status": "running", "pid": None, "started_at": None}
+
+    def stopService(self):  # noqa: N802
+        self.events.append("image stopped")
+        return super().stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_session_core_stops_timers_then_flushes_then_stops_the_image(tmp_path):
+    """The image outlives the final flush, however long that flush takes."""
+    events = []
+    settings = Settings(data_dir=str(tmp_path / "data"), durability="batch", flush_interval=5)
+    clock = task.Clock()
+    clock.advance(START)
+    store = SessionStore(settings.data_dir, reactor=reactor)
+    core, sessions = build_session_core(settings, clock, store, _RecordingImage(events))
+    assert [child.name for child in core] == ["image", "sessions", "cleanup", "flush"]
+    core.startService()
+    await sessions.ready()
+    conn = ConnectionContext(transport="tcp", peer="test")
+    await sessions.create_session(client_id="alice", timeout=None, client_info={}, connection=conn)
+    held = defer.Deferred()
+    real_write_many = store.write_many
+
+    def slow_write_many(snapshots):
+        events.append("flush started")
+        return held.addCallback(lambda _: real_write_many(snapshots))
+
+    store.write_many = slow_write_many
+    stopping = core.stopService()
+    assert events == ["flush started"]  # the timers stopped, the flush runs, the image waits
+    assert not stopping.called
+    held.callback(None)
+    await stopping
+    assert events == ["flush started", "image stopped"]
+    assert sessions.unwritten_at_shutdown == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cleanup_timer_does_nothing_before_the_index_is_loaded(tmp_path, monkeypatch):
+    """TimerService runs its call at once; the first cleanup must not write an empty index."""
+    first = await Harness(tmp_path / "data").start()
+    await first.ok(first.connection(), "create_session", client_id="alice")
+    await first.stop()
+    written = []
+    real_write_index = SessionStore.write_index
+
+    def spy(self, metas):
+        written.append(len(metas))
+        return real_write_index(self, metas)
+
+    monkeypatch.setattr(SessionStore, "write_index", spy)
+    second = await Harness(tmp_path / "data", cleanup_interval=10).start()
+    assert written == []  # the start-up run saw a service not yet ready
+    second.clock.advance(10)
+    await _settle()
+    assert written == [1]
+    await second.stop()
