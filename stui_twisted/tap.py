@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini, shown_default
 from stui_twisted.settings import Settings
+from stui_twisted.transports.listener import ListenerService
 
 log = Logger()
 
@@ -196,38 +197,6 @@ class ServerRoot(service.MultiService):
                 line, short = _listen_failure(option, child, exc)
                 log.critical("{message}", message=line)
                 raise StartupFailed(short) from None
-
-
-class ListenerService(internet.StreamServerEndpointService):
-    """A strports listener that logs the address it actually bound.
-
-    The log line (C{tcp listening on 127.0.0.1:7555}) tells operators and
-    tests which port an ephemeral C{tcp:0} description received.  A port that
-    cannot be bound stops start-up with an error instead of running deaf.
-    """
-
-    _raiseSynchronously = True
-
-    def __init__(self, name: str, endpoint, factory, description: str = "") -> None:
-        super().__init__(endpoint, factory)
-        self.listener_name = name
-        self.description = description
-        self.port = None
-
-    def privilegedStartService(self) -> None:  # noqa: N802
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port):
-        self.port = port
-        address = port.getHost()
-        log.info(
-            "{name} listening on {host}:{port}",
-            name=self.listener_name,
-            host=getattr(address, "host", address),
-            port=getattr(address, "port", ""),
-        )
-        return port
 
 
 class StopInOrder(service.MultiService):

@@ -963,3 +963,74 @@ async def test_the_cleanup_timer_does_nothing_before_the_index_is_loaded(tmp_pat
     await _settle()
     assert written == [1]
     await second.stop()
+
+
+def test_client_connections_offer_only_what_the_core_uses():
+    """IClientConnection is sendReply and close (no unused sendEvent); both transports provide it."""
+    from zope.interface.verify import verifyClass
+
+    from stui_twisted.dispatch.interfaces import IClientConnection
+    from stui_twisted.transports.linejson import LineJSONProtocol
+    from stui_twisted.transports.zmqrouter import ZmqPeer
+
+    assert sorted(IClientConnection.names()) == ["close", "context", "sendReply"]
+    for transport in (LineJSONProtocol, ZmqPeer):
+        assert verifyClass(IClientConnection, transport)
+        assert not hasattr(transport, "sendEvent")
+
+
+def _import_graph(root) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (function-level too; not TYPE_CHECKING)."""
+    import ast
+
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for child in node.body
+            for inner in ast.walk(child)
+        }
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.add(full if full in modules else node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycles():
+    """tap.py assembles the tree and nothing imports it back (ops.metrics used to)."""
+    import pathlib
+
+    import stui_twisted
+
+    graph = _import_graph(pathlib.Path(stui_twisted.__file__).parent)
+    assert not [m for m, imported in graph.items() if "stui_twisted.tap" in imported]
+    done: set[str] = set()
+
+    def cycle_from(module, path):
+        for imported in sorted(graph[module]):
+            if imported in path:
+                return path[path.index(imported) :] + [imported]
+            if imported not in done:
+                found = cycle_from(imported, path + [imported])
+                if found:
+                    return found
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        assert cycle_from(module, [module]) is None

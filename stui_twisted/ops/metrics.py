@@ -358,7 +358,7 @@ def metrics_listener(
     It logs C{metrics listening on HOST:PORT} once bound, like the other
     listeners.  Nothing listens before C{startService}.
     """
-    from stui_twisted.tap import ListenerService
+    from stui_twisted.transports.listener import ListenerService
 
     registry = build_registry(service, dispatcher, connections)
     listener = ListenerService(

@@ -393,6 +393,8 @@ class SessionService(service.Service):
     async def _flush_sessions(self, dirty: list[Session]) -> None:
         snapshots: dict[str, tuple[int, object]] = {}
         failed = 0
+        # A stopwatch, not the clock: it measures how long this flush has held
+        # the reactor thread, which an injected task.Clock cannot tell.
         slice_started = time.perf_counter()
         for session in dirty:
             if time.perf_counter() - slice_started > FLUSH_SLICE_SECONDS:
