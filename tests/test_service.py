@@ -421,10 +421,10 @@ async def test_batch_durability_flushes_on_the_flush_loop(make):
     conn = h.connection()
     sid = (await h.ok(conn, "create_session", client_id="alice"))["session_id"]
     await h.ok(conn, "update_session_state", state_data={"n": 1})
-    assert sid in h.service._dirty
+    assert sid in h.service.writer.dirty
     h.clock.advance(0.5)  # the flush loop runs on the injected clock
     await _settle()
-    assert sid not in h.service._dirty
+    assert sid not in h.service.writer.dirty
     assert (await h.store.read("alice", sid))["session_state"] == {"n": 1}
 
 
@@ -433,9 +433,9 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     make, monkeypatch
 ):
     """With a zero slice every session yields: changes made meanwhile are what is written."""
-    from stui_twisted.sessions import service as service_module
+    from stui_twisted.sessions import persistence
 
-    monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(persistence, "FLUSH_SLICE_SECONDS", 0.0)
     h = await make(durability="batch", flush_interval=0.5)
     conn = h.connection()
     sids = []
@@ -456,7 +456,7 @@ async def test_a_sliced_flush_serves_requests_between_slices_and_writes_the_late
     assert flushing.called
     assert (await h.store.read("c0", sids[0]))["session_state"] == {"late": True}
     assert (await h.store.read("c1", sids[1]))["client_id"] == "c1"
-    assert sids[0] not in h.service._dirty and sids[1] not in h.service._dirty
+    assert sids[0] not in h.service.writer.dirty and sids[1] not in h.service.writer.dirty
 
 
 @pytest.mark.timeout(20)
@@ -470,16 +470,16 @@ async def test_a_sliced_flush_finishes_although_nobody_advances_the_clock(make, 
     slow failure log) never finished, and neither did the shutdown waiting
     for it.  With a zero slice every session yields.
     """
-    from stui_twisted.sessions import service as service_module
+    from stui_twisted.sessions import persistence
 
-    monkeypatch.setattr(service_module, "FLUSH_SLICE_SECONDS", 0.0)
+    monkeypatch.setattr(persistence, "FLUSH_SLICE_SECONDS", 0.0)
     h = await make(durability="batch", flush_interval=0.5)
     conn = h.connection()
     for n in range(3):
         await h.ok(conn, "create_session", client_id=f"c{n}")
-    assert len(h.service._dirty) == 3
+    assert len(h.service.writer.dirty) == 3
     await h.service.flush()
-    assert not h.service._dirty
+    assert not h.service.writer.dirty
     await h.stop()
 
 
@@ -500,12 +500,12 @@ async def test_a_session_that_cannot_be_serialized_stays_dirty_and_the_rest_is_w
 
     monkeypatch.setattr(h.store, "snapshot", snapshot)
     await h.service.flush()
-    assert bad in h.service._dirty and good not in h.service._dirty
-    assert h.service._storage_degraded
+    assert bad in h.service.writer.dirty and good not in h.service.writer.dirty
+    assert h.service.writer.degraded
     assert (await h.store.read("good", good))["client_id"] == "good"
     monkeypatch.setattr(h.store, "snapshot", real_snapshot)
     await h.service.flush()
-    assert bad not in h.service._dirty and not h.service._storage_degraded
+    assert bad not in h.service.writer.dirty and not h.service.writer.degraded
     assert (await h.store.read("bad", bad))["client_id"] == "bad"
 
 
@@ -659,10 +659,10 @@ async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
     h.clock.advance(0.5)
     await _settle()
     monkeypatch.setattr(h.store, "write_many", real_write_many)
-    assert sid in h.service._dirty  # the failed group stays dirty
+    assert sid in h.service.writer.dirty  # the failed group stays dirty
     h.clock.advance(0.5)
     await _settle()
-    assert sid not in h.service._dirty
+    assert sid not in h.service.writer.dirty
     assert (await h.store.read("alice", sid))["client_id"] == "alice"
 
 

@@ -2,28 +2,28 @@
 
 It applies protocol.md's session rules (current session, ownership, idle
 expiry, limits, rate limits, allow/deny lists), keeps the sessions in memory,
-and decides when each is written through the :class:`SessionStore` according
-to the durability policy.  Time comes from an injected ``IReactorTime`` so
+and records each change for the :class:`SessionStore` according to the
+durability policy.  Time comes from an injected ``IReactorTime`` so
 tests drive expiry and cleanup with ``task.Clock``.
 
 It is protocol-free: its commands take typed arguments (and the caller's
 :class:`~stui_twisted.dispatch.interfaces.ConnectionContext`) and answer
 :class:`~stui_twisted.sessions.model.Session` objects or the small results of
 :mod:`stui_twisted.sessions.results`; :mod:`stui_twisted.dispatch.commands`
-turns them into replies.  The live image is a component it owns
-(:class:`~stui_twisted.sessions.live.LiveSessions`).  It builds no services:
+turns them into replies.  It owns two components: the live image glue
+(:class:`~stui_twisted.sessions.live.LiveSessions`) and the dirty set and its
+writes (:class:`~stui_twisted.sessions.persistence.SessionWriter`).  It builds
+no services:
 ``tap.py`` parents the image beside it and runs :meth:`SessionService.cleanup_tick`
 and :meth:`SessionService.flush_tick` as ``TimerService`` children.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from stui_twisted.protocol.envelope import iso_timestamp
@@ -37,6 +37,7 @@ from stui_twisted.sessions.model import (
     merge_patch,
     new_session_id,
 )
+from stui_twisted.sessions.persistence import SessionWriter, storage_error
 from stui_twisted.sessions.policy import ClientPolicy, check_client_id
 from stui_twisted.sessions.results import (
     UNSET,
@@ -57,16 +58,7 @@ if TYPE_CHECKING:
     from stui_twisted.dispatch.interfaces import ConnectionContext
 
 DAY = 24 * 3600.0
-FLUSH_SLICE_SECONDS = 0.001
-"""How long a flush serializes sessions before it lets waiting requests be served."""
 CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
-
-
-def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
-    return StuiError(
-        "StorageError",
-        f"could not {action} durably: {failure_or_exc}; nothing was acknowledged",
-    )
 
 
 class SessionService(service.Service):
@@ -101,12 +93,10 @@ class SessionService(service.Service):
         self._by_client: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
-        self._dirty: set[str] = set()
-        self._storage_degraded = False
+        self.writer = SessionWriter(store, settings, reactor, self.sessions, self.shared)
         self._stopping = False
         self._started_at: float | None = None
         self._ready: defer.Deferred | None = None
-        self._flushing: defer.Deferred | None = None
         self.unwritten_at_shutdown: list[str] = []
         """Sessions the final flush could not write (the process then exits non-zero)."""
 
@@ -157,7 +147,7 @@ class SessionService(service.Service):
             try:
                 await waiter
             except Exception as exc:
-                raise _storage_error(exc, "open the data directory") from exc
+                raise storage_error(exc, "open the data directory") from exc
 
     def stopService(self) -> defer.Deferred:  # noqa: N802
         return defer.ensureDeferred(self._stop())
@@ -178,11 +168,11 @@ class SessionService(service.Service):
                 await self.flush()
             except Exception:
                 self.log.failure("flush at shutdown failed")
-            unwritten = sorted(self._dirty)
+            unwritten = sorted(self.writer.dirty)
             if self.shared.dirty:
                 unwritten.append("(the shared namespace)")
             try:
-                await self._write_index()
+                await self.writer.write_index()
             except Exception:
                 self.log.failure("writing the session index at shutdown failed")
         super().stopService()
@@ -258,7 +248,7 @@ class SessionService(service.Service):
             document = {}
             self.log.warn("session {sid} has no file; starting it empty", sid=session.session_id)
         except StorageFailure as exc:
-            raise _storage_error(exc, f"read session {session.session_id!r}") from exc
+            raise storage_error(exc, f"read session {session.session_id!r}") from exc
         if not session.loaded:
             session.load_document(document)
             session.size_bytes = self._size_of(session)
@@ -271,7 +261,7 @@ class SessionService(service.Service):
 
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
-        self._dirty.discard(session.session_id)
+        self.writer.dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
         owned = self._by_client.get(session.client_id)
         if owned is not None:
@@ -323,155 +313,11 @@ class SessionService(service.Service):
                 f"could not {action}: the server is shutting down and nothing was "
                 "acknowledged; reconnect and retry",
             )
-        session.last_modified = self.now()
-        session.dirty = True
-        session.version += 1
-        self._dirty.add(session.session_id)
-        if self.settings.durability == "always" or self._storage_degraded:
-            await self._write_now(session, action)
-
-    async def _write_now(self, session: Session, action: str, *, saved_at: str | None = None):
-        version = session.version
-        document = session.to_document()
-        try:
-            result = await self.store.write(document, saved_at=saved_at)
-        except StorageFailure as exc:
-            self._storage_degraded = True
-            raise _storage_error(exc, action) from exc
-        self._wrote(session, result, version)
-        if self.shared.dirty:
-            await self._write_shared(action)
-        return result
-
-    def _wrote(self, session: Session, result, version: int) -> None:
-        """C{session} as of change C{version} is on disk.
-
-        It is clean only if nothing changed while the write ran; a change made
-        meanwhile keeps it dirty so the next flush writes it.
-        """
-        session.size_bytes = result.size_bytes
-        session.last_saved_at = result.saved_at
-        if self.sessions.get(session.session_id) is session and session.version == version:
-            session.dirty = False
-            self._dirty.discard(session.session_id)
-
-    async def _write_shared(self, action: str = "save the shared namespace") -> None:
-        self.shared.dirty = False
-        try:
-            await self.store.write_shared(dict(self.shared.bindings))
-        except StorageFailure as exc:
-            self.shared.dirty = True
-            raise _storage_error(exc, action) from exc
+        await self.writer.changed(session, action)
 
     async def flush(self) -> None:
-        """Write every dirty session (the C{batch} policy's loop).
-
-        Sessions are serialized on the reactor thread (a session must not
-        change while it is encoded); after L{FLUSH_SLICE_SECONDS} of that
-        the flush lets the reactor serve what is waiting before it goes on.
-        The group is then written as one store job.
-        """
-        if self._flushing is not None:
-            await self._flushing_wait()
-        if not self._dirty and not self.shared.dirty:
-            return
-        self._flushing = defer.Deferred()
-        try:
-            dirty = [self.sessions[sid] for sid in list(self._dirty) if sid in self.sessions]
-            self._dirty.clear()
-            if dirty:
-                await self._flush_sessions(dirty)
-            if self.shared.dirty:
-                try:
-                    await self._write_shared()
-                except StuiError as exc:
-                    self.log.error("flush of shared namespace failed: {error}", error=exc.message)
-        finally:
-            waiting, self._flushing = self._flushing, None
-            waiting.callback(None)
-
-    async def _flush_sessions(self, dirty: list[Session]) -> None:
-        snapshots: dict[str, tuple[int, object]] = {}
-        failed = 0
-        # A stopwatch, not the clock: it measures how long this flush has held
-        # the reactor thread, which an injected task.Clock cannot tell.
-        slice_started = time.perf_counter()
-        for session in dirty:
-            if time.perf_counter() - slice_started > FLUSH_SLICE_SECONDS:
-                await self._next_turn()
-                slice_started = time.perf_counter()
-            snapshot = self._snapshot_or_keep_dirty(session)
-            if snapshot is None:
-                failed += 1
-            else:
-                snapshots[session.session_id] = (session.version, snapshot)
-        # From here to write_many nothing yields: a session that changed (or
-        # was removed) while others were being serialized is taken as it is
-        # now, so no older snapshot is queued behind a newer write.
-        group = []
-        for session in dirty:
-            if (
-                session.session_id not in snapshots
-                or self.sessions.get(session.session_id) is not session
-            ):
-                continue
-            version, snapshot = snapshots[session.session_id]
-            if version != session.version:
-                version, snapshot = session.version, self._snapshot_or_keep_dirty(session)
-                if snapshot is None:
-                    failed += 1
-                    continue
-            group.append(session)
-            snapshots[session.session_id] = (version, snapshot)
-        try:
-            results = await self.store.write_many([snapshots[s.session_id][1] for s in group])
-        except Exception:
-            # Nothing of this group is known to be on disk: keep it dirty.
-            self._dirty.update(s.session_id for s in group)
-            self._storage_degraded = True
-            raise
-        for session in group:
-            outcome = results.get(session.session_id)
-            if outcome is None or not hasattr(outcome, "size_bytes"):
-                failed += 1
-                self._dirty.add(session.session_id)
-            else:
-                self._wrote(session, outcome, snapshots[session.session_id][0])
-        if failed:
-            self._storage_degraded = True
-            self.log.error(
-                "flush: {failed} of {total} sessions could not be written; "
-                "they stay dirty and are retried",
-                failed=failed,
-                total=len(dirty),
-            )
-        elif self._storage_degraded:
-            self._storage_degraded = False
-            self.log.info("flush: storage writes succeed again")
-
-    def _snapshot_or_keep_dirty(self, session: Session):
-        """C{session} serialized for the store, or None (logged; it stays dirty)."""
-        try:
-            return self.store.snapshot(session.to_document())
-        except Exception:
-            self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
-            self._dirty.add(session.session_id)
-            return None
-
-    def _next_turn(self) -> defer.Deferred:
-        """Fires on the next reactor iteration, after what is waiting now.
-
-        A turn belongs to the event loop, not to the clock: when the service
-        was given a clock that is not a reactor (a C{task.Clock} in tests),
-        nothing ever advances it by 0 s, so a yield scheduled on it never
-        fired and the flush (and everything waiting for it, shutdown
-        included) hung whenever serializing took longer than a slice.  The
-        yield therefore always goes through a running reactor.
-        """
-        loop = self.clock if IReactorCore.providedBy(self.clock) else None
-        if loop is None:
-            from twisted.internet import reactor as loop  # the running one
-        return task.deferLater(loop, 0, lambda: None)
+        """Write every dirty session now (see L{SessionWriter.flush})."""
+        await self.writer.flush()
 
     async def flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
@@ -486,14 +332,6 @@ class SessionService(service.Service):
             await self.flush()
         except Exception:
             self.log.failure("batch flush failed; retrying at the next interval")
-
-    async def _flushing_wait(self) -> None:
-        waiter: defer.Deferred = defer.Deferred()
-        self._flushing.addBoth(lambda r: (waiter.callback(None), r)[1])
-        await waiter
-
-    async def _write_index(self) -> None:
-        await self.store.write_index([s.meta() for s in self.sessions.values()])
 
     # ================================================================ cleanup
 
@@ -517,7 +355,7 @@ class SessionService(service.Service):
             ("expire", self._expire_idle),
             ("retention", self._apply_retention),
             ("flush", self._cleanup_flush),
-            ("index", self._write_index),
+            ("index", self.writer.write_index),
         ):
             try:
                 await step()
@@ -538,7 +376,7 @@ class SessionService(service.Service):
         self._active_ids.discard(session.session_id)
         session.materialized = False
         if session.loaded:
-            self._dirty.add(session.session_id)
+            self.writer.dirty.add(session.session_id)
         self.log.info(
             "session {sid} of {client} expired after {timeout:g} s idle",
             sid=session.session_id,
@@ -572,10 +410,10 @@ class SessionService(service.Service):
             return
         # Under "none" content is written on close, save_context and shutdown
         # only; sessions that ended (expired) are written here.
-        for session_id in list(self._dirty):
+        for session_id in list(self.writer.dirty):
             session = self.sessions.get(session_id)
             if session is not None and session.state != ACTIVE:
-                await self._write_now(session, "record the expiry")
+                await self.writer.write_now(session, "record the expiry")
 
     # ================================================================ session commands
 
@@ -736,14 +574,14 @@ class SessionService(service.Service):
             except KeyError:
                 session.load_document({})
             except StorageFailure as exc:
-                raise _storage_error(exc, "close the session") from exc
+                raise storage_error(exc, "close the session") from exc
         session.state = CLOSED
         self._active_ids.discard(session.session_id)
         session.closed_at = now
         session.materialized = False
         session.last_modified = now
         try:
-            await self._write_now(session, "close the session")
+            await self.writer.write_now(session, "close the session")
         except StuiError:
             session.state, session.closed_at = ACTIVE, None
             self._active_ids.add(session.session_id)
@@ -803,7 +641,7 @@ class SessionService(service.Service):
                 counts[ACTIVE] += 1
                 clients.add(session.client_id)
         storage = dict(self.store.statistics())
-        storage["pending_writes"] = storage.get("pending_writes", 0) + len(self._dirty)
+        storage["pending_writes"] = storage.get("pending_writes", 0) + len(self.writer.dirty)
         return SessionStatistics(
             total=len(self.sessions),
             active=counts[ACTIVE],
@@ -829,11 +667,13 @@ class SessionService(service.Service):
         # copy as it was.
         stamp = iso_timestamp(self.now())
         document = session.to_document()
-        result = await self._write_now(session, "save the context", saved_at=stamp)  # shared too
+        result = await self.writer.write_now(
+            session, "save the context", saved_at=stamp
+        )  # shared too
         try:
             await self.store.write(document, saved_at=stamp, saved_copy=True)
         except StorageFailure as exc:
-            raise _storage_error(exc, "save the context") from exc
+            raise storage_error(exc, "save the context") from exc
         return SaveResult(session.session_id, result.saved_at, result.size_bytes, result.checksum)
 
     async def load_context(
@@ -850,7 +690,7 @@ class SessionService(service.Service):
                 session_id=session.session_id,
             ) from None
         except StorageFailure as exc:
-            raise _storage_error(exc, "load the context") from exc
+            raise storage_error(exc, "load the context") from exc
         counter = session.history_counter
         session.load_document(document)
         # Cells keep numbers of their own: the next one is not numbered again.
