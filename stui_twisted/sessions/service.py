@@ -16,6 +16,9 @@ writes (:class:`~stui_twisted.sessions.persistence.SessionWriter`).  It builds
 no services:
 ``tap.py`` parents the image beside it and runs :meth:`SessionService.cleanup_tick`
 and :meth:`SessionService.flush_tick` as ``TimerService`` children.
+
+It is longer than ~600 lines because it is one job, protocol.md section 5's
+session rules, command by command; what is not a rule lives apart.
 """
 
 from __future__ import annotations
