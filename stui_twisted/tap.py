@@ -231,7 +231,7 @@ def build_session_core(settings: Settings, reactor, store, image=None, connectio
     from stui_twisted.sessions.service import SessionService
 
     core = StopInOrder()
-    core.setName("session-core")
+    core.setName("sessions")  # the session part of the tree, as operators know it
     if image is not None:
         image.setName("image")
         image.setServiceParent(core)
