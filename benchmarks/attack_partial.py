@@ -22,7 +22,7 @@ import json
 import socket
 import time
 
-from benchmarks.attack_trickle import ping_latencies, rss_mib, summary
+from benchmarks.attack_trickle import ping_latencies, rss_mib, summary, vmhwm_mib
 from benchmarks.common import start_stui, tcp_client
 
 MiB = 1024 * 1024
@@ -74,6 +74,7 @@ def main(argv=None) -> dict:
             sock.close()
         time.sleep(2.0)
         after = rss_mib(pid)
+        peak_vmhwm = vmhwm_mib(pid)
         client.result("ping")
         client.close()
     finally:
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
             "before": round(before, 1),
             "peak": round(peak, 1),
             "after_close": round(after, 1),
+            "peak_vmhwm": round(peak_vmhwm, 1),
         },
         "ping_while_held": during,
     }

@@ -30,13 +30,18 @@ import time
 from benchmarks.common import percentile, start_stui, tcp_client
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """Resident set size of C{pid} (Linux /proc; no psutil needed)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def vmhwm_mib(pid: int) -> float:
+    """Peak resident set size of C{pid} since it started (C{VmHWM})."""
+    return rss_mib(pid, "VmHWM")
 
 
 ATTACKER = r"""
@@ -101,6 +106,7 @@ def main(argv=None) -> dict:
     try:
         client = tcp_client(server.tcp_port)
         baseline = summary(ping_latencies(client, 3.0))
+        before = rss_mib(server.process.pid)
         partial = int(args.partial_mib * 1024 * 1024)
         attacker = subprocess.Popen(
             [
@@ -124,10 +130,14 @@ def main(argv=None) -> dict:
             time.sleep(1.0)  # let the trickle get going
             during = summary(ping_latencies(client, args.seconds - 3))
             rss = rss_mib(server.process.pid)
+            peak = vmhwm_mib(server.process.pid)
             segments = int(attacker.communicate(timeout=args.seconds + 120)[0].strip() or 0)
         finally:
             attacker.kill()
             attacker.wait(10)
+        time.sleep(2.0)  # the attackers' connections are closed: is their memory back?
+        client.call("ping")
+        after = rss_mib(server.process.pid)
         client.close()
     finally:
         server.kill()
@@ -139,7 +149,10 @@ def main(argv=None) -> dict:
         "interval_s": args.interval,
         "segments_sent": segments,
         "seconds_to_send_the_partial_lines": round(build_s, 2),
+        "server_rss_mib_before": round(before, 1),
         "server_rss_mib_during": round(rss, 1),
+        "server_rss_mib_after_close": round(after, 1),
+        "server_vmhwm_mib": round(peak, 1),
         "ping_before": baseline,
         "ping_during": during,
     }

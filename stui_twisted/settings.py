@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from stui_twisted.protocol.envelope import whole_seconds
+
 MiB = 1024 * 1024
 
 DURABILITY_POLICIES = ("always", "batch", "none")
@@ -73,6 +75,7 @@ class Settings:
             "complete",
             "interrupt",
             "shared_namespace",
+            "browse",
         )
     )
 
@@ -87,9 +90,9 @@ class Settings:
             "max_session_bytes": self.max_session_bytes,
             "max_sessions_per_client": self.max_sessions_per_client,
             "max_sessions_total": self.max_sessions_total,
-            "default_timeout": self.default_timeout,
-            "max_timeout": self.max_timeout,
-            "cleanup_interval": self.cleanup_interval,
+            "default_timeout": whole_seconds(self.default_timeout),
+            "max_timeout": whole_seconds(self.max_timeout),
+            "cleanup_interval": whole_seconds(self.cleanup_interval),
             "retention_days": self.retention_days,
             "history_limit": self.history_limit,
             "create_session_rate": {

@@ -279,6 +279,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             max_binding_bytes=settings.max_session_bytes,
             python=settings.image_python or sys.executable,
             user=settings.image_user,
+            state_dir=settings.data_dir,
         )
     core, sessions = build_session_core(settings, reactor, store, image, connections)
     core.setServiceParent(root)

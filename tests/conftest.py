@@ -24,7 +24,7 @@ itself stuck in blocking code: for tests marked with pytest-twisted (whose
 bodies await) it fires :data:`BACKSTOP_GRACE` seconds after the deadline; for
 plain test functions it fires at the deadline, raising inside the blocked
 test code (the test then fails normally).
-``tests/test_conftest_timeouts.py`` runs pytest on a hanging test file to
+``tests/unit/test_conftest_timeouts.py`` runs pytest on a hanging test file to
 show a hang fails in bounded time and the next test still passes.
 """
 
@@ -155,3 +155,49 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     finally:
         _deadline["seconds"], _deadline["test"] = DEFAULT_TIMEOUT, "?"
+
+
+# -- shared fixtures ----------------------------------------------------------
+
+
+@pytest.fixture
+def start_server():
+    """Start a real C{twistd -n stui} (L{tests.serverproc.ServerProcess}); always stopped.
+
+    C{start_server(workdir, *flags, **options)} returns the started server.
+    Every server it started is killed when the test ends, whatever happened
+    (a restart with C{server.stop()} / C{server.start()} inside the test is fine).
+    """
+    from tests.serverproc import ServerProcess
+
+    started: list[ServerProcess] = []
+
+    def start(workdir, *flags, **options):
+        server = ServerProcess(workdir, *flags, **options)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def sync_pool():
+    """A thread pool stand-in that runs work at once, in the calling thread."""
+    from tests.helpers import SyncPool
+
+    return SyncPool()
+
+
+@pytest.fixture
+def auth_file(tmp_path):
+    """C{auth_file(alice="secret", ...)}: the path of a password file with those users."""
+    from tests.helpers import write_users
+
+    def write(path=None, **users):
+        path = path or tmp_path / "users"
+        write_users(path, **users)
+        return path
+
+    return write

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from twisted.internet import task
+from twisted.python.failure import Failure
 
+from stui_twisted.access.passwd import hash_password, write_atomically
 from stui_twisted.dispatch.commands import build_commands
 from stui_twisted.dispatch.dispatcher import Dispatcher
 from stui_twisted.dispatch.interfaces import ConnectionContext
@@ -75,3 +77,36 @@ def wait_for_signal_keys(child, timeout: float = 10.0) -> None:
     while not termios.tcgetattr(child.child_fd)[3] & termios.ISIG:
         assert time.monotonic() < deadline, "the terminal stayed in raw mode"
         time.sleep(0.01)
+
+
+FAST_SCRYPT = {"n": 2**10, "r": 8, "p": 1}
+"""Cheap scrypt parameters for test password files."""
+
+
+def write_users(path, **users: str) -> None:
+    """A password file at C{path} with C{users} (name=password; C{__} in a name is C{:})."""
+    lines = [
+        f"{name.replace('__', ':')}:{hash_password(pw, **FAST_SCRYPT)}\n"
+        for name, pw in users.items()
+    ]
+    write_atomically(str(path), ["# test users\n", *lines])
+
+
+class SyncPool:
+    """A thread-pool stand-in: runs the work at once, on the calling thread."""
+
+    started = True
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+
+    def callInThreadWithCallback(self, on_result, func, *args, **kw):  # noqa: N802
+        try:
+            result = func(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)

@@ -15,17 +15,40 @@ def _with_newline(text: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-def format_evaluation(result: dict[str, Any]) -> str:
+#: The section labels of a help reply (``name?``, protocol.md evaluate).
+HELP_LABELS = ("Type:", "Value:", "Signature:", "File:", "Docstring:", "Source:")
+BOLD_CYAN = "\x1b[1;36m"
+RESET = "\x1b[0m"
+
+
+def highlight_help(text: str) -> str:
+    """A help reply with its section labels in bold cyan (for a terminal)."""
+    lines = []
+    for line in text.split("\n"):
+        for label in HELP_LABELS:
+            if line.startswith(label):
+                line = f"{BOLD_CYAN}{label}{RESET}{line[len(label) :]}"
+                break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_evaluation(result: dict[str, Any], colour: bool = False) -> str:
     """Captured output first, then the value: ``display`` (display mode) or ``result``.
 
-    A statement, or an expression whose value is None, shows only its output.
+    A statement, or an expression whose value is None, shows only its output.  A
+    help reply (``result_type`` ``"help"``) has its labels highlighted when
+    C{colour} (the REPL on a terminal).
     """
     parts = [_with_newline(result.get("output") or "")]
     shown = result.get("display")
     if shown is None:
         shown = result.get("result")
     if shown is not None:
-        parts.append(_with_newline(str(shown)))
+        shown = str(shown)
+        if colour and result.get("result_type") == "help":
+            shown = highlight_help(shown)
+        parts.append(_with_newline(shown))
     return "".join(parts)
 
 
@@ -60,10 +83,10 @@ def format_error(reply: dict[str, Any]) -> str:
     return _with_newline(output) + "\n".join(lines) + "\n"
 
 
-def format_reply(reply: dict[str, Any]) -> str:
+def format_reply(reply: dict[str, Any], colour: bool = False) -> str:
     """An ``evaluate`` reply, success or error."""
     if reply.get("status") == "success":
-        return format_evaluation(reply.get("result") or {})
+        return format_evaluation(reply.get("result") or {}, colour)
     return format_error(reply)
 
 

@@ -9,6 +9,7 @@ start with ``:`` are meta-commands handled by the client (``:help`` lists them).
 
 from __future__ import annotations
 
+import ast
 import codeop
 import sys
 import threading
@@ -23,6 +24,12 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from stui_twisted.client.browsing import (
+    format_class,
+    format_classes,
+    format_method,
+    format_sysinfo,
+)
 from stui_twisted.client.formatting import (
     format_bindings_note,
     format_error,
@@ -60,12 +67,30 @@ Meta-commands:
   :save             save the session context durably now
   :load             go back to the context of the last :save
   :clear [PARTS]    clear all or some of: variables history registry inspector state
+  :classes [PAT]    classes of the session matching the glob PAT (-a PAT: all loaded ones)
+  :browse CLASS     methods and variables of CLASS (Point, collections.OrderedDict)
+  :source C.METHOD  the source of a method, highlighted (Point.__init__)
+  :sysinfo [KIND]   the image's Python: basic, memory, packages, environment or all
   :close            close the current session for good (the next command starts a new one)
   :help             this text
   :quit             leave (the session stays on the server; also Ctrl-D)
 """
 
-META_COMMANDS = ("inspect", "sessions", "info", "save", "load", "clear", "close", "help", "quit")
+META_COMMANDS = (
+    "inspect",
+    "sessions",
+    "info",
+    "save",
+    "load",
+    "clear",
+    "classes",
+    "browse",
+    "source",
+    "sysinfo",
+    "close",
+    "help",
+    "quit",
+)
 
 
 def needs_more_input(text: str) -> bool:
@@ -76,7 +101,8 @@ def needs_more_input(text: str) -> bool:
     indented block that no empty line has ended yet.  Unlike that interpreter, a
     complete one-line compound statement (``while True: pass``) runs at once.
     Complete code, meta-commands and code with a syntax error are submitted (the
-    server reports the error).
+    server reports the error).  Top-level ``await``, ``async for`` and ``async
+    with`` are Python here, as on the server (protocol.md, evaluate).
     """
     if not text.strip() or text.lstrip().startswith(":"):
         return False
@@ -89,8 +115,10 @@ def needs_more_input(text: str) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for symbol in symbols:
+            compiler = codeop.CommandCompiler()
+            compiler.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
             try:
-                return codeop.compile_command(source, "<input>", symbol) is None
+                return compiler(source, "<input>", symbol) is None
             except (SyntaxError, ValueError, OverflowError):
                 continue
     return False
@@ -189,7 +217,9 @@ class Repl:
         *,
         mode: str = "execute",
         output: TextIO | None = None,
+        color: bool | None = None,
     ) -> None:
+        self.color = color
         self.client = client
         self.state = state
         self.mode = mode
@@ -201,6 +231,10 @@ class Repl:
             "save": self.save,
             "load": self.load,
             "clear": self.clear,
+            "classes": self.classes,
+            "browse": self.browse,
+            "source": self.source,
+            "sysinfo": self.sysinfo,
             "close": self.close,
             "help": self.help,
             "quit": self.quit,
@@ -243,7 +277,9 @@ class Repl:
             stripped = text.strip()
             if stripped.startswith(":"):
                 return self.meta_command(stripped[1:])
-            self.write(format_reply(self.client.evaluate(text, self.mode)))
+            stream = self.output or sys.stdout
+            colour = bool(getattr(stream, "isatty", lambda: False)())
+            self.write(format_reply(self.client.evaluate(text, self.mode), colour=colour))
         except KeyboardInterrupt:
             self.write("Stopped waiting for the reply.")
         except RequestLost as error:
@@ -325,6 +361,55 @@ class Repl:
         result = self._show("clear_context", {"parts": parts} if parts else {})
         if result is not None:
             self.write("Cleared: " + ", ".join(result.get("cleared") or parts or ["everything"]))
+        return True
+
+    def _colored(self) -> bool:
+        if self.color is not None:
+            return self.color
+        stream = self.output or sys.stdout
+        return bool(getattr(stream, "isatty", lambda: False)())
+
+    def _browse(self, command: str, parameters: dict[str, Any]):
+        """A browse command in the session (one is opened first if there is none)."""
+        if self.client.session_id is None:
+            self.write(self.client.open_session(force_new=True).rstrip())
+        return self._show(command, dict(parameters, session_id=self.client.session_id))
+
+    def classes(self, argument: str) -> bool:
+        words = argument.split()
+        include_system = "-a" in words
+        patterns = [word for word in words if word != "-a"]
+        result = self._browse(
+            "list_classes",
+            {"pattern": patterns[0] if patterns else "*", "include_system": include_system},
+        )
+        if result is not None:
+            self.write(format_classes(result))
+        return True
+
+    def browse(self, argument: str) -> bool:
+        if not argument:
+            self.write("usage: :browse CLASS  (e.g. :browse collections.OrderedDict)")
+            return True
+        result = self._browse("browse_class", {"class_name": argument})
+        if result is not None:
+            self.write(format_class(result))
+        return True
+
+    def source(self, argument: str) -> bool:
+        class_name, dot, method_name = argument.rpartition(".")
+        if not argument or not dot or not class_name or not method_name:
+            self.write("usage: :source CLASS.METHOD  (e.g. :source Point.__init__)")
+            return True
+        result = self._browse("get_method", {"class_name": class_name, "method_name": method_name})
+        if result is not None:
+            self.write(format_method(result, self._colored()))
+        return True
+
+    def sysinfo(self, argument: str) -> bool:
+        result = self._show("system_info", {"info_type": argument or "basic"})
+        if result is not None:
+            self.write(format_sysinfo(result))
         return True
 
     def close(self, argument: str) -> bool:

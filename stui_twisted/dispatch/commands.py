@@ -15,8 +15,9 @@ import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
-from stui_twisted.protocol.envelope import iso_timestamp
+from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
+from stui_twisted.sessions.browse import build_browse_commands, language_version
 from stui_twisted.sessions.results import UNSET, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
@@ -126,8 +127,8 @@ class WireCommands:
             "active_clients": stats.active_clients,
             "connected_clients": stats.connected_clients,
             "max_sessions_per_client": settings.max_sessions_per_client,
-            "default_timeout": settings.default_timeout,
-            "cleanup_interval": settings.cleanup_interval,
+            "default_timeout": whole_seconds(settings.default_timeout),
+            "cleanup_interval": whole_seconds(settings.cleanup_interval),
             "uptime": stats.uptime,
             "durability": settings.durability,
             "storage": stats.storage,
@@ -239,6 +240,8 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             "server": SERVER_NAME,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "language": "python",
+            "language_version": language_version(service),
             "uptime": service.uptime(),
             "pid": os.getpid(),
             "image": service.image_status(),
@@ -249,6 +252,8 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             "server": SERVER_NAME,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "language": "python",
+            "language_version": language_version(service),
             "commands": {
                 name: {
                     "description": command.description,
@@ -380,7 +385,13 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
                 SESSION_ID,
                 Param("client_id", "string"),
                 Param("code", "string", True),
-                Param("mode", "string", default="execute"),
+                Param(
+                    "mode",
+                    "string",
+                    default="execute",
+                    aliases=("evaluation_mode",),
+                    lowercase=True,
+                ),
                 Param("timeout", "number", description="seconds, default 30, max 600"),
             ),
             "run code in the session's workspace",
@@ -391,7 +402,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             (
                 SESSION_ID,
                 Param("client_id", "string"),
-                Param("object_id", "string"),
+                Param("object_id", "string", aliases=("objectId",)),
                 Param("expression", "string"),
                 Param("limit", "integer", default=100),
             ),
@@ -414,4 +425,5 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             (SESSION_ID, Param("client_id", "string")),
             "stop the session's running evaluation",
         ),
+        *build_browse_commands(service),
     ]

@@ -21,7 +21,6 @@ from twisted.python.failure import Failure
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.protocol.envelope import (
     Request,
-    RequestError,
     encode_error,
     encode_success,
     json_type_name,
@@ -82,12 +81,18 @@ class Param:
     default: Any = None
     description: str = ""
     nullable: bool = False
+    aliases: tuple[str, ...] = ()
+    """Other names the parameter is accepted under (the declared name wins)."""
+    lowercase: bool = False
+    """String values are matched case-insensitively (e.g. C{Display} = C{display})."""
 
     def describe(self) -> dict:
         """The parameter as C{describe} lists it."""
         described = {"type": self.type, "required": self.required}
         if self.default is not None:
             described["default"] = self.default
+        if self.aliases:
+            described["aliases"] = list(self.aliases)
         if self.description:
             described["description"] = self.description
         return described
@@ -217,33 +222,41 @@ class Dispatcher:
         received_at = self._clock.seconds()
         request_id: Any = None
         command_name = "?"
+        shape = None
         try:
             request = parse_request(data)
             request_id = request.id
             command_name = request.command
+            shape = request.format_a
             command = self._lookup(request)
             principal = self._authorize(context, request, command)
             params = self._validate(command, self._with_principal(command, request, principal))
             call = Call(context, request, params, received_at, principal)
-            finished, outcome = _step_handler(command.handler(call))
-        except RequestError as error:
-            return self._error(context, error.request_id, command_name, error, started)
+            if shape is None:
+                finished, outcome = _step_handler(command.handler(call))
+            else:
+                finished, outcome = _step_handler(format_a_call(self, command, call))
         except StuiError as error:
-            return self._error(context, request_id, command_name, error, started)
+            shape = getattr(error, "format_a", shape)
+            request_id = getattr(error, "request_id", request_id)
+            return self._error(context, request_id, command_name, error, started, shape)
         except Exception:
-            return self._internal(context, request_id, command_name, Failure(), started)
+            return self._internal(context, request_id, command_name, Failure(), started, shape)
         if finished:
-            return self._success(context, request_id, command_name, outcome, started)
+            return self._success(context, request_id, command_name, outcome, started, shape)
 
         def failed(failure: Failure) -> bytes:
             if failure.check(StuiError):
-                return self._error(context, request_id, command_name, failure.value, started)
-            return self._internal(context, request_id, command_name, failure, started)
+                return self._error(context, request_id, command_name, failure.value, started, shape)
+            return self._internal(context, request_id, command_name, failure, started, shape)
 
         outcome.addCallbacks(
-            lambda value: self._success(context, request_id, command_name, value, started), failed
+            lambda value: self._success(context, request_id, command_name, value, started, shape),
+            failed,
         )
-        outcome.addErrback(lambda f: self._internal(context, request_id, command_name, f, started))
+        outcome.addErrback(
+            lambda f: self._internal(context, request_id, command_name, f, started, shape)
+        )
         return outcome
 
     def too_large(self, context: ConnectionContext, size: int, limit: int) -> bytes:
@@ -329,12 +342,15 @@ class Dispatcher:
     def _validate(self, command: Command, given: dict) -> dict:
         params: dict = {}
         for param in command.params:
-            if param.name not in given or (given[param.name] is None and not param.nullable):
+            name = param.name
+            if param.aliases and given.get(name) is None:
+                name = next((alias for alias in param.aliases if alias in given), name)
+            if name not in given or (given[name] is None and not param.nullable):
                 if param.required:
                     raise invalid_parameter(param.name, "is required")
                 params[param.name] = param.default
                 continue
-            value = given[param.name]
+            value = given[name]
             if value is not None and not _TYPE_CHECKS[param.type](value):
                 raise invalid_parameter(
                     param.name,
@@ -347,6 +363,8 @@ class Dispatcher:
                     f"at most {MAX_JSON_DEPTH} are accepted",
                     max_depth=MAX_JSON_DEPTH,
                 )
+            if param.lowercase and isinstance(value, str):
+                value = value.lower()
             params[param.name] = value
         return params
 
@@ -363,15 +381,20 @@ class Dispatcher:
             for observer in self._observers:
                 observer(name, status, elapsed)
 
-    def _success(self, context, request_id, command_name, value, started) -> bytes:
+    def _success(self, context, request_id, command_name, value, started, shape=None) -> bytes:
         try:
-            reply = encode_success(request_id, value, self._clock.seconds())
+            if shape is None:
+                reply = encode_success(request_id, value, self._clock.seconds())
+            else:
+                reply = shape.encode_success(value, self._clock.seconds())
         except Exception:
-            return self._internal(context, request_id, command_name, Failure(), started)
+            return self._internal(context, request_id, command_name, Failure(), started, shape)
         self._observe(command_name, "success", started)
         return reply
 
-    def _error(self, context, request_id, command_name, error: StuiError, started) -> bytes:
+    def _error(
+        self, context, request_id, command_name, error: StuiError, started, shape=None
+    ) -> bytes:
         self._observe(command_name, error.error_type, started)
         self.log.info(
             "{conn} {command} -> {error_type}: {message}",
@@ -382,9 +405,13 @@ class Dispatcher:
         )
         # encode_* escape what UTF-8 cannot carry (lone surrogates), so this
         # never fails on echoed client input.
+        if shape is not None:
+            return shape.encode_error(error, self._clock.seconds())
         return encode_error(request_id, error, self._clock.seconds())
 
-    def _internal(self, context, request_id, command_name, failure: Failure, started) -> bytes:
+    def _internal(
+        self, context, request_id, command_name, failure: Failure, started, shape=None
+    ) -> bytes:
         self.log.failure(
             "{conn} {command} failed with an unexpected error",
             failure,
@@ -395,7 +422,54 @@ class Dispatcher:
             "InternalError",
             "the server failed to handle this request; the error is in the server log",
         )
-        return self._error(context, request_id, command_name, error, started)
+        return self._error(context, request_id, command_name, error, started, shape)
+
+
+#: Session commands for which a new session would be pointless (nothing to close or stop).
+_NO_NEW_SESSION = frozenset({"close_session", "interrupt"})
+
+
+def format_a_call(dispatcher: Dispatcher, command: Command, call: Call):
+    """Run C{command} for a Format A request: the flat handler, and the session rule.
+
+    A Format A conversation without a current session gets one on first use of
+    a command that works on a session (stui-compat.md §1): created for the
+    principal, or client id C{stui} with auth off; it becomes current and its id
+    is in the response's C{session_id}.  Commands that need no session (Ping)
+    run exactly as flat ones, without a coroutine.
+    """
+    needs_session = (
+        command.name not in _NO_NEW_SESSION
+        and call.params.get("session_id") is None
+        and call.context.current_session_id is None
+        and any(param.name == "session_id" for param in command.params)
+        and "create_session" in dispatcher._commands
+    )
+    if not needs_session:
+        return command.handler(call)
+    return _with_new_session(dispatcher, command, call)
+
+
+async def _with_new_session(dispatcher: Dispatcher, command: Command, call: Call):
+    create = dispatcher._commands["create_session"]
+    client_id = call.principal or call.params.get("client_id") or "stui"
+    created = create.handler(
+        Call(
+            call.context,
+            Request("create_session", call.request.id, {"client_id": client_id}),
+            {"client_id": client_id, "client_info": None, "timeout": None},
+            call.received_at,
+            call.principal,
+        ),
+    )
+    if isinstance(created, CoroutineType | defer.Deferred):
+        created = await created
+    outcome = command.handler(call)
+    if isinstance(outcome, CoroutineType | defer.Deferred):
+        outcome = await outcome
+    if isinstance(outcome, dict):
+        outcome = dict(outcome, session_id=created["session_id"])
+    return outcome
 
 
 def _step_handler(outcome) -> tuple[bool, Any]:

@@ -65,7 +65,7 @@ class Ping(amp.Command):
     """Is the child up?  Answers its pid; the first answer marks it ready."""
 
     arguments = []
-    response = [(b"pid", amp.Integer())]
+    response = [(b"pid", amp.Integer()), (b"python_version", amp.Unicode(optional=True))]
 
 
 class Evaluate(amp.Command):
@@ -154,4 +154,15 @@ class DropSession(amp.Command):
     """Forget everything about a (closed) session."""
 
     arguments = [(b"session_id", amp.Unicode())]
+    response = REPLY
+
+
+class Browse(amp.Command):
+    """A browse-tool operation (list_classes, browse_class, get_method, system_info)."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"operation", amp.Unicode()),
+        (b"arguments", ChunkedJSON()),
+    ]
     response = REPLY

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import queue
 import signal
 import sys
@@ -30,6 +31,7 @@ from twisted.logger import (
 from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
+from stui_twisted.image import browse
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     InterruptRequested,
@@ -175,7 +177,7 @@ class ImageChildProtocol(amp.AMP):
 
     @commands.Ping.responder
     def ping(self):
-        return {"pid": os.getpid()}
+        return {"pid": os.getpid(), "python_version": platform.python_version()}
 
     @commands.Evaluate.responder
     def evaluate(self, session_id, code, mode, timeout=None, cell_index=None):
@@ -237,6 +239,12 @@ class ImageChildProtocol(amp.AMP):
             worker.stop()
         existed = self._image.drop_session(session_id)
         return {"reply": ok_reply({"dropped": existed or worker is not None})}
+
+    @commands.Browse.responder
+    def browse(self, session_id, operation, arguments):
+        # system_info needs no session: an empty id makes no workspace.
+        workspace = self._image.session(session_id) if session_id else None
+        return self._in_pool(browse.run, workspace, operation, arguments or {})
 
     def connectionLost(self, reason):
         # The supervisor is gone (or closed our pipes): nothing here is worth keeping.

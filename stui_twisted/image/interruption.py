@@ -7,10 +7,16 @@ and at most once; ``disarm`` clears an exception that was set but not yet
 delivered, so it can never land in the worker's own bookkeeping afterwards.
 Code blocked in C (``time.sleep``, a socket read) only sees the exception when
 it returns to Python: the supervisor kills the image for those.
+
+While the worker waits for a coroutine on the image's event loop (a cell that
+``await``s at top level), :meth:`StopGuard.cancelling` replaces the injected
+exception with a cancel callback: the stop cancels that coroutine's task only,
+and the worker raises the stop reason when its wait ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 
@@ -44,6 +50,7 @@ class StopGuard:
         self.stop_reason: type[EvaluationStopped] | None = None
         self._lock = threading.Lock()
         self._armed_thread: int | None = None
+        self._cancel = None
 
     def arm(self) -> None:
         """Called on the worker thread right before user code runs."""
@@ -67,6 +74,38 @@ class StopGuard:
             self.stop_reason = reason
             if self._armed_thread is not None:
                 _set_async_exception(self._armed_thread, reason)
+            cancel = self._cancel
+        if cancel is not None:
+            cancel()
+
+    def cancelling(self, cancel) -> _Cancelling:
+        """A context for the armed worker's wait for a coroutine: inside, a
+        stop calls C{cancel()} (once) instead of raising in the thread; on
+        leaving, the stop reason is raised if a stop was requested."""
+        return _Cancelling(self, cancel)
+
+
+class _Cancelling:
+    def __init__(self, guard: StopGuard, cancel) -> None:
+        self._guard = guard
+        self._cancel = cancel
+        self._thread: int | None = None
+
+    def __enter__(self) -> None:
+        guard = self._guard
+        with guard._lock:
+            if guard.stop_reason is not None:
+                raise guard.stop_reason()
+            self._thread, guard._armed_thread = guard._armed_thread, None
+            guard._cancel = self._cancel
+
+    def __exit__(self, *exc_info) -> None:
+        guard = self._guard
+        with guard._lock:
+            guard._cancel = None
+            guard._armed_thread = self._thread
+            if guard.stop_reason is not None:
+                raise guard.stop_reason() from None
 
 
 class NoGuard:
@@ -80,3 +119,7 @@ class NoGuard:
 
     def disarm(self) -> None:
         """Nothing to disarm."""
+
+    def cancelling(self, cancel) -> contextlib.nullcontext:
+        """Nothing to cancel."""
+        return contextlib.nullcontext()

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 import stui_twisted
 from stui_twisted.image import amp_commands as commands
+from stui_twisted.image import leftovers
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.image.privileges import ImageAccount, lookup
 from stui_twisted.protocol.envelope import iso_timestamp
@@ -235,6 +236,8 @@ class ImageSupervisor(service.Service):
     """
 
     log = Logger()
+    python_version: str | None = None
+    """The Python version the image runs (from its first ping), e.g. C{"3.11.7"}."""
 
     def __init__(
         self,
@@ -245,10 +248,13 @@ class ImageSupervisor(service.Service):
         restart_delay: float = 0.2,
         kill_grace: float = 2.0,
         user: str | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self._reactor = reactor
         self.python = python
         self.account: ImageAccount | None = lookup(user) if user else None
+        self.state_dir = state_dir
+        """Where the running image's group is recorded (see L{leftovers}); None: nowhere."""
         """The OS account the image runs as (None: the server's own)."""
         self.max_binding_bytes = max_binding_bytes
         self.restart_delay = restart_delay
@@ -271,6 +277,14 @@ class ImageSupervisor(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.state_dir is not None:
+            killed = leftovers.kill_leftovers(self.state_dir)
+            if killed:
+                self.log.warn(
+                    "killed {count} processes a previous image left behind (pids {pids})",
+                    count=len(killed),
+                    pids=killed,
+                )
         self._stopping = False
         self._spawn(restarting=False)
 
@@ -347,6 +361,7 @@ class ImageSupervisor(service.Service):
             switch = {"uid": account.uid, "gid": account.gid, "path": "/"}
         environment["PYTHONUNBUFFERED"] = "1"
         environment["STUI_IMAGE_MAX_BINDING_BYTES"] = str(self.max_binding_bytes)
+        tag = environment[leftovers.TAG_VARIABLE] = leftovers.new_tag()
         self._image = image
         try:
             self._reactor.spawnProcess(
@@ -366,6 +381,11 @@ class ImageSupervisor(service.Service):
             self._restart_call = self._reactor.callLater(delay, self._spawn, restarting)
             self._fail_ready_waiters("the live image could not start")
             return
+        if self.state_dir is not None:
+            try:
+                leftovers.remember(self.state_dir, image.pid, tag)
+            except OSError as exc:
+                self.log.warn("cannot record the image's process group: {error}", error=exc)
         self.log.info(
             "image started, pid {pid}{as_user}",
             pid=image.pid,
@@ -402,6 +422,7 @@ class ImageSupervisor(service.Service):
         if self._startup_watchdog is not None and self._startup_watchdog.active():
             self._startup_watchdog.cancel()
         image.ready = True
+        self.python_version = response.get("python_version") or self.python_version
         image.started_at = self._reactor.seconds()
         image.started_at_text = iso_timestamp(image.started_at)
         self._failed_starts = 0
@@ -745,6 +766,21 @@ class ImageSupervisor(service.Service):
                 session_id=session_id,
                 code=code,
                 cursor_pos=position,
+            )
+        )
+
+    def browse(
+        self, session_id: str, operation: str, arguments: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
+        """A browse-tool operation in the session's namespace (L{stui_twisted.image.browse})."""
+        return defer.ensureDeferred(
+            self._call(
+                commands.Browse,
+                operation,
+                expected_generation=generation,
+                session_id=session_id,
+                operation=operation,
+                arguments=arguments,
             )
         )
 

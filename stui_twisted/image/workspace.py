@@ -15,9 +15,11 @@ so bindings changed before an exception are still saved.
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import builtins
 import collections
+import copyreg
 import importlib
 import inspect as pyinspect
 import io
@@ -34,8 +36,15 @@ import threading
 import time
 import traceback
 import types
+import weakref
 from typing import Any
 
+import cloudpickle
+
+from stui_twisted.image.asyncloop import ImageLoop, OutputSink, current_sink
+from stui_twisted.image.browse import object_facts
+from stui_twisted.image.help import describe, help_request
+from stui_twisted.image.hints import LANGUAGE, smalltalk_hint
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     NoGuard,
@@ -59,12 +68,33 @@ INSPECT_REPR_CHARS = 2000
 TOO_LARGE = "too large"
 
 _THIS_DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIRECTORY = os.path.dirname(_THIS_DIRECTORY)
+#: Where the frames between the event loop and an awaited cell's code come from.
+_ASYNC_DIRECTORIES = tuple(
+    os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (asyncio,)
+)
+#: Compile flags of a cell: top-level C{await}, C{async for} and C{async with} allowed.
+CELL_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+#: Names that need a running event loop: a cell that does not await but calls
+#: one of these at top level (``t = asyncio.create_task(poll())``) runs on the
+#: image's loop too, as in ``python -m asyncio``.
+LOOP_NAMES = frozenset(
+    {"create_task", "ensure_future", "get_running_loop", "get_event_loop", "TaskGroup"}
+)
 CELL_SOURCES_KEPT = 500
 #: Registry entries kept per session; the oldest are forgotten first (bounded memory).
 REGISTRY_LIMIT = 1000
 _cell_numbers = itertools.count(1)
 _TRIVIAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 _NOTHING = object()
+#: Set to C{0} to store bindings with plain pickle only (measurements: the
+#: corpus of benchmarks/bindings_corpus.py before and after, docs/reliability.md).
+CLOUDPICKLE_ENVIRONMENT = "STUI_IMAGE_CLOUDPICKLE"
+
+
+def cloudpickle_enabled() -> bool:
+    """Whether what plain pickle cannot store is tried with cloudpickle."""
+    return os.environ.get(CLOUDPICKLE_ENVIRONMENT, "1") != "0"
 
 
 # -- output capture -------------------------------------------------------------------------
@@ -112,6 +142,9 @@ class ThreadOutputRouter:
     def write(self, text) -> int:
         buffer = getattr(_capture_state, "buffer", None)
         if buffer is None:
+            # a coroutine of a cell (or a task it made) on the image's event loop
+            buffer = current_sink.get()
+        if buffer is None:
             return self.fallback.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
@@ -123,7 +156,7 @@ class ThreadOutputRouter:
             self.write(line)
 
     def flush(self) -> None:
-        if getattr(_capture_state, "buffer", None) is None:
+        if getattr(_capture_state, "buffer", None) is None and current_sink.get() is None:
             self.fallback.flush()
 
     def isatty(self) -> bool:
@@ -330,6 +363,7 @@ def serialize_binding(
     value: Any,
     max_bytes: int = DEFAULT_MAX_BINDING_BYTES,
     workspace: SessionWorkspace | None = None,
+    name: str | None = None,
 ) -> dict:
     """The stored form of one binding (see protocol: json, pickle, module, unrestorable).
 
@@ -337,6 +371,10 @@ def serialize_binding(
     repr is clipped as it is made, JSON is tried only when a walk of the value
     stays under the limit, and the pickle is written into a buffer that gives
     up at the limit.
+
+    C{name} is the binding's name in C{workspace}: a class or function found
+    under that name is stored by value, not as a reference to the binding
+    itself (C{Pt = namedtuple('Pt', 'x y')} is no def statement to run again).
     """
     kind = type_name(value)
     summary = safe_repr(value)
@@ -355,15 +393,29 @@ def serialize_binding(
     pickle_limit = max_bytes * 3 // 4  # base64 makes 4 characters of 3 bytes
     if _surely_larger(value, pickle_limit):
         return _unrestorable(kind, summary, _too_large_reason(max_bytes))
+    pickler = "pickle"
     try:
-        data = _pickle_dumps(value, workspace, pickle_limit)
+        data = _pickle_dumps(value, workspace, pickle_limit, name=name)
         pickle.loads(data)
     except BindingTooLarge:
         return _unrestorable(kind, summary, _too_large_reason(max_bytes))
     except Exception as exc:  # noqa: BLE001 - any pickling failure makes it unrestorable
-        return _unrestorable(kind, summary, _reason(exc))
+        if not cloudpickle_enabled():
+            return _unrestorable(kind, summary, _reason(exc))
+        # lambdas, closures, nested functions and classes, what refers to them
+        pickler = "cloudpickle"
+        try:
+            data = _pickle_dumps(value, workspace, pickle_limit, SessionCloudPickler, name)
+            pickle.loads(data)
+        except BindingTooLarge:
+            return _unrestorable(kind, summary, _too_large_reason(max_bytes))
+        except Exception as exc:  # noqa: BLE001 - not even cloudpickle can: unrestorable
+            return _unrestorable(kind, summary, _reason(exc))
     encoded = base64.b64encode(data).decode("ascii")
-    return {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+    stored = {"encoding": "pickle", "data": encoded, "type": kind, "repr": summary}
+    if pickler != "pickle":
+        stored["pickler"] = pickler
+    return stored
 
 
 def _workspace_attribute(module_name: str, qualname: str) -> Any:
@@ -382,9 +434,10 @@ class WorkspacePickler(pickle.Pickler):
     the workspace's registered module instead (see L{_workspace_attribute}).
     """
 
-    def __init__(self, file, workspace: SessionWorkspace) -> None:
+    def __init__(self, file, workspace: SessionWorkspace, binding: str | None = None) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._workspace = workspace
+        self._binding = binding
 
     def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
         if (
@@ -392,9 +445,87 @@ class WorkspacePickler(pickle.Pickler):
             and getattr(obj, "__module__", None) == "__main__"
         ):
             qualname = getattr(obj, "__qualname__", "")
-            if "<" not in qualname and self._workspace.resolve(qualname) is obj:
+            if (
+                "<" not in qualname
+                and qualname.partition(".")[0] != self._binding
+                and self._workspace.resolve(qualname) is obj
+            ):
                 return _workspace_attribute, (self._workspace.module_name, qualname)
         return NotImplemented
+
+
+def _workspace_globals(module_name: str) -> dict:
+    """Unpickling helper: the global namespace of a session workspace."""
+    return sys.modules[module_name].__dict__
+
+
+class _WorkspaceGlobals:
+    """Stands for a workspace's namespace in a pickle (a dict is never reduced by hook)."""
+
+    def __init__(self, module_name: str) -> None:
+        self._module_name = module_name
+
+    def __reduce__(self):
+        return _workspace_globals, (self._module_name,)
+
+
+#: cloudpickle's reducers, less the one that stores an open text file as its
+#: contents (it would come back as a different object: an open file is unrestorable).
+_CLOUDPICKLE_DISPATCH = collections.ChainMap(
+    {
+        kind: reducer
+        for kind, reducer in cloudpickle.Pickler._dispatch_table.items()
+        if kind is not io.TextIOWrapper
+    },
+    copyreg.dispatch_table,
+)
+
+
+class SessionCloudPickler(cloudpickle.Pickler):
+    """cloudpickle, for what plain pickle cannot store (lambdas, closures,
+    nested functions and classes), made to fit a session workspace.
+
+    Functions and classes a cell bound at top level still go by reference
+    (as with L{WorkspacePickler}); a function whose globals are the session's
+    namespace gets that namespace back on restore, not a copy of the globals
+    it used, so it keeps seeing the session's live bindings like any function
+    written in a cell.
+    """
+
+    dispatch_table = _CLOUDPICKLE_DISPATCH
+
+    def __init__(
+        self, file, workspace: SessionWorkspace | None, binding: str | None = None
+    ) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._workspace = workspace
+        self._binding = binding
+
+    def _in_workspace(self, func: Any) -> bool:
+        workspace = self._workspace
+        return workspace is not None and getattr(func, "__globals__", None) is workspace.namespace
+
+    def reducer_override(self, obj: Any) -> Any:  # noqa: N802 - pickle's hook name
+        if self._workspace is not None:
+            by_reference = WorkspacePickler.reducer_override(self, obj)
+            if by_reference is not NotImplemented:
+                return by_reference
+        return super().reducer_override(obj)
+
+    def _function_getnewargs(self, func):
+        newargs = super()._function_getnewargs(func)
+        if self._in_workspace(func):
+            code, _, name, defaults, closure = newargs
+            return code, _WorkspaceGlobals(self._workspace.module_name), name, defaults, closure
+        return newargs
+
+    def _dynamic_function_reduce(self, func):
+        reduced = super()._dynamic_function_reduce(func)
+        if self._in_workspace(func):
+            make, newargs, (state, slotstate), *rest = reduced
+            slotstate = dict(slotstate, __globals__={})  # the namespace itself comes back
+            reduced = (make, newargs, (state, slotstate), *rest)
+        return reduced
 
 
 class _LimitedBuffer:
@@ -421,12 +552,20 @@ class _LimitedBuffer:
         return self._buffer.getvalue()
 
 
-def _pickle_dumps(value: Any, workspace: SessionWorkspace | None, limit: int) -> bytes:
+def _pickle_dumps(
+    value: Any,
+    workspace: SessionWorkspace | None,
+    limit: int,
+    pickler_class=None,
+    name: str | None = None,
+) -> bytes:
     buffer = _LimitedBuffer(limit)
-    if workspace is None:
+    if pickler_class is not None:
+        pickler_class(buffer, workspace, name).dump(value)
+    elif workspace is None:
         pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
     else:
-        WorkspacePickler(buffer, workspace).dump(value)
+        WorkspacePickler(buffer, workspace, name).dump(value)
     return buffer.getvalue()
 
 
@@ -519,6 +658,8 @@ class Image:
         self._shared_lock = threading.Lock()
         self._sessions: dict[str, SessionWorkspace] = {}
         self._sessions_lock = threading.Lock()
+        #: the event loop of cells that await (started on first use)
+        self.loop = ImageLoop()
 
     def session(self, session_id: str) -> SessionWorkspace:
         """The workspace of ``session_id``, created empty on first use."""
@@ -538,6 +679,7 @@ class Image:
             workspace = self._sessions.pop(session_id, None)
         if workspace is None:
             return False
+        workspace.cancel_tasks()
         workspace.forget_module()
         return True
 
@@ -619,6 +761,11 @@ class SessionWorkspace:
         # name -> (source of the top-level def/class statement, the object it made,
         # (cell, first line) it was written at or None)
         self._definitions: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
+        # characters background tasks printed after their evaluation answered
+        self._background_dropped = 0
+        self._background_lock = threading.Lock()
+        # the asyncio tasks this session's cells made (cancelled when it is dropped)
+        self._tasks: weakref.WeakSet = weakref.WeakSet()
 
     @property
     def module_name(self) -> str:
@@ -647,6 +794,10 @@ class SessionWorkspace:
         for part in rest:
             target = getattr(target, part, None)
         return target
+
+    def cancel_tasks(self) -> None:
+        """Cancel the asyncio tasks this session's cells made (soon, on the loop)."""
+        self.image.loop.cancel_soon(self._tasks)
 
     def forget_module(self) -> None:
         """Unregister the workspace module (the session was dropped)."""
@@ -721,11 +872,11 @@ class SessionWorkspace:
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last_expression = ast.Expression(tree.body.pop().value)
-        body = compile(tree, filename, "exec")
+        body = compile(tree, filename, "exec", flags=CELL_FLAGS)
         names = _code_names(body)
         expression = None
         if last_expression is not None:
-            expression = compile(last_expression, filename, "eval")
+            expression = compile(last_expression, filename, "eval", flags=CELL_FLAGS)
             names |= _code_names(expression)
         return body, expression, names, definitions
 
@@ -740,32 +891,51 @@ class SessionWorkspace:
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
         filename = _cell_filename(cell)
+        # ``name?`` / ``name??``: the expression is the cell, its description the result
+        request = help_request(code)
+        help_text = None
         before = dict(self.namespace)
         shared_before = dict(vars(self.image.shared))
         referenced: set[str] = set()
         value = None
         failure: BaseException | None = None
         buffer = BoundedTextBuffer()
+        self._note_dropped_background_output(buffer)
+        sink = OutputSink(buffer, self._count_dropped_background_output, self._tasks)
         started = time.perf_counter()
         with captured_output(buffer):
             try:
                 try:
                     guard.arm()
-                    body, expression, referenced, definitions = self._compile_cell(code, filename)
-                    exec(body, self.namespace)  # noqa: S102 - running user code is the job
+                    body, expression, referenced, definitions = self._compile_cell(
+                        code if request is None else request.expression, filename
+                    )
+                    self._run_code(body, guard, sink)
                     self._remember_definitions(definitions, cell)
                     if expression is not None:
-                        value = eval(expression, self.namespace)  # noqa: S307
+                        value = self._run_code(expression, guard, sink)
+                    if request is not None:
+                        help_text = describe(
+                            request.expression,
+                            value,
+                            request.with_source,
+                            self._recorded_source,
+                            safe_repr,
+                        )
                 finally:
                     guard.disarm()
             except BaseException as exc:  # noqa: BLE001 - user code may raise anything
                 guard.disarm()
                 failure = exc
+            finally:
+                sink.close()
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self.namespace["__builtins__"] = builtins
         self.namespace["shared"] = self.image.shared
         registry_added: dict[str, dict] = {}
         object_id = None
+        if help_text is not None:
+            value = None  # described, not the cell's value: no ``_``, no registry entry
         if failure is None and value is not None:
             self.namespace["_"] = value
             object_id = self.register(value, registry_added)
@@ -774,6 +944,18 @@ class SessionWorkspace:
         self._last_cell = cell  # the server makes a history entry of this outcome
         if failure is not None:
             raise self._failure_error(failure, guard, filename, output, delta)
+        if help_text is not None:
+            help_text = clip_text(help_text, MAX_RESULT_CHARS)
+            return {
+                "result": help_text,
+                "result_type": "help",
+                "object_id": None,
+                "display": help_text if mode == "display" else None,
+                "output": output,
+                "execution_time": round(elapsed_ms, 3),
+                "has_error": False,
+                **delta,
+            }
         return {
             "result": None if value is None else result_text(value),
             "result_type": type_name(value),
@@ -784,6 +966,42 @@ class SessionWorkspace:
             "has_error": False,
             **delta,
         }
+
+    def _run_code(self, code: types.CodeType, guard, sink: OutputSink) -> Any:
+        """Run one compiled part of a cell; a coroutine (the cell awaits) runs
+        on the image's event loop while this thread waits, and a stop cancels
+        only its task."""
+        if code.co_flags & pyinspect.CO_COROUTINE:
+            coroutine = eval(code, self.namespace)  # noqa: S307 - running user code is the job
+        elif LOOP_NAMES.isdisjoint(code.co_names):
+            return eval(code, self.namespace)  # noqa: S307
+        else:
+            coroutine = _run_on_loop(code, self.namespace)
+        awaited = self.image.loop.submit(coroutine, sink)
+        with guard.cancelling(awaited.cancel):
+            return awaited.result()
+
+    def _recorded_source(self, value: Any) -> str | None:
+        """The source of the top-level C{def}/C{class} that made C{value}, if one did."""
+        for source, made, _ in list(self._definitions.values()):
+            if made is value:
+                return source
+        return None
+
+    def _count_dropped_background_output(self, characters: int) -> None:
+        with self._background_lock:
+            self._background_dropped += characters
+
+    def _note_dropped_background_output(self, buffer: BoundedTextBuffer) -> None:
+        """Start an evaluation's output with a note of what background tasks
+        printed, and was dropped, since the previous evaluation answered."""
+        with self._background_lock:
+            dropped, self._background_dropped = self._background_dropped, 0
+        if dropped:
+            buffer.write(
+                f"[{dropped} characters printed by background tasks outside any"
+                " evaluation were dropped]\n"
+            )
 
     def _cell_number(self, cell_index: int | None) -> int | None:
         """The history index this evaluation gets: C{cell_index}, the server's
@@ -816,9 +1034,11 @@ class SessionWorkspace:
         message = _exception_message(failure)
         exception_type = type(failure).__name__
         lines, line = _user_traceback(failure, filename, message)
+        hint = smalltalk_hint(failure, "".join(linecache.getlines(filename)))
         return stui_error(
             "EvaluationError",
-            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: "),
+            clip_text(message, MAX_ERROR_LINE_CHARS, prefix=f"{exception_type}: ") + hint,
+            language=LANGUAGE,
             exception_type=exception_type,
             message=clip_text(message, MAX_MESSAGE_CHARS),
             traceback=lines,
@@ -875,6 +1095,11 @@ class SessionWorkspace:
                 place = (cell_index, first) if cell_index is not None else None
                 self._definitions[name] = (source, self.namespace[name], place)
 
+    def definition_source(self, name: str, value: Any) -> str | None:
+        """The source of the top-level C{def}/C{class} C{name} when it made C{value}."""
+        definition = self._definitions.get(name)
+        return definition[0] if definition is not None and definition[1] is value else None
+
     def _serialize(self, name: str, value: Any) -> dict:
         """Like L{serialize_binding}, but a function or class that is still the
         object its cell's C{def}/C{class} statement made is stored as that
@@ -895,7 +1120,7 @@ class SessionWorkspace:
                 if place is not None:
                     stored["cell"], stored["line"] = place
                 return stored
-        return serialize_binding(value, self.image.max_binding_bytes, workspace=self)
+        return serialize_binding(value, self.image.max_binding_bytes, workspace=self, name=name)
 
     def _refresh_registry_bindings(self, touched: set[str], registry_added: dict) -> None:
         """Registry entries whose binding name now means something else lose it."""
@@ -1091,6 +1316,7 @@ class SessionWorkspace:
             "attributes": attributes,
             "items": items,
             "truncated": attributes_truncated or items_truncated,
+            **object_facts(target),
             "registry_added": registry_added,
             "next_object_id": self.next_object_id,
         }
@@ -1213,6 +1439,11 @@ class SessionWorkspace:
 _CELL_FILENAME = re.compile(r"<cell (\d+)\|\d+>")
 
 
+async def _run_on_loop(code: types.CodeType, namespace: dict) -> Any:
+    """Run a cell's code that does not await, on the event loop (see L{LOOP_NAMES})."""
+    return eval(code, namespace)  # noqa: S307 - running user code is the job
+
+
 def _cell_filename(cell_index: int | None) -> str:
     """``<cell N|U>``: N the session's history index, U unique in this image."""
     unique = next(_cell_numbers)
@@ -1261,8 +1492,19 @@ def _user_traceback(
     frames = [
         frame
         for frame in traceback.extract_tb(failure.__traceback__)
-        if not os.path.abspath(frame.filename).startswith(_THIS_DIRECTORY + os.sep)
+        if not os.path.abspath(frame.filename).startswith(_PACKAGE_DIRECTORY + os.sep)
     ]
+    # What ran before the first frame of the user's code is the image's machinery
+    # (the compile in ast.parse of a SyntaxError, say): cells, restored
+    # definitions and inspected expressions all have "<...>" file names.
+    first_user = next(
+        (index for index, frame in enumerate(frames) if frame.filename.startswith("<")),
+        len(frames),
+    )
+    frames = frames[first_user:]
+    # an awaited cell: the worker's wait and the loop's task step come first
+    while frames and os.path.abspath(frames[0].filename).startswith(_ASYNC_DIRECTORIES):
+        del frames[0]
     line = None
     for frame in frames:
         if frame.filename == filename:

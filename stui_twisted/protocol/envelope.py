@@ -17,6 +17,7 @@ from typing import Any
 from stui_twisted.protocol.errors import StuiError
 
 _NO_ID = object()
+_ENVELOPE_FIELDS = frozenset({"id", "command", "token"})
 
 
 _second_prefix: tuple[int, str] = (-1, "")
@@ -38,6 +39,13 @@ def iso_timestamp(seconds: float | None = None) -> str:
     return f"{_second_prefix[1]}{millis:03d}Z"
 
 
+def whole_seconds(value: Any) -> Any:
+    """A number of seconds as a JSON integer when it is whole (C{3600.0} -> C{3600})."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def parse_iso_timestamp(text: str) -> float:
     """Seconds since the epoch for a timestamp written by L{iso_timestamp}."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
@@ -51,6 +59,8 @@ class Request:
     id: Any = None
     parameters: dict = field(default_factory=dict)
     token: str | None = None
+    format_a: Any = None
+    """A L{stui_twisted.protocol.format_a.FormatA} when the request came in that envelope."""
 
 
 class RequestError(StuiError):
@@ -125,6 +135,8 @@ def parse_request(data: bytes) -> Request:
     message = _decode_json(text)
     if not isinstance(message, dict):
         raise RequestError(f"request must be a JSON object, not {_json_type_name(message)}")
+    if "payload" in message and "command" not in message:
+        return format_a.parse(message)
     request_id = message.get("id")
     if request_id is not None and (
         isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
@@ -139,7 +151,12 @@ def parse_request(data: bytes) -> Request:
             request_id,
             field="command",
         )
-    parameters = message.get("parameters", {})
+    if "parameters" not in message:
+        # Clients written against STUI's session documents put the parameters
+        # at the top level; the command's declared ones are read from there.
+        parameters = {k: v for k, v in message.items() if k not in _ENVELOPE_FIELDS}
+    else:
+        parameters = message["parameters"]
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
@@ -226,3 +243,6 @@ def encode_error(request_id: Any, error: StuiError, now: float | None = None) ->
     except (ValueError, TypeError):
         reply["details"] = _sanitize(error.details)
         return _dumps(reply)
+
+
+from stui_twisted.protocol import format_a  # noqa: E402 - format_a builds on this module

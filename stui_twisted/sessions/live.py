@@ -528,6 +528,16 @@ class LiveSessions:
         )
         return Completions(session.session_id, completions)
 
+    async def browse(self, session: Session, operation: str, arguments: dict) -> dict:
+        """The image's answer to browse tool C{operation} in C{session}'s namespace."""
+        image = self._need_image()
+        return await self._in_image(
+            session,
+            lambda generation: image.browse(
+                session.session_id, operation, arguments, generation=generation
+            ),
+        )
+
     async def interrupt(self, session: Session) -> bool:
         """Stop C{session}'s running evaluation; whether one was running."""
         if self.image is None:

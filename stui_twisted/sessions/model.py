@@ -10,13 +10,14 @@ network; :mod:`stui_twisted.sessions.service` decides when it is written.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import is_not
 from typing import Any
 
-from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp
+from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp, whole_seconds
 
 _ASCII_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
@@ -239,9 +240,9 @@ class Session:
             "created_at": iso_timestamp(self.created_at),
             "last_modified": iso_timestamp(self.last_modified),
             "last_activity": iso_timestamp(self.last_activity),
-            "timeout": self.timeout,
+            "timeout": whole_seconds(self.timeout),
             "expires_at": iso_timestamp(expires),
-            "time_until_expiry": round(max(0.0, expires - now), 3) if active else 0,
+            "time_until_expiry": math.floor(max(0.0, expires - now)) if active else 0,
             "is_active": active,
             "is_expired": self.is_expired(now),
             "state": EXPIRED if self.is_expired(now) else self.state,

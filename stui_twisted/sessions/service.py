@@ -807,6 +807,19 @@ class SessionService(service.Service):
         session = await self._session_for(session_id, client_id, connection)
         return session.session_id, await self.live.interrupt(session)
 
+    async def browse(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        operation: str,
+        arguments: dict,
+    ) -> tuple[str, dict]:
+        """A browse tool in the session's namespace: (session id, the image's answer)."""
+        session = await self._session_for(session_id, client_id, connection)
+        return session.session_id, await self.live.browse(session, operation, arguments)
+
     # ================================================================ misc
 
     def uptime(self) -> float:

@@ -1,0 +1,1 @@
+"""End-to-end tests: real `twistd -n stui` processes, clients over sockets."""

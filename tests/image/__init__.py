@@ -1,0 +1,1 @@
+"""Tests against the real image child process, without a server."""

@@ -1,0 +1,1 @@
+"""Unit tests: no process is started (a fake reactor, in-memory or temp-dir stores)."""
