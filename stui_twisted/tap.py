@@ -14,11 +14,13 @@ import signal
 import sys
 
 from twisted.application import internet, service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from stui_twisted.config import OPTIONS, ConfigError, build_settings, read_ini, shown_default
 from stui_twisted.settings import Settings
+from stui_twisted.transports.listener import ListenerService
 
 log = Logger()
 
@@ -197,36 +199,57 @@ class ServerRoot(service.MultiService):
                 raise StartupFailed(short) from None
 
 
-class ListenerService(internet.StreamServerEndpointService):
-    """A strports listener that logs the address it actually bound.
+class StopInOrder(service.MultiService):
+    """Children start in the order added and stop in reverse, one after another.
 
-    The log line (C{tcp listening on 127.0.0.1:7555}) tells operators and
-    tests which port an ephemeral C{tcp:0} description received.  A port that
-    cannot be bound stops start-up with an error instead of running deaf.
+    Twisted's C{MultiService} stops its children all at once; the session core
+    needs each stopped before the next: the cleanup and flush timers (their
+    running call finished), then the session service (its final flush), and
+    only then the image, so no request in flight loses its image before the
+    flush that records it.
     """
 
-    _raiseSynchronously = True
+    def stopService(self) -> defer.Deferred:  # noqa: N802
+        service.Service.stopService(self)
+        return defer.ensureDeferred(self._stop_each())
 
-    def __init__(self, name: str, endpoint, factory, description: str = "") -> None:
-        super().__init__(endpoint, factory)
-        self.listener_name = name
-        self.description = description
-        self.port = None
+    async def _stop_each(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name or child)
 
-    def privilegedStartService(self) -> None:  # noqa: N802
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
 
-    def _listening(self, port):
-        self.port = port
-        address = port.getHost()
-        log.info(
-            "{name} listening on {host}:{port}",
-            name=self.listener_name,
-            host=getattr(address, "host", address),
-            port=getattr(address, "port", ""),
-        )
-        return port
+def build_session_core(settings: Settings, reactor, store, image=None, connections=None):
+    """The session service with its image and timers; returns (core, session service).
+
+    The core's children, in start order: the image (when enabled), the
+    session service, the cleanup timer and (C{batch} durability) the flush
+    timer.  L{StopInOrder} stops them in reverse, each after the one before.
+    """
+    from stui_twisted.sessions.service import SessionService
+
+    core = StopInOrder()
+    core.setName("sessions")  # the session part of the tree, as operators know it
+    if image is not None:
+        image.setName("image")
+        image.setServiceParent(core)
+    sessions = SessionService(
+        settings, reactor=reactor, store=store, image=image, connections=connections
+    )
+    sessions.setName("sessions")
+    sessions.setServiceParent(core)
+    cleanup = internet.TimerService(settings.cleanup_interval, sessions.cleanup_tick)
+    cleanup.clock = reactor
+    cleanup.setName("cleanup")
+    cleanup.setServiceParent(core)
+    if settings.durability == "batch":
+        flush = internet.TimerService(settings.flush_interval, sessions.flush_tick)
+        flush.clock = reactor
+        flush.setName("flush")
+        flush.setServiceParent(core)
+    return core, sessions
 
 
 def build_postgres_store(settings: Settings, reactor):
@@ -248,7 +271,6 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     """The whole service tree for C{settings}; returns (root, session service)."""
     from stui_twisted.dispatch.commands import build_commands
     from stui_twisted.dispatch.dispatcher import Dispatcher
-    from stui_twisted.sessions.service import SessionService
     from stui_twisted.storage.store import SessionStore
     from stui_twisted.transports.connections import ConnectionRegistry
     from stui_twisted.transports.fdlimit import FdGuardedFactory, FdReserve
@@ -278,11 +300,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             user=settings.image_user,
             state_dir=settings.data_dir,
         )
-    sessions = SessionService(
-        settings, reactor=reactor, store=store, image=image, connections=connections
-    )
-    sessions.setName("sessions")
-    sessions.setServiceParent(root)
+    core, sessions = build_session_core(settings, reactor, store, image, connections)
+    core.setServiceParent(root)
 
     authenticator = None
     if settings.auth_file:
@@ -297,7 +316,6 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         authenticator.setServiceParent(root)  # before the listeners: started first
     dispatcher = Dispatcher(clock=reactor, auth=authenticator)
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
-    sessions.dispatcher = dispatcher
 
     input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):

@@ -44,7 +44,8 @@ def make_dispatcher(service=None, clock=None, auth=None) -> Dispatcher:
     clock = clock or task.Clock()
     service = service or NullImageService()
     dispatcher = Dispatcher(clock=clock, auth=auth)
-    dispatcher.register_all(build_commands(service, dispatcher, auth))
+    # the stand-ins answer calls themselves, in place of the wire adapter
+    dispatcher.register_all(build_commands(service, dispatcher, auth, handlers=service))
     return dispatcher
 
 

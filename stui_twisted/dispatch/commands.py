@@ -2,8 +2,11 @@
 
 Each entry binds a command name to a handler and declares its parameters, so
 the dispatcher validates them and ``describe`` lists them from one source.
-Session rules live in :class:`~stui_twisted.sessions.service.SessionService`; this
-module only connects names to it.
+Session rules live in :class:`~stui_twisted.sessions.service.SessionService`,
+which is protocol-free (typed arguments in, domain objects out);
+:class:`WireCommands` is the one place that unpacks a validated
+:class:`~stui_twisted.dispatch.dispatcher.Call` into those arguments and shapes
+the reply dicts protocol.md section 5 specifies.
 """
 
 from __future__ import annotations
@@ -11,15 +14,223 @@ from __future__ import annotations
 import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
-from stui_twisted.dispatch.dispatcher import Command, Param
+from stui_twisted.dispatch.dispatcher import Call, Command, Param
+from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.browse import build_browse_commands, language_version
+from stui_twisted.sessions.results import UNSET, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
 
-def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
-    """Every command of protocol 1.0, bound to C{service} (and C{authenticator})."""
+def _target(call: Call) -> dict:
+    """The session a call names: its id (or the current one), the acting client, the caller."""
+    return {
+        "session_id": call.params.get("session_id"),
+        "client_id": call.client_id,
+        "connection": call.context,
+    }
+
+
+def _rebuilt(rebuilt: Rebuilt) -> dict:
+    return {
+        "restored_bindings": rebuilt.restored,
+        "unrestorable_bindings": rebuilt.unrestorable,
+    }
+
+
+class WireCommands:
+    """The session commands as the wire sees them: a L{Call} in, a reply dict out.
+
+    Each method unpacks the call's parameters into the typed arguments of the
+    L{SessionService} method of the same name and shapes what it answers.
+    """
+
+    def __init__(self, service) -> None:
+        self.service = service
+
+    async def create_session(self, call: Call) -> dict:
+        session = await self.service.create_session(
+            client_id=call.client_id,
+            timeout=call.params.get("timeout"),
+            client_info=call.params.get("client_info"),
+            connection=call.context,
+        )
+        result = session.record(self.service.now())
+        result["capabilities"] = list(self.service.settings.capabilities)
+        return result
+
+    async def restore_session(self, call: Call) -> dict:
+        restored = await self.service.restore_session(**_target(call))
+        session = restored.session
+        result = session.record(self.service.now())
+        result.update(session.context())
+        result.update(_rebuilt(restored.rebuilt))
+        return result
+
+    async def update_session_state(self, call: Call) -> dict:
+        given = call.request.parameters
+        session = await self.service.update_session_state(
+            **_target(call),
+            state_data=given.get("state_data", UNSET),
+            workspace_context=call.params["workspace_context"]
+            if "workspace_context" in given
+            else UNSET,
+            inspector_state=call.params["inspector_state"] if "inspector_state" in given else UNSET,
+            merge=call.params["merge"],
+        )
+        return {
+            "session_id": session.session_id,
+            "last_modified": iso_timestamp(session.last_modified),
+            "session_state": session.session_state,
+            "update_successful": True,
+        }
+
+    async def close_session(self, call: Call) -> dict:
+        save = call.params["save_state"]
+        session = await self.service.close_session(**_target(call), save_state=save)
+        return {"session_id": session.session_id, "closed": True, "saved": bool(save)}
+
+    async def get_session_info(self, call: Call) -> dict:
+        info = await self.service.get_session_info(**_target(call))
+        session = info.session
+        result = session.record(self.service.now())
+        result.update(
+            {
+                "variable_count": len(session.variables),
+                "history_length": len(session.history),
+                "size_bytes": info.size_bytes,
+                "attached_connections": info.attached_connections,
+            }
+        )
+        return result
+
+    async def list_client_sessions(self, call: Call) -> dict:
+        listed = await self.service.list_client_sessions(
+            client_id=call.client_id, include_inactive=call.params["include_inactive"]
+        )
+        now = self.service.now()
+        return {
+            "client_id": listed.client_id,
+            "session_count": len(listed.sessions),
+            "sessions": [s.record(now) for s in listed.sessions],
+        }
+
+    async def get_session_statistics(self, call: Call) -> dict:
+        stats = await self.service.get_session_statistics()
+        settings = self.service.settings
+        return {
+            "total_sessions": stats.total,
+            "active_sessions": stats.active,
+            "expired_sessions": stats.expired,
+            "closed_sessions": stats.closed,
+            "active_clients": stats.active_clients,
+            "connected_clients": stats.connected_clients,
+            "max_sessions_per_client": settings.max_sessions_per_client,
+            "default_timeout": whole_seconds(settings.default_timeout),
+            "cleanup_interval": whole_seconds(settings.cleanup_interval),
+            "uptime": stats.uptime,
+            "durability": settings.durability,
+            "storage": stats.storage,
+        }
+
+    async def save_context(self, call: Call) -> dict:
+        saved = await self.service.save_context(**_target(call))
+        return {
+            "session_id": saved.session_id,
+            "saved": True,
+            "saved_at": saved.saved_at,
+            "size_bytes": saved.size_bytes,
+            "checksum": saved.checksum,
+        }
+
+    async def load_context(self, call: Call) -> dict:
+        loaded = await self.service.load_context(**_target(call))
+        result = {
+            "session_id": loaded.session.session_id,
+            "loaded": True,
+            "saved_at": loaded.saved_at,
+            "context": loaded.session.context(),
+        }
+        result.update(_rebuilt(loaded.rebuilt))
+        return result
+
+    async def get_context_summary(self, call: Call) -> dict:
+        info = await self.service.get_context_summary(**_target(call))
+        session = info.session
+        return {
+            "session_id": session.session_id,
+            "variables": [
+                {"name": v.get("name"), "type": v.get("type"), "repr": v.get("repr")}
+                for v in session.variables
+            ],
+            "variable_count": len(session.variables),
+            "history_length": len(session.history),
+            "last_evaluation": session.history[-1] if session.history else None,
+            "registry_size": len(session.registry),
+            "inspector": {
+                "selected_object": session.inspector_selected,
+                "history_length": len(session.inspector_history),
+            },
+            "size_bytes": info.size_bytes,
+            "dirty": session.dirty,
+            "last_saved_at": session.last_saved_at,
+        }
+
+    async def clear_context(self, call: Call) -> dict:
+        session_id, cleared = await self.service.clear_context(
+            **_target(call), parts=call.params.get("parts")
+        )
+        return {"session_id": session_id, "cleared": cleared}
+
+    async def evaluate(self, call: Call) -> dict:
+        outcome = await self.service.evaluate(
+            **_target(call),
+            code=call.params["code"],
+            mode=call.params["mode"],
+            timeout=call.params.get("timeout"),
+        )
+        return {
+            "session_id": outcome.session_id,
+            "result": outcome.result,
+            "result_type": outcome.result_type,
+            "object_id": outcome.object_id,
+            "display": outcome.display,
+            "output": outcome.output,
+            "execution_time": outcome.execution_time,
+            "has_error": False,
+            "history_index": outcome.history_index,
+        }
+
+    async def inspect(self, call: Call) -> dict:
+        inspection = await self.service.inspect(
+            **_target(call),
+            object_id=call.params.get("object_id"),
+            expression=call.params.get("expression"),
+            limit=call.params["limit"],
+        )
+        result = dict(inspection.view)
+        result["session_id"] = inspection.session_id
+        return result
+
+    async def complete(self, call: Call) -> dict:
+        completions = await self.service.complete(
+            **_target(call), code=call.params["code"], cursor_pos=call.params.get("cursor_pos")
+        )
+        return completions.completions
+
+    async def interrupt(self, call: Call) -> dict:
+        session_id, interrupted = await self.service.interrupt(**_target(call))
+        return {"session_id": session_id, "interrupted": interrupted}
+
+
+def build_commands(service, dispatcher, authenticator=None, *, handlers=None) -> list[Command]:
+    """Every command of protocol 1.0, bound to C{service} (and C{authenticator}).
+
+    @param handlers: what answers the session commands' calls; by default
+        L{WireCommands} over C{service}.  Tests of the dispatcher and the
+        transports give a stand-in that answers calls directly.
+    """
 
     def ping(call) -> dict:
         # A plain function: it never waits, and as the liveness probe it is
@@ -77,7 +288,7 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             call.context.principal = result["client_id"]
         return result
 
-    S = service  # noqa: N806 - short alias keeps the table readable
+    S = handlers if handlers is not None else WireCommands(service)  # noqa: N806 - short alias
     return [
         Command("ping", ping, (), "liveness, versions and image status", public=True),
         Command("describe", describe, (), "commands, capabilities and limits", public=True),

@@ -23,9 +23,6 @@ class IClientConnection(Interface):
     def sendReply(data: bytes) -> None:  # noqa: N802,N805
         """Send one encoded reply (without framing) to the client."""
 
-    def sendEvent(data: bytes) -> None:  # noqa: N802,N805
-        """Send one unsolicited, encoded message to the client."""
-
     def close() -> None:  # noqa: N805
         """End the conversation (a no-op for ZeroMQ peers)."""
 

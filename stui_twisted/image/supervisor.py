@@ -310,10 +310,6 @@ class ImageSupervisor(service.Service):
         ready after the previous one died."""
         self._restart_observers.append(observer)
 
-    def removeRestartObserver(self, observer) -> None:
-        """Stop calling ``observer`` after restarts."""
-        self._restart_observers.remove(observer)
-
     def current_generation(self) -> defer.Deferred:
         """Fires with the generation of the running image, once one is ready.
 

@@ -24,15 +24,14 @@ def language_version(service) -> str:
 
 
 async def _in_session(service, call, operation: str, arguments: dict) -> dict:
-    session = await service._session_for(call)
-    image = service._need_image()
-    result = await service._in_image(
-        session,
-        lambda generation: image.browse(
-            session.session_id, operation, arguments, generation=generation
-        ),
+    session_id, result = await service.browse(
+        session_id=call.params.get("session_id"),
+        client_id=call.client_id,
+        connection=call.context,
+        operation=operation,
+        arguments=arguments,
     )
-    return dict(result, session_id=session.session_id)
+    return dict(result, session_id=session_id)
 
 
 def _class_name(params) -> str:

@@ -1,20 +1,33 @@
 """The live-image side of a session: materializing, evaluating, inspecting.
 
-:class:`LiveImageCommands` is mixed into
-:class:`~stui_twisted.sessions.service.SessionService`.  It turns the image's replies
-into session changes (stored bindings, variables, registry, history, shared
-namespace) and rebuilds namespaces from stored bindings when a session is
-restored or the image is replaced.
+:class:`LiveSessions` is a component the
+:class:`~stui_twisted.sessions.service.SessionService` owns.  It turns the image's
+replies into session changes (stored bindings, variables, registry, history,
+shared namespace) and rebuilds namespaces from stored bindings when a session
+is restored or the image is replaced.  It sees the service only through
+:class:`SessionsView` (three members), and answers domain objects
+(:mod:`stui_twisted.sessions.results`), never reply dicts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
-from stui_twisted.sessions.model import ACTIVE, Session
+from stui_twisted.sessions.model import Session
+from stui_twisted.sessions.results import (
+    Completions,
+    EvaluationOutcome,
+    Inspection,
+    Rebuilt,
+    SharedNamespace,
+)
 
 MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024
@@ -43,13 +56,42 @@ def clip(text, limit: int = MAX_HISTORY_TEXT):
     return text
 
 
-class LiveImageCommands:
+class SessionsView(Protocol):
+    """What L{LiveSessions} needs from the service that owns it, and nothing more."""
+
+    shared: SharedNamespace
+    """The stored C{shared} namespace; L{LiveSessions} updates it and marks it dirty."""
+
+    def live_sessions(self) -> Iterable[Session]:
+        """The active sessions that were live in the image (rebuilt after a restart)."""
+
+    async def changed(self, session: Session, action: str) -> None:
+        """Record a content change of C{session} (durable per the policy), or raise."""
+
+
+class LiveSessions:
     """evaluate / inspect / complete / interrupt, and keeping sessions in the image.
 
-    Expects the host class to provide C{image}, C{settings}, C{sessions},
-    C{shared_bindings}, C{log}, C{now()}, C{_session_for()}, C{_changed()}
-    and C{_size_of()}.
+    @param view: the owning service, seen through L{SessionsView}.
+    @param image: the L{ImageSupervisor}, or C{None} when the image is disabled.
+    @param settings: the server's L{Settings} (limits and evaluation timeouts).
+    @param clock: an C{IReactorTime}; history timestamps and durations come from it.
     """
+
+    log = Logger()
+
+    def __init__(self, view: SessionsView, image, settings, clock) -> None:
+        self.view = view
+        self.image = image
+        self.settings = settings
+        self.clock = clock
+        self._image_locks: dict[str | None, defer.DeferredLock] = {}
+        self._shared_generation: int | None = None
+        if image is not None:
+            image.addRestartObserver(self.image_restarted)
+
+    def now(self) -> float:
+        return self.clock.seconds()
 
     # ================================================================ image glue
 
@@ -60,7 +102,7 @@ class LiveImageCommands:
             )
         return self.image
 
-    def _is_live(self, session: Session) -> bool:
+    def is_live(self, session: Session) -> bool:
         """Whether C{session}'s namespace exists in the running image."""
         return (
             self.image is not None
@@ -95,7 +137,7 @@ class LiveImageCommands:
         await lock.acquire()
         try:
             generation = await image.current_generation()
-            await self._ensure_shared(generation)
+            await self.ensure_shared(generation)
             if rebuild or not (session.materialized and session.image_generation == generation):
                 await self._materialize(session, generation)
             return generation
@@ -105,7 +147,7 @@ class LiveImageCommands:
     async def _materialize(self, session: Session, generation: int) -> dict:
         """Rebuild C{session}'s namespace in image C{generation} from its stored bindings."""
         image = self._need_image()
-        if not self._is_live(session) and not session.bindings and not session.registry:
+        if not self.is_live(session) and not session.bindings and not session.registry:
             # Nothing to rebuild and nothing to replace: a session that is not
             # live has no workspace in the image, which makes an empty one on
             # first use. Skipping the round trip keeps restore_session of a
@@ -141,14 +183,24 @@ class LiveImageCommands:
         session.variables = [v for v in session.variables if v.get("name") not in gone]
         return {"restored": list(outcome.get("restored", ())), "unrestorable": unrestorable}
 
-    async def _restore_in_image(self, session: Session, *, rebuild: bool = False) -> dict:
-        """Make C{session} live (rebuilt from what is stored when C{rebuild});
-        answer C{{restored, unrestorable}} as restore_session reports them."""
+    async def restore(self, session: Session, *, rebuild: bool = False) -> Rebuilt:
+        """Make C{session} live (rebuilt from what is stored when C{rebuild}).
+
+        Without an image nothing is rebuilt; a session already live is attached
+        as it is, so live objects that cannot be stored (sockets, lambdas) are
+        not thrown away.
+        """
+        if self.is_live(session) and not rebuild:
+            return self.rebuilt(session)
+        if self.image is None:
+            return Rebuilt([], list(session.unrestorable) if not rebuild else [])
         await self._ensure_materialized(session, rebuild=rebuild)
-        return {
-            "restored": [v.get("name") for v in session.variables],
-            "unrestorable": list(session.unrestorable),
-        }
+        return self.rebuilt(session)
+
+    @staticmethod
+    def rebuilt(session: Session) -> Rebuilt:
+        """What of C{session}'s stored bindings is live now, and what could not be."""
+        return Rebuilt([v.get("name") for v in session.variables], list(session.unrestorable))
 
     async def _in_image(self, session: Session, operation):
         """C{operation(generation)} with C{session} live in that image generation.
@@ -167,7 +219,7 @@ class LiveImageCommands:
                 if attempt == STALE_RETRIES - 1:
                     raise
 
-    async def _ensure_shared(self, generation: int) -> None:
+    async def ensure_shared(self, generation: int) -> None:
         """Make the image-wide C{shared} namespace live in image C{generation}."""
         if self._shared_generation == generation:
             return
@@ -175,7 +227,7 @@ class LiveImageCommands:
         await lock.acquire()
         try:
             if self._shared_generation != generation:
-                if self.shared_bindings:
+                if self.view.shared.bindings:
                     await self._materialize_shared(generation)
                 self._shared_generation = generation
         finally:
@@ -183,7 +235,7 @@ class LiveImageCommands:
 
     async def _materialize_shared(self, generation: int | None = None) -> None:
         outcome = await self._need_image().materialize_shared(
-            self.shared_bindings, generation=generation
+            self.view.shared.bindings, generation=generation
         )
         if outcome.get("unrestorable"):
             self.log.warn(
@@ -192,14 +244,14 @@ class LiveImageCommands:
                 names=[u.get("name") for u in outcome["unrestorable"]],
             )
 
-    async def _image_restarted(self) -> None:
+    async def image_restarted(self) -> None:
         """A new image replaced a dead one: bring every live session back.
 
         Commands that arrive meanwhile do not wait for this loop: each makes
         its own session live first (L{_ensure_materialized}), under the same
         per-session lock, so a session is rebuilt once and before any use.
         """
-        sessions = [s for s in self.sessions.values() if s.materialized and s.state == ACTIVE]
+        sessions = list(self.view.live_sessions())
         restored = 0
         for session in sessions:
             try:
@@ -209,7 +261,7 @@ class LiveImageCommands:
                 self.log.failure("re-materializing {sid} failed", sid=session.session_id)
         self.log.info("image restart: {count} sessions re-materialized", count=restored)
 
-    def _apply_delta(self, session: Session, delta: dict) -> None:
+    def apply_delta(self, session: Session, delta: dict) -> None:
         changed = delta.get("bindings_changed") or {}
         removed = delta.get("bindings_removed") or ()
         for name, binding in changed.items():
@@ -223,7 +275,7 @@ class LiveImageCommands:
                 if u.get("name") not in changed and u.get("name") not in removed
             ]
         if "variables" in delta:
-            self._set_variables(session, delta["variables"])
+            self.set_variables(session, delta["variables"])
         for object_id, entry in (delta.get("registry_added") or {}).items():
             session.registry[object_id] = entry
         while len(session.registry) > REGISTRY_LIMIT:
@@ -233,14 +285,14 @@ class LiveImageCommands:
         shared_changed = delta.get("shared_changed") or {}
         shared_removed = delta.get("shared_removed") or ()
         if shared_changed or shared_removed:
-            self.shared_bindings.update(shared_changed)
+            self.view.shared.bindings.update(shared_changed)
             for name in shared_removed:
-                self.shared_bindings.pop(name, None)
-            self._shared_dirty = True
-        self._fit_bindings(session)
+                self.view.shared.bindings.pop(name, None)
+            self.view.shared.dirty = True
+        self.fit_bindings(session)
 
     @staticmethod
-    def _set_variables(session: Session, variables: list) -> None:
+    def set_variables(session: Session, variables: list) -> None:
         """Take the image's variable list, less what could not be restored.
 
         The image lists bindings it could not restore too; they are not
@@ -250,11 +302,11 @@ class LiveImageCommands:
         gone = {u.get("name") for u in session.unrestorable}
         session.variables = [v for v in variables if v.get("name") not in gone]
 
-    def _fit_bindings(self, session: Session) -> None:
+    def fit_bindings(self, session: Session) -> None:
         """Demote the largest bindings to unrestorable until the session fits."""
         limit = self.settings.max_session_bytes
-        while self._size_of(session) > limit:
-            # _size_of just refreshed session.binding_sizes for every binding.
+        while session.encoded_size() > limit:
+            # encoded_size just refreshed session.binding_sizes for every binding.
             candidates = [
                 (session.binding_sizes[name][1], name)
                 for name, b in session.bindings.items()
@@ -274,13 +326,71 @@ class LiveImageCommands:
                 if variable.get("name") == name:
                     variable["restorable"] = False
 
+    # ================================================================ for the service
+
+    async def start(self) -> None:
+        """At service start: make a stored C{shared} namespace live in the image."""
+        if self.image is not None and self.view.shared.bindings:
+            await self.ensure_shared(await self.image.current_generation())
+
+    async def snapshot_into(self, session: Session) -> None:
+        """Take C{session}'s live namespace into its stored bindings (for save_context)."""
+        if not self.is_live(session):
+            return
+        try:
+            snapshot = await self.image.snapshot(
+                session.session_id, generation=session.image_generation
+            )
+        except StuiError as error:
+            if error.error_type != "ImageRestarted":
+                raise
+            # The namespace is gone with its image: what is stored is
+            # everything that was acknowledged, and that is what is saved.
+            snapshot = {}
+        session.bindings = snapshot.get("bindings", session.bindings)
+        if "variables" in snapshot:
+            self.set_variables(session, snapshot["variables"])
+        self.fit_bindings(session)
+
+    async def clear(self, session: Session, image_parts: list, forget: Callable[[], None]) -> None:
+        """Clear C{image_parts} of C{session}'s live namespace, then C{forget()} them.
+
+        Under the session's image lock: a rebuild in progress must not bring
+        back what is being cleared.
+        """
+        if not image_parts or self.image is None:
+            forget()
+            return
+        lock = self._image_lock(session.session_id)
+        await lock.acquire()
+        try:
+            if self.is_live(session):
+                await self.image.clear(
+                    session.session_id, image_parts, generation=session.image_generation
+                )
+            forget()
+        finally:
+            self._release_image_lock(session.session_id, lock)
+
+    def drop(self, session_id: str) -> defer.Deferred | None:
+        """Forget C{session_id}'s namespace in the image (closed or expired)."""
+        if self.image is None:
+            return None
+        return self.image.drop_session(session_id)
+
+    def status(self) -> dict:
+        """The image's status as C{ping} reports it."""
+        if self.image is None:
+            return {"status": "disabled", "pid": None, "started_at": None}
+        return self.image.status()
+
     # ================================================================ image commands
 
-    async def evaluate(self, call) -> dict:
-        params = call.params
-        session = await self._session_for(call)
+    async def evaluate(
+        self, session: Session, code: str, mode: str, timeout: float | None
+    ) -> EvaluationOutcome:
+        """Run C{code} in C{session}'s namespace and record it in the history."""
         image = self._need_image()
-        timeout = params.get("timeout")
         if timeout is None:
             timeout = self.settings.eval_timeout
         if timeout <= 0 or timeout > self.settings.max_eval_timeout:
@@ -288,7 +398,6 @@ class LiveImageCommands:
                 "timeout",
                 f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
             )
-        mode = params["mode"]
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
         started = self.now()
@@ -297,7 +406,7 @@ class LiveImageCommands:
                 session,
                 lambda generation: image.evaluate(
                     session.session_id,
-                    params["code"],
+                    code,
                     mode,
                     timeout,
                     generation=generation,
@@ -306,29 +415,28 @@ class LiveImageCommands:
             )
         except StuiError as error:
             if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
-                self._apply_delta(session, error.details)
-                entry = self._history_entry(session, params["code"], started, error=error)
+                self.apply_delta(session, error.details)
+                entry = self._history_entry(session, code, started, error=error)
                 for key in DELTA_KEYS:
                     error.details.pop(key, None)
                 error.details["history_index"] = entry["index"]
-                await self._changed(session, "record the evaluation")
+                await self.view.changed(session, "record the evaluation")
             elif error.error_type == "ImageRestarted":
                 session.materialized = False
             raise
-        self._apply_delta(session, outcome)
-        entry = self._history_entry(session, params["code"], started, outcome=outcome)
-        await self._changed(session, "record the evaluation")
-        return {
-            "session_id": session.session_id,
-            "result": clip(outcome.get("result"), MAX_RESULT_TEXT),
-            "result_type": outcome.get("result_type"),
-            "object_id": outcome.get("object_id"),
-            "display": clip(outcome.get("display"), MAX_RESULT_TEXT),
-            "output": outcome.get("output", ""),
-            "execution_time": outcome.get("execution_time"),
-            "has_error": False,
-            "history_index": entry["index"],
-        }
+        self.apply_delta(session, outcome)
+        entry = self._history_entry(session, code, started, outcome=outcome)
+        await self.view.changed(session, "record the evaluation")
+        return EvaluationOutcome(
+            session_id=session.session_id,
+            result=clip(outcome.get("result"), MAX_RESULT_TEXT),
+            result_type=outcome.get("result_type"),
+            object_id=outcome.get("object_id"),
+            display=clip(outcome.get("display"), MAX_RESULT_TEXT),
+            output=outcome.get("output", ""),
+            execution_time=outcome.get("execution_time"),
+            history_index=entry["index"],
+        )
 
     def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
         session.history_counter += 1
@@ -367,61 +475,71 @@ class LiveImageCommands:
         del session.history[: -self.settings.history_limit]
         return entry
 
-    async def inspect(self, call) -> dict:
-        params = call.params
-        if params.get("object_id") is None and params.get("expression") is None:
+    @staticmethod
+    def check_inspect(object_id: str | None, expression: str | None, limit: int) -> None:
+        """Refuse an C{inspect} that names nothing or has a negative C{limit}."""
+        if object_id is None and expression is None:
             raise invalid_parameter("object_id", "or 'expression' is required")
-        limit = params["limit"]
         if limit < 0:
             raise invalid_parameter("limit", "must be 0 or more")
-        session = await self._session_for(call)
+
+    async def inspect(
+        self, session: Session, object_id: str | None, expression: str | None, limit: int
+    ) -> Inspection:
+        """Look inside an object of C{session}; it becomes the inspector's selection."""
+        self.check_inspect(object_id, expression, limit)
         image = self._need_image()
         try:
             outcome = await self._in_image(
                 session,
                 lambda generation: image.inspect(
                     session.session_id,
-                    object_id=params.get("object_id"),
-                    expression=params.get("expression"),
+                    object_id=object_id,
+                    expression=expression,
                     limit=limit,
                     generation=generation,
                 ),
             )
         except StuiError as error:
-            if error.error_type == "ObjectNotFound" and params.get("object_id") in session.registry:
-                error.details["registry_entry"] = session.registry[params["object_id"]]
+            if error.error_type == "ObjectNotFound" and object_id in session.registry:
+                error.details["registry_entry"] = session.registry[object_id]
             raise
-        self._apply_delta(session, outcome)
-        object_id = outcome.get("object_id")
-        if object_id:
-            session.inspector_selected = object_id
-            session.inspector_history.append(object_id)
+        self.apply_delta(session, outcome)
+        selected = outcome.get("object_id")
+        if selected:
+            session.inspector_selected = selected
+            session.inspector_history.append(selected)
             del session.inspector_history[:-MAX_INSPECTOR_HISTORY]
-        await self._changed(session, "record the inspection")
-        result = {k: v for k, v in outcome.items() if k not in DELTA_KEYS}
-        result["session_id"] = session.session_id
-        return result
+        await self.view.changed(session, "record the inspection")
+        view = {k: v for k, v in outcome.items() if k not in DELTA_KEYS}
+        return Inspection(session.session_id, view)
 
-    async def complete(self, call) -> dict:
-        params = call.params
-        session = await self._session_for(call)
+    async def complete(self, session: Session, code: str, cursor_pos: int | None) -> Completions:
+        """Completions of C{code} at C{cursor_pos} (default: its end)."""
         image = self._need_image()
-        code = params["code"]
-        cursor = params.get("cursor_pos")
-        if cursor is None:
-            cursor = len(code)
+        cursor = len(code) if cursor_pos is None else cursor_pos
         if cursor < 0 or cursor > len(code):
             raise invalid_parameter("cursor_pos", f"must be between 0 and {len(code)}")
-        return await self._in_image(
+        completions = await self._in_image(
             session,
             lambda generation: image.complete(
                 session.session_id, code, cursor, generation=generation
             ),
         )
+        return Completions(session.session_id, completions)
 
-    async def interrupt(self, call) -> dict:
-        session = await self._session_for(call)
-        interrupted = False
-        if self.image is not None:
-            interrupted = bool(await self.image.interrupt(session.session_id))
-        return {"session_id": session.session_id, "interrupted": interrupted}
+    async def browse(self, session: Session, operation: str, arguments: dict) -> dict:
+        """The image's answer to browse tool C{operation} in C{session}'s namespace."""
+        image = self._need_image()
+        return await self._in_image(
+            session,
+            lambda generation: image.browse(
+                session.session_id, operation, arguments, generation=generation
+            ),
+        )
+
+    async def interrupt(self, session: Session) -> bool:
+        """Stop C{session}'s running evaluation; whether one was running."""
+        if self.image is None:
+            return False
+        return bool(await self.image.interrupt(session.session_id))

@@ -2,28 +2,36 @@
 
 It applies protocol.md's session rules (current session, ownership, idle
 expiry, limits, rate limits, allow/deny lists), keeps the sessions in memory,
-and decides when each is written through the :class:`SessionStore` according
-to the durability policy.  Time comes from an injected ``IReactorTime`` so
+and records each change for the :class:`SessionStore` according to the
+durability policy.  Time comes from an injected ``IReactorTime`` so
 tests drive expiry and cleanup with ``task.Clock``.
 
-Its children are the image supervisor (when enabled); its own timers are the
-cleanup loop (expiry, retention, index) and, for ``batch`` durability, the
-group-flush loop.
+It is protocol-free: its commands take typed arguments (and the caller's
+:class:`~stui_twisted.dispatch.interfaces.ConnectionContext`) and answer
+:class:`~stui_twisted.sessions.model.Session` objects or the small results of
+:mod:`stui_twisted.sessions.results`; :mod:`stui_twisted.dispatch.commands`
+turns them into replies.  It owns two components: the live image glue
+(:class:`~stui_twisted.sessions.live.LiveSessions`) and the dirty set and its
+writes (:class:`~stui_twisted.sessions.persistence.SessionWriter`).  It builds
+no services:
+``tap.py`` parents the image beside it and runs :meth:`SessionService.cleanup_tick`
+and :meth:`SessionService.flush_tick` as ``TimerService`` children.
+
+It is longer than ~600 lines because it is one job, protocol.md section 5's
+session rules, command by command; what is not a rule lives apart.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
-from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
+from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
-from stui_twisted.sessions.live import LiveImageCommands
+from stui_twisted.sessions.live import LiveSessions
 from stui_twisted.sessions.model import (
     ACTIVE,
     CLOSED,
@@ -32,32 +40,38 @@ from stui_twisted.sessions.model import (
     merge_patch,
     new_session_id,
 )
+from stui_twisted.sessions.persistence import SessionWriter, state_too_large, storage_error
 from stui_twisted.sessions.policy import ClientPolicy, check_client_id
+from stui_twisted.sessions.results import (
+    UNSET,
+    ClientSessions,
+    Completions,
+    EvaluationOutcome,
+    Inspection,
+    LoadResult,
+    RestoreResult,
+    SaveResult,
+    SessionInfo,
+    SessionStatistics,
+    SharedNamespace,
+)
 from stui_twisted.storage.errors import RecordTooLarge, StorageFailure
 from stui_twisted.transports.connections import ConnectionRegistry
 
+if TYPE_CHECKING:
+    from stui_twisted.dispatch.interfaces import ConnectionContext
+
 DAY = 24 * 3600.0
-FLUSH_SLICE_SECONDS = 0.001
-"""How long a flush serializes sessions before it lets waiting requests be served."""
 CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
 
 
-def _storage_error(failure_or_exc: Any, action: str) -> StuiError:
-    return StuiError(
-        "StorageError",
-        f"could not {action} durably: {failure_or_exc}; nothing was acknowledged",
-    )
+class SessionService(service.Service):
+    """Owns every session; the command table calls into it.
 
-
-def _state_too_large(exc: RecordTooLarge) -> StuiError:
-    """The wire error for a store write refused as too large (nothing was written)."""
-    return StuiError(
-        "StateTooLarge", str(exc), size_bytes=exc.size_bytes, max_session_bytes=exc.max_bytes
-    )
-
-
-class SessionService(LiveImageCommands, service.MultiService):
-    """Owns every session; the dispatcher's commands call into it."""
+    @param reactor: the clock (C{IReactorTime}); every time it uses is read from it.
+    @param image: the L{ImageSupervisor}, or C{None}; the caller parents it
+        (tap.py), so that it stops after this service's final flush.
+    """
 
     log = Logger()
 
@@ -67,9 +81,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         self.clock = reactor
         self.store = store
         self.image = image
-        if image is not None:
-            image.setServiceParent(self)
-            image.addRestartObserver(self._image_restarted)
+        self.shared = SharedNamespace()
+        self.live = LiveSessions(self, image, settings, reactor)
         # Not `connections or ...`: an empty registry has len() 0 and is falsy.
         self.connections = (
             connections if connections is not None else ConnectionRegistry(settings.max_connections)
@@ -84,20 +97,10 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._by_client: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
-        self.shared_bindings: dict = {}
-        self._shared_dirty = False
-        self._shared_generation: int | None = None
-        self._image_locks: dict[str | None, defer.DeferredLock] = {}
-        self._dirty: set[str] = set()
-        self._storage_degraded = False
+        self.writer = SessionWriter(store, settings, reactor, self.sessions, self.shared)
         self._stopping = False
         self._started_at: float | None = None
         self._ready: defer.Deferred | None = None
-        self._cleanup_loop = task.LoopingCall(self.cleanup)
-        self._cleanup_loop.clock = reactor
-        self._flush_loop = task.LoopingCall(self._flush_tick)
-        self._flush_loop.clock = reactor
-        self._flushing: defer.Deferred | None = None
         self.unwritten_at_shutdown: list[str] = []
         """Sessions the final flush could not write (the process then exits non-zero)."""
 
@@ -115,7 +118,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         for meta in metas:
             session = Session.from_meta(meta)
             self._add(session)
-        self.shared_bindings = await self.store.read_shared()
+        self.shared.bindings = await self.store.read_shared()
         now = self.clock.seconds()
         active = sum(1 for s in self.sessions.values() if s.is_active(now))
         self.log.info(
@@ -124,15 +127,19 @@ class SessionService(LiveImageCommands, service.MultiService):
             active=active,
             data=self.settings.data_dir,
         )
-        self._cleanup_loop.start(self.settings.cleanup_interval, now=False)
-        if self.settings.durability == "batch":
-            self._flush_loop.start(self.settings.flush_interval, now=False)
-        if self.image is not None and self.shared_bindings:
-            await self._ensure_shared(await self.image.current_generation())
+        await self.live.start()
 
     def _start_failed(self, failure):
         self.log.failure("session service could not start", failure)
         return failure
+
+    def is_ready(self) -> bool:
+        """Whether the store is open and the index loaded (and start-up did not fail)."""
+        return (
+            self._ready is not None
+            and self._ready.called
+            and not isinstance(self._ready.result, Exception)
+        )
 
     async def ready(self) -> None:
         """Wait until the store is open and the index loaded."""
@@ -144,36 +151,35 @@ class SessionService(LiveImageCommands, service.MultiService):
             try:
                 await waiter
             except Exception as exc:
-                raise _storage_error(exc, "open the data directory") from exc
+                raise storage_error(exc, "open the data directory") from exc
 
     def stopService(self) -> defer.Deferred:  # noqa: N802
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
         # Order matters: no change may be acknowledged after the final flush.
-        # Listeners stop first (they are stopped before this service); then
+        # Listeners stop first (they are stopped before this service), and the
+        # cleanup and flush timers (tap.py stops them just before it); then
         # open connections stop being read and every later change is refused;
-        # then everything dirty is written.
+        # then everything dirty is written.  The image stops after this
+        # (tap.py: the session core stops its children one after another).
         self._stopping = True
         for connection in self.connections:
             connection.close()
-        for loop in (self._cleanup_loop, self._flush_loop):
-            if loop.running:
-                loop.stop()
         unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
             try:
                 await self.flush()
             except Exception:
                 self.log.failure("flush at shutdown failed")
-            unwritten = sorted(self._dirty)
-            if self._shared_dirty:
+            unwritten = sorted(self.writer.dirty)
+            if self.shared.dirty:
                 unwritten.append("(the shared namespace)")
             try:
-                await self._write_index()
+                await self.writer.write_index()
             except Exception:
                 self.log.failure("writing the session index at shutdown failed")
-        await super().stopService()
+        super().stopService()
         await self.store.close()
         if unwritten:
             self.unwritten_at_shutdown = unwritten
@@ -191,10 +197,20 @@ class SessionService(LiveImageCommands, service.MultiService):
     def now(self) -> float:
         return self.clock.seconds()
 
-    async def _session_for(self, call, *, touch: bool = True) -> Session:
-        """The session a command names (or the connection's current one), checked."""
+    async def _session_for(
+        self,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        *,
+        touch: bool = True,
+    ) -> Session:
+        """The session C{session_id} names (or C{connection}'s current one), checked.
+
+        @param client_id: the acting client; C{None} acts for any (auth off, no id given).
+        """
         await self.ready()
-        session_id = call.params.get("session_id") or call.context.current_session_id
+        session_id = session_id or connection.current_session_id
         if session_id is None:
             raise StuiError(
                 "NoSession",
@@ -202,8 +218,7 @@ class SessionService(LiveImageCommands, service.MultiService):
                 "create_session or restore_session first",
             )
         session = self.sessions.get(session_id)
-        acting = call.client_id
-        if session is None or (acting is not None and session.client_id != acting):
+        if session is None or (client_id is not None and session.client_id != client_id):
             raise StuiError(
                 "SessionNotFound",
                 f"no session {session_id[:80]!r} for this client",
@@ -237,7 +252,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             document = {}
             self.log.warn("session {sid} has no file; starting it empty", sid=session.session_id)
         except StorageFailure as exc:
-            raise _storage_error(exc, f"read session {session.session_id!r}") from exc
+            raise storage_error(exc, f"read session {session.session_id!r}") from exc
         if not session.loaded:
             session.load_document(document)
             session.size_bytes = self._size_of(session)
@@ -250,7 +265,7 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
-        self._dirty.discard(session.session_id)
+        self.writer.dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
         owned = self._by_client.get(session.client_id)
         if owned is not None:
@@ -262,13 +277,15 @@ class SessionService(LiveImageCommands, service.MultiService):
         """The sessions of one client, without scanning every session."""
         return [self.sessions[sid] for sid in self._by_client.get(client_id, ())]
 
-    def _owned_client(self, call, required: bool = True) -> str | None:
-        client_id = call.client_id
+    @staticmethod
+    def _owned_client(client_id: str | None) -> str:
         if client_id is None:
-            if required:
-                raise invalid_parameter("client_id", "is required")
-            return None
+            raise invalid_parameter("client_id", "is required")
         return check_client_id(client_id)
+
+    def live_sessions(self) -> list[Session]:
+        """The active sessions that were live in the image (for L{LiveSessions})."""
+        return [s for s in self.sessions.values() if s.materialized and s.state == ACTIVE]
 
     # ================================================================ persistence
 
@@ -288,7 +305,7 @@ class SessionService(LiveImageCommands, service.MultiService):
         session.size_bytes = size
         return size
 
-    async def _changed(self, session: Session, action: str) -> None:
+    async def changed(self, session: Session, action: str) -> None:
         """Record a content change; durable before return under C{always}.
 
         During shutdown, after the final flush has begun, a change is refused
@@ -300,178 +317,36 @@ class SessionService(LiveImageCommands, service.MultiService):
                 f"could not {action}: the server is shutting down and nothing was "
                 "acknowledged; reconnect and retry",
             )
-        session.last_modified = self.now()
-        session.dirty = True
-        session.version += 1
-        self._dirty.add(session.session_id)
-        if self.settings.durability == "always" or self._storage_degraded:
-            await self._write_now(session, action)
-
-    async def _write_now(self, session: Session, action: str, *, saved_at: str | None = None):
-        version = session.version
-        document = session.to_document()
-        try:
-            result = await self.store.write(document, saved_at=saved_at)
-        except RecordTooLarge as exc:
-            raise _state_too_large(exc) from exc
-        except StorageFailure as exc:
-            self._storage_degraded = True
-            raise _storage_error(exc, action) from exc
-        self._wrote(session, result, version)
-        if self._shared_dirty:
-            await self._write_shared(action)
-        return result
-
-    def _wrote(self, session: Session, result, version: int) -> None:
-        """C{session} as of change C{version} is on disk.
-
-        It is clean only if nothing changed while the write ran; a change made
-        meanwhile keeps it dirty so the next flush writes it.
-        """
-        session.size_bytes = result.size_bytes
-        session.last_saved_at = result.saved_at
-        if self.sessions.get(session.session_id) is session and session.version == version:
-            session.dirty = False
-            self._dirty.discard(session.session_id)
-
-    async def _write_shared(self, action: str = "save the shared namespace") -> None:
-        self._shared_dirty = False
-        try:
-            await self.store.write_shared(dict(self.shared_bindings))
-        except RecordTooLarge as exc:
-            raise _state_too_large(exc) from exc
-        except StorageFailure as exc:
-            self._shared_dirty = True
-            raise _storage_error(exc, action) from exc
+        await self.writer.changed(session, action)
 
     async def flush(self) -> None:
-        """Write every dirty session (the C{batch} policy's loop).
+        """Write every dirty session now (see L{SessionWriter.flush})."""
+        await self.writer.flush()
 
-        Sessions are serialized on the reactor thread (a session must not
-        change while it is encoded); after L{FLUSH_SLICE_SECONDS} of that
-        the flush lets the reactor serve what is waiting before it goes on.
-        The group is then written as one store job.
-        """
-        if self._flushing is not None:
-            await self._flushing_wait()
-        if not self._dirty and not self._shared_dirty:
-            return
-        self._flushing = defer.Deferred()
-        try:
-            dirty = [self.sessions[sid] for sid in list(self._dirty) if sid in self.sessions]
-            self._dirty.clear()
-            if dirty:
-                await self._flush_sessions(dirty)
-            if self._shared_dirty:
-                try:
-                    await self._write_shared()
-                except StuiError as exc:
-                    self.log.error("flush of shared namespace failed: {error}", error=exc.message)
-        finally:
-            waiting, self._flushing = self._flushing, None
-            waiting.callback(None)
-
-    async def _flush_sessions(self, dirty: list[Session]) -> None:
-        snapshots: dict[str, tuple[int, object]] = {}
-        failed = 0
-        slice_started = time.perf_counter()
-        for session in dirty:
-            if time.perf_counter() - slice_started > FLUSH_SLICE_SECONDS:
-                await self._next_turn()
-                slice_started = time.perf_counter()
-            snapshot = self._snapshot_or_keep_dirty(session)
-            if snapshot is None:
-                failed += 1
-            else:
-                snapshots[session.session_id] = (session.version, snapshot)
-        # From here to write_many nothing yields: a session that changed (or
-        # was removed) while others were being serialized is taken as it is
-        # now, so no older snapshot is queued behind a newer write.
-        group = []
-        for session in dirty:
-            if (
-                session.session_id not in snapshots
-                or self.sessions.get(session.session_id) is not session
-            ):
-                continue
-            version, snapshot = snapshots[session.session_id]
-            if version != session.version:
-                version, snapshot = session.version, self._snapshot_or_keep_dirty(session)
-                if snapshot is None:
-                    failed += 1
-                    continue
-            group.append(session)
-            snapshots[session.session_id] = (version, snapshot)
-        try:
-            results = await self.store.write_many([snapshots[s.session_id][1] for s in group])
-        except Exception:
-            # Nothing of this group is known to be on disk: keep it dirty.
-            self._dirty.update(s.session_id for s in group)
-            self._storage_degraded = True
-            raise
-        for session in group:
-            outcome = results.get(session.session_id)
-            if outcome is None or not hasattr(outcome, "size_bytes"):
-                failed += 1
-                self._dirty.add(session.session_id)
-            else:
-                self._wrote(session, outcome, snapshots[session.session_id][0])
-        if failed:
-            self._storage_degraded = True
-            self.log.error(
-                "flush: {failed} of {total} sessions could not be written; "
-                "they stay dirty and are retried",
-                failed=failed,
-                total=len(dirty),
-            )
-        elif self._storage_degraded:
-            self._storage_degraded = False
-            self.log.info("flush: storage writes succeed again")
-
-    def _snapshot_or_keep_dirty(self, session: Session):
-        """C{session} serialized for the store, or None (logged; it stays dirty)."""
-        try:
-            return self.store.snapshot(session.to_document())
-        except Exception:
-            self.log.failure("flush: session {sid} cannot be serialized", sid=session.session_id)
-            self._dirty.add(session.session_id)
-            return None
-
-    def _next_turn(self) -> defer.Deferred:
-        """Fires on the next reactor iteration, after what is waiting now.
-
-        A turn belongs to the event loop, not to the clock: when the service
-        was given a clock that is not a reactor (a C{task.Clock} in tests),
-        nothing ever advances it by 0 s, so a yield scheduled on it never
-        fired and the flush (and everything waiting for it, shutdown
-        included) hung whenever serializing took longer than a slice.  The
-        yield therefore always goes through a running reactor.
-        """
-        loop = self.clock if IReactorCore.providedBy(self.clock) else None
-        if loop is None:
-            from twisted.internet import reactor as loop  # the running one
-        return task.deferLater(loop, 0, lambda: None)
-
-    async def _flush_tick(self) -> None:
+    async def flush_tick(self) -> None:
         """One run of the batch loop; a failure is logged and the loop goes on.
 
-        (A LoopingCall stops for good when its call fails, which would leave
-        every later change unwritten.)
+        (A TimerService's loop stops for good when its call fails, which would
+        leave every later change unwritten.)  Before the service is ready, and
+        once it is stopping (its own final flush follows), it does nothing.
         """
+        if not self.is_ready() or self._stopping:
+            return
         try:
             await self.flush()
         except Exception:
             self.log.failure("batch flush failed; retrying at the next interval")
 
-    async def _flushing_wait(self) -> None:
-        waiter: defer.Deferred = defer.Deferred()
-        self._flushing.addBoth(lambda r: (waiter.callback(None), r)[1])
-        await waiter
-
-    async def _write_index(self) -> None:
-        await self.store.write_index([s.meta() for s in self.sessions.values()])
-
     # ================================================================ cleanup
+
+    async def cleanup_tick(self) -> None:
+        """One run of the cleanup timer (tap.py): L{cleanup} once the service is ready.
+
+        The timer's first run comes at start-up, before the index is loaded;
+        it and any run once the service is stopping do nothing.
+        """
+        if self.is_ready() and not self._stopping:
+            await self.cleanup()
 
     async def cleanup(self) -> None:
         """Expire idle sessions, apply retention, flush, write the index.
@@ -484,7 +359,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             ("expire", self._expire_idle),
             ("retention", self._apply_retention),
             ("flush", self._cleanup_flush),
-            ("index", self._write_index),
+            ("index", self.writer.write_index),
         ):
             try:
                 await step()
@@ -505,15 +380,16 @@ class SessionService(LiveImageCommands, service.MultiService):
         self._active_ids.discard(session.session_id)
         session.materialized = False
         if session.loaded:
-            self._dirty.add(session.session_id)
+            self.writer.dirty.add(session.session_id)
         self.log.info(
             "session {sid} of {client} expired after {timeout:g} s idle",
             sid=session.session_id,
             client=session.client_id,
             timeout=session.timeout,
         )
-        if self.image is not None:
-            self.image.drop_session(session.session_id).addErrback(
+        dropped = self.live.drop(session.session_id)
+        if dropped is not None:
+            dropped.addErrback(
                 lambda f: self.log.failure("image: dropping {sid}", f, sid=session.session_id)
             )
 
@@ -538,19 +414,27 @@ class SessionService(LiveImageCommands, service.MultiService):
             return
         # Under "none" content is written on close, save_context and shutdown
         # only; sessions that ended (expired) are written here.
-        for session_id in list(self._dirty):
+        for session_id in list(self.writer.dirty):
             session = self.sessions.get(session_id)
             if session is not None and session.state != ACTIVE:
-                await self._write_now(session, "record the expiry")
+                await self.writer.write_now(session, "record the expiry")
 
     # ================================================================ session commands
 
-    async def create_session(self, call) -> dict:
+    async def create_session(
+        self,
+        *,
+        client_id: str | None,
+        timeout: float | None,
+        client_info: dict | None,
+        connection: ConnectionContext,
+    ) -> Session:
+        """A new session of C{client_id}; it becomes C{connection}'s current one."""
         await self.ready()
-        client_id = self._owned_client(call)
+        client_id = self._owned_client(client_id)
         self.policy.admit(client_id)
         now = self.now()
-        timeout = self._timeout_param(call.params.get("timeout"))
+        timeout = self._timeout_param(timeout)
         active = [s for s in self._sessions_of(client_id) if s.is_active(now)]
         if len(active) >= self.settings.max_sessions_per_client:
             raise StuiError(
@@ -572,7 +456,6 @@ class SessionService(LiveImageCommands, service.MultiService):
                 scope="server",
             )
         self.policy.record_create(client_id, now)
-        client_info = call.params.get("client_info") or {}
         session = Session(
             session_id=new_session_id(),
             client_id=client_id,
@@ -580,25 +463,23 @@ class SessionService(LiveImageCommands, service.MultiService):
             timeout=timeout,
             last_activity=now,
             last_modified=now,
-            client_info=client_info,
+            client_info=client_info or {},
         )
         self._check_size(session)
         self._add(session)
         try:
-            await self._changed(session, "create the session")
+            await self.changed(session, "create the session")
         except StuiError:
             self._remove(session)
             raise
-        call.context.current_session_id = session.session_id
+        connection.current_session_id = session.session_id
         self.log.info(
             "{conn} created session {sid} for {client}",
-            conn=call.context.label,
+            conn=connection.label,
             sid=session.session_id,
             client=client_id,
         )
-        result = session.record(now)
-        result["capabilities"] = list(self.settings.capabilities)
-        return result
+        return session
 
     def _timeout_param(self, value) -> float:
         if value is None:
@@ -611,72 +492,63 @@ class SessionService(LiveImageCommands, service.MultiService):
             )
         return float(value)
 
-    async def restore_session(self, call) -> dict:
-        session = await self._session_for(call)
-        call.context.current_session_id = session.session_id
-        restored = {"restored": [], "unrestorable": list(session.unrestorable)}
-        if self._is_live(session):
-            # Already live in the image (another connection, or a reconnect):
-            # attach without rebuilding, so live objects that cannot be stored
-            # (sockets, lambdas) are not thrown away.
-            restored = {
-                "restored": [v.get("name") for v in session.variables],
-                "unrestorable": list(session.unrestorable),
-            }
-        elif self.image is not None:
-            restored = await self._restore_in_image(session)
+    async def restore_session(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> RestoreResult:
+        """Reattach C{connection} to a session, its namespace live in the image."""
+        session = await self._session_for(session_id, client_id, connection)
+        connection.current_session_id = session.session_id
+        rebuilt = await self.live.restore(session)
         self.log.info(
-            "{conn} restored session {sid}", conn=call.context.label, sid=session.session_id
+            "{conn} restored session {sid}", conn=connection.label, sid=session.session_id
         )
-        result = session.record(self.now())
-        result.update(session.context())
-        result["restored_bindings"] = restored["restored"]
-        result["unrestorable_bindings"] = restored["unrestorable"]
-        return result
+        return RestoreResult(session, rebuilt)
 
-    async def update_session_state(self, call) -> dict:
-        params = call.params
-        parts = [
-            k
-            for k in ("state_data", "workspace_context", "inspector_state")
-            if k in call.request.parameters
-        ]
+    async def update_session_state(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        state_data: Any = UNSET,
+        workspace_context: Any = UNSET,
+        inspector_state: Any = UNSET,
+        merge: bool = False,
+    ) -> Session:
+        """Store client state: each part given replaces (or, C{merge}, patches) its own."""
+        given = {
+            "state_data": state_data,
+            "workspace_context": workspace_context,
+            "inspector_state": inspector_state,
+        }
+        parts = [name for name, value in given.items() if value is not UNSET]
         if not parts:
             raise StuiError(
                 "InvalidRequest",
                 "give at least one of 'state_data', 'workspace_context', 'inspector_state'",
                 parameter="state_data",
             )
-        session = await self._session_for(call)
-        merge = params["merge"]
+        session = await self._session_for(session_id, client_id, connection)
         before = (session.session_state, session.client_workspace, session.inspector_view)
-        if "state_data" in parts:
-            data = call.request.parameters["state_data"]
-            session.session_state = merge_patch(session.session_state, data) if merge else data
-        if "workspace_context" in parts:
-            session.client_workspace = self._client_part(
-                session.client_workspace,
-                params["workspace_context"],
-                "workspace_context",
-                "client",
-                merge,
+        if state_data is not UNSET:
+            session.session_state = (
+                merge_patch(session.session_state, state_data) if merge else state_data
             )
-        if "inspector_state" in parts:
+        if workspace_context is not UNSET:
+            session.client_workspace = self._client_part(
+                session.client_workspace, workspace_context, "workspace_context", "client", merge
+            )
+        if inspector_state is not UNSET:
             session.inspector_view = self._client_part(
-                session.inspector_view, params["inspector_state"], "inspector_state", "view", merge
+                session.inspector_view, inspector_state, "inspector_state", "view", merge
             )
         try:
             self._check_size(session)
-            await self._changed(session, "save the session state")
+            await self.changed(session, "save the session state")
         except StuiError:
             session.session_state, session.client_workspace, session.inspector_view = before
             raise
-        return {
-            "session_id": session.session_id,
-            "last_modified": iso_timestamp(session.last_modified),
-            "session_state": session.session_state,
-            "update_successful": True,
-        }
+        return session
 
     @staticmethod
     def _client_part(current: dict, given: Any, name: str, key: str, merge: bool) -> dict:
@@ -688,73 +560,78 @@ class SessionService(LiveImageCommands, service.MultiService):
             raise invalid_parameter(f"{name}.{key}", "must be an object")
         return merge_patch(current, value) if merge else value
 
-    async def close_session(self, call) -> dict:
-        session = await self._session_for(call)
+    async def close_session(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        save_state: bool = True,
+    ) -> Session:
+        """End a session for good (without C{save_state}: as it was last written)."""
+        session = await self._session_for(session_id, client_id, connection)
         now = self.now()
-        save = call.params["save_state"]
-        if not save:
+        if not save_state:
             try:
                 document = await self.store.read(session.client_id, session.session_id)
                 session.load_document(document)
             except KeyError:
                 session.load_document({})
             except StorageFailure as exc:
-                raise _storage_error(exc, "close the session") from exc
+                raise storage_error(exc, "close the session") from exc
         session.state = CLOSED
         self._active_ids.discard(session.session_id)
         session.closed_at = now
         session.materialized = False
         session.last_modified = now
         try:
-            await self._write_now(session, "close the session")
+            await self.writer.write_now(session, "close the session")
         except StuiError:
             session.state, session.closed_at = ACTIVE, None
             self._active_ids.add(session.session_id)
             raise
-        if call.context.current_session_id == session.session_id:
-            call.context.current_session_id = None
-        for connection in self.connections:
-            if connection.context.current_session_id == session.session_id:
-                connection.context.current_session_id = None
-        if self.image is not None:
-            await self.image.drop_session(session.session_id)
+        if connection.current_session_id == session.session_id:
+            connection.current_session_id = None
+        for other in self.connections:
+            if other.context.current_session_id == session.session_id:
+                other.context.current_session_id = None
+        dropped = self.live.drop(session.session_id)
+        if dropped is not None:
+            await dropped
         self.log.info(
             "{conn} closed session {sid} (saved={saved})",
-            conn=call.context.label,
+            conn=connection.label,
             sid=session.session_id,
-            saved=save,
+            saved=save_state,
         )
-        return {"session_id": session.session_id, "closed": True, "saved": bool(save)}
+        return session
 
-    async def get_session_info(self, call) -> dict:
-        session = await self._session_for(call, touch=False)
-        result = session.record(self.now())
-        result.update(
-            {
-                "variable_count": len(session.variables),
-                "history_length": len(session.history),
-                "size_bytes": session.size_bytes or self._size_of(session),
-                "attached_connections": self.connections.attached_to(session.session_id),
-            }
+    async def get_session_info(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SessionInfo:
+        """The session (not touched: asking about it is not activity) and its sizes."""
+        session = await self._session_for(session_id, client_id, connection, touch=False)
+        return SessionInfo(
+            session,
+            size_bytes=session.size_bytes or self._size_of(session),
+            attached_connections=self.connections.attached_to(session.session_id),
         )
-        return result
 
-    async def list_client_sessions(self, call) -> dict:
+    async def list_client_sessions(
+        self, *, client_id: str | None, include_inactive: bool = False
+    ) -> ClientSessions:
+        """C{client_id}'s sessions (only active ones unless C{include_inactive}), oldest first."""
         await self.ready()
-        client_id = self._owned_client(call)
+        client_id = self._owned_client(client_id)
         now = self.now()
-        include_inactive = call.params["include_inactive"]
         sessions = sorted(
             (s for s in self._sessions_of(client_id) if include_inactive or s.is_active(now)),
             key=lambda s: s.created_at,
         )
-        return {
-            "client_id": client_id,
-            "session_count": len(sessions),
-            "sessions": [s.record(now) for s in sessions],
-        }
+        return ClientSessions(client_id, sessions)
 
-    async def get_session_statistics(self, call) -> dict:
+    async def get_session_statistics(self) -> SessionStatistics:
+        """Server-wide session counts, connections and storage counters."""
         await self.ready()
         now = self.now()
         counts = {ACTIVE: 0, EXPIRED: 0, CLOSED: 0}
@@ -768,64 +645,48 @@ class SessionService(LiveImageCommands, service.MultiService):
                 counts[ACTIVE] += 1
                 clients.add(session.client_id)
         storage = dict(self.store.statistics())
-        storage["pending_writes"] = storage.get("pending_writes", 0) + len(self._dirty)
-        return {
-            "total_sessions": len(self.sessions),
-            "active_sessions": counts[ACTIVE],
-            "expired_sessions": counts[EXPIRED],
-            "closed_sessions": counts[CLOSED],
-            "active_clients": len(clients),
-            "connected_clients": len(self.connections),
-            "max_sessions_per_client": self.settings.max_sessions_per_client,
-            "default_timeout": whole_seconds(self.settings.default_timeout),
-            "cleanup_interval": whole_seconds(self.settings.cleanup_interval),
-            "uptime": round(now - (self._started_at or now), 3),
-            "durability": self.settings.durability,
-            "storage": storage,
-        }
+        storage["pending_writes"] = storage.get("pending_writes", 0) + len(self.writer.dirty)
+        return SessionStatistics(
+            total=len(self.sessions),
+            active=counts[ACTIVE],
+            expired=counts[EXPIRED],
+            closed=counts[CLOSED],
+            active_clients=len(clients),
+            connected_clients=len(self.connections),
+            uptime=round(now - (self._started_at or now), 3),
+            storage=storage,
+        )
 
     # ================================================================ context commands
 
-    async def save_context(self, call) -> dict:
-        session = await self._session_for(call)
-        if self._is_live(session):
-            try:
-                snapshot = await self.image.snapshot(
-                    session.session_id, generation=session.image_generation
-                )
-            except StuiError as error:
-                if error.error_type != "ImageRestarted":
-                    raise
-                # The namespace is gone with its image: what is stored is
-                # everything that was acknowledged, and that is what is saved.
-                snapshot = {}
-            session.bindings = snapshot.get("bindings", session.bindings)
-            if "variables" in snapshot:
-                self._set_variables(session, snapshot["variables"])
-            self._fit_bindings(session)
+    async def save_context(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SaveResult:
+        """Write the session (its live namespace included) durably now, and a saved copy."""
+        session = await self._session_for(session_id, client_id, connection)
+        await self.live.snapshot_into(session)
         # One stamp for both files: save_context's saved_at, the session's
         # last_saved_at and load_context's saved_at are the same string.
         # The session file first: a save that fails leaves the previous saved
         # copy as it was.
         stamp = iso_timestamp(self.now())
         document = session.to_document()
-        result = await self._write_now(session, "save the context", saved_at=stamp)  # shared too
+        result = await self.writer.write_now(
+            session, "save the context", saved_at=stamp
+        )  # shared too
         try:
             await self.store.write(document, saved_at=stamp, saved_copy=True)
         except RecordTooLarge as exc:
-            raise _state_too_large(exc) from exc
+            raise state_too_large(exc) from exc
         except StorageFailure as exc:
-            raise _storage_error(exc, "save the context") from exc
-        return {
-            "session_id": session.session_id,
-            "saved": True,
-            "saved_at": result.saved_at,
-            "size_bytes": result.size_bytes,
-            "checksum": result.checksum,
-        }
+            raise storage_error(exc, "save the context") from exc
+        return SaveResult(session.session_id, result.saved_at, result.size_bytes, result.checksum)
 
-    async def load_context(self, call) -> dict:
-        session = await self._session_for(call)
+    async def load_context(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> LoadResult:
+        """Replace the in-memory context with the copy C{save_context} wrote last."""
+        session = await self._session_for(session_id, client_id, connection)
         try:
             document, saved_at = await self.store.read_saved(session.client_id, session.session_id)
         except KeyError:
@@ -835,50 +696,37 @@ class SessionService(LiveImageCommands, service.MultiService):
                 session_id=session.session_id,
             ) from None
         except StorageFailure as exc:
-            raise _storage_error(exc, "load the context") from exc
+            raise storage_error(exc, "load the context") from exc
         counter = session.history_counter
         session.load_document(document)
         # Cells keep numbers of their own: the next one is not numbered again.
         session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state
         # must not leave that state on disk with the session marked clean.
-        await self._changed(session, "load the context")
-        restored = {"restored": [], "unrestorable": []}
-        if self.image is not None:
-            restored = await self._restore_in_image(session, rebuild=True)
-        context = session.context()
-        return {
-            "session_id": session.session_id,
-            "loaded": True,
-            "saved_at": saved_at,
-            "context": context,
-            "restored_bindings": restored["restored"],
-            "unrestorable_bindings": restored["unrestorable"],
-        }
+        await self.changed(session, "load the context")
+        rebuilt = await self.live.restore(session, rebuild=True)
+        return LoadResult(session, saved_at, rebuilt)
 
-    async def get_context_summary(self, call) -> dict:
-        session = await self._session_for(call, touch=False)
-        return {
-            "session_id": session.session_id,
-            "variables": [
-                {"name": v.get("name"), "type": v.get("type"), "repr": v.get("repr")}
-                for v in session.variables
-            ],
-            "variable_count": len(session.variables),
-            "history_length": len(session.history),
-            "last_evaluation": session.history[-1] if session.history else None,
-            "registry_size": len(session.registry),
-            "inspector": {
-                "selected_object": session.inspector_selected,
-                "history_length": len(session.inspector_history),
-            },
-            "size_bytes": session.size_bytes or self._size_of(session),
-            "dirty": session.dirty,
-            "last_saved_at": session.last_saved_at,
-        }
+    async def get_context_summary(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> SessionInfo:
+        """The session, not touched, for a summary of its context."""
+        return await self.get_session_info(
+            session_id=session_id, client_id=client_id, connection=connection
+        )
 
-    async def clear_context(self, call) -> dict:
-        parts = call.params.get("parts")
+    async def clear_context(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        parts: list | None = None,
+    ) -> tuple[str, list[str]]:
+        """Forget C{parts} of the context (all of them by default).
+
+        Answers the session's id and the parts cleared.
+        """
         if parts is None:
             parts = list(CONTEXT_PARTS)
         for part in parts:
@@ -887,28 +735,11 @@ class SessionService(LiveImageCommands, service.MultiService):
                     "parts",
                     f"has unknown part {str(part)[:40]!r}; use any of {', '.join(CONTEXT_PARTS)}",
                 )
-        session = await self._session_for(call)
+        session = await self._session_for(session_id, client_id, connection)
         image_parts = [p for p in ("variables", "registry") if p in parts]
-        if image_parts and self.image is not None:
-            # Under the session's image lock: a rebuild in progress must not
-            # bring back what is being cleared.
-            lock = self._image_lock(session.session_id)
-            await lock.acquire()
-            try:
-                if self._is_live(session):
-                    await self.image.clear(
-                        session.session_id, image_parts, generation=session.image_generation
-                    )
-                self._clear_parts(session, parts)
-            finally:
-                self._release_image_lock(session.session_id, lock)
-        else:
-            self._clear_parts(session, parts)
-        await self._changed(session, "clear the context")
-        return {
-            "session_id": session.session_id,
-            "cleared": [p for p in CONTEXT_PARTS if p in parts],
-        }
+        await self.live.clear(session, image_parts, lambda: self._clear_parts(session, parts))
+        await self.changed(session, "clear the context")
+        return session.session_id, [p for p in CONTEXT_PARTS if p in parts]
 
     @staticmethod
     def _clear_parts(session: Session, parts) -> None:
@@ -928,12 +759,74 @@ class SessionService(LiveImageCommands, service.MultiService):
             session.session_state = {}
             session.client_workspace = {}
 
+    # ================================================================ image commands
+
+    async def evaluate(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        code: str,
+        mode: str = "execute",
+        timeout: float | None = None,
+    ) -> EvaluationOutcome:
+        """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.evaluate(session, code, mode, timeout)
+
+    async def inspect(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        object_id: str | None = None,
+        expression: str | None = None,
+        limit: int = 100,
+    ) -> Inspection:
+        """Look inside an object of the session (see L{LiveSessions.inspect})."""
+        LiveSessions.check_inspect(object_id, expression, limit)
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.inspect(session, object_id, expression, limit)
+
+    async def complete(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        code: str,
+        cursor_pos: int | None = None,
+    ) -> Completions:
+        """Completions at the cursor (see L{LiveSessions.complete})."""
+        session = await self._session_for(session_id, client_id, connection)
+        return await self.live.complete(session, code, cursor_pos)
+
+    async def interrupt(
+        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+    ) -> tuple[str, bool]:
+        """Stop the session's running evaluation: (session id, whether one was stopped)."""
+        session = await self._session_for(session_id, client_id, connection)
+        return session.session_id, await self.live.interrupt(session)
+
+    async def browse(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        operation: str,
+        arguments: dict,
+    ) -> tuple[str, dict]:
+        """A browse tool in the session's namespace: (session id, the image's answer)."""
+        session = await self._session_for(session_id, client_id, connection)
+        return session.session_id, await self.live.browse(session, operation, arguments)
+
     # ================================================================ misc
 
     def uptime(self) -> float:
         return round(self.now() - (self._started_at or self.now()), 3)
 
     def image_status(self) -> dict:
-        if self.image is None:
-            return {"status": "disabled", "pid": None, "started_at": None}
-        return self.image.status()
+        return self.live.status()

@@ -449,8 +449,6 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         if self.transport is not None and self.connected:
             self.transport.writeSequence((data, b"\n"))
 
-    sendEvent = sendReply
-
     def close(self) -> None:
         """Read no further request, send what is queued, then disconnect."""
         self._disconnect()

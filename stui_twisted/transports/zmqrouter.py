@@ -65,8 +65,6 @@ class ZmqPeer:
     def sendFrames(self, envelope: list[bytes], data: bytes) -> None:  # noqa: N802
         self._router.send_to(self.identity, envelope, data)
 
-    sendEvent = sendReply
-
     def close(self) -> None:
         """ZeroMQ has no per-peer connection to close; forget the peer instead."""
         self._router.forget(self.identity)
