@@ -24,9 +24,9 @@ from stui_twisted.protocol.envelope import (
     encode_error,
     encode_success,
     json_type_name,
-    parse_request,
 )
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.protocol.requests import parse_request
 
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),

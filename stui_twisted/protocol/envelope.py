@@ -23,7 +23,8 @@ __all__ = [
     "encode_success",
     "iso_timestamp",  # defined in protocol.timefmt; imported from here by older code
     "parse_iso_timestamp",
-    "parse_request",
+    "decode_message",
+    "parse_flat",
     "whole_seconds",
 ]
 
@@ -113,8 +114,8 @@ def _decode_json(text: str) -> Any:
         raise RequestError(f"request is not valid JSON: {exc}") from None
 
 
-def parse_request(data: bytes) -> Request:
-    """Parse one line/frame into a L{Request} or raise L{RequestError}."""
+def decode_message(data: bytes) -> dict:
+    """One line/frame as a JSON object, or L{RequestError}."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -122,8 +123,11 @@ def parse_request(data: bytes) -> Request:
     message = _decode_json(text)
     if not isinstance(message, dict):
         raise RequestError(f"request must be a JSON object, not {_json_type_name(message)}")
-    if "payload" in message and "command" not in message:
-        return format_a.parse(message)
+    return message
+
+
+def parse_flat(message: dict) -> Request:
+    """A decoded flat-envelope request object as a L{Request}, or L{RequestError}."""
     request_id = message.get("id")
     if request_id is not None and (
         isinstance(request_id, bool) or not isinstance(request_id, str | int | float)
@@ -230,6 +234,3 @@ def encode_error(request_id: Any, error: StuiError, now: float | None = None) ->
     except (ValueError, TypeError):
         reply["details"] = _sanitize(error.details)
         return _dumps(reply)
-
-
-from stui_twisted.protocol import format_a  # noqa: E402 - format_a builds on this module

@@ -1040,9 +1040,6 @@ def test_no_import_cycles():
 
     graph = _import_graph(pathlib.Path(stui_twisted.__file__).parent)
     assert not [m for m, imported in graph.items() if "stui_twisted.tap" in imported]
-    # Known, left to the Format A work: envelope imports format_a (at its end) and
-    # format_a builds on envelope.  Only this one edge is excused; any other cycle fails.
-    graph["stui_twisted.protocol.envelope"].discard("stui_twisted.protocol.format_a")
     done: set[str] = set()
 
     def cycle_from(module, path):
