@@ -14,6 +14,7 @@ from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.browse import build_browse_commands, language_version
+from stui_twisted.sessions.debug import build_debug_commands
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -215,4 +216,5 @@ def build_commands(service, dispatcher, authenticator=None) -> list[Command]:
             "stop the session's running evaluation",
         ),
         *build_browse_commands(service),
+        *build_debug_commands(service),
     ]

@@ -105,7 +105,12 @@ class LiveImageCommands:
     async def _materialize(self, session: Session, generation: int) -> dict:
         """Rebuild C{session}'s namespace in image C{generation} from its stored bindings."""
         image = self._need_image()
-        if not self._is_live(session) and not session.bindings and not session.registry:
+        if (
+            not self._is_live(session)
+            and not session.bindings
+            and not session.registry
+            and not session.breakpoints
+        ):
             # Nothing to rebuild and nothing to replace: a session that is not
             # live has no workspace in the image, which makes an empty one on
             # first use. Skipping the round trip keeps restore_session of a
@@ -121,6 +126,13 @@ class LiveImageCommands:
             session.next_object_id,
             generation=generation,
         )
+        if session.breakpoints:  # the session's debugger breakpoints (debugger.md §1)
+            await image.debug(
+                session.session_id,
+                "restore_breakpoints",
+                {"breakpoints": session.breakpoints},
+                generation=generation,
+            )
         live = set(outcome.get("registry_live", ()))
         for object_id, entry in session.registry.items():
             entry["live"] = object_id in live
