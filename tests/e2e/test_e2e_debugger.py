@@ -91,3 +91,21 @@ def test_post_mortem_shows_the_failing_frame(tmp_path, start_server):
     assert client.result("debug_evaluate", session_id=s, code="q + n")["result"] == "18"
     assert client.result("debug_continue", session_id=s)["resumed"] is True
     assert client.call("debug_locals", session_id=s)["details"]["paused"] is False
+
+
+def test_paused_time_does_not_count_toward_the_time_limit(tmp_path, start_server):
+    server = start_server(tmp_path)
+    runner, driver = server.tcp_client(), server.tcp_client()
+    s = driver.result("create_session", client_id="alice")["session_id"]
+    driver.result("evaluate", session_id=s, code=DEFINE)
+    driver.result("set_breakpoint", session_id=s, function="f")
+    send(runner, "evaluate", "limited", session_id=s, code="f(1)", timeout=1)
+    wait_paused(driver, s)
+    deadline = time.monotonic() + 3.0  # three times the limit, paused
+    while time.monotonic() < deadline:
+        assert driver.result("debug_state", session_id=s)["paused"] is True
+        time.sleep(0.2)
+    driver.result("debug_continue", session_id=s)
+    reply = runner.read_reply()
+    assert reply["id"] == "limited" and reply["status"] == "success", reply
+    assert reply["result"]["result"] == "4"
