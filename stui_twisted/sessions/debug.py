@@ -61,6 +61,20 @@ def build_debug_commands(service) -> list[Command]:
 
     async def remove_breakpoint(call) -> dict:
         breakpoint_id = call.params["breakpoint_id"]
+        if breakpoint_id is None:
+            # by place (Format A's RemoveBreakpoint {file, line})
+            file, line = call.params["file"], call.params["line"]
+            if file is None or line is None:
+                raise invalid_parameter("breakpoint_id", "is required (or file + line)")
+            session = await service._session_for(call)
+            breakpoint_id = next(
+                (
+                    b["breakpoint_id"]
+                    for b in session.breakpoints
+                    if b.get("file") == file and b.get("line") == line
+                ),
+                "",
+            )
         session, result = await _debug(
             service, call, "remove_breakpoint", {"breakpoint_id": breakpoint_id}
         )
@@ -114,7 +128,13 @@ def build_debug_commands(service) -> list[Command]:
         Command(
             "remove_breakpoint",
             remove_breakpoint,
-            (SESSION_ID, CLIENT_ID, Param("breakpoint_id", "string", True)),
+            (
+                SESSION_ID,
+                CLIENT_ID,
+                Param("breakpoint_id", "string", description="required unless file + line"),
+                Param("file", "string", description="remove the breakpoint at file + line"),
+                Param("line", "integer"),
+            ),
             "forget a breakpoint",
         ),
         Command(

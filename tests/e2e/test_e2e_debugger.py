@@ -109,3 +109,53 @@ def test_paused_time_does_not_count_toward_the_time_limit(tmp_path, start_server
     reply = runner.read_reply()
     assert reply["id"] == "limited" and reply["status"] == "success", reply
     assert reply["result"]["result"] == "4"
+
+
+def format_a(client, request_type: str, params: dict, request_id: str) -> None:
+    message = {
+        "id": request_id,
+        "version": "1.0.0",
+        "timestamp": "2026-12-01T10:00:00Z",
+        "payload": {"type": "Request", "data": {"request_type": request_type, "params": params}},
+    }
+    client.send_raw(json.dumps(message).encode() + b"\n")
+
+
+def format_a_data(client, request_type: str, params: dict, request_id: str) -> dict:
+    format_a(client, request_type, params, request_id)
+    reply = client.read_reply()
+    assert reply["id"] == request_id, reply
+    body = reply["payload"]["data"]
+    assert body["response_type"] != "Error", body
+    return body["data"]
+
+
+def test_format_a_debug(tmp_path, start_server):
+    server = start_server(tmp_path)
+    runner, driver = server.tcp_client(), server.tcp_client()
+    s = driver.result("create_session", client_id="alice")["session_id"]
+    index = driver.result("evaluate", session_id=s, code=DEFINE)["history_index"]
+    placed = format_a_data(
+        driver,
+        "Debug",
+        {"operation": {"SetBreakpoint": {"file": f"cell:{index}", "line": 3}}, "context": s},
+        "a-1",
+    )
+    assert placed["breakpoint_id"] == "bp_1" and "bp_1" in placed["result"]
+    send(runner, "evaluate", "paused", session_id=s, code="f(4)")
+    wait_paused(driver, s)
+    stack = format_a_data(driver, "Debug", {"operation": "GetStackTrace", "context": s}, "a-2")
+    assert stack["debug_info"]["current_line"] == "3"
+    assert stack["debug_info"]["current_method"] == "f"
+    local_vars = format_a_data(driver, "Debug", {"operation": "GetLocalVars", "context": s}, "a-3")
+    assert local_vars["debug_info"]["local_vars"] == {"x": "4", "y": "5"}
+    format_a_data(driver, "Debug", {"operation": "Continue", "context": s}, "a-4")
+    reply = runner.read_reply()
+    assert reply["id"] == "paused" and reply["result"]["result"] == "10", reply
+    removed = format_a_data(
+        driver,
+        "Debug",
+        {"operation": {"RemoveBreakpoint": {"file": f"cell:{index}", "line": 3}}, "context": s},
+        "a-5",
+    )
+    assert removed["removed"] is True
