@@ -159,3 +159,26 @@ def test_format_a_debug(tmp_path, start_server):
         "a-5",
     )
     assert removed["removed"] is True
+
+
+def test_an_image_death_while_paused_ends_the_evaluation_with_image_restarted(
+    tmp_path, start_server
+):
+    import os
+    import signal
+
+    server = start_server(tmp_path)
+    runner, driver = server.tcp_client(), server.tcp_client()
+    s = driver.result("create_session", client_id="alice")["session_id"]
+    driver.result("evaluate", session_id=s, code=DEFINE)
+    driver.result("set_breakpoint", session_id=s, function="f")
+    send(runner, "evaluate", "doomed", session_id=s, code="f(1)")
+    wait_paused(driver, s)
+    os.kill(driver.result("ping")["image"]["pid"], signal.SIGKILL)
+    reply = runner.read_reply()
+    assert reply["id"] == "doomed" and reply["error_type"] == "ImageRestarted", reply
+    # the breakpoint is restored into the new image and hits again
+    send(runner, "evaluate", "again", session_id=s, code="f(2)")
+    assert wait_paused(driver, s)["breakpoint_id"] == "bp_1"
+    driver.result("debug_continue", session_id=s)
+    assert runner.read_reply()["result"]["result"] == "6"
