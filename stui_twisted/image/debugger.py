@@ -96,6 +96,7 @@ class SessionDebugger:
         self._step: str | None = None
         self._step_frame = None
         self._guard = None
+        self._has_files = False
 
     # -- breakpoints (any thread) --
 
@@ -180,6 +181,7 @@ class SessionDebugger:
                     code = self._resolve(entry["function"])
                     if code is not None:
                         self._codes[code] = entry["breakpoint_id"]
+        self._has_files = any(entry["file"] for entry in self.breakpoints.values())
         self._guard = guard
         self._step = None
         self._step_frame = None
@@ -233,12 +235,17 @@ class SessionDebugger:
         return False
 
     def _trace_call(self, frame, event, arg):
-        if event != "call" or not _is_user_frame(frame):
-            return None
+        # the global tracer sees only "call" events; the common case (a call
+        # that is no breakpoint's, no file breakpoint, not stepping) is one
+        # dict lookup and two attribute reads
         breakpoint_id = self._codes.get(frame.f_code)
         if breakpoint_id is not None:
             self._entering[id(frame)] = breakpoint_id
             return self._trace_local
+        if self._step != "into" and not self._has_files:
+            return None
+        if not _is_user_frame(frame):
+            return None
         if self._step == "into" or self._has_file_breakpoints(frame):
             return self._trace_local
         return None
