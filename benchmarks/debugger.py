@@ -54,11 +54,17 @@ def main() -> None:
                 client.result("evaluate", session_id=session_id, code=SETUP)
             results = {}
             for name, code in LOOPS.items():
-                results[name] = {"no_breakpoint": measure(client, a, code, options.repeat)}
+                results[name] = {
+                    "no_breakpoint": measure(client, a, code, options.repeat),
+                    "other_session_no_breakpoint": measure(client, b, code, options.repeat),
+                }
             client.result("set_breakpoint", session_id=a, function="never")
             for name, code in LOOPS.items():
                 results[name]["unrelated_breakpoint"] = measure(client, a, code, options.repeat)
                 results[name]["other_session"] = measure(client, b, code, options.repeat)
+            client.result("remove_breakpoint", session_id=a, breakpoint_id="bp_1")
+            for name, code in LOOPS.items():  # the reference again: load drifts here
+                results[name]["no_breakpoint_after"] = measure(client, a, code, options.repeat)
             print(json.dumps(results, indent=2))
         finally:
             server.kill()
