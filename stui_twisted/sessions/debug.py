@@ -13,9 +13,9 @@ from __future__ import annotations
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
 
-SESSION_ID = Param("session_id", "string", description="defaults to the current session")
+SESSION_ID = Param("session_id", "string")
 CLIENT_ID = Param("client_id", "string")
-FRAME_INDEX = Param("frame_index", "integer", default=0, description="0 = innermost")
+FRAME_INDEX = Param("frame_index", "integer", default=0)
 BREAKPOINT_FIELDS = ("breakpoint_id", "function", "file", "line", "condition", "hits")
 
 
@@ -118,12 +118,12 @@ def build_debug_commands(service) -> list[Command]:
             (
                 SESSION_ID,
                 CLIENT_ID,
-                Param("function", "string", description="f, Point.norm, json.dumps"),
-                Param("file", "string", description="a module's path, or cell:N"),
+                Param("function", "string", description="f, Point.norm"),
+                Param("file", "string", description="path or cell:N"),
                 Param("line", "integer"),
-                Param("condition", "string", description="stop only when true"),
+                Param("condition", "string"),
             ),
-            "stop the session's evaluations at a function or line",
+            "a breakpoint at a function or line",
         ),
         Command(
             "remove_breakpoint",
@@ -131,8 +131,8 @@ def build_debug_commands(service) -> list[Command]:
             (
                 SESSION_ID,
                 CLIENT_ID,
-                Param("breakpoint_id", "string", description="required unless file + line"),
-                Param("file", "string", description="remove the breakpoint at file + line"),
+                Param("breakpoint_id", "string"),
+                Param("file", "string"),
                 Param("line", "integer"),
             ),
             "forget a breakpoint",
@@ -147,25 +147,25 @@ def build_debug_commands(service) -> list[Command]:
             "debug_state",
             debug_state,
             (SESSION_ID, CLIENT_ID),
-            "whether the session is paused, and where",
+            "paused or not, and where",
         ),
         Command(
             "debug_stack",
             paused_command("stack"),
             (SESSION_ID, CLIENT_ID),
-            "the paused evaluation's frames, innermost first",
+            "the paused stack",
         ),
         Command(
             "debug_locals",
             paused_command("locals", "frame_index"),
             (SESSION_ID, CLIENT_ID, FRAME_INDEX),
-            "a paused frame's local variables (registered for inspect)",
+            "a paused frame's locals",
         ),
         Command(
             "debug_evaluate",
             paused_command("evaluate", "code", "frame_index"),
             (SESSION_ID, CLIENT_ID, Param("code", "string", True), FRAME_INDEX),
-            "run code in a paused frame (it sees and can change its locals)",
+            "run code in a paused frame",
         ),
         Command(
             "debug_step",
@@ -183,7 +183,7 @@ def build_debug_commands(service) -> list[Command]:
             "debug_post_mortem",
             paused_command("post_mortem"),
             (SESSION_ID, CLIENT_ID),
-            "pause on the stack of the session's last failed evaluation",
+            "examine the last error's stack",
         ),
     ]
 
