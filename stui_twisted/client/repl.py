@@ -71,6 +71,11 @@ Meta-commands:
   :browse CLASS     methods and variables of CLASS (Point, collections.OrderedDict)
   :source C.METHOD  the source of a method, highlighted (Point.__init__)
   :sysinfo [KIND]   the image's Python: basic, memory, packages, environment or all
+  :break F | :break cell:N:LINE [if COND]
+                    a breakpoint on function F (f, Point.norm) or a line of cell N
+  :breaks           list the session's breakpoints
+  :delete BP        remove a breakpoint (bp_1)
+  :pm               post-mortem: the stack and locals where the last error raised
   :close            close the current session for good (the next command starts a new one)
   :help             this text
   :quit             leave (the session stays on the server; also Ctrl-D)
@@ -87,6 +92,10 @@ META_COMMANDS = (
     "browse",
     "source",
     "sysinfo",
+    "break",
+    "breaks",
+    "delete",
+    "pm",
     "close",
     "help",
     "quit",
@@ -235,6 +244,10 @@ class Repl:
             "browse": self.browse,
             "source": self.source,
             "sysinfo": self.sysinfo,
+            "break": self.set_breakpoint,
+            "breaks": self.list_breakpoints,
+            "delete": self.delete_breakpoint,
+            "pm": self.post_mortem,
             "close": self.close,
             "help": self.help,
             "quit": self.quit,
@@ -426,9 +439,74 @@ class Repl:
             )
         return True
 
+    def set_breakpoint(self, argument: str) -> bool:
+        place, _, condition = argument.partition(" if ")
+        place = place.strip()
+        if not place:
+            self.write("usage: :break FUNCTION  or  :break cell:N:LINE  [if CONDITION]")
+            return True
+        parameters: dict[str, Any] = {"function": place}
+        if place.startswith("cell:"):
+            cell, _, line = place[5:].partition(":")
+            if not (cell.isdigit() and line.isdigit()):
+                self.write("usage: :break cell:N:LINE (e.g. :break cell:3:2)")
+                return True
+            parameters = {"file": f"cell:{cell}", "line": int(line)}
+        if condition.strip():
+            parameters["condition"] = condition.strip()
+        result = self._show("set_breakpoint", parameters)
+        if result is not None:
+            self.write(f"{result['breakpoint_id']} at {_breakpoint_place(result)}")
+        return True
+
+    def list_breakpoints(self, argument: str) -> bool:
+        result = self._show("list_breakpoints")
+        if result is not None:
+            lines = [
+                f"{b['breakpoint_id']}  {_breakpoint_place(b)}  hits {b['hits']}"
+                for b in result["breakpoints"]
+            ]
+            self.write("\n".join(lines) or "No breakpoints.")
+        return True
+
+    def delete_breakpoint(self, argument: str) -> bool:
+        if not argument:
+            self.write("usage: :delete BREAKPOINT_ID (see :breaks)")
+            return True
+        result = self._show("remove_breakpoint", {"breakpoint_id": argument})
+        if result is not None:
+            self.write(f"{argument} removed." if result["removed"] else f"No {argument}.")
+        return True
+
+    def post_mortem(self, argument: str) -> bool:
+        if self._show("debug_post_mortem") is None:
+            return True
+        stack = self._show("debug_stack")
+        local_vars = self._show("debug_locals")
+        self._show("debug_continue")
+        if stack is not None:
+            for frame in reversed(stack["frames"]):
+                self.write(
+                    f"  {frame['file']}, line {frame['line']}, in {frame['function']}\n"
+                    f"    {frame['code_line']}"
+                )
+        if local_vars is not None:
+            for variable in local_vars["variables"]:
+                self.write(f"  {variable['name']} = {variable['repr']}")
+        return True
+
     def help(self, argument: str) -> bool:
         self.write(HELP_TEXT)
         return True
 
     def quit(self, argument: str) -> bool:
         return False
+
+
+def _breakpoint_place(entry: dict) -> str:
+    place = entry.get("function") or f"{entry.get('file')}:{entry.get('line')}"
+    if entry.get("condition"):
+        place += f" if {entry['condition']}"
+    if entry.get("verified") is False:
+        place += " (not found yet)"
+    return place

@@ -18,6 +18,7 @@ from stui_twisted.dispatch.dispatcher import Call, Command, Param
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.browse import build_browse_commands, language_version
+from stui_twisted.sessions.debug import build_debug_commands
 from stui_twisted.sessions.results import UNSET, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
@@ -426,4 +427,5 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             "stop the session's running evaluation",
         ),
         *build_browse_commands(service),
+        *build_debug_commands(service),
     ]

@@ -166,3 +166,15 @@ class Browse(amp.Command):
         (b"arguments", ChunkedJSON()),
     ]
     response = REPLY
+
+
+class Debug(amp.Command):
+    """A debugger operation (debugger.md): answered off the session's worker,
+    which may be the paused thread."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"operation", amp.Unicode()),
+        (b"arguments", ChunkedJSON()),
+    ]
+    response = REPLY

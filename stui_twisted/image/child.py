@@ -64,6 +64,24 @@ def error_reply(error: StuiError) -> dict:
     }
 
 
+def debug_operation(debugger, operation: str, arguments: dict) -> dict:
+    """One debugger command (debugger.md) on a pool thread."""
+    if operation == "set_breakpoint":
+        return debugger.set_breakpoint(arguments)
+    if operation == "remove_breakpoint":
+        return debugger.remove_breakpoint(arguments["breakpoint_id"])
+    if operation == "list_breakpoints":
+        return debugger.list_breakpoints()
+    if operation == "restore_breakpoints":
+        debugger.restore(arguments["breakpoints"])
+        return debugger.list_breakpoints()
+    if operation == "state":
+        return debugger.state()
+    if operation == "post_mortem":
+        return debugger.post_mortem()
+    return debugger.command(operation, arguments)
+
+
 def run_to_reply(work, *args) -> dict:
     """Call ``work`` and wrap its outcome in a reply envelope (never raises)."""
     try:
@@ -102,6 +120,9 @@ class SessionWorker:
     def submit(self, work, timeout: float | None) -> defer.Deferred:
         """Queue ``work(guard)``; the Deferred fires (on the reactor) with its reply envelope."""
         task = _Task(work, timeout)
+        # time spent paused in the debugger does not count toward the limit
+        task.guard.pause_clock = lambda: self._reactor.callFromThread(self._pause_timer, task)
+        task.guard.resume_clock = lambda: self._reactor.callFromThread(self._resume_timer, task)
         self._tasks.put(task)
         return task.done
 
@@ -139,6 +160,19 @@ class SessionWorker:
         if not task.done.called:
             task.timer = self._reactor.callLater(
                 task.guard.timeout, task.guard.request_stop, TimeLimitReached
+            )
+
+    def _pause_timer(self, task: _Task) -> None:
+        if task.timer is not None and task.timer.active():
+            task.remaining = max(0.0, task.timer.getTime() - self._reactor.seconds())
+            task.timer.cancel()
+
+    def _resume_timer(self, task: _Task) -> None:
+        remaining = getattr(task, "remaining", None)
+        if remaining is not None and not task.done.called:
+            task.remaining = None
+            task.timer = self._reactor.callLater(
+                remaining, task.guard.request_stop, TimeLimitReached
             )
 
     def _finish(self, task: _Task, reply: dict) -> None:
@@ -245,6 +279,11 @@ class ImageChildProtocol(amp.AMP):
         # system_info needs no session: an empty id makes no workspace.
         workspace = self._image.session(session_id) if session_id else None
         return self._in_pool(browse.run, workspace, operation, arguments or {})
+
+    @commands.Debug.responder
+    def debug(self, session_id, operation, arguments):
+        workspace = self._image.session(session_id)
+        return self._in_pool(debug_operation, workspace.debugger, operation, arguments or {})
 
     def connectionLost(self, reason):
         # The supervisor is gone (or closed our pipes): nothing here is worth keeping.

@@ -49,6 +49,9 @@ STARTUP_TIMEOUT = 30.0
 MAX_RESTART_DELAY = 30.0
 SESSION_TASK_DEFAULT_TIMEOUT = 30.0
 EVALUATION_MODES = ("execute", "display")
+#: While a session is paused in the debugger its evaluation is not stuck: the
+#: stuck-kill watchdog waits this long (a resume re-arms the full delay).
+PAUSED_WATCHDOG_DELAY = 24 * 3600.0
 
 
 def _package_root() -> str:
@@ -571,6 +574,7 @@ class ImageSupervisor(service.Service):
             )
             self._running_tasks[lane_id] = request
             if timeout:
+                request.watch_delay = timeout + self.kill_grace
                 request.stop_watchdog = self._reactor.callLater(
                     timeout + self.kill_grace,
                     self._kill_stuck,
@@ -783,6 +787,34 @@ class ImageSupervisor(service.Service):
                 arguments=arguments,
             )
         )
+
+    def debug(
+        self, session_id: str, operation: str, arguments: dict, *, generation: int | None = None
+    ) -> defer.Deferred:
+        """A debugger operation (L{stui_twisted.image.debugger}), sent beside the
+        session's lane (its worker may be the paused thread).  While the answer
+        says the session is paused, the stuck-kill watchdog of its running
+        evaluation is held off; a resume re-arms it with the full delay."""
+        return defer.ensureDeferred(
+            self._call(
+                commands.Debug,
+                f"debug {operation}",
+                expected_generation=generation,
+                session_id=session_id,
+                operation=operation,
+                arguments=arguments,
+            )
+        ).addCallback(self._debug_watchdog, session_id, operation)
+
+    def _debug_watchdog(self, result, session_id: str, operation: str):
+        request = self._running_tasks.get(session_id)
+        watchdog = getattr(request, "stop_watchdog", None)
+        if watchdog is not None and watchdog.active():
+            if operation in ("continue", "step"):
+                watchdog.reset(request.watch_delay)
+            elif isinstance(result, dict) and result.get("paused", True):
+                watchdog.reset(PAUSED_WATCHDOG_DELAY)
+        return result
 
     def snapshot(self, session_id: str, *, generation: int | None = None) -> defer.Deferred:
         """Every binding of the session re-serialized: ``{bindings, variables}``."""

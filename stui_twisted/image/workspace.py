@@ -43,6 +43,7 @@ import cloudpickle
 
 from stui_twisted.image.asyncloop import ImageLoop, OutputSink, current_sink
 from stui_twisted.image.browse import object_facts
+from stui_twisted.image.debugger import SessionDebugger
 from stui_twisted.image.help import describe, help_request
 from stui_twisted.image.hints import LANGUAGE, smalltalk_hint
 from stui_twisted.image.interruption import (
@@ -766,6 +767,8 @@ class SessionWorkspace:
         self._background_lock = threading.Lock()
         # the asyncio tasks this session's cells made (cancelled when it is dropped)
         self._tasks: weakref.WeakSet = weakref.WeakSet()
+        self.debugger = SessionDebugger(self)
+        self.safe_repr = safe_repr  # what the debugger shows of a value
 
     @property
     def module_name(self) -> str:
@@ -910,10 +913,12 @@ class SessionWorkspace:
                     body, expression, referenced, definitions = self._compile_cell(
                         code if request is None else request.expression, filename
                     )
-                    self._run_code(body, guard, sink)
+                    self.debugger.run(lambda: self._run_code(body, guard, sink), guard)
                     self._remember_definitions(definitions, cell)
                     if expression is not None:
-                        value = self._run_code(expression, guard, sink)
+                        value = self.debugger.run(
+                            lambda: self._run_code(expression, guard, sink), guard
+                        )
                     if request is not None:
                         help_text = describe(
                             request.expression,
@@ -943,7 +948,10 @@ class SessionWorkspace:
         output = buffer.getvalue()
         self._last_cell = cell  # the server makes a history entry of this outcome
         if failure is not None:
-            raise self._failure_error(failure, guard, filename, output, delta)
+            error = self._failure_error(failure, guard, filename, output, delta)
+            if error.error_type == "EvaluationError":
+                self.debugger.remember_failure(failure)
+            raise error
         if help_text is not None:
             help_text = clip_text(help_text, MAX_RESULT_CHARS)
             return {

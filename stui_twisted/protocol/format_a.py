@@ -116,20 +116,22 @@ def parse(message: dict) -> Request:
     if token is not None and not isinstance(token, str):
         raise _malformed("field 'token' must be a string", request_id, "token")
     shape = FormatA(request_id, request_type, params)
+    parameters = _flat_parameters(request_type, params)
     if request_type == "Debug":
-        error = StuiError(
-            "UnsupportedOperation",
-            "request_type 'Debug' is not supported yet: this server has no debugger",
-            request_type="Debug",
-        )
-        error.format_a = shape
-        error.request_id = request_id
-        raise error
-    command = _SPECIAL.get(request_type) or snake_case(request_type)
+        try:
+            command, debug_parameters = _debug_command(params.get("operation"))
+        except StuiError as error:
+            error.format_a = shape
+            error.request_id = request_id
+            raise
+        parameters.pop("operation", None)
+        parameters.update(debug_parameters)
+    else:
+        command = _SPECIAL.get(request_type) or snake_case(request_type)
     return Request(
         command=command,
         id=request_id,
-        parameters=_flat_parameters(request_type, params),
+        parameters=parameters,
         token=token,
         format_a=shape,
     )
@@ -162,6 +164,36 @@ def _flat_parameters(request_type: str, params: dict) -> dict:
         if isinstance(params.get("info_type"), str):
             flat["info_type"] = params["info_type"].lower()
     return flat
+
+
+#: Debug operations without arguments -> (flat command, parameters) (debugger.md §4)
+_DEBUG_OPERATIONS = {
+    "StepInto": ("debug_step", {"mode": "into"}),
+    "StepOver": ("debug_step", {"mode": "over"}),
+    "StepOut": ("debug_step", {"mode": "out"}),
+    "Continue": ("debug_continue", {}),
+    "GetStackTrace": ("debug_stack", {}),
+    "GetLocalVars": ("debug_locals", {}),
+}
+
+
+def _debug_command(operation: Any) -> tuple[str, dict]:
+    """The flat debugger command for a Format A C{Debug} C{operation}."""
+    if isinstance(operation, str) and operation in _DEBUG_OPERATIONS:
+        command, parameters = _DEBUG_OPERATIONS[operation]
+        return command, dict(parameters)
+    if isinstance(operation, dict) and len(operation) == 1:
+        ((name, place),) = operation.items()
+        if name in ("SetBreakpoint", "RemoveBreakpoint") and isinstance(place, dict):
+            command = "set_breakpoint" if name == "SetBreakpoint" else "remove_breakpoint"
+            return command, {"file": place.get("file"), "line": place.get("line")}
+    raise StuiError(
+        "UnsupportedOperation",
+        f"Debug operation {str(operation)[:60]!r} is not one of "
+        f"{', '.join([*_DEBUG_OPERATIONS, 'SetBreakpoint', 'RemoveBreakpoint'])}",
+        request_type="Debug",
+        parameter="operation",
+    )
 
 
 def _integer(value: Any) -> Any:
@@ -233,6 +265,30 @@ class FormatA:
             "items": data.get("items", []),
             "truncated": data.get("truncated", False),
         }
+
+    def _shape_Debug(self, data: dict) -> dict:  # noqa: N802
+        frame = data.get("paused_at") or (data.get("frames") or [None])[0] or {}
+        if "breakpoint_id" in data and "removed" not in data:
+            sentence = (
+                f"breakpoint {data['breakpoint_id']} set at {data.get('file')}:{data.get('line')}"
+            )
+        elif "removed" in data:
+            sentence = "breakpoint removed" if data["removed"] else "no breakpoint there"
+        elif data.get("finished"):
+            sentence = "the evaluation finished"
+        elif data.get("resumed"):
+            sentence = "resumed"
+        elif frame:
+            sentence = f"paused at {frame.get('function')} line {frame.get('line')}"
+        else:
+            sentence = "ok"
+        data["result"] = sentence
+        data["debug_info"] = {
+            "current_line": _text(frame.get("line", "")),
+            "current_method": _text(frame.get("function", "")),
+            "local_vars": {v["name"]: v["repr"] for v in data.get("variables", [])},
+        }
+        return data
 
     def _shape_ListClasses(self, data: dict) -> dict:  # noqa: N802
         data["total_count"] = _integer(data.get("total_count"))

@@ -147,7 +147,12 @@ class LiveSessions:
     async def _materialize(self, session: Session, generation: int) -> dict:
         """Rebuild C{session}'s namespace in image C{generation} from its stored bindings."""
         image = self._need_image()
-        if not self.is_live(session) and not session.bindings and not session.registry:
+        if (
+            not self.is_live(session)
+            and not session.bindings
+            and not session.registry
+            and not session.breakpoints
+        ):
             # Nothing to rebuild and nothing to replace: a session that is not
             # live has no workspace in the image, which makes an empty one on
             # first use. Skipping the round trip keeps restore_session of a
@@ -163,6 +168,13 @@ class LiveSessions:
             session.next_object_id,
             generation=generation,
         )
+        if session.breakpoints:  # the session's debugger breakpoints (debugger.md §1)
+            await image.debug(
+                session.session_id,
+                "restore_breakpoints",
+                {"breakpoints": session.breakpoints},
+                generation=generation,
+            )
         live = set(outcome.get("registry_live", ()))
         for object_id, entry in session.registry.items():
             entry["live"] = object_id in live
@@ -534,6 +546,16 @@ class LiveSessions:
         return await self._in_image(
             session,
             lambda generation: image.browse(
+                session.session_id, operation, arguments, generation=generation
+            ),
+        )
+
+    async def debug(self, session: Session, operation: str, arguments: dict) -> dict:
+        """The image's answer to debugger C{operation} on C{session} (debugger.md)."""
+        image = self._need_image()
+        return await self._in_image(
+            session,
+            lambda generation: image.debug(
                 session.session_id, operation, arguments, generation=generation
             ),
         )

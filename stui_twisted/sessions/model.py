@@ -192,6 +192,7 @@ class Session:
     bindings: dict = field(default_factory=dict)
     next_object_id: int = 1
     unrestorable: list = field(default_factory=list)
+    breakpoints: list = field(default_factory=list)
     # bookkeeping, not persisted
     loaded: bool = True
     dirty: bool = False
@@ -330,6 +331,7 @@ class Session:
                 "bindings": self.bindings,
                 "history_counter": self.history_counter,
                 "next_object_id": self.next_object_id,
+                "breakpoints": self.breakpoints,
             }
         )
         return document
@@ -371,6 +373,7 @@ class Session:
             document.get("history_counter") or (self.history[-1]["index"] if self.history else 0)
         )
         self.next_object_id = int(document.get("next_object_id") or 1)
+        self.breakpoints = document.get("breakpoints") or []
         for key in ("last_activity", "last_modified"):
             stored = _time(document.get(key))
             if stored is not None and stored > getattr(self, key):

@@ -149,11 +149,8 @@ EXAMPLES = [
 ]
 
 ERRORS = [
-    (request("Debug", {"operation": "StepInto", "context": None}), "UnsupportedOperation"),
-    (
-        request("Debug", {"operation": {"SetBreakpoint": {"line": 4, "file": "x.py"}}}),
-        "UnsupportedOperation",
-    ),
+    (request("Debug", {"operation": "StepInto", "context": None}), "InvalidRequest"),
+    (request("Debug", {"operation": "Teleport", "context": None}), "UnsupportedOperation"),
     (request("TeleportObject", {}), "UnsupportedOperation"),
     (request("Evaluate", {"code": "y", "context": None, "return_string": True}), "EvaluationError"),
     (request("BrowseClass", {"class_name": "NoSuchClass"}), "ClassNotFound"),

@@ -117,6 +117,16 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "browse_class",
         "get_method",
         "system_info",
+        "set_breakpoint",
+        "remove_breakpoint",
+        "list_breakpoints",
+        "debug_state",
+        "debug_stack",
+        "debug_locals",
+        "debug_evaluate",
+        "debug_step",
+        "debug_continue",
+        "debug_post_mortem",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True

@@ -69,11 +69,32 @@ def test_unknown_request_type_is_unsupported_operation():
     assert data["details"] == {"request_type": "FlyToTheMoon"}
 
 
-def test_debug_is_unsupported_until_there_is_a_debugger():
+def test_debug_operations_map_to_the_debugger_commands():
+    from stui_twisted.protocol.format_a import parse
+
+    cases = [
+        ("StepInto", "debug_step", {"mode": "into"}),
+        ("StepOver", "debug_step", {"mode": "over"}),
+        ("StepOut", "debug_step", {"mode": "out"}),
+        ("Continue", "debug_continue", {}),
+        ("GetStackTrace", "debug_stack", {}),
+        ("GetLocalVars", "debug_locals", {}),
+        ({"SetBreakpoint": {"line": 4, "file": "cell:2"}}, "set_breakpoint", {"line": 4}),
+        ({"RemoveBreakpoint": {"line": 4, "file": "x.py"}}, "remove_breakpoint", {"line": 4}),
+    ]
+    for operation, command, parameters in cases:
+        parsed = parse(request("Debug", {"operation": operation, "context": "s_1"}))
+        assert parsed.command == command, operation
+        assert parameters.items() <= parsed.parameters.items(), parsed.parameters
+        assert "operation" not in parsed.parameters and parsed.parameters["session_id"] == "s_1"
+
+
+def test_an_unknown_debug_operation_is_unsupported():
     kind, data = response(
-        dispatch(make_dispatcher(), request("Debug", {"operation": "StepInto", "context": None}))
+        dispatch(make_dispatcher(), request("Debug", {"operation": "Teleport", "context": None}))
     )
     assert (kind, data["code"]) == ("Error", "UnsupportedOperation")
+    assert "Teleport" in data["message"]
 
 
 def test_malformed_format_a_requests_are_invalid_request_in_format_a():

@@ -1,0 +1,460 @@
+"""A per-session debugger (debugger.md): pauses one session's evaluation thread only.
+
+Tracing is installed with C{sys.settrace} on the session's own worker thread,
+and only for an evaluation that starts while the session has breakpoints (a
+session without breakpoints runs with no tracer at all).  A hit parks the
+worker thread inside the trace function, waiting on a queue; the debug
+commands arrive from the image's thread pool (never through the session's
+worker lane, which is the paused thread) and are run by the paused thread
+itself, so evaluating in a frame sees and can change its locals.
+
+Post-mortem keeps the frames of the session's last failed evaluation; those
+are dead frames, examined directly on the pool thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import queue
+import sys
+import threading
+import types
+from typing import Any
+
+import stui_twisted
+from stui_twisted.protocol.errors import StuiError
+
+#: Frames of files under this directory are the server's, never shown or stopped in.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(stui_twisted.__file__)) + os.sep
+#: How long a debug command waits for the paused thread to answer.
+COMMAND_TIMEOUT = 30.0
+#: How often a paused thread looks whether it was asked to stop.
+POLL_INTERVAL = 0.05
+STEP_MODES = ("into", "over", "out")
+
+
+def _is_user_frame(frame) -> bool:
+    filename = frame.f_code.co_filename
+    return not filename.startswith(_PACKAGE_DIR) and filename != threading.__file__
+
+
+def _code_line(frame) -> str:
+    import linecache
+
+    return linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+
+
+def _frame_info(index: int, frame, lineno: int | None = None) -> dict:
+    return {
+        "index": index,
+        "file": frame.f_code.co_filename,
+        "line": frame.f_lineno if lineno is None else lineno,
+        "function": frame.f_code.co_name,
+        "code_line": _code_line(frame),
+    }
+
+
+def _code_of(target: Any) -> types.CodeType | None:
+    target = getattr(target, "__func__", target)
+    while hasattr(target, "__wrapped__"):
+        target = target.__wrapped__
+    code = getattr(target, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _locals_to_fast(frame) -> None:
+    """Write a frame's C{f_locals} dict back into its fast locals (CPython 3.11)."""
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+class _Pause:
+    """Where a session is stopped: live (a thread waits) or post-mortem (dead frames)."""
+
+    def __init__(self, frames: list, reason: str, breakpoint_id: str | None, live: bool):
+        self.frames = frames  # [(frame, lineno)], innermost first
+        self.reason = reason
+        self.breakpoint_id = breakpoint_id
+        self.live = live
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+
+
+class SessionDebugger:
+    """Breakpoints, the tracer and the paused state of one session workspace."""
+
+    def __init__(self, workspace) -> None:
+        self.workspace = workspace
+        self._lock = threading.RLock()
+        self.breakpoints: dict[str, dict] = {}
+        self._next_id = 1
+        self._pause: _Pause | None = None
+        self._post_mortem: list | None = None  # frames of the last failure
+        # tracer state (worker thread only)
+        self._codes: dict[types.CodeType, str] = {}
+        self._entering: dict[int, str] = {}
+        self._step: str | None = None
+        self._step_frame = None
+        self._guard = None
+        self._has_files = False
+
+    # -- breakpoints (any thread) --
+
+    def _resolve(self, name: str) -> types.CodeType | None:
+        code = _code_of(self.workspace.resolve(name))
+        if code is None and "." in name:
+            module_name, _, attribute = name.rpartition(".")
+            try:
+                target: Any = importlib.import_module(module_name)
+            except Exception:  # noqa: BLE001 - not a module path: unresolved
+                return None
+            code = _code_of(getattr(target, attribute, None))
+        return code
+
+    def set_breakpoint(self, arguments: dict) -> dict:
+        function = arguments.get("function")
+        file = arguments.get("file")
+        line = arguments.get("line")
+        condition = arguments.get("condition")
+        if condition:
+            try:
+                compile(condition, "<condition>", "eval")
+            except SyntaxError as exc:
+                raise StuiError(
+                    "InvalidParameter", f"condition is not an expression: {exc.msg}"
+                ) from None
+        with self._lock:
+            breakpoint_id = arguments.get("breakpoint_id") or f"bp_{self._next_id}"
+            number = int(breakpoint_id[3:]) if breakpoint_id[3:].isdigit() else 0
+            self._next_id = max(self._next_id, number + 1)
+            entry = {
+                "breakpoint_id": breakpoint_id,
+                "function": function,
+                "file": file,
+                "line": line,
+                "condition": condition or None,
+                "hits": int(arguments.get("hits") or 0),
+            }
+            self.breakpoints[breakpoint_id] = entry
+            return self._described(entry)
+
+    def _verified(self, entry: dict) -> bool:
+        if entry["function"]:
+            return self._resolve(entry["function"]) is not None
+        file = entry["file"]
+        if file.startswith("cell:"):
+            return True
+        return os.path.exists(file)
+
+    def _described(self, entry: dict) -> dict:
+        return dict(entry, verified=self._verified(entry))
+
+    def remove_breakpoint(self, breakpoint_id: str) -> dict:
+        with self._lock:
+            return {"removed": self.breakpoints.pop(breakpoint_id, None) is not None}
+
+    def list_breakpoints(self) -> dict:
+        with self._lock:
+            return {"breakpoints": [self._described(e) for e in self.breakpoints.values()]}
+
+    def restore(self, breakpoints: list[dict]) -> None:
+        """Take back the breakpoints stored with the session (after materialize)."""
+        with self._lock:
+            self.breakpoints.clear()
+            for entry in breakpoints or []:
+                self.set_breakpoint(entry)
+
+    # -- running a cell (worker thread) --
+
+    def wants_trace(self) -> bool:
+        return bool(self.breakpoints)
+
+    def run(self, run, guard):
+        """Call C{run()} with this thread traced while breakpoints exist."""
+        self._post_mortem = None
+        if not self.breakpoints:
+            return run()
+        with self._lock:
+            self._codes = {}
+            for entry in self.breakpoints.values():
+                if entry["function"]:
+                    code = self._resolve(entry["function"])
+                    if code is not None:
+                        self._codes[code] = entry["breakpoint_id"]
+        self._has_files = any(entry["file"] for entry in self.breakpoints.values())
+        self._guard = guard
+        self._step = None
+        self._step_frame = None
+        self._entering = {}
+        sys.settrace(self._trace_call)
+        try:
+            return run()
+        finally:
+            sys.settrace(None)
+            self._step = None
+            self._step_frame = None
+            self._guard = None
+
+    def remember_failure(self, failure: BaseException) -> None:
+        """Keep the frames of a failed evaluation for post-mortem."""
+        frames = []
+        tb = failure.__traceback__
+        while tb is not None:
+            if _is_user_frame(tb.tb_frame):
+                frames.append((tb.tb_frame, tb.tb_lineno))
+            tb = tb.tb_next
+        frames.reverse()
+        self._post_mortem = frames or None
+
+    def _file_breakpoint(self, frame) -> str | None:
+        filename = frame.f_code.co_filename
+        for entry in list(self.breakpoints.values()):
+            file = entry["file"]
+            if not file or entry["line"] != frame.f_lineno:
+                continue
+            if file.startswith("cell:"):
+                number = file[5:]
+                if filename != f"<cell {number}>" and not filename.startswith(f"<cell {number}|"):
+                    continue
+            elif os.path.abspath(file) != filename:
+                continue
+            return entry["breakpoint_id"]
+        return None
+
+    def _has_file_breakpoints(self, frame) -> bool:
+        filename = frame.f_code.co_filename
+        for entry in list(self.breakpoints.values()):
+            file = entry["file"]
+            if not file:
+                continue
+            if file.startswith("cell:"):
+                if filename.startswith(f"<cell {file[5:]}|") or filename == f"<cell {file[5:]}>":
+                    return True
+            elif os.path.abspath(file) == filename:
+                return True
+        return False
+
+    def _trace_call(self, frame, event, arg):
+        # the global tracer sees only "call" events; the common case (a call
+        # that is no breakpoint's, no file breakpoint, not stepping) is one
+        # dict lookup and two attribute reads
+        breakpoint_id = self._codes.get(frame.f_code)
+        if breakpoint_id is not None:
+            self._entering[id(frame)] = breakpoint_id
+            return self._trace_local
+        if self._step != "into" and not self._has_files:
+            return None
+        if not _is_user_frame(frame):
+            return None
+        if self._step == "into" or self._has_file_breakpoints(frame):
+            return self._trace_local
+        return None
+
+    def _condition_holds(self, breakpoint_id: str, frame) -> bool:
+        entry = self.breakpoints.get(breakpoint_id)
+        if entry is None:
+            return False
+        if entry["condition"]:
+            try:
+                holds = bool(eval(entry["condition"], frame.f_globals, frame.f_locals))  # noqa: S307
+            except Exception:  # noqa: BLE001 - pdb stops when a condition fails
+                holds = True
+            if not holds:
+                return False
+        entry["hits"] += 1
+        return True
+
+    def _trace_local(self, frame, event, arg):
+        if event == "line":
+            breakpoint_id = self._entering.pop(id(frame), None) or self._file_breakpoint(frame)
+            if breakpoint_id is not None and self._condition_holds(breakpoint_id, frame):
+                self._paused(frame, "breakpoint", breakpoint_id)
+            elif self._step == "into" or (self._step == "over" and frame is self._step_frame):
+                self._paused(frame, "step", None)
+        elif event == "return":
+            self._entering.pop(id(frame), None)
+            if self._step in ("over", "out") and frame is self._step_frame:
+                caller = frame.f_back
+                if caller is not None and _is_user_frame(caller):
+                    self._step, self._step_frame = "over", caller
+                    caller.f_trace = self._trace_local
+                else:
+                    self._step, self._step_frame = None, None
+        return self._trace_local
+
+    def _paused(self, frame, reason: str, breakpoint_id: str | None) -> None:
+        frames = []
+        walk = frame
+        while walk is not None and _is_user_frame(walk):
+            frames.append((walk, walk.f_lineno))
+            walk = walk.f_back
+        pause = _Pause(frames, reason, breakpoint_id, live=True)
+        guard = self._guard
+        pause_clock = getattr(guard, "pause_clock", None)
+        if pause_clock is not None:
+            pause_clock()
+        with self._lock:
+            self._pause = pause
+        try:
+            resume = self._serve(pause, guard)
+        finally:
+            with self._lock:
+                self._pause = None
+            resume_clock = getattr(guard, "resume_clock", None)
+            if resume_clock is not None:
+                resume_clock()
+        self._step = resume
+        self._step_frame = frame if resume in ("over", "out") else None
+        if resume == "into":
+            sys.settrace(self._trace_call)
+        frame.f_trace = self._trace_local
+
+    def _serve(self, pause: _Pause, guard) -> str | None:
+        """Answer commands on the paused thread until one resumes it."""
+        while True:
+            stop_reason = getattr(guard, "stop_reason", None)
+            if stop_reason is not None:
+                raise stop_reason()
+            try:
+                operation, arguments, answer = pause.commands.get(timeout=POLL_INTERVAL)
+            except queue.Empty:
+                continue
+            if operation == "continue":
+                answer.put((True, {"resumed": True}))
+                return None
+            if operation == "step":
+                answer.put((True, {"resumed": True}))
+                return arguments["mode"]
+            try:
+                answer.put((True, self._examine(pause, operation, arguments)))
+            except StuiError as error:
+                answer.put((False, error))
+            except Exception as exc:  # noqa: BLE001 - answered, the pause goes on
+                answer.put((False, StuiError("InternalError", f"{type(exc).__name__}: {exc}")))
+
+    # -- commands (pool threads) --
+
+    def state(self) -> dict:
+        with self._lock:
+            pause = self._pause
+        if pause is None:
+            return {"paused": False, "post_mortem_available": self._post_mortem is not None}
+        frame, lineno = pause.frames[0]
+        return {
+            "paused": True,
+            "reason": pause.reason,
+            "breakpoint_id": pause.breakpoint_id,
+            "frame": _frame_info(0, frame, lineno),
+        }
+
+    def post_mortem(self) -> dict:
+        with self._lock:
+            if self._pause is not None:
+                raise StuiError("InvalidRequest", "the session is already paused", paused=True)
+            if not self._post_mortem:
+                raise StuiError(
+                    "InvalidRequest",
+                    "no failed evaluation to examine: post-mortem looks at the session's last "
+                    "evaluation only, when it ended with EvaluationError, until the next one "
+                    "starts or the image restarts",
+                    paused=False,
+                )
+            self._pause = _Pause(self._post_mortem, "exception", None, live=False)
+        return self.state()
+
+    def command(self, operation: str, arguments: dict) -> dict:
+        """A paused-session command, from any thread but the paused one."""
+        with self._lock:
+            pause = self._pause
+        if pause is None:
+            raise StuiError(
+                "InvalidRequest",
+                f"debug_{operation} needs a paused evaluation and this session is not paused",
+                paused=False,
+            )
+        if operation == "step" and arguments.get("mode") not in STEP_MODES:
+            raise StuiError(
+                "InvalidParameter",
+                f"mode must be one of {', '.join(STEP_MODES)}, not {arguments.get('mode')!r}",
+            )
+        if not pause.live:
+            if operation == "continue":
+                with self._lock:
+                    self._pause = None
+                return {"resumed": True}
+            if operation == "step":
+                raise StuiError(
+                    "InvalidRequest", "a post-mortem stack cannot be stepped", paused=True
+                )
+            return self._examine(pause, operation, arguments)
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        pause.commands.put((operation, arguments, answer))
+        try:
+            ok, value = answer.get(timeout=COMMAND_TIMEOUT)
+        except queue.Empty:
+            raise StuiError(
+                "Timeout", f"the paused session did not answer debug_{operation}"
+            ) from None
+        if not ok:
+            raise value
+        return value
+
+    def _frame(self, pause: _Pause, arguments: dict):
+        index = int(arguments.get("frame_index") or 0)
+        if not 0 <= index < len(pause.frames):
+            raise StuiError(
+                "InvalidParameter",
+                f"frame_index must be between 0 and {len(pause.frames) - 1}, not {index}",
+            )
+        return pause.frames[index][0]
+
+    def _examine(self, pause: _Pause, operation: str, arguments: dict) -> dict:
+        if operation == "stack":
+            return {"frames": [_frame_info(i, f, n) for i, (f, n) in enumerate(pause.frames)]}
+        if operation == "locals":
+            frame = self._frame(pause, arguments)
+            added: dict[str, dict] = {}
+            variables = []
+            for name, value in list(frame.f_locals.items()):
+                variables.append(
+                    {
+                        "name": name,
+                        "type": type(value).__name__,
+                        "repr": self.workspace.safe_repr(value),
+                        "object_id": self.workspace.register(value, added),
+                    }
+                )
+            return {"variables": variables, "registry_added": added}
+        if operation == "evaluate":
+            frame = self._frame(pause, arguments)
+            return self._evaluate_in(frame, arguments["code"])
+        raise StuiError("InvalidParameter", f"unknown debug operation {operation!r}")
+
+    def _evaluate_in(self, frame, code: str) -> dict:
+        local_vars = frame.f_locals
+        try:
+            compiled = compile(code, "<debug>", "eval")
+            is_expression = True
+        except SyntaxError:
+            compiled = compile(code, "<debug>", "exec")
+            is_expression = False
+        try:
+            value = eval(compiled, frame.f_globals, local_vars)  # noqa: S307 - the user's code
+        except Exception as exc:  # noqa: BLE001 - the user's error, answered as such
+            raise StuiError(
+                "EvaluationError",
+                f"{type(exc).__name__}: {exc}",
+                exception_type=type(exc).__name__,
+            ) from None
+        finally:
+            _locals_to_fast(frame)
+        if not is_expression:
+            value = None
+        added: dict[str, dict] = {}
+        return {
+            "result": None if value is None else self.workspace.safe_repr(value),
+            "result_type": type(value).__name__,
+            "object_id": None if value is None else self.workspace.register(value, added),
+            "has_error": False,
+            "registry_added": added,
+        }

@@ -1,0 +1,47 @@
+"""stui-client's debugger meta-commands: ``:break``, ``:breaks``, ``:delete``, ``:pm``."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.test_client_e2e import quit_repl, spawn_repl, submit, tcp_url
+
+CLIENT_TIMEOUT = 15
+
+
+@pytest.mark.e2e
+@pytest.mark.image
+@pytest.mark.timeout(90)
+def test_breakpoint_meta_commands_and_post_mortem(start_server, tmp_path):
+    server = start_server(tmp_path / "server", zmq=False)
+    child = spawn_repl(tcp_url(server), tmp_path / "client-state", "--new")
+    child.timeout = CLIENT_TIMEOUT
+    child.expect(">>>")
+    submit(child, "def g(n): q = n * 5; return q / 0")
+    child.expect(">>>")
+    submit(child, ":break g if n > 1")
+    child.expect(r"bp_1 at g if n > 1")
+    child.expect(">>>")
+    submit(child, ":break cell:1:1")
+    child.expect(r"bp_2 at cell:1:1")
+    child.expect(">>>")
+    submit(child, ":breaks")
+    child.expect(r"bp_1 +g if n > 1")
+    child.expect(r"bp_2 +cell:1:1 +hits 0")
+    child.expect(">>>")
+    submit(child, ":delete bp_1")
+    child.expect("bp_1 removed")
+    child.expect(">>>")
+    submit(child, ":delete bp_2")
+    child.expect("bp_2 removed")
+    child.expect(">>>")
+    submit(child, "g(3)")
+    child.expect("ZeroDivisionError")
+    child.expect(">>>")
+    submit(child, ":pm")
+    child.expect(r"line 1, in g")
+    child.expect(r"return q / 0")
+    child.expect(r"n = 3")
+    child.expect(r"q = 15")
+    child.expect(">>>")
+    quit_repl(child)
