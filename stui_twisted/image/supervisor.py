@@ -1,5 +1,7 @@
 """Server side of the live image: spawn, talk to, watch and restart the child.
 
+(One spawned process, its pipes and its requests: L{stui_twisted.image.process}.)
+
 :class:`ImageSupervisor` is a Twisted service.  ``startService`` spawns
 ``python -m stui_twisted.image.child`` with AMP on extra pipes (the child reads
 fd 3 and writes fd 4; its fds 1/2 are only logged), so user output can never
@@ -20,28 +22,34 @@ Rules it enforces:
 
 Nothing is created in ``__init__``: twistd forks after constructing services.
 Pickled bindings are only ever unpickled in the child.
+
+Why one module of about 700 lines: the lifecycle (spawn, ready, death, restart,
+stop), the per-session lanes and watchdogs and the public API are one state
+machine over the same image and request state; splitting them would spread that
+state over modules that must change together.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import ITransport
+from twisted.internet import defer, error
 from twisted.logger import Logger
-from twisted.protocols import amp
-from zope.interface import implementer
 
 import stui_twisted
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import leftovers
-from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.image.privileges import ImageAccount, lookup
+from stui_twisted.image.process import (
+    ImageProcess,
+    Request,
+    StaleGeneration,
+    reply_value,
+)
 from stui_twisted.protocol.envelope import iso_timestamp
-from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
+from stui_twisted.protocol.errors import StuiError
 
 MiB = 1024 * 1024
 CHILD_MODULE = "stui_twisted.image.child"
@@ -56,174 +64,6 @@ PAUSED_WATCHDOG_DELAY = 24 * 3600.0
 
 def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(stui_twisted.__file__)))
-
-
-class _ChildAddress:
-    """The (address-less) peer of a pipe to the child."""
-
-    def __repr__(self) -> str:
-        return "<image child pipe>"
-
-
-@implementer(ITransport)
-class _ChildPipeTransport:
-    """Lets an AMP protocol write to one of the child's pipes."""
-
-    def __init__(self, process_transport, child_fd: int) -> None:
-        self._process = process_transport
-        self._child_fd = child_fd
-
-    def write(self, data: bytes) -> None:
-        self._process.writeToChild(self._child_fd, data)
-
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        self._process.closeChildFD(self._child_fd)
-
-    def getPeer(self):
-        return _ChildAddress()
-
-    def getHost(self):
-        return _ChildAddress()
-
-
-class _ImageProcess(protocol.ProcessProtocol):
-    """One spawned image: its AMP connection, in-flight requests and fate."""
-
-    def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
-        self.supervisor = supervisor
-        self.generation = generation
-        self.amp = amp.AMP()
-        self.pid: int | None = None
-        self.ready = False
-        self.ended = False
-        self.started_at: float | None = None
-        self.started_at_text: str | None = None
-        """C{started_at} as protocol.md writes times, formatted once (ping shows it)."""
-        self.in_flight: set[_Request] = set()
-        self.kill_timer = None
-        self._outputs = {
-            1: ChildOutputLog(supervisor.log, "stdout", supervisor._reactor.seconds),
-            2: ChildOutputLog(supervisor.log, "stderr", supervisor._reactor.seconds),
-        }
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        for output in self._outputs.values():
-            output.pid = self.pid
-        self.transport.closeStdin()
-        self.amp.makeConnection(_ChildPipeTransport(self.transport, 3))
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 4:
-            self.amp.dataReceived(data)
-        elif childFD in self._outputs:
-            self._outputs[childFD].feed(data)
-
-    def processExited(self, reason) -> None:
-        """The image itself exited (reaped by its exit status).
-
-        This, not the end of its pipes, is the image's death: a process that
-        user code started (C{subprocess.Popen}, C{os.system('... &')},
-        C{os.fork()}) may hold copies of the pipes long after the image is
-        gone.  Its whole process group is killed, our ends of the pipes are
-        closed, and the supervisor learns of the death now.
-        """
-        if self.ended:
-            return
-        self.ended = True
-        self.kill_group()
-        for output in self._outputs.values():
-            output.flush()
-        self.amp.connectionLost(reason)
-        for child_fd in list(getattr(self.transport, "pipes", {})):
-            self.transport.closeChildFD(child_fd)
-        self.supervisor._image_ended(self, reason)
-
-    def processEnded(self, reason) -> None:
-        # Normally processExited has run already; this covers a transport
-        # that reports only the end.
-        self.processExited(reason)
-
-    def kill_group(self) -> None:
-        """Kill every process left in the image's process group.
-
-        The image makes itself a session (and group) leader at start-up, so
-        its group id is its pid; Linux does not reuse a pid while a group of
-        that id has members, so this never reaches an unrelated process.
-        """
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return  # the group is empty: nothing the image started is left
-        except PermissionError:
-            self.supervisor.log.warn("cannot kill process group {pid} of the image", pid=self.pid)
-
-    def signal(self, name: str) -> None:
-        """Send a signal unless the process is already gone."""
-        if self.ended:
-            return
-        try:
-            self.transport.signalProcess(name)
-        except error.ProcessExitedAlready:
-            pass
-
-
-class _Request:
-    """A request sent to one image; settled by its answer or by the image's death."""
-
-    def __init__(self, image: _ImageProcess, description: str) -> None:
-        self.image = image
-        self.description = description
-        self.result = defer.Deferred()
-        self.forced_error: StuiError | None = None
-        self.stop_watchdog = None
-
-    @property
-    def settled(self) -> bool:
-        return self.result.called
-
-    def answer(self, outcome) -> None:
-        """The child's answer arrived (a response dict or a Failure)."""
-        if self.settled:
-            return
-        if isinstance(outcome, dict):
-            self.image.in_flight.discard(self)
-            self.result.callback(outcome)
-        elif outcome.check(error.ConnectionDone, error.ConnectionLost, amp.ProtocolSwitched):
-            return  # the image died: _image_ended settles this request
-        else:
-            self.image.in_flight.discard(self)
-            self.result.errback(outcome)
-
-    def fail(self, failure_value: StuiError) -> None:
-        """Settle with an error (the image died or the request was given up)."""
-        if not self.settled:
-            self.image.in_flight.discard(self)
-            self.result.errback(failure_value)
-
-
-class StaleGeneration(StuiError):
-    """C{ImageRestarted} for a request that was never sent: its session is not
-    live in the running image.  Safe to retry once the session is rebuilt."""
-
-
-def _reply_value(reply: dict):
-    """Unwrap a child reply envelope into its result, or raise its StuiError."""
-    if reply.get("ok"):
-        return reply.get("result")
-    error_type = reply.get("error_type")
-    details = reply.get("details") or {}
-    if error_type not in ERROR_TYPES:
-        details = {"image_error_type": error_type, **details}
-        error_type = "InternalError"
-    failure_value = StuiError(error_type, reply.get("message") or "the image failed")
-    failure_value.details.update(details)
-    raise failure_value
 
 
 class ImageSupervisor(service.Service):
@@ -262,7 +102,7 @@ class ImageSupervisor(service.Service):
         self.max_binding_bytes = max_binding_bytes
         self.restart_delay = restart_delay
         self.kill_grace = kill_grace
-        self._image: _ImageProcess | None = None
+        self._image: ImageProcess | None = None
         self._state = "stopped"
         self._restarts = 0
         self._generation = 0
@@ -274,7 +114,7 @@ class ImageSupervisor(service.Service):
         self._stop_waiters: list[defer.Deferred] = []
         self._restart_observers: list = []
         self._lanes: dict[str, defer.DeferredLock] = {}
-        self._running_tasks: dict[str, _Request] = {}
+        self._running_tasks: dict[str, Request] = {}
 
     # -- lifecycle --
 
@@ -349,7 +189,7 @@ class ImageSupervisor(service.Service):
         self._restart_call = None
         self._state = "restarting" if restarting else "starting"
         self._generation += 1
-        image = _ImageProcess(self, self._generation)
+        image = ImageProcess(self, self._generation)
         environment = dict(os.environ)
         paths = [_package_root()]
         if os.path.realpath(self.python) != os.path.realpath(sys.executable):
@@ -405,7 +245,7 @@ class ImageSupervisor(service.Service):
             errbackArgs=(image,),
         )
 
-    def _startup_too_slow(self, image: _ImageProcess) -> None:
+    def _startup_too_slow(self, image: ImageProcess) -> None:
         if not image.ready and not image.ended:
             self.log.error(
                 "image pid {pid} did not answer within {seconds} s; killing it",
@@ -414,12 +254,12 @@ class ImageSupervisor(service.Service):
             )
             image.signal("KILL")
 
-    def _ping_failed(self, reason, image: _ImageProcess) -> None:
+    def _ping_failed(self, reason, image: ImageProcess) -> None:
         if not image.ended:
             self.log.failure("image pid {pid} failed its first ping", reason, pid=image.pid)
             image.signal("KILL")
 
-    def _image_ready(self, response: dict, image: _ImageProcess, restarting: bool) -> None:
+    def _image_ready(self, response: dict, image: ImageProcess, restarting: bool) -> None:
         if image.ended or image is not self._image:
             return
         if self._startup_watchdog is not None and self._startup_watchdog.active():
@@ -441,7 +281,7 @@ class ImageSupervisor(service.Service):
         for waiter in waiters:
             waiter.callback(image)
 
-    def _image_ended(self, image: _ImageProcess, reason) -> None:
+    def _image_ended(self, image: ImageProcess, reason) -> None:
         exit_code = getattr(reason.value, "exitCode", None)
         exit_signal = getattr(reason.value, "signal", None)
         if self._startup_watchdog is not None and self._startup_watchdog.active():
@@ -508,8 +348,8 @@ class ImageSupervisor(service.Service):
 
     # -- sending --
 
-    def _send(self, image: _ImageProcess, command, description: str, **arguments) -> _Request:
-        request = _Request(image, description)
+    def _send(self, image: ImageProcess, command, description: str, **arguments) -> Request:
+        request = Request(image, description)
         if image.ended:
             request.fail(
                 StuiError("ImageRestarted", "the live image died before this request was sent")
@@ -527,7 +367,7 @@ class ImageSupervisor(service.Service):
             answer.addBoth(request.answer)
         return request
 
-    def _check_generation(self, image: _ImageProcess, expected: int | None) -> None:
+    def _check_generation(self, image: ImageProcess, expected: int | None) -> None:
         if image is not self._image or image.ended:
             raise StuiError(
                 "ImageRestarted",
@@ -544,7 +384,7 @@ class ImageSupervisor(service.Service):
         image = await self._ready_image()
         self._check_generation(image, expected_generation)
         response = await self._send(image, command, description, **arguments).result
-        return _reply_value(response["reply"]) if "reply" in response else response
+        return reply_value(response["reply"]) if "reply" in response else response
 
     async def _session_task(
         self,
@@ -593,13 +433,13 @@ class ImageSupervisor(service.Service):
                     request.stop_watchdog.cancel()
                 if self._running_tasks.get(lane_id) is request:
                     del self._running_tasks[lane_id]
-            return _reply_value(response["reply"])
+            return reply_value(response["reply"])
         finally:
             lane.release()
             if not lane.locked and not lane.waiting:
                 self._lanes.pop(lane_id, None)
 
-    def _kill_stuck(self, request: _Request, stuck_error: StuiError) -> None:
+    def _kill_stuck(self, request: Request, stuck_error: StuiError) -> None:
         if request.settled or request.image.ended or request.forced_error is not None:
             return
         self.log.warn(
