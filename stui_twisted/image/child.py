@@ -38,7 +38,9 @@ from stui_twisted.image.interruption import (
     StopGuard,
     TimeLimitReached,
 )
-from stui_twisted.image.workspace import DEFAULT_MAX_BINDING_BYTES, Image, install_output_router
+from stui_twisted.image.bindings import DEFAULT_MAX_BINDING_BYTES
+from stui_twisted.image.capture import install_output_router
+from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
 
 AMP_IN_FD = 3

@@ -433,12 +433,14 @@ def test_unchanged_immutable_bindings_are_not_serialized_again(workspace, monkey
 def test_a_binding_over_the_limit_is_refused_before_it_is_encoded_whole(monkeypatch):
     import tracemalloc
 
-    from stui_twisted.image import workspace as ws_module
+    from stui_twisted.image import bindings as bindings_module
 
     workspace = Image(max_binding_bytes=1024 * 1024).session("s_big")
     pickled = []
-    real = ws_module._pickle_dumps
-    monkeypatch.setattr(ws_module, "_pickle_dumps", lambda *args: pickled.append(1) or real(*args))
+    real = bindings_module._pickle_dumps
+    monkeypatch.setattr(
+        bindings_module, "_pickle_dumps", lambda *args: pickled.append(1) or real(*args)
+    )
     stored = workspace.evaluate("x = bytearray(64 * 1024 * 1024)")["bindings_changed"]["x"]
     assert stored["encoding"] == "unrestorable"
     assert pickled == []  # refused by its length, never pickled
