@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from stui_twisted.events import hooks as event_hooks
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
@@ -292,6 +293,8 @@ class LiveImageCommands:
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
         started = self.now()
+        index = session.history_counter + 1
+        event_hooks.evaluation_started(self, session, call, index, params["code"])
         try:
             outcome = await self._in_image(
                 session,
@@ -314,10 +317,12 @@ class LiveImageCommands:
                 await self._changed(session, "record the evaluation")
             elif error.error_type == "ImageRestarted":
                 session.materialized = False
+            await event_hooks.evaluation_finished(self, session, call, index, error=error)
             raise
         self._apply_delta(session, outcome)
         entry = self._history_entry(session, params["code"], started, outcome=outcome)
         await self._changed(session, "record the evaluation")
+        await event_hooks.evaluation_finished(self, session, call, entry["index"], outcome=outcome)
         return {
             "session_id": session.session_id,
             "result": clip(outcome.get("result"), MAX_RESULT_TEXT),

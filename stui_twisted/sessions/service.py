@@ -73,6 +73,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             rate_window=settings.create_rate_window,
         )
         self.sessions: dict[str, Session] = {}
+        self.events = None  # the EventHub (stui_twisted.events), set by tap.build_server
         self._by_client: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()

@@ -1,0 +1,142 @@
+"""End to end: live events on TCP, ZeroMQ DEALER and REQ long-poll; the log survives a restart."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import zmq
+
+pytestmark = [pytest.mark.e2e, pytest.mark.image]
+
+
+class EventClient:
+    """A line client that keeps event lines apart from replies."""
+
+    def __init__(self, line_client) -> None:
+        self.client = line_client
+        self.events: list[dict] = []
+        self._ids = 0
+
+    def call(self, command: str, **parameters) -> dict:
+        self._ids += 1
+        request_id = f"e-{self._ids}"
+        message = {"id": request_id, "command": command, "parameters": parameters}
+        self.client.send_raw(json.dumps(message).encode() + b"\n")
+        while True:
+            message = json.loads(self.client.read_line())
+            if "event" in message:
+                assert "status" not in message
+                self.events.append(message)
+                continue
+            assert message["id"] == request_id, message
+            return message
+
+    def result(self, command: str, **parameters) -> dict:
+        reply = self.call(command, **parameters)
+        assert reply["status"] == "success", reply
+        return reply["result"]
+
+    def wait_event(self, name: str, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event["event"] == name:
+                    self.events.remove(event)
+                    return event
+            assert time.monotonic() < deadline, f"no {name} event within {timeout} s"
+            self.client.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            message = json.loads(self.client.read_line())
+            assert "event" in message, message
+            self.events.append(message)
+
+
+def _names(events):
+    return [(event["seq"], event["event"]) for event in events]
+
+
+@pytest.mark.timeout(120)
+def test_a_subscriber_sees_another_clients_evaluation_on_tcp_and_dealer(tmp_path, start_server):
+    server = start_server(tmp_path)
+    alice = EventClient(server.tcp_client(timeout=30))
+    session_id = alice.result("create_session", client_id="alice")["session_id"]
+    bob = EventClient(server.tcp_client(timeout=30))
+    subscribed = bob.result("subscribe", session_id=session_id, client_id="alice")
+    assert subscribed["last_seq"] == 0 and subscribed["replayed"] == 0
+
+    context = zmq.Context.instance()
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 15000)
+    dealer.connect(server.zmq_url)
+    request = {"id": "d1", "command": "subscribe", "parameters": {"session_id": session_id}}
+    dealer.send(json.dumps(request).encode())
+    reply = json.loads(dealer.recv())
+    assert reply["status"] == "success", reply
+
+    result = alice.result("evaluate", code="print('hi'); 6 * 7")
+    assert result["result"] == "42"
+    assert alice.events == []  # a connection that never subscribed gets no event line
+
+    started = bob.wait_event("evaluation_started")
+    finished = bob.wait_event("evaluation_finished")
+    assert started["session_id"] == session_id and started["stream"] == "session"
+    assert started["data"]["code"] == "print('hi'); 6 * 7"
+    assert started["data"]["by"] == "alice"
+    assert (started["seq"], finished["seq"]) == (1, 2)
+    assert finished["data"]["ok"] is True and finished["data"]["result"] == "42"
+    assert finished["data"]["history_index"] == result["history_index"]
+
+    pushed = [json.loads(dealer.recv()), json.loads(dealer.recv())]
+    assert _names(pushed) == [(1, "evaluation_started"), (2, "evaluation_finished")]
+    dealer.close()
+
+
+@pytest.mark.timeout(120)
+def test_req_long_polls_and_the_log_replays_with_the_same_seqs_after_a_restart(
+    tmp_path, start_server
+):
+    server = start_server(tmp_path, "--durability=always")
+    alice = EventClient(server.tcp_client(timeout=30))
+    session_id = alice.result("create_session", client_id="alice")["session_id"]
+
+    context = zmq.Context.instance()
+    req = context.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, 20000)
+    req.connect(server.zmq_url)
+    poll = {
+        "id": "r1",
+        "command": "get_events",
+        "parameters": {"session_id": session_id, "since": 0, "wait": 10},
+    }
+    req.send(json.dumps(poll).encode())
+    time.sleep(0.2)  # the poll is waiting on the server
+    alice.result("evaluate", code="x = 1")
+    reply = json.loads(req.recv())
+    assert reply["status"] == "success", reply
+    assert reply["result"]["events"][0]["event"] == "evaluation_started"
+    alice.result("evaluate", code="x + 1")
+    before = alice.result("get_events", session_id=session_id, since=0)
+    assert _names(before["events"]) == [
+        (1, "evaluation_started"),
+        (2, "evaluation_finished"),
+        (3, "evaluation_started"),
+        (4, "evaluation_finished"),
+    ]
+    req.close()
+
+    # A hard kill: under `always` the events were on disk before the replies.
+    server.kill()
+    server.start()
+    again = EventClient(server.tcp_client(timeout=30))
+    after = again.result("get_events", session_id=session_id, since=0, client_id="alice")
+    assert after["events"] == before["events"]
+    replay = again.result("subscribe", session_id=session_id, since=2, client_id="alice")
+    assert (replay["replayed"], replay["last_seq"], replay["truncated"]) == (2, 4, False)
+    assert _names([again.wait_event("evaluation_started")]) == [(3, "evaluation_started")]
+    assert _names([again.wait_event("evaluation_finished")]) == [(4, "evaluation_finished")]
+    again.result("evaluate", session_id=session_id, client_id="alice", code="x + 2")
+    assert again.wait_event("evaluation_started")["seq"] == 5  # numbering continues
+    assert again.wait_event("evaluation_finished")["seq"] == 6
