@@ -53,7 +53,9 @@ class Outbox:
         self.bytes = 0
         self.streams: set[str] = set()  # stream keys subscribed here
         self.closed = False
-        self.dropped = 0
+        self.dropped = 0  # events dropped so far (statistics)
+        # stream key -> [session_id, from_seq, to_seq] of dropped events not yet reported
+        self._dropped: dict[str, list] = {}
 
     def writable(self) -> bool:
         check = getattr(self.connection, "events_writable", None)
@@ -62,7 +64,7 @@ class Outbox:
     def push(self, key: str, session_id: str | None, seq: int, data: bytes) -> None:
         if self.closed:
             return
-        if not self.pending and self.writable():
+        if not self.pending and not self._dropped and self.writable():
             self.connection.sendEvent(data)
             return
         self.pending.append((key, session_id, seq, data))
@@ -71,28 +73,13 @@ class Outbox:
             self._drop()
 
     def _drop(self) -> None:
-        """Replace everything pending by one C{dropped} marker per stream."""
-        ranges: dict[str, list] = {}
+        """Forget everything pending; remember its seq range per stream for the marker."""
         for key, session_id, seq, _data in self.pending:
-            if seq <= 0:  # an earlier marker: its range is covered again below
-                continue
-            span = ranges.setdefault(key, [session_id, seq, seq])
+            span = self._dropped.setdefault(key, [session_id, seq, seq])
             span[2] = seq
         self.dropped += len(self.pending)
         self.pending.clear()
         self.bytes = 0
-        for key, (session_id, first, last) in ranges.items():
-            marker = encode_event(
-                {
-                    "event": "dropped",
-                    "stream": TEAM if key == TEAM else "session",
-                    "session_id": session_id,
-                    "from_seq": first,
-                    "to_seq": last,
-                }
-            )
-            self.pending.append((key, session_id, 0, marker))
-            self.bytes += len(marker)
 
     def close(self) -> None:
         """The conversation went away: forget what waits and every subscription."""
@@ -101,11 +88,23 @@ class Outbox:
             on_close()
         self.closed = True
         self.pending.clear()
+        self._dropped.clear()
         self.bytes = 0
 
     def drain(self) -> None:
-        """Write what waits, while the transport takes it (called on resume)."""
-        while self.pending and not self.closed and self.writable():
+        """Write what waits, while the transport takes it: markers first, then events."""
+        while self._dropped and not self.closed and self.writable():
+            key = next(iter(self._dropped))
+            session_id, first, last = self._dropped.pop(key)
+            marker = {
+                "event": "dropped",
+                "stream": TEAM if key == TEAM else "session",
+                "session_id": session_id,
+                "from_seq": first,
+                "to_seq": last,
+            }
+            self.connection.sendEvent(encode_event(marker))
+        while self.pending and not self._dropped and not self.closed and self.writable():
             _key, _sid, _seq, data = self.pending.popleft()
             self.bytes -= len(data)
             self.connection.sendEvent(data)
