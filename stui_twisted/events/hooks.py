@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stui_twisted.events.hub import clip_text
+from stui_twisted.protocol.envelope import iso_timestamp
 
 
 async def evaluation_finished(service, session, call, index: int, *, outcome=None, error=None):
@@ -56,3 +57,19 @@ async def durable(service, session) -> None:
     hub = getattr(service, "events", None)
     if hub is not None and service.settings.durability == "always":
         await hub.sync(session.session_id)
+
+
+def publish(service, session_id: str | None, event: str, data: dict) -> None:
+    """Publish one event if the event machinery is wired (C{session_id=None}: the team)."""
+    hub = getattr(service, "events", None)
+    if hub is not None:
+        hub.publish(session_id, event, data)
+
+
+def state_updated(service, session, call, parts) -> None:
+    data = {
+        "by": call.client_id or session.client_id,
+        "parts": list(parts),
+        "last_modified": iso_timestamp(session.last_modified),
+    }
+    publish(service, session.session_id, "state_updated", data)

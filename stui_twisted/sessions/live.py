@@ -200,6 +200,8 @@ class LiveImageCommands:
         its own session live first (L{_ensure_materialized}), under the same
         per-session lock, so a session is rebuilt once and before any use.
         """
+        pid = self.image.status()["pid"] if self.image is not None else None
+        event_hooks.publish(self, None, "image_restarted", {"pid": pid, "reason": "image died"})
         sessions = [s for s in self.sessions.values() if s.materialized and s.state == ACTIVE]
         restored = 0
         for session in sessions:

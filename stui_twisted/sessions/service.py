@@ -21,6 +21,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
+from stui_twisted.events import hooks as event_hooks
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import StorageFailure, StuiError, invalid_parameter
 from stui_twisted.sessions.live import LiveImageCommands
@@ -501,6 +502,7 @@ class SessionService(LiveImageCommands, service.MultiService):
             client=session.client_id,
             timeout=session.timeout,
         )
+        event_hooks.publish(self, session.session_id, "session_expired", {"by": None})
         if self.image is not None:
             self.image.drop_session(session.session_id).addErrback(
                 lambda f: self.log.failure("image: dropping {sid}", f, sid=session.session_id)
@@ -660,6 +662,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         except StuiError:
             session.session_state, session.client_workspace, session.inspector_view = before
             raise
+        event_hooks.state_updated(self, session, call, parts)
+        await event_hooks.durable(self, session)
         return {
             "session_id": session.session_id,
             "last_modified": iso_timestamp(session.last_modified),
@@ -707,6 +711,9 @@ class SessionService(LiveImageCommands, service.MultiService):
                 connection.context.current_session_id = None
         if self.image is not None:
             await self.image.drop_session(session.session_id)
+        by = call.client_id or session.client_id
+        event_hooks.publish(self, session.session_id, "session_closed", {"by": by})
+        await event_hooks.durable(self, session)
         self.log.info(
             "{conn} closed session {sid} (saved={saved})",
             conn=call.context.label,
@@ -892,6 +899,8 @@ class SessionService(LiveImageCommands, service.MultiService):
         else:
             self._clear_parts(session, parts)
         await self._changed(session, "clear the context")
+        event_hooks.state_updated(self, session, call, [p for p in CONTEXT_PARTS if p in parts])
+        await event_hooks.durable(self, session)
         return {
             "session_id": session.session_id,
             "cleared": [p for p in CONTEXT_PARTS if p in parts],

@@ -140,3 +140,32 @@ def test_req_long_polls_and_the_log_replays_with_the_same_seqs_after_a_restart(
     again.result("evaluate", session_id=session_id, client_id="alice", code="x + 2")
     assert again.wait_event("evaluation_started")["seq"] == 5  # numbering continues
     assert again.wait_event("evaluation_finished")["seq"] == 6
+
+
+@pytest.mark.timeout(120)
+def test_state_changes_close_and_image_restarts_reach_subscribers(tmp_path, start_server):
+    import os
+    import signal
+
+    server = start_server(tmp_path)
+    alice = EventClient(server.tcp_client(timeout=30))
+    session_id = alice.result("create_session", client_id="alice")["session_id"]
+    watcher = EventClient(server.tcp_client(timeout=30))
+    watcher.result("subscribe", session_id=session_id)
+    team = watcher.result("subscribe", session_id="team")
+    assert team["stream"] == "team" and team["session_id"] is None
+
+    alice.result("update_session_state", state_data={"tab": 2})
+    state = watcher.wait_event("state_updated")
+    assert state["data"]["parts"] == ["state_data"] and state["data"]["by"] == "alice"
+
+    alice.result("evaluate", code="1")  # the image is up
+    old_pid = alice.result("ping")["image"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    restarted = watcher.wait_event("image_restarted", timeout=30)
+    assert restarted["stream"] == "team" and "session_id" not in restarted
+    assert restarted["data"]["pid"] not in (None, old_pid)
+
+    alice.result("close_session")
+    closed = watcher.wait_event("session_closed")
+    assert closed["data"] == {"by": "alice"} and closed["seq"] == state["seq"] + 3
