@@ -216,8 +216,9 @@ class EventHub:
 
     def forget(self, session_id: str) -> None:
         """Close a session's log file (the session is gone from memory)."""
-        stream = self._streams.pop(session_id, None)
-        if stream is not None:
+        stream = self._streams.get(session_id)
+        if stream is not None and not stream.subscribers:
+            del self._streams[session_id]
             stream.log.close()
             for waiter in stream.waiters:
                 if not waiter.called:

@@ -5,7 +5,8 @@ JSON is either an event message or C{{"seq_floor": N}} (written when the log
 is compacted or cleared, so sequence numbers keep counting across restarts).
 A line whose checksum does not match (a torn last write) is ignored on load.
 
-Appends are plain writes in the reactor thread (page cache, no wait); L{sync}
+Appends are plain writes in the reactor thread (page cache, no wait; the
+file is opened per write, so no descriptor is held per session); L{sync}
 fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
 before a reply, so an event is on disk before any reply that follows it.
 The file is rewritten (temp file, fsync, rename) when it holds twice the
@@ -64,7 +65,7 @@ class EventLog:
         self.bytes = 0
         self.last_seq = 0
         self._floor = 0  # highest seq trimmed or cleared away
-        self._fd: int | None = None
+        self._open = False
         self._file_lines = 0
         self._file_bytes = 0
         self._unsynced = False
@@ -97,14 +98,20 @@ class EventLog:
             self._keep(seq, value, len(raw))
         self._file_lines = len(lines)
         self._file_bytes = sum(map(len, lines))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._open = True
         if lines and not lines[-1].endswith(b"\n"):
-            os.write(self._fd, b"\n")  # a torn last line must not swallow the next one
+            self._write(b"\n")  # a torn last line must not swallow the next one
+
+    def _write(self, data: bytes) -> None:
+        # Opened per write: no descriptor is held per session (there may be many).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._open = False
 
     # -- reading -----------------------------------------------------------
 
@@ -136,8 +143,8 @@ class EventLog:
         """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file."""
         line = _line(message)
         self._keep(message["seq"], message, len(line))
-        if self._fd is not None:
-            os.write(self._fd, line)
+        if self._open:
+            self._write(line)
             self._file_lines += 1
             self._file_bytes += len(line)
             self._unsynced = True
@@ -149,7 +156,7 @@ class EventLog:
         self._floor = self.last_seq
         self.events.clear()
         self.bytes = 0
-        if self._fd is not None:
+        if self._open:
             self._rewrite()
 
     def _keep(self, seq: int, message: dict, size: int) -> None:
@@ -173,23 +180,21 @@ class EventLog:
         finally:
             os.close(fd)
         os.replace(temp, self.path)
-        self.close()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._file_lines = len(lines)
         self._file_bytes = sum(map(len, lines))
         self._unsynced = True  # the directory entry: fsynced with the next sync
 
     def sync(self) -> defer.Deferred:
         """Fsync what was appended (in a thread); fires when it is on disk."""
-        if self._fd is None or not self._unsynced:
+        if not self._open or not self._unsynced:
             return defer.succeed(None)
         self._unsynced = False
-        # A duplicate: a rewrite may close self._fd while the thread runs.
-        fd, directory = os.dup(self._fd), os.path.dirname(self.path)
-        return threads.deferToThread(_fsync_file_and_dir, fd, directory)
+        return threads.deferToThread(_fsync_file_and_dir, self.path)
 
 
-def _fsync_file_and_dir(fd: int, directory: str) -> None:
+def _fsync_file_and_dir(path: str) -> None:
+    directory = os.path.dirname(path)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

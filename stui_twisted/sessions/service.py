@@ -167,6 +167,11 @@ class SessionService(LiveImageCommands, service.MultiService):
                 await self._write_index()
             except Exception:
                 self.log.failure("writing the session index at shutdown failed")
+            if self.events is not None:
+                try:
+                    await self.events.sync_all()
+                except Exception:
+                    self.log.failure("syncing the event logs at shutdown failed")
         await super().stopService()
         await self.store.close()
         if unwritten:
@@ -244,6 +249,8 @@ class SessionService(LiveImageCommands, service.MultiService):
 
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        if self.events is not None:
+            self.events.forget(session.session_id)  # its events stay on disk
         self._dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
         owned = self._by_client.get(session.client_id)
