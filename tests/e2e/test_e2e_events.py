@@ -169,3 +169,66 @@ def test_state_changes_close_and_image_restarts_reach_subscribers(tmp_path, star
     alice.result("close_session")
     closed = watcher.wait_event("session_closed")
     assert closed["data"] == {"by": "alice"} and closed["seq"] == state["seq"] + 3
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(180)
+def test_a_subscriber_that_stops_reading_gets_a_dropped_marker_and_costs_bounded_memory(
+    tmp_path, start_server
+):
+    import socket
+
+    from tests.serverproc import LineClient
+
+    server = start_server(tmp_path, "--event-pending-bytes=1048576")
+    alice = EventClient(server.tcp_client(timeout=60))
+    session_id = alice.result("create_session", client_id="alice")["session_id"]
+    alice.result("evaluate", code="chunk = 'x' * 60000")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.tcp_port))
+    slow = EventClient(LineClient(raw, timeout=60))
+    slow.result("subscribe", session_id=session_id)
+    rss_before = _rss_bytes(server.process.pid)
+    # 600 evaluations, each event carries ~60 KB of output: ~72 MB the slow one never
+    # reads.  The server's RSS moves by tens of MB without any subscriber (output
+    # buffers, allocator), so the bound is the contract's 64 MiB, below what it unread.
+    worst = 0.0
+    for _ in range(600):
+        started = time.monotonic()
+        alice.result("evaluate", code="print(chunk)")
+        worst = max(worst, time.monotonic() - started)
+    growth = _rss_bytes(server.process.pid) - rss_before
+    assert growth < 64 * 1024 * 1024, f"server RSS grew by {growth} bytes"
+    assert worst < 5.0  # the writer was never held up by the reader
+
+    # Read everything, in order: what was written before the queue filled, the
+    # marker, then the newer events up to the last one; no duplicate.
+    received = list(slow.events)
+    slow.events.clear()
+    while not received or received[-1].get("seq") != 1202:
+        received.append(json.loads(slow.client.read_line()))
+    kinds = [m["event"] for m in received]
+    assert kinds.count("dropped") >= 1
+    at = kinds.index("dropped")
+    marker = received[at]
+    assert marker["session_id"] == session_id and marker["stream"] == "session"
+    seqs = [m["seq"] for m in received if m["event"] != "dropped"]
+    assert seqs == sorted(set(seqs))
+    assert all(m["seq"] < marker["from_seq"] for m in received[:at])
+    assert all(m.get("seq", 10**9) > marker["to_seq"] for m in received[at + 1 :])
+    caught_up = slow.result(
+        "get_events", session_id=session_id, since=marker["from_seq"] - 1, limit=5
+    )
+    # The 4 MiB log kept only the newest ~70 of the 60 KB events: it says so.
+    first = caught_up["first_seq"]
+    assert caught_up["events"][0]["seq"] == max(marker["from_seq"], first)
+    assert caught_up["truncated"] is (marker["from_seq"] < first)
+    assert 1202 - first < 200  # about 70 finished + 70 started events
