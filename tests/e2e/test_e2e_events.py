@@ -106,6 +106,12 @@ def test_req_long_polls_and_the_log_replays_with_the_same_seqs_after_a_restart(
     req.setsockopt(zmq.LINGER, 0)
     req.setsockopt(zmq.RCVTIMEO, 20000)
     req.connect(server.zmq_url)
+    subscribe = {"id": "r0", "command": "subscribe", "parameters": {"session_id": session_id}}
+    req.send(json.dumps(subscribe).encode())
+    subscribed = json.loads(req.recv())
+    assert subscribed["result"]["pushed"] is False  # a REQ socket is never pushed to
+    commands = alice.result("describe")["commands"]
+    assert {"subscribe", "unsubscribe", "get_events"} <= set(commands)
     poll = {
         "id": "r1",
         "command": "get_events",
@@ -115,7 +121,7 @@ def test_req_long_polls_and_the_log_replays_with_the_same_seqs_after_a_restart(
     time.sleep(0.2)  # the poll is waiting on the server
     alice.result("evaluate", code="x = 1")
     reply = json.loads(req.recv())
-    assert reply["status"] == "success", reply
+    assert reply["id"] == "r1" and reply["status"] == "success", reply
     assert reply["result"]["events"][0]["event"] == "evaluation_started"
     alice.result("evaluate", code="x + 1")
     before = alice.result("get_events", session_id=session_id, since=0)
