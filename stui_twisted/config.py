@@ -170,6 +170,18 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "active sessions on the whole server",
     ),
     "max-session-bytes": ("max_session_bytes", _positive_int, "largest session file (bytes)"),
+    "event-log-limit": ("event_log_limit", _positive_int, "events kept per session log"),
+    "event-log-bytes": ("event_log_bytes", _positive_int, "bytes kept per session event log"),
+    "event-pending-events": (
+        "event_pending_events",
+        _positive_int,
+        "events waiting per subscribed connection before a 'dropped' marker",
+    ),
+    "event-pending-bytes": (
+        "event_pending_bytes",
+        _positive_int,
+        "bytes of events waiting per subscribed connection before a 'dropped' marker",
+    ),
     "max-message-bytes": ("max_message_bytes", _positive_int, "largest request line/frame (bytes)"),
     "max-connections": ("max_connections", _positive_int, "open TCP/TLS connections at most"),
     "max-partial-input-bytes": (

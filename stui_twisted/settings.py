@@ -44,6 +44,10 @@ class Settings:
     max_sessions_per_client: int = 5
     max_sessions_total: int = 100_000
     max_session_bytes: int = 8 * MiB
+    event_log_limit: int = 1000
+    event_log_bytes: int = 4 * MiB
+    event_pending_events: int = 1000
+    event_pending_bytes: int = 8 * MiB
     history_limit: int = 100
     create_rate_limit: int = 10
     create_rate_window: float = 60.0
@@ -94,6 +98,10 @@ class Settings:
         return {
             "max_message_bytes": self.max_message_bytes,
             "max_session_bytes": self.max_session_bytes,
+            "event_log_limit": self.event_log_limit,
+            "event_log_bytes": self.event_log_bytes,
+            "event_pending_events": self.event_pending_events,
+            "event_pending_bytes": self.event_pending_bytes,
             "max_sessions_per_client": self.max_sessions_per_client,
             "max_sessions_total": self.max_sessions_total,
             "default_timeout": whole_seconds(self.default_timeout),

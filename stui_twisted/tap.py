@@ -316,6 +316,20 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         authenticator.setServiceParent(root)  # before the listeners: started first
     dispatcher = Dispatcher(clock=reactor, auth=authenticator)
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
+    from stui_twisted.events.commands import build_event_commands
+    from stui_twisted.events.hub import EventHub
+
+    sessions.events = EventHub(
+        reactor,
+        settings.data_dir,
+        durability=settings.durability,
+        log_limit=settings.event_log_limit,
+        log_bytes=settings.event_log_bytes,
+        pending_events=settings.event_pending_events,
+        pending_bytes=settings.event_pending_bytes,
+        flush_interval=settings.flush_interval,
+    )
+    dispatcher.register_all(build_event_commands(sessions, sessions.events))
 
     input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):

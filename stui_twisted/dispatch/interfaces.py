@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -22,6 +23,9 @@ class IClientConnection(Interface):
 
     def sendReply(data: bytes) -> None:  # noqa: N802,N805
         """Send one encoded reply (without framing) to the client."""
+
+    def sendEvent(data: bytes) -> None:  # noqa: N802,N805
+        """Push one encoded event (without framing) to the client (events.md)."""
 
     def close() -> None:  # noqa: N805
         """End the conversation (a no-op for ZeroMQ peers)."""
@@ -42,6 +46,10 @@ class ConnectionContext:
     connection_id: int = field(default_factory=lambda: next(_connection_numbers))
     current_session_id: str | None = None
     principal: str | None = None
+    connection: Any = field(default=None, repr=False, compare=False)
+    """The L{IClientConnection} itself (events are pushed to it)."""
+    outbox: Any = field(default=None, repr=False, compare=False)
+    """Its L{stui_twisted.events.hub.Outbox} once it subscribed to a stream."""
 
     @property
     def label(self) -> str:

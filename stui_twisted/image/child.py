@@ -32,14 +32,14 @@ from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import browse
+from stui_twisted.image.bindings import DEFAULT_MAX_BINDING_BYTES
+from stui_twisted.image.capture import install_output_router
 from stui_twisted.image.interruption import (
     EvaluationStopped,
     InterruptRequested,
     StopGuard,
     TimeLimitReached,
 )
-from stui_twisted.image.bindings import DEFAULT_MAX_BINDING_BYTES
-from stui_twisted.image.capture import install_output_router
 from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
 

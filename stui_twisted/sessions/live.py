@@ -17,6 +17,7 @@ from typing import Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.events import hooks as event_hooks
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
@@ -263,6 +264,11 @@ class LiveSessions:
         its own session live first (L{_ensure_materialized}), under the same
         per-session lock, so a session is rebuilt once and before any use.
         """
+        if getattr(self.view, "events", None) is not None:
+            pid = self.image.status()["pid"] if self.image is not None else None
+            event_hooks.publish(
+                self.view, None, "image_restarted", {"pid": pid, "reason": "image died"}
+            )
         sessions = list(self.view.live_sessions())
         restored = 0
         for session in sessions:
@@ -399,7 +405,12 @@ class LiveSessions:
     # ================================================================ image commands
 
     async def evaluate(
-        self, session: Session, code: str, mode: str, timeout: float | None
+        self,
+        session: Session,
+        code: str,
+        mode: str,
+        timeout: float | None,
+        by: str | None = None,
     ) -> EvaluationOutcome:
         """Run C{code} in C{session}'s namespace and record it in the history."""
         image = self._need_image()
@@ -413,6 +424,8 @@ class LiveSessions:
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
         started = self.now()
+        index = session.history_counter + 1
+        event_hooks.evaluation_started(self.view, session, by, index, code)
         try:
             outcome = await self._in_image(
                 session,
@@ -435,10 +448,12 @@ class LiveSessions:
                 await self.view.changed(session, "record the evaluation")
             elif error.error_type == "ImageRestarted":
                 session.materialized = False
+            await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
             raise
         self.apply_delta(session, outcome)
         entry = self._history_entry(session, code, started, outcome=outcome)
         await self.view.changed(session, "record the evaluation")
+        await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
         return EvaluationOutcome(
             session_id=session.session_id,
             result=clip(outcome.get("result"), MAX_RESULT_TEXT),

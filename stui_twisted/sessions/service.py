@@ -29,6 +29,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.events import hooks as event_hooks
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
 from stui_twisted.sessions.live import LiveSessions
@@ -94,6 +95,7 @@ class SessionService(service.Service):
             rate_window=settings.create_rate_window,
         )
         self.sessions: dict[str, Session] = {}
+        self.events = None  # the EventHub (stui_twisted.events), set by tap.build_server
         self._by_client: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
@@ -179,6 +181,11 @@ class SessionService(service.Service):
                 await self.writer.write_index()
             except Exception:
                 self.log.failure("writing the session index at shutdown failed")
+            if self.events is not None:
+                try:
+                    await self.events.sync_all()
+                except Exception:
+                    self.log.failure("syncing the event logs at shutdown failed")
         super().stopService()
         await self.store.close()
         if unwritten:
@@ -265,6 +272,8 @@ class SessionService(service.Service):
 
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        if self.events is not None:
+            self.events.forget(session.session_id)  # its events stay on disk
         self.writer.dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
         owned = self._by_client.get(session.client_id)
@@ -387,6 +396,7 @@ class SessionService(service.Service):
             client=session.client_id,
             timeout=session.timeout,
         )
+        event_hooks.publish(self, session.session_id, "session_expired", {"by": None})
         dropped = self.live.drop(session.session_id)
         if dropped is not None:
             dropped.addErrback(
@@ -548,6 +558,8 @@ class SessionService(service.Service):
         except StuiError:
             session.session_state, session.client_workspace, session.inspector_view = before
             raise
+        event_hooks.state_updated(self, session, client_id, parts)
+        await event_hooks.durable(self, session)
         return session
 
     @staticmethod
@@ -598,6 +610,9 @@ class SessionService(service.Service):
         dropped = self.live.drop(session.session_id)
         if dropped is not None:
             await dropped
+        by = client_id or session.client_id
+        event_hooks.publish(self, session.session_id, "session_closed", {"by": by})
+        await event_hooks.durable(self, session)
         self.log.info(
             "{conn} closed session {sid} (saved={saved})",
             conn=connection.label,
@@ -739,6 +754,10 @@ class SessionService(service.Service):
         image_parts = [p for p in ("variables", "registry") if p in parts]
         await self.live.clear(session, image_parts, lambda: self._clear_parts(session, parts))
         await self.changed(session, "clear the context")
+        event_hooks.state_updated(
+            self, session, client_id, [p for p in CONTEXT_PARTS if p in parts]
+        )
+        await event_hooks.durable(self, session)
         return session.session_id, [p for p in CONTEXT_PARTS if p in parts]
 
     @staticmethod
@@ -773,7 +792,7 @@ class SessionService(service.Service):
     ) -> EvaluationOutcome:
         """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
         session = await self._session_for(session_id, client_id, connection)
-        return await self.live.evaluate(session, code, mode, timeout)
+        return await self.live.evaluate(session, code, mode, timeout, by=client_id)
 
     async def inspect(
         self,

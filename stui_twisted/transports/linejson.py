@@ -197,6 +197,7 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         # The host alone (no port) is the peer: it is what brute-force limits key on.
         host = str(getattr(peer, "host", peer))
         self.context = ConnectionContext(transport=self.factory.transport_name, peer=host)
+        self.context.connection = self
         self.factory.connection_opened(self)
         self.transport.registerProducer(self, True)
         self._producing = True
@@ -216,6 +217,8 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._release_input()
         self.factory.connection_closed(self)
+        if self.context is not None and self.context.outbox is not None:
+            self.context.outbox.close()  # its subscriptions end with it
         self.log.info(
             "{conn} disconnected ({why})",
             conn=self.context.label if self.context else "?",
@@ -449,6 +452,12 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         if self.transport is not None and self.connected:
             self.transport.writeSequence((data, b"\n"))
 
+    sendEvent = sendReply
+
+    def events_writable(self) -> bool:
+        """Whether an event may be written now (the transport's buffer is not full)."""
+        return self.connected and not self._closing and "writing" not in self._pause_reasons
+
     def close(self) -> None:
         """Read no further request, send what is queued, then disconnect."""
         self._disconnect()
@@ -478,6 +487,8 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:  # noqa: N802
         """The client drained its replies: read requests again."""
         self._unpause("writing")
+        if self.context is not None and self.context.outbox is not None:
+            self.context.outbox.drain()  # the events that waited for room
 
     def stopProducing(self) -> None:  # noqa: N802
         self._closing = True

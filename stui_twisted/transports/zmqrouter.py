@@ -50,6 +50,7 @@ class ZmqPeer:
         self._router = router
         self.identity = identity
         self.context = ConnectionContext(transport="zmq", peer=UNKNOWN_PEER)
+        self.context.connection = self
         self.last_seen = 0.0
         self.in_flight = 0  # requests received and not yet answered
         self.envelope: list[bytes] = []
@@ -64,6 +65,18 @@ class ZmqPeer:
 
     def sendFrames(self, envelope: list[bytes], data: bytes) -> None:  # noqa: N802
         self._router.send_to(self.identity, envelope, data)
+
+    def sendEvent(self, data: bytes) -> None:  # noqa: N802
+        # A DEALER peer: its requests came without envelope frames (accepts_events).
+        self._router.send_to(self.identity, [], data)
+
+    def accepts_events(self) -> bool:
+        """Only a DEALER takes unsolicited messages; a REQ (empty delimiter) does not.
+
+        A REQ socket would take a pushed event for the reply it waits for, so a
+        peer whose last request came with the empty delimiter frame is sent none.
+        """
+        return not self.envelope
 
     def close(self) -> None:
         """ZeroMQ has no per-peer connection to close; forget the peer instead."""
@@ -293,6 +306,8 @@ class ZmqRouterService(service.Service):
 
     def forget(self, identity: bytes) -> None:
         peer = self._anonymous.pop(identity, None) or self._attached.pop(identity, None)
+        if peer is not None and peer.context.outbox is not None:
+            peer.context.outbox.close()  # its subscriptions end with it
         if peer is not None and self.registry is not None:
             self.registry.closed(peer)
 
@@ -365,6 +380,7 @@ class ZmqRouterService(service.Service):
         if not frames:
             return
         peer.in_flight += 1  # until answered: a peer waiting for a reply is not idle
+        peer.envelope = frames[:-1]  # REQ or DEALER: decides whether events are pushed
         try:
             envelope, reply = self._reply_to(peer, frames)
         except BaseException:

@@ -987,17 +987,16 @@ async def test_the_cleanup_timer_does_nothing_before_the_index_is_loaded(tmp_pat
 
 
 def test_client_connections_offer_only_what_the_core_uses():
-    """IClientConnection is sendReply and close (no unused sendEvent); both transports provide it."""
+    """IClientConnection is sendReply, sendEvent (events.md) and close; both transports provide it."""
     from zope.interface.verify import verifyClass
 
     from stui_twisted.dispatch.interfaces import IClientConnection
     from stui_twisted.transports.linejson import LineJSONProtocol
     from stui_twisted.transports.zmqrouter import ZmqPeer
 
-    assert sorted(IClientConnection.names()) == ["close", "context", "sendReply"]
+    assert sorted(IClientConnection.names()) == ["close", "context", "sendEvent", "sendReply"]
     for transport in (LineJSONProtocol, ZmqPeer):
         assert verifyClass(IClientConnection, transport)
-        assert not hasattr(transport, "sendEvent")
 
 
 def _import_graph(root) -> dict[str, set[str]]:

@@ -1,0 +1,79 @@
+"""What the session service publishes, kept out of its modules (one call per hook).
+
+C{service} is the session service (its C{events} hub, its C{settings}); C{by}
+is the acting client id, or None for the session's owner.
+"""
+
+from __future__ import annotations
+
+from stui_twisted.events.hub import clip_text
+from stui_twisted.protocol.envelope import iso_timestamp
+
+
+async def evaluation_finished(service, session, by, index: int, *, outcome=None, error=None):
+    """Publish C{evaluation_finished}; under C{always} it is on disk before the reply."""
+    hub = getattr(service, "events", None)
+    if hub is None:
+        return
+    if outcome is not None:
+        data = {
+            "history_index": index,
+            "ok": True,
+            "result": outcome.get("result"),
+            "result_type": outcome.get("result_type"),
+            "object_id": outcome.get("object_id"),
+            "error_type": None,
+            "error": None,
+            "execution_time": outcome.get("execution_time"),
+            "output": clip_text(outcome.get("output") or ""),
+            "by": by or session.client_id,
+        }
+    else:
+        data = {
+            "history_index": index,
+            "ok": False,
+            "result": None,
+            "result_type": None,
+            "object_id": None,
+            "error_type": error.error_type,
+            "error": error.message,
+            "execution_time": None,
+            "output": clip_text(error.details.get("output") or ""),
+            "by": by or session.client_id,
+        }
+    hub.publish(session.session_id, "evaluation_finished", data)
+    await durable(service, session)
+
+
+def evaluation_started(service, session, by, index: int, code: str) -> None:
+    hub = getattr(service, "events", None)
+    if hub is not None:
+        data = {
+            "history_index": index,
+            "code": clip_text(code),
+            "by": by or session.client_id,
+        }
+        hub.publish(session.session_id, "evaluation_started", data)
+
+
+async def durable(service, session) -> None:
+    """Under C{always}, wait until the session's events are on disk."""
+    hub = getattr(service, "events", None)
+    if hub is not None and service.settings.durability == "always":
+        await hub.sync(session.session_id)
+
+
+def publish(service, session_id: str | None, event: str, data: dict) -> None:
+    """Publish one event if the event machinery is wired (C{session_id=None}: the team)."""
+    hub = getattr(service, "events", None)
+    if hub is not None:
+        hub.publish(session_id, event, data)
+
+
+def state_updated(service, session, by, parts) -> None:
+    data = {
+        "by": by or session.client_id,
+        "parts": list(parts),
+        "last_modified": iso_timestamp(session.last_modified),
+    }
+    publish(service, session.session_id, "state_updated", data)

@@ -1,0 +1,311 @@
+"""Streams, subscriptions and per-connection outboxes (events.md §1-§2).
+
+The L{EventHub} numbers events per stream, keeps session events in their
+durable L{EventLog} and the team's last 1,000 in memory, and hands each new
+event to the L{Outbox} of every subscribed conversation.  An outbox writes
+only while its transport accepts data; what waits is bounded (events and
+bytes), and past the bound it is replaced by one C{dropped} marker per stream,
+so a slow or vanished subscriber costs bounded memory and nobody else waits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from datetime import UTC, datetime
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path
+
+TEAM = "team"
+TEAM_KEPT = 1000
+
+
+def _timestamp(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def encode_event(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def clip_text(text: str, limit: int = MAX_OUTPUT_TEXT) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"… [{len(text) - limit} more characters]"
+
+
+class Outbox:
+    """The events waiting to be written to one conversation."""
+
+    def __init__(self, connection, *, max_events: int, max_bytes: int, on_close=None) -> None:
+        self.connection = connection
+        self._on_close = on_close
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.pending: deque[tuple[str, str | None, int, bytes]] = deque()
+        self.bytes = 0
+        self.streams: set[str] = set()  # stream keys subscribed here
+        self.closed = False
+        self.dropped = 0  # events dropped so far (statistics)
+        # stream key -> [session_id, from_seq, to_seq] of dropped events not yet reported
+        self._dropped: dict[str, list] = {}
+
+    def writable(self) -> bool:
+        check = getattr(self.connection, "events_writable", None)
+        return True if check is None else check()
+
+    def push(self, key: str, session_id: str | None, seq: int, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.pending and not self._dropped and self.writable():
+            self.connection.sendEvent(data)
+            return
+        self.pending.append((key, session_id, seq, data))
+        self.bytes += len(data)
+        if len(self.pending) > self.max_events or self.bytes > self.max_bytes:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget everything pending; remember its seq range per stream for the marker."""
+        for key, session_id, seq, _data in self.pending:
+            span = self._dropped.setdefault(key, [session_id, seq, seq])
+            span[2] = seq
+        self.dropped += len(self.pending)
+        self.pending.clear()
+        self.bytes = 0
+
+    def close(self) -> None:
+        """The conversation went away: forget what waits and every subscription."""
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+        self.closed = True
+        self.pending.clear()
+        self._dropped.clear()
+        self.bytes = 0
+
+    def drain(self) -> None:
+        """Write what waits, while the transport takes it: markers first, then events."""
+        while self._dropped and not self.closed and self.writable():
+            key = next(iter(self._dropped))
+            session_id, first, last = self._dropped.pop(key)
+            marker = {
+                "event": "dropped",
+                "stream": TEAM if key == TEAM else "session",
+                "session_id": session_id,
+                "from_seq": first,
+                "to_seq": last,
+            }
+            self.connection.sendEvent(encode_event(marker))
+        while self.pending and not self._dropped and not self.closed and self.writable():
+            _key, _sid, _seq, data = self.pending.popleft()
+            self.bytes -= len(data)
+            self.connection.sendEvent(data)
+
+
+class _Stream:
+    def __init__(self, key: str, log: EventLog) -> None:
+        self.key = key
+        self.log = log
+        self.subscribers: dict[int, Outbox] = {}
+        self.waiters: list[defer.Deferred] = []
+
+
+class EventHub:
+    """Every stream of the server, and who is subscribed to which."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        data_dir: str | None,
+        *,
+        durability: str = "batch",
+        log_limit: int = 1000,
+        log_bytes: int = 4 * 1024**2,
+        pending_events: int = 1000,
+        pending_bytes: int = 8 * 1024**2,
+        flush_interval: float = 0.1,
+    ) -> None:
+        self.reactor = reactor
+        self.flush_interval = flush_interval
+        self._sync_call = None
+        self.data_dir = data_dir
+        self.durability = durability
+        self.log_limit = log_limit
+        self.log_bytes = log_bytes
+        self.pending_events = pending_events
+        self.pending_bytes = pending_bytes
+        self._streams: dict[str, _Stream] = {TEAM: _Stream(TEAM, EventLog(None, limit=TEAM_KEPT))}
+
+    # -- streams -----------------------------------------------------------
+
+    def _stream(self, key: str) -> _Stream:
+        stream = self._streams.get(key)
+        if stream is None:
+            path = None if self.data_dir is None else log_path(self.data_dir, key)
+            log = EventLog(path, limit=self.log_limit, max_bytes=self.log_bytes)
+            log.open()
+            stream = self._streams[key] = _Stream(key, log)
+        return stream
+
+    def event_log(self, key: str) -> EventLog:
+        return self._stream(key).log
+
+    def publish(self, session_id: str | None, event: str, data: dict) -> dict:
+        """Number, keep and fan out one event; C{session_id=None} is the team stream."""
+        key = TEAM if session_id is None else session_id
+        stream = self._stream(key)
+        message = {
+            "event": event,
+            "stream": TEAM if session_id is None else "session",
+            "session_id": session_id,
+            "seq": stream.log.next_seq(),
+            "timestamp": _timestamp(time.time()),
+            "data": data,
+        }
+        if session_id is None:
+            del message["session_id"]  # the team stream names no session (events.md §1)
+        try:
+            stream.log.append(message)
+        except OSError as exc:
+            self.log.error("event log of a session could not be written: {error}", error=exc)
+        if session_id is not None and self.durability != "always":
+            self._schedule_sync()
+        encoded = encode_event(message)
+        for outbox in list(stream.subscribers.values()):
+            outbox.push(key, session_id, message["seq"], encoded)
+        waiters, stream.waiters = stream.waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
+        return message
+
+    def sync(self, session_id: str) -> defer.Deferred:
+        """Fires when the session's events are on disk (awaited under C{always})."""
+        stream = self._streams.get(session_id)
+        if stream is None:
+            return defer.succeed(None)
+        return stream.log.sync()
+
+    def _schedule_sync(self) -> None:
+        """Under C{batch}: fsync every log within C{flush_interval} of an event."""
+        if self._sync_call is None or not self._sync_call.active():
+            self._sync_call = self.reactor.callLater(self.flush_interval, self._batch_sync)
+
+    def _batch_sync(self) -> None:
+        self.sync_all().addErrback(
+            lambda failure: self.log.failure("event logs could not be synced", failure)
+        )
+
+    def sync_all(self) -> defer.Deferred:
+        return defer.gatherResults(
+            [s.log.sync() for k, s in self._streams.items() if k != TEAM], consumeErrors=True
+        )
+
+    def clear(self, session_id: str) -> None:
+        self._stream(session_id).log.clear()
+
+    def forget(self, session_id: str) -> None:
+        """Close a session's log file (the session is gone from memory)."""
+        stream = self._streams.get(session_id)
+        if stream is not None and not stream.subscribers:
+            del self._streams[session_id]
+            stream.log.close()
+            for waiter in stream.waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    # -- subscriptions -------------------------------------------------------
+
+    def outbox_of(self, context, connection):
+        outbox = getattr(context, "outbox", None)
+        if outbox is None:
+            outbox = Outbox(
+                connection,
+                max_events=self.pending_events,
+                max_bytes=self.pending_bytes,
+                on_close=lambda: self.connection_closed(context),
+            )
+            context.outbox = outbox
+        return outbox
+
+    def subscribe(self, context, connection, key: str, since: int | None) -> dict:
+        """Replay (C{seq > since}) then live, in one reactor turn: no gap, no duplicate."""
+        stream = self._stream(key)
+        log = stream.log
+        replay = [] if since is None else log.since(since)
+        pushes = connection is not None and getattr(connection, "accepts_events", lambda: True)()
+        if pushes:
+            outbox = self.outbox_of(context, connection)
+            for message in replay:
+                outbox.push(key, message.get("session_id"), message["seq"], encode_event(message))
+            stream.subscribers[context.connection_id] = outbox
+            outbox.streams.add(key)
+        return {
+            "stream": TEAM if key == TEAM else "session",
+            "session_id": None if key == TEAM else key,
+            "last_seq": log.last_seq,
+            "first_seq": log.first_seq,
+            "replayed": len(replay) if pushes else 0,
+            "truncated": since is not None and log.truncated(since),
+            "pushed": pushes,
+        }
+
+    def unsubscribe(self, context, key: str) -> bool:
+        stream = self._streams.get(key)
+        if stream is None or stream.subscribers.pop(context.connection_id, None) is None:
+            return False
+        outbox = getattr(context, "outbox", None)
+        if outbox is not None:
+            outbox.streams.discard(key)
+        return True
+
+    def connection_closed(self, context) -> None:
+        """Drop every subscription of a conversation that went away."""
+        outbox = getattr(context, "outbox", None)
+        if outbox is None:
+            return
+        outbox.closed = True
+        outbox.pending.clear()
+        outbox.bytes = 0
+        for key in outbox.streams:
+            stream = self._streams.get(key)
+            if stream is not None:
+                stream.subscribers.pop(context.connection_id, None)
+        outbox.streams.clear()
+        context.outbox = None
+
+    def subscribers(self, key: str) -> int:
+        stream = self._streams.get(key)
+        return 0 if stream is None else len(stream.subscribers)
+
+    async def get_events(self, key: str, since: int, limit: int, wait: float) -> dict:
+        stream = self._stream(key)
+        if wait > 0 and stream.log.last_seq <= since:
+            waiter: defer.Deferred = defer.Deferred()
+            stream.waiters.append(waiter)
+            timer = self.reactor.callLater(wait, lambda: waiter.called or waiter.callback(None))
+            try:
+                await waiter
+            finally:
+                if timer.active():
+                    timer.cancel()
+                if waiter in stream.waiters:
+                    stream.waiters.remove(waiter)
+            stream = self._streams.get(key, stream)
+        log = stream.log
+        return {
+            "events": log.since(since, limit),
+            "last_seq": log.last_seq,
+            "first_seq": log.first_seq,
+            "truncated": log.truncated(since),
+        }

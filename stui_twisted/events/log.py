@@ -1,0 +1,206 @@
+"""One session's durable, bounded event log: an append file of checked lines.
+
+Each line of C{<data_dir>/events/<digest>.log} is C{<crc32 hex8> <json>\\n}; the
+JSON is either an event message or C{{"seq_floor": N}} (written when the log
+is compacted or cleared, so sequence numbers keep counting across restarts).
+A line whose checksum does not match (a torn last write) is ignored on load.
+
+Appends are plain writes in the reactor thread (page cache, no wait; the
+file is opened per write, so no descriptor is held per session); L{sync}
+fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
+before a reply, so an event is on disk before any reply that follows it.
+The file is rewritten (temp file, fsync, rename) when it holds twice the
+retained events or bytes, so it stays bounded too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections import deque
+
+from twisted.internet import defer, threads
+
+#: Output text is clipped at this many characters per event (events.md §3).
+MAX_OUTPUT_TEXT = 64 * 1024
+
+
+def _line(message: dict) -> bytes:
+    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _parse(line: bytes) -> dict | None:
+    """The JSON of one checked line, or C{None} if it is torn or corrupt."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:].rstrip(b"\n")
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        value = json.loads(body.decode("utf-8", "surrogatepass"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def log_path(data_dir: str, session_id: str) -> str:
+    """Where the log of C{session_id} lives (a digest: ids are capabilities)."""
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return os.path.join(data_dir, "events", digest + ".log")
+
+
+class EventLog:
+    """The retained events of one session, in memory and in its append file."""
+
+    def __init__(self, path: str | None, *, limit: int = 1000, max_bytes: int = 4 * 1024**2):
+        self.path = path
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.events: deque[tuple[int, dict, int]] = deque()  # (seq, message, line size)
+        self.bytes = 0
+        self.last_seq = 0
+        self._floor = 0  # highest seq trimmed or cleared away
+        self._open = False
+        self._file_lines = 0
+        self._file_bytes = 0
+        self._unsynced = False
+
+    # -- opening ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Read the file (if any) and open it for appending."""
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        try:
+            with open(self.path, "rb") as handle:
+                lines = handle.readlines()
+        except FileNotFoundError:
+            lines = []
+        for raw in lines:
+            value = _parse(raw)
+            if value is None:
+                continue
+            if "seq_floor" in value:
+                self._floor = max(self._floor, int(value["seq_floor"]))
+                self.last_seq = max(self.last_seq, self._floor)
+                self.events.clear()
+                self.bytes = 0
+                continue
+            seq = value.get("seq")
+            if not isinstance(seq, int) or seq <= self.last_seq:
+                continue
+            self._keep(seq, value, len(raw))
+        self._file_lines = len(lines)
+        self._file_bytes = sum(map(len, lines))
+        self._open = True
+        if lines and not lines[-1].endswith(b"\n"):
+            self._write(b"\n")  # a torn last line must not swallow the next one
+
+    def _write(self, data: bytes) -> None:
+        # Opened per write: no descriptor is held per session (there may be many).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._open = False
+
+    # -- reading -----------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest seq still kept (C{last_seq + 1} when the log is empty)."""
+        return self.events[0][0] if self.events else self.last_seq + 1
+
+    def since(self, since: int, limit: int | None = None) -> list[dict]:
+        """Kept events with C{seq > since}, oldest first, at most C{limit}."""
+        out = []
+        for seq, message, _size in self.events:
+            if seq > since:
+                out.append(message)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def truncated(self, since: int) -> bool:
+        """Whether events after C{since} were trimmed away."""
+        return since < self.first_seq - 1
+
+    # -- writing -----------------------------------------------------------
+
+    def next_seq(self) -> int:
+        return self.last_seq + 1
+
+    def append(self, message: dict) -> None:
+        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file."""
+        line = _line(message)
+        self._keep(message["seq"], message, len(line))
+        if self._open:
+            self._write(line)
+            self._file_lines += 1
+            self._file_bytes += len(line)
+            self._unsynced = True
+            if self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes:
+                self._rewrite()
+
+    def clear(self) -> None:
+        """Forget every event; C{seq} keeps counting (clear_context part C{events})."""
+        self._floor = self.last_seq
+        self.events.clear()
+        self.bytes = 0
+        if self._open:
+            self._rewrite()
+
+    def _keep(self, seq: int, message: dict, size: int) -> None:
+        self.events.append((seq, message, size))
+        self.bytes += size
+        self.last_seq = seq
+        while self.events and (len(self.events) > self.limit or self.bytes > self.max_bytes):
+            old_seq, _old, old_size = self.events.popleft()
+            self.bytes -= old_size
+            self._floor = old_seq
+
+    def _rewrite(self) -> None:
+        """Replace the file by the kept events (bounded: at most C{max_bytes})."""
+        lines = [_line({"seq_floor": self._floor})]
+        lines.extend(_line(message) for _seq, message, _size in self.events)
+        temp = self.path + ".tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"".join(lines))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.path)
+        self._file_lines = len(lines)
+        self._file_bytes = sum(map(len, lines))
+        self._unsynced = True  # the directory entry: fsynced with the next sync
+
+    def sync(self) -> defer.Deferred:
+        """Fsync what was appended (in a thread); fires when it is on disk."""
+        if not self._open or not self._unsynced:
+            return defer.succeed(None)
+        self._unsynced = False
+        return threads.deferToThread(_fsync_file_and_dir, self.path)
+
+
+def _fsync_file_and_dir(path: str) -> None:
+    directory = os.path.dirname(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
