@@ -1,6 +1,6 @@
-"""Turning the command line and the INI file into one :class:`Settings`.
+"""Turning the command line and the INI file into one L{Settings}.
 
-Precedence: embedded defaults < ``--config`` INI file (section ``[stui]``) <
+Precedence: embedded defaults < C{--config} INI file (section C{[stui]}) <
 command-line flags.  Every value is checked here so a bad one stops the
 server at start-up with a message naming the option, never later.
 """

@@ -1,7 +1,7 @@
 """Server settings: every configurable limit and option, with the embedded defaults.
 
-One immutable :class:`Settings` object is built by ``tap.Options`` (defaults <
-``--config`` INI file < command-line flags) and handed to every component, so a
+One immutable L{Settings} object is built by C{tap.Options} (defaults <
+C{--config} INI file < command-line flags) and handed to every component, so a
 component never reads the command line or the environment itself.
 """
 
@@ -94,7 +94,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def limits(self) -> dict:
-        """The limits a client may see (``describe``)."""
+        """The limits a client may see (C{describe})."""
         return {
             "max_message_bytes": self.max_message_bytes,
             "max_session_bytes": self.max_session_bytes,

@@ -1,9 +1,9 @@
-"""The ``twistd stui`` plugin's options and service tree.
+"""The C{twistd stui} plugin's options and service tree.
 
-:class:`Options` parses and checks the command line (and ``--config``);
-:func:`makeService` only assembles services.  Nothing here opens a socket,
-starts a thread or spawns a process: those happen in ``startService`` because
-``twistd`` daemonizes (forks) after ``makeService``.
+L{Options} parses and checks the command line (and C{--config});
+L{makeService} only assembles services.  Nothing here opens a socket,
+starts a thread or spawns a process: those happen in C{startService} because
+C{twistd} daemonizes (forks) after C{makeService}.
 """
 
 from __future__ import annotations

@@ -1,22 +1,22 @@
-"""Authentication core: password checks through ``twisted.cred``, tokens, brute-force limits.
+"""Authentication core: password checks through C{twisted.cred}, tokens, brute-force limits.
 
 Pieces, from the bottom up:
 
-- :class:`PasswordFileChecker` is an ``ICredentialsChecker`` for
-  ``IUsernamePassword`` backed by the ``--auth-file`` password file
-  (:mod:`stui_twisted.access.passwd`).  scrypt is slow on purpose, so the check runs in
+- L{PasswordFileChecker} is an C{ICredentialsChecker} for
+  C{IUsernamePassword} backed by the C{--auth-file} password file
+  (L{stui_twisted.access.passwd}).  scrypt is slow on purpose, so the check runs in
   a thread pool and the reactor is never blocked.  The file is re-read when it
   changes on disk (its mtime, size or inode).
-- :class:`ClientIdRealm` turns an authenticated username into a
-  :class:`Principal` whose ``client_id`` is that username.
-- :class:`Authenticator` is what the dispatcher uses: ``authenticate`` (the
-  ``authenticate`` command of protocol.md section 6) with per-peer and
+- L{ClientIdRealm} turns an authenticated username into a
+  L{Principal} whose C{client_id} is that username.
+- L{Authenticator} is what the dispatcher uses: C{authenticate} (the
+  C{authenticate} command of protocol.md section 6) with per-peer and
   per-username failure limits (kept by L{stui_twisted.access.lockout}), and the
-  in-memory tokens a ZeroMQ request carries (``check_token``, ``revoke``).
+  in-memory tokens a ZeroMQ request carries (C{check_token}, C{revoke}).
 
-Time comes from an injected ``IReactorTime`` so tests drive expiry and rate
-windows with ``task.Clock``.  Nothing here starts threads until the service is
-started (or the first check runs), so it is safe to build in ``makeService``.
+Time comes from an injected C{IReactorTime} so tests drive expiry and rate
+windows with C{task.Clock}.  Nothing here starts threads until the service is
+started (or the first check runs), so it is safe to build in C{makeService}.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ FILE_STAT_INTERVAL = 1.0
 
 
 def iso_utc(seconds: float) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z`` (protocol.md section 2)."""
+    """ISO-8601 UTC with milliseconds and C{Z} (protocol.md section 2)."""
     return iso_timestamp(seconds)
 
 

@@ -1,24 +1,24 @@
-"""The password file behind ``--auth-file``: its format, its hashes, and ``stui-passwd``.
+"""The password file behind C{--auth-file}: its format, its hashes, and C{stui-passwd}.
 
-Format: UTF-8 text, one user per line, blank lines and lines starting with ``#``
+Format: UTF-8 text, one user per line, blank lines and lines starting with C{#}
 ignored::
 
     # stui-twisted users
     alice:scrypt$16384$8$1$<salt, base64>$<key, base64>
 
-The hash part never contains ``:`` (decimal numbers and standard base64), so a
-line is split on its *last* ``:``.  That keeps every name allowed as a
-``client_id`` usable here, ``:`` included (``team:alice`` is a valid user).
-Usernames follow the ``client_id`` rule of protocol.md section 7: 1-128
-characters of ``A-Z a-z 0-9 . _ : @ -`` starting with a letter or digit.
+The hash part never contains C{:} (decimal numbers and standard base64), so a
+line is split on its *last* C{:}.  That keeps every name allowed as a
+C{client_id} usable here, C{:} included (C{team:alice} is a valid user).
+Usernames follow the C{client_id} rule of protocol.md section 7: 1-128
+characters of C{A-Z a-z 0-9 . _ : @ -} starting with a letter or digit.
 
-Hashes are ``hashlib.scrypt`` with a random 16-byte salt and a 32-byte key;
+Hashes are C{hashlib.scrypt} with a random 16-byte salt and a 32-byte key;
 the cost parameters are stored per line, so they can be raised later without
 invalidating old entries.  This module does blocking work only (hashing, file
-I/O): the server calls it from a thread pool (see :mod:`stui_twisted.access.auth`).
+I/O): the server calls it from a thread pool (see L{stui_twisted.access.auth}).
 
-Run as ``python -m stui_twisted.access.passwd FILE USER [--delete]`` (or
-``stui-passwd``) to add, change or delete a user.
+Run as C{python -m stui_twisted.access.passwd FILE USER [--delete]} (or
+C{stui-passwd}) to add, change or delete a user.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _password_bytes(password: str | bytes) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class PasswordHash:
-    """One parsed ``scrypt$n$r$p$salt$key`` entry."""
+    """One parsed C{scrypt$n$r$p$salt$key} entry."""
 
     n: int
     r: int
@@ -166,7 +166,7 @@ def verify_password(password: str | bytes, encoded: str) -> bool:
 def split_line(line: str) -> tuple[str, str] | None:
     """C{(username, hash_text)} of a user line, or C{None} for blank/comment lines.
 
-    Splits on the last ``:`` (the hash part never contains one).  Raises
+    Splits on the last C{:} (the hash part never contains one).  Raises
     C{ValueError} when the line is not C{user:hash}.
     """
     stripped = line.strip()
@@ -292,7 +292,7 @@ def write_atomically(path: str, lines: list[str]) -> None:
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """Serialize concurrent ``stui-passwd`` runs on one file (``FILE.lock``, flock)."""
+    """Serialize concurrent C{stui-passwd} runs on one file (C{FILE.lock}, flock)."""
     import fcntl
 
     fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -392,7 +392,7 @@ def run(argv: list[str] | None = None, stdin=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``stui-passwd`` and ``python -m stui_twisted.access.passwd``."""
+    """Entry point of C{stui-passwd} and C{python -m stui_twisted.access.passwd}."""
     try:
         return run(argv)
     except _CommandError as e:

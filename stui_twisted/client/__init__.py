@@ -1,10 +1,10 @@
-"""``stui-client``: a terminal client for the stui-twisted server.
+"""C{stui-client}: a terminal client for the stui-twisted server.
 
-A plain synchronous program (no Twisted): :mod:`.transport` speaks line-JSON over
-TCP/TLS or ZeroMQ, :mod:`.session` implements requests, authentication, sessions and
-reconnection, :mod:`.state` keeps which session was used last, :mod:`.formatting`
-renders replies, :mod:`.repl` is the prompt_toolkit REPL and :mod:`.__main__` the
-command line.  See ``docs/client.md``.
+A plain synchronous program (no Twisted): L{.transport} speaks line-JSON over
+TCP/TLS or ZeroMQ, L{.session} implements requests, authentication, sessions and
+reconnection, L{.state} keeps which session was used last, L{.formatting}
+renders replies, L{.repl} is the prompt_toolkit REPL and L{.__main__} the
+command line.  See C{docs/client.md}.
 """
 
 from stui_twisted.client.session import CredentialSource, ServerError, StuiClient

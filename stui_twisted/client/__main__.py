@@ -1,6 +1,6 @@
-"""Command line of ``stui-client`` (also ``python -m stui_twisted.client``).
+"""Command line of C{stui-client} (also C{python -m stui_twisted.client}).
 
-Exit status: 0 success; 1 an evaluation (``--eval``) failed; 2 a usage, connection,
+Exit status: 0 success; 1 an evaluation (C{--eval}) failed; 2 a usage, connection,
 authentication or session error; 130 interrupted by Ctrl-C.
 """
 
@@ -183,7 +183,7 @@ def session_limit_hint(client: StuiClient) -> str:
 def run_evaluations(
     client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool
 ) -> int:
-    """``--eval``: run each snippet in order, stop at the first failure."""
+    """C{--eval}: run each snippet in order, stop at the first failure."""
     for snippet in snippets:
         code = sys.stdin.read() if snippet == "-" else snippet
         try:

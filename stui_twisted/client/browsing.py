@@ -1,4 +1,4 @@
-"""The class browser of stui-client: ``:classes``, ``:browse``, ``:source``, ``:sysinfo``.
+"""The class browser of stui-client: C{:classes}, C{:browse}, C{:source}, C{:sysinfo}.
 
 Formats the results of the browse commands (docs/protocol.md §5, "Browse
 tools").  Method sources are highlighted with Pygments when it is installed

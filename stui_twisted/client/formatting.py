@@ -1,7 +1,7 @@
 """Turn server replies into text a person reads at the terminal.
 
 Pure functions of the reply dictionaries (protocol.md sections 2, 4 and 6), so they
-are easy to test and shared by the REPL and ``--eval``.
+are easy to test and shared by the REPL and C{--eval}.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def _with_newline(text: str) -> str:
     return text if not text or text.endswith("\n") else text + "\n"
 
 
-#: The section labels of a help reply (``name?``, protocol.md evaluate).
+#: The section labels of a help reply (C{name?}, protocol.md evaluate).
 HELP_LABELS = ("Type:", "Value:", "Signature:", "File:", "Docstring:", "Source:")
 BOLD_CYAN = "\x1b[1;36m"
 RESET = "\x1b[0m"
@@ -34,10 +34,10 @@ def highlight_help(text: str) -> str:
 
 
 def format_evaluation(result: dict[str, Any], colour: bool = False) -> str:
-    """Captured output first, then the value: ``display`` (display mode) or ``result``.
+    """Captured output first, then the value: C{display} (display mode) or C{result}.
 
     A statement, or an expression whose value is None, shows only its output.  A
-    help reply (``result_type`` ``"help"``) has its labels highlighted when
+    help reply (C{result_type} C{"help"}) has its labels highlighted when
     C{colour} (the REPL on a terminal).
     """
     parts = [_with_newline(result.get("output") or "")]
@@ -55,9 +55,9 @@ def format_evaluation(result: dict[str, Any], colour: bool = False) -> str:
 def format_error(reply: dict[str, Any]) -> str:
     """An error reply as text.
 
-    For ``EvaluationError``: captured output, the traceback lines, then
-    ``ExcType: message`` as the last line (not repeated if the traceback already ends
-    with it).  For any other error: ``ErrorType: message``.
+    For C{EvaluationError}: captured output, the traceback lines, then
+    C{ExcType: message} as the last line (not repeated if the traceback already ends
+    with it).  For any other error: C{ErrorType: message}.
     """
     details = reply.get("details") if isinstance(reply.get("details"), dict) else {}
     error_type = reply.get("error_type") or "Error"
@@ -84,14 +84,14 @@ def format_error(reply: dict[str, Any]) -> str:
 
 
 def format_reply(reply: dict[str, Any], colour: bool = False) -> str:
-    """An ``evaluate`` reply, success or error."""
+    """An C{evaluate} reply, success or error."""
     if reply.get("status") == "success":
         return format_evaluation(reply.get("result") or {}, colour)
     return format_error(reply)
 
 
 def format_inspection(result: dict[str, Any]) -> str:
-    """The ``inspect`` result: header, then attributes and items as aligned rows."""
+    """The C{inspect} result: header, then attributes and items as aligned rows."""
     header = f"{result.get('class_name', '?')} {result.get('object_id') or ''}".rstrip()
     lines = [header, f"  {result.get('string_representation', '')}"]
     if result.get("size") is not None:
@@ -116,7 +116,7 @@ def format_inspection(result: dict[str, Any]) -> str:
 
 
 def format_session_info(result: dict[str, Any]) -> str:
-    """``get_session_info`` as ``key: value`` lines, the most useful first."""
+    """C{get_session_info} as C{key: value} lines, the most useful first."""
     order = [
         "session_id",
         "client_id",
@@ -137,7 +137,7 @@ def format_session_info(result: dict[str, Any]) -> str:
 
 
 def format_sessions(result: dict[str, Any], current_session_id: str | None) -> str:
-    """``list_client_sessions``: one line per session, ``*`` marking the current one."""
+    """C{list_client_sessions}: one line per session, C{*} marking the current one."""
     sessions = result.get("sessions") or []
     if not sessions:
         return f"no active sessions for client {result.get('client_id', '?')}\n"
@@ -154,7 +154,7 @@ def format_sessions(result: dict[str, Any], current_session_id: str | None) -> s
 
 
 def format_bindings_note(result: dict[str, Any]) -> str:
-    """What ``restore_session``/``load_context`` brought back, in one or two lines."""
+    """What C{restore_session}/C{load_context} brought back, in one or two lines."""
     lines = []
     restored = result.get("restored_bindings") or []
     if restored:

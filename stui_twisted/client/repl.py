@@ -1,10 +1,10 @@
 """The interactive prompt: multi-line input, history, completion and meta-commands.
 
-Input rules (see :func:`needs_more_input`): Enter submits a complete statement and
-opens a continuation line (``...``) when the code is unfinished — a line ending with
-``:``, an open bracket or string, a backslash, or an indented block not yet ended by
+Input rules (see L{needs_more_input}): Enter submits a complete statement and
+opens a continuation line (C{...}) when the code is unfinished — a line ending with
+C{:}, an open bracket or string, a backslash, or an indented block not yet ended by
 an empty line.  Esc-Enter (Meta-Enter) submits whatever is in the buffer.  Lines that
-start with ``:`` are meta-commands handled by the client (``:help`` lists them).
+start with C{:} are meta-commands handled by the client (C{:help} lists them).
 """
 
 from __future__ import annotations
@@ -103,15 +103,15 @@ META_COMMANDS = (
 
 
 def needs_more_input(text: str) -> bool:
-    """True when ``text`` is unfinished Python that the user is still typing.
+    """True when C{text} is unfinished Python that the user is still typing.
 
-    Uses :func:`codeop.compile_command`, the rule of the standard interactive
-    interpreter: an open bracket or string, a trailing ``:`` or backslash, or an
+    Uses L{codeop.compile_command}, the rule of the standard interactive
+    interpreter: an open bracket or string, a trailing C{:} or backslash, or an
     indented block that no empty line has ended yet.  Unlike that interpreter, a
-    complete one-line compound statement (``while True: pass``) runs at once.
+    complete one-line compound statement (C{while True: pass}) runs at once.
     Complete code, meta-commands and code with a syntax error are submitted (the
-    server reports the error).  Top-level ``await``, ``async for`` and ``async
-    with`` are Python here, as on the server (protocol.md, evaluate).
+    server reports the error).  Top-level C{await}, C{async for} and C{async
+    with} are Python here, as on the server (protocol.md, evaluate).
     """
     if not text.strip() or text.lstrip().startswith(":"):
         return False
@@ -169,7 +169,7 @@ def build_key_bindings() -> KeyBindings:
 
 
 class ServerCompleter(Completer):
-    """Completes code with the server's ``complete`` command, meta-commands locally."""
+    """Completes code with the server's C{complete} command, meta-commands locally."""
 
     def __init__(self, client: StuiClient) -> None:
         self.client = client
@@ -217,7 +217,7 @@ class IdleWatcher:
 
 
 class Repl:
-    """The read-eval-print loop over a connected :class:`StuiClient` with a session."""
+    """The read-eval-print loop over a connected L{StuiClient} with a session."""
 
     def __init__(
         self,
@@ -261,7 +261,7 @@ class Repl:
         stream.flush()
 
     def run(self) -> int:
-        """Prompt until ``:quit`` or Ctrl-D; returns the process exit status."""
+        """Prompt until C{:quit} or Ctrl-D; returns the process exit status."""
         prompt_session: PromptSession[str] = PromptSession(
             history=FileHistory(str(self.state.ensure_history_file())),
             multiline=True,

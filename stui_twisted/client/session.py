@@ -1,18 +1,18 @@
 """The protocol client: requests, replies, authentication, sessions and reconnection.
 
-:class:`StuiClient` is synchronous and used by one thread at a time (an ``RLock``
+L{StuiClient} is synchronous and used by one thread at a time (an C{RLock}
 guards it, because the REPL's idle watcher may reconnect in the background while the
 prompt is shown).  It
 
-* numbers requests with an increasing integer ``id`` and matches replies by ``id``
+* numbers requests with an increasing integer C{id} and matches replies by C{id}
   (replies to other requests that arrive meanwhile are kept, replies nobody waits for
   any more are dropped);
-* authenticates when the server answers ``AuthenticationRequired`` and, on ZeroMQ,
-  sends the returned ``token`` with every request;
-* restores the last session it used for this server and ``client_id`` (see
-  :mod:`.state`) or creates one;
-* turns Ctrl-C while an evaluation runs into an ``interrupt`` request and keeps
-  waiting for the evaluation's (``Interrupted``) reply;
+* authenticates when the server answers C{AuthenticationRequired} and, on ZeroMQ,
+  sends the returned C{token} with every request;
+* restores the last session it used for this server and C{client_id} (see
+  L{.state}) or creates one;
+* turns Ctrl-C while an evaluation runs into an C{interrupt} request and keeps
+  waiting for the evaluation's (C{Interrupted}) reply;
 * on a lost connection reconnects with exponential backoff, re-authenticates,
   restores the session, tells the user, and retries the request when it had not been
   sent (or is harmless to repeat).
@@ -82,7 +82,7 @@ AUTHENTICATION_ATTEMPTS = 3
 
 
 class ServerError(Exception):
-    """An error reply, kept whole in :attr:`reply`."""
+    """An error reply, kept whole in L{reply}."""
 
     def __init__(self, reply: dict[str, Any]) -> None:
         self.reply = reply
@@ -105,7 +105,7 @@ def backoff_delays(
     initial: float = 0.2, factor: float = 2.0, maximum: float = 5.0, total: float = 60.0
 ) -> Iterator[float]:
     """Waits between reconnection attempts: 0.2, 0.4, 0.8 … capped at 5 s, summing to
-    at most ``total`` seconds."""
+    at most C{total} seconds."""
     elapsed = 0.0
     delay = initial
     while elapsed < total - 1e-9:
@@ -116,7 +116,7 @@ def backoff_delays(
 
 
 class CredentialSource:
-    """User name and password: from ``--user`` and ``STUI_PASSWORD``, else asked for.
+    """User name and password: from C{--user} and C{STUI_PASSWORD}, else asked for.
 
     A password that the server rejected is forgotten so that it is asked again.
     """
@@ -245,9 +245,9 @@ class StuiClient:
     ) -> dict[str, Any]:
         """Send one request and return its reply (success or error) as a dict.
 
-        Reconnects when the connection is gone; raises :class:`RequestLost` when it
-        died after a non-repeatable command was sent, :class:`TimeoutError` when
-        ``timeout`` passed, ``KeyboardInterrupt`` on a second Ctrl-C.
+        Reconnects when the connection is gone; raises L{RequestLost} when it
+        died after a non-repeatable command was sent, L{TimeoutError} when
+        C{timeout} passed, C{KeyboardInterrupt} on a second Ctrl-C.
         """
         with self.lock:
             params = dict(parameters or {})
@@ -295,7 +295,7 @@ class StuiClient:
                 return reply
 
     def result(self, command: str, parameters: dict[str, Any] | None = None, **options: Any):
-        """Like :meth:`call` but returns the ``result`` object or raises :class:`ServerError`."""
+        """Like L{call} but returns the C{result} object or raises L{ServerError}."""
         reply = self.call(command, parameters, **options)
         if reply.get("status") != "success":
             raise ServerError(reply)
@@ -325,7 +325,7 @@ class StuiClient:
         interruptible: bool = False,
         timeout: float | None = None,
     ) -> dict[str, Any] | None:
-        """Send and wait for the matching reply; ``None`` when ``timeout`` passed."""
+        """Send and wait for the matching reply; C{None} when C{timeout} passed."""
         request_id = self._send(command, parameters)
         try:
             return self._wait_for(request_id, interruptible=interruptible, timeout=timeout)
@@ -391,8 +391,8 @@ class StuiClient:
     # -- authentication -----------------------------------------------------------
 
     def authenticate(self, *, allow_prompt: bool = True) -> dict[str, Any]:
-        """Log in with :attr:`credentials`; adopts the server's ``client_id`` unless
-        ``--client-id`` was given.  Raises :class:`ServerError` when refused."""
+        """Log in with L{credentials}; adopts the server's C{client_id} unless
+        C{--client-id} was given.  Raises L{ServerError} when refused."""
         with self.lock:
             for attempt in range(AUTHENTICATION_ATTEMPTS):
                 username, password = self.credentials.get(allow_prompt)
@@ -430,9 +430,9 @@ class StuiClient:
         }
 
     def open_session(self, *, force_new: bool = False, session_id: str | None = None) -> str:
-        """Restore ``session_id``, or the last session used here, or create one.
+        """Restore C{session_id}, or the last session used here, or create one.
 
-        Returns a sentence for the user; raises :class:`ServerError` if it cannot.
+        Returns a sentence for the user; raises L{ServerError} if it cannot.
         """
         with self.lock:
             for attempt in range(2):
@@ -491,7 +491,7 @@ class StuiClient:
             self.state.remember_session(self.address.url, self.client_id, session_id)
 
     def forget_session(self) -> None:
-        """After ``close_session``: the next command starts a new session."""
+        """After C{close_session}: the next command starts a new session."""
         if self.state is not None and self.session_id is not None:
             self.state.forget_session(self.address.url, self.client_id)
         self.session_id = None
@@ -512,7 +512,7 @@ class StuiClient:
             return reply
 
     def complete(self, code: str, cursor_pos: int, timeout: float = 2.0) -> dict[str, Any] | None:
-        """``complete`` without blocking the prompt: ``None`` when busy, failed or slow."""
+        """C{complete} without blocking the prompt: C{None} when busy, failed or slow."""
         if self.session_id is None or not self.lock.acquire(timeout=0.2):
             return None
         try:

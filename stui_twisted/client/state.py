@@ -1,13 +1,13 @@
 """The client's small persistent state: which session it last used, per server.
 
-Everything lives in one directory, ``$XDG_STATE_HOME/stui-client`` (default
-``~/.local/state/stui-client``), created with mode 0700:
+Everything lives in one directory, C{$XDG_STATE_HOME/stui-client} (default
+C{~/.local/state/stui-client}), created with mode 0700:
 
-``state.json``
-    ``{"version": 1, "sessions": {"<url> <client_id>": {"session_id", "used_at"}}}``,
+C{state.json}
+    C{{"version": 1, "sessions": {"<url> <client_id>": {"session_id", "used_at"}}}},
     written atomically with mode 0600.
-``history``
-    the REPL's input history (prompt_toolkit ``FileHistory``), mode 0600.
+C{history}
+    the REPL's input history (prompt_toolkit C{FileHistory}), mode 0600.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ FALLBACK_CLIENT_ID = "stui-client"
 
 
 def default_state_dir(environ: dict[str, str] | None = None) -> Path:
-    """``$XDG_STATE_HOME/stui-client``, or ``~/.local/state/stui-client``."""
+    """C{$XDG_STATE_HOME/stui-client}, or C{~/.local/state/stui-client}."""
     env = os.environ if environ is None else environ
     base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "stui-client"
 
 
 def sanitize_client_id(raw: str | None) -> str:
-    """Turn a user name into a valid ``client_id`` (protocol section 7).
+    """Turn a user name into a valid C{client_id} (protocol section 7).
 
-    Characters outside ``A-Z a-z 0-9 . _ : @ -`` are dropped, leading
+    Characters outside C{A-Z a-z 0-9 . _ : @ -} are dropped, leading
     non-alphanumerics removed and the result cut to 128 characters; an empty result
-    becomes ``stui-client``.
+    becomes C{stui-client}.
     """
     kept = re.sub(r"[^A-Za-z0-9._:@-]", "", raw or "")
     kept = re.sub(r"^[^A-Za-z0-9]+", "", kept)[:128]
@@ -48,7 +48,7 @@ def is_valid_client_id(client_id: str) -> bool:
 
 
 class ClientState:
-    """Reads and writes ``state.json`` in the client's state directory."""
+    """Reads and writes C{state.json} in the client's state directory."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)

@@ -1,20 +1,20 @@
 """Blocking transports from the terminal client to a stui-twisted server.
 
-Three kinds of server URL are understood (see :func:`parse_server_url`):
+Three kinds of server URL are understood (see L{parse_server_url}):
 
-``tcp://HOST:PORT``
-    line-JSON over a plain TCP connection: one JSON object per ``\\n``-terminated line.
-``tls://HOST:PORT``
+C{tcp://HOST:PORT}
+    line-JSON over a plain TCP connection: one JSON object per C{\\n}-terminated line.
+C{tls://HOST:PORT}
     the same framing inside TLS; the server certificate and host name are verified
-    with the :mod:`ssl` module against ``--cafile`` or the system trust store.
-``zmq://HOST:PORT``
-    a ZeroMQ DEALER socket; each request is sent as ``[b"", payload]`` and each
-    reply arrives as ``[b"", reply]``.
+    with the L{ssl} module against C{--cafile} or the system trust store.
+C{zmq://HOST:PORT}
+    a ZeroMQ DEALER socket; each request is sent as C{[b"", payload]} and each
+    reply arrives as C{[b"", reply]}.
 
-Every transport offers the same small interface: :meth:`connect`, :meth:`send`
-(one request object), :meth:`receive` (one reply object, or ``None`` on timeout),
-:meth:`peer_closed` (a cheap, non-blocking check used while the client is idle)
-and :meth:`close`.  A broken connection is reported as :class:`ConnectionLost`.
+Every transport offers the same small interface: L{connect}, L{send}
+(one request object), L{receive} (one reply object, or C{None} on timeout),
+L{peer_closed} (a cheap, non-blocking check used while the client is idle)
+and L{close}.  A broken connection is reported as L{ConnectionLost}.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class ServerAddress:
 
 
 def parse_server_url(url: str) -> ServerAddress:
-    """Parse ``tcp://HOST:PORT``, ``tls://HOST:PORT`` or ``zmq://HOST:PORT``.
+    """Parse C{tcp://HOST:PORT}, C{tls://HOST:PORT} or C{zmq://HOST:PORT}.
 
-    A bare ``HOST:PORT`` means TCP.  Raises :class:`ValueError` with a sentence that
+    A bare C{HOST:PORT} means TCP.  Raises L{ValueError} with a sentence that
     says what is wrong.
     """
     text = url.strip()
@@ -92,7 +92,7 @@ def encode_request(message: dict[str, Any]) -> bytes:
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
-    """Parse one reply; anything but a JSON object is a :class:`ProtocolViolation`."""
+    """Parse one reply; anything but a JSON object is a L{ProtocolViolation}."""
     try:
         reply = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -105,8 +105,8 @@ def decode_reply(data: bytes) -> dict[str, Any]:
 class LineJsonTransport:
     """Line-JSON over TCP, optionally inside verified TLS, on a blocking socket.
 
-    Reads go through a private byte buffer (not ``socket.makefile``) so that a
-    ``KeyboardInterrupt`` arriving while ``recv`` blocks never loses received data.
+    Reads go through a private byte buffer (not C{socket.makefile}) so that a
+    C{KeyboardInterrupt} arriving while C{recv} blocks never loses received data.
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class LineJsonTransport:
         return self._socket is not None
 
     def connect(self) -> None:
-        """Open the connection (and the TLS handshake for ``tls://``)."""
+        """Open the connection (and the TLS handshake for C{tls://})."""
         self.close()
         host, port = self.address.host, self.address.port
         try:
@@ -156,7 +156,7 @@ class LineJsonTransport:
         self._buffer.clear()
 
     def send(self, message: dict[str, Any]) -> None:
-        """Write one request line; raises :class:`ConnectionLost` if it cannot."""
+        """Write one request line; raises L{ConnectionLost} if it cannot."""
         sock = self._require_socket()
         try:
             sock.settimeout(SEND_TIMEOUT_SECONDS)
@@ -168,7 +168,7 @@ class LineJsonTransport:
             ) from error
 
     def receive(self, timeout: float | None) -> dict[str, Any] | None:
-        """The next reply object, or ``None`` if none arrived within ``timeout`` s."""
+        """The next reply object, or C{None} if none arrived within C{timeout} s."""
         sock = self._require_socket()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -196,7 +196,7 @@ class LineJsonTransport:
     def peer_closed(self) -> bool:
         """Non-blocking check: has the server closed or reset the connection?
 
-        Data that is already waiting is kept in the buffer for :meth:`receive`.
+        Data that is already waiting is kept in the buffer for L{receive}.
         """
         sock = self._socket
         if sock is None:
@@ -242,7 +242,7 @@ class ZmqTransport:
     """A ZeroMQ DEALER socket talking to the server's ROUTER socket.
 
     ZeroMQ reconnects by itself and never reports a dead peer, so liveness is the
-    caller's business (the client pings while it waits; see ``session.py``).
+    caller's business (the client pings while it waits; see C{session.py}).
     """
 
     def __init__(self, address: ServerAddress, **_ignored: Any) -> None:
@@ -305,7 +305,7 @@ Transport = LineJsonTransport | ZmqTransport
 
 
 def open_transport(address: ServerAddress, *, cafile: str | None = None) -> Transport:
-    """A connected transport for ``address``."""
+    """A connected transport for C{address}."""
     transport: Transport
     if address.scheme == "zmq":
         transport = ZmqTransport(address)

@@ -1,11 +1,11 @@
 """The command table of protocol.md: names, parameter declarations, handlers.
 
 Each entry binds a command name to a handler and declares its parameters, so
-the dispatcher validates them and ``describe`` lists them from one source.
-Session rules live in :class:`~stui_twisted.sessions.service.SessionService`,
+the dispatcher validates them and C{describe} lists them from one source.
+Session rules live in L{stui_twisted.sessions.service.SessionService},
 which is protocol-free (typed arguments in, domain objects out);
-:class:`WireCommands` is the one place that unpacks a validated
-:class:`~stui_twisted.dispatch.dispatcher.Call` into those arguments and shapes
+L{WireCommands} is the one place that unpacks a validated
+L{stui_twisted.dispatch.dispatcher.Call} into those arguments and shapes
 the reply dicts protocol.md section 5 specifies.
 """
 

@@ -1,8 +1,8 @@
 """The command table: request bytes in, reply bytes out.
 
-The :class:`Dispatcher` parses the envelope, finds the command, enforces
+The L{Dispatcher} parses the envelope, finds the command, enforces
 authentication, validates parameters against the command's declared
-:class:`Param` list, runs the handler and maps every outcome to exactly one
+L{Param} list, runs the handler and maps every outcome to exactly one
 reply.  It never raises and never lets a traceback reach a client.
 """
 

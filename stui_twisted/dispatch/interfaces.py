@@ -1,7 +1,7 @@
 """What the core may do to a client connection, whatever its transport.
 
 Transports (line-JSON over TCP/TLS, ZeroMQ) only frame bytes.  Each implements
-:class:`IClientConnection`; the dispatcher and the session service see nothing
+L{IClientConnection}; the dispatcher and the session service see nothing
 else of them.
 """
 

@@ -1,9 +1,9 @@
 """The AMP contract between the server (supervisor) and the image child.
 
 AMP limits one value to 64 KiB, while code, stored bindings and results can be
-megabytes, so every payload travels as :class:`ChunkedJSON`.  Every command
-answers one ``reply`` envelope, ``{"ok": true, "result": ...}`` or
-``{"ok": false, "error_type": ..., "message": ..., "details": {...}}``, so
+megabytes, so every payload travels as L{ChunkedJSON}.  Every command
+answers one C{reply} envelope, C{{"ok": true, "result": ...}} or
+C{{"ok": false, "error_type": ..., "message": ..., "details": {...}}}, so
 error details (which include persistence deltas) are not squeezed into AMP's
 size-limited error boxes either.
 """
@@ -20,13 +20,13 @@ CHUNK_BYTES = 60_000
 
 
 class ChunkedJSON(amp.Argument):
-    """A JSON value of any size, split over the keys ``name.0``, ``name.1``, ...
+    """A JSON value of any size, split over the keys C{name.0}, C{name.1}, ...
 
     The value is encoded once, cut into chunks below AMP's value limit and
     reassembled (as bytes, so a UTF-8 character cut in two is harmless).
-    Strings may hold lone surrogates (``chr(0xD800)`` is a valid Python string,
-    and JSON's ``"\\ud800"`` decodes to one): they cross as their
-    ``surrogatepass`` bytes and come back unchanged, where strict UTF-8 would
+    Strings may hold lone surrogates (C{chr(0xD800)} is a valid Python string,
+    and JSON's C{"\\ud800"} decodes to one): they cross as their
+    C{surrogatepass} bytes and come back unchanged, where strict UTF-8 would
     fail the whole request.
     """
 
@@ -69,10 +69,10 @@ class Ping(amp.Command):
 
 
 class Evaluate(amp.Command):
-    """Run ``code`` as a REPL cell on the session's worker thread.
+    """Run C{code} as a REPL cell on the session's worker thread.
 
-    ``cell_index`` is the history index the evaluation will get; tracebacks
-    name the cell ``<cell N>`` by it.
+    C{cell_index} is the history index the evaluation will get; tracebacks
+    name the cell C{<cell N>} by it.
     """
 
     arguments = [
@@ -106,7 +106,7 @@ class Materialize(amp.Command):
 
 
 class MaterializeShared(amp.Command):
-    """Rebuild the image-wide ``shared`` object from stored bindings."""
+    """Rebuild the image-wide C{shared} object from stored bindings."""
 
     arguments = [(b"bindings", ChunkedJSON())]
     response = REPLY
@@ -126,7 +126,7 @@ class Inspect(amp.Command):
 
 
 class Complete(amp.Command):
-    """Completion candidates for ``code`` at ``cursor_pos``."""
+    """Completion candidates for C{code} at C{cursor_pos}."""
 
     arguments = [
         (b"session_id", amp.Unicode()),

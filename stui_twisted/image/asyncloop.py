@@ -1,14 +1,14 @@
-"""The image's one asyncio event loop, for cells that ``await`` at top level.
+"""The image's one asyncio event loop, for cells that C{await} at top level.
 
-A cell compiled with ``ast.PyCF_ALLOW_TOP_LEVEL_AWAIT`` whose code is a
-coroutine runs on :class:`ImageLoop`: one loop per image, in a daemon thread of
+A cell compiled with C{ast.PyCF_ALLOW_TOP_LEVEL_AWAIT} whose code is a
+coroutine runs on L{ImageLoop}: one loop per image, in a daemon thread of
 its own, started on first use and running as long as the image.  The
 session's worker thread submits the coroutine
-(``asyncio.run_coroutine_threadsafe``) and waits for it, so a task the cell
-creates (``asyncio.create_task``) keeps running after the cell and is there in
+(C{asyncio.run_coroutine_threadsafe}) and waits for it, so a task the cell
+creates (C{asyncio.create_task}) keeps running after the cell and is there in
 the next one, in any session.
 
-Output: the coroutine runs with an :class:`OutputSink` in a context variable
+Output: the coroutine runs with an L{OutputSink} in a context variable
 (which tasks it creates inherit), so what it prints goes to the evaluation's
 output.  After the evaluation, the sink is closed: what a background task
 prints then is dropped and counted on the session (the next evaluation's

@@ -49,14 +49,14 @@ def cloudpickle_enabled() -> bool:
 
 
 def stui_error(error_type: str, sentence: str, **details: Any) -> StuiError:
-    """A StuiError whose details may include a ``message`` key (the exception's own)."""
+    """A StuiError whose details may include a C{message} key (the exception's own)."""
     error = StuiError(error_type, sentence)
     error.details.update(details)
     return error
 
 
 def type_name(value: Any) -> str:
-    """The short type name used in results (``int``, ``list``, ``Point``)."""
+    """The short type name used in results (C{int}, C{list}, C{Point})."""
     return type(value).__name__
 
 
@@ -87,7 +87,7 @@ def _repr_head(value: Any, limit: int) -> str | None:
 
 
 def safe_repr(value: Any, limit: int | None = SUMMARY_REPR_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters; never raises for a broken ``__repr__``."""
+    """C{repr(value)} cut to C{limit} characters; never raises for a broken C{__repr__}."""
     text = None if limit is None else _repr_head(value, limit)
     if text is None:
         try:

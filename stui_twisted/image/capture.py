@@ -51,7 +51,7 @@ _install_lock = threading.Lock()
 
 
 class ThreadOutputRouter:
-    """Stands in for ``sys.stdout``/``sys.stderr``: writes go to the calling
+    """Stands in for C{sys.stdout}/C{sys.stderr}: writes go to the calling
     thread's capture buffer when it has one, else to the real stream.
 
     Installed once; this is what keeps concurrent sessions' output apart.
@@ -88,7 +88,7 @@ class ThreadOutputRouter:
 
 
 def install_output_router() -> None:
-    """Route ``sys.stdout``/``sys.stderr`` through :class:`ThreadOutputRouter` (idempotent)."""
+    """Route C{sys.stdout}/C{sys.stderr} through L{ThreadOutputRouter} (idempotent)."""
     with _install_lock:
         if not isinstance(sys.stdout, ThreadOutputRouter):
             sys.stdout = ThreadOutputRouter(sys.stdout)
@@ -97,7 +97,7 @@ def install_output_router() -> None:
 
 
 class captured_output:
-    """Context manager: this thread's stdout/stderr go into ``buffer``."""
+    """Context manager: this thread's stdout/stderr go into C{buffer}."""
 
     def __init__(self, buffer: BoundedTextBuffer) -> None:
         self._buffer = buffer

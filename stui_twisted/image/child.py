@@ -1,11 +1,11 @@
 """The image child process: an AMP responder over fds 3/4 and one worker per session.
 
-Run as ``python -m stui_twisted.image.child`` by the supervisor.  fd 3 carries
+Run as C{python -m stui_twisted.image.child} by the supervisor.  fd 3 carries
 AMP requests in, fd 4 answers out; fds 1/2 are left to user code (and to this
-process's log), so a ``print()`` or ``os.write(1, ...)`` can never corrupt the
+process's log), so a C{print()} or C{os.write(1, ...)} can never corrupt the
 channel.  Each session evaluates on its own daemon thread (one task at a time,
 sessions in parallel); the reactor thread only moves messages, so a session
-spinning in ``while True: pass`` delays nobody else by more than a few GIL
+spinning in C{while True: pass} delays nobody else by more than a few GIL
 switch intervals.
 """
 
@@ -85,7 +85,7 @@ def debug_operation(debugger, operation: str, arguments: dict) -> dict:
 
 
 def run_to_reply(work, *args) -> dict:
-    """Call ``work`` and wrap its outcome in a reply envelope (never raises)."""
+    """Call C{work} and wrap its outcome in a reply envelope (never raises)."""
     try:
         return ok_reply(work(*args))
     except StuiError as error:
@@ -120,7 +120,7 @@ class SessionWorker:
         self._thread.start()
 
     def submit(self, work, timeout: float | None) -> defer.Deferred:
-        """Queue ``work(guard)``; the Deferred fires (on the reactor) with its reply envelope."""
+        """Queue C{work(guard)}; the Deferred fires (on the reactor) with its reply envelope."""
         task = _Task(work, timeout)
         # time spent paused in the debugger does not count toward the limit
         task.guard.pause_clock = lambda: self._reactor.callFromThread(self._pause_timer, task)
@@ -184,7 +184,7 @@ class SessionWorker:
 
 
 class ImageChildProtocol(amp.AMP):
-    """Answers the supervisor's commands against one :class:`Image`."""
+    """Answers the supervisor's commands against one L{Image}."""
 
     def __init__(self, reactor, image: Image) -> None:
         super().__init__()

@@ -1,12 +1,12 @@
-"""IPython-style help cells: ``name?`` and ``name??`` (issue 19.3).
+"""IPython-style help cells: C{name?} and C{name??} (issue 19.3).
 
-A cell that is, as a whole, one Python expression followed by ``?`` (or
-``??``) and is not valid Python as it stands is rewritten before it is compiled:
+A cell that is, as a whole, one Python expression followed by C{?} (or
+C{??}) and is not valid Python as it stands is rewritten before it is compiled:
 the expression alone is evaluated as the cell (under the same guard, output
 capture and tracebacks as any cell), and its value is described instead of
-being the result.  ``?`` gives the type, signature and docstring; ``??`` adds
+being the result.  C{?} gives the type, signature and docstring; C{??} adds
 the source when there is one (session definitions included).  Anything else
-(a ``?`` inside a string or comment, ``a ? b``) is left as Python.
+(a C{?} inside a string or comment, C{a ? b}) is left as Python.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def help_request(code: str) -> HelpRequest | None:
     except SyntaxError:
         pass
     else:
-        return None  # valid Python (``x  # why?``): left alone
+        return None  # valid Python (C{x  # why?}): left alone
     with_source = text.endswith("??")
     expression = text[: -2 if with_source else -1].strip()
     if not expression:

@@ -1,15 +1,15 @@
 """Stopping pure-Python code on another thread, safely.
 
-:class:`StopGuard` raises an :class:`EvaluationStopped` subclass inside the
-worker thread with ``PyThreadState_SetAsyncExc``, but only while that thread is
-inside user code (between :meth:`StopGuard.arm` and :meth:`StopGuard.disarm`),
-and at most once; ``disarm`` clears an exception that was set but not yet
+L{StopGuard} raises an L{EvaluationStopped} subclass inside the
+worker thread with C{PyThreadState_SetAsyncExc}, but only while that thread is
+inside user code (between L{StopGuard.arm} and L{StopGuard.disarm}),
+and at most once; C{disarm} clears an exception that was set but not yet
 delivered, so it can never land in the worker's own bookkeeping afterwards.
-Code blocked in C (``time.sleep``, a socket read) only sees the exception when
+Code blocked in C (C{time.sleep}, a socket read) only sees the exception when
 it returns to Python: the supervisor kills the image for those.
 
 While the worker waits for a coroutine on the image's event loop (a cell that
-``await``s at top level), :meth:`StopGuard.cancelling` replaces the injected
+C{await}s at top level), L{StopGuard.cancelling} replaces the injected
 exception with a cancel callback: the stop cancels that coroutine's task only,
 and the worker raises the stop reason when its wait ends.
 """
@@ -26,7 +26,7 @@ class EvaluationStopped(BaseException):
 
 
 class InterruptRequested(EvaluationStopped):
-    """The client asked to ``interrupt`` the evaluation."""
+    """The client asked to C{interrupt} the evaluation."""
 
 
 class TimeLimitReached(EvaluationStopped):

@@ -1,7 +1,7 @@
 """What the image writes to its stdout and stderr, as bounded, rate-limited log lines.
 
-User code that writes outside an evaluation (a background thread's ``print``,
-``os.write(1, ...)``, a C library) reaches the image's fds 1 and 2, which the
+User code that writes outside an evaluation (a background thread's C{print},
+C{os.write(1, ...)}, a C library) reaches the image's fds 1 and 2, which the
 supervisor reads.  Each line becomes one server log line, cut at
 L{MAX_LOG_LINE} characters; beyond L{MAX_LINES_PER_INTERVAL} lines or
 L{MAX_BYTES_PER_INTERVAL} bytes per L{INTERVAL} seconds and stream the rest

@@ -1,10 +1,10 @@
 """Privilege separation for the image: run user code as another OS user.
 
-With ``--image-user=USER`` the supervisor spawns the image with USER's uid and
-gid (and its supplementary groups), in ``/``, with USER's ``HOME``.  User code
-then cannot read the data directory (``0700``, owned by the server's user) or
-its ``secret.key``, and cannot signal the server.  Switching needs root, or the
-capabilities ``CAP_SETUID`` and ``CAP_SETGID`` (and ``CAP_KILL``, to kill the
+With C{--image-user=USER} the supervisor spawns the image with USER's uid and
+gid (and its supplementary groups), in C{/}, with USER's C{HOME}.  User code
+then cannot read the data directory (C{0700}, owned by the server's user) or
+its C{secret.key}, and cannot signal the server.  Switching needs root, or the
+capabilities C{CAP_SETUID} and C{CAP_SETGID} (and C{CAP_KILL}, to kill the
 image's process group); both are checked when the option is read, so a server
 that cannot do it refuses to start instead of running user code as itself.
 """

@@ -2,25 +2,25 @@
 
 (One spawned process, its pipes and its requests: L{stui_twisted.image.process}.)
 
-:class:`ImageSupervisor` is a Twisted service.  ``startService`` spawns
-``python -m stui_twisted.image.child`` with AMP on extra pipes (the child reads
+L{ImageSupervisor} is a Twisted service.  C{startService} spawns
+C{python -m stui_twisted.image.child} with AMP on extra pipes (the child reads
 fd 3 and writes fd 4; its fds 1/2 are only logged), so user output can never
 corrupt the channel.  Every public method returns a Deferred that fires with a
-plain dict or fails with a :class:`~stui_twisted.protocol.errors.StuiError`.
+plain dict or fails with a L{stui_twisted.protocol.errors.StuiError}.
 
 Rules it enforces:
 
 - one session task (evaluate, materialize, inspect of an expression) at a time
   per session, so a task's clock starts when it is sent;
-- a task that has not ended ``kill_grace`` seconds after its interrupt or time
+- a task that has not ended C{kill_grace} seconds after its interrupt or time
   limit is stuck in C: the image is killed, that task answers
-  ``Interrupted``/``Timeout`` and every other in-flight request
-  ``ImageRestarted``;
+  C{Interrupted}/C{Timeout} and every other in-flight request
+  C{ImageRestarted};
 - when the image dies for any reason it is logged, in-flight requests fail
-  with ``ImageRestarted`` and a new image starts after ``restart_delay``; once
+  with C{ImageRestarted} and a new image starts after C{restart_delay}; once
   it is ready the restart observers run (they re-materialize sessions).
 
-Nothing is created in ``__init__``: twistd forks after constructing services.
+Nothing is created in C{__init__}: twistd forks after constructing services.
 Pickled bindings are only ever unpickled in the child.
 
 Why one module of about 700 lines: the lifecycle (spawn, ready, death, restart,
@@ -149,7 +149,7 @@ class ImageSupervisor(service.Service):
         return stopped
 
     def addRestartObserver(self, observer) -> None:
-        """Call ``observer()`` (may return a Deferred) whenever a new image is
+        """Call C{observer()} (may return a Deferred) whenever a new image is
         ready after the previous one died."""
         self._restart_observers.append(observer)
 
@@ -171,11 +171,11 @@ class ImageSupervisor(service.Service):
         return None
 
     def whenRunning(self) -> defer.Deferred:
-        """Fires with ``status()`` once an image is ready (at once if one is)."""
+        """Fires with C{status()} once an image is ready (at once if one is)."""
         return self._ready_image().addCallback(lambda image: self.status())
 
     def status(self) -> dict:
-        """``{status, pid, started_at, restarts}`` of the current image."""
+        """C{{status, pid, started_at, restarts}} of the current image."""
         image = self._image
         ready = image is not None and image.ready and not image.ended
         return {
@@ -463,7 +463,7 @@ class ImageSupervisor(service.Service):
         generation: int | None = None,
         cell_index: int | None = None,
     ) -> defer.Deferred:
-        """Run ``code`` as a REPL cell in the session (see module docstring for the result)."""
+        """Run C{code} as a REPL cell in the session (see module docstring for the result)."""
         if mode not in EVALUATION_MODES:
             return defer.fail(
                 StuiError(
@@ -521,7 +521,7 @@ class ImageSupervisor(service.Service):
         *,
         generation: int | None = None,
     ) -> defer.Deferred:
-        """(Re)build the session's namespace; fires with ``{restored, unrestorable, registry_live}``."""
+        """(Re)build the session's namespace; fires with C{{restored, unrestorable, registry_live}}."""
         return defer.ensureDeferred(
             self._session_task(
                 session_id,
@@ -539,7 +539,7 @@ class ImageSupervisor(service.Service):
     def materialize_shared(
         self, bindings: dict, *, generation: int | None = None
     ) -> defer.Deferred:
-        """(Re)build the image-wide ``shared`` object; same result shape as materialize."""
+        """(Re)build the image-wide C{shared} object; same result shape as materialize."""
         return defer.ensureDeferred(
             self._call(
                 commands.MaterializeShared,
@@ -600,7 +600,7 @@ class ImageSupervisor(service.Service):
         *,
         generation: int | None = None,
     ) -> defer.Deferred:
-        """Completion ``{matches, cursor_start, cursor_end}`` at ``cursor_pos`` (default: end)."""
+        """Completion C{{matches, cursor_start, cursor_end}} at C{cursor_pos} (default: end)."""
         position = len(code) if cursor_pos is None else int(cursor_pos)
         return defer.ensureDeferred(
             self._call(
@@ -657,7 +657,7 @@ class ImageSupervisor(service.Service):
         return result
 
     def snapshot(self, session_id: str, *, generation: int | None = None) -> defer.Deferred:
-        """Every binding of the session re-serialized: ``{bindings, variables}``."""
+        """Every binding of the session re-serialized: C{{bindings, variables}}."""
         return defer.ensureDeferred(
             self._call(
                 commands.Snapshot,
@@ -668,7 +668,7 @@ class ImageSupervisor(service.Service):
         )
 
     def clear(self, session_id: str, parts, *, generation: int | None = None) -> defer.Deferred:
-        """Forget ``variables`` and/or ``registry``; fires with ``{cleared}``."""
+        """Forget C{variables} and/or C{registry}; fires with C{{cleared}}."""
         return defer.ensureDeferred(
             self._call(
                 commands.Clear,
@@ -680,5 +680,5 @@ class ImageSupervisor(service.Service):
         )
 
     def drop_session(self, session_id: str) -> defer.Deferred:
-        """Forget everything about the session; fires with ``{dropped}``."""
+        """Forget everything about the session; fires with C{{dropped}}."""
         return defer.ensureDeferred(self._call(commands.DropSession, "drop", session_id=session_id))

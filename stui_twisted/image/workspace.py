@@ -1,13 +1,13 @@
 """The image's in-process model: session workspaces around one shared namespace.
 
-A :class:`SessionWorkspace` is one session's global namespace, object registry
+A L{SessionWorkspace} is one session's global namespace, object registry
 and last-stored form of each binding; it runs REPL cells, serializes bindings
 (JSON when exact, else pickle, else an honest "unrestorable" record), inspects
-and completes.  :class:`Image` holds the workspaces and the one ``shared``
+and completes.  L{Image} holds the workspaces and the one C{shared}
 object every session sees.  Nothing here knows about processes, threads or
 Twisted (the child adds those), so tests drive it directly.
 
-Failures are raised as :class:`~stui_twisted.protocol.errors.StuiError` with protocol
+Failures are raised as L{stui_twisted.protocol.errors.StuiError} with protocol
 error types; evaluation failures carry the persistence delta in their details
 so bindings changed before an exception are still saved.
 
@@ -74,11 +74,11 @@ from stui_twisted.protocol.errors import StuiError
 MiB = 1024 * 1024
 DEFAULT_MAX_BINDING_BYTES = 8 * MiB
 MAX_OUTPUT_CHARS = 1 * MiB
-#: ``result`` and ``display`` text of one evaluation (the server's MAX_RESULT_TEXT).
+#: C{result} and C{display} text of one evaluation (the server's MAX_RESULT_TEXT).
 MAX_RESULT_CHARS = 1 * MiB
-#: An exception's own message (``details.message``).
+#: An exception's own message (C{details.message}).
 MAX_MESSAGE_CHARS = 64 * 1024
-#: The error sentence (``"ValueError: ..."``) and each traceback line.
+#: The error sentence (C{"ValueError: ..."}) and each traceback line.
 MAX_ERROR_LINE_CHARS = 4096
 #: Traceback frames kept: this many from each end of a longer traceback.
 TRACEBACK_FRAMES_KEPT = 50
@@ -95,8 +95,8 @@ _ASYNC_DIRECTORIES = tuple(
 #: Compile flags of a cell: top-level C{await}, C{async for} and C{async with} allowed.
 CELL_FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 #: Names that need a running event loop: a cell that does not await but calls
-#: one of these at top level (``t = asyncio.create_task(poll())``) runs on the
-#: image's loop too, as in ``python -m asyncio``.
+#: one of these at top level (C{t = asyncio.create_task(poll())}) runs on the
+#: image's loop too, as in C{python -m asyncio}.
 LOOP_NAMES = frozenset(
     {"create_task", "ensure_future", "get_running_loop", "get_event_loop", "TaskGroup"}
 )
@@ -124,16 +124,16 @@ def _code_names(code: types.CodeType) -> set[str]:
 
 
 class SharedNamespace(types.SimpleNamespace):
-    """The one ``shared`` object all sessions of the image see (team collaboration)."""
+    """The one C{shared} object all sessions of the image see (team collaboration)."""
 
 
 # -- the image and its sessions -------------------------------------------------------------
 
 
 class Image:
-    """All session workspaces of one image process, plus the ``shared`` object.
+    """All session workspaces of one image process, plus the C{shared} object.
 
-    @ivar shared: the L{SharedNamespace} bound as ``shared`` in every session.
+    @ivar shared: the L{SharedNamespace} bound as C{shared} in every session.
     """
 
     def __init__(self, max_binding_bytes: int = DEFAULT_MAX_BINDING_BYTES) -> None:
@@ -147,7 +147,7 @@ class Image:
         self.loop = ImageLoop()
 
     def session(self, session_id: str) -> SessionWorkspace:
-        """The workspace of ``session_id``, created empty on first use."""
+        """The workspace of C{session_id}, created empty on first use."""
         with self._sessions_lock:
             workspace = self._sessions.get(session_id)
             if workspace is None:
@@ -155,7 +155,7 @@ class Image:
             return workspace
 
     def has_session(self, session_id: str) -> bool:
-        """Whether a workspace exists for ``session_id``."""
+        """Whether a workspace exists for C{session_id}."""
         return session_id in self._sessions
 
     def drop_session(self, session_id: str) -> bool:
@@ -169,7 +169,7 @@ class Image:
         return True
 
     def materialize_shared(self, bindings: dict[str, dict]) -> dict:
-        """Replace the ``shared`` object's attributes with the stored ``bindings``."""
+        """Replace the C{shared} object's attributes with the stored C{bindings}."""
         restored, unrestorable = [], []
         values = {}
         for name, stored in sorted(bindings.items()):
@@ -303,7 +303,7 @@ class SessionWorkspace:
         return None
 
     def register(self, value: Any, added: dict[str, dict]) -> str:
-        """The registry id of ``value`` (a new ``obj_<n>`` unless already registered)."""
+        """The registry id of C{value} (a new C{obj_<n>} unless already registered)."""
         with self._registry_lock:
             known = self._id_by_identity.get(id(value))
             if known is not None and self._registry.get(known) is value:
@@ -333,7 +333,7 @@ class SessionWorkspace:
                 del self._id_by_identity[id(value)]
 
     def lookup(self, object_id: str) -> Any:
-        """The live object registered as ``object_id``; ObjectNotFound otherwise."""
+        """The live object registered as C{object_id}; ObjectNotFound otherwise."""
         with self._registry_lock:
             if object_id in self._registry:
                 return self._registry[object_id]
@@ -370,15 +370,15 @@ class SessionWorkspace:
     def evaluate(
         self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None
     ) -> dict:
-        """Run ``code`` as a REPL cell; the result dict, or StuiError with the delta.
+        """Run C{code} as a REPL cell; the result dict, or StuiError with the delta.
 
-        ``cell_index`` is the history index the server will give this
-        evaluation; tracebacks call the cell ``<cell N>`` by it.
+        C{cell_index} is the history index the server will give this
+        evaluation; tracebacks call the cell C{<cell N>} by it.
         """
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
         filename = _cell_filename(cell)
-        # ``name?`` / ``name??``: the expression is the cell, its description the result
+        # C{name?} / C{name??}: the expression is the cell, its description the result
         request = help_request(code)
         help_text = None
         before = dict(self.namespace)
@@ -424,7 +424,7 @@ class SessionWorkspace:
         registry_added: dict[str, dict] = {}
         object_id = None
         if help_text is not None:
-            value = None  # described, not the cell's value: no ``_``, no registry entry
+            value = None  # described, not the cell's value: no C{_}, no registry entry
         if failure is None and value is not None:
             self.namespace["_"] = value
             object_id = self.register(value, registry_added)
@@ -780,7 +780,7 @@ class SessionWorkspace:
         limit: int = 100,
         guard=None,
     ) -> dict:
-        """Describe an object (by registry id, or the value of ``expression``)."""
+        """Describe an object (by registry id, or the value of C{expression})."""
         registry_added: dict[str, dict] = {}
         if expression is not None:
             target = self._evaluate_expression(expression, guard or NoGuard())
@@ -883,7 +883,7 @@ class SessionWorkspace:
     _DOTTED_TAIL = re.compile(r"((?:[A-Za-z_]\w*\.)*)([A-Za-z_]\w*)?$")
 
     def complete(self, code: str, cursor_pos: int | None = None) -> dict:
-        """Names or attributes that complete the dotted name before ``cursor_pos``."""
+        """Names or attributes that complete the dotted name before C{cursor_pos}."""
         if cursor_pos is None or cursor_pos > len(code):
             cursor_pos = len(code)
         cursor_pos = max(cursor_pos, 0)
@@ -937,7 +937,7 @@ async def _run_on_loop(code: types.CodeType, namespace: dict) -> Any:
 
 
 def _cell_filename(cell_index: int | None) -> str:
-    """``<cell N|U>``: N the session's history index, U unique in this image."""
+    """C{<cell N|U>}: N the session's history index, U unique in this image."""
     unique = next(_cell_numbers)
     if cell_index is None:
         return f"<cell {unique}>"
@@ -954,7 +954,7 @@ def _exception_message(failure: BaseException) -> str:
 
 
 def _exception_lines(failure: BaseException, message: str) -> list[str]:
-    """What ``traceback.format_exception_only`` gives, without building a line
+    """What C{traceback.format_exception_only} gives, without building a line
     around a message too long to be shown whole."""
     if isinstance(failure, SyntaxError) or len(message) <= MAX_ERROR_LINE_CHARS:
         return traceback.format_exception_only(type(failure), failure)

@@ -1,6 +1,6 @@
-"""``stui-admin``: look after a data directory from the shell.
+"""C{stui-admin}: look after a data directory from the shell.
 
-Usage (also ``python -m stui_twisted.ops.admin``)::
+Usage (also C{python -m stui_twisted.ops.admin})::
 
     stui-admin [--data-dir DIR] list [--client ID] [--state STATE] [--json]
     stui-admin [--data-dir DIR] verify [--json]
@@ -9,22 +9,22 @@ Usage (also ``python -m stui_twisted.ops.admin``)::
     stui-admin [--data-dir DIR] delete SESSION_ID --yes [--force]
     stui-admin migrate --from file:DIR --to postgresql:DSN [--secret-file F] [--node-id ID]
 
-Everything goes through :class:`~stui_twisted.storage.store.SessionStore`, so the tool
-reads and writes exactly the files the server does (MACs, ``.bak`` recovery,
+Everything goes through L{stui_twisted.storage.store.SessionStore}, so the tool
+reads and writes exactly the files the server does (MACs, C{.bak} recovery,
 atomic replacement) and never re-implements the file format.
 
-``list``, ``verify`` and ``quarantine`` only read, and are safe while a server
-uses the directory (files are replaced atomically; ``list`` may, like the
-server, restore a damaged file from its ``.bak``).  ``expire`` and ``delete``
+C{list}, C{verify} and C{quarantine} only read, and are safe while a server
+uses the directory (files are replaced atomically; C{list} may, like the
+server, restore a damaged file from its C{.bak}).  C{expire} and C{delete}
 change files and are *offline* operations: a running server keeps its sessions
 in memory and would write its own copy back.  They refuse to run while a
-``twistd stui`` process on this machine uses the same data directory (found
-through ``/proc``; ``--force`` skips the check).
+C{twistd stui} process on this machine uses the same data directory (found
+through C{/proc}; C{--force} skips the check).
 
-The tool never creates a data directory: a directory without ``secret.key`` is
-refused, so a mistyped ``--data-dir`` cannot mint a new key.
+The tool never creates a data directory: a directory without C{secret.key} is
+refused, so a mistyped C{--data-dir} cannot mint a new key.
 
-Exit status: 0 success; 1 a check failed (``verify`` found bad files) or the
+Exit status: 0 success; 1 a check failed (C{verify} found bad files) or the
 operation was refused; 2 bad usage or no such session or data directory.
 """
 

@@ -1,28 +1,28 @@
-"""Prometheus metrics over HTTP: ``--metrics=ENDPOINT`` serves ``GET /metrics``.
+"""Prometheus metrics over HTTP: C{--metrics=ENDPOINT} serves C{GET /metrics}.
 
 What is measured, and where it comes from:
 
-- ``stui_requests_total{command,status}`` and
-  ``stui_request_duration_seconds{command}`` (histogram): one observation per
-  reply, through :meth:`Dispatcher.addObserver`.  ``status`` is ``success`` or
-  the reply's ``error_type``; requests that named no known command count as
-  command ``?`` (so a client cannot grow the label set).
+- C{stui_requests_total{command,status}} and
+  C{stui_request_duration_seconds{command}} (histogram): one observation per
+  reply, through L{Dispatcher.addObserver}.  C{status} is C{success} or
+  the reply's C{error_type}; requests that named no known command count as
+  command C{?} (so a client cannot grow the label set).
 - Sessions by state, connections by transport, uptime, the image's state and
   restarts, and the store's counters are read from the running
-  :class:`~stui_twisted.sessions.service.SessionService` at scrape time by
-  :class:`ServerCollector`; nothing is copied ahead of time.
-- ``stui_storage_flush_duration_seconds{kind}`` (histogram): how long each
-  durable write took, ``kind="batch"`` for a group flush (``write_many``) and
-  ``kind="single"`` for one session (``always`` durability, ``save_context``,
-  ``close_session``), from the store's write observer hook
-  (``SessionStore.addWriteObserver``; :func:`time_store_writes`).
-- ``process_*``: CPU, memory and file descriptors of the server process.
+  L{stui_twisted.sessions.service.SessionService} at scrape time by
+  L{ServerCollector}; nothing is copied ahead of time.
+- C{stui_storage_flush_duration_seconds{kind}} (histogram): how long each
+  durable write took, C{kind="batch"} for a group flush (C{write_many}) and
+  C{kind="single"} for one session (C{always} durability, C{save_context},
+  C{close_session}), from the store's write observer hook
+  (C{SessionStore.addWriteObserver}; L{time_store_writes}).
+- C{process_*}: CPU, memory and file descriptors of the server process.
 
-Each server has its own :class:`CollectorRegistry`, never the global one, so
+Each server has its own L{CollectorRegistry}, never the global one, so
 tests can run several servers in one process.
 
-The page is rendered on the reactor thread (:class:`MetricsPage`), not in a
-thread pool as ``prometheus_client.twisted.MetricsResource`` would: the
+The page is rendered on the reactor thread (L{MetricsPage}), not in a
+thread pool as C{prometheus_client.twisted.MetricsResource} would: the
 collector reads session and connection tables that only the reactor thread
 may touch, and rendering a few hundred samples takes well under a
 millisecond.

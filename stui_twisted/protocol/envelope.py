@@ -1,8 +1,8 @@
 """The request/reply envelope of protocol.md section 2: parsing and encoding.
 
-Parsing is strict and total: any byte string either becomes a :class:`Request`
-or raises :class:`~stui_twisted.protocol.errors.StuiError` (``InvalidRequest``) carrying
-the request's ``id`` when one could be read, so the error reply can echo it.
+Parsing is strict and total: any byte string either becomes a L{Request}
+or raises L{stui_twisted.protocol.errors.StuiError} (C{InvalidRequest}) carrying
+the request's C{id} when one could be read, so the error reply can echo it.
 """
 
 from __future__ import annotations

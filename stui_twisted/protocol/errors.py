@@ -1,8 +1,8 @@
-"""The protocol's error model: one exception type carrying an ``error_type``.
+"""The protocol's error model: one exception type carrying an C{error_type}.
 
-Every failure a client can see is a :class:`StuiError` whose ``error_type`` is
-one of :data:`ERROR_TYPES` (protocol.md section 2).  Anything else that escapes
-a handler is a bug and is answered as ``InternalError`` by the dispatcher.
+Every failure a client can see is a L{StuiError} whose C{error_type} is
+one of L{ERROR_TYPES} (protocol.md section 2).  Anything else that escapes
+a handler is a bug and is answered as C{InternalError} by the dispatcher.
 """
 
 from __future__ import annotations

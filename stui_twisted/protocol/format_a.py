@@ -1,13 +1,13 @@
-"""The Rust ``stui-protocol`` crate's envelope ("Format A", stui-compat.md §1).
+"""The Rust C{stui-protocol} crate's envelope ("Format A", stui-compat.md §1).
 
-A request object that has ``payload`` and no ``command`` is Format A::
+A request object that has C{payload} and no C{command} is Format A::
 
     {"id": "…", "version": "1.0.0", "timestamp": "…",
      "payload": {"type": "Request",
                  "data": {"request_type": "Evaluate", "params": {"code": "3 + 4"}}}}
 
-:func:`parse` turns it into the flat :class:`~stui_twisted.protocol.envelope.Request`
-the dispatcher runs, with a :class:`FormatA` attached that knows how to shape
+L{parse} turns it into the flat L{stui_twisted.protocol.envelope.Request}
+the dispatcher runs, with a L{FormatA} attached that knows how to shape
 the result and the error back into the crate's Response/Error envelope.  The
 dispatcher runs the same command table for both formats; only translation
 lives here.

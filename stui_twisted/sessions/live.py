@@ -1,12 +1,12 @@
 """The live-image side of a session: materializing, evaluating, inspecting.
 
-:class:`LiveSessions` is a component the
-:class:`~stui_twisted.sessions.service.SessionService` owns.  It turns the image's
+L{LiveSessions} is a component the
+L{stui_twisted.sessions.service.SessionService} owns.  It turns the image's
 replies into session changes (stored bindings, variables, registry, history,
 shared namespace) and rebuilds namespaces from stored bindings when a session
 is restored or the image is replaced.  It sees the service only through
-:class:`SessionsView` (three members), and answers domain objects
-(:mod:`stui_twisted.sessions.results`), never reply dicts.
+L{SessionsView} (three members), and answers domain objects
+(L{stui_twisted.sessions.results}), never reply dicts.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """One durable session: its record, its context, and how it becomes a file.
 
-A :class:`Session` holds everything protocol.md section 5 returns on
-``restore_session``: client state, workspace (variables, history, client
+A L{Session} holds everything protocol.md section 5 returns on
+C{restore_session}: client state, workspace (variables, history, client
 part), inspector state, object registry, and the stored bindings that let the
 image rebuild the session's namespace.  It knows nothing about files or the
-network; :mod:`stui_twisted.sessions.service` decides when it is written.
+network; L{stui_twisted.sessions.service} decides when it is written.
 """
 
 from __future__ import annotations

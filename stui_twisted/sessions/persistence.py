@@ -1,9 +1,9 @@
 """How sessions reach the store: the dirty set, the durability policy, the flush.
 
-:class:`SessionWriter` is a component the
-:class:`~stui_twisted.sessions.service.SessionService` owns.  A change marks a
-session dirty (and, under ``always`` durability or while writes fail, writes
-it at once); :meth:`SessionWriter.flush` writes every dirty session as one
+L{SessionWriter} is a component the
+L{stui_twisted.sessions.service.SessionService} owns.  A change marks a
+session dirty (and, under C{always} durability or while writes fail, writes
+it at once); L{SessionWriter.flush} writes every dirty session as one
 store job, serializing them in slices so waiting requests are served between.
 A session is clean again only if nothing changed while its write ran.
 """

@@ -1,7 +1,7 @@
 """What the session service answers: small domain objects, no wire shapes.
 
-The service (:mod:`stui_twisted.sessions.service`, :mod:`stui_twisted.sessions.live`)
-returns these; the command table (:mod:`stui_twisted.dispatch.commands`) is the one
+The service (L{stui_twisted.sessions.service}, L{stui_twisted.sessions.live})
+returns these; the command table (L{stui_twisted.dispatch.commands}) is the one
 place that turns them into reply dicts.
 """
 

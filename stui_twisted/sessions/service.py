@@ -2,20 +2,20 @@
 
 It applies protocol.md's session rules (current session, ownership, idle
 expiry, limits, rate limits, allow/deny lists), keeps the sessions in memory,
-and records each change for the :class:`SessionStore` according to the
-durability policy.  Time comes from an injected ``IReactorTime`` so
-tests drive expiry and cleanup with ``task.Clock``.
+and records each change for the L{SessionStore} according to the
+durability policy.  Time comes from an injected C{IReactorTime} so
+tests drive expiry and cleanup with C{task.Clock}.
 
 It is protocol-free: its commands take typed arguments (and the caller's
-:class:`~stui_twisted.dispatch.interfaces.ConnectionContext`) and answer
-:class:`~stui_twisted.sessions.model.Session` objects or the small results of
-:mod:`stui_twisted.sessions.results`; :mod:`stui_twisted.dispatch.commands`
+L{stui_twisted.dispatch.interfaces.ConnectionContext}) and answer
+L{stui_twisted.sessions.model.Session} objects or the small results of
+L{stui_twisted.sessions.results}; L{stui_twisted.dispatch.commands}
 turns them into replies.  It owns two components: the live image glue
-(:class:`~stui_twisted.sessions.live.LiveSessions`) and the dirty set and its
-writes (:class:`~stui_twisted.sessions.persistence.SessionWriter`).  It builds
+(L{stui_twisted.sessions.live.LiveSessions}) and the dirty set and its
+writes (L{stui_twisted.sessions.persistence.SessionWriter}).  It builds
 no services:
-``tap.py`` parents the image beside it and runs :meth:`SessionService.cleanup_tick`
-and :meth:`SessionService.flush_tick` as ``TimerService`` children.
+C{tap.py} parents the image beside it and runs L{SessionService.cleanup_tick}
+and L{SessionService.flush_tick} as C{TimerService} children.
 
 It is longer than ~600 lines because it is one job, protocol.md section 5's
 session rules, command by command; what is not a rule lives apart.

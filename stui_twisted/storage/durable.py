@@ -1,7 +1,7 @@
 """POSIX durability: how bytes reach the disk so that a crash never loses an acknowledged write.
 
 A write is: temp file in the same directory, write, fsync, hard-link the old file to
-``.bak`` (atomically, via a temp name), rename the temp file over the file, fsync the
+C{.bak} (atomically, via a temp name), rename the temp file over the file, fsync the
 directory.  This module also creates directories (0700, parent fsynced) and moves
 unreadable files into quarantine.  Blocking calls only: the store runs them in its
 threads.  Other modules call these functions through the module

@@ -5,11 +5,11 @@ Every file the store writes is one JSON object, the I{envelope}::
     {"format": "stui-session", "version": 1, "saved_at": "2026-11-23T10:30:00.123Z",
      "mac": "hmac-sha256:<hex>", "session": {...}}
 
-(``shared.json`` has format ``stui-shared`` and its payload under ``bindings``;
-``index.json`` has format ``stui-index``, its payload under ``sessions`` and an extra
-``saved_at_ns``; the copy ``save_context`` keeps has format ``stui-saved-context``.)
-The MAC is HMAC-SHA256, keyed with ``secret.key``, over the canonical JSON (sorted
-keys, compact separators, ASCII) of the envelope without ``mac``.
+(C{shared.json} has format C{stui-shared} and its payload under C{bindings};
+C{index.json} has format C{stui-index}, its payload under C{sessions} and an extra
+C{saved_at_ns}; the copy C{save_context} keeps has format C{stui-saved-context}.)
+The MAC is HMAC-SHA256, keyed with C{secret.key}, over the canonical JSON (sorted
+keys, compact separators, ASCII) of the envelope without C{mac}.
 
 This module only turns payloads into file bytes and back, and reads or creates the
 key; it knows nothing of paths, threads or durability.

@@ -1,4 +1,4 @@
-"""Copy every session from one store to another (``stui-admin migrate``).
+"""Copy every session from one store to another (C{stui-admin migrate}).
 
 Works through L{ISessionStore} only: each session is read from the source (so its
 MAC is verified there: a bad file is reported, never copied), written to the target

@@ -1,18 +1,18 @@
 """Safe file names for client ids and session ids.
 
-A client id becomes one directory name under ``DATA/sessions/``: ``c-`` followed by
+A client id becomes one directory name under C{DATA/sessions/}: C{c-} followed by
 the lowercase RFC 4648 base32 of its UTF-8 bytes, without padding.  The encoding is
 
-- filesystem-safe: only ``a-z``, ``2-7`` and ``-``; never ``/``, ``.``, NUL or ``..``;
-- reversible: :func:`decode_client_dir` gives the client id back;
+- filesystem-safe: only C{a-z}, C{2-7} and C{-}; never C{/}, C{.}, NUL or C{..};
+- reversible: L{decode_client_dir} gives the client id back;
 - case-safe: two different ids never map to names that differ only by letter case,
   so a case-insensitive filesystem cannot merge two clients' directories.
 
 Ids that cannot be encoded (not a string, empty, containing NUL, lone surrogates, or so
 long that the directory name would pass the usual 255-byte limit) are refused with
-:class:`ValueError` before any path is built.  Session ids are never encoded, only
-validated: ``s_`` followed by 22 URL-safe base64 characters
-(:data:`stui_twisted.protocol.ids.SESSION_ID_PATTERN`, the one definition).
+L{ValueError} before any path is built.  Session ids are never encoded, only
+validated: C{s_} followed by 22 URL-safe base64 characters
+(L{stui_twisted.protocol.ids.SESSION_ID_PATTERN}, the one definition).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ Layout (architecture.md, Persistence)::
     DATA/sessions/<client-dir>/<sid>.json     one session; <sid>.json.bak its previous version
     DATA/quarantine/                          unreadable files, moved here, never deleted
 
-Directories are 0700 and files 0600.  ``<client-dir>`` comes from
+Directories are 0700 and files 0600.  C{<client-dir>} comes from
 L{stui_twisted.storage.pathcodec.encode_client_dir}, so no client id can name a path outside
-``DATA/sessions/``.
+C{DATA/sessions/}.
 
 L{SessionStore} ties the storage modules together and is the one public API:
 

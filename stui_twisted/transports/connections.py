@@ -1,7 +1,7 @@
 """The set of open client connections, shared by every transport.
 
-It enforces ``--max-connections`` over TCP/TLS connections and answers
-``connected_clients`` for statistics; sessions use it to count the
+It enforces C{--max-connections} over TCP/TLS connections and answers
+C{connected_clients} for statistics; sessions use it to count the
 connections attached to them.  ZeroMQ peers are listed but not counted
 against the limit: a ZeroMQ peer can make up any number of routing
 identities, and letting those fill the table would lock TCP/TLS clients out.

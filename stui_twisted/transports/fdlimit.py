@@ -5,21 +5,21 @@ Every TCP/TLS connection costs one descriptor, and so does every ZeroMQ peer
 and then the image cannot be respawned (it needs pipes) and the store cannot
 open a file: the server is stuck.  So:
 
-- at start-up the soft ``RLIMIT_NOFILE`` is raised to the hard limit
-  (:func:`raise_nofile_limit`), and the result is logged;
-- :class:`FdReserve` keeps :data:`RESERVE` descriptors for the image and the
+- at start-up the soft C{RLIMIT_NOFILE} is raised to the hard limit
+  (L{raise_nofile_limit}), and the result is logged;
+- L{FdReserve} keeps L{RESERVE} descriptors for the image and the
   store: while fewer than that are free, a new TCP/TLS connection gets one
-  ``RateLimited`` error line (``details.reason: "file_descriptors"``) and is
-  closed (:class:`FdGuardedFactory`), and the refusals are logged (once per
+  C{RateLimited} error line (C{details.reason: "file_descriptors"}) and is
+  closed (L{FdGuardedFactory}), and the refusals are logged (once per
   interval, with a count).  A refused connection holds its descriptor until
-  its line is written, so at most :data:`MAX_REFUSALS_IN_FLIGHT` are answered
+  its line is written, so at most L{MAX_REFUSALS_IN_FLIGHT} are answered
   at a time; the others are closed at once, without a reply.
 
-Counting open descriptors (``/proc/self/fd``) costs about 1 µs per open
+Counting open descriptors (C{/proc/self/fd}) costs about 1 µs per open
 descriptor, too much for every accept.  The reserve therefore counts them once
-per :attr:`FdReserve.interval` and adds the TCP/TLS connections opened since
+per L{FdReserve.interval} and adds the TCP/TLS connections opened since
 (the connection registry's count); only near the threshold does it count
-again, at most every :attr:`FdReserve.recount_interval`.  Both gaps stretch to
+again, at most every L{FdReserve.recount_interval}.  Both gaps stretch to
 100 times the last count's duration, so counting never takes more than about 1%
 of the reactor even with tens of thousands of descriptors open.  The reserve is
 large enough to absorb what else can open descriptors meanwhile (ZeroMQ peers).

@@ -1,39 +1,39 @@
 """Line-JSON transport: one JSON request per line over TCP or TLS.
 
-:class:`LineJSONProtocol` frames bytes into lines and hands each line to the
-shared :class:`~stui_twisted.dispatch.dispatcher.Dispatcher`; replies are written as
+L{LineJSONProtocol} frames bytes into lines and hands each line to the
+shared L{stui_twisted.dispatch.dispatcher.Dispatcher}; replies are written as
 they complete, so a slow evaluation never holds back later fast requests.
 
 Framing scans each received byte once: the unfinished line is kept as a list
 of the chunks read so far (none holds a newline), and only newly read bytes
 are searched for the delimiter.  A client trickling a long line in small
 pieces therefore costs CPU in proportion to what it sends, not to the square
-of it (Twisted's ``LineReceiver`` re-scans its whole buffer on every read).
+of it (Twisted's C{LineReceiver} re-scans its whole buffer on every read).
 
 Memory is bounded per connection and server-wide:
 
-- reading pauses while more than ``max_pending`` requests are in flight, or
+- reading pauses while more than C{max_pending} requests are in flight, or
   while the transport's write buffer is full because the client is not
   reading its replies;
-- a line over ``max_message_bytes`` gets ``MessageTooLarge`` and a close;
+- a line over C{max_message_bytes} gets C{MessageTooLarge} and a close;
 - the unfinished input of all connections together is bounded by one shared
-  :class:`InputBudget` (``max_partial_input_bytes``): past it, the connection
-  holding the most gets ``MessageTooLarge`` and is closed.
+  L{InputBudget} (C{max_partial_input_bytes}): past it, the connection
+  holding the most gets C{MessageTooLarge} and is closed.
 
 Fairness keeps one client from starving the others: a connection that has
-spent ``turn_budget`` seconds of reactor time on its lines in one go stops
+spent C{turn_budget} seconds of reactor time on its lines in one go stops
 reading until the next reactor iteration, so other connections' requests run
 between its batches.
 
 End of input (the client half-closed: TCP FIN, or a TLS close_notify) is not
 the end of the conversation: the server still answers every line it has
 read, including requests that are still running, and closes the connection
-once the last reply is written (:meth:`LineJSONProtocol.readConnectionLost`).
+once the last reply is written (L{LineJSONProtocol.readConnectionLost}).
 An unfinished last line (no newline before end of input) is handled as a line.
 
 Connections that say nothing are closed: without a request for
-``idle_timeout`` seconds (and none in flight) a connection is closed; while it
-has not authenticated (auth on), the shorter ``unauthenticated_idle_timeout``
+C{idle_timeout} seconds (and none in flight) a connection is closed; while it
+has not authenticated (auth on), the shorter C{unauthenticated_idle_timeout}
 applies.  TCP keepalive is on for every accepted connection, so the kernel
 notices a peer that vanished without a FIN.
 """

@@ -1,23 +1,23 @@
-"""The ``--tls`` listener: Twisted's ``ssl:`` strports, plus ``caCertsDir`` for client certificates.
+"""The C{--tls} listener: Twisted's C{ssl:} strports, plus C{caCertsDir} for client certificates.
 
-Twisted's server-side ``ssl:`` parser knows ``privateKey``, ``certKey``,
-``extraCertChain``, ``dhParameters``, ``interface`` and ``backlog``, but not
-``caCertsDir`` (that exists only for client endpoints).  :func:`server_endpoint`
-keeps the plain strports path for every description without ``caCertsDir``;
-with it, it builds the ``SSL4ServerEndpoint`` itself, with
-``CertificateOptions(trustRoot=trustRootFromCertificates(<the CAs>))``, which
+Twisted's server-side C{ssl:} parser knows C{privateKey}, C{certKey},
+C{extraCertChain}, C{dhParameters}, C{interface} and C{backlog}, but not
+C{caCertsDir} (that exists only for client endpoints).  L{server_endpoint}
+keeps the plain strports path for every description without C{caCertsDir};
+with it, it builds the C{SSL4ServerEndpoint} itself, with
+C{CertificateOptions(trustRoot=trustRootFromCertificates(<the CAs>))}, which
 verifies the client's certificate and refuses a client that has none.
 
-Every ``*.pem`` (and ``*.crt``) file in ``caCertsDir`` is read; a file may hold
+Every C{*.pem} (and C{*.crt}) file in C{caCertsDir} is read; a file may hold
 several certificates.  A directory with no readable CA certificate, or a key
 or certificate that cannot be loaded, stops start-up with a
-:class:`TLSConfigError` naming the file.
+L{TLSConfigError} naming the file.
 
-Every TLS listener is TCP with :class:`HalfCloseableTLSFactory` on top (not
-``reactor.listenSSL``): Twisted's TLS layer closes the connection as soon as
+Every TLS listener is TCP with L{HalfCloseableTLSFactory} on top (not
+C{reactor.listenSSL}): Twisted's TLS layer closes the connection as soon as
 the client's input ends (its close_notify, or a TCP FIN), before the replies to
 what it sent are written.  The half-closeable layer passes end of input on to
-the line protocol (``readConnectionLost``), which answers what it read, and
+the line protocol (C{readConnectionLost}), which answers what it read, and
 only then closes.
 """
 

@@ -1,17 +1,17 @@
 """ZeroMQ transport: a ROUTER socket (via txzmq) speaking one JSON object per frame.
 
 This is the only module that knows txzmq.  Both REQ clients (frames
-``[identity, b"", payload]``) and DEALER clients (``[identity, payload]`` or
-``[identity, b"", payload]``) work: every request gets exactly one reply that
+C{[identity, b"", payload]}) and DEALER clients (C{[identity, payload]} or
+C{[identity, b"", payload]}) work: every request gets exactly one reply that
 mirrors the envelope frames it came with.  Each peer identity is one
-:class:`ZmqPeer` conversation with its own current session.
+L{ZmqPeer} conversation with its own current session.
 
 A routing identity is chosen by the peer, so it proves nothing: under
 authentication every request carries its token (see the dispatcher), and the
 "peer" that brute-force limits key on is the sender's IP address, read from
-libzmq's ``Peer-Address`` message property (ZeroMQ >= 4.1, tcp:// only).
+libzmq's C{Peer-Address} message property (ZeroMQ >= 4.1, tcp:// only).
 Messages without one (ipc://, inproc://) all share one peer key,
-:data:`UNKNOWN_PEER`, so together they get one failure budget.
+L{UNKNOWN_PEER}, so together they get one failure budget.
 """
 
 from __future__ import annotations

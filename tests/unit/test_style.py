@@ -36,3 +36,16 @@ def test_ruff_format_is_clean():
         timeout=120,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_one_docstring_markup():
+    """Docstrings and comments use epytext (Twisted's: C{code}, L{name}, @param), not reST."""
+    import re
+
+    rest = re.compile(r"``[^`\n]+``|:(?:class|func|meth|mod|attr|exc|data|obj):`")
+    offenders = []
+    for path in sorted((ROOT / "stui_twisted").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if rest.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == [], "\n".join(offenders[:20])

@@ -1,4 +1,4 @@
-"""The ``twistd stui`` plugin: a lazy service maker, nothing imported until used."""
+"""The C{twistd stui} plugin: a lazy service maker, nothing imported until used."""
 
 from twisted.application.service import ServiceMaker
 
