@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
+from stui_twisted.dispatch.browse_commands import build_browse_commands, language_version
+from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
-from stui_twisted.sessions.browse import build_browse_commands, language_version
-from stui_twisted.sessions.debug import build_debug_commands
 from stui_twisted.sessions.results import UNSET, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
