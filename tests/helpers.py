@@ -110,3 +110,25 @@ class SyncPool:
             on_result(False, Failure())
         else:
             on_result(True, result)
+
+
+START_PROCESSES = """
+import os, subprocess, time
+popen = subprocess.Popen(['sleep', '300'])
+os.system('sleep 75 & echo $! > {pidfile}')
+forked = os.fork()
+if forked == 0:
+    time.sleep(300)
+    os._exit(0)
+pids = [popen.pid, forked]
+"""
+"""A cell that starts three processes (Popen, a shell's background job, a fork)."""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether C{pid} is a live process (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

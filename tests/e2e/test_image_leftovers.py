@@ -7,26 +7,9 @@ import time
 
 import pytest
 
+from tests.helpers import START_PROCESSES, process_alive
+
 pytestmark = [pytest.mark.e2e, pytest.mark.image]
-
-STARTS = """
-import os, subprocess, time
-popen = subprocess.Popen(['sleep', '300'])
-os.system('sleep 75 & echo $! > {pidfile}')
-forked = os.fork()
-if forked == 0:
-    time.sleep(300)
-    os._exit(0)
-pids = [popen.pid, forked]
-"""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _wait(predicate, timeout: float = 10.0) -> None:
@@ -44,14 +27,14 @@ def test_processes_left_by_an_image_of_a_killed_server_die_at_the_next_start(
     client = server.tcp_client()
     client.result("create_session", client_id="alice")
     pidfile = tmp_path / "background.pid"
-    client.result("evaluate", code=STARTS.format(pidfile=pidfile))
+    client.result("evaluate", code=START_PROCESSES.format(pidfile=pidfile))
     pids = json.loads(client.result("evaluate", code="pids")["result"])
     _wait(lambda: pidfile.exists() and pidfile.read_text().strip())
     pids.append(int(pidfile.read_text()))
     image_pid = client.result("ping")["image"]["pid"]
     server.kill()  # SIGKILL: nothing in the server runs any more
-    _wait(lambda: not _alive(image_pid))
-    assert all(_alive(pid) for pid in pids), "the processes should outlive the killed server"
+    _wait(lambda: not process_alive(image_pid))
+    assert all(process_alive(pid) for pid in pids), "the processes should outlive the killed server"
     server.start()
-    _wait(lambda: not any(_alive(pid) for pid in pids))
+    _wait(lambda: not any(process_alive(pid) for pid in pids))
     assert "killed 3 processes a previous image left behind" in server.log_text()

@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 
 from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
 from stui_twisted.protocol.errors import StuiError
+from tests.helpers import START_PROCESSES, process_alive
 
 pytestmark = pytest.mark.image
 
@@ -372,27 +373,6 @@ async def test_a_binding_over_the_limit_costs_little_memory_and_later_cells_stay
     assert max(timings[:3]) < max(0.25, 5 * timings[3]), timings
 
 
-def _alive(pid: int) -> bool:
-    """Whether C{pid} is a live process (a zombie counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-GRANDCHILDREN = """
-import os, subprocess, time
-popen = subprocess.Popen(['sleep', '300'])
-os.system('sleep 75 & echo $! > {pidfile}')
-forked = os.fork()
-if forked == 0:
-    time.sleep(300)
-    os._exit(0)
-pids = [popen.pid, forked]
-"""
-
-
 @pytest.mark.timeout(30)
 @pytest_twisted.ensureDeferred
 async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor):
@@ -410,13 +390,13 @@ async def test_cells_are_named_by_the_history_index_the_server_gives(supervisor)
 async def test_image_death_is_noticed_while_processes_it_started_live(supervisor, tmp_path):
     """The image's exit, not the end of its pipes, is its death (issue 13.1)."""
     pidfile = tmp_path / "background.pid"
-    await supervisor.evaluate("s_a", GRANDCHILDREN.format(pidfile=pidfile))
+    await supervisor.evaluate("s_a", START_PROCESSES.format(pidfile=pidfile))
     pids = json.loads(
         (await supervisor.evaluate("s_a", "import json; json.dumps(pids)", "display"))["display"]
     )
     await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip())
     pids.append(int(pidfile.read_text()))
-    assert all(_alive(pid) for pid in pids)
+    assert all(process_alive(pid) for pid in pids)
     old_pid = supervisor.status()["pid"]
     sleeper = supervisor.evaluate("s_b", "import time\ntime.sleep(30)")
     await sleep(0.1)
@@ -427,7 +407,7 @@ async def test_image_death_is_noticed_while_processes_it_started_live(supervisor
     assert time.monotonic() - died_at < 1.0
     await wait_until(lambda: supervisor.status()["status"] == "running", timeout=5)
     assert supervisor.status()["pid"] != old_pid
-    await wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=5)
+    await wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=5)
     assert (await supervisor.evaluate("s_a", "1 + 1", "display"))["display"] == "2"
 
 
