@@ -10,29 +10,26 @@ so a slow or vanished subscriber costs bounded memory and nobody else waits.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
-from datetime import UTC, datetime
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path
+from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+from stui_twisted.protocol.timefmt import iso_timestamp
 
 TEAM = "team"
 TEAM_KEPT = 1000
 
 
 def _timestamp(seconds: float) -> str:
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return iso_timestamp(seconds)
 
 
 def encode_event(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    return COMPACT_ALLOW_NAN.encode(message).encode("utf-8", "surrogatepass")
 
 
 def clip_text(text: str, limit: int = MAX_OUTPUT_TEXT) -> str:

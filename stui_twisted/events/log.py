@@ -23,14 +23,14 @@ from collections import deque
 
 from twisted.internet import defer, threads
 
+from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+
 #: Output text is clipped at this many characters per event (events.md §3).
 MAX_OUTPUT_TEXT = 64 * 1024
 
 
 def _line(message: dict) -> bytes:
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    body = COMPACT_ALLOW_NAN.encode(message).encode("utf-8", "surrogatepass")
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
