@@ -49,3 +49,17 @@ def test_one_docstring_markup():
             if rest.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == [], "\n".join(offenders[:20])
+
+
+def test_every_package_is_installed():
+    """A package missing from setup.cfg works from the checkout and breaks every install."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "stui_twisted").rglob("__init__.py")
+    }
+    assert found - listed == set()
