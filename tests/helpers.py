@@ -132,3 +132,21 @@ def process_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def reactor_sleep(seconds: float):
+    """A Deferred that fires after C{seconds} on the running reactor."""
+    from twisted.internet import reactor
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def failure_of(deferred):
+    """The StuiError a Deferred fails with (fails the test if it succeeds)."""
+    from stui_twisted.protocol.errors import StuiError
+
+    try:
+        value = await deferred
+    except StuiError as error:
+        return error
+    raise AssertionError(f"expected a StuiError, got {value!r}")

@@ -7,11 +7,10 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
 
 from stui_twisted.image.supervisor import ImageSupervisor
 from stui_twisted.image.workspace import Image
-from stui_twisted.protocol.errors import StuiError
+from tests.helpers import failure_of, reactor_sleep
 
 pytestmark = pytest.mark.image
 
@@ -32,16 +31,7 @@ def _reactor():
     return reactor
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(_reactor(), seconds, lambda: None)
-
-
-async def failure_of(deferred) -> StuiError:
-    try:
-        value = await deferred
-    except StuiError as error:
-        return error
-    raise AssertionError(f"expected a StuiError, got {value!r}")
+sleep = reactor_sleep
 
 
 async def ticks_advance(supervisor, session_id: str, timeout: float = 5.0) -> None:

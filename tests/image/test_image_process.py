@@ -11,11 +11,10 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from stui_twisted.image.supervisor import ImageSupervisor, StaleGeneration
-from stui_twisted.protocol.errors import StuiError
-from tests.helpers import START_PROCESSES, process_alive
+from tests.helpers import START_PROCESSES, failure_of, process_alive, reactor_sleep
 
 pytestmark = pytest.mark.image
 
@@ -26,17 +25,7 @@ def _reactor():
     return reactor
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(_reactor(), seconds, lambda: None)
-
-
-async def failure_of(deferred) -> StuiError:
-    """The StuiError a Deferred fails with (fails the test if it succeeds)."""
-    try:
-        value = await deferred
-    except StuiError as error:
-        return error
-    raise AssertionError(f"expected a StuiError, got {value!r}")
+sleep = reactor_sleep
 
 
 async def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> None:
