@@ -150,3 +150,20 @@ async def failure_of(deferred):
     except StuiError as error:
         return error
     raise AssertionError(f"expected a StuiError, got {value!r}")
+
+
+def make_session(client_id: str = "alice", number: int = 1, **extra) -> dict:
+    """A minimal session document as the store takes it (session id from C{number})."""
+    session = {
+        "session_id": f"s_{number:022d}",
+        "client_id": client_id,
+        "state": "active",
+        "created_at": "2026-11-23T10:00:00.000Z",
+        "last_modified": "2026-11-23T10:00:00.000Z",
+        "last_activity": "2026-11-23T10:00:00.000Z",
+        "timeout": 3600.0,
+        "closed_at": None,
+        "session_state": {"n": number},
+    }
+    session.update(extra)
+    return session

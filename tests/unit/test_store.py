@@ -24,6 +24,7 @@ from stui_twisted.storage.store import (
     SessionStore,
     WriteResult,
 )
+from tests.helpers import make_session
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,22 +40,6 @@ def the_reactor():
 def within_time_limit(deferred: defer.Deferred) -> defer.Deferred:
     """C{deferred}, failing with TimeoutError instead of hanging."""
     return deferred.addTimeout(DEFERRED_TIMEOUT, the_reactor())
-
-
-def make_session(client_id: str = "alice", number: int = 1, **extra) -> dict:
-    session = {
-        "session_id": f"s_{number:022d}",
-        "client_id": client_id,
-        "state": "active",
-        "created_at": "2026-11-23T10:00:00.000Z",
-        "last_modified": "2026-11-23T10:00:00.000Z",
-        "last_activity": "2026-11-23T10:00:00.000Z",
-        "timeout": 3600.0,
-        "closed_at": None,
-        "session_state": {"n": number},
-    }
-    session.update(extra)
-    return session
 
 
 async def opened_store(data_dir, **options) -> SessionStore:
