@@ -43,7 +43,15 @@ class Options(usage.Options):
             "and exit: 0 if it is good, 1 with the reason",
         ],
     ]
-    optParameters = [["config", "c", None, "INI file with a [stui] section (see etc/stui.ini)"]] + [
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "INI file: a [stui] section of options, and plans ([plans], [plan:NAME], "
+            "[principals]; reloaded on SIGHUP); see etc/stui.ini",
+        ]
+    ] + [
         [name, None, None, f"{help_text} [default: {shown_default(getattr(Settings(), field))}]"]
         for name, (field, _parse, help_text) in OPTIONS.items()
     ]
