@@ -392,3 +392,28 @@ async def test_the_cleanup_loop_notices_a_changed_file(tmp_path):
         assert book.reloads == 1
     finally:
         await core.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_callers_plan_bounds_the_evaluation_time(tmp_path):
+    from stui_twisted.protocol.errors import StuiError
+    from stui_twisted.sessions.live import LiveSessions
+    from stui_twisted.sessions.model import Session
+    from tests.unit.test_service import _ScriptedImage, _View
+
+    class TimedImage(_ScriptedImage):
+        def evaluate(self, session_id, code, mode, timeout, **kwargs):
+            self.timeouts.append(timeout)
+            return super().evaluate(session_id, code, mode, timeout, **kwargs)
+
+    book = book_of(tmp_path, CONTRACT.replace("max_eval_timeout = 30", "max_eval_timeout = 10"))
+    session = Session("s_" + "e" * 22, "alice", 0.0, 60.0, 0.0, 0.0)
+    image = TimedImage({"result": "1", "result_type": "int", "output": "", "variables": []})
+    image.timeouts = []
+    live = LiveSessions(_View([session]), image, book.settings, task.Clock(), plans=book)
+    with pytest.raises(StuiError) as raised:
+        await live.evaluate(session, "1", "execute", 11, by="bob")
+    assert raised.value.details == {"parameter": "timeout", "max_eval_timeout": 10.0}
+    await live.evaluate(session, "1", "execute", None, by="bob")  # the default, lowered
+    await live.evaluate(session, "1", "execute", 300, by="alice")  # pro: the server's 600
+    assert image.timeouts == [10.0, 300]
