@@ -17,6 +17,7 @@ from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
 from stui_twisted.dispatch.browse_commands import build_browse_commands, language_version
 from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
+from stui_twisted.dispatch.share_commands import build_share_commands
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.results import UNSET, Rebuilt
@@ -104,6 +105,8 @@ class WireCommands:
                 "attached_connections": info.attached_connections,
             }
         )
+        if info.shares is not None:  # the owner's view only (access.md §1)
+            result["shares"] = info.shares
         return result
 
     async def list_client_sessions(self, call: Call) -> dict:
@@ -428,4 +431,5 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         ),
         *build_browse_commands(service),
         *build_debug_commands(service),
+        *build_share_commands(service),
     ]

@@ -127,6 +127,9 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "debug_step",
         "debug_continue",
         "debug_post_mortem",
+        "share_session",
+        "unshare_session",
+        "list_shared_sessions",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True
