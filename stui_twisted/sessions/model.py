@@ -358,8 +358,14 @@ class Session:
             loaded=False,
         )
 
-    def load_document(self, document: dict) -> None:
+    def load_document(self, document: dict, *, shares: bool = True) -> None:
         """Fill the context from a session file's C{session} object.
+
+        @param shares: take the shares from C{document} too.  False when an
+            older copy replaces the context (C{load_context}, closing without
+            saving): whom the session is shared with is not part of its context,
+            and an old copy must neither bring back a share taken away since
+            nor drop one given since.
 
         Times already known in memory (e.g. a newer C{last_activity} from the
         index) are kept when they are later than the file's.
@@ -381,7 +387,7 @@ class Session:
         )
         self.next_object_id = int(document.get("next_object_id") or 1)
         self.breakpoints = document.get("breakpoints") or []
-        if "shares" in document:
+        if shares and "shares" in document:
             self.shares = shares_from(document["shares"])
         for key in ("last_activity", "last_modified"):
             stored = _time(document.get(key))

@@ -618,9 +618,9 @@ class SessionService(service.Service):
         if not save_state:
             try:
                 document = await self.store.read(session.client_id, session.session_id)
-                session.load_document(document)
+                session.load_document(document, shares=False)
             except KeyError:
-                session.load_document({})
+                session.load_document({}, shares=False)
             except StorageFailure as exc:
                 raise storage_error(exc, "close the session") from exc
         session.state = CLOSED
@@ -860,7 +860,7 @@ class SessionService(service.Service):
         except StorageFailure as exc:
             raise storage_error(exc, "load the context") from exc
         counter = session.history_counter
-        session.load_document(document)
+        session.load_document(document, shares=False)
         # Cells keep numbers of their own: the next one is not numbered again.
         session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state

@@ -388,3 +388,23 @@ async def test_without_auth_a_request_without_client_id_acts_as_the_owner(make):
     assert [s["client_id"] for s in shared["shares"]] == ["bob", "dan"]
     claim = await h.error(anyone, "close_session", session_id=sid, client_id="bob")
     assert claim["error_type"] == "PermissionDenied"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_older_copy_of_the_context_keeps_the_shares_as_they_are(make):
+    """load_context and close without saving replace the context, not who may use it."""
+    h = await make()
+    sid, alice, bob = await _shared(h, "write")
+    await h.ok(alice, "save_context", client_id="alice")  # saved while bob has write
+    await h.ok(alice, "unshare_session", client_id="alice", **{"with": "bob"})
+    await h.ok(alice, "share_session", client_id="alice", **{"with": "carol"}, access="read")
+    await h.ok(alice, "load_context", client_id="alice")
+    refused = await h.error(bob, "get_session_info", session_id=sid, client_id="bob")
+    assert refused["error_type"] == "SessionNotFound"  # the old copy brings no share back
+    info = await h.ok(alice, "get_session_info", client_id="alice")
+    assert info["shares"] == [{"client_id": "carol", "access": "read"}]
+    closed = await h.ok(alice, "close_session", client_id="alice", save_state=False)
+    assert closed["closed"] is True
+    listed = await h.ok(h.connection(), "list_shared_sessions", client_id="bob")
+    assert listed["sessions"] == []
+    assert h.service.sessions[sid].shares == {"carol": "read"}
