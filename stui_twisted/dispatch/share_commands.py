@@ -21,24 +21,20 @@ def build_share_commands(service) -> list[Command]:
     def shared(session) -> dict:
         return {"session_id": session.session_id, "shares": shares_list(session.shares)}
 
+    def target(call) -> dict:
+        """The session a call names, who acts, and whom the share is about."""
+        return {
+            "session_id": call.params.get("session_id"),
+            "client_id": call.client_id,
+            "connection": call.context,
+            "with_client": call.params["with"],
+        }
+
     async def share_session(call) -> dict:
-        session = await service.share_session(
-            session_id=call.params.get("session_id"),
-            client_id=call.client_id,
-            connection=call.context,
-            with_client=call.params["with"],
-            access=call.params["access"],
-        )
-        return shared(session)
+        return shared(await service.share_session(**target(call), access=call.params["access"]))
 
     async def unshare_session(call) -> dict:
-        session = await service.unshare_session(
-            session_id=call.params.get("session_id"),
-            client_id=call.client_id,
-            connection=call.context,
-            with_client=call.params["with"],
-        )
-        return shared(session)
+        return shared(await service.unshare_session(**target(call)))
 
     async def list_shared_sessions(call) -> dict:
         listed = await service.list_shared_sessions(client_id=call.client_id)

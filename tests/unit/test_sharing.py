@@ -20,7 +20,7 @@ from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.events.commands import build_event_commands
 from stui_twisted.events.hub import EventHub
 from stui_twisted.protocol.errors import StuiError
-from tests.unit.test_service import Harness
+from tests.unit import test_service
 
 
 class Pushed:
@@ -36,39 +36,34 @@ class Pushed:
         return [(e["event"], e["data"]) for e in self.events]
 
 
-class SharingHarness(Harness):
-    """The harness with the event hub and its commands wired as tap.py wires them."""
-
-    async def start(self) -> SharingHarness:
-        await super().start()
-        self.service.events = EventHub(self.clock, str(self.data_dir))
-        self.dispatcher.register_all(build_event_commands(self.service, self.service.events))
-        return self
-
-    def connection(self) -> ConnectionContext:
-        context = ConnectionContext(transport="tcp", peer="test")
-        context.connection = Pushed()
-        return context
+made = test_service.make  # the harness fixture of test_service (its core, its clock)
 
 
 @pytest.fixture
-def make(tmp_path):
-    started = []
+def make(made):
+    """C{made}, with the event hub and its commands wired as tap.py wires them."""
 
-    async def factory(**overrides) -> SharingHarness:
-        harness = await SharingHarness(tmp_path / "data", **overrides).start()
-        started.append(harness)
+    async def factory(**overrides):
+        harness = await made(**overrides)
+        harness.service.events = EventHub(harness.clock, str(harness.data_dir))
+        harness.dispatcher.register_all(
+            build_event_commands(harness.service, harness.service.events)
+        )
         return harness
 
-    yield factory
-    for harness in started:
-        if harness.core.running:
-            pytest_twisted.blockon(harness.core.stopService())
+    return factory
+
+
+def connect() -> ConnectionContext:
+    """A conversation whose pushed events are kept (in C{.connection.events})."""
+    context = ConnectionContext(transport="tcp", peer="test")
+    context.connection = Pushed()
+    return context
 
 
 async def _shared(h, access="read"):
     """Alice's session, shared with bob; the connections of alice and bob."""
-    alice, bob = h.connection(), h.connection()
+    alice, bob = connect(), connect()
     sid = (await h.ok(alice, "create_session", client_id="alice"))["session_id"]
     await h.ok(alice, "share_session", client_id="alice", **{"with": "bob", "access": access})
     return sid, alice, bob
@@ -223,7 +218,7 @@ async def test_a_writer_changes_the_session_but_never_closes_or_shares_it(make):
 async def test_without_a_share_a_session_does_not_exist(make):
     h = await make()
     sid, _alice, _bob = await _shared(h)
-    carol = h.connection()
+    carol = connect()
     hidden = await h.error(carol, "get_session_info", session_id=sid, client_id="carol")
     none = await h.error(carol, "get_session_info", session_id="s_" + "A" * 22, client_id="carol")
     assert hidden["error_type"] == none["error_type"] == "SessionNotFound"
@@ -299,7 +294,7 @@ async def test_list_shared_sessions_lists_what_others_shared_with_the_caller(mak
     ]
     await h.ok(alice, "close_session", session_id=sid, client_id="alice")
     assert (await h.ok(bob, "list_shared_sessions", client_id="bob"))["sessions"] == []
-    anonymous = await h.error(h.connection(), "list_shared_sessions")
+    anonymous = await h.error(connect(), "list_shared_sessions")
     assert anonymous["details"]["parameter"] == "client_id"
 
 
@@ -309,7 +304,7 @@ async def test_a_shared_session_counts_against_its_owner_only(make):
     sid, _alice, bob = await _shared(h)
     await h.ok(bob, "restore_session", session_id=sid, client_id="bob")
     await h.ok(bob, "create_session", client_id="bob")  # bob's one session is his own
-    refused = await h.error(h.connection(), "create_session", client_id="alice")
+    refused = await h.error(connect(), "create_session", client_id="alice")
     assert refused["error_type"] == "SessionLimitExceeded"
 
 
@@ -324,14 +319,14 @@ async def test_shares_survive_a_restart_with_and_without_the_index(make, tmp_pat
         if attempt == "files":
             (tmp_path / "data" / "index.json").unlink()
         again = await make(durability="always")
-        bob = again.connection()
+        bob = connect()
         listed = await again.ok(bob, "list_shared_sessions", client_id="bob")
         assert [s["session_id"] for s in listed["sessions"]] == [sid], attempt
         info = await again.ok(bob, "get_session_info", session_id=sid, client_id="bob")
         assert info["client_id"] == "alice"
         hidden = await again.error(bob, "get_session_info", session_id=sid, client_id="carol")
         assert hidden["error_type"] == "SessionNotFound", attempt
-        owner = await again.ok(again.connection(), "get_session_info", session_id=sid)
+        owner = await again.ok(connect(), "get_session_info", session_id=sid)
         assert owner["shares"] == [{"client_id": "bob", "access": "read"}]
         await again.stop()
 
@@ -346,7 +341,7 @@ async def test_watchers_join_and_leave_once_per_principal(make):
     await h.ok(alice, "subscribe", client_id="alice")
     assert alice.connection.events == []  # the owner subscribing is no watcher
     await h.ok(bob, "subscribe", session_id=sid, client_id="bob")
-    second = h.connection()
+    second = connect()
     await h.ok(second, "subscribe", session_id=sid, client_id="bob")
     await h.ok(bob, "subscribe", session_id=sid, client_id="bob")  # again: nothing new
     joined = ("watcher_joined", {"client_id": "bob", "access": "read"})
@@ -383,7 +378,7 @@ async def test_without_auth_a_request_without_client_id_acts_as_the_owner(make):
     """Auth off: client ids are claims (docs/security.md); no claim is the owner, as before."""
     h = await make()
     sid, _alice, _bob = await _shared(h)
-    anyone = h.connection()
+    anyone = connect()
     shared = await h.ok(anyone, "share_session", session_id=sid, **{"with": "dan"}, access="read")
     assert [s["client_id"] for s in shared["shares"]] == ["bob", "dan"]
     claim = await h.error(anyone, "close_session", session_id=sid, client_id="bob")
@@ -405,6 +400,6 @@ async def test_an_older_copy_of_the_context_keeps_the_shares_as_they_are(make):
     assert info["shares"] == [{"client_id": "carol", "access": "read"}]
     closed = await h.ok(alice, "close_session", client_id="alice", save_state=False)
     assert closed["closed"] is True
-    listed = await h.ok(h.connection(), "list_shared_sessions", client_id="bob")
+    listed = await h.ok(connect(), "list_shared_sessions", client_id="bob")
     assert listed["sessions"] == []
     assert h.service.sessions[sid].shares == {"carol": "read"}
