@@ -10,6 +10,7 @@ L{decide} for every command that names a session.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
 
 from stui_twisted.protocol.errors import StuiError
@@ -138,6 +139,44 @@ def decide(
             command=command,
         )
     return access
+
+
+def check_reader_expression(expression: str) -> None:
+    """Refuse a reader's C{inspect} expression that would run code rather than name a value.
+
+    C{inspect} evaluates its C{expression} in the session's namespace, so an
+    arbitrary one (C{x.clear()}, C{__import__('os')...}) would let a reader change
+    the session after all.  A reader may name a value: a name, attributes of it,
+    and items by a constant key (C{x}, C{p.x}, C{rows[0]}, C{d['k']}, C{m[-1].y}),
+    which is what C{complete} resolves too.
+
+    @raise StuiError: C{PermissionDenied} naming the parameter.
+    """
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError:
+        tree = None
+    node = tree.body if tree is not None else None
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        if isinstance(node, ast.Subscript) and not _constant(node.slice):
+            break
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise StuiError(
+            "PermissionDenied",
+            "with read access, inspect takes an 'object_id' or an 'expression' that names a "
+            "value (x, x.attr, x[0], d['k']), not one that computes",
+            access=READ,
+            command="inspect",
+            parameter="expression",
+        )
+
+
+def _constant(node: ast.AST) -> bool:
+    """A literal key: a constant, or a negative number."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node = node.operand
+    return isinstance(node, ast.Constant)
 
 
 def shares_list(shares: Mapping[str, str]) -> list[dict]:

@@ -958,11 +958,14 @@ class SessionService(service.Service):
     ) -> Inspection:
         """Look inside an object of the session (see L{LiveSessions.inspect}).
 
-        A reader's inspection does not become the session's inspector selection.
+        A reader's inspection does not become the session's inspector selection,
+        and its C{expression} may only name a value (L{sharing.check_reader_expression}).
         """
         LiveSessions.check_inspect(object_id, expression, limit)
         session = await self._session_for(session_id, client_id, connection, command="inspect")
         reader = sharing.role_of(session.client_id, session.shares, client_id) == sharing.READ
+        if reader and expression is not None:
+            sharing.check_reader_expression(expression)
         return await self.live.inspect(session, object_id, expression, limit, select=not reader)
 
     async def complete(

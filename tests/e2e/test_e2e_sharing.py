@@ -88,6 +88,8 @@ def test_bob_reads_and_watches_then_writes_then_is_cut_off(server):
         "success"
     )
     assert bob.call("close_session")["error_type"] == "PermissionDenied"
+    computing = bob.call("inspect", expression="x.clear() or x")  # inspect evaluates
+    assert computing["error_type"] == "PermissionDenied", computing
 
     # the reader's inspect left the session's inspector state alone
     state = alice.result("restore_session", session_id=session_id)["inspector_state"]

@@ -167,6 +167,37 @@ def test_stored_shares_are_read_strictly():
     ]
 
 
+@pytest.mark.parametrize(
+    "expression", ["x", "p.x", "rows[0]", "d['k']", "m[-1].y", " x ", "a.b.c[2]['q']"]
+)
+def test_a_reader_may_inspect_what_an_expression_names(expression):
+    sharing.check_reader_expression(expression)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "x.clear()",
+        "x.clear() or x",
+        "__import__('os').system('true')",
+        "(y := 1)",
+        "x[f()]",
+        "x[0:2]",
+        "[x]",
+        "1",
+        "x +",
+        "lambda: 0",
+        "rows[i]",
+    ],
+)
+def test_a_readers_inspect_expression_that_computes_is_refused(expression):
+    with pytest.raises(StuiError) as raised:
+        sharing.check_reader_expression(expression)
+    error = raised.value
+    assert error.error_type == "PermissionDenied"
+    assert error.details == {"access": "read", "command": "inspect", "parameter": "expression"}
+
+
 # -- the commands ------------------------------------------------------------------------
 
 
@@ -194,6 +225,8 @@ async def test_a_reader_sees_the_session_but_changes_nothing(make):
         assert refused["error_type"] == "PermissionDenied", refused
         assert refused["details"] == {"access": "read", "command": command}
     assert (await h.ok(alice, "get_session_info", client_id="alice"))["state"] == "active"
+    computing = await h.error(bob, "inspect", client_id="bob", expression="x.clear() or x")
+    assert computing["details"]["parameter"] == "expression"  # refused before the image
     listed = await h.ok(bob, "list_client_sessions", client_id="bob")
     assert listed["session_count"] == 0  # attaching does not make bob an owner
 
