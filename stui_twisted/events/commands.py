@@ -40,17 +40,26 @@ def build_event_commands(service, hub, *, max_limit: int = 1000, max_wait: float
             raise invalid_parameter("since", f"must be 0 or more, not {since}")
         return since
 
+    async def watchers_durable(key: str) -> None:
+        """Under C{always}, a C{watcher_joined}/C{watcher_left} is on disk before the reply."""
+        if key != TEAM and hub.durability == "always":
+            await hub.sync(key)
+
     async def subscribe(call) -> dict:
         key, watcher = await stream_of(call, "subscribe")
         since = since_param(call, False)
-        return hub.subscribe(call.context, call.context.connection, key, since, watcher)
+        result = hub.subscribe(call.context, call.context.connection, key, since, watcher)
+        await watchers_durable(key)
+        return result
 
     async def unsubscribe(call) -> dict:
         if call.params.get("session_id") == TEAM:
             key = TEAM
         else:
             key = call.params.get("session_id") or call.context.current_session_id or ""
-        return {"unsubscribed": hub.unsubscribe(call.context, key)}
+        unsubscribed = hub.unsubscribe(call.context, key)
+        await watchers_durable(key)
+        return {"unsubscribed": unsubscribed}
 
     async def get_events(call) -> dict:
         key, _watcher = await stream_of(call, "get_events")
