@@ -163,6 +163,7 @@ def make_session(client_id: str = "alice", number: int = 1, **extra) -> dict:
         "last_activity": "2026-11-23T10:00:00.000Z",
         "timeout": 3600.0,
         "closed_at": None,
+        "shares": [],
         "session_state": {"n": number},
     }
     session.update(extra)

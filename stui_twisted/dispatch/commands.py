@@ -19,6 +19,7 @@ from stui_twisted.dispatch.browse_commands import build_browse_commands, languag
 from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
 from stui_twisted.dispatch.plan_commands import build_plan_commands
+from stui_twisted.dispatch.share_commands import build_share_commands
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.results import UNSET, Rebuilt
@@ -106,6 +107,8 @@ class WireCommands:
                 "attached_connections": info.attached_connections,
             }
         )
+        if info.shares is not None:  # the owner's view only (access.md §1)
+            result["shares"] = info.shares
         return result
 
     async def list_client_sessions(self, call: Call) -> dict:
@@ -433,4 +436,5 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         *build_debug_commands(service),
         *build_plan_commands(dispatcher, authenticator),
         *build_admin_commands(service, authenticator),
+        *build_share_commands(service),
     ]

@@ -446,7 +446,7 @@ class LiveSessions:
         except StuiError as error:
             if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
                 self.apply_delta(session, error.details)
-                entry = self._history_entry(session, code, started, error=error)
+                entry = self._history_entry(session, code, started, by, error=error)
                 for key in DELTA_KEYS:
                     error.details.pop(key, None)
                 error.details["history_index"] = entry["index"]
@@ -456,7 +456,7 @@ class LiveSessions:
             await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
             raise
         self.apply_delta(session, outcome)
-        entry = self._history_entry(session, code, started, outcome=outcome)
+        entry = self._history_entry(session, code, started, by, outcome=outcome)
         await self.view.changed(session, "record the evaluation")
         await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
         return EvaluationOutcome(
@@ -470,12 +470,14 @@ class LiveSessions:
             history_index=entry["index"],
         )
 
-    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
+    def _history_entry(self, session, code, started, by, *, outcome=None, error=None) -> dict:
+        """Append the history entry of one evaluation; C{by} evaluated it (None: the owner)."""
         session.history_counter += 1
         entry = {
             "index": session.history_counter,
             "code": clip(code),
             "timestamp": iso_timestamp(started),
+            "by": by or session.client_id,
         }
         if outcome is not None:
             entry.update(
@@ -516,9 +518,19 @@ class LiveSessions:
             raise invalid_parameter("limit", "must be 0 or more")
 
     async def inspect(
-        self, session: Session, object_id: str | None, expression: str | None, limit: int
+        self,
+        session: Session,
+        object_id: str | None,
+        expression: str | None,
+        limit: int,
+        *,
+        select: bool = True,
     ) -> Inspection:
-        """Look inside an object of C{session}; it becomes the inspector's selection."""
+        """Look inside an object of C{session}; it becomes the inspector's selection.
+
+        @param select: False for a reader's inspection (access.md §1): the
+            session's C{inspector_state} stays as it was.
+        """
         self.check_inspect(object_id, expression, limit)
         image = self._need_image()
         try:
@@ -538,7 +550,7 @@ class LiveSessions:
             raise
         self.apply_delta(session, outcome)
         selected = outcome.get("object_id")
-        if selected:
+        if selected and select:
             session.inspector_selected = selected
             session.inspector_history.append(selected)
             del session.inspector_history[:-MAX_INSPECTOR_HISTORY]

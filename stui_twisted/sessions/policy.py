@@ -14,14 +14,17 @@ from stui_twisted.protocol.errors import StuiError
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
-def check_client_id(client_id: str) -> str:
-    """Return C{client_id} or raise C{ClientNotAllowed} naming what is wrong."""
+def check_client_id(client_id: str, parameter: str = "client_id") -> str:
+    """Return C{client_id} or raise C{ClientNotAllowed} naming what is wrong.
+
+    @param parameter: the name of the parameter that carried it (for the message).
+    """
     if not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise StuiError(
             "ClientNotAllowed",
-            "parameter 'client_id' must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, "
+            f"parameter {parameter!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, "
             "starting with a letter or digit",
-            parameter="client_id",
+            parameter=parameter,
         )
     return client_id
 

@@ -54,6 +54,8 @@ class SessionInfo:
     session: Session
     size_bytes: int
     attached_connections: int
+    shares: list | None = None
+    """The session's shares (C{[{client_id, access}]}) for its owner; None for anyone else."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.access import sharing
 from stui_twisted.access.plans import PlanBook
 from stui_twisted.events import hooks as event_hooks
 from stui_twisted.protocol.envelope import iso_timestamp
@@ -67,6 +68,23 @@ DAY = 24 * 3600.0
 CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
 
 
+def _restore_share(session: Session, client_id: str, access: str | None) -> None:
+    """Put C{client_id}'s share back as it was (C{None}: there was none)."""
+    if access is None:
+        session.shares.pop(client_id, None)
+    else:
+        session.shares[client_id] = access
+
+
+def _forget(index: dict[str, set[str]], client_id: str, session_id: str) -> None:
+    """Take C{session_id} out of C{index[client_id]} (and the key once it is empty)."""
+    ids = index.get(client_id)
+    if ids is not None:
+        ids.discard(session_id)
+        if not ids:
+            del index[client_id]
+
+
 class SessionService(service.Service):
     """Owns every session; the command table calls into it.
 
@@ -102,6 +120,8 @@ class SessionService(service.Service):
         self.sessions: dict[str, Session] = {}
         self.events = None  # the EventHub (stui_twisted.events), set by tap.build_server
         self._by_client: dict[str, set[str]] = {}
+        # client id -> ids of the sessions others shared with it (list_shared_sessions)
+        self._shared_with: dict[str, set[str]] = {}
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
         self.writer = SessionWriter(store, settings, reactor, self.sessions, self.shared)
@@ -215,11 +235,16 @@ class SessionService(service.Service):
         client_id: str | None,
         connection: ConnectionContext,
         *,
+        command: str,
         touch: bool = True,
     ) -> Session:
         """The session C{session_id} names (or C{connection}'s current one), checked.
 
+        Whether C{client_id} may run C{command} on it is decided by
+        L{sharing.decide} (owner, or the access it was shared with).
+
         @param client_id: the acting client; C{None} acts for any (auth off, no id given).
+        @param command: the command's name, for the access decision.
         """
         await self.ready()
         session_id = session_id or connection.current_session_id
@@ -230,12 +255,9 @@ class SessionService(service.Service):
                 "create_session or restore_session first",
             )
         session = self.sessions.get(session_id)
-        if session is None or (client_id is not None and session.client_id != client_id):
-            raise StuiError(
-                "SessionNotFound",
-                f"no session {session_id[:80]!r} for this client",
-                session_id=session_id[:80],
-            )
+        if session is None:
+            raise sharing.session_not_found(session_id)
+        sharing.decide(session.session_id, session.client_id, session.shares, client_id, command)
         now = self.now()
         if session.state == CLOSED:
             raise StuiError(
@@ -272,6 +294,8 @@ class SessionService(service.Service):
     def _add(self, session: Session) -> None:
         self.sessions[session.session_id] = session
         self._by_client.setdefault(session.client_id, set()).add(session.session_id)
+        for reader in session.shares:
+            self._shared_with.setdefault(reader, set()).add(session.session_id)
         if session.state == ACTIVE:
             self._active_ids.add(session.session_id)
 
@@ -281,11 +305,9 @@ class SessionService(service.Service):
             self.events.forget(session.session_id)  # its events stay on disk
         self.writer.dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
-        owned = self._by_client.get(session.client_id)
-        if owned is not None:
-            owned.discard(session.session_id)
-            if not owned:
-                del self._by_client[session.client_id]
+        _forget(self._by_client, session.client_id, session.session_id)
+        for reader in session.shares:
+            _forget(self._shared_with, reader, session.session_id)
 
     def _sessions_of(self, client_id: str) -> list[Session]:
         """The sessions of one client, without scanning every session."""
@@ -512,8 +534,14 @@ class SessionService(service.Service):
     async def restore_session(
         self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
     ) -> RestoreResult:
-        """Reattach C{connection} to a session, its namespace live in the image."""
-        session = await self._session_for(session_id, client_id, connection)
+        """Reattach C{connection} to a session, its namespace live in the image.
+
+        A principal the session is shared with attaches as itself: the session
+        stays its owner's, and no other connection's current session changes.
+        """
+        session = await self._session_for(
+            session_id, client_id, connection, command="restore_session"
+        )
         connection.current_session_id = session.session_id
         rebuilt = await self.live.restore(session)
         self.log.info(
@@ -545,7 +573,9 @@ class SessionService(service.Service):
                 "give at least one of 'state_data', 'workspace_context', 'inspector_state'",
                 parameter="state_data",
             )
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(
+            session_id, client_id, connection, command="update_session_state"
+        )
         before = (session.session_state, session.client_workspace, session.inspector_view)
         if state_data is not UNSET:
             session.session_state = (
@@ -588,14 +618,16 @@ class SessionService(service.Service):
         save_state: bool = True,
     ) -> Session:
         """End a session for good (without C{save_state}: as it was last written)."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(
+            session_id, client_id, connection, command="close_session"
+        )
         now = self.now()
         if not save_state:
             try:
                 document = await self.store.read(session.client_id, session.session_id)
-                session.load_document(document)
+                session.load_document(document, shares=False)
             except KeyError:
-                session.load_document({})
+                session.load_document({}, shares=False)
             except StorageFailure as exc:
                 raise storage_error(exc, "close the session") from exc
         session.state = CLOSED
@@ -629,14 +661,26 @@ class SessionService(service.Service):
         return session
 
     async def get_session_info(
-        self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        command: str = "get_session_info",
     ) -> SessionInfo:
-        """The session (not touched: asking about it is not activity) and its sizes."""
-        session = await self._session_for(session_id, client_id, connection, touch=False)
+        """The session (not touched: asking about it is not activity) and its sizes.
+
+        Its shares are in the answer for the owner only (C{None} for anyone else).
+        """
+        session = await self._session_for(
+            session_id, client_id, connection, command=command, touch=False
+        )
+        owner = sharing.role_of(session.client_id, session.shares, client_id) == sharing.OWNER
         return SessionInfo(
             session,
             size_bytes=session.size_bytes or self._size_of(session),
             attached_connections=self.connections.attached_to(session.session_id),
+            shares=sharing.shares_list(session.shares) if owner else None,
         )
 
     async def list_client_sessions(
@@ -691,13 +735,116 @@ class SessionService(service.Service):
             storage=storage,
         )
 
+    # ================================================================ sharing
+
+    async def share_session(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        with_client: str,
+        access: str,
+    ) -> Session:
+        """Let C{with_client} use the session with C{access} (replacing its share, if any).
+
+        Only the owner shares (L{sharing.decide}); the share is part of the
+        session, written under its durability policy.
+        """
+        if access not in sharing.ACCESS_LEVELS:
+            raise invalid_parameter(
+                "access",
+                f"must be read or write, not {str(access)[:40]!r}",
+                allowed=["read", "write"],
+            )
+        check_client_id(with_client, parameter="with")
+        session = await self._session_for(
+            session_id, client_id, connection, command="share_session"
+        )
+        if with_client == session.client_id:
+            raise invalid_parameter(
+                "with",
+                f"is the session's owner {with_client!r}; a session is not shared with its owner",
+            )
+        before = session.shares.get(with_client)
+        if before == access:
+            return session
+        session.shares[with_client] = access
+        try:
+            await self.changed(session, "share the session")
+        except StuiError:
+            _restore_share(session, with_client, before)
+            raise
+        self._shared_with.setdefault(with_client, set()).add(session.session_id)
+        event_hooks.share_changed(self, session.session_id, with_client, access)
+        self.log.info(
+            "{conn} shared session {sid} of {owner} with {who} ({access})",
+            conn=connection.label,
+            sid=session.session_id,
+            owner=session.client_id,
+            who=with_client,
+            access=access,
+        )
+        return session
+
+    async def unshare_session(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        with_client: str,
+    ) -> Session:
+        """Take C{with_client}'s share away, at once: its next command and its stream end.
+
+        Unsharing a client the session is not shared with changes nothing.
+        """
+        check_client_id(with_client, parameter="with")
+        session = await self._session_for(
+            session_id, client_id, connection, command="unshare_session"
+        )
+        before = session.shares.pop(with_client, None)
+        if before is None:
+            return session
+        try:
+            await self.changed(session, "unshare the session")
+        except StuiError:
+            session.shares[with_client] = before
+            raise
+        _forget(self._shared_with, with_client, session.session_id)
+        event_hooks.share_changed(self, session.session_id, with_client, None)
+        await event_hooks.durable(self, session)
+        self.log.info(
+            "{conn} unshared session {sid} of {owner} from {who}",
+            conn=connection.label,
+            sid=session.session_id,
+            owner=session.client_id,
+            who=with_client,
+        )
+        return session
+
+    async def list_shared_sessions(self, *, client_id: str | None) -> ClientSessions:
+        """The active sessions others shared with C{client_id}, oldest first."""
+        await self.ready()
+        client_id = self._owned_client(client_id)
+        now = self.now()
+        sessions = sorted(
+            (
+                self.sessions[sid]
+                for sid in self._shared_with.get(client_id, ())
+                if self.sessions[sid].is_active(now)
+            ),
+            key=lambda s: s.created_at,
+        )
+        return ClientSessions(client_id, sessions)
+
     # ================================================================ context commands
 
     async def save_context(
         self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
     ) -> SaveResult:
         """Write the session (its live namespace included) durably now, and a saved copy."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command="save_context")
         await self.live.snapshot_into(session)
         # One stamp for both files: save_context's saved_at, the session's
         # last_saved_at and load_context's saved_at are the same string.
@@ -720,7 +867,7 @@ class SessionService(service.Service):
         self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
     ) -> LoadResult:
         """Replace the in-memory context with the copy C{save_context} wrote last."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command="load_context")
         try:
             document, saved_at = await self.store.read_saved(session.client_id, session.session_id)
         except KeyError:
@@ -732,7 +879,7 @@ class SessionService(service.Service):
         except StorageFailure as exc:
             raise storage_error(exc, "load the context") from exc
         counter = session.history_counter
-        session.load_document(document)
+        session.load_document(document, shares=False)
         # Cells keep numbers of their own: the next one is not numbered again.
         session.history_counter = max(counter, session.history_counter)
         # Written back as a change: a flush still writing the replaced state
@@ -746,7 +893,10 @@ class SessionService(service.Service):
     ) -> SessionInfo:
         """The session, not touched, for a summary of its context."""
         return await self.get_session_info(
-            session_id=session_id, client_id=client_id, connection=connection
+            session_id=session_id,
+            client_id=client_id,
+            connection=connection,
+            command="get_context_summary",
         )
 
     async def clear_context(
@@ -769,7 +919,9 @@ class SessionService(service.Service):
                     "parts",
                     f"has unknown part {str(part)[:40]!r}; use any of {', '.join(CONTEXT_PARTS)}",
                 )
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(
+            session_id, client_id, connection, command="clear_context"
+        )
         image_parts = [p for p in ("variables", "registry") if p in parts]
         await self.live.clear(session, image_parts, lambda: self._clear_parts(session, parts))
         await self.changed(session, "clear the context")
@@ -810,7 +962,7 @@ class SessionService(service.Service):
         timeout: float | None = None,
     ) -> EvaluationOutcome:
         """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command="evaluate")
         return await self.live.evaluate(session, code, mode, timeout, by=client_id)
 
     async def inspect(
@@ -823,10 +975,17 @@ class SessionService(service.Service):
         expression: str | None = None,
         limit: int = 100,
     ) -> Inspection:
-        """Look inside an object of the session (see L{LiveSessions.inspect})."""
+        """Look inside an object of the session (see L{LiveSessions.inspect}).
+
+        A reader's inspection does not become the session's inspector selection,
+        and its C{expression} may only name a value (L{sharing.check_reader_expression}).
+        """
         LiveSessions.check_inspect(object_id, expression, limit)
-        session = await self._session_for(session_id, client_id, connection)
-        return await self.live.inspect(session, object_id, expression, limit)
+        session = await self._session_for(session_id, client_id, connection, command="inspect")
+        reader = sharing.role_of(session.client_id, session.shares, client_id) == sharing.READ
+        if reader and expression is not None:
+            sharing.check_reader_expression(expression)
+        return await self.live.inspect(session, object_id, expression, limit, select=not reader)
 
     async def complete(
         self,
@@ -838,14 +997,14 @@ class SessionService(service.Service):
         cursor_pos: int | None = None,
     ) -> Completions:
         """Completions at the cursor (see L{LiveSessions.complete})."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command="complete")
         return await self.live.complete(session, code, cursor_pos)
 
     async def interrupt(
         self, *, session_id: str | None, client_id: str | None, connection: ConnectionContext
     ) -> tuple[str, bool]:
         """Stop the session's running evaluation: (session id, whether one was stopped)."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command="interrupt")
         return session.session_id, await self.live.interrupt(session)
 
     async def browse(
@@ -858,7 +1017,7 @@ class SessionService(service.Service):
         arguments: dict,
     ) -> tuple[str, dict]:
         """A browse tool in the session's namespace: (session id, the image's answer)."""
-        session = await self._session_for(session_id, client_id, connection)
+        session = await self._session_for(session_id, client_id, connection, command=operation)
         return session.session_id, await self.live.browse(session, operation, arguments)
 
     # ================================================================ misc

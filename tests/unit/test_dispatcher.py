@@ -133,6 +133,9 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "disconnect_client",
         "revoke_tokens",
         "list_all_sessions",
+        "share_session",
+        "unshare_session",
+        "list_shared_sessions",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True

@@ -334,7 +334,7 @@ async def test_the_owners_plan_limits_sessions_and_history(tmp_path):
             )
         session = next(iter(sessions._sessions_of("bob")))
         for n in range(3):
-            sessions.live._history_entry(session, f"x = {n}", 0.0, outcome={"result": n})
+            sessions.live._history_entry(session, f"x = {n}", 0.0, None, outcome={"result": n})
         assert len(session.history) == 1
     finally:
         await core.stopService()

@@ -231,6 +231,7 @@ async def test_load_index_after_reopen(backend):
     first.check()
     await within_time_limit(first.open())
     sessions = [make_session(number=n, client_id=c) for n, c in ((1, "alice"), (2, "bob"))]
+    sessions[0]["shares"] = [{"client_id": "bob", "access": "read"}]  # access.md §1
     for session in sessions:
         await within_time_limit(first.write(session))
     await within_time_limit(first.write_index(sessions))
@@ -246,6 +247,7 @@ async def test_load_index_after_reopen(backend):
         for session in sessions:
             meta = by_id[session["session_id"]]
             assert meta["client_id"] == session["client_id"] and meta["state"] == "active"
+            assert meta["shares"] == session["shares"]  # access is decided from the index
             assert meta["size_bytes"] == len(backend.stored_bytes(second, session))
         assert second.statistics()["files"] == 2
     finally:
