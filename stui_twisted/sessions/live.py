@@ -12,7 +12,8 @@ L{SessionsView} (three members), and answers domain objects
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -48,6 +49,40 @@ DELTA_KEYS = frozenset(
         "next_object_id",
     }
 )
+
+
+NO_CLIENT = (
+    "input() cannot be answered: no client is attached to session {session_id} "
+    "(nobody is subscribed to it and the connection that started the evaluation is gone)"
+)
+SERVER_STOPPED = (
+    "the server stopped while this evaluation ran; it did not finish (its output so far is kept)"
+)
+
+
+@dataclass
+class RunningEvaluation:
+    """One evaluation from its start (its history index assigned) to its end.
+
+    @ivar context: the L{ConnectionContext} that started it, or None.
+    @ivar done: fires with the L{EvaluationOutcome}, or fails with its StuiError.
+    @ivar input_wait: while its C{input()} waits for C{send_input}: the Deferred
+        the answer fires (with the AMP answer C{{text}} or C{{eof}}).
+    @ivar ended: its history entry is made (it finished, or the server stopped).
+    """
+
+    session: Session
+    index: int
+    code: str
+    started: float
+    by: str | None
+    wait: bool
+    context: Any = None
+    done: Any = None
+    input_wait: defer.Deferred | None = None
+    prompt: str | None = None
+    password: bool = False
+    ended: bool = False
 
 
 def clip(text, limit: int = MAX_HISTORY_TEXT):
@@ -88,8 +123,12 @@ class LiveSessions:
         self.clock = clock
         self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._shared_generation: int | None = None
+        # session id -> history index -> the evaluations not ended yet (one runs,
+        # the others wait for the session's lane, in order)
+        self.running: dict[str, dict[int, RunningEvaluation]] = {}
         if image is not None:
             image.addRestartObserver(self.image_restarted)
+            image.input_handler = self.input_requested
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -404,15 +443,25 @@ class LiveSessions:
 
     # ================================================================ image commands
 
-    async def evaluate(
+    def start_evaluation(
         self,
         session: Session,
         code: str,
         mode: str,
         timeout: float | None,
         by: str | None = None,
-    ) -> EvaluationOutcome:
-        """Run C{code} in C{session}'s namespace and record it in the history."""
+        *,
+        wait: bool = True,
+        context=None,
+    ) -> RunningEvaluation:
+        """Start C{code} in C{session}'s namespace; its history index is assigned now.
+
+        The evaluation runs to its end whatever happens to C{context} (the
+        conversation that started it): its outcome becomes a history entry and
+        an C{evaluation_finished} event.  A second evaluation of the session
+        while one runs waits for it (the image runs one task per session at a
+        time) and gets the next index.
+        """
         image = self._need_image()
         if timeout is None:
             timeout = self.settings.eval_timeout
@@ -423,37 +472,78 @@ class LiveSessions:
             )
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
-        started = self.now()
-        index = session.history_counter + 1
-        event_hooks.evaluation_started(self.view, session, by, index, code)
-        try:
-            outcome = await self._in_image(
-                session,
-                lambda generation: image.evaluate(
-                    session.session_id,
-                    code,
-                    mode,
-                    timeout,
-                    generation=generation,
-                    cell_index=session.history_counter + 1,
-                ),
+        session.history_counter += 1
+        run = RunningEvaluation(
+            session, session.history_counter, code, self.now(), by, wait, context
+        )
+        self.running.setdefault(session.session_id, {})[run.index] = run
+        event_hooks.evaluation_started(self.view, session, by, run.index, code)
+        run.done = defer.ensureDeferred(self._run_evaluation(run, image, mode, timeout))
+        if not wait:
+            run.done.addErrback(self._detached_failed, run)
+        return run
+
+    async def evaluate(
+        self,
+        session: Session,
+        code: str,
+        mode: str,
+        timeout: float | None,
+        by: str | None = None,
+        context=None,
+    ) -> EvaluationOutcome:
+        """Run C{code} in C{session}'s namespace and record it in the history."""
+        run = self.start_evaluation(session, code, mode, timeout, by, context=context)
+        return await run.done
+
+    def _detached_failed(self, failure, run: RunningEvaluation) -> None:
+        """A C{wait: false} evaluation's failure: its outcome is already in the
+        history and the log, so only what is not an outcome is logged."""
+        if not failure.check(StuiError):
+            self.log.failure(
+                "evaluation {index} of {sid} failed",
+                failure,
+                index=run.index,
+                sid=run.session.session_id,
             )
-        except StuiError as error:
-            if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
-                self.apply_delta(session, error.details)
-                entry = self._history_entry(session, code, started, error=error)
+
+    async def _run_evaluation(self, run: RunningEvaluation, image, mode, timeout):
+        session, code, by, index = run.session, run.code, run.by, run.index
+        try:
+            try:
+                outcome = await self._in_image(
+                    session,
+                    lambda generation: image.evaluate(
+                        session.session_id,
+                        code,
+                        mode,
+                        timeout,
+                        generation=generation,
+                        cell_index=index,
+                    ),
+                )
+            except StuiError as error:
+                if run.ended:
+                    raise  # the server stopped meanwhile and recorded it
+                if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
+                    self.apply_delta(session, error.details)
+                elif error.error_type == "ImageRestarted":
+                    session.materialized = False
+                self._history_entry(run, error=error)
                 for key in DELTA_KEYS:
                     error.details.pop(key, None)
-                error.details["history_index"] = entry["index"]
+                error.details["history_index"] = index
+                await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
                 await self.view.changed(session, "record the evaluation")
-            elif error.error_type == "ImageRestarted":
-                session.materialized = False
-            await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
-            raise
-        self.apply_delta(session, outcome)
-        entry = self._history_entry(session, code, started, outcome=outcome)
-        await self.view.changed(session, "record the evaluation")
-        await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
+                raise
+            if run.ended:
+                raise StuiError("ImageRestarted", SERVER_STOPPED, history_index=index)
+            self.apply_delta(session, outcome)
+            self._history_entry(run, outcome=outcome)
+            await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
+            await self.view.changed(session, "record the evaluation")
+        finally:
+            self._forget_run(run)
         return EvaluationOutcome(
             session_id=session.session_id,
             result=clip(outcome.get("result"), MAX_RESULT_TEXT),
@@ -462,14 +552,142 @@ class LiveSessions:
             display=clip(outcome.get("display"), MAX_RESULT_TEXT),
             output=outcome.get("output", ""),
             execution_time=outcome.get("execution_time"),
-            history_index=entry["index"],
+            history_index=index,
         )
 
-    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
-        session.history_counter += 1
+    def _forget_run(self, run: RunningEvaluation) -> None:
+        runs = self.running.get(run.session.session_id)
+        if runs is not None and runs.get(run.index) is run:
+            del runs[run.index]
+            if not runs:
+                del self.running[run.session.session_id]
+        if run.input_wait is not None:
+            waiting, run.input_wait = run.input_wait, None
+            waiting.callback({"eof": "the evaluation ended"})
+
+    async def stop_running(self) -> list[Session]:
+        """The server is stopping: record every evaluation not ended yet as
+        stopped (history entry, C{evaluation_finished}); the sessions changed."""
+        changed = []
+        for runs in list(self.running.values()):
+            for run in list(runs.values()):
+                if run.ended:
+                    continue
+                error = StuiError(
+                    "ImageRestarted",
+                    SERVER_STOPPED,
+                    output=self.output_so_far(run.session.session_id, run.index),
+                )
+                self._history_entry(run, error=error)
+                await event_hooks.evaluation_finished(
+                    self.view, run.session, run.by, run.index, error=error
+                )
+                changed.append(run.session)
+                if run.input_wait is not None:
+                    waiting, run.input_wait = run.input_wait, None
+                    waiting.callback({"eof": "the server is stopping"})
+        return changed
+
+    # ---------------------------------------------------------------- input()
+
+    def _someone_can_answer(self, run: RunningEvaluation) -> bool:
+        """Whether a client can answer C{run}'s C{input()}: a conversation is
+        subscribed to the session, or the one that started it is still there."""
+        hub = getattr(self.view, "events", None)
+        if hub is not None and hub.subscribers(run.session.session_id):
+            return True
+        connections = getattr(self.view, "connections", None)
+        connection = getattr(run.context, "connection", None)
+        return connection is not None and connections is not None and connection in connections
+
+    def input_requested(self, session_id: str, index, prompt: str, password: bool):
+        """A cell called C{input()}: a Deferred of the image's answer, C{{text}}
+        once C{send_input} gives it, or C{{eof}} at once if nobody can answer."""
+        runs = self.running.get(session_id) or {}
+        run = runs.get(index) if index is not None else None
+        if run is None and runs:
+            run = runs[min(runs)]  # the one that runs: the others wait behind it
+        if run is None or run.ended:
+            return defer.succeed({"eof": "input() cannot be answered: the evaluation ended"})
+        if not self._someone_can_answer(run):
+            return defer.succeed({"eof": NO_CLIENT.format(session_id=session_id)})
+        run.input_wait = defer.Deferred()
+        run.prompt, run.password = prompt, bool(password)
+        event_hooks.publish(
+            self.view,
+            session_id,
+            "input_requested",
+            {"history_index": run.index, "prompt": prompt, "password": run.password},
+        )
+        return run.input_wait
+
+    def send_input(self, session: Session, text: str) -> int:
+        """Answer the C{input()} the session's evaluation waits in; its history index."""
+        for run in (self.running.get(session.session_id) or {}).values():
+            if run.input_wait is not None:
+                waiting, run.input_wait = run.input_wait, None
+                run.prompt = None
+                waiting.callback({"text": text})
+                return run.index
+        raise StuiError(
+            "InvalidRequest",
+            f"nothing in session {session.session_id!r} is waiting for input",
+            session_id=session.session_id,
+        )
+
+    # ---------------------------------------------------------------- get_evaluation
+
+    def output_so_far(self, session_id: str, index: int) -> str:
+        """The C{output} events of evaluation C{index} still in the session's log."""
+        hub = getattr(self.view, "events", None)
+        if hub is None:
+            return ""
+        parts = [
+            event["data"].get("text") or ""
+            for event in hub.event_log(session_id).since(0)
+            if event.get("event") == "output"
+            and event.get("data", {}).get("history_index") == index
+        ]
+        return clip("".join(parts))
+
+    def evaluation(self, session: Session, index: int) -> dict:
+        """Evaluation C{index}: its history entry (or, while it runs, what is
+        known so far) and C{running}."""
+        run = (self.running.get(session.session_id) or {}).get(index)
+        if run is not None and not run.ended:
+            waiting = run.input_wait is not None
+            return {
+                "index": index,
+                "code": clip(run.code),
+                "timestamp": iso_timestamp(run.started),
+                "by": run.by or session.client_id,
+                "running": True,
+                "output": self.output_so_far(session.session_id, index),
+                "input_requested": (
+                    {"prompt": run.prompt, "password": run.password} if waiting else None
+                ),
+            }
+        for entry in reversed(session.history):
+            if entry.get("index") == index:
+                return dict(entry, running=False)
+        kept = (
+            f"its history keeps {session.history[0]['index']} to {session.history[-1]['index']}"
+            if session.history
+            else "its history is empty"
+        )
+        raise invalid_parameter(
+            "history_index",
+            f"names no evaluation of session {session.session_id!r} ({kept})",
+            history_index=index,
+        )
+
+    def _history_entry(self, run: RunningEvaluation, *, outcome=None, error=None) -> dict:
+        """Record C{run}'s outcome in its session's history (once)."""
+        run.ended = True
+        session, started = run.session, run.started
         entry = {
-            "index": session.history_counter,
-            "code": clip(code),
+            "index": run.index,
+            "code": clip(run.code),
             "timestamp": iso_timestamp(started),
         }
         if outcome is not None:
@@ -489,7 +707,11 @@ class LiveSessions:
                     "result": None,
                     "result_type": None,
                     "ok": False,
-                    "output": clip(error.details.get("output", "")),
+                    "output": clip(
+                        error.details["output"]
+                        if "output" in error.details
+                        else self.output_so_far(session.session_id, run.index)
+                    ),
                     "duration_ms": round((self.now() - started) * 1000, 3),
                     "error": {
                         "error_type": error.error_type,

@@ -170,6 +170,13 @@ class SessionService(service.Service):
             connection.close()
         unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
+            # Evaluations still running end here: their history entries and
+            # evaluation_finished events say so, and are written below.
+            for session in await self.live.stop_running():
+                try:
+                    await self.writer.changed(session, "record the stopped evaluation")
+                except StuiError:
+                    self.log.failure("recording a stopped evaluation failed (flushed below)")
             try:
                 await self.flush()
             except Exception:
@@ -792,7 +799,54 @@ class SessionService(service.Service):
     ) -> EvaluationOutcome:
         """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
         session = await self._session_for(session_id, client_id, connection)
-        return await self.live.evaluate(session, code, mode, timeout, by=client_id)
+        return await self.live.evaluate(
+            session, code, mode, timeout, by=client_id, context=connection
+        )
+
+    async def start_evaluation(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        code: str,
+        mode: str = "execute",
+        timeout: float | None = None,
+    ) -> tuple[str, int]:
+        """C{evaluate} with C{wait: false}: (session id, history index) once it started.
+
+        Under C{always} its C{evaluation_started} event is on disk first.
+        """
+        session = await self._session_for(session_id, client_id, connection)
+        run = self.live.start_evaluation(
+            session, code, mode, timeout, client_id, wait=False, context=connection
+        )
+        await event_hooks.durable(self, session)
+        return session.session_id, run.index
+
+    async def get_evaluation(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        history_index: int,
+    ) -> tuple[str, dict]:
+        """Evaluation C{history_index} of the session (not touched): (session id, entry)."""
+        session = await self._session_for(session_id, client_id, connection, touch=False)
+        return session.session_id, self.live.evaluation(session, history_index)
+
+    async def send_input(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        text: str,
+    ) -> tuple[str, int]:
+        """Answer the C{input()} the session's evaluation waits in: (session id, index)."""
+        session = await self._session_for(session_id, client_id, connection)
+        return session.session_id, self.live.send_input(session, text)
 
     async def inspect(
         self,
