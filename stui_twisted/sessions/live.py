@@ -592,13 +592,19 @@ class LiveSessions:
 
     def _someone_can_answer(self, run: RunningEvaluation) -> bool:
         """Whether a client can answer C{run}'s C{input()}: a conversation is
-        subscribed to the session, or the one that started it is still there."""
+        subscribed to the session, or the one that started it is still there
+        and can still send (a TCP client that half-closed cannot)."""
         hub = getattr(self.view, "events", None)
         if hub is not None and hub.subscribers(run.session.session_id):
             return True
         connections = getattr(self.view, "connections", None)
         connection = getattr(run.context, "connection", None)
-        return connection is not None and connections is not None and connection in connections
+        return (
+            connection is not None
+            and connections is not None
+            and connection in connections
+            and not getattr(connection, "input_ended", False)
+        )
 
     def input_requested(self, session_id: str, index, prompt: str, password: bool):
         """A cell called C{input()}: a Deferred of the image's answer, C{{text}}
