@@ -499,7 +499,15 @@ class LiveSessions:
     def _detached_failed(self, failure, run: RunningEvaluation) -> None:
         """A C{wait: false} evaluation's failure: its outcome is already in the
         history and the log, so only what is not an outcome is logged."""
-        if not failure.check(StuiError):
+        if failure.check(StuiError):
+            if failure.value.error_type in ("StorageError", "StateTooLarge", "InternalError"):
+                self.log.warn(
+                    "evaluation {index} of {sid} (wait: false): {error}",
+                    index=run.index,
+                    sid=run.session.session_id,
+                    error=failure.value.message,
+                )
+        else:
             self.log.failure(
                 "evaluation {index} of {sid} failed",
                 failure,
