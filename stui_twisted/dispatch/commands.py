@@ -19,7 +19,7 @@ from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
-from stui_twisted.sessions.results import UNSET, Rebuilt
+from stui_twisted.sessions.results import UNSET, EvaluationStarted, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -185,20 +185,19 @@ class WireCommands:
         return {"session_id": session_id, "cleared": cleared}
 
     async def evaluate(self, call: Call) -> dict:
-        if not call.params["wait"]:
-            session_id, index = await self.service.start_evaluation(
-                **_target(call),
-                code=call.params["code"],
-                mode=call.params["mode"],
-                timeout=call.params.get("timeout"),
-            )
-            return {"session_id": session_id, "history_index": index, "started": True}
         outcome = await self.service.evaluate(
             **_target(call),
             code=call.params["code"],
             mode=call.params["mode"],
             timeout=call.params.get("timeout"),
+            wait=call.params["wait"],
         )
+        if isinstance(outcome, EvaluationStarted):
+            return {
+                "session_id": outcome.session_id,
+                "history_index": outcome.history_index,
+                "started": True,
+            }
         return {
             "session_id": outcome.session_id,
             "result": outcome.result,

@@ -483,18 +483,10 @@ class LiveSessions:
             run.done.addErrback(self._detached_failed, run)
         return run
 
-    async def evaluate(
-        self,
-        session: Session,
-        code: str,
-        mode: str,
-        timeout: float | None,
-        by: str | None = None,
-        context=None,
-    ) -> EvaluationOutcome:
-        """Run C{code} in C{session}'s namespace and record it in the history."""
-        run = self.start_evaluation(session, code, mode, timeout, by, context=context)
-        return await run.done
+    async def evaluate(self, session: Session, *arguments, **options) -> EvaluationOutcome:
+        """Run C{code} in C{session}'s namespace and record it in the history
+        (the arguments of L{start_evaluation}); its outcome."""
+        return await self.start_evaluation(session, *arguments, **options).done
 
     def _detached_failed(self, failure, run: RunningEvaluation) -> None:
         """A C{wait: false} evaluation's failure: its outcome is already in the

@@ -48,6 +48,7 @@ from stui_twisted.sessions.results import (
     ClientSessions,
     Completions,
     EvaluationOutcome,
+    EvaluationStarted,
     Inspection,
     LoadResult,
     RestoreResult,
@@ -796,33 +797,21 @@ class SessionService(service.Service):
         code: str,
         mode: str = "execute",
         timeout: float | None = None,
-    ) -> EvaluationOutcome:
-        """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
-        session = await self._session_for(session_id, client_id, connection)
-        return await self.live.evaluate(
-            session, code, mode, timeout, by=client_id, context=connection
-        )
+        wait: bool = True,
+    ) -> EvaluationOutcome | EvaluationStarted:
+        """Run C{code} in the session's namespace (see L{LiveSessions.start_evaluation}).
 
-    async def start_evaluation(
-        self,
-        *,
-        session_id: str | None,
-        client_id: str | None,
-        connection: ConnectionContext,
-        code: str,
-        mode: str = "execute",
-        timeout: float | None = None,
-    ) -> tuple[str, int]:
-        """C{evaluate} with C{wait: false}: (session id, history index) once it started.
-
-        Under C{always} its C{evaluation_started} event is on disk first.
+        With C{wait} the outcome; without, L{EvaluationStarted} once it started
+        (under C{always} its C{evaluation_started} event is on disk first).
         """
         session = await self._session_for(session_id, client_id, connection)
         run = self.live.start_evaluation(
-            session, code, mode, timeout, client_id, wait=False, context=connection
+            session, code, mode, timeout, client_id, wait=wait, context=connection
         )
+        if wait:
+            return await run.done
         await event_hooks.durable(self, session)
-        return session.session_id, run.index
+        return EvaluationStarted(session.session_id, run.index)
 
     async def get_evaluation(
         self,

@@ -62,6 +62,14 @@ def finished_entry(client, session_id: str, index: int) -> dict:
     return until(probe)
 
 
+def _zmq_socket(kind, url: str):
+    sock = zmq.Context.instance().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 20000)
+    sock.connect(url)
+    return sock
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from tests.serverproc import ServerProcess
@@ -99,15 +107,7 @@ def test_input_round_trips_over_tcp_on_the_connection_that_waits(server):
 def test_input_round_trips_over_zmq_dealer_and_a_req_client_follows_with_get_events(server):
     alice = EventClient(server.tcp_client(timeout=30))
     session_id = alice.result("create_session", client_id="alice")["session_id"]
-    context = zmq.Context.instance()
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.RCVTIMEO, 20000)
-    dealer.connect(server.zmq_url)
-    req = context.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.setsockopt(zmq.RCVTIMEO, 20000)
-    req.connect(server.zmq_url)
+    dealer, req = (_zmq_socket(kind, server.zmq_url) for kind in (zmq.DEALER, zmq.REQ))
 
     def dealer_send(request_id, command, **parameters):
         parameters["session_id"] = session_id
