@@ -84,6 +84,9 @@ def server(tmp_path_factory):
 def test_input_round_trips_over_tcp_on_the_connection_that_waits(server):
     """wait:true and not subscribed: the same connection answers on another line."""
     alice = PipelinedClient(server.tcp_client(timeout=30))
+    commands = alice.result("describe")["commands"]
+    assert {"get_evaluation", "send_input"} <= set(commands)
+    assert commands["evaluate"]["parameters"]["wait"]["default"] is True
     session_id = alice.result("create_session", client_id="alice")["session_id"]
     evaluation = alice.send("evaluate", code=ASK_NAME)
     replies: dict = {}
