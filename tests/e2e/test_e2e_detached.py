@@ -16,10 +16,16 @@ from tests.e2e.test_e2e_events import EventClient
 pytestmark = [pytest.mark.e2e, pytest.mark.image]
 
 ASK_NAME = "name = input('Name? ')\nname.upper()"
-EOF_CODE = (
-    "import time\ntime.sleep(0.3)\n"
-    "try:\n    input('anyone?')\nexcept EOFError as e:\n    why = str(e)\nwhy"
-)
+
+
+def after_flag(path, code: str) -> str:
+    """C{code} run once the test creates the file C{path} (no timing guesses)."""
+    return (
+        f"import os, time\nwhile not os.path.exists({str(path)!r}):\n    time.sleep(0.02)\n{code}"
+    )
+
+
+ASK_EOF = "try:\n    input('anyone?')\nexcept EOFError as e:\n    why = str(e)\nwhy"
 
 
 class PipelinedClient(EventClient):
@@ -169,21 +175,29 @@ def test_input_round_trips_over_zmq_dealer_and_a_req_client_follows_with_get_eve
 
 @pytest.mark.timeout(120)
 def test_input_raises_eof_when_nobody_can_answer(server):
+    flag = server.workdir / "eof.flag"
+    code = after_flag(flag, ASK_EOF)
     alice = EventClient(server.tcp_client(timeout=30))
     session_id = alice.result("create_session", client_id="alice")["session_id"]
     # wait:true on a connection that is gone before input() is called
     alice.client.send_raw(
-        json.dumps({"id": 1, "command": "evaluate", "parameters": {"code": EOF_CODE}}).encode()
-        + b"\n"
+        json.dumps({"id": 1, "command": "evaluate", "parameters": {"code": code}}).encode() + b"\n"
     )
     alice.client.close()
-    # wait:false on a connection that is gone
+    # wait:false on a connection that is gone (it runs after the first)
     bob = EventClient(server.tcp_client(timeout=30))
     bob.result("restore_session", session_id=session_id)
-    started = bob.result("evaluate", code=EOF_CODE, wait=False)
+    started = bob.result("evaluate", code=code, wait=False)
     assert started["history_index"] == 2
     bob.client.close()
     carol = EventClient(server.tcp_client(timeout=30))
+
+    def bob_gone():
+        info = carol.result("get_session_info", session_id=session_id)
+        return info["attached_connections"] <= 1  # alice half-closed waits for her reply
+
+    until(bob_gone)
+    flag.touch()
     for index in (1, 2):
         entry = finished_entry(carol, session_id, index)
         assert entry["ok"] is True, entry  # the evaluation ran to its end, without its client
@@ -198,23 +212,21 @@ def test_a_detached_evaluation_is_read_back_after_its_client_left_and_the_server
 ):
     alice = EventClient(server.tcp_client(timeout=30))
     session_id = alice.result("create_session", client_id="alice")["session_id"]
-    code = "import time\nprint('step 1')\ntime.sleep(0.5)\nprint('step 2')\n6 * 7"
-    sent = time.monotonic()
+    flag = server.workdir / "detached.flag"
+    code = "print('step 1')\n" + after_flag(flag, "print('step 2')\n6 * 7")
     started = alice.result("evaluate", code=code, wait=False)
-    assert time.monotonic() - sent < 0.4  # the reply does not wait for the evaluation
     assert started == {"session_id": session_id, "history_index": 1, "started": True}
     alice.client.close()
 
     bob = EventClient(server.tcp_client(timeout=30))
     running = bob.result("get_evaluation", session_id=session_id, history_index=1)
-    assert running["running"] is True and running["code"] == code
+    assert running["running"] is True and running["code"] == code  # the reply did not wait
+    flag.touch()
     assert finished_entry(bob, session_id, 1)["result"] == "42"
     # one more that is still running when the server is stopped
     stopped_code = "import time\nprint('before')\ntime.sleep(60)"
     bob.result("restore_session", session_id=session_id)
     assert bob.result("evaluate", code=stopped_code, wait=False)["history_index"] == 2
-    until(lambda: bob.result("ping")["image"]["status"] == "running")
-    time.sleep(0.3)  # it runs in the image
     bob.client.close()
     server.stop()
     server.start()

