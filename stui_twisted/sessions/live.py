@@ -5,15 +5,16 @@ L{stui_twisted.sessions.service.SessionService} owns.  It turns the image's
 replies into session changes (stored bindings, variables, registry, history,
 shared namespace) and rebuilds namespaces from stored bindings when a session
 is restored or the image is replaced.  It sees the service only through
-L{SessionsView} (three members), and answers domain objects
-(L{stui_twisted.sessions.results}), never reply dicts.
+L{SessionsView} (three members; and its C{events} hub and C{connections},
+when they are wired), and answers domain objects
+(L{stui_twisted.sessions.results}), never reply dicts.  Evaluations between
+their start and their end are L{stui_twisted.sessions.evaluations}'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -22,6 +23,11 @@ from stui_twisted.events import hooks as event_hooks
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.sessions.evaluations import (
+    RunningEvaluation,
+    RunningEvaluations,
+    clip,
+)
 from stui_twisted.sessions.model import Session
 from stui_twisted.sessions.results import (
     Completions,
@@ -31,7 +37,6 @@ from stui_twisted.sessions.results import (
     SharedNamespace,
 )
 
-MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024
 MAX_INSPECTOR_HISTORY = 100
 REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
@@ -51,45 +56,9 @@ DELTA_KEYS = frozenset(
 )
 
 
-NO_CLIENT = (
-    "input() cannot be answered: no client is attached to session {session_id} "
-    "(nobody is subscribed to it and the connection that started the evaluation is gone)"
-)
 SERVER_STOPPED = (
     "the server stopped while this evaluation ran; it did not finish (its output so far is kept)"
 )
-
-
-@dataclass
-class RunningEvaluation:
-    """One evaluation from its start (its history index assigned) to its end.
-
-    @ivar context: the L{ConnectionContext} that started it, or None.
-    @ivar done: fires with the L{EvaluationOutcome}, or fails with its StuiError.
-    @ivar input_wait: while its C{input()} waits for C{send_input}: the Deferred
-        the answer fires (with the AMP answer C{{text}} or C{{eof}}).
-    @ivar ended: its history entry is made (it finished, or the server stopped).
-    """
-
-    session: Session
-    index: int
-    code: str
-    started: float
-    by: str | None
-    wait: bool
-    context: Any = None
-    done: Any = None
-    input_wait: defer.Deferred | None = None
-    prompt: str | None = None
-    password: bool = False
-    ended: bool = False
-
-
-def clip(text, limit: int = MAX_HISTORY_TEXT):
-    """C{text} cut to C{limit} characters with a note of what was cut."""
-    if isinstance(text, str) and len(text) > limit:
-        return text[:limit] + f"... [{len(text) - limit} more characters]"
-    return text
 
 
 class SessionsView(Protocol):
@@ -123,12 +92,10 @@ class LiveSessions:
         self.clock = clock
         self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._shared_generation: int | None = None
-        # session id -> history index -> the evaluations not ended yet (one runs,
-        # the others wait for the session's lane, in order)
-        self.running: dict[str, dict[int, RunningEvaluation]] = {}
+        self.running = RunningEvaluations(view)
         if image is not None:
             image.addRestartObserver(self.image_restarted)
-            image.input_handler = self.input_requested
+            image.input_handler = self.running.input_requested
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -473,10 +440,8 @@ class LiveSessions:
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
         session.history_counter += 1
-        run = RunningEvaluation(
-            session, session.history_counter, code, self.now(), by, wait, context
-        )
-        self.running.setdefault(session.session_id, {})[run.index] = run
+        run = RunningEvaluation(session, session.history_counter, code, self.now(), by, context)
+        self.running.add(run)
         event_hooks.evaluation_started(self.view, session, by, run.index, code)
         run.done = defer.ensureDeferred(self._run_evaluation(run, image, mode, timeout))
         if not wait:
@@ -543,7 +508,7 @@ class LiveSessions:
             await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
             await self.view.changed(session, "record the evaluation")
         finally:
-            self._forget_run(run)
+            self.running.forget(run)
         return EvaluationOutcome(
             session_id=session.session_id,
             result=clip(outcome.get("result"), MAX_RESULT_TEXT),
@@ -555,137 +520,22 @@ class LiveSessions:
             history_index=index,
         )
 
-    def _forget_run(self, run: RunningEvaluation) -> None:
-        runs = self.running.get(run.session.session_id)
-        if runs is not None and runs.get(run.index) is run:
-            del runs[run.index]
-            if not runs:
-                del self.running[run.session.session_id]
-        if run.input_wait is not None:
-            waiting, run.input_wait = run.input_wait, None
-            waiting.callback({"eof": "the evaluation ended"})
-
     async def stop_running(self) -> list[Session]:
         """The server is stopping: record every evaluation not ended yet as
         stopped (history entry, C{evaluation_finished}); the sessions changed."""
         changed = []
-        for runs in list(self.running.values()):
-            for run in list(runs.values()):
-                if run.ended:
-                    continue
-                error = StuiError(
-                    "ImageRestarted",
-                    SERVER_STOPPED,
-                    output=self.output_so_far(run.session.session_id, run.index),
-                )
-                self._history_entry(run, error=error)
-                await event_hooks.evaluation_finished(
-                    self.view, run.session, run.by, run.index, error=error
-                )
-                changed.append(run.session)
-                if run.input_wait is not None:
-                    waiting, run.input_wait = run.input_wait, None
-                    waiting.callback({"eof": "the server is stopping"})
+        for run in self.running.all():
+            if run.ended:
+                continue
+            output = self.running.output_so_far(run.session.session_id, run.index)
+            error = StuiError("ImageRestarted", SERVER_STOPPED, output=output)
+            self._history_entry(run, error=error)
+            await event_hooks.evaluation_finished(
+                self.view, run.session, run.by, run.index, error=error
+            )
+            changed.append(run.session)
+            run.answer_input({"eof": "the server is stopping"})
         return changed
-
-    # ---------------------------------------------------------------- input()
-
-    def _someone_can_answer(self, run: RunningEvaluation) -> bool:
-        """Whether a client can answer C{run}'s C{input()}: a conversation is
-        subscribed to the session, or the one that started it is still there
-        and can still send (a TCP client that half-closed cannot)."""
-        hub = getattr(self.view, "events", None)
-        if hub is not None and hub.subscribers(run.session.session_id):
-            return True
-        connections = getattr(self.view, "connections", None)
-        connection = getattr(run.context, "connection", None)
-        return (
-            connection is not None
-            and connections is not None
-            and connection in connections
-            and not getattr(connection, "input_ended", False)
-        )
-
-    def input_requested(self, session_id: str, index, prompt: str, password: bool):
-        """A cell called C{input()}: a Deferred of the image's answer, C{{text}}
-        once C{send_input} gives it, or C{{eof}} at once if nobody can answer."""
-        runs = self.running.get(session_id) or {}
-        run = runs.get(index) if index is not None else None
-        if run is None and runs:
-            run = runs[min(runs)]  # the one that runs: the others wait behind it
-        if run is None or run.ended:
-            return defer.succeed({"eof": "input() cannot be answered: the evaluation ended"})
-        if not self._someone_can_answer(run):
-            return defer.succeed({"eof": NO_CLIENT.format(session_id=session_id)})
-        run.input_wait = defer.Deferred()
-        run.prompt, run.password = prompt, bool(password)
-        event_hooks.publish(
-            self.view,
-            session_id,
-            "input_requested",
-            {"history_index": run.index, "prompt": prompt, "password": run.password},
-        )
-        return run.input_wait
-
-    def send_input(self, session: Session, text: str) -> int:
-        """Answer the C{input()} the session's evaluation waits in; its history index."""
-        for run in (self.running.get(session.session_id) or {}).values():
-            if run.input_wait is not None:
-                waiting, run.input_wait = run.input_wait, None
-                run.prompt = None
-                waiting.callback({"text": text})
-                return run.index
-        raise StuiError(
-            "InvalidRequest",
-            f"nothing in session {session.session_id!r} is waiting for input",
-            session_id=session.session_id,
-        )
-
-    # ---------------------------------------------------------------- get_evaluation
-
-    def output_so_far(self, session_id: str, index: int) -> str:
-        """The C{output} events of evaluation C{index} still in the session's log."""
-        hub = getattr(self.view, "events", None)
-        if hub is None:
-            return ""
-        parts = [
-            event["data"].get("text") or ""
-            for event in hub.event_log(session_id).since(0)
-            if event.get("event") == "output"
-            and event.get("data", {}).get("history_index") == index
-        ]
-        return clip("".join(parts))
-
-    def evaluation(self, session: Session, index: int) -> dict:
-        """Evaluation C{index}: its history entry (or, while it runs, what is
-        known so far) and C{running}."""
-        run = (self.running.get(session.session_id) or {}).get(index)
-        if run is not None and not run.ended:
-            waiting = run.input_wait is not None
-            return {
-                "index": index,
-                "code": clip(run.code),
-                "timestamp": iso_timestamp(run.started),
-                "by": run.by or session.client_id,
-                "running": True,
-                "output": self.output_so_far(session.session_id, index),
-                "input_requested": (
-                    {"prompt": run.prompt, "password": run.password} if waiting else None
-                ),
-            }
-        for entry in reversed(session.history):
-            if entry.get("index") == index:
-                return dict(entry, running=False)
-        kept = (
-            f"its history keeps {session.history[0]['index']} to {session.history[-1]['index']}"
-            if session.history
-            else "its history is empty"
-        )
-        raise invalid_parameter(
-            "history_index",
-            f"names no evaluation of session {session.session_id!r} ({kept})",
-            history_index=index,
-        )
 
     def _history_entry(self, run: RunningEvaluation, *, outcome=None, error=None) -> dict:
         """Record C{run}'s outcome in its session's history (once)."""
@@ -716,7 +566,7 @@ class LiveSessions:
                     "output": clip(
                         error.details["output"]
                         if "output" in error.details
-                        else self.output_so_far(session.session_id, run.index)
+                        else self.running.output_so_far(session.session_id, run.index)
                     ),
                     "duration_ms": round((self.now() - started) * 1000, 3),
                     "error": {

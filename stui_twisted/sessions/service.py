@@ -823,7 +823,7 @@ class SessionService(service.Service):
     ) -> tuple[str, dict]:
         """Evaluation C{history_index} of the session (not touched): (session id, entry)."""
         session = await self._session_for(session_id, client_id, connection, touch=False)
-        return session.session_id, self.live.evaluation(session, history_index)
+        return session.session_id, self.live.running.evaluation(session, history_index)
 
     async def send_input(
         self,
@@ -835,7 +835,7 @@ class SessionService(service.Service):
     ) -> tuple[str, int]:
         """Answer the C{input()} the session's evaluation waits in: (session id, index)."""
         session = await self._session_for(session_id, client_id, connection)
-        return session.session_id, self.live.send_input(session, text)
+        return session.session_id, self.live.running.send_input(session, text)
 
     async def inspect(
         self,

@@ -13,7 +13,8 @@ from twisted.internet import defer, task
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.events.hub import EventHub
 from stui_twisted.protocol.errors import StuiError
-from stui_twisted.sessions.live import NO_CLIENT, LiveSessions
+from stui_twisted.sessions.evaluations import NO_CLIENT
+from stui_twisted.sessions.live import LiveSessions
 from stui_twisted.sessions.model import Session
 from stui_twisted.sessions.results import SharedNamespace
 from stui_twisted.settings import Settings
@@ -121,7 +122,7 @@ async def test_queued_evaluations_get_their_own_index_at_start_and_detached_ones
     view.events.publish(
         session.session_id, "output", {"history_index": 2, "name": "stdout", "text": "other\n"}
     )
-    running = live.evaluation(session, 1)
+    running = live.running.evaluation(session, 1)
     assert running["running"] is True and running["output"] == "step 1\n"
     assert running["code"] == "slow()" and running["input_requested"] is None
 
@@ -129,14 +130,14 @@ async def test_queued_evaluations_get_their_own_index_at_start_and_detached_ones
     failed = StuiError("EvaluationError", "ValueError: bad", output="", exception_type="ValueError")
     image.evaluations[1][1].errback(failed)
     assert [e["index"] for e in session.history] == [1, 2]
-    done = live.evaluation(session, 1)
+    done = live.running.evaluation(session, 1)
     assert done["running"] is False and done["ok"] is True and done["result"] == "42"
-    assert live.evaluation(session, 2)["error"]["error_type"] == "EvaluationError"
+    assert live.running.evaluation(session, 2)["error"]["error_type"] == "EvaluationError"
     finished = _events(view, session, "evaluation_finished")
     assert [(d["history_index"], d["ok"]) for d in finished] == [(1, True), (2, False)]
-    assert live.running == {}
+    assert not live.running
     with pytest.raises(StuiError) as caught:
-        live.evaluation(session, 3)
+        live.running.evaluation(session, 3)
     assert caught.value.details["parameter"] == "history_index"
 
 
@@ -146,7 +147,7 @@ async def test_an_image_death_is_an_outcome_with_a_history_entry(world):
     run = live.start_evaluation(session, "x = 1", "execute", None, wait=False)
     image.evaluations[0][1].errback(StuiError("ImageRestarted", "the live image died"))
     assert run.done.called
-    entry = live.evaluation(session, 1)
+    entry = live.running.evaluation(session, 1)
     assert entry["ok"] is False and entry["error"]["error_type"] == "ImageRestarted"
     # the next evaluation gets the next index: no index is announced twice
     live.start_evaluation(session, "x = 2", "execute", None, wait=False)
@@ -160,32 +161,35 @@ async def test_input_waits_only_when_someone_can_answer(world):
     view.connections.opened(starter)
     live.start_evaluation(session, "input()", "execute", None, wait=False, context=starter.context)
     # the starting connection is open: input() waits, and the request is an event
-    asked = live.input_requested(session.session_id, 1, "Name? ", False)
+    asked = live.running.input_requested(session.session_id, 1, "Name? ", False)
     assert not asked.called
     assert _events(view, session, "input_requested") == [
         {"history_index": 1, "prompt": "Name? ", "password": False}
     ]
-    assert live.evaluation(session, 1)["input_requested"] == {"prompt": "Name? ", "password": False}
-    assert live.send_input(session, "bob") == 1
+    assert live.running.evaluation(session, 1)["input_requested"] == {
+        "prompt": "Name? ",
+        "password": False,
+    }
+    assert live.running.send_input(session, "bob") == 1
     assert asked.result == {"text": "bob"}
     with pytest.raises(StuiError) as caught:
-        live.send_input(session, "again")  # nothing waits now
+        live.running.send_input(session, "again")  # nothing waits now
     assert caught.value.error_type == "InvalidRequest"
 
     # the starting connection is gone and nobody is subscribed: EOF at once
     view.connections.closed(starter)
-    eof = live.input_requested(session.session_id, 1, "", True)
+    eof = live.running.input_requested(session.session_id, 1, "", True)
     assert eof.result == {"eof": NO_CLIENT.format(session_id=session.session_id)}
     # ... but a subscriber can answer
     watcher = Conversation()
     view.events.subscribe(watcher.context, watcher, session.session_id, None)
-    asked = live.input_requested(session.session_id, 1, "Password: ", True)
+    asked = live.running.input_requested(session.session_id, 1, "Password: ", True)
     assert not asked.called
     # the evaluation ends while input() waits: the wait is answered, send_input refused
     image.evaluations[0][1].errback(StuiError("Interrupted", "the evaluation was interrupted"))
     assert asked.result == {"eof": "the evaluation ended"}
     with pytest.raises(StuiError):
-        live.send_input(session, "late")
+        live.running.send_input(session, "late")
 
 
 @pytest_twisted.ensureDeferred
@@ -196,7 +200,7 @@ async def test_evaluations_running_when_the_server_stops_are_recorded_as_stopped
         session.session_id, "output", {"history_index": 1, "name": "stdout", "text": "half\n"}
     )
     assert await live.stop_running() == [session]
-    entry = live.evaluation(session, 1)
+    entry = live.running.evaluation(session, 1)
     assert entry["running"] is False and entry["output"] == "half\n"
     assert entry["error"]["error_type"] == "ImageRestarted"
     assert "server stopped" in entry["error"]["message"]
