@@ -513,11 +513,10 @@ class SessionWorkspace:
             )
 
     def _cell_number(self, cell_index: int | None) -> int | None:
-        """The history index this evaluation gets: C{cell_index}, the server's
-        C{history_counter + 1} when it sent the request, or one past the
-        previous evaluation when that one was still running then (pipelined
-        requests of one session run one after the other and each makes a
-        history entry)."""
+        """The history index this evaluation gets: C{cell_index}, which the
+        server assigns when the evaluation starts (queued ones included), or,
+        from a server that numbered a queued evaluation like the one before
+        it, one past the previous evaluation."""
         if cell_index is None:
             return None
         cell = int(cell_index)
