@@ -22,7 +22,7 @@ from stui_twisted.dispatch.plan_commands import build_plan_commands
 from stui_twisted.dispatch.share_commands import build_share_commands
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
-from stui_twisted.sessions.results import UNSET, Rebuilt
+from stui_twisted.sessions.results import UNSET, EvaluationStarted, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -196,7 +196,14 @@ class WireCommands:
             code=call.params["code"],
             mode=call.params["mode"],
             timeout=call.params.get("timeout"),
+            wait=call.params["wait"],
         )
+        if isinstance(outcome, EvaluationStarted):
+            return {
+                "session_id": outcome.session_id,
+                "history_index": outcome.history_index,
+                "started": True,
+            }
         return {
             "session_id": outcome.session_id,
             "result": outcome.result,
@@ -225,6 +232,16 @@ class WireCommands:
             **_target(call), code=call.params["code"], cursor_pos=call.params.get("cursor_pos")
         )
         return completions.completions
+
+    async def get_evaluation(self, call: Call) -> dict:
+        session_id, entry = await self.service.get_evaluation(
+            **_target(call), history_index=call.params["history_index"]
+        )
+        return dict(entry, session_id=session_id, history_index=entry["index"])
+
+    async def send_input(self, call: Call) -> dict:
+        session_id, index = await self.service.send_input(**_target(call), text=call.params["text"])
+        return {"session_id": session_id, "history_index": index, "accepted": True}
 
     async def interrupt(self, call: Call) -> dict:
         session_id, interrupted = await self.service.interrupt(**_target(call))
@@ -400,8 +417,26 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
                     lowercase=True,
                 ),
                 Param("timeout", "number", description="seconds, default 30, max 600"),
+                Param(
+                    "wait",
+                    "boolean",
+                    default=True,
+                    description="false: reply at once with history_index",
+                ),
             ),
             "run code in the session's workspace",
+        ),
+        Command(
+            "get_evaluation",
+            S.get_evaluation,
+            (SESSION_ID, Param("client_id", "string"), Param("history_index", "integer", True)),
+            "one evaluation: its history entry, or its output so far while it runs",
+        ),
+        Command(
+            "send_input",
+            S.send_input,
+            (SESSION_ID, Param("client_id", "string"), Param("text", "string", True)),
+            "answer the input() the session's evaluation waits in",
         ),
         Command(
             "inspect",

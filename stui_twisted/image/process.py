@@ -20,6 +20,7 @@ from twisted.internet.interfaces import ITransport
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
 
@@ -58,13 +59,25 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
+class ServerSideAMP(amp.AMP):
+    """The server's end of the AMP channel: it answers what the image asks."""
+
+    def __init__(self, supervisor: ImageSupervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    @commands.RequestInput.responder
+    def request_input(self, session_id, prompt, password, cell_index=None):
+        return self._supervisor.input_requested(session_id, cell_index, prompt, password)
+
+
 class ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""
 
     def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
         self.supervisor = supervisor
         self.generation = generation
-        self.amp = amp.AMP()
+        self.amp = ServerSideAMP(supervisor)
         self.pid: int | None = None
         self.ready = False
         self.ended = False

@@ -100,6 +100,14 @@ class LoadResult:
 
 
 @dataclass(frozen=True)
+class EvaluationStarted:
+    """C{evaluate} with C{wait: false}: the evaluation started and has this index."""
+
+    session_id: str
+    history_index: int
+
+
+@dataclass(frozen=True)
 class EvaluationOutcome:
     """C{evaluate} that ran to the end (errors are raised, with their history index)."""
 

@@ -50,6 +50,7 @@ from stui_twisted.sessions.results import (
     ClientSessions,
     Completions,
     EvaluationOutcome,
+    EvaluationStarted,
     Inspection,
     LoadResult,
     RestoreResult,
@@ -195,6 +196,13 @@ class SessionService(service.Service):
             connection.close()
         unwritten: list[str] = []
         if self._ready is not None and self._ready.called:
+            # Evaluations still running end here: their history entries and
+            # evaluation_finished events say so, and are written below.
+            for session in await self.live.stop_running():
+                try:
+                    await self.writer.changed(session, "record the stopped evaluation")
+                except StuiError:
+                    self.log.failure("recording a stopped evaluation failed (flushed below)")
             try:
                 await self.flush()
             except Exception:
@@ -960,10 +968,47 @@ class SessionService(service.Service):
         code: str,
         mode: str = "execute",
         timeout: float | None = None,
-    ) -> EvaluationOutcome:
-        """Run C{code} in the session's namespace (see L{LiveSessions.evaluate})."""
+        wait: bool = True,
+    ) -> EvaluationOutcome | EvaluationStarted:
+        """Run C{code} in the session's namespace (see L{LiveSessions.start_evaluation}).
+
+        With C{wait} the outcome; without, L{EvaluationStarted} once it started
+        (under C{always} its C{evaluation_started} event is on disk first).
+        """
         session = await self._session_for(session_id, client_id, connection, command="evaluate")
-        return await self.live.evaluate(session, code, mode, timeout, by=client_id)
+        run = self.live.start_evaluation(
+            session, code, mode, timeout, client_id, wait=wait, context=connection
+        )
+        if wait:
+            return await run.done
+        await event_hooks.durable(self, session)
+        return EvaluationStarted(session.session_id, run.index)
+
+    async def get_evaluation(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        history_index: int,
+    ) -> tuple[str, dict]:
+        """Evaluation C{history_index} of the session (not touched): (session id, entry)."""
+        session = await self._session_for(
+            session_id, client_id, connection, touch=False, command="get_evaluation"
+        )
+        return session.session_id, self.live.running.evaluation(session, history_index)
+
+    async def send_input(
+        self,
+        *,
+        session_id: str | None,
+        client_id: str | None,
+        connection: ConnectionContext,
+        text: str,
+    ) -> tuple[str, int]:
+        """Answer the C{input()} the session's evaluation waits in: (session id, index)."""
+        session = await self._session_for(session_id, client_id, connection, command="send_input")
+        return session.session_id, self.live.running.send_input(session, text)
 
     async def inspect(
         self,

@@ -54,6 +54,9 @@ class ConnectionRegistry:
     def __iter__(self):
         return iter(list(self._connections))
 
+    def __contains__(self, connection) -> bool:
+        return connection in self._connections
+
     def attached_to(self, session_id: str) -> int:
         """How many connections have C{session_id} as their current session."""
         return sum(

@@ -113,6 +113,8 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "inspect",
         "complete",
         "interrupt",
+        "get_evaluation",
+        "send_input",
         "list_classes",
         "browse_class",
         "get_method",

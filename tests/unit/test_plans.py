@@ -25,6 +25,7 @@ from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Dispatcher
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.events.commands import build_event_commands
+from stui_twisted.sessions.evaluations import RunningEvaluation
 from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
 from stui_twisted.tap import build_session_core
@@ -334,7 +335,8 @@ async def test_the_owners_plan_limits_sessions_and_history(tmp_path):
             )
         session = next(iter(sessions._sessions_of("bob")))
         for n in range(3):
-            sessions.live._history_entry(session, f"x = {n}", 0.0, None, outcome={"result": n})
+            run = RunningEvaluation(session, n + 1, f"x = {n}", 0.0, None)
+            sessions.live._history_entry(run, outcome={"result": n})
         assert len(session.history) == 1
     finally:
         await core.stopService()
