@@ -506,6 +506,23 @@ class StuiClient:
         finally:
             self.lock.release()
 
+    def wait_events(self, timeout: float) -> None:
+        """Block up to C{timeout} s for events and hand them on (C{--watch}); a lost
+        connection is recovered (and the streams subscribed again from their last seq)."""
+        with self.lock:
+            if self.transport is None or self.transport.peer_closed():
+                self.recover(allow_prompt=False)
+                return
+            try:
+                message = self.transport.receive(timeout)
+            except ConnectionLost:
+                self.close()
+                return
+            while message is not None:
+                if is_event(message):
+                    self._dispatch_event(message)
+                message = self.transport.receive(0)
+
     def _dispatch_event(self, message: dict[str, Any]) -> None:
         key = stream_key(message)
         if message.get("event") == "dropped":
