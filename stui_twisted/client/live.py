@@ -48,9 +48,9 @@ def format_event(message: dict[str, Any], *, own_client_id: str | None = None) -
     if event == "evaluation_started":
         return f"{tag} >>> {_one_line(data.get('code', ''))}"
     if event == "output":
-        text = str(data.get("text") or "")
+        text = str(data.get("text") or "").rstrip("\n")
         prefix = f"[#{index}] " if index is not None else ""
-        return "\n".join(prefix + line for line in text.rstrip("\n").split("\n")) if text else None
+        return "\n".join(prefix + line for line in text.split("\n")) if text else None
     if event == "evaluation_finished":
         if data.get("ok", data.get("error_type") is None):
             result = data.get("result")

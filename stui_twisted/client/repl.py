@@ -474,7 +474,7 @@ class Repl:
                 self.leave_paused("the evaluation ended")
         if event == "debug_paused" and current:
             self.debug_polling = False
-            self.pause(data, show=not own)
+            self.pause(data)
             if own:
                 return
         if event == "debug_resumed" and current and self.paused is not None:
@@ -543,13 +543,12 @@ class Repl:
                     "reason": state.get("reason"),
                     "breakpoint_id": state.get("breakpoint_id"),
                     "frame": state.get("frame") or {},
-                },
-                show=False,
+                }
             )
 
     # -- paused mode --------------------------------------------------------------------
 
-    def pause(self, data: dict[str, Any], *, show: bool) -> None:
+    def pause(self, data: dict[str, Any]) -> None:
         """The current session paused: paused mode now (our evaluation waits in this
         thread) or instead of the prompt that is shown."""
         if self.paused is not None:
@@ -557,11 +556,6 @@ class Repl:
             return
         self.paused = data
         self.frame_index = 0
-        if show:
-            line = format_event(
-                {"event": "debug_paused", "data": data}, own_client_id=self.client.client_id
-            )
-            self.live_line(line or "")
         if self.own.pending is not None and threading.current_thread() is threading.main_thread():
             self.paused_mode()
         else:
