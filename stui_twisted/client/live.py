@@ -25,6 +25,17 @@ def _one_line(text: str, limit: int = CODE_PREVIEW_CHARACTERS) -> str:
     return first
 
 
+def _duration(milliseconds: Any) -> str:
+    """C{execution_time} (ms, protocol.md) as a short C{" (…)"} note."""
+    if not isinstance(milliseconds, int | float) or isinstance(milliseconds, bool):
+        return ""
+    if milliseconds < 10:
+        return f" ({milliseconds:.2g} ms)"
+    if milliseconds < 1000:
+        return f" ({milliseconds:.0f} ms)"
+    return f" ({milliseconds / 1000:.1f} s)"
+
+
 def format_frame(frame: dict[str, Any]) -> str:
     """A paused frame as pdb shows it: C{> FILE(LINE)FUNCTION()} and the code line."""
     head = f"> {frame.get('file', '?')}({frame.get('line', '?')}){frame.get('function', '?')}()"
@@ -54,8 +65,7 @@ def format_event(message: dict[str, Any], *, own_client_id: str | None = None) -
     if event == "evaluation_finished":
         if data.get("ok", data.get("error_type") is None):
             result = data.get("result")
-            seconds = data.get("execution_time")
-            timing = f" ({seconds:g} s)" if isinstance(seconds, int | float) else ""
+            timing = _duration(data.get("execution_time"))
             shown = "done" if result in (None, "None") else f"= {_one_line(result)}"
             return f"{tag} {shown}{timing}"
         return f"{tag} failed: {data.get('error_type')}: {_one_line(data.get('error') or '')}"

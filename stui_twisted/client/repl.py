@@ -334,6 +334,7 @@ class Repl:
         self._prompt_app: Any = None
         self._kept_text = ""
         self.own_session: str | None = None  # before :shared N attached elsewhere
+        self.running_command = False  # a meta-command of ours is running
         client.on_event = self.handle_event
         client.on_waiting = self.while_waiting
 
@@ -461,9 +462,7 @@ class Repl:
                 self.write_raw(str(data.get("text") or ""))
             return
         if event == "input_requested" and current:
-            if self.own.is_current(session_id, index) or (
-                self.own.pending == session_id and self.own.index is None
-            ):
+            if self.own.is_current(session_id, index):
                 self.answer_own_input(session_id, data)
                 return
             self.waiting_input = dict(data, session_id=session_id)
@@ -471,16 +470,23 @@ class Repl:
             if self.waiting_input and self.waiting_input.get("history_index") == index:
                 self.waiting_input = None
             if current and self.paused and self.paused.get("history_index") == index:
-                self.leave_paused("the evaluation ended")
+                self.leave_paused()  # its reply (or its live line) tells how it ended
         if event == "debug_paused" and current:
             self.debug_polling = False
             self.pause(data)
             if own:
                 return
         if event == "debug_resumed" and current and self.paused is not None:
-            self.leave_paused(None)
+            self.leave_paused()
         if own and event in ("evaluation_finished", "debug_resumed"):
             return
+        if (
+            self.running_command
+            and current
+            and event in ("state_updated", "session_closed")
+            and data.get("by") == self.client.client_id
+        ):
+            return  # what our own meta-command (:clear, :close …) just did
         line = format_event(message, own_client_id=self.client.client_id)
         if line:
             self.live_line(line)
@@ -561,12 +567,10 @@ class Repl:
         else:
             self._preempt()
 
-    def leave_paused(self, why: str | None) -> None:
+    def leave_paused(self) -> None:
         if self.paused is None:
             return
         self.paused = None
-        if why:
-            self.write(why)
         self._preempt()
 
     def paused_mode(self) -> None:
@@ -629,7 +633,7 @@ class Repl:
         elif key == "h":
             self.write(PAUSED_HELP)
         elif key == "p" and argument.strip():
-            self.debug_evaluate(argument.strip())
+            self.debug_evaluate(argument.strip(), show_none=True)
         elif line:
             self.debug_evaluate(line[1:] if line.startswith("!") else line)
 
@@ -670,12 +674,13 @@ class Repl:
         self.frame_index = wanted
         self.write(format_frame(frames[wanted]))
 
-    def debug_evaluate(self, code: str) -> None:
+    def debug_evaluate(self, code: str, *, show_none: bool = False) -> None:
         result = self._paused_call(
             "debug_evaluate", {"code": code, "frame_index": self.frame_index}
         )
         if result is not None:
-            self.write(format_evaluation(result, self._colored()))
+            shown = format_evaluation(result, self._colored())
+            self.write(shown or ("None" if show_none else ""))  # p shows None, as pdb does
 
     def list_code(self) -> None:
         """pdb's C{l}: the lines around the frame's current line, read in the image."""
@@ -706,7 +711,11 @@ class Repl:
         try:
             stripped = text.strip()
             if stripped.startswith(":"):
-                return self.meta_command(stripped[1:])
+                self.running_command = True
+                try:
+                    return self.meta_command(stripped[1:])
+                finally:
+                    self.running_command = False
             self.write(format_reply(self.evaluate(text), colour=self._colored()))
         except KeyboardInterrupt:
             self.write("Stopped waiting for the reply.")
