@@ -78,6 +78,8 @@ def format_event(message: dict[str, Any], *, own_client_id: str | None = None) -
     if event == "state_updated":
         parts = ", ".join(map(str, data.get("parts") or [])) or "the state"
         return f"{tag} changed {parts}"
+    if event in ("watcher_joined", "watcher_left") and who == own_client_id:
+        return None  # our own subscription
     if event == "watcher_joined":
         return f"[{who}] is watching this session ({data.get('access', '?')} access)"
     if event == "watcher_left":

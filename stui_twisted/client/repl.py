@@ -335,6 +335,8 @@ class Repl:
         self._kept_text = ""
         self.own_session: str | None = None  # before :shared N attached elsewhere
         self.running_command = False  # a meta-command of ours is running
+        self.asking_input: dict[str, Any] | None = None  # our input() being asked
+        self.next_input: dict[str, Any] | None = None
         client.on_event = self.handle_event
         client.on_waiting = self.while_waiting
 
@@ -467,6 +469,9 @@ class Repl:
                 return
             self.waiting_input = dict(data, session_id=session_id)
         if event == "evaluation_finished":
+            if self.asking_input is not None and own:
+                self.asking_input = None  # somebody else answered it
+                self._preempt()
             if self.waiting_input and self.waiting_input.get("history_index") == index:
                 self.waiting_input = None
             if current and self.paused and self.paused.get("history_index") == index:
@@ -492,16 +497,32 @@ class Repl:
             self.live_line(line)
 
     def answer_own_input(self, session_id: str, data: dict[str, Any]) -> None:
-        """Our evaluation called input(): ask here and send the answer (send_input)."""
-        prompt = str(data.get("prompt") or "")
-        if self.own.streamed and not self.own.streamed.endswith("\n") and prompt:
-            self.own.streamed += prompt  # the prompt is part of the output stream
-        try:
-            text = getpass.getpass(prompt) if data.get("password") else input(prompt)
-        except EOFError:
-            text = ""  # Ctrl-D answers an empty line; Ctrl-C interrupts the evaluation
-            self.write("")
-        self.send_input(session_id, text)
+        """Our evaluation called input(): ask here and send the answer (send_input).
+
+        The question is a prompt with the event pump running, so that an answer
+        from another client (the evaluation goes on and finishes) ends it.
+        """
+        if self.asking_input is not None:
+            self.next_input = data  # asked again while we ask: after this prompt
+            self._preempt()
+            return
+        while data is not None:
+            self.asking_input, self.next_input = data, None
+            try:
+                text = self._prompt(
+                    PromptSession(),
+                    str(data.get("prompt") or ""),
+                    is_password=bool(data.get("password")),
+                )
+            except EOFError:
+                text = ""  # Ctrl-D answers an empty line; Ctrl-C interrupts the evaluation
+            finally:
+                asked, self.asking_input = self.asking_input, None
+            if text is not PREEMPTED and asked is not None:
+                self.send_input(session_id, text)
+            elif self.next_input is None:
+                self.write("(answered by another client)")
+            data = self.next_input
 
     def send_input(self, session_id: str, text: str) -> None:
         reply = self.client.call("send_input", {"session_id": session_id, "text": text})

@@ -521,6 +521,21 @@ def test_own_output_streams_and_input_is_answered(live_server, state_dir):
     child.expect(pexpect.EOF)
 
 
+def test_our_input_prompt_ends_when_another_client_answers_it(live_server, state_dir):
+    child = spawn_client(live_server, state_dir)
+    child.expect(">>>")
+    send_line(child, "input('n? ') * 2")
+    wait_until(lambda: getattr(live_server.sessions["s_1"], "input_wanted", False))
+    child.expect("n\\? ")
+    bob = other_client(live_server, state_dir, "s_1")
+    assert bob.result("send_input", {"session_id": "s_1", "text": "ab"}) == {"accepted": True}
+    child.expect(r"\(answered by another client\)")
+    child.expect("'abab'")
+    child.expect(">>>")
+    send_line(child, ":quit")
+    child.expect(pexpect.EOF)
+
+
 def test_input_of_another_clients_evaluation_is_answered_with_input(live_server, state_dir):
     child = spawn_client(live_server, state_dir)
     child.expect(">>>")
