@@ -508,6 +508,8 @@ class Repl:
             return
         while data is not None:
             self.asking_input, self.next_input = data, None
+            # input() writes its prompt to the output: shown here, not again in the reply
+            self.own.streamed += str(data.get("prompt") or "")
             try:
                 text = self._prompt(
                     PromptSession(),
