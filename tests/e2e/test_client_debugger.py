@@ -9,14 +9,20 @@ from tests.e2e.test_client_e2e import quit_repl, spawn_repl, submit, tcp_url
 CLIENT_TIMEOUT = 15
 
 
-@pytest.mark.e2e
-@pytest.mark.image
-@pytest.mark.timeout(90)
-def test_breakpoint_meta_commands_and_post_mortem(start_server, tmp_path):
+def start_repl(start_server, tmp_path):
+    """A real server and a REPL at its first prompt, in a new session."""
     server = start_server(tmp_path / "server", zmq=False)
     child = spawn_repl(tcp_url(server), tmp_path / "client-state", "--new")
     child.timeout = CLIENT_TIMEOUT
     child.expect(">>>")
+    return child
+
+
+@pytest.mark.e2e
+@pytest.mark.image
+@pytest.mark.timeout(90)
+def test_breakpoint_meta_commands_and_post_mortem(start_server, tmp_path):
+    child = start_repl(start_server, tmp_path)
     submit(child, "def g(n): q = n * 5; return q / 0")
     child.expect(">>>")
     submit(child, ":break g if n > 1")
@@ -56,10 +62,7 @@ def test_breakpoint_meta_commands_and_post_mortem(start_server, tmp_path):
 @pytest.mark.timeout(90)
 def test_paused_mode_drives_a_breakpoint_with_pdb_keys(start_server, tmp_path):
     """The server sends no debug_paused event yet: the client polls debug_state."""
-    server = start_server(tmp_path / "server", zmq=False)
-    child = spawn_repl(tcp_url(server), tmp_path / "client-state", "--new")
-    child.timeout = CLIENT_TIMEOUT
-    child.expect(">>>")
+    child = start_repl(start_server, tmp_path)
     submit(child, "def g(n):")
     submit(child, "q = n * 5")
     submit(child, "return q + 1")

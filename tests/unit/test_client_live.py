@@ -356,6 +356,19 @@ def live_server():
     server.stop()
 
 
+def owner_client(server, state_dir):
+    """Alice (the Python API) in a new session s_1, which she owns."""
+    client = make_client(server, state_dir / "alice")
+    client.connect()
+    client.open_session()
+    return client
+
+
+def quit_child(child):
+    send_line(child, ":quit")
+    child.expect(pexpect.EOF)
+
+
 def other_client(server, state_dir, session_id, client_id="bob"):
     """A second client (the Python API) working in C{session_id}, shared with it."""
     server.shares.setdefault(session_id, {})[client_id] = "write"
@@ -493,8 +506,7 @@ def test_live_line_of_another_client_keeps_what_the_user_types(live_server, stat
     send_line(child, "7")
     child.expect("42")
     child.expect(">>>")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_own_output_streams_and_input_is_answered(live_server, state_dir):
@@ -517,8 +529,7 @@ def test_own_output_streams_and_input_is_answered(live_server, state_dir):
     assert "s3cret" not in child.before
     sent = [r["parameters"]["text"] for r in live_server.requests if r["command"] == "send_input"]
     assert sent == ["bob", "s3cret"]
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_our_input_prompt_ends_when_another_client_answers_it(live_server, state_dir):
@@ -532,8 +543,7 @@ def test_our_input_prompt_ends_when_another_client_answers_it(live_server, state
     child.expect(r"\(answered by another client\)")
     child.expect("'abab'")
     child.expect(">>>")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_input_of_another_clients_evaluation_is_answered_with_input(live_server, state_dir):
@@ -547,8 +557,7 @@ def test_input_of_another_clients_evaluation_is_answered_with_input(live_server,
     running.thread.join(ANSWER_TIMEOUT)
     assert running.results[0]["result"]["result"] == "'hello'"
     child.expect(r"\[bob #1\] = 'hello'")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 @pytest.mark.parametrize("debug_events", [True, False], ids=["event", "polled"])
@@ -582,8 +591,7 @@ def test_paused_mode_with_pdb_keys(live_server, state_dir, debug_events):
     debug = [r["command"] for r in live_server.requests if r["command"].startswith("debug_")]
     assert ("debug_state" in debug) is not debug_events
     assert {"debug_evaluate", "debug_stack", "debug_step", "debug_continue"} <= set(debug)
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server, state_dir):
@@ -600,8 +608,7 @@ def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server
     running.thread.join(ANSWER_TIMEOUT)
     assert running.results[0]["status"] == "success"
     child.expect(">>>")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_sharing_whoami_and_refusals(live_server, state_dir):
@@ -625,14 +632,11 @@ def test_sharing_whoami_and_refusals(live_server, state_dir):
     send_line(child, ":unshare bob")
     child.expect("no longer shared with bob. It is shared with nobody.")
     child.expect(">>>")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_shared_attaches_and_a_reader_is_refused_evaluation(live_server, state_dir):
-    alice = make_client(live_server, state_dir / "alice")
-    alice.connect()
-    alice.open_session()
+    owner_client(live_server, state_dir)
     live_server.shares["s_1"] = {"bob": "read"}
     child = spawn_client(live_server, state_dir / "bob-state", "--client-id", "bob")
     child.expect(">>>")
@@ -648,14 +652,11 @@ def test_shared_attaches_and_a_reader_is_refused_evaluation(live_server, state_d
     send_line(child, ":detach")
     child.expect("Session s_2 restored")
     child.expect(">>>")
-    send_line(child, ":quit")
-    child.expect(pexpect.EOF)
+    quit_child(child)
 
 
 def test_watch_follows_a_session_read_only_until_it_closes(live_server, state_dir):
-    alice = make_client(live_server, state_dir / "alice")
-    alice.connect()
-    alice.open_session()
+    alice = owner_client(live_server, state_dir)
     alice.evaluate("print('early')")
     watcher = spawn_client(live_server, state_dir, "--watch", "s_1", "--since", "0")
     watcher.expect(r"Watching session s_1 read-only")
