@@ -335,6 +335,7 @@ class Repl:
         self._kept_text = ""
         self.own_session: str | None = None  # before :shared N attached elsewhere
         self.running_command = False  # a meta-command of ours is running
+        self.stepping = False  # a paused-mode command of ours is running
         self.asking_input: dict[str, Any] | None = None  # our input() being asked
         self.next_input: dict[str, Any] | None = None
         client.on_event = self.handle_event
@@ -476,6 +477,10 @@ class Repl:
                 self.waiting_input = None
             if current and self.paused and self.paused.get("history_index") == index:
                 self.leave_paused()  # its reply (or its live line) tells how it ended
+        if event in ("debug_paused", "debug_resumed") and current and self.stepping:
+            if event == "debug_paused":
+                self.debug_polling = False
+            return  # our own step or continue: its reply says where it stopped
         if event == "debug_paused" and current:
             self.debug_polling = False
             self.pause(data)
@@ -617,11 +622,14 @@ class Repl:
                 continue
             if line is PREEMPTED:
                 continue
+            self.stepping = True
             try:
                 self.paused_command(line.strip())
             except ConnectionLost as error:
                 self.write(f"{error}")
                 self.paused = None
+            finally:
+                self.stepping = False
 
     def paused_command(self, line: str) -> None:
         key, _, argument = line.partition(" ")

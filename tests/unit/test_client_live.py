@@ -313,8 +313,11 @@ class LiveFakeServer(FakeStuiServer):
                 answer.put({"resumed": True} if operation == "continue" else {"finished": True})
                 self.publish(session, "debug_resumed", {"history_index": index})
                 return
+            self.publish(session, "debug_resumed", {"history_index": index})  # each resume
             line = session.paused_frame["line"] + 1
             session.paused_frame = dict(frame, line=line, code_line=lines[line - 1].strip())
+            data = {"history_index": index, "reason": "step", "breakpoint_id": None}
+            self.publish(session, "debug_paused", dict(data, frame=session.paused_frame))
             answer.put({"paused_at": session.paused_frame})
 
     def _debug(self, request, session, command, params):
@@ -581,8 +584,9 @@ def test_paused_mode_with_pdb_keys(live_server, state_dir, debug_events):
     child.expect(r"   2 ->     pause_here\(n=3\)")
     child.expect(r"   3        m = 6")
     send_line(child, "n")
-    child.expect(r"> <cell 1>\(3\)<module>\(\)")
-    child.expect(r"-> m = 6")
+    child.expect(r"> <cell 1>\(3\)<module>\(\)\s+-> m = 6\s+")
+    assert "Paused" not in child.before  # the step's own resume and pause are no new pause
+    child.expect(r"\(Pdb\)")
     send_line(child, "c")
     child.expect(">>>")
     send_line(child, "m")
