@@ -391,6 +391,7 @@ class StuiClient:
                     wait = min(wait, deadline - now)
                 message = self.transport.receive(wait)
                 if message is not None and is_event(message):
+                    last_traffic = time.monotonic()  # the peer is alive (ZeroMQ liveness)
                     self._dispatch_event(message)
                     continue
                 if message is None:
