@@ -245,13 +245,16 @@ def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch, sta
 
 
 def test_watch_and_live_lines_follow_a_session(server, tmp_path, state_dir):
-    """--watch prints another terminal's evaluations; the REPL shows others' as live lines."""
+    """--watch (ZeroMQ) prints another terminal's evaluations; the REPL (TCP) shows
+    others' as live lines."""
     url = tcp_url(server)
     child = spawn_repl(url, state_dir, "--new")
     child.expect(r"New session (s_\S+) created")
     session_id = child.match.group(1)
     child.expect(">>>")
-    watcher = spawn_repl(url, tmp_path / "watch-state", "--watch", session_id)
+    # over ZeroMQ: a DEALER that sends no empty delimiter frame is pushed events
+    zmq_url = server.zmq_url.replace("tcp://", "zmq://")
+    watcher = spawn_repl(zmq_url, tmp_path / "watch-state", "--watch", session_id)
     watcher.expect(f"Watching session {session_id} read-only")
     watcher.expect("live from seq")
     submit(child, "6 * 7")
