@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stui_twisted import __version__
 from stui_twisted.client.formatting import format_error, format_evaluation, format_sessions
-from stui_twisted.client.live import dim, format_event
+from stui_twisted.client.live import EvaluationFollower, dim, format_event
 from stui_twisted.client.session import (
     CredentialSource,
     CredentialsUnavailable,
@@ -226,6 +226,22 @@ def watch(client: StuiClient, session_id: str, since: int | None) -> int:
     return EXIT_OK
 
 
+def follow_evaluations(client: StuiClient, as_json: bool) -> EvaluationFollower | None:
+    """Subscribe to the session for C{--eval}; None when the server has no events."""
+    if client.session_id is None:
+        return None
+    follower = EvaluationFollower(
+        client, stream_output=not as_json, prompt_stream=sys.stderr if as_json else sys.stdout
+    )
+    client.on_event = follower
+    try:
+        client.subscribe(client.session_id)
+    except (ServerError, ConnectionLost):
+        client.on_event = None  # a 1.0 server, or events not in the plan: plain replies
+        return None
+    return follower
+
+
 def session_limit_hint(client: StuiClient) -> str:
     """Which sessions exist and how to use or close one, after SessionLimitExceeded."""
     try:
@@ -242,11 +258,22 @@ def session_limit_hint(client: StuiClient) -> str:
 def run_evaluations(
     client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool
 ) -> int:
-    """C{--eval}: run each snippet in order, stop at the first failure."""
+    """C{--eval}: run each snippet in order, stop at the first failure.
+
+    When the server has events, the output streams while the code runs (not with
+    C{--json}) and an C{input()} is answered from stdin (its prompt on stderr with
+    C{--json}, so that stdout stays JSON lines).
+    """
+    follower = follow_evaluations(client, as_json)
     for snippet in snippets:
         code = sys.stdin.read() if snippet == "-" else snippet
         try:
-            reply = client.evaluate(code, mode)
+            if follower is None:
+                reply = client.evaluate(code, mode)
+            else:
+                reply, newline = follower.evaluate(code, mode)
+                if newline:
+                    sys.stdout.write("\n")
         except (ConnectionLost, CredentialsUnavailable) as error:
             print(f"stui-client: {error}", file=sys.stderr)
             return EXIT_USAGE_OR_CONNECTION

@@ -183,3 +183,80 @@ def unstreamed_output(output: str, streamed: str) -> str:
     if output.startswith(streamed):
         return output[len(streamed) :]
     return ""
+
+
+def reply_history_index(reply: dict[str, Any]) -> int | None:
+    """The C{history_index} an C{evaluate} reply names (success or error)."""
+    place = reply.get("result") if reply.get("status") == "success" else reply.get("details")
+    index = place.get("history_index") if isinstance(place, dict) else None
+    return index if isinstance(index, int) else None
+
+
+def without_streamed_output(reply: dict[str, Any], streamed: str) -> tuple[dict[str, Any], bool]:
+    """The C{evaluate} reply with only the output the events did not show, and
+    whether a newline must end the streamed text before the value is printed."""
+    key = "result" if reply.get("status") == "success" else "details"
+    place = reply.get(key)
+    if not streamed or not isinstance(place, dict):
+        return reply, False
+    rest = unstreamed_output(str(place.get("output") or ""), streamed)
+    newline = not streamed.endswith("\n") and not rest
+    return dict(reply, **{key: dict(place, output=rest)}), newline
+
+
+class EvaluationFollower:
+    """C{--eval}: stream our evaluations' output and answer their C{input()}.
+
+    Set as the client's C{on_event} after subscribing to the session; only events
+    of the evaluation this client runs count (others are ignored).
+    """
+
+    def __init__(self, client: Any, *, stream_output: bool, prompt_stream: Any) -> None:
+        self.client = client
+        self.own = OwnEvaluations()
+        self.stream_output = stream_output
+        self.prompt_stream = prompt_stream
+
+    def __call__(self, message: dict[str, Any]) -> None:
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        session_id, index = message.get("session_id"), data.get("history_index")
+        event = message.get("event")
+        if event == "evaluation_started":
+            self.own.claim(session_id, index, data.get("by"), self.client.client_id)
+            return
+        if not self.own.is_current(session_id, index):
+            return
+        if event == "output" and self.stream_output:
+            text = str(data.get("text") or "")
+            self.own.streamed += text
+            self.prompt_stream.write(text)
+            self.prompt_stream.flush()
+        elif event == "input_requested":
+            self.answer(str(session_id), data)
+
+    def answer(self, session_id: str, data: dict[str, Any]) -> None:
+        import getpass
+
+        prompt = str(data.get("prompt") or "")
+        if self.stream_output:
+            self.own.streamed += prompt
+        self.prompt_stream.write(prompt)
+        self.prompt_stream.flush()
+        try:
+            text = getpass.getpass("") if data.get("password") else input()
+        except EOFError:
+            text = ""  # no more input: an empty line, as a closed stdin gives
+        reply = self.client.call("send_input", {"session_id": session_id, "text": text})
+        if reply.get("status") != "success":
+            self.prompt_stream.write(
+                f"send_input: {reply.get('error_type')}: {reply.get('error')}\n"
+            )
+
+    def evaluate(self, code: str, mode: str) -> tuple[dict[str, Any], bool]:
+        self.own.begin(self.client.session_id)
+        reply: dict[str, Any] = {}
+        try:
+            reply = self.client.evaluate(code, mode)
+        finally:
+            streamed = self.own.end(reply_history_index(reply))
+        return without_streamed_output(reply, streamed)

@@ -59,7 +59,8 @@ from stui_twisted.client.live import (
     dim,
     format_event,
     format_frame,
-    unstreamed_output,
+    reply_history_index,
+    without_streamed_output,
 )
 from stui_twisted.client.session import (
     TEAM,
@@ -767,18 +768,12 @@ class Repl:
         try:
             reply = self.client.evaluate(text, self.mode)
         finally:
-            details = reply.get("details") if isinstance(reply.get("details"), dict) else {}
-            place = reply.get("result") if reply.get("status") == "success" else details
-            index = (place or {}).get("history_index")
-            streamed = self.own.end(index if isinstance(index, int) else None)
+            streamed = self.own.end(reply_history_index(reply))
             self.paused = None
-        if not streamed or not isinstance(place, dict):
-            return reply
-        rest = unstreamed_output(str(place.get("output") or ""), streamed)
-        if not streamed.endswith("\n") and not rest:
+        reply, newline = without_streamed_output(reply, streamed)
+        if newline:
             self.write_raw("\n")
-        key = "result" if reply.get("status") == "success" else "details"
-        return dict(reply, **{key: dict(place, output=rest)})
+        return reply
 
     def meta_command(self, line: str) -> bool:
         name, _, argument = line.partition(" ")

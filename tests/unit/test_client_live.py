@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import linecache
 import queue
 import sys
@@ -683,3 +684,20 @@ def test_watch_follows_a_session_read_only_until_it_closes(live_server, state_di
 def test_watch_refused_exits_two(live_server, state_dir, capsys):
     status, out, err = run_main([live_server.url, "--watch", "s_404"], capsys)
     assert status == 2 and "SessionNotFound" in err
+
+
+def test_eval_streams_output_once_and_answers_input_from_stdin(
+    live_server, state_dir, capsys, monkeypatch
+):
+    monkeypatch.setattr("sys.stdin", io.StringIO("bob\n"))
+    argv = [live_server.url, "--state-dir", str(state_dir), "--client-id", "alice"]
+    code = "print('a'); n = input('n? '); print('got', n); n * 2"
+    status, out, err = run_main([*argv, "-e", code], capsys)
+    assert (status, out, err) == (0, "a\nn? got bob\n'bobbob'\n", "")
+    assert [
+        r["parameters"]["text"] for r in live_server.requests if r["command"] == "send_input"
+    ] == ["bob"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("eve\n"))
+    status, out, err = run_main([*argv, "--json", "-e", "input('who? ')"], capsys)
+    assert status == 0 and err == "who? "
+    assert json.loads(out)["result"]["result"] == "'eve'"
