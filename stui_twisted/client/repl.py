@@ -84,6 +84,9 @@ Enter runs a complete statement; unfinished code (a trailing ':', an open bracke
 an indented block) continues on a '...' line; an empty line ends a block.
 Esc-Enter runs the buffer as it is.  Tab completes names from the server.
 Ctrl-C stops a running evaluation (or clears the line); Ctrl-D quits.
+What others do in this session (and the team) shows as dimmed lines above the
+prompt.  When the session pauses in the debugger the prompt becomes (Pdb): h there
+lists pdb's keys (s n r c w p l).
 
 Meta-commands:
   :inspect EXPR     show the value of EXPR: type, attributes and items
