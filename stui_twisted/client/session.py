@@ -239,6 +239,7 @@ class StuiClient:
         # events that came after a gap, held until the gap is filled
         self._held: dict[str, list[dict[str, Any]]] = {}
         self._filling_gaps = False
+        self._caught_up: list[dict[str, Any]] = []  # replayed while reconnecting
 
     # -- connection -------------------------------------------------------------
 
@@ -544,8 +545,16 @@ class StuiClient:
             if seq <= self.streams[key]:
                 return  # seen already (a replay overlapping what arrived live)
             self.streams[key] = seq
-        if self.on_event is not None:
+        if self._recovering:
+            self._caught_up.append(message)  # shown after "Reconnected to …"
+        elif self.on_event is not None:
             self.on_event(message)
+
+    def _deliver_caught_up(self) -> None:
+        caught_up, self._caught_up = self._caught_up, []
+        for message in caught_up:
+            if self.on_event is not None:
+                self.on_event(message)
 
     def _fill_gaps(self) -> None:
         """Read dropped events from the log (C{get_events since=from_seq-1})."""
@@ -718,9 +727,18 @@ class StuiClient:
             self.state.remember_session(self.address.url, self.client_id, session_id)
 
     def forget_session(self) -> None:
-        """After C{close_session}: the next command starts a new session."""
-        if self.state is not None and self.session_id is not None:
-            self.state.forget_session(self.address.url, self.client_id)
+        """After C{close_session}: the next command starts a new session.
+
+        The state file forgets it only when it is the session remembered there (a
+        session shared with us, attached with C{remember=False}, never is).
+        """
+        url, client_id = self.address.url, self.client_id
+        if (
+            self.state is not None
+            and self.session_id is not None
+            and self.state.last_session(url, client_id) == self.session_id
+        ):
+            self.state.forget_session(url, client_id)
         self.session_id = None
 
     def evaluate(self, code: str, mode: str = "execute") -> dict[str, Any]:
@@ -778,6 +796,7 @@ class StuiClient:
                 finally:
                     self._recovering = False
                 self.notify(f"Reconnected to {self.address.url}. {message}".rstrip())
+                self._deliver_caught_up()
                 return
             self.reconnect_abandoned = True
             raise ConnectionLost(

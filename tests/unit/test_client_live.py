@@ -26,6 +26,7 @@ import pytest
 
 from stui_twisted.client.live import OwnEvaluations, format_event, unstreamed_output
 from stui_twisted.client.session import TEAM
+from stui_twisted.client.state import ClientState
 from tests.unit.test_client_fake_server import (
     FakeStuiServer,
     failure,
@@ -657,6 +658,34 @@ def test_shared_attaches_and_a_reader_is_refused_evaluation(live_server, state_d
     send_line(child, ":detach")
     child.expect("Session s_2 restored")
     child.expect(">>>")
+    quit_child(child)
+
+
+def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
+    owner_client(live_server, state_dir)  # alice's s_1
+    live_server.shares["s_1"] = {"bob": "write"}
+    bob = make_client(live_server, state_dir / "bob")
+    bob.client_id = "bob"
+    bob.connect()
+    bob.open_session()  # bob's own s_2, remembered
+    bob.open_session(session_id="s_1", remember=False)
+    bob.forget_session()  # e.g. the shared session is gone
+    assert ClientState(state_dir / "bob").last_session(live_server.url, "bob") == "s_2"
+
+
+def test_the_repl_shows_what_happened_while_it_was_reconnecting(live_server, state_dir):
+    child = spawn_client(live_server, state_dir)
+    child.expect(">>>")
+    wait_until(lambda: live_server.subscribers.get("s_1"))
+    live_server.stop()
+    session = live_server.sessions["s_1"]
+    data = {"history_index": 7, "ok": True, "result": "'while away'", "by": "bob"}
+    live_server.publish(session, "evaluation_finished", data)
+    live_server.start()
+    child.expect("Reconnected to")
+    child.expect(r"\[bob #7\] = 'while away'")
+    subscribe = [r for r in live_server.requests if r["command"] == "subscribe"][-1]
+    assert subscribe["parameters"]["since"] == 0
     quit_child(child)
 
 
