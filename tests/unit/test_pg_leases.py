@@ -1,0 +1,144 @@
+"""Lease semantics of the PostgreSQL store, on the test session's real cluster.
+
+Two stores on one database stand for two nodes.  A lease "runs out" by moving its
+C{expires_at} into the past on the database's clock (what three missed renewals
+do), so the tests need no sleeps; one test lets real renewals run.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import pytest_twisted
+
+from stui_twisted.storage.errors import LeaseHeld
+from stui_twisted.storage.postgres import PostgresSessionStore
+from tests.helpers import make_session, reactor_sleep
+from tests.unit.test_store_backends import the_reactor, within_time_limit
+
+pytestmark = pytest.mark.timeout(60)
+
+SID = make_session()["session_id"]
+
+
+async def open_node(dsn, tmp_path, node_id, **options):
+    store = PostgresSessionStore(
+        dsn,
+        reactor=the_reactor(),
+        secret_file=str(tmp_path / "secret.key"),
+        node_id=node_id,
+        advertise=f"{node_id}.example:7555",
+        **options,
+    )
+    store.check()
+    await within_time_limit(store.open())
+    return store
+
+
+def lease_rows(dsn):
+    with psycopg.connect(dsn) as connection:
+        return connection.execute(
+            "SELECT session_id, node_id, advertise, expires_at > now() FROM leases"
+            " ORDER BY session_id"
+        ).fetchall()
+
+
+def run_out(dsn, session_id=SID):
+    """The lease's holder missed three renewals (on the database's clock)."""
+    with psycopg.connect(dsn) as connection:
+        connection.execute(
+            "UPDATE leases SET expires_at = now() - interval '1 second' WHERE session_id = %s",
+            (session_id,),
+        )
+
+
+async def held_elsewhere(store, session_id=SID) -> LeaseHeld:
+    with pytest.raises(LeaseHeld) as caught:
+        await within_time_limit(store.acquire_lease(session_id))
+    return caught.value
+
+
+@pytest_twisted.ensureDeferred
+async def test_fresh_lease_sends_others_away_until_it_runs_out(pg_dsn, tmp_path):
+    a = await open_node(pg_dsn, tmp_path, "a")
+    b = await open_node(pg_dsn, tmp_path, "b")
+    lost = []
+    a.addLeaseLostObserver(lost.extend)
+    try:
+        assert await within_time_limit(a.acquire_lease(SID)) is False  # taken now: read it
+        assert await within_time_limit(a.acquire_lease(SID)) is True  # held: current
+        assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+
+        elsewhere = await held_elsewhere(b)
+        assert (elsewhere.node_id, elsewhere.advertise) == ("a", "a.example:7555")
+        assert b.statistics()["lease_takeovers"] == 0
+
+        run_out(pg_dsn)
+        assert await within_time_limit(b.acquire_lease(SID)) is False  # taken over
+        assert b.statistics()["lease_takeovers"] == 1
+        assert lease_rows(pg_dsn) == [(SID, "b", "b.example:7555", True)]
+
+        # a's next renewal finds the lease gone and says so; a then asks the database
+        await within_time_limit(a.leases.renew())
+        assert lost == [SID] and not a.leases.holds(SID)
+        assert (await held_elsewhere(a)).node_id == "b"
+
+        await within_time_limit(b.release_lease(SID))  # closed on b
+        assert lease_rows(pg_dsn) == []
+        assert await within_time_limit(a.acquire_lease(SID)) is False
+        assert a.statistics()["lease_takeovers"] == 0  # a free lease is no takeover
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_node_takes_its_own_lease_back_at_once(pg_dsn, tmp_path):
+    first = await open_node(pg_dsn, tmp_path, "a")
+    await within_time_limit(first.acquire_lease(SID))
+    first.leases.stop_renewing()  # as if killed: the row stays, fresh
+    again = await open_node(pg_dsn, tmp_path, "a")
+    other = await open_node(pg_dsn, tmp_path, "b")
+    try:
+        assert (await held_elsewhere(other)).node_id == "a"
+        assert await within_time_limit(again.acquire_lease(SID)) is False
+        assert again.statistics()["lease_takeovers"] == 0
+        assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+    finally:
+        await within_time_limit(other.close())
+        await within_time_limit(again.close())  # gives up every lease of node a
+        assert lease_rows(pg_dsn) == []
+        first._stop_pool()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_sessions_lease_is_written_with_its_first_row(pg_dsn, tmp_path):
+    a = await open_node(pg_dsn, tmp_path, "a")
+    b = await open_node(pg_dsn, tmp_path, "b")
+    try:
+        assert await within_time_limit(a.acquire_lease(SID, new=True)) is True
+        assert lease_rows(pg_dsn) == []  # nothing is in the database yet
+        await within_time_limit(a.write_many([make_session()]))
+        assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+        assert (await held_elsewhere(b)).node_id == "a"
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewals_keep_a_lease_fresh_past_its_lifetime(pg_dsn, tmp_path):
+    a = await open_node(pg_dsn, tmp_path, "a", lease_interval=0.2)
+    b = await open_node(pg_dsn, tmp_path, "b", lease_interval=0.2)
+    try:
+        await within_time_limit(a.acquire_lease(SID))
+        with psycopg.connect(pg_dsn) as connection:
+            first = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
+        await reactor_sleep(1.0)  # 5 intervals: the lease lives 3 without renewal
+        with psycopg.connect(pg_dsn) as connection:
+            later = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
+        assert later > first
+        assert (await held_elsewhere(b)).node_id == "a"
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
