@@ -261,3 +261,59 @@ task.react(main)
     # the rows verify with the data directory's key: the store reads them back
     for _client_id, _sid, document in rows:
         assert json.loads(bytes(document))["format"] == "stui-session"
+
+
+def test_second_node_answers_elsewhere_then_takes_over_after_kill9(tmp_path, start_server, pg_dsn):
+    """Two nodes, one database: A is killed with kill -9 holding a session; B sends
+    clients to A while A's lease is fresh, then serves the session with x and the
+    instance back once the lease has run out."""
+    import time
+
+    def node(name):
+        return start_server(
+            tmp_path / name,
+            f"--store=postgresql:{pg_dsn}",
+            f"--secret-file={tmp_path / 'secret.key'}",  # the nodes share the MAC key
+            f"--node-id={name}",
+            f"--advertise={name}.example:7555",
+            "--lease-interval=0.5",
+            "--durability=always",
+            zmq=False,
+        )
+
+    a, b = node("a"), node("b")
+    client = a.tcp_client(timeout=30)
+    ping = client.result("ping")
+    assert ping["node"] == {"node_id": "a", "advertise": "a.example:7555"}, ping
+    assert ping["message"] == "pong" and "image" in ping  # the old fields stay
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    code = "class Point:\n    def __init__(self, x):\n        self.x = x\nx = 41\np = Point(x + 1)"
+    assert client.result("evaluate", session_id=session_id, code=code)["has_error"] is False
+    client.close()
+
+    other = b.tcp_client(timeout=30)
+    # B sees A's session (created after B started) in its lists and statistics
+    listed = other.result("list_client_sessions", client_id="alice")["sessions"]
+    assert [s["session_id"] for s in listed] == [session_id], listed
+    assert other.result("get_session_statistics")["active_sessions"] == 1
+
+    a.process.kill()  # SIGKILL: A's lease stays in the database until it runs out
+    killed_at = time.monotonic()
+    a.process.wait(30)
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["status"] == "error" and reply["error_type"] == "SessionElsewhere", reply
+    assert reply["details"]["node_id"] == "a", reply
+    assert reply["details"]["advertise"] == "a.example:7555", reply
+    assert time.monotonic() - killed_at < 1.5  # the lease (3 × 0.5 s) was still fresh
+
+    deadline = time.monotonic() + 30
+    while reply["status"] == "error" and time.monotonic() < deadline:
+        assert reply["error_type"] == "SessionElsewhere", reply
+        time.sleep(0.1)
+        reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["status"] == "success", reply
+    assert {"x", "p"} <= set(reply["result"]["restored_bindings"]), reply
+    result = other.result("evaluate", session_id=session_id, code="(x, p.x, type(p).__name__)")
+    assert result["result"] == "(41, 42, 'Point')", result
+    assert "took over session" in b.log_text()
+    other.close()
