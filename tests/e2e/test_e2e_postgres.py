@@ -317,3 +317,46 @@ def test_second_node_answers_elsewhere_then_takes_over_after_kill9(tmp_path, sta
     assert result["result"] == "(41, 42, 'Point')", result
     assert "took over session" in b.log_text()
     other.close()
+
+
+def lease_rows(dsn):
+    with psycopg.connect(dsn) as connection:
+        return connection.execute("SELECT session_id, node_id FROM leases").fetchall()
+
+
+def test_clean_shutdown_and_close_give_the_lease_up_at_once(tmp_path, start_server, pg_dsn):
+    """SIGTERM of A gives its leases up: B serves A's session at once, not after the
+    lease (3 × 5 s) ran out; close_session on B gives B's lease up."""
+    import time
+
+    def node(name):
+        return start_server(
+            tmp_path / name,
+            f"--store=postgresql:{pg_dsn}",
+            f"--secret-file={tmp_path / 'secret.key'}",
+            f"--node-id={name}",
+            "--durability=batch",
+            image=False,
+            zmq=False,
+        )
+
+    a, b = node("a"), node("b")
+    client = a.tcp_client(timeout=30)
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    client.result("update_session_state", session_id=session_id, state_data={"n": 7})
+    client.close()
+    deadline = time.monotonic() + 10
+    while not lease_rows(pg_dsn) and time.monotonic() < deadline:
+        time.sleep(0.05)  # under batch, the row and its lease come with the next flush
+    other = b.tcp_client(timeout=30)
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["error_type"] == "SessionElsewhere", reply
+    assert reply["details"] == {"session_id": session_id, "node_id": "a", "advertise": None}
+    assert a.stop() == 0  # the final flush, then the leases are given up
+    assert lease_rows(pg_dsn) == []
+    restored = other.result("restore_session", client_id="alice", session_id=session_id)
+    assert restored["session_state"] == {"n": 7}, restored
+    assert lease_rows(pg_dsn) == [(session_id, "b")]
+    other.result("close_session", session_id=session_id)
+    assert lease_rows(pg_dsn) == []
+    other.close()
