@@ -1,4 +1,5 @@
-"""Lease semantics of the PostgreSQL store, on the test session's real cluster.
+"""Nodes of the PostgreSQL store (leases, per-node shared namespace, their metrics), on
+the test session's real cluster.
 
 Two stores on one database stand for two nodes.  A lease "runs out" by moving its
 C{expires_at} into the past on the database's clock (what three missed renewals
@@ -139,6 +140,58 @@ async def test_renewals_keep_a_lease_fresh_past_its_lifetime(pg_dsn, tmp_path):
             later = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
         assert later > first
         assert (await held_elsewhere(b)).node_id == "a"
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_node_has_its_own_shared_namespace(pg_dsn, tmp_path):
+    a = await open_node(pg_dsn, tmp_path, "a")
+    b = await open_node(pg_dsn, tmp_path, "b")
+    try:
+        await within_time_limit(a.write_shared({"team": {"encoding": "json", "value": "a"}}))
+        assert await within_time_limit(b.read_shared()) == {}
+        await within_time_limit(b.write_shared({"team": {"encoding": "json", "value": "b"}}))
+        assert (await within_time_limit(a.read_shared()))["team"]["value"] == "a"
+        assert (await within_time_limit(b.read_shared()))["team"]["value"] == "b"
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn, tmp_path):
+    """--metrics with the PostgreSQL store: the registry builds (the store has the write
+    observer hook) and shows transaction latency, leases held and takeovers."""
+    from types import SimpleNamespace
+
+    from stui_twisted.ops.metrics import build_registry
+    from stui_twisted.transports.connections import ConnectionRegistry
+    from tests.helpers import make_dispatcher
+
+    a = await open_node(pg_dsn, tmp_path, "a")
+    b = await open_node(pg_dsn, tmp_path, "b")
+    service = SimpleNamespace(
+        store=b,
+        sessions={},
+        connections=ConnectionRegistry(1),
+        now=lambda: 0.0,
+        uptime=lambda: 0.0,
+        image_status=lambda: {"status": "disabled", "pid": None, "started_at": None},
+    )
+    registry = build_registry(service, make_dispatcher())
+    try:
+        await within_time_limit(a.acquire_lease(SID))
+        run_out(pg_dsn)
+        await within_time_limit(b.acquire_lease(SID))
+        await within_time_limit(b.write(make_session()))
+        value = registry.get_sample_value
+        assert value("stui_storage_lease_takeovers_total") == 1
+        assert value("stui_storage_leases_held") == 1
+        assert value("stui_storage_transaction_duration_seconds_count") >= 2
+        assert value("stui_storage_flush_duration_seconds_count", {"kind": "single"}) == 1
+        assert value("stui_storage_pool_in_use") == 0
     finally:
         await within_time_limit(a.close())
         await within_time_limit(b.close())
