@@ -240,15 +240,24 @@ class SessionService(service.Service):
                 f"no session {session_id[:80]!r} for this client",
                 session_id=session_id[:80],
             )
-        if touch:
+        if touch and session.state != CLOSED:  # closed is final: no lease needed to say so
             await self._claim(session)
         now = self.now()
+        # With a shared store, only the lease holder may record an end (another
+        # node's copy of last_activity may be old); a lease taken for a session
+        # that turns out to have ended is given up at once.
+        holder = not self.store.shared_by_nodes or session_id in self._served_here
         if session.state == CLOSED:
+            if self.store.shared_by_nodes and holder:
+                await self._give_up(session)
             raise StuiError(
                 "SessionClosed", f"session {session_id!r} was closed", session_id=session_id
             )
         if session.is_expired(now):
-            self._expire(session)
+            if session.state == ACTIVE and holder:
+                self._expire(session)  # gives the lease up once the expiry is written
+            elif self.store.shared_by_nodes and holder:
+                await self._give_up(session)
             raise StuiError(
                 "SessionExpired",
                 f"session {session_id!r} expired at {iso_timestamp(session.expires_at())} "

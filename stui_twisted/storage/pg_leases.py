@@ -275,6 +275,15 @@ class LeaseKeeper:
         self._renewing.addCallbacks(renewed, failed).addBoth(done)
         return self._renewing
 
+    def lost_to_others(self, session_ids: list[str]) -> None:
+        """A write found these sessions leased by another node: they are not ours."""
+        if any(session_id in self._held for session_id in session_ids):
+            self.log.warn(
+                "another node holds the lease of {ids}: not written here",
+                ids=", ".join(session_ids),
+            )
+        self._forget(session_ids)
+
     def _forget(self, session_ids: list[str]) -> None:
         lost = [session_id for session_id in session_ids if session_id in self._held]
         for session_id in lost:

@@ -513,17 +513,49 @@ class PostgresSessionStore:
 
     def _write_rows(
         self, connection, table: str, rows: list[tuple], new_leases: list[str] = ()
-    ) -> None:
+    ) -> set[str]:
+        """Upsert C{rows}; answers the session ids another node's lease kept unwritten.
+
+        A session row is replaced only while no other node holds its lease: a node
+        that lost a lease (it missed its renewals, another took the session over)
+        cannot overwrite what the new node wrote.
+        """
         if new_leases:
             LeaseKeeper.insert_new(
                 connection, self.node_id, self.leases.advertise, self.leases.ttl, new_leases
             )
-        connection.cursor().executemany(
+        fence = ""
+        if table == "sessions":
+            fence = (
+                " WHERE NOT EXISTS (SELECT 1 FROM leases WHERE leases.session_id ="
+                " EXCLUDED.session_id AND leases.node_id <> %s)"
+            )
+            rows = [(*row, self.node_id) for row in rows]
+        cursor = connection.cursor()
+        cursor.executemany(
             f"INSERT INTO {table} (client_id, session_id, document, saved_at, size_bytes)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (client_id, session_id) DO UPDATE SET"
             " document = EXCLUDED.document, saved_at = EXCLUDED.saved_at,"
-            " size_bytes = EXCLUDED.size_bytes",
+            f" size_bytes = EXCLUDED.size_bytes{fence} RETURNING session_id",
             rows,
+            returning=True,
+        )
+        written = set()
+        while True:
+            for (session_id,) in cursor.fetchall():
+                written.add(session_id)
+            if not cursor.nextset():
+                break
+        return {row[1] for row in rows} - written
+
+    def _fenced(self, session_ids: set[str]) -> Failure:
+        """The failure of a write another node's lease kept out (L{_write_rows})."""
+        self.leases.lost_to_others(sorted(session_ids))
+        return Failure(
+            StorageFailure(
+                f"session {', '.join(sorted(session_ids))} is served by another node now;"
+                " this node's copy was not written"
+            )
         )
 
     # ------------------------------------------------------------------ results
@@ -692,9 +724,14 @@ class PostgresSessionStore:
         row = (*key, data, stamp, len(data))
         new_leases = [] if saved_copy else self.leases.unwritten_among([key[1]])
         started = self._reactor.seconds()
+
+        def written(fenced: set[str]) -> WriteResult | Failure:
+            self.leases.written(new_leases)
+            return self._fenced(fenced) if fenced else _result(data, stamp)
+
         done = self._in_lanes(
             [(table, *key)], f"write {table}", self._write_rows, table, [row], new_leases
-        ).addCallback(lambda _: (self.leases.written(new_leases), _result(data, stamp))[1])
+        ).addCallback(written)
         done.addBoth(self._wrote, key if table == "sessions" else None)
         return done.addBoth(self._observed, "single", started)
 
@@ -735,11 +772,18 @@ class PostgresSessionStore:
         started = self._reactor.seconds()
 
         def fix_keys(outcome: object) -> dict[str, Any]:
+            fenced: set[str] = set()
             if not isinstance(outcome, Failure):
                 self.leases.written(new_leases)
+                fenced = outcome
             self._observed(outcome, "batch", started)
             for client_id, session_id, data, saved_at, _size in rows:
-                result = outcome if isinstance(outcome, Failure) else _result(data, saved_at)
+                if isinstance(outcome, Failure):
+                    result = outcome
+                elif session_id in fenced:
+                    result = self._fenced({session_id})
+                else:
+                    result = _result(data, saved_at)
                 outcomes[session_id] = self._wrote(result, (client_id, session_id))
             return outcomes
 

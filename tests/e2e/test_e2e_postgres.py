@@ -359,4 +359,7 @@ def test_clean_shutdown_and_close_give_the_lease_up_at_once(tmp_path, start_serv
     assert lease_rows(pg_dsn) == [(session_id, "b")]
     other.result("close_session", session_id=session_id)
     assert lease_rows(pg_dsn) == []
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["error_type"] == "SessionClosed", reply
+    assert lease_rows(pg_dsn) == []  # no lease is taken for a session that ended
     other.close()

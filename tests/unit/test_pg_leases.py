@@ -195,3 +195,32 @@ async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn
     finally:
         await within_time_limit(a.close())
         await within_time_limit(b.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_holders_row(pg_dsn, tmp_path):
+    from stui_twisted.storage.errors import StorageFailure
+
+    a = await open_node(pg_dsn, tmp_path, "a")
+    b = await open_node(pg_dsn, tmp_path, "b")
+    lost = []
+    a.addLeaseLostObserver(lost.extend)
+    try:
+        await within_time_limit(a.acquire_lease(SID))
+        await within_time_limit(a.write(make_session(session_state={"by": "a"})))
+        run_out(pg_dsn)  # a stalled for three intervals; b takes the session over
+        await within_time_limit(b.acquire_lease(SID))
+        await within_time_limit(b.write(make_session(session_state={"by": "b"})))
+
+        with pytest.raises(StorageFailure, match="served by another node now"):
+            await within_time_limit(a.write(make_session(session_state={"by": "a, late"})))
+        assert lost == [SID] and not a.leases.holds(SID)
+        outcomes = await within_time_limit(
+            a.write_many([make_session(session_state={"by": "a, later"}), make_session(number=2)])
+        )
+        assert outcomes[SID].check(StorageFailure)
+        assert outcomes[make_session(number=2)["session_id"]].saved_at  # another is written
+        assert (await within_time_limit(b.read("alice", SID)))["session_state"] == {"by": "b"}
+    finally:
+        await within_time_limit(a.close())
+        await within_time_limit(b.close())
