@@ -27,19 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, Series, pin_to_cpu, start_stui, tcp_client, timed_call
+from benchmarks.common import REPO_ROOT, Series, pin_to_cpu, start_stui, tcp_client, time_requests
 from benchmarks.killloop import create_counter_session, kill_cycle
 from tests.pgcluster import PgCluster
+from tests.serverproc import pg_node_flags
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 STATE_1K = {"blob": "x" * 1000}
 POLICIES = ("always", "batch")
-
-
-def _ok(reply: dict) -> dict:
-    if reply.get("status") != "success":
-        raise ValueError(reply)
-    return reply["result"]
 
 
 def store_args(store: str, dsn: str | None, secret_dir: Path) -> list[str]:
@@ -66,17 +61,7 @@ def measure(store: str, policy: str, dsn: str | None, requests: int, warmup: int
 
         def timed(name: str, command: str, params_for) -> list[dict]:
             s = series.setdefault(name, Series(f"{store} {policy}: {name}"))
-            results = []
-            for i in range(warmup + requests):
-                try:
-                    elapsed, reply = timed_call(client, command, **params_for(i))
-                    results.append(_ok(reply))
-                except (ValueError, KeyError):
-                    s.errors += 1
-                    continue
-                if i >= warmup:
-                    s.samples.append(elapsed)
-            return results
+            return time_requests(client, s, command, params_for, requests, warmup)
 
         timed("ping", "ping", lambda i: {})
         created = timed("create_session", "create_session", lambda i: {"client_id": f"b-{i % 50}"})
@@ -104,16 +89,9 @@ def takeover_round(cluster: PgCluster, number: int, lease_interval: float, rng) 
     secret_dir = Path(tempfile.mkdtemp(prefix="stui-bench-key-"))
 
     def node(name: str):
-        return start_stui(
-            f"pg-node-{name}",
-            *store_args("postgresql", dsn, secret_dir),
-            f"--node-id={name}",
-            f"--advertise={name}.example:7555",
-            f"--lease-interval={lease_interval}",
-            "--durability=always",
-            image=False,
-            zmq=False,
-        )
+        lease = (f"--advertise={name}.example:7555", f"--lease-interval={lease_interval}")
+        flags = pg_node_flags(dsn, secret_dir / "secret.key", name, *lease, "--durability=always")
+        return start_stui(f"pg-node-{name}", *flags, image=False, zmq=False)
 
     a, b = node("a"), node("b")
     try:

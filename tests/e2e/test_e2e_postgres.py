@@ -16,6 +16,8 @@ import pickle
 import psycopg
 import pytest
 
+from tests.serverproc import pg_node_flags
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -270,16 +272,9 @@ def test_second_node_answers_elsewhere_then_takes_over_after_kill9(tmp_path, sta
     import time
 
     def node(name):
-        return start_server(
-            tmp_path / name,
-            f"--store=postgresql:{pg_dsn}",
-            f"--secret-file={tmp_path / 'secret.key'}",  # the nodes share the MAC key
-            f"--node-id={name}",
-            f"--advertise={name}.example:7555",
-            "--lease-interval=0.5",
-            "--durability=always",
-            zmq=False,
-        )
+        lease = (f"--advertise={name}.example:7555", "--lease-interval=0.5", "--durability=always")
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, *lease)
+        return start_server(tmp_path / name, *flags, zmq=False)
 
     a, b = node("a"), node("b")
     client = a.tcp_client(timeout=30)
@@ -330,15 +325,8 @@ def test_clean_shutdown_and_close_give_the_lease_up_at_once(tmp_path, start_serv
     import time
 
     def node(name):
-        return start_server(
-            tmp_path / name,
-            f"--store=postgresql:{pg_dsn}",
-            f"--secret-file={tmp_path / 'secret.key'}",
-            f"--node-id={name}",
-            "--durability=batch",
-            image=False,
-            zmq=False,
-        )
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, "--durability=batch")
+        return start_server(tmp_path / name, *flags, image=False, zmq=False)
 
     a, b = node("a"), node("b")
     client = a.tcp_client(timeout=30)

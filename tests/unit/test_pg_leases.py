@@ -53,6 +53,22 @@ def run_out(dsn, session_id=SID):
         )
 
 
+@pytest_twisted.async_yield_fixture
+async def nodes(pg_dsn, tmp_path):
+    """C{await nodes(**options)}: stores of nodes C{a} and C{b} on one database, open;
+    closed when the test ends."""
+    opened = []
+
+    async def open_pair(**options):
+        for name in ("a", "b"):
+            opened.append(await open_node(pg_dsn, tmp_path, name, **options))
+        return opened[-2:]
+
+    yield open_pair
+    for store in opened:
+        await within_time_limit(store.close())
+
+
 async def held_elsewhere(store, session_id=SID) -> LeaseHeld:
     with pytest.raises(LeaseHeld) as caught:
         await within_time_limit(store.acquire_lease(session_id))
@@ -60,37 +76,32 @@ async def held_elsewhere(store, session_id=SID) -> LeaseHeld:
 
 
 @pytest_twisted.ensureDeferred
-async def test_fresh_lease_sends_others_away_until_it_runs_out(pg_dsn, tmp_path):
-    a = await open_node(pg_dsn, tmp_path, "a")
-    b = await open_node(pg_dsn, tmp_path, "b")
+async def test_fresh_lease_sends_others_away_until_it_runs_out(pg_dsn, nodes):
+    a, b = await nodes()
     lost = []
     a.addLeaseLostObserver(lost.extend)
-    try:
-        assert await within_time_limit(a.acquire_lease(SID)) is False  # taken now: read it
-        assert await within_time_limit(a.acquire_lease(SID)) is True  # held: current
-        assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+    assert await within_time_limit(a.acquire_lease(SID)) is False  # taken now: read it
+    assert await within_time_limit(a.acquire_lease(SID)) is True  # held: current
+    assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
 
-        elsewhere = await held_elsewhere(b)
-        assert (elsewhere.node_id, elsewhere.advertise) == ("a", "a.example:7555")
-        assert b.statistics()["lease_takeovers"] == 0
+    elsewhere = await held_elsewhere(b)
+    assert (elsewhere.node_id, elsewhere.advertise) == ("a", "a.example:7555")
+    assert b.statistics()["lease_takeovers"] == 0
 
-        run_out(pg_dsn)
-        assert await within_time_limit(b.acquire_lease(SID)) is False  # taken over
-        assert b.statistics()["lease_takeovers"] == 1
-        assert lease_rows(pg_dsn) == [(SID, "b", "b.example:7555", True)]
+    run_out(pg_dsn)
+    assert await within_time_limit(b.acquire_lease(SID)) is False  # taken over
+    assert b.statistics()["lease_takeovers"] == 1
+    assert lease_rows(pg_dsn) == [(SID, "b", "b.example:7555", True)]
 
-        # a's next renewal finds the lease gone and says so; a then asks the database
-        await within_time_limit(a.leases.renew())
-        assert lost == [SID] and not a.leases.holds(SID)
-        assert (await held_elsewhere(a)).node_id == "b"
+    # a's next renewal finds the lease gone and says so; a then asks the database
+    await within_time_limit(a.leases.renew())
+    assert lost == [SID] and not a.leases.holds(SID)
+    assert (await held_elsewhere(a)).node_id == "b"
 
-        await within_time_limit(b.release_lease(SID))  # closed on b
-        assert lease_rows(pg_dsn) == []
-        assert await within_time_limit(a.acquire_lease(SID)) is False
-        assert a.statistics()["lease_takeovers"] == 0  # a free lease is no takeover
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+    await within_time_limit(b.release_lease(SID))  # closed on b
+    assert lease_rows(pg_dsn) == []
+    assert await within_time_limit(a.acquire_lease(SID)) is False
+    assert a.statistics()["lease_takeovers"] == 0  # a free lease is no takeover
 
 
 @pytest_twisted.ensureDeferred
@@ -113,55 +124,40 @@ async def test_a_restarted_node_takes_its_own_lease_back_at_once(pg_dsn, tmp_pat
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_new_sessions_lease_is_written_with_its_first_row(pg_dsn, tmp_path):
-    a = await open_node(pg_dsn, tmp_path, "a")
-    b = await open_node(pg_dsn, tmp_path, "b")
-    try:
-        assert await within_time_limit(a.acquire_lease(SID, new=True)) is True
-        assert lease_rows(pg_dsn) == []  # nothing is in the database yet
-        await within_time_limit(a.write_many([make_session()]))
-        assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
-        assert (await held_elsewhere(b)).node_id == "a"
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+async def test_a_new_sessions_lease_is_written_with_its_first_row(pg_dsn, nodes):
+    a, b = await nodes()
+    assert await within_time_limit(a.acquire_lease(SID, new=True)) is True
+    assert lease_rows(pg_dsn) == []  # nothing is in the database yet
+    await within_time_limit(a.write_many([make_session()]))
+    assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+    assert (await held_elsewhere(b)).node_id == "a"
 
 
 @pytest_twisted.ensureDeferred
-async def test_renewals_keep_a_lease_fresh_past_its_lifetime(pg_dsn, tmp_path):
-    a = await open_node(pg_dsn, tmp_path, "a", lease_interval=0.2)
-    b = await open_node(pg_dsn, tmp_path, "b", lease_interval=0.2)
-    try:
-        await within_time_limit(a.acquire_lease(SID))
-        with psycopg.connect(pg_dsn) as connection:
-            first = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
-        await reactor_sleep(1.0)  # 5 intervals: the lease lives 3 without renewal
-        with psycopg.connect(pg_dsn) as connection:
-            later = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
-        assert later > first
-        assert (await held_elsewhere(b)).node_id == "a"
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+async def test_renewals_keep_a_lease_fresh_past_its_lifetime(pg_dsn, nodes):
+    a, b = await nodes(lease_interval=0.2)
+    await within_time_limit(a.acquire_lease(SID))
+    with psycopg.connect(pg_dsn) as connection:
+        first = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
+    await reactor_sleep(1.0)  # 5 intervals: the lease lives 3 without renewal
+    with psycopg.connect(pg_dsn) as connection:
+        later = connection.execute("SELECT expires_at FROM leases").fetchone()[0]
+    assert later > first
+    assert (await held_elsewhere(b)).node_id == "a"
 
 
 @pytest_twisted.ensureDeferred
-async def test_each_node_has_its_own_shared_namespace(pg_dsn, tmp_path):
-    a = await open_node(pg_dsn, tmp_path, "a")
-    b = await open_node(pg_dsn, tmp_path, "b")
-    try:
-        await within_time_limit(a.write_shared({"team": {"encoding": "json", "value": "a"}}))
-        assert await within_time_limit(b.read_shared()) == {}
-        await within_time_limit(b.write_shared({"team": {"encoding": "json", "value": "b"}}))
-        assert (await within_time_limit(a.read_shared()))["team"]["value"] == "a"
-        assert (await within_time_limit(b.read_shared()))["team"]["value"] == "b"
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+async def test_each_node_has_its_own_shared_namespace(nodes):
+    a, b = await nodes()
+    await within_time_limit(a.write_shared({"team": {"encoding": "json", "value": "a"}}))
+    assert await within_time_limit(b.read_shared()) == {}
+    await within_time_limit(b.write_shared({"team": {"encoding": "json", "value": "b"}}))
+    assert (await within_time_limit(a.read_shared()))["team"]["value"] == "a"
+    assert (await within_time_limit(b.read_shared()))["team"]["value"] == "b"
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn, tmp_path):
+async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn, nodes):
     """--metrics with the PostgreSQL store: the registry builds (the store has the write
     observer hook) and shows transaction latency, leases held and takeovers."""
     from types import SimpleNamespace
@@ -170,8 +166,7 @@ async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn
     from stui_twisted.transports.connections import ConnectionRegistry
     from tests.helpers import make_dispatcher
 
-    a = await open_node(pg_dsn, tmp_path, "a")
-    b = await open_node(pg_dsn, tmp_path, "b")
+    a, b = await nodes()
     service = SimpleNamespace(
         store=b,
         sessions={},
@@ -181,46 +176,37 @@ async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn
         image_status=lambda: {"status": "disabled", "pid": None, "started_at": None},
     )
     registry = build_registry(service, make_dispatcher())
-    try:
-        await within_time_limit(a.acquire_lease(SID))
-        run_out(pg_dsn)
-        await within_time_limit(b.acquire_lease(SID))
-        await within_time_limit(b.write(make_session()))
-        value = registry.get_sample_value
-        assert value("stui_storage_lease_takeovers_total") == 1
-        assert value("stui_storage_leases_held") == 1
-        assert value("stui_storage_transaction_duration_seconds_count") >= 2
-        assert value("stui_storage_flush_duration_seconds_count", {"kind": "single"}) == 1
-        assert value("stui_storage_pool_in_use") == 0
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+    await within_time_limit(a.acquire_lease(SID))
+    run_out(pg_dsn)
+    await within_time_limit(b.acquire_lease(SID))
+    await within_time_limit(b.write(make_session()))
+    value = registry.get_sample_value
+    assert value("stui_storage_lease_takeovers_total") == 1
+    assert value("stui_storage_leases_held") == 1
+    assert value("stui_storage_transaction_duration_seconds_count") >= 2
+    assert value("stui_storage_flush_duration_seconds_count", {"kind": "single"}) == 1
+    assert value("stui_storage_pool_in_use") == 0
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_holders_row(pg_dsn, tmp_path):
+async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_holders_row(pg_dsn, nodes):
     from stui_twisted.storage.errors import StorageFailure
 
-    a = await open_node(pg_dsn, tmp_path, "a")
-    b = await open_node(pg_dsn, tmp_path, "b")
+    a, b = await nodes()
     lost = []
     a.addLeaseLostObserver(lost.extend)
-    try:
-        await within_time_limit(a.acquire_lease(SID))
-        await within_time_limit(a.write(make_session(session_state={"by": "a"})))
-        run_out(pg_dsn)  # a stalled for three intervals; b takes the session over
-        await within_time_limit(b.acquire_lease(SID))
-        await within_time_limit(b.write(make_session(session_state={"by": "b"})))
+    await within_time_limit(a.acquire_lease(SID))
+    await within_time_limit(a.write(make_session(session_state={"by": "a"})))
+    run_out(pg_dsn)  # a stalled for three intervals; b takes the session over
+    await within_time_limit(b.acquire_lease(SID))
+    await within_time_limit(b.write(make_session(session_state={"by": "b"})))
 
-        with pytest.raises(StorageFailure, match="served by another node now"):
-            await within_time_limit(a.write(make_session(session_state={"by": "a, late"})))
-        assert lost == [SID] and not a.leases.holds(SID)
-        outcomes = await within_time_limit(
-            a.write_many([make_session(session_state={"by": "a, later"}), make_session(number=2)])
-        )
-        assert outcomes[SID].check(StorageFailure)
-        assert outcomes[make_session(number=2)["session_id"]].saved_at  # another is written
-        assert (await within_time_limit(b.read("alice", SID)))["session_state"] == {"by": "b"}
-    finally:
-        await within_time_limit(a.close())
-        await within_time_limit(b.close())
+    with pytest.raises(StorageFailure, match="served by another node now"):
+        await within_time_limit(a.write(make_session(session_state={"by": "a, late"})))
+    assert lost == [SID] and not a.leases.holds(SID)
+    outcomes = await within_time_limit(
+        a.write_many([make_session(session_state={"by": "a, later"}), make_session(number=2)])
+    )
+    assert outcomes[SID].check(StorageFailure)
+    assert outcomes[make_session(number=2)["session_id"]].saved_at  # another is written
+    assert (await within_time_limit(b.read("alice", SID)))["session_state"] == {"by": "b"}
