@@ -351,3 +351,39 @@ def test_clean_shutdown_and_close_give_the_lease_up_at_once(tmp_path, start_serv
     assert reply["error_type"] == "SessionClosed", reply
     assert lease_rows(pg_dsn) == []  # no lease is taken for a session that ended
     other.close()
+
+
+def test_a_node_that_lost_its_lease_sends_clients_to_the_new_holder(tmp_path, start_server, pg_dsn):
+    """A stalls past its lease (simulated in the database); B takes the session over. A's
+    late update is refused, never written over B's, and A then names B as the holder."""
+    import time
+
+    def node(name):
+        lease = (f"--advertise={name}.example:7555", "--lease-interval=0.5", "--durability=always")
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, *lease)
+        return start_server(tmp_path / name, *flags, image=False, zmq=False)
+
+    a, b = node("a"), node("b")
+    on_a, on_b = a.tcp_client(timeout=30), b.tcp_client(timeout=30)
+    session_id = on_a.result("create_session", client_id="alice")["session_id"]
+    on_a.result("update_session_state", session_id=session_id, state_data={"n": 1})
+    with psycopg.connect(pg_dsn) as connection:  # as if A had missed three renewals
+        connection.execute("UPDATE leases SET expires_at = now() - interval '1 second'")
+    restored = on_b.result("restore_session", client_id="alice", session_id=session_id)
+    assert restored["session_state"] == {"n": 1}, restored
+    on_b.result("update_session_state", session_id=session_id, state_data={"n": 2})
+
+    late = on_a.call("update_session_state", session_id=session_id, state_data={"n": 99})
+    assert late["status"] == "error", late
+    assert late["error_type"] in ("StorageError", "SessionElsewhere"), late
+    deadline = time.monotonic() + 10
+    while late["error_type"] != "SessionElsewhere" and time.monotonic() < deadline:
+        time.sleep(0.1)  # A's next renewal finds the lease gone
+        late = on_a.call("restore_session", client_id="alice", session_id=session_id)
+    assert late["error_type"] == "SessionElsewhere", late
+    assert late["details"]["node_id"] == "b" and late["details"]["advertise"] == "b.example:7555"
+    again = on_b.result("restore_session", client_id="alice", session_id=session_id)
+    assert again["session_state"] == {"n": 2}, again
+    assert "lost the lease" in a.log_text() or "another node holds the lease" in a.log_text()
+    on_a.close()
+    on_b.close()
