@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
+from stui_twisted.dispatch.admin_commands import build_admin_commands
 from stui_twisted.dispatch.browse_commands import build_browse_commands, language_version
 from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
+from stui_twisted.dispatch.plan_commands import build_plan_commands
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.results import UNSET, Rebuilt
@@ -133,6 +135,7 @@ class WireCommands:
             "uptime": stats.uptime,
             "durability": settings.durability,
             "storage": stats.storage,
+            "config_reload_errors": self.service.plans.reload_errors,
         }
 
     async def save_context(self, call: Call) -> dict:
@@ -429,4 +432,6 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         ),
         *build_browse_commands(service),
         *build_debug_commands(service),
+        *build_plan_commands(dispatcher, authenticator),
+        *build_admin_commands(service, authenticator),
     ]

@@ -146,6 +146,11 @@ class ServerCollector:
         yield from self._connections()
         yield from self._storage()
         yield from self._image()
+        yield CounterMetricFamily(
+            "stui_config_reload_errors",
+            "Plan reloads (SIGHUP, or a changed --config file) that failed and kept the plans.",
+            value=self.service.plans.reload_errors,
+        )
 
     def _build_info(self):
         info = GaugeMetricFamily(

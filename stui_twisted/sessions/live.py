@@ -17,6 +17,7 @@ from typing import Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.access.plans import PlanBook
 from stui_twisted.events import hooks as event_hooks
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
@@ -77,12 +78,14 @@ class LiveSessions:
     @param image: the L{ImageSupervisor}, or C{None} when the image is disabled.
     @param settings: the server's L{Settings} (limits and evaluation timeouts).
     @param clock: an C{IReactorTime}; history timestamps and durations come from it.
+    @param plans: the L{PlanBook} of per-principal limits (default: the server-wide ones).
     """
 
     log = Logger()
 
-    def __init__(self, view: SessionsView, image, settings, clock) -> None:
+    def __init__(self, view: SessionsView, image, settings, clock, plans=None) -> None:
         self.view = view
+        self.plans = plans if plans is not None else PlanBook(settings)
         self.image = image
         self.settings = settings
         self.clock = clock
@@ -322,7 +325,7 @@ class LiveSessions:
 
     def fit_bindings(self, session: Session) -> None:
         """Demote the largest bindings to unrestorable until the session fits."""
-        limit = self.settings.max_session_bytes
+        limit = self.plans.limit(session.client_id, "max_session_bytes")
         while session.encoded_size() > limit:
             # encoded_size just refreshed session.binding_sizes for every binding.
             candidates = [
@@ -414,12 +417,14 @@ class LiveSessions:
     ) -> EvaluationOutcome:
         """Run C{code} in C{session}'s namespace and record it in the history."""
         image = self._need_image()
+        longest = self.plans.limit(by or session.client_id, "max_eval_timeout")
         if timeout is None:
-            timeout = self.settings.eval_timeout
-        if timeout <= 0 or timeout > self.settings.max_eval_timeout:
+            timeout = min(self.settings.eval_timeout, longest)
+        if timeout <= 0 or timeout > longest:
             raise invalid_parameter(
                 "timeout",
-                f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
+                f"must be between 0 and {longest:g} seconds, not {timeout}",
+                max_eval_timeout=longest,
             )
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
@@ -499,7 +504,7 @@ class LiveSessions:
                 }
             )
         session.history.append(entry)
-        del session.history[: -self.settings.history_limit]
+        del session.history[: -self.plans.limit(session.client_id, "history_limit")]
         return entry
 
     @staticmethod

@@ -59,19 +59,23 @@ class ClientPolicy:
                 parameter="client_id",
             )
 
-    def record_create(self, client_id: str, now: float) -> None:
-        """Count one C{create_session}, or raise C{RateLimited} with C{retry_after}."""
+    def record_create(self, client_id: str, now: float, limit: int | None = None) -> None:
+        """Count one C{create_session}, or raise C{RateLimited} with C{retry_after}.
+
+        @param limit: this client's creates per window (its plan's); default C{rate_limit}.
+        """
+        limit = self.rate_limit if limit is None else limit
         times = self._creates.setdefault(client_id, deque())
         while times and times[0] <= now - self.rate_window:
             times.popleft()
-        if len(times) >= self.rate_limit:
+        if len(times) >= limit:
             retry_after = max(0.001, times[0] + self.rate_window - now)
             raise StuiError(
                 "RateLimited",
                 f"client {client_id!r} created {len(times)} sessions in the last "
                 f"{self.rate_window:g} s; retry after {retry_after:.1f} s",
                 retry_after=round(retry_after, 3),
-                limit=self.rate_limit,
+                limit=limit,
                 window=self.rate_window,
             )
         times.append(now)

@@ -29,6 +29,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.access.plans import PlanBook
 from stui_twisted.events import hooks as event_hooks
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
@@ -77,14 +78,18 @@ class SessionService(service.Service):
 
     log = Logger()
 
-    def __init__(self, settings, *, reactor, store, image=None, connections=None) -> None:
+    def __init__(
+        self, settings, *, reactor, store, image=None, connections=None, plans=None
+    ) -> None:
         super().__init__()
         self.settings = settings
+        self.plans = plans if plans is not None else PlanBook(settings)
+        """Per-principal limits (access.md §2), each falling back to C{settings}."""
         self.clock = reactor
         self.store = store
         self.image = image
         self.shared = SharedNamespace()
-        self.live = LiveSessions(self, image, settings, reactor)
+        self.live = LiveSessions(self, image, settings, reactor, self.plans)
         # Not `connections or ...`: an empty registry has len() 0 and is falsy.
         self.connections = (
             connections if connections is not None else ConnectionRegistry(settings.max_connections)
@@ -429,13 +434,13 @@ class SessionService(service.Service):
 
     def _check_size(self, session: Session) -> int:
         size = self._size_of(session)
-        if size > self.settings.max_session_bytes:
+        limit = self.plans.limit(session.client_id, "max_session_bytes")  # the owner's plan
+        if size > limit:
             raise StuiError(
                 "StateTooLarge",
-                f"session would be {size} bytes, over max_session_bytes "
-                f"({self.settings.max_session_bytes})",
+                f"session would be {size} bytes, over max_session_bytes ({limit})",
                 size_bytes=size,
-                max_session_bytes=self.settings.max_session_bytes,
+                max_session_bytes=limit,
             )
         session.size_bytes = size
         return size
@@ -587,14 +592,14 @@ class SessionService(service.Service):
         now = self.now()
         timeout = self._timeout_param(timeout)
         active = [s for s in self._sessions_of(client_id) if s.is_active(now)]
-        if len(active) >= self.settings.max_sessions_per_client:
+        most = self.plans.limit(client_id, "max_sessions_per_client")
+        if len(active) >= most:
             raise StuiError(
                 "SessionLimitExceeded",
                 f"client {client_id!r} already has {len(active)} active sessions "
-                f"(max_sessions_per_client={self.settings.max_sessions_per_client}); "
-                "close one first",
+                f"(max_sessions_per_client={most}); close one first",
                 active_sessions=len(active),
-                max_sessions_per_client=self.settings.max_sessions_per_client,
+                max_sessions_per_client=most,
                 scope="client",
             )
         if len(self._active_ids) >= self.settings.max_sessions_total:
@@ -606,7 +611,9 @@ class SessionService(service.Service):
                 max_sessions_total=self.settings.max_sessions_total,
                 scope="server",
             )
-        self.policy.record_create(client_id, now)
+        self.policy.record_create(
+            client_id, now, limit=self.plans.limit(client_id, "create_rate_limit")
+        )
         session = Session(
             session_id=new_session_id(),
             client_id=client_id,
@@ -792,6 +799,18 @@ class SessionService(service.Service):
             key=lambda s: s.created_at,
         )
         return ClientSessions(client_id, sessions)
+
+    async def list_all_sessions(
+        self, *, client_id: str | None = None, include_inactive: bool = False
+    ) -> list[Session]:
+        """Every client's sessions (or C{client_id}'s), oldest first: the admin view."""
+        await self.ready()
+        now = self.now()
+        chosen = self.sessions.values() if client_id is None else self._sessions_of(client_id)
+        return sorted(
+            (s for s in chosen if include_inactive or s.is_active(now)),
+            key=lambda s: (s.created_at, s.session_id),
+        )
 
     async def get_session_statistics(self) -> SessionStatistics:
         """Server-wide session counts, connections and storage counters.

@@ -127,6 +127,12 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "debug_step",
         "debug_continue",
         "debug_post_mortem",
+        "whoami",
+        "validate_feature_access",
+        "list_clients",
+        "disconnect_client",
+        "revoke_tokens",
+        "list_all_sessions",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True

@@ -174,6 +174,7 @@ async def test_metrics_of_a_node_show_its_pool_transactions_and_takeovers(pg_dsn
         now=lambda: 0.0,
         uptime=lambda: 0.0,
         image_status=lambda: {"status": "disabled", "pid": None, "started_at": None},
+        plans=SimpleNamespace(reload_errors=0),
     )
     registry = build_registry(service, make_dispatcher())
     await within_time_limit(a.acquire_lease(SID))
