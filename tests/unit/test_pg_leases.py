@@ -211,3 +211,55 @@ async def test_a_node_that_lost_its_lease_cannot_overwrite_the_new_holders_row(p
     assert outcomes[SID].check(StorageFailure)
     assert outcomes[make_session(number=2)["session_id"]].saved_at  # another is written
     assert (await within_time_limit(b.read("alice", SID)))["session_state"] == {"by": "b"}
+
+
+class _Jobs:
+    """Stands in for the store's pool: records each job; the test fires its Deferred."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object, tuple, object]] = []
+
+    def __call__(self, action, lane, function, *args):
+        from twisted.internet import defer
+
+        done = defer.Deferred()
+        self.calls.append((action, lane, args, done))
+        return done
+
+
+def test_renewal_is_one_job_per_interval_for_every_lease_and_skips_while_one_runs():
+    """The renewal schedule on a task.Clock: every interval one job renews all held
+    leases (those written with their first row only once written); a turn that comes
+    while the last renewal still runs is skipped; what the database did not renew is
+    reported lost; a lease not confirmed for two intervals is asked for again."""
+    from twisted.internet import task
+
+    from stui_twisted.storage.pg_leases import LeaseKeeper
+
+    clock, jobs, lost = task.Clock(), _Jobs(), []
+    keeper = LeaseKeeper(jobs, node_id="a", advertise=None, interval=5.0, clock=clock)
+    keeper.on_lost = lost.extend
+    keeper.claim_new("s_1")
+    keeper.claim_new("s_2")
+    keeper.written(["s_1", "s_2"])
+    keeper.claim_new("s_3")  # not written yet: no row to renew
+    keeper.start()
+    clock.advance(5.0)
+    assert [call[0] for call in jobs.calls] == ["renew the leases"]
+    clock.advance(5.0)  # the first renewal still runs: this turn is skipped
+    assert len(jobs.calls) == 1
+    jobs.calls[0][3].callback({"s_1"})  # the database renewed s_1 only
+    assert lost == ["s_2"] and keeper.holds("s_1") and not keeper.holds("s_2")
+    assert keeper.holds("s_3")
+
+    # s_1 was confirmed at t=5; at t=14 (within 2 intervals) it is trusted as held
+    clock.advance(4.0)
+    assert keeper.acquire("s_1").result is True
+    assert len(jobs.calls) == 1
+    keeper.stop_renewing()  # no more renewals: after 2 intervals, the database decides
+    clock.advance(2.0)
+    asked = keeper.acquire("s_1")
+    assert [call[0] for call in jobs.calls[1:]] == ["take a lease"]
+    jobs.calls[-1][3].callback(("own", "a", None))
+    assert asked.result is True  # held here all along: what is in memory is current
+    assert keeper.statistics() == {"leases_held": 2, "lease_takeovers": 0}
