@@ -285,15 +285,16 @@ def build_session_core(
 
 def build_postgres_store(settings: Settings, reactor):
     """The PostgreSQL session store of C{--store=postgresql:DSN}."""
-    import socket
-
+    from stui_twisted.settings import node_id_of
     from stui_twisted.storage.postgres import PostgresSessionStore
 
     return PostgresSessionStore(
         settings.store[len("postgresql:") :],
         reactor=reactor,
         secret_file=settings.secret_file or os.path.join(settings.data_dir, "secret.key"),
-        node_id=settings.node_id or socket.gethostname(),
+        node_id=node_id_of(settings),
+        advertise=settings.advertise,
+        lease_interval=settings.lease_interval,
         max_session_bytes=settings.max_session_bytes,
     )
 

@@ -30,6 +30,9 @@ class NullImageService:
     def image_status(self) -> dict:
         return {"status": "disabled", "pid": None, "started_at": None}
 
+    def node(self) -> dict:
+        return {"node_id": "test-node", "advertise": None}
+
     async def handle(self, name: str, call) -> dict:
         return {"handled": name, "params": call.params}
 

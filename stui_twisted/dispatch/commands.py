@@ -269,6 +269,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             "uptime": service.uptime(),
             "pid": os.getpid(),
             "image": service.image_status(),
+            "node": service.node(),
         }
 
     async def describe(call) -> dict:

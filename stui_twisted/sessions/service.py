@@ -59,7 +59,8 @@ from stui_twisted.sessions.results import (
     SessionStatistics,
     SharedNamespace,
 )
-from stui_twisted.storage.errors import RecordTooLarge, StorageFailure
+from stui_twisted.settings import node_id_of
+from stui_twisted.storage.errors import LeaseHeld, RecordTooLarge, StorageFailure
 from stui_twisted.transports.connections import ConnectionRegistry
 
 if TYPE_CHECKING:
@@ -126,6 +127,11 @@ class SessionService(service.Service):
         # ids of sessions whose state is ACTIVE (for max_sessions_total, in O(1))
         self._active_ids: set[str] = set()
         self.writer = SessionWriter(store, settings, reactor, self.sessions, self.shared)
+        # With a store several nodes share: the sessions this node holds the lease
+        # of, and a lock per session while its lease is taken (docs/operations.md).
+        self._served_here: set[str] = set()
+        self._claim_locks: dict[str, defer.DeferredLock] = {}
+        store.addLeaseLostObserver(self._leases_lost)
         self._stopping = False
         self._started_at: float | None = None
         self._ready: defer.Deferred | None = None
@@ -262,17 +268,31 @@ class SessionService(service.Service):
                 "no 'session_id' given and this connection has no current session; "
                 "create_session or restore_session first",
             )
+        if self.store.shared_by_nodes and session_id not in self._served_here:
+            # another node may have created or changed it: what the database says
+            await self._find_in_store(session_id=session_id)
         session = self.sessions.get(session_id)
         if session is None:
             raise sharing.session_not_found(session_id)
         sharing.decide(session.session_id, session.client_id, session.shares, client_id, command)
+        if touch and session.state != CLOSED:  # closed is final: no lease needed to say so
+            await self._claim(session)
         now = self.now()
+        # With a shared store, only the lease holder may record an end (another
+        # node's copy of last_activity may be old); a lease taken for a session
+        # that turns out to have ended is given up at once.
+        holder = not self.store.shared_by_nodes or session_id in self._served_here
         if session.state == CLOSED:
+            if self.store.shared_by_nodes and holder:
+                await self._give_up(session)
             raise StuiError(
                 "SessionClosed", f"session {session_id!r} was closed", session_id=session_id
             )
         if session.is_expired(now):
-            self._expire(session)
+            if session.state == ACTIVE and holder:
+                self._expire(session)  # gives the lease up once the expiry is written
+            elif self.store.shared_by_nodes and holder:
+                await self._give_up(session)
             raise StuiError(
                 "SessionExpired",
                 f"session {session_id!r} expired at {iso_timestamp(session.expires_at())} "
@@ -284,6 +304,112 @@ class SessionService(service.Service):
         if touch:
             session.last_activity = now
         return session
+
+    # ================================================================ leases
+
+    async def _claim(self, session: Session) -> None:
+        """Take C{session}'s lease before it is used here (a store several nodes share).
+
+        When this node did not hold it already, the session is read from the store
+        again: another node may have changed it since this node last served it.
+
+        @raise StuiError: C{SessionElsewhere} while another node's lease is fresh.
+        """
+        if not self.store.shared_by_nodes:
+            return
+        session_id = session.session_id
+        lock = self._claim_locks.setdefault(session_id, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            try:
+                current = await self.store.acquire_lease(session_id)
+            except LeaseHeld as held:
+                self._served_here.discard(session_id)
+                raise StuiError(
+                    "SessionElsewhere",
+                    f"{held}; reconnect there"
+                    if held.advertise
+                    else f"{held} (it advertises no endpoint)",
+                    session_id=session_id,
+                    node_id=held.node_id,
+                    advertise=held.advertise,
+                ) from None
+            except StorageFailure as exc:
+                raise storage_error(exc, f"take the lease of session {session_id!r}") from exc
+            self._served_here.add(session_id)
+            if not current:
+                await self._reload(session)
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._claim_locks.pop(session_id, None)
+
+    async def _reload(self, session: Session) -> None:
+        """Take C{session} as the store has it now (its lease was just taken)."""
+        try:
+            document = await self.store.read(session.client_id, session.session_id)
+        except KeyError:
+            return  # never written (created here and not flushed yet): memory is all
+        except StorageFailure as exc:
+            raise storage_error(exc, f"read session {session.session_id!r}") from exc
+        self.writer.dirty.discard(session.session_id)
+        self._refresh_meta(session, document)
+        session.load_document(document)
+        session.size_bytes = self._size_of(session)
+        session.materialized = False  # rebuilt from these bindings at its next use
+        session.image_generation = None
+
+    def _refresh_meta(self, session: Session, meta: dict) -> None:
+        """Take state and times of C{session} from a stored meta (another node's)."""
+        fresh = Session.from_meta(meta)
+        for name in ("state", "timeout", "closed_at", "last_activity", "last_modified"):
+            setattr(session, name, getattr(fresh, name))
+        if session.state == ACTIVE:
+            self._active_ids.add(session.session_id)
+        else:
+            self._active_ids.discard(session.session_id)
+
+    async def _find_in_store(self, **which: str) -> None:
+        """Learn the sessions other nodes created or changed (C{load_metas(**which)})."""
+        try:
+            metas = await self.store.load_metas(**which)
+        except StorageFailure as exc:
+            raise storage_error(exc, "read the session index") from exc
+        for meta in metas:
+            session = self.sessions.get(meta["session_id"])
+            if session is None:
+                self._add(Session.from_meta(meta))
+            elif session.session_id not in self._served_here:
+                self._refresh_meta(session, meta)
+                session.loaded = False  # its content is read again at its next use
+
+    def _leases_lost(self, session_ids: list[str]) -> None:
+        """Another node took these sessions over (this one missed its renewals)."""
+        for session_id in session_ids:
+            self._served_here.discard(session_id)
+            self.writer.dirty.discard(session_id)
+            session = self.sessions.get(session_id)
+            if session is None:
+                continue
+            session.loaded = False
+            session.materialized = False
+            dropped = self.live.drop(session_id)
+            if dropped is not None:
+                dropped.addErrback(
+                    lambda f, sid=session_id: self.log.failure("image: dropping {sid}", f, sid=sid)
+                )
+
+    async def _give_up(self, session: Session) -> None:
+        """Release C{session}'s lease once its end is written (closed or expired)."""
+        self._served_here.discard(session.session_id)
+        try:
+            await self.store.release_lease(session.session_id)
+        except StorageFailure:
+            self.log.failure("giving up the lease of {sid}", sid=session.session_id)
+
+    def node(self) -> dict:
+        """This node as C{ping} shows it: C{node_id} and C{advertise}."""
+        return {"node_id": node_id_of(self.settings), "advertise": self.settings.advertise}
 
     async def _load(self, session: Session) -> None:
         if session.loaded:
@@ -415,6 +541,8 @@ class SessionService(service.Service):
         now = self.now()
         for session in list(self.sessions.values()):
             if session.state == ACTIVE and session.is_expired(now):
+                if self.store.shared_by_nodes and session.session_id not in self._served_here:
+                    continue  # another node's (or nobody's): expired where it is used
                 self._expire(session)
 
     def _expire(self, session: Session) -> None:
@@ -437,6 +565,19 @@ class SessionService(service.Service):
             dropped.addErrback(
                 lambda f: self.log.failure("image: dropping {sid}", f, sid=session.session_id)
             )
+        if self.store.shared_by_nodes:
+            defer.ensureDeferred(self._record_expiry_and_give_up(session)).addErrback(
+                lambda f: self.log.failure(
+                    "recording the expiry of {sid}", f, sid=session.session_id
+                )
+            )
+
+    async def _record_expiry_and_give_up(self, session: Session) -> None:
+        """Write the expiry, then give up the lease (no node serves it stale)."""
+        try:
+            await self.writer.write_now(session, "record the expiry")
+        finally:
+            await self._give_up(session)
 
     async def _apply_retention(self) -> None:
         horizon = self.now() - self.settings.retention_days * DAY
@@ -514,6 +655,9 @@ class SessionService(service.Service):
         )
         self._check_size(session)
         self._add(session)
+        if self.store.shared_by_nodes:
+            await self.store.acquire_lease(session.session_id, new=True)
+            self._served_here.add(session.session_id)
         try:
             await self.changed(session, "create the session")
         except StuiError:
@@ -657,6 +801,8 @@ class SessionService(service.Service):
         dropped = self.live.drop(session.session_id)
         if dropped is not None:
             await dropped
+        if self.store.shared_by_nodes:
+            await self._give_up(session)
         by = client_id or session.client_id
         event_hooks.publish(self, session.session_id, "session_closed", {"by": by})
         await event_hooks.durable(self, session)
@@ -697,6 +843,8 @@ class SessionService(service.Service):
         """C{client_id}'s sessions (only active ones unless C{include_inactive}), oldest first."""
         await self.ready()
         client_id = self._owned_client(client_id)
+        if self.store.shared_by_nodes:
+            await self._find_in_store(client_id=client_id)
         now = self.now()
         sessions = sorted(
             (s for s in self._sessions_of(client_id) if include_inactive or s.is_active(now)),
@@ -717,8 +865,13 @@ class SessionService(service.Service):
         )
 
     async def get_session_statistics(self) -> SessionStatistics:
-        """Server-wide session counts, connections and storage counters."""
+        """Server-wide session counts, connections and storage counters.
+
+        With a store several nodes share, the counts are of every session in it.
+        """
         await self.ready()
+        if self.store.shared_by_nodes:
+            await self._find_in_store()
         now = self.now()
         counts = {ACTIVE: 0, EXPIRED: 0, CLOSED: 0}
         clients = set()
