@@ -288,7 +288,12 @@ class LiveSessions:
                 self.log.failure("re-materializing {sid} failed", sid=session.session_id)
         self.log.info("image restart: {count} sessions re-materialized", count=restored)
 
-    def apply_delta(self, session: Session, delta: dict) -> None:
+    def apply_delta(self, session: Session, delta: dict, by: str | None = None) -> None:
+        """Take what an image command changed in C{session} (and in C{shared}).
+
+        A change of the image-wide C{shared} namespace is published on the team
+        stream as C{shared_changed} {names, by}; C{by} evaluated (None: the owner).
+        """
         changed = delta.get("bindings_changed") or {}
         removed = delta.get("bindings_removed") or ()
         for name, binding in changed.items():
@@ -316,6 +321,10 @@ class LiveSessions:
             for name in shared_removed:
                 self.view.shared.bindings.pop(name, None)
             self.view.shared.dirty = True
+            names = sorted({*shared_changed, *shared_removed})
+            event_hooks.publish(
+                self.view, None, "shared_changed", {"names": names, "by": by or session.client_id}
+            )
         self.fit_bindings(session)
 
     @staticmethod
@@ -496,7 +505,7 @@ class LiveSessions:
                 if run.ended:
                     raise  # the server stopped meanwhile and recorded it
                 if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
-                    self.apply_delta(session, error.details)
+                    self.apply_delta(session, error.details, by)
                 elif error.error_type == "ImageRestarted":
                     session.materialized = False
                 self._history_entry(run, error=error)
@@ -508,7 +517,7 @@ class LiveSessions:
                 raise
             if run.ended:
                 raise StuiError("ImageRestarted", SERVER_STOPPED, history_index=index)
-            self.apply_delta(session, outcome)
+            self.apply_delta(session, outcome, by)
             self._history_entry(run, outcome=outcome)
             await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
             await self.view.changed(session, "record the evaluation")
