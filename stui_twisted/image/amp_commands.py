@@ -178,3 +178,15 @@ class Debug(amp.Command):
         (b"arguments", ChunkedJSON()),
     ]
     response = REPLY
+
+
+class DebugEvent(amp.Command):
+    """Child to server: a session's evaluation paused or resumed in the debugger
+    (C{debug_paused} / C{debug_resumed}, debugger.md §2); no answer."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"event", amp.Unicode()),
+        (b"data", ChunkedJSON()),
+    ]
+    requiresAnswer = False

@@ -32,6 +32,7 @@ from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import browse
+from stui_twisted.image import debugger as debugger_module
 from stui_twisted.image.bindings import DEFAULT_MAX_BINDING_BYTES
 from stui_twisted.image.capture import install_output_router
 from stui_twisted.image.interruption import (
@@ -191,6 +192,13 @@ class ImageChildProtocol(amp.AMP):
         self._reactor = reactor
         self._image = image
         self._workers: dict[str, SessionWorker] = {}
+        debugger_module.event_sink = self._debug_event_from_thread
+
+    def _debug_event_from_thread(self, session_id: str, event: str, data: dict) -> None:
+        """Tell the server a session paused or resumed (called on its worker thread)."""
+        self._reactor.callFromThread(
+            self.callRemote, commands.DebugEvent, session_id=session_id, event=event, data=data
+        )
 
     def _worker(self, session_id: str) -> SessionWorker:
         worker = self._workers.get(session_id)

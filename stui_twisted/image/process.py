@@ -20,6 +20,7 @@ from twisted.internet.interfaces import ITransport
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
 
@@ -58,13 +59,26 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
+class _ImageAMP(amp.AMP):
+    """The server's end of the AMP channel: answers what the child tells it."""
+
+    def __init__(self, image: ImageProcess) -> None:
+        super().__init__()
+        self._image = image
+
+    @commands.DebugEvent.responder
+    def debug_event(self, session_id, event, data):
+        self._image.supervisor._debug_event(self._image, session_id, event, data or {})
+        return {}
+
+
 class ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""
 
     def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
         self.supervisor = supervisor
         self.generation = generation
-        self.amp = amp.AMP()
+        self.amp = _ImageAMP(self)
         self.pid: int | None = None
         self.ready = False
         self.ended = False
