@@ -11,8 +11,8 @@ trivial ``evaluate``, in these cases:
   function the loop never calls;
 - ``other_session``: this build, another session while the first has that breakpoint.
 
-Both servers run at once and the cases take turns, one run each per round, so the
-machine's drift (other processes) spreads over all of them alike.  Prints the median of
+Both servers run at once and the cases take turns, one run each per round and in a
+rotating order, so the machine's drift (other processes) spreads over all of them alike.  Prints the median of
 ``--repeat`` rounds per case in milliseconds, and the ratios to ``no_debugger``, as JSON.
 """
 
@@ -107,8 +107,11 @@ def main() -> None:
             samples: dict[str, dict[str, list[float]]] = {
                 name: {case: [] for case in cases} for name in [*LOOPS, "evaluate_latency"]
             }
-            for _ in range(options.repeat):
-                for case, (connection, session_id) in cases.items():
+            names = list(cases)
+            for round_number in range(options.repeat):
+                shift = round_number % len(names)  # each case in each place of the round
+                for case in names[shift:] + names[:shift]:
+                    connection, session_id = cases[case]
                     for name, code in LOOPS.items():
                         samples[name][case].append(loop_time(connection, session_id, code))
                     samples["evaluate_latency"][case].append(
