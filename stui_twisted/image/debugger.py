@@ -522,6 +522,8 @@ class SessionDebugger:
                 self._paused(frame, "breakpoint", breakpoint_id)
             elif self._step == "into" or (self._step == "over" and frame is self._step_frame):
                 self._paused(frame, "step", None)
+            elif breakpoint_id is not None:
+                self._untrace_if_idle(frame)  # its condition is false: run on
         elif event == "return":
             self._entering.pop(id(frame), None)
             if self._step in ("over", "out") and frame is self._step_frame:
@@ -531,7 +533,15 @@ class SessionDebugger:
                     caller.f_trace = self._trace_local
                 else:
                     self._step, self._step_frame = None, None
-        return self._trace_local
+                    self._untrace_if_idle(frame)
+        return self._trace_local if self._tracing else None
+
+    def _untrace_if_idle(self, frame) -> None:
+        """Stop tracing when only entry hooks are left to watch (no step, no file breakpoint)."""
+        if self._step is None and not self._needs_trace and not self._entering:
+            sys.settrace(None)
+            self._tracing = False
+            frame.f_trace = None
 
     def _paused(self, frame, reason: str, breakpoint_id: str | None) -> None:
         frames = []

@@ -33,6 +33,13 @@ def test_an_unrelated_breakpoint_leaves_the_cell_untraced(workspace):
     assert debugger._entry_hook not in never.__code__.co_consts  # given back after the run
 
 
+def test_a_false_condition_turns_the_tracer_off_again(workspace):
+    workspace.debugger.set_breakpoint({"function": "f", "condition": "x > 100"})
+    traced = workspace.evaluate("import sys\nf(1) == 4 and sys.gettrace() is None")
+    assert traced["result"] == "True"
+    assert workspace.debugger.breakpoints["bp_1"]["hits"] == 0
+
+
 def wait_paused(workspace, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
