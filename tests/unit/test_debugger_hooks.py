@@ -75,6 +75,38 @@ def test_a_hooked_function_stops_its_sessions_thread_only(workspace):
     assert events[1][1] == {"history_index": 7, "action": "continue", "mode": None}
 
 
+def test_an_interrupt_ends_a_paused_evaluation_and_says_so(workspace):
+    from stui_twisted.image.interruption import InterruptRequested, StopGuard
+    from stui_twisted.protocol.errors import StuiError
+
+    events = []
+    debugger.event_sink = lambda session_id, event, data: events.append((event, data))
+    guard = StopGuard()
+    errors = []
+
+    def evaluate():
+        try:
+            workspace.evaluate("f(10)", guard=guard, cell_index=3)
+        except StuiError as error:
+            errors.append(error.error_type)
+
+    try:
+        workspace.debugger.set_breakpoint({"function": "f"})
+        runner = threading.Thread(target=evaluate)
+        runner.start()
+        wait_paused(workspace)
+        guard.request_stop(InterruptRequested)
+        runner.join(10)
+    finally:
+        debugger.event_sink = None
+    assert errors == ["Interrupted"]
+    assert workspace.debugger.state()["paused"] is False
+    assert events[-1] == (
+        "debug_resumed",
+        {"history_index": 3, "action": "interrupt", "mode": None},
+    )
+
+
 def _loops(a, b=2):
     try:
         for i in range(a):
