@@ -594,12 +594,13 @@ class SessionDebugger:
                 operation, arguments, answer = pause.commands.get(timeout=POLL_INTERVAL)
             except queue.Empty:
                 continue
-            if operation == "continue":
+            if operation in ("continue", "step"):
+                # not paused any more before the answer: a debug_state right after
+                # it must not see this pause (debug_step waits for the next one)
+                with self._lock:
+                    self._pause = None
                 answer.put((True, {"resumed": True}))
-                return None
-            if operation == "step":
-                answer.put((True, {"resumed": True}))
-                return arguments["mode"]
+                return arguments["mode"] if operation == "step" else None
             try:
                 answer.put((True, self._examine(pause, operation, arguments)))
             except StuiError as error:

@@ -75,6 +75,31 @@ def test_a_hooked_function_stops_its_sessions_thread_only(workspace):
     assert events[1][1] == {"history_index": 7, "action": "continue", "mode": None}
 
 
+def test_steps_into_and_out_of_a_call_from_a_hooked_function(workspace):
+    workspace.evaluate("def g(n):\n    m = f(n)\n    return m + 1\n")
+    workspace.debugger.set_breakpoint({"function": "g"})
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(workspace.evaluate("g(1)")))
+    runner.start()
+    assert wait_paused(workspace)["frame"]["function"] == "g"
+
+    def step(mode):
+        workspace.debugger.command("step", {"mode": mode})
+        deadline = time.monotonic() + 10
+        while workspace.debugger.state()["paused"] is False and runner.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return workspace.debugger.state().get("frame")
+
+    frame = step("into")
+    assert (frame["function"], frame["line"]) == ("f", 2)
+    frame = step("out")
+    assert frame["function"] == "g"
+    workspace.debugger.command("continue", {})
+    runner.join(10)
+    assert outcome["result"] == "5"
+
+
 def test_an_interrupt_ends_a_paused_evaluation_and_says_so(workspace):
     from stui_twisted.image.interruption import InterruptRequested, StopGuard
     from stui_twisted.protocol.errors import StuiError
