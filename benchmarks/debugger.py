@@ -9,6 +9,8 @@ trivial ``evaluate``, in these cases:
 - ``no_breakpoint``: this build, a session without breakpoints;
 - ``unrelated_breakpoint``: this build, the same session with one breakpoint on a
   function the loop never calls;
+- ``unrelated_cell_line``: this build, a session with one ``cell:1`` line breakpoint
+  inside that function (the line of ``return 0``);
 - ``other_session``: this build, another session while the first has that breakpoint.
 
 Both servers run at once and the cases take turns, one run each per round and in a
@@ -90,18 +92,22 @@ def main() -> None:
             clean = client.result("create_session", client_id="bench")["session_id"]
             a = client.result("create_session", client_id="bench")["session_id"]
             b = client.result("create_session", client_id="bench")["session_id"]
+            c = client.result("create_session", client_id="bench")["session_id"]
             for connection, session_id in (
                 (other, plain),
                 (client, clean),
                 (client, a),
                 (client, b),
+                (client, c),
             ):
                 connection.result("evaluate", session_id=session_id, code=SETUP)
             client.result("set_breakpoint", session_id=a, function="never")
+            client.result("set_breakpoint", session_id=c, file="cell:1", line=5)
             cases = {
                 "no_debugger": (other, plain),
                 "no_breakpoint": (client, clean),
                 "unrelated_breakpoint": (client, a),
+                "unrelated_cell_line": (client, c),
                 "other_session": (client, b),
             }
             samples: dict[str, dict[str, list[float]]] = {

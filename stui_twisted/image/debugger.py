@@ -18,6 +18,7 @@ import _thread
 import ctypes
 import dis
 import importlib
+import inspect
 import os
 import queue
 import sys
@@ -74,6 +75,35 @@ def _unwrapped(target: Any) -> Any:
 def _code_of(target: Any) -> types.CodeType | None:
     code = getattr(_unwrapped(target), "__code__", None)
     return code if isinstance(code, types.CodeType) else None
+
+
+#: Code flags of functions whose frames suspend (a hook sees only their first start).
+_SUSPENDING = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _last_line(code: types.CodeType) -> int:
+    """The last line of C{code} and of the code nested in it."""
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=0)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            last = max(last, _last_line(const))
+    return last
+
+
+def _namespace_functions(namespace: dict):
+    """The functions bound in C{namespace}, and those of the classes bound there."""
+    seen: set[int] = set()
+    for value in list(namespace.values()):
+        members = list(vars(value).values()) if isinstance(value, type) else [value]
+        for member in members:
+            if isinstance(member, property):
+                candidates = [member.fget, member.fset, member.fdel]
+            else:
+                candidates = [_unwrapped(member)]
+            for function in candidates:
+                if isinstance(function, types.FunctionType) and id(function) not in seen:
+                    seen.add(id(function))
+                    yield function
 
 
 def _locals_to_fast(frame) -> None:
@@ -272,6 +302,7 @@ class SessionDebugger:
         self._codes: dict[types.CodeType, str] = {}  # found by the tracer
         self._hooked: dict[types.CodeType, str] = {}  # found by their entry hook
         self._needs_trace = False  # a tracer from the start (file breakpoints)
+        self._watched: set[int] = set()  # frames of hooked functions holding a breakpoint line
         self._tracing = False
         self._entering: dict[int, str] = {}
         self._step: str | None = None
@@ -354,39 +385,74 @@ class SessionDebugger:
     def wants_trace(self) -> bool:
         return bool(self.breakpoints)
 
+    def _cell_functions(self, number: str, line: int) -> list[types.FunctionType] | None:
+        """The session's functions written in cell C{number} whose code spans C{line}
+        (methods included), or None when the line is not inside such a function
+        (a cell's top level, a generator: then only the tracer finds it)."""
+        found = []
+        for function in _namespace_functions(self.workspace.namespace):
+            code = function.__code__
+            filename = code.co_filename
+            if filename != f"<cell {number}>" and not filename.startswith(f"<cell {number}|"):
+                continue
+            if code.co_firstlineno <= line <= _last_line(code):
+                if code.co_flags & _SUSPENDING:
+                    return None
+                found.append(function)
+        return found or None
+
+    def _hook_breakpoints(self, hooked_functions: list) -> None:
+        """Fill C{_codes}/C{_hooked} for this run; hook what can be hooked."""
+        self._codes = {}
+        self._hooked = {}
+        self._needs_trace = False
+
+        def hook(function, breakpoint_id):
+            hooked = _hook(function) if HOOKS_SUPPORTED else None
+            if hooked is None:
+                return False
+            hooked_functions.append(function)
+            if self._hooked.get(hooked) is None:  # a function breakpoint wins
+                self._hooked[hooked] = breakpoint_id
+            return True
+
+        for entry in self.breakpoints.values():
+            if entry["function"]:
+                target = self._target(entry["function"])
+                if isinstance(target, types.FunctionType) and hook(target, entry["breakpoint_id"]):
+                    continue
+                if target is not None:
+                    self._codes[_code_of(target)] = entry["breakpoint_id"]
+                continue
+            # a file or cell line: hook the functions around it, else trace throughout
+            functions = None
+            if entry["file"].startswith("cell:") and isinstance(entry["line"], int):
+                functions = self._cell_functions(entry["file"][5:], entry["line"])
+            if not functions or not all([hook(function, None) for function in functions]):
+                self._needs_trace = True
+        self._has_files = any(entry["file"] for entry in self.breakpoints.values())
+        self._needs_trace = self._needs_trace or bool(self._codes)
+
     def run(self, run, guard):
         """Call C{run()} watched for this session's breakpoints, if it has any.
 
-        Function breakpoints get entry hooks (no tracer until one is entered
-        on this thread); file and cell breakpoints, and functions that cannot
-        be hooked, need the tracer from the start.
+        Function breakpoints, and cell lines inside a function, get entry
+        hooks (no tracer until a hooked function is entered on this thread);
+        other file and cell lines, and functions that cannot be hooked, need
+        the tracer from the start.
         """
         self._post_mortem = None
         self._end_post_mortem()
         if not self.breakpoints:
             return run()
-        hooked_functions = []
+        hooked_functions: list = []
         with self._lock:
-            self._codes = {}
-            self._hooked = {}
-            for entry in self.breakpoints.values():
-                if not entry["function"]:
-                    continue
-                target = self._target(entry["function"])
-                hooked = None
-                if HOOKS_SUPPORTED and isinstance(target, types.FunctionType):
-                    hooked = _hook(target)
-                if hooked is not None:
-                    hooked_functions.append(target)
-                    self._hooked[hooked] = entry["breakpoint_id"]
-                elif target is not None:
-                    self._codes[_code_of(target)] = entry["breakpoint_id"]
-            self._has_files = any(entry["file"] for entry in self.breakpoints.values())
-        self._needs_trace = bool(self._codes) or self._has_files
+            self._hook_breakpoints(hooked_functions)
         self._guard = guard
         self._step = None
         self._step_frame = None
         self._entering = {}
+        self._watched = set()
         thread = _thread.get_ident()
         _RUNNING[thread] = self
         self._tracing = self._needs_trace
@@ -406,10 +472,14 @@ class SessionDebugger:
 
     def _entered(self, frame) -> None:
         """A hooked function started on this session's thread: trace that frame."""
-        breakpoint_id = self._hooked.get(frame.f_code)
-        if breakpoint_id is None:
+        code = frame.f_code
+        if code not in self._hooked:
             return
-        self._entering[id(frame)] = breakpoint_id
+        breakpoint_id = self._hooked[code]
+        if breakpoint_id is not None:
+            self._entering[id(frame)] = breakpoint_id
+        else:
+            self._watched.add(id(frame))  # holds a breakpoint line: trace it to its end
         frame.f_trace = self._trace_local
         if not self._tracing:
             self._tracing = True
@@ -526,6 +596,9 @@ class SessionDebugger:
                 self._untrace_if_idle(frame)  # its condition is false: run on
         elif event == "return":
             self._entering.pop(id(frame), None)
+            if id(frame) in self._watched:
+                self._watched.discard(id(frame))
+                self._untrace_if_idle(frame)
             if self._step in ("over", "out") and frame is self._step_frame:
                 caller = frame.f_back
                 if caller is not None and _is_user_frame(caller):
@@ -538,7 +611,12 @@ class SessionDebugger:
 
     def _untrace_if_idle(self, frame) -> None:
         """Stop tracing when only entry hooks are left to watch (no step, no file breakpoint)."""
-        if self._step is None and not self._needs_trace and not self._entering:
+        if (
+            self._step is None
+            and not self._needs_trace
+            and not self._entering
+            and not self._watched
+        ):
             sys.settrace(None)
             self._tracing = False
             frame.f_trace = None
@@ -571,7 +649,7 @@ class SessionDebugger:
                 resume_clock()
         self._step = resume
         self._step_frame = frame if resume in ("over", "out") else None
-        if resume is None and not self._needs_trace:
+        if resume is None and not self._needs_trace and not self._watched:
             # continued, and nothing needs the tracer: the thread runs untraced
             # again until a hooked function is entered
             sys.settrace(None)

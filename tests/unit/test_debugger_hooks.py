@@ -21,7 +21,7 @@ SETUP = "def f(x):\n    y = x + 1\n    return y * 2\ndef never():\n    return 0\
 @pytest.fixture
 def workspace():
     workspace = Image().session("s_hooks")
-    workspace.evaluate(SETUP)
+    workspace.evaluate(SETUP, cell_index=1)
     return workspace
 
 
@@ -38,6 +38,46 @@ def test_a_false_condition_turns_the_tracer_off_again(workspace):
     traced = workspace.evaluate("import sys\nf(1) == 4 and sys.gettrace() is None")
     assert traced["result"] == "True"
     assert workspace.debugger.breakpoints["bp_1"]["hits"] == 0
+
+
+def test_a_cell_line_inside_a_function_leaves_other_cells_untraced(workspace):
+    workspace.debugger.set_breakpoint({"file": "cell:1", "line": 3})  # in f of SETUP
+    traced = workspace.evaluate("import sys\nsys.gettrace() is None and never() == 0")
+    assert traced["result"] == "True"
+
+
+CELL = (
+    "class Counter:\n"
+    "    def count(self, n):\n"
+    "        total = 0\n"
+    "        for i in range(n):\n"
+    "            total += i\n"
+    "        def inner():\n"
+    "            return total\n"
+    "        return inner()\n"
+)
+
+
+def test_a_cell_line_in_a_method_stops_at_every_pass_and_in_a_nested_function(workspace):
+    index = 5
+    workspace.evaluate(CELL, cell_index=index)
+    workspace.debugger.set_breakpoint({"file": f"cell:{index}", "line": 5})
+    workspace.debugger.set_breakpoint({"file": f"cell:{index}", "line": 7})
+    outcome = {}
+    code = "Counter().count(3)"
+    runner = threading.Thread(target=lambda: outcome.update(workspace.evaluate(code)))
+    runner.start()
+    stops = []
+    for _ in range(4):
+        state = wait_paused(workspace)
+        names = {
+            v["name"]: v["repr"] for v in workspace.debugger.command("locals", {})["variables"]
+        }
+        stops.append((state["frame"]["function"], state["frame"]["line"], names.get("i")))
+        workspace.debugger.command("continue", {})
+    runner.join(10)
+    assert stops == [("count", 5, "0"), ("count", 5, "1"), ("count", 5, "2"), ("inner", 7, None)]
+    assert outcome["result"] == "3"
 
 
 def wait_paused(workspace, timeout: float = 10.0) -> dict:
