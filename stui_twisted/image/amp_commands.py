@@ -195,3 +195,15 @@ class RequestInput(amp.Command):
         (b"password", amp.Boolean()),
     ]
     response = [(b"text", ChunkedJSON(optional=True)), (b"eof", amp.Unicode(optional=True))]
+
+
+class DebugEvent(amp.Command):
+    """Child to server: a session's evaluation paused or resumed in the debugger
+    (C{debug_paused} / C{debug_resumed}, debugger.md §2); no answer."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"event", amp.Unicode()),
+        (b"data", ChunkedJSON()),
+    ]
+    requiresAnswer = False

@@ -32,6 +32,7 @@ from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import browse
+from stui_twisted.image import debugger as debugger_module
 from stui_twisted.image.bindings import DEFAULT_MAX_BINDING_BYTES
 from stui_twisted.image.capture import install_output_router
 from stui_twisted.image.interruption import (
@@ -192,6 +193,7 @@ class ImageChildProtocol(amp.AMP):
         self._image = image
         self._workers: dict[str, SessionWorker] = {}
         image.input_source = self.read_input
+        debugger_module.event_sink = self._debug_event_from_thread
 
     def read_input(self, session_id: str, cell, prompt: str, password: bool, guard) -> str:
         """On a session's worker thread: ask the server for a line of input.
@@ -224,6 +226,12 @@ class ImageChildProtocol(amp.AMP):
         if answer.get("text") is None:
             raise EOFError(answer.get("eof") or "input() got no answer")
         return answer["text"]
+
+    def _debug_event_from_thread(self, session_id: str, event: str, data: dict) -> None:
+        """Tell the server a session paused or resumed (called on its worker thread)."""
+        self._reactor.callFromThread(
+            self.callRemote, commands.DebugEvent, session_id=session_id, event=event, data=data
+        )
 
     def _worker(self, session_id: str) -> SessionWorker:
         worker = self._workers.get(session_id)

@@ -14,13 +14,17 @@ are dead frames, examined directly on the pool thread.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
+import dis
 import importlib
+import inspect
 import os
 import queue
 import sys
 import threading
 import types
+import weakref
 from typing import Any
 
 import stui_twisted
@@ -33,6 +37,11 @@ COMMAND_TIMEOUT = 30.0
 #: How often a paused thread looks whether it was asked to stop.
 POLL_INTERVAL = 0.05
 STEP_MODES = ("into", "over", "out")
+#: Where C{debug_paused} / C{debug_resumed} go: C{event_sink(session_id, event, data)},
+#: called on the paused (or a pool) thread; the image child sets it.
+event_sink = None
+#: The debugger of the evaluation running on each traced thread (thread id -> debugger).
+_RUNNING: dict[int, SessionDebugger] = {}
 
 
 def _is_user_frame(frame) -> bool:
@@ -56,17 +65,213 @@ def _frame_info(index: int, frame, lineno: int | None = None) -> dict:
     }
 
 
-def _code_of(target: Any) -> types.CodeType | None:
+def _unwrapped(target: Any) -> Any:
     target = getattr(target, "__func__", target)
     while hasattr(target, "__wrapped__"):
         target = target.__wrapped__
-    code = getattr(target, "__code__", None)
+    return target
+
+
+def _code_of(target: Any) -> types.CodeType | None:
+    code = getattr(_unwrapped(target), "__code__", None)
     return code if isinstance(code, types.CodeType) else None
+
+
+#: Code flags of functions whose frames suspend (a hook sees only their first start).
+_SUSPENDING = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _last_line(code: types.CodeType) -> int:
+    """The last line of C{code} and of the code nested in it."""
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=0)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            last = max(last, _last_line(const))
+    return last
+
+
+def _namespace_functions(namespace: dict):
+    """The functions bound in C{namespace}, and those of the classes bound there."""
+    seen: set[int] = set()
+    for value in list(namespace.values()):
+        members = list(vars(value).values()) if isinstance(value, type) else [value]
+        for member in members:
+            if isinstance(member, property):
+                candidates = [member.fget, member.fset, member.fdel]
+            else:
+                candidates = [_unwrapped(member)]
+            for function in candidates:
+                if isinstance(function, types.FunctionType) and id(function) not in seen:
+                    seen.add(id(function))
+                    yield function
 
 
 def _locals_to_fast(frame) -> None:
     """Write a frame's C{f_locals} dict back into its fast locals (CPython 3.11)."""
     ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
+# -- entry hooks: a function breakpoint without tracing ------------------------
+#
+# On CPython 3.11 any tracer set on a thread (sys.settrace) slows all of its
+# code down, even frames the tracer declines: a call-heavy loop runs ~6x
+# slower.  So a function breakpoint is not found by tracing: while the
+# session evaluates, the breakpoint's function gets a copy of its code with a
+# call of _entry_hook in front; the hook looks whether its thread is a
+# debugged evaluation and only then turns tracing on, for that frame.  Code
+# that never calls a breakpoint's function runs untraced.
+
+#: Entry hooks need CPython 3.11's bytecode; elsewhere the tracer finds the calls.
+HOOKS_SUPPORTED = sys.implementation.name == "cpython" and sys.version_info[:2] == (3, 11)
+_patch_lock = threading.Lock()
+#: id(function) -> [function, its own code, the hooked code, how many runs use it]
+_patches: dict[int, list] = {}
+_hooked_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _entry_hook() -> None:
+    """Called first by a hooked function: stop there if this thread is debugged."""
+    debugger = _RUNNING.get(_thread.get_ident())
+    if debugger is not None:
+        debugger._entered(sys._getframe(1))
+
+
+def _varint(out: bytearray, value: int) -> None:
+    while value >= 64:
+        out.append(0x40 | (value & 63))
+        value >>= 6
+    out.append(value)
+
+
+def _svarint(out: bytearray, value: int) -> None:
+    _varint(out, (-value << 1) | 1 if value < 0 else value << 1)
+
+
+def _encode_positions(positions: list, firstlineno: int) -> bytes:
+    """CPython 3.11's C{co_linetable} for one position per code unit."""
+    out = bytearray()
+    line = firstlineno
+    at = 0
+    while at < len(positions):
+        position = positions[at]
+        count = 1
+        while count < 8 and at + count < len(positions) and positions[at + count] == position:
+            count += 1
+        start, end, column, end_column = position
+        if start is None:
+            out.append(0x80 | (15 << 3) | (count - 1))
+        elif column is None or end_column is None or end is None or end < start:
+            out.append(0x80 | (13 << 3) | (count - 1))
+            _svarint(out, start - line)
+            line = start
+        else:
+            out.append(0x80 | (14 << 3) | (count - 1))
+            _svarint(out, start - line)
+            _varint(out, end - start)
+            _varint(out, column + 1)
+            _varint(out, end_column + 1)
+            line = start
+        at += count
+    return bytes(out)
+
+
+def _except_varint(out: bytearray, value: int, first: int) -> None:
+    chunks = [value & 63]
+    value >>= 6
+    while value:
+        chunks.append(value & 63)
+        value >>= 6
+    chunks.reverse()
+    for index, chunk in enumerate(chunks):
+        out.append(chunk | (0x40 if index < len(chunks) - 1 else 0) | (first if index == 0 else 0))
+
+
+def _shifted_exception_table(code: types.CodeType, at: int, size: int) -> bytes:
+    """C{co_exceptiontable} with C{size} bytes of code inserted at byte offset C{at}."""
+    out = bytearray()
+    for entry in dis._parse_exception_table(code):
+        start = entry.start + size if entry.start >= at else entry.start
+        end = entry.end + size if entry.end > at else entry.end
+        target = entry.target + size if entry.target >= at else entry.target
+        _except_varint(out, start // 2, 0x80)
+        _except_varint(out, (end - start) // 2, 0)
+        _except_varint(out, target // 2, 0)
+        _except_varint(out, (entry.depth << 1) | int(entry.lasti), 0)
+    return bytes(out)
+
+
+def _instruction(name: str, argument: int = 0) -> bytes:
+    opcode = dis.opmap[name]
+    caches = dis._inline_cache_entries[opcode]
+    return bytes((opcode, argument)) + b"\0\0" * caches
+
+
+def _hooked_code(code: types.CodeType) -> types.CodeType | None:
+    """C{code} calling L{_entry_hook} right after its C{RESUME} (3.11), or None."""
+    cached = _hooked_cache.get(code)
+    if cached is not None:
+        return cached
+    raw = code.co_code
+    resume = dis.opmap["RESUME"]
+    at = next((i for i in range(0, len(raw), 2) if raw[i] == resume), None)
+    index = len(code.co_consts)
+    if at is None or index > 0xFFFF:
+        return None
+    at += 2
+    load = _instruction("LOAD_CONST", index & 0xFF)
+    if index > 0xFF:
+        load = _instruction("EXTENDED_ARG", index >> 8) + load
+    inserted = (
+        _instruction("PUSH_NULL")
+        + load
+        + _instruction("PRECALL")
+        + _instruction("CALL")
+        + _instruction("POP_TOP")
+    )
+    positions = list(code.co_positions())
+    units = at // 2
+    positions[units:units] = [(None, None, None, None)] * (len(inserted) // 2)
+    hooked = code.replace(
+        co_code=raw[:at] + inserted + raw[at:],
+        co_consts=code.co_consts + (_entry_hook,),
+        co_stacksize=max(code.co_stacksize, 2),
+        co_linetable=_encode_positions(positions, code.co_firstlineno),
+        co_exceptiontable=_shifted_exception_table(code, at, len(inserted)),
+    )
+    _hooked_cache[code] = hooked
+    return hooked
+
+
+def _hook(function: types.FunctionType) -> types.CodeType | None:
+    """Give C{function} its hooked code (shared by every run that needs it)."""
+    with _patch_lock:
+        entry = _patches.get(id(function))
+        if entry is not None and entry[0] is function:
+            entry[3] += 1
+            return entry[2]
+        original = function.__code__
+        try:
+            hooked = _hooked_code(original)
+            if hooked is None:
+                return None
+            function.__code__ = hooked
+        except (TypeError, ValueError, AttributeError):
+            return None
+        _patches[id(function)] = [function, original, hooked, 1]
+        return hooked
+
+
+def _unhook(function: types.FunctionType) -> None:
+    """Give C{function} its own code back once no run needs the hook."""
+    with _patch_lock:
+        entry = _patches.get(id(function))
+        if entry is None or entry[0] is not function:
+            return
+        entry[3] -= 1
+        if entry[3] == 0:
+            del _patches[id(function)]
+            if function.__code__ is entry[2]:
+                function.__code__ = entry[1]
 
 
 class _Pause:
@@ -90,8 +295,15 @@ class SessionDebugger:
         self._next_id = 1
         self._pause: _Pause | None = None
         self._post_mortem: list | None = None  # frames of the last failure
+        self._post_mortem_cell: int | None = None
+        #: the history index of the running evaluation (the workspace sets it)
+        self.cell: int | None = None
         # tracer state (worker thread only)
-        self._codes: dict[types.CodeType, str] = {}
+        self._codes: dict[types.CodeType, str] = {}  # found by the tracer
+        self._hooked: dict[types.CodeType, str] = {}  # found by their entry hook
+        self._needs_trace = False  # a tracer from the start (file breakpoints)
+        self._watched: set[int] = set()  # frames of hooked functions holding a breakpoint line
+        self._tracing = False
         self._entering: dict[int, str] = {}
         self._step: str | None = None
         self._step_frame = None
@@ -100,16 +312,20 @@ class SessionDebugger:
 
     # -- breakpoints (any thread) --
 
-    def _resolve(self, name: str) -> types.CodeType | None:
-        code = _code_of(self.workspace.resolve(name))
-        if code is None and "." in name:
+    def _target(self, name: str) -> Any:
+        """What a function breakpoint's name means now (unwrapped), or None."""
+        target = self.workspace.resolve(name)
+        if _code_of(target) is None and "." in name:
             module_name, _, attribute = name.rpartition(".")
             try:
-                target: Any = importlib.import_module(module_name)
+                module: Any = importlib.import_module(module_name)
             except Exception:  # noqa: BLE001 - not a module path: unresolved
                 return None
-            code = _code_of(getattr(target, attribute, None))
-        return code
+            target = getattr(module, attribute, None)
+        return _unwrapped(target) if _code_of(target) is not None else None
+
+    def _resolve(self, name: str) -> types.CodeType | None:
+        return _code_of(self._target(name))
 
     def set_breakpoint(self, arguments: dict) -> dict:
         function = arguments.get("function")
@@ -169,31 +385,135 @@ class SessionDebugger:
     def wants_trace(self) -> bool:
         return bool(self.breakpoints)
 
+    def _cell_functions(self, number: str, line: int) -> list[types.FunctionType] | None:
+        """The session's functions written in cell C{number} whose code spans C{line}
+        (methods included), or None when the line is not inside such a function
+        (a cell's top level, a generator: then only the tracer finds it)."""
+        found = []
+        for function in _namespace_functions(self.workspace.namespace):
+            code = function.__code__
+            filename = code.co_filename
+            if filename != f"<cell {number}>" and not filename.startswith(f"<cell {number}|"):
+                continue
+            if code.co_firstlineno <= line <= _last_line(code):
+                if code.co_flags & _SUSPENDING:
+                    return None
+                found.append(function)
+        return found or None
+
+    def _hook_breakpoints(self, hooked_functions: list) -> None:
+        """Fill C{_codes}/C{_hooked} for this run; hook what can be hooked."""
+        self._codes = {}
+        self._hooked = {}
+        self._needs_trace = False
+
+        def hook(function, breakpoint_id):
+            hooked = _hook(function) if HOOKS_SUPPORTED else None
+            if hooked is None:
+                return False
+            hooked_functions.append(function)
+            if self._hooked.get(hooked) is None:  # a function breakpoint wins
+                self._hooked[hooked] = breakpoint_id
+            return True
+
+        for entry in self.breakpoints.values():
+            if entry["function"]:
+                target = self._target(entry["function"])
+                if isinstance(target, types.FunctionType) and hook(target, entry["breakpoint_id"]):
+                    continue
+                if target is not None:
+                    self._codes[_code_of(target)] = entry["breakpoint_id"]
+                continue
+            # a file or cell line: hook the functions around it, else trace throughout
+            functions = None
+            if entry["file"].startswith("cell:") and isinstance(entry["line"], int):
+                functions = self._cell_functions(entry["file"][5:], entry["line"])
+            if not functions or not all([hook(function, None) for function in functions]):
+                self._needs_trace = True
+        self._has_files = any(entry["file"] for entry in self.breakpoints.values())
+        self._needs_trace = self._needs_trace or bool(self._codes)
+
     def run(self, run, guard):
-        """Call C{run()} with this thread traced while breakpoints exist."""
+        """Call C{run()} watched for this session's breakpoints, if it has any.
+
+        Function breakpoints, and cell lines inside a function, get entry
+        hooks (no tracer until a hooked function is entered on this thread);
+        other file and cell lines, and functions that cannot be hooked, need
+        the tracer from the start.
+        """
         self._post_mortem = None
+        self._end_post_mortem()
         if not self.breakpoints:
             return run()
+        hooked_functions: list = []
         with self._lock:
-            self._codes = {}
-            for entry in self.breakpoints.values():
-                if entry["function"]:
-                    code = self._resolve(entry["function"])
-                    if code is not None:
-                        self._codes[code] = entry["breakpoint_id"]
-        self._has_files = any(entry["file"] for entry in self.breakpoints.values())
+            self._hook_breakpoints(hooked_functions)
         self._guard = guard
         self._step = None
         self._step_frame = None
         self._entering = {}
-        sys.settrace(self._trace_call)
+        self._watched = set()
+        thread = _thread.get_ident()
+        _RUNNING[thread] = self
+        self._tracing = self._needs_trace
+        if self._tracing:
+            sys.settrace(self._trace_call)
         try:
             return run()
         finally:
             sys.settrace(None)
+            self._tracing = False
+            _RUNNING.pop(thread, None)
+            for function in hooked_functions:
+                _unhook(function)
             self._step = None
             self._step_frame = None
             self._guard = None
+
+    def _entered(self, frame) -> None:
+        """A hooked function started on this session's thread: trace that frame."""
+        code = frame.f_code
+        if code not in self._hooked:
+            return
+        breakpoint_id = self._hooked[code]
+        if breakpoint_id is not None:
+            self._entering[id(frame)] = breakpoint_id
+        else:
+            self._watched.add(id(frame))  # holds a breakpoint line: trace it to its end
+        frame.f_trace = self._trace_local
+        if not self._tracing:
+            self._tracing = True
+            sys.settrace(self._trace_call)
+
+    def _emit(self, event: str, data: dict) -> None:
+        sink = event_sink
+        if sink is not None:
+            sink(self.workspace.session_id, event, data)
+
+    def _emit_paused(self, pause: _Pause, history_index: int | None) -> None:
+        frame, lineno = pause.frames[0]
+        info = _frame_info(0, frame, lineno)
+        del info["index"]
+        data = {
+            "history_index": history_index,
+            "reason": pause.reason,
+            "breakpoint_id": pause.breakpoint_id,
+            "frame": info,
+        }
+        self._emit("debug_paused", data)
+
+    def _emit_resumed(self, history_index: int | None, action: str, mode=None) -> None:
+        data = {"history_index": history_index, "action": action, "mode": mode}
+        self._emit("debug_resumed", data)
+
+    def _end_post_mortem(self) -> None:
+        """A new evaluation ends the look at the last one's failure (debugger.md §3)."""
+        with self._lock:
+            pause = self._pause
+            if pause is None or pause.live:
+                return
+            self._pause = None
+        self._emit_resumed(self._post_mortem_cell, "evaluation")
 
     def remember_failure(self, failure: BaseException) -> None:
         """Keep the frames of a failed evaluation for post-mortem."""
@@ -205,6 +525,7 @@ class SessionDebugger:
             tb = tb.tb_next
         frames.reverse()
         self._post_mortem = frames or None
+        self._post_mortem_cell = self.cell
 
     def _file_breakpoint(self, frame) -> str | None:
         filename = frame.f_code.co_filename
@@ -271,8 +592,13 @@ class SessionDebugger:
                 self._paused(frame, "breakpoint", breakpoint_id)
             elif self._step == "into" or (self._step == "over" and frame is self._step_frame):
                 self._paused(frame, "step", None)
+            elif breakpoint_id is not None:
+                self._untrace_if_idle(frame)  # its condition is false: run on
         elif event == "return":
             self._entering.pop(id(frame), None)
+            if id(frame) in self._watched:
+                self._watched.discard(id(frame))
+                self._untrace_if_idle(frame)
             if self._step in ("over", "out") and frame is self._step_frame:
                 caller = frame.f_back
                 if caller is not None and _is_user_frame(caller):
@@ -280,7 +606,20 @@ class SessionDebugger:
                     caller.f_trace = self._trace_local
                 else:
                     self._step, self._step_frame = None, None
-        return self._trace_local
+                    self._untrace_if_idle(frame)
+        return self._trace_local if self._tracing else None
+
+    def _untrace_if_idle(self, frame) -> None:
+        """Stop tracing when only entry hooks are left to watch (no step, no file breakpoint)."""
+        if (
+            self._step is None
+            and not self._needs_trace
+            and not self._entering
+            and not self._watched
+        ):
+            sys.settrace(None)
+            self._tracing = False
+            frame.f_trace = None
 
     def _paused(self, frame, reason: str, breakpoint_id: str | None) -> None:
         frames = []
@@ -295,18 +634,32 @@ class SessionDebugger:
             pause_clock()
         with self._lock:
             self._pause = pause
+        self._emit_paused(pause, self.cell)
+        resume = None
+        action = "interrupt"
         try:
             resume = self._serve(pause, guard)
+            action = "continue" if resume is None else "step"
         finally:
             with self._lock:
                 self._pause = None
+            self._emit_resumed(self.cell, action, resume)
             resume_clock = getattr(guard, "resume_clock", None)
             if resume_clock is not None:
                 resume_clock()
         self._step = resume
         self._step_frame = frame if resume in ("over", "out") else None
+        if resume is None and not self._needs_trace and not self._watched:
+            # continued, and nothing needs the tracer: the thread runs untraced
+            # again until a hooked function is entered
+            sys.settrace(None)
+            self._tracing = False
+            for walk, _ in frames:
+                walk.f_trace = None
+            return
         if resume == "into":
             sys.settrace(self._trace_call)
+        self._tracing = True
         frame.f_trace = self._trace_local
 
     def _serve(self, pause: _Pause, guard) -> str | None:
@@ -319,12 +672,13 @@ class SessionDebugger:
                 operation, arguments, answer = pause.commands.get(timeout=POLL_INTERVAL)
             except queue.Empty:
                 continue
-            if operation == "continue":
+            if operation in ("continue", "step"):
+                # not paused any more before the answer: a debug_state right after
+                # it must not see this pause (debug_step waits for the next one)
+                with self._lock:
+                    self._pause = None
                 answer.put((True, {"resumed": True}))
-                return None
-            if operation == "step":
-                answer.put((True, {"resumed": True}))
-                return arguments["mode"]
+                return arguments["mode"] if operation == "step" else None
             try:
                 answer.put((True, self._examine(pause, operation, arguments)))
             except StuiError as error:
@@ -359,7 +713,8 @@ class SessionDebugger:
                     "starts or the image restarts",
                     paused=False,
                 )
-            self._pause = _Pause(self._post_mortem, "exception", None, live=False)
+            self._pause = pause = _Pause(self._post_mortem, "exception", None, live=False)
+        self._emit_paused(pause, self._post_mortem_cell)
         return self.state()
 
     def command(self, operation: str, arguments: dict) -> dict:
@@ -381,6 +736,7 @@ class SessionDebugger:
             if operation == "continue":
                 with self._lock:
                     self._pause = None
+                self._emit_resumed(self._post_mortem_cell, "continue")
                 return {"resumed": True}
             if operation == "step":
                 raise StuiError(

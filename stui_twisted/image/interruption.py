@@ -38,6 +38,29 @@ def _set_async_exception(thread_id: int, exception_type: type[BaseException] | N
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
 
 
+class _Withdrawn(BaseException):
+    """Takes the place of an undelivered stop in L{StopGuard.disarm}; caught there."""
+
+
+def _withdraw_async_exception() -> None:
+    """Drop this thread's undelivered stop, if any, and CPython's signal of it.
+
+    C{PyThreadState_SetAsyncExc(id, NULL)} clears the thread's pending
+    exception but I{sets} the interpreter-wide "async exception pending" flag,
+    which only the delivery of an exception clears: every thread of the image
+    then takes the eval-breaker path at each check (loops run slower), and on
+    CPython 3.11 a thread with a tracer (the session debugger) that enters a
+    function spins there forever.  So the pending stop is replaced by a marker
+    that is delivered, and caught, right here.
+    """
+    try:
+        if _set_async_exception(threading.get_ident(), _Withdrawn) == 1:
+            while True:  # delivered at the next eval-breaker check
+                pass
+    except _Withdrawn:
+        return
+
+
 class StopGuard:
     """Arms one task's user code for asynchronous stopping.
 
@@ -64,7 +87,10 @@ class StopGuard:
         with self._lock:
             thread_id, self._armed_thread = self._armed_thread, None
             if thread_id is not None and self.stop_reason is not None:
-                _set_async_exception(thread_id, None)
+                if thread_id == threading.get_ident():
+                    _withdraw_async_exception()
+                else:
+                    _set_async_exception(thread_id, None)
 
     def request_stop(self, reason: type[EvaluationStopped]) -> None:
         """Ask the task to stop (from any thread); only the first request counts."""

@@ -60,15 +60,21 @@ class _ChildPipeTransport:
 
 
 class ServerSideAMP(amp.AMP):
-    """The server's end of the AMP channel: it answers what the image asks."""
+    """The server's end of the AMP channel: it answers what the image asks or tells."""
 
-    def __init__(self, supervisor: ImageSupervisor) -> None:
+    def __init__(self, image: ImageProcess) -> None:
         super().__init__()
-        self._supervisor = supervisor
+        self._image = image
+        self._supervisor = image.supervisor
 
     @commands.RequestInput.responder
     def request_input(self, session_id, prompt, password, cell_index=None):
         return self._supervisor.input_requested(session_id, cell_index, prompt, password)
+
+    @commands.DebugEvent.responder
+    def debug_event(self, session_id, event, data):
+        self._supervisor._debug_event(self._image, session_id, event, data or {})
+        return {}
 
 
 class ImageProcess(protocol.ProcessProtocol):
@@ -77,7 +83,7 @@ class ImageProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
         self.supervisor = supervisor
         self.generation = generation
-        self.amp = ServerSideAMP(supervisor)
+        self.amp = ServerSideAMP(self)
         self.pid: int | None = None
         self.ready = False
         self.ended = False

@@ -113,6 +113,7 @@ class ImageSupervisor(service.Service):
         self._ready_waiters: list[defer.Deferred] = []
         self._stop_waiters: list[defer.Deferred] = []
         self._restart_observers: list = []
+        self._debug_observers: list = []
         self._lanes: dict[str, defer.DeferredLock] = {}
         self._running_tasks: dict[str, Request] = {}
         self.input_handler = None
@@ -155,6 +156,26 @@ class ImageSupervisor(service.Service):
         """Call C{observer()} (may return a Deferred) whenever a new image is
         ready after the previous one died."""
         self._restart_observers.append(observer)
+
+    def addDebugObserver(self, observer) -> None:
+        """Call C{observer(session_id, event, data)} when a session's evaluation
+        pauses in the debugger or resumes (C{debug_paused} / C{debug_resumed})."""
+        self._debug_observers.append(observer)
+
+    def _debug_event(self, image: ImageProcess, session_id: str, event: str, data: dict) -> None:
+        if image is not self._image:
+            return  # a replaced image's last words
+        # a paused evaluation is not stuck: hold the stuck-kill watchdog off
+        # until it resumes (the child's own time limit is paused meanwhile)
+        request = self._running_tasks.get(session_id)
+        watchdog = getattr(request, "stop_watchdog", None)
+        if watchdog is not None and watchdog.active():
+            if event == "debug_paused":
+                watchdog.reset(PAUSED_WATCHDOG_DELAY)
+            elif event == "debug_resumed":
+                watchdog.reset(request.watch_delay)
+        for observer in list(self._debug_observers):
+            observer(session_id, event, data)
 
     def current_generation(self) -> defer.Deferred:
         """Fires with the generation of the running image, once one is ready.

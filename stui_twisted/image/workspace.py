@@ -382,6 +382,7 @@ class SessionWorkspace:
         """
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
+        self.debugger.cell = cell  # its debug_paused / debug_resumed events name it
         filename = _cell_filename(cell)
         # C{name?} / C{name??}: the expression is the cell, its description the result
         request = help_request(code)

@@ -99,6 +99,7 @@ class LiveSessions:
         if image is not None:
             image.addRestartObserver(self.image_restarted)
             image.input_handler = self.running.input_requested
+            image.addDebugObserver(self.debug_event)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -677,6 +678,10 @@ class LiveSessions:
                 session.session_id, operation, arguments, generation=generation
             ),
         )
+
+    def debug_event(self, session_id: str, event: str, data: dict) -> None:
+        """A session paused or resumed in the debugger: tell its stream."""
+        event_hooks.publish(self.view, session_id, event, data)
 
     async def interrupt(self, session: Session) -> bool:
         """Stop C{session}'s running evaluation; whether one was running."""

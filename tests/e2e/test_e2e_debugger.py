@@ -5,12 +5,25 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
+from tests.e2e.test_e2e_events import EventClient
+from tests.serverproc import ServerProcess
+
 DEFINE = "def f(x):\n    y = x + 1\n    z = y * 2\n    return z\n"
 
 
 def send(client, command: str, request_id: str, **parameters) -> None:
     message = {"id": request_id, "command": command, "parameters": parameters}
     client.send_raw(json.dumps(message).encode() + b"\n")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server for the module (each test makes its own sessions)."""
+    server = ServerProcess(tmp_path_factory.mktemp("debugger")).start()
+    yield server
+    server.kill()
 
 
 def wait_paused(driver, session_id: str, timeout: float = 20.0) -> dict:
@@ -23,8 +36,7 @@ def wait_paused(driver, session_id: str, timeout: float = 20.0) -> dict:
     raise AssertionError(f"session {session_id} never paused")
 
 
-def test_breakpoint_pauses_one_session_step_evaluate_continue_restart(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_breakpoint_pauses_one_session_step_evaluate_continue_restart(server):
     runner, driver, other = server.tcp_client(), server.tcp_client(), server.tcp_client()
     a = driver.result("create_session", client_id="alice")["session_id"]
     b = other.result("create_session", client_id="bob")["session_id"]
@@ -77,8 +89,7 @@ def test_breakpoint_pauses_one_session_step_evaluate_continue_restart(tmp_path, 
     assert driver.result("evaluate", session_id=a, code="f(2)")["result"] == "6"
 
 
-def test_post_mortem_shows_the_failing_frame(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_post_mortem_shows_the_failing_frame(server):
     client = server.tcp_client()
     s = client.result("create_session", client_id="alice")["session_id"]
     client.result("evaluate", session_id=s, code="def g(n):\n    q = n * 5\n    return q / 0\n")
@@ -93,22 +104,56 @@ def test_post_mortem_shows_the_failing_frame(tmp_path, start_server):
     assert client.call("debug_locals", session_id=s)["details"]["paused"] is False
 
 
-def test_paused_time_does_not_count_toward_the_time_limit(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_pause_and_resume_events_time_limit_and_activity(server):
+    """debug_paused / debug_resumed reach a subscriber; a pause left alone for longer
+    than the time limit plus the kill grace is not killed as stuck; debugger
+    commands are session activity."""
     runner, driver = server.tcp_client(), server.tcp_client()
+    watcher = EventClient(server.tcp_client())
     s = driver.result("create_session", client_id="alice")["session_id"]
+    watcher.result("subscribe", session_id=s, client_id="alice")
     driver.result("evaluate", session_id=s, code=DEFINE)
     driver.result("set_breakpoint", session_id=s, function="f")
     send(runner, "evaluate", "limited", session_id=s, code="f(1)", timeout=1)
-    wait_paused(driver, s)
-    deadline = time.monotonic() + 3.0  # three times the limit, paused
-    while time.monotonic() < deadline:
-        assert driver.result("debug_state", session_id=s)["paused"] is True
-        time.sleep(0.2)
+    paused = watcher.wait_event("debug_paused")["data"]
+    frame = paused.pop("frame")
+    assert paused == {"history_index": 2, "reason": "breakpoint", "breakpoint_id": "bp_1"}
+    assert frame["file"].startswith("<cell 1|")
+    assert (frame["function"], frame["line"], frame["code_line"]) == ("f", 2, "y = x + 1")
+    # 1 s time limit + 2 s kill grace: nothing is sent for longer than both
+    time.sleep(4.0)
+    before = driver.result("get_session_info", session_id=s)["last_activity"]
+    time.sleep(1.1)
+    stepped = driver.result("debug_step", session_id=s, mode="over")
+    after = driver.result("get_session_info", session_id=s)["last_activity"]
+    assert after > before
+    assert stepped["paused_at"]["line"] == 3
+    resumed = watcher.wait_event("debug_resumed")["data"]
+    assert resumed == {"history_index": 2, "action": "step", "mode": "over"}
+    paused = watcher.wait_event("debug_paused")["data"]
+    assert (paused["reason"], paused["breakpoint_id"], paused["frame"]["line"]) == ("step", None, 3)
     driver.result("debug_continue", session_id=s)
     reply = runner.read_reply()
     assert reply["id"] == "limited" and reply["status"] == "success", reply
     assert reply["result"]["result"] == "4"
+    resumed = watcher.wait_event("debug_resumed")
+    watcher.wait_event("evaluation_finished")  # of the definition
+    finished = watcher.wait_event("evaluation_finished")
+    assert finished["data"]["history_index"] == 2
+    assert resumed["data"] == {"history_index": 2, "action": "continue", "mode": None}
+    assert resumed["seq"] < finished["seq"]
+    # post-mortem: paused on the exception of the failed evaluation, then left
+    driver.result("remove_breakpoint", session_id=s, breakpoint_id="bp_1")
+    failed = driver.call("evaluate", session_id=s, code="f(None)")
+    driver.result("debug_post_mortem", session_id=s)
+    paused = watcher.wait_event("debug_paused")["data"]
+    assert (paused["history_index"], paused["reason"]) == (
+        failed["details"]["history_index"],
+        "exception",
+    )
+    assert paused["frame"]["function"] == "f"
+    driver.result("debug_continue", session_id=s)
+    assert watcher.wait_event("debug_resumed")["data"]["action"] == "continue"
 
 
 def format_a(client, request_type: str, params: dict, request_id: str) -> None:
@@ -130,8 +175,7 @@ def format_a_data(client, request_type: str, params: dict, request_id: str) -> d
     return body["data"]
 
 
-def test_format_a_debug(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_format_a_debug(server):
     runner, driver = server.tcp_client(), server.tcp_client()
     s = driver.result("create_session", client_id="alice")["session_id"]
     index = driver.result("evaluate", session_id=s, code=DEFINE)["history_index"]
@@ -161,13 +205,10 @@ def test_format_a_debug(tmp_path, start_server):
     assert removed["removed"] is True
 
 
-def test_an_image_death_while_paused_ends_the_evaluation_with_image_restarted(
-    tmp_path, start_server
-):
+def test_an_image_death_while_paused_ends_the_evaluation_with_image_restarted(server):
     import os
     import signal
 
-    server = start_server(tmp_path)
     runner, driver = server.tcp_client(), server.tcp_client()
     s = driver.result("create_session", client_id="alice")["session_id"]
     driver.result("evaluate", session_id=s, code=DEFINE)

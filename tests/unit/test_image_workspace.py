@@ -270,6 +270,39 @@ def test_stop_guard_interrupts_running_code(workspace):
     assert "n" in caught.value.details["bindings_changed"]
 
 
+def test_a_disarmed_stop_leaves_no_pending_signal_that_hangs_a_traced_thread():
+    """C{disarm} after a stop must not leave CPython's async-exception flag set: a
+    traced thread (the session debugger) entering a function then loops forever."""
+    import sys
+
+    guard = StopGuard()
+
+    def stopped_worker():
+        guard.arm()
+        try:
+            guard.request_stop(InterruptRequested)
+            while True:
+                pass
+        except InterruptRequested:
+            guard.disarm()
+
+    worker = threading.Thread(target=stopped_worker)
+    worker.start()
+    worker.join(10)
+    returned = threading.Event()
+
+    def traced():
+        sys.settrace(lambda frame, event, arg: None)
+        try:
+            (lambda: None)()
+        finally:
+            sys.settrace(None)
+        returned.set()
+
+    threading.Thread(target=traced, daemon=True).start()
+    assert returned.wait(5), "a traced call hung after a disarmed stop"
+
+
 def test_stop_guard_time_limit_reports_timeout(workspace):
     guard = StopGuard(timeout=0.1)
     timer = threading.Timer(0.1, guard.request_stop, args=(TimeLimitReached,))
