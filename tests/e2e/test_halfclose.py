@@ -4,7 +4,11 @@
 sending side (TCP FIN) and waits for the answer.  The server must answer every
 line it read, including requests still running when the input ended (here an
 ``evaluate`` that sleeps), and only then close.  Each client is run 20 times
-against one real server; every run must get every reply.
+against one real server; every run must get every reply.  The command-line
+clients' 20 runs go :data:`CONCURRENT` at a time, each on its own session (so
+their evaluations do not queue behind each other): ``nc -q1`` only quits one
+second after its input ends, whatever the server does, and 20 of those in a
+row were the slowest test of the suite.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,7 +28,9 @@ from tests.serverproc import ServerProcess
 pytestmark = pytest.mark.e2e
 
 RUNS = 20
-SLOW_CODE = "import time; time.sleep(0.3); 'slept'"
+CONCURRENT = 5
+# Still running when the client's end of input arrives (sent right after the lines).
+SLOW_CODE = "import time; time.sleep(0.1); 'slept'"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,11 @@ def server(tmp_path_factory):
     proc = ServerProcess(tmp_path_factory.mktemp("halfclose"), tls=True, zmq=False)
     proc.start()
     client = proc.tcp_client()
-    proc.session_id = client.result("create_session", client_id="halfclose")["session_id"]
+    proc.session_ids = [
+        client.result("create_session", client_id=f"halfclose-{run}")["session_id"]
+        for run in range(RUNS)
+    ]
+    proc.session_id = proc.session_ids[0]
     client.close()
     yield proc
     proc.kill()
@@ -98,7 +109,7 @@ TOOLS = {
     "nc -q1": ["nc", "-q1", "127.0.0.1", "{port}"],
     "nc -N": ["nc", "-N", "127.0.0.1", "{port}"],
     # socat waits only 0.5 s (-t) for the answer after its input ends; the
-    # evaluate sleeps 0.3 s, so give socat's own give-up timer room.
+    # evaluate sleeps 0.1 s, so give socat's own give-up timer room (a loaded machine).
     "socat -": ["socat", "-t10", "-", "TCP:127.0.0.1:{port}"],
     "socat - OPENSSL": ["socat", "-t10", "-", "OPENSSL:127.0.0.1:{tls_port},cafile={cafile}"],
 }
@@ -113,11 +124,16 @@ def test_command_line_clients_get_every_reply(server, tool):
         part.format(port=server.tcp_port, tls_port=server.tls_port, cafile=server.cert_path)
         for part in argv
     ]
-    for _ in range(RUNS):
-        done = subprocess.run(
-            argv, input=requests(server.session_id), capture_output=True, timeout=20
-        )
-        check_replies(done.stdout)
+
+    def run(session_id: str) -> bytes:
+        done = subprocess.run(argv, input=requests(session_id), capture_output=True, timeout=20)
+        return done.stdout
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        outputs = list(pool.map(run, server.session_ids))
+    assert len(outputs) == RUNS
+    for output in outputs:
+        check_replies(output)
 
 
 # -- TLS ------------------------------------------------------------------------------
