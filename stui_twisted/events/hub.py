@@ -176,7 +176,7 @@ class EventHub:
         except OSError as exc:
             self.log.error("event log of a session could not be written: {error}", error=exc)
         if session_id is not None and self.durability != "always":
-            self._schedule_sync()
+            self.schedule_sync()
         encoded = encode_event(message)
         for outbox in list(stream.subscribers.values()):
             outbox.push(key, session_id, message["seq"], encoded)
@@ -193,8 +193,8 @@ class EventHub:
             return defer.succeed(None)
         return stream.log.sync()
 
-    def _schedule_sync(self) -> None:
-        """Under C{batch}: fsync every log within C{flush_interval} of an event."""
+    def schedule_sync(self) -> None:
+        """Fsync every log within C{flush_interval} (after each event under C{batch})."""
         if self._sync_call is None or not self._sync_call.active():
             self._sync_call = self.reactor.callLater(self.flush_interval, self._batch_sync)
 

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import ITransport
 from twisted.protocols import amp
 from zope.interface import implementer
 
+from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
 
@@ -58,13 +59,25 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
+class _ChildCalls(amp.CommandLocator):
+    """What the image asks of the server (its AMP connection is bidirectional)."""
+
+    def __init__(self, supervisor: ImageSupervisor) -> None:
+        self.supervisor = supervisor
+
+    @commands.OutputChunk.responder
+    def output_chunk(self, session_id, pieces, history_index=None):
+        self.supervisor._output_written(session_id, history_index, pieces or [])
+        return {}
+
+
 class ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""
 
     def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
         self.supervisor = supervisor
         self.generation = generation
-        self.amp = amp.AMP()
+        self.amp = amp.AMP(locator=_ChildCalls(supervisor))
         self.pid: int | None = None
         self.ready = False
         self.ended = False

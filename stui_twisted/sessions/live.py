@@ -90,9 +90,14 @@ class LiveSessions:
         self._shared_generation: int | None = None
         if image is not None:
             image.addRestartObserver(self.image_restarted)
+            image.addOutputObserver(self.output_written)
 
     def now(self) -> float:
         return self.clock.seconds()
+
+    def output_written(self, session_id: str, history_index: int | None, pieces) -> None:
+        """A running evaluation wrote output: one C{output} event per piece."""
+        event_hooks.output(self.view, session_id, history_index, pieces)
 
     # ================================================================ image glue
 
