@@ -142,6 +142,7 @@ class EventHub:
         self.pending_events = pending_events
         self.pending_bytes = pending_bytes
         self._streams: dict[str, _Stream] = {TEAM: _Stream(TEAM, EventLog(None, limit=TEAM_KEPT))}
+        self.presence = None  # the Presence (events/presence.py) once one is made
 
     # -- streams -----------------------------------------------------------
 
@@ -185,6 +186,10 @@ class EventHub:
             if not waiter.called:
                 waiter.callback(None)
         return message
+
+    def server_stopping(self) -> None:
+        """A clean stop begins: tell the team before any connection closes."""
+        self.publish(None, "server_stopping", {})
 
     def sync(self, session_id: str) -> defer.Deferred:
         """Fires when the session's events are on disk (awaited under C{always})."""
@@ -268,6 +273,8 @@ class EventHub:
 
     def connection_closed(self, context) -> None:
         """Drop every subscription of a conversation that went away."""
+        if self.presence is not None:
+            self.presence.closed(context)
         outbox = getattr(context, "outbox", None)
         if outbox is None:
             return

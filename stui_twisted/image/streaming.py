@@ -27,6 +27,9 @@ INTERVAL = 0.05
 """Seconds between two chunks (at most), unless L{MAX_CHUNK} characters wait."""
 MAX_CHUNK = 64 * 1024
 """Characters in one chunk (at most)."""
+FIRST_DELAY = 0.01
+"""Seconds the first write after a pause waits for more (C{print} writes the text,
+then the newline: they go out as one chunk)."""
 
 log = Logger()
 
@@ -47,10 +50,12 @@ class OutputStream:
         *,
         interval: float = INTERVAL,
         max_chunk: int = MAX_CHUNK,
+        first_delay: float = FIRST_DELAY,
     ) -> None:
         self._reactor = reactor
         self._send = send
         self.interval = interval
+        self.first_delay = first_delay
         self.max_chunk = max_chunk
         self.history_index: int | None = None
         """The history index the evaluation gets (set by the workspace before it runs)."""
@@ -96,7 +101,7 @@ class OutputStream:
             self._flush()
         elif self._timer is None:
             since = self._reactor.seconds() - self._last_sent
-            delay = min(self.interval, max(0.0, self.interval - since))
+            delay = min(self.interval, max(self.first_delay, self.interval - since))
             self._timer = self._reactor.callLater(delay, self._flush)
 
     def _take(self) -> list[list[str]]:

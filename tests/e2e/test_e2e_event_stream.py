@@ -96,3 +96,31 @@ def test_a_flood_streams_what_the_reply_keeps_in_bounded_chunks(server):
     # At most one chunk per 50 ms unless 64 KiB wait (plus the last, sent with the reply).
     assert len(chunks) <= len(output) // (64 * 1024) + elapsed / 0.05 + 2
     alice.client.close()
+
+
+@pytest.mark.timeout(120)
+def test_presence_counts_conversations_per_client_and_a_clean_stop_is_announced(
+    tmp_path, start_server
+):
+    server = start_server(tmp_path, image=False, zmq=False)
+    watcher = EventClient(server.tcp_client(timeout=30))
+    assert watcher.result("subscribe", session_id="team")["stream"] == "team"
+    first = EventClient(server.tcp_client(timeout=30))
+    first.result("create_session", client_id="carol")
+    first.result("list_client_sessions", client_id="carol")  # counted once per conversation
+    second = EventClient(server.tcp_client(timeout=30))
+    second.result("list_client_sessions", client_id="carol")
+    second.client.close()
+
+    seen = [watcher.wait_event("presence")["data"] for _ in range(3)]
+    assert seen == [
+        {"client_id": "carol", "connections": 1, "joined": True},
+        {"client_id": "carol", "connections": 2, "joined": True},
+        {"client_id": "carol", "connections": 1, "joined": False},
+    ]
+    assert server.stop() == 0
+    stopping = watcher.wait_event("server_stopping")
+    assert stopping["stream"] == "team" and stopping["data"] == {}
+    assert "session_id" not in stopping
+    # Nothing about carol leaving came before the announcement: it was sent first.
+    assert [e["event"] for e in watcher.events] == []

@@ -31,10 +31,13 @@ def _stream(interval=0.05, max_chunk=100):
 
 def test_writes_within_the_interval_go_out_as_one_chunk_after_it():
     reactor, stream, sent = _stream()
-    reactor.advance(1)  # long after any previous chunk: the first goes out at once
+    reactor.advance(1)  # long after any previous chunk: the first goes out soon
     stream.write("stdout", "a")
-    reactor.advance(0)
-    assert [pieces for _, pieces, _ in sent] == [[["stdout", "a"]]]
+    stream.write("stdout", "\n")
+    reactor.advance(0.009)
+    assert sent == []
+    reactor.advance(0.002)
+    assert [pieces for _, pieces, _ in sent] == [[["stdout", "a\n"]]]
     sent[0][2].callback({})
     stream.write("stdout", "b")
     stream.write("stderr", "c")
@@ -63,7 +66,7 @@ def test_close_sends_everything_left_in_order_and_later_writes_are_ignored():
     reactor, stream, sent = _stream(max_chunk=4)
     reactor.advance(1)
     stream.write("stdout", "ab")
-    reactor.advance(0)  # sent, and stays in flight
+    reactor.advance(0.01)  # sent, and stays in flight
     stream.write("stdout", "cdefgh")
     stream.write("stderr", "ij")
     stream.close()
