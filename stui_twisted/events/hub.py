@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path
+from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path, remove_log
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
 from stui_twisted.protocol.timefmt import iso_timestamp
 
@@ -113,6 +113,10 @@ class _Stream:
         self.log = log
         self.subscribers: dict[int, Outbox] = {}
         self.waiters: list[defer.Deferred] = []
+        self.loaded = log.path is None  # its file was read (a file-less log has none)
+        self.loading: defer.Deferred | None = None
+        self.load_waiters: list[defer.Deferred] = []
+        self.queued: list[tuple[str, dict, float]] = []  # published while it loaded
 
 
 class EventHub:
@@ -147,27 +151,79 @@ class EventHub:
     # -- streams -----------------------------------------------------------
 
     def _stream(self, key: str) -> _Stream:
-        stream = self._streams.get(key)
-        if stream is None:
-            path = None if self.data_dir is None else log_path(self.data_dir, key)
-            log = EventLog(path, limit=self.log_limit, max_bytes=self.log_bytes)
-            log.open()
-            stream = self._streams[key] = _Stream(key, log)
+        """The stream of C{key}, its log read now if it was not yet (the service
+        reads it in a thread first, with L{load}; this is for direct callers)."""
+        stream = self._streams.get(key) or self._new_stream(key)
+        if not stream.loaded:
+            self._loaded(stream, stream.log.read())
         return stream
+
+    def _new_stream(self, key: str) -> _Stream:
+        path = None if self.data_dir is None else log_path(self.data_dir, key)
+        stream = _Stream(key, EventLog(path, limit=self.log_limit, max_bytes=self.log_bytes))
+        self._streams[key] = stream
+        return stream
+
+    def load(self, key: str) -> defer.Deferred:
+        """Fires once C{key}'s log file has been read (in a thread, never the reactor)."""
+        stream = self._streams.get(key) or self._new_stream(key)
+        if stream.loaded:
+            return defer.succeed(None)
+        if stream.loading is None:
+            stream.loading = threads.deferToThread(stream.log.read)
+            stream.loading.addCallbacks(
+                lambda read: self._loaded(stream, read),
+                lambda failure: self._load_failed(stream, failure),
+            )
+        waiter: defer.Deferred = defer.Deferred()
+        stream.load_waiters.append(waiter)
+        return waiter
+
+    def _load_failed(self, stream: _Stream, failure) -> None:
+        self.log.failure("the event log of a session could not be read", failure)
+        self._loaded(stream, ([], False))  # kept in memory; appends are tried again
+
+    def _loaded(self, stream: _Stream, read) -> None:
+        if stream.loaded:
+            return  # read synchronously meanwhile
+        try:
+            stream.log.load(read)
+        except OSError as exc:
+            self.log.error("event log of a session could not be opened: {error}", error=exc)
+        stream.loaded = True
+        queued, stream.queued = stream.queued, []
+        for event, data, at in queued:
+            self._publish(stream, event, data, at)
+        waiters, stream.load_waiters = stream.load_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def event_log(self, key: str) -> EventLog:
         return self._stream(key).log
 
-    def publish(self, session_id: str | None, event: str, data: dict) -> dict:
-        """Number, keep and fan out one event; C{session_id=None} is the team stream."""
+    def publish(self, session_id: str | None, event: str, data: dict) -> dict | None:
+        """Number, keep and fan out one event; C{session_id=None} is the team stream.
+
+        On a stream whose log is still being read the event waits for it
+        (answers None): numbering goes on from the file's last seq.
+        """
         key = TEAM if session_id is None else session_id
-        stream = self._stream(key)
+        stream = self._streams.get(key) or self._new_stream(key)
+        if not stream.loaded:
+            stream.queued.append((event, data, time.time()))
+            self.load(key)
+            return None
+        return self._publish(stream, event, data, time.time())
+
+    def _publish(self, stream: _Stream, event: str, data: dict, at: float) -> dict:
+        key = stream.key
+        session_id = None if key == TEAM else key
         message = {
             "event": event,
             "stream": TEAM if session_id is None else "session",
             "session_id": session_id,
             "seq": stream.log.next_seq(),
-            "timestamp": _timestamp(time.time()),
+            "timestamp": _timestamp(at),
             "data": data,
         }
         if session_id is None:
@@ -219,12 +275,32 @@ class EventHub:
     def forget(self, session_id: str) -> None:
         """Close a session's log file (the session is gone from memory)."""
         stream = self._streams.get(session_id)
-        if stream is not None and not stream.subscribers:
-            del self._streams[session_id]
-            stream.log.close()
-            for waiter in stream.waiters:
-                if not waiter.called:
-                    waiter.callback(None)
+        if stream is not None and stream.loaded and not stream.subscribers:
+            self._drop_stream(stream)
+
+    def _drop_stream(self, stream: _Stream) -> None:
+        del self._streams[stream.key]
+        stream.log.close()
+        stream.loaded = True  # a read still running finds it done: nothing is appended
+        stream.queued.clear()
+        waiters = stream.waiters + stream.load_waiters
+        stream.waiters, stream.load_waiters = [], []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
+
+    def delete(self, session_id: str) -> defer.Deferred:
+        """The session is deleted for good: forget its stream and remove its log
+        file (in a thread); its subscribers are unsubscribed."""
+        stream = self._streams.get(session_id)
+        if stream is not None:
+            for outbox in stream.subscribers.values():
+                outbox.streams.discard(session_id)
+            stream.subscribers.clear()
+            self._drop_stream(stream)
+        if self.data_dir is None:
+            return defer.succeed(None)
+        return threads.deferToThread(remove_log, log_path(self.data_dir, session_id))
 
     # -- subscriptions -------------------------------------------------------
 

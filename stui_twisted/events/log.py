@@ -5,6 +5,8 @@ JSON is either an event message or C{{"seq_floor": N}} (written when the log
 is compacted or cleared, so sequence numbers keep counting across restarts).
 A line whose checksum does not match (a torn last write) is ignored on load.
 
+The file is first read in a thread (L{read}; L{load} then applies it on the
+reactor, see L{EventHub.load<stui_twisted.events.hub.EventHub.load>}).
 Appends are plain writes in the reactor thread (page cache, no wait; the
 file is opened per write, so no descriptor is held per session); L{sync}
 fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
@@ -15,6 +17,7 @@ retained events or bytes, so it stays bounded too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,17 +76,29 @@ class EventLog:
     # -- opening ---------------------------------------------------------
 
     def open(self) -> None:
-        """Read the file (if any) and open it for appending."""
+        """Read the file (if any) and open it for appending (L{read} then L{load})."""
+        self.load(self.read())
+
+    def read(self) -> tuple[list[tuple[dict | None, int]], bool]:
+        """The file's checked lines, parsed, with their sizes, and whether its last
+        line is torn; touches nothing of this log, so it may run in a thread."""
         if self.path is None:
-            return
+            return [], False
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         try:
             with open(self.path, "rb") as handle:
                 lines = handle.readlines()
         except FileNotFoundError:
             lines = []
-        for raw in lines:
-            value = _parse(raw)
+        torn = bool(lines) and not lines[-1].endswith(b"\n")
+        return [(_parse(raw), len(raw)) for raw in lines], torn
+
+    def load(self, read: tuple[list[tuple[dict | None, int]], bool]) -> None:
+        """Take what L{read} found and open the file for appending."""
+        if self.path is None:
+            return
+        values, torn = read
+        for value, size in values:
             if value is None:
                 continue
             if "seq_floor" in value:
@@ -95,11 +110,11 @@ class EventLog:
             seq = value.get("seq")
             if not isinstance(seq, int) or seq <= self.last_seq:
                 continue
-            self._keep(seq, value, len(raw))
-        self._file_lines = len(lines)
-        self._file_bytes = sum(map(len, lines))
+            self._keep(seq, value, size)
+        self._file_lines = len(values)
+        self._file_bytes = sum(size for _value, size in values)
         self._open = True
-        if lines and not lines[-1].endswith(b"\n"):
+        if torn:
             self._write(b"\n")  # a torn last line must not swallow the next one
 
     def _write(self, data: bytes) -> None:
@@ -192,9 +207,19 @@ class EventLog:
         return threads.deferToThread(_fsync_file_and_dir, self.path)
 
 
+def remove_log(path: str) -> None:
+    """Delete a log file and a temp file a rewrite may have left (missing is fine)."""
+    for name in (path, path + ".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
 def _fsync_file_and_dir(path: str) -> None:
     directory = os.path.dirname(path)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # deleted with its session meanwhile
     try:
         os.fsync(fd)
     finally:
