@@ -229,12 +229,12 @@ class EventHub:
         if session_id is None:
             del message["session_id"]  # the team stream names no session (events.md §1)
         try:
-            stream.log.append(message)
+            encoded = stream.log.append(message)
         except OSError as exc:
             self.log.error("event log of a session could not be written: {error}", error=exc)
+            encoded = encode_event(message)
         if session_id is not None and self.durability != "always":
             self.schedule_sync()
-        encoded = encode_event(message)
         for outbox in list(stream.subscribers.values()):
             outbox.push(key, session_id, message["seq"], encoded)
         waiters, stream.waiters = stream.waiters, []
@@ -320,12 +320,13 @@ class EventHub:
         """Replay (C{seq > since}) then live, in one reactor turn: no gap, no duplicate."""
         stream = self._stream(key)
         log = stream.log
-        replay = [] if since is None else log.since(since)
+        replay = [] if since is None else log.since_encoded(since)
         pushes = connection is not None and getattr(connection, "accepts_events", lambda: True)()
         if pushes:
             outbox = self.outbox_of(context, connection)
-            for message in replay:
-                outbox.push(key, message.get("session_id"), message["seq"], encode_event(message))
+            session_id = None if key == TEAM else key
+            for seq, encoded in replay:
+                outbox.push(key, session_id, seq, encoded)
             stream.subscribers[context.connection_id] = outbox
             outbox.streams.add(key)
         return {

@@ -37,15 +37,24 @@ def _line(message: dict) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
+def _body(line: bytes) -> bytes:
+    """The JSON of a checked line (what a subscriber is sent)."""
+    return line[9:].rstrip(b"\n")
+
+
+def _decode(body: bytes) -> dict:
+    return json.loads(body.decode("utf-8", "surrogatepass"))
+
+
 def _parse(line: bytes) -> dict | None:
     """The JSON of one checked line, or C{None} if it is torn or corrupt."""
     if len(line) < 10 or line[8:9] != b" ":
         return None
-    body = line[9:].rstrip(b"\n")
+    body = _body(line)
     try:
         if int(line[:8], 16) != zlib.crc32(body):
             return None
-        value = json.loads(body.decode("utf-8", "surrogatepass"))
+        value = _decode(body)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -64,7 +73,8 @@ class EventLog:
         self.path = path
         self.limit = limit
         self.max_bytes = max_bytes
-        self.events: deque[tuple[int, dict, int]] = deque()  # (seq, message, line size)
+        # (seq, checked line): kept encoded, as written and as sent; decoded when read
+        self.events: deque[tuple[int, bytes]] = deque()
         self.bytes = 0
         self.last_seq = 0
         self._floor = 0  # highest seq trimmed or cleared away
@@ -79,9 +89,9 @@ class EventLog:
         """Read the file (if any) and open it for appending (L{read} then L{load})."""
         self.load(self.read())
 
-    def read(self) -> tuple[list[tuple[dict | None, int]], bool]:
-        """The file's checked lines, parsed, with their sizes, and whether its last
-        line is torn; touches nothing of this log, so it may run in a thread."""
+    def read(self) -> tuple[list[tuple[dict | None, bytes]], bool]:
+        """The file's lines, each with its JSON (None: torn or corrupt), and whether
+        its last line is torn; touches nothing of this log, so it may run in a thread."""
         if self.path is None:
             return [], False
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -91,14 +101,14 @@ class EventLog:
         except FileNotFoundError:
             lines = []
         torn = bool(lines) and not lines[-1].endswith(b"\n")
-        return [(_parse(raw), len(raw)) for raw in lines], torn
+        return [(_parse(raw), raw) for raw in lines], torn
 
-    def load(self, read: tuple[list[tuple[dict | None, int]], bool]) -> None:
+    def load(self, read: tuple[list[tuple[dict | None, bytes]], bool]) -> None:
         """Take what L{read} found and open the file for appending."""
         if self.path is None:
             return
         values, torn = read
-        for value, size in values:
+        for value, raw in values:
             if value is None:
                 continue
             if "seq_floor" in value:
@@ -110,9 +120,9 @@ class EventLog:
             seq = value.get("seq")
             if not isinstance(seq, int) or seq <= self.last_seq:
                 continue
-            self._keep(seq, value, size)
+            self._keep(seq, raw if raw.endswith(b"\n") else raw + b"\n")
         self._file_lines = len(values)
-        self._file_bytes = sum(size for _value, size in values)
+        self._file_bytes = sum(len(raw) for _value, raw in values)
         self._open = True
         if torn:
             self._write(b"\n")  # a torn last line must not swallow the next one
@@ -137,10 +147,14 @@ class EventLog:
 
     def since(self, since: int, limit: int | None = None) -> list[dict]:
         """Kept events with C{seq > since}, oldest first, at most C{limit}."""
+        return [_decode(body) for _seq, body in self.since_encoded(since, limit)]
+
+    def since_encoded(self, since: int, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Like L{since}, as C{(seq, JSON bytes)} (what is pushed to a subscriber)."""
         out = []
-        for seq, message, _size in self.events:
+        for seq, line in self.events:
             if seq > since:
-                out.append(message)
+                out.append((seq, _body(line)))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -154,10 +168,15 @@ class EventLog:
     def next_seq(self) -> int:
         return self.last_seq + 1
 
-    def append(self, message: dict) -> None:
-        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file."""
+    def append(self, message: dict) -> bytes:
+        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file;
+        answers its JSON (encoded once, for the file and the subscribers).
+
+        Raises C{OSError} when the file could not be written (it is kept in memory).
+        """
         line = _line(message)
-        self._keep(message["seq"], message, len(line))
+        self._keep(message["seq"], line)
+        body = _body(line)
         if self._open:
             self._write(line)
             self._file_lines += 1
@@ -165,6 +184,7 @@ class EventLog:
             self._unsynced = True
             if self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes:
                 self._rewrite()
+        return body
 
     def clear(self) -> None:
         """Forget every event; C{seq} keeps counting (clear_context part C{events})."""
@@ -174,19 +194,19 @@ class EventLog:
         if self._open:
             self._rewrite()
 
-    def _keep(self, seq: int, message: dict, size: int) -> None:
-        self.events.append((seq, message, size))
-        self.bytes += size
+    def _keep(self, seq: int, line: bytes) -> None:
+        self.events.append((seq, line))
+        self.bytes += len(line)
         self.last_seq = seq
         while self.events and (len(self.events) > self.limit or self.bytes > self.max_bytes):
-            old_seq, _old, old_size = self.events.popleft()
-            self.bytes -= old_size
+            old_seq, old_line = self.events.popleft()
+            self.bytes -= len(old_line)
             self._floor = old_seq
 
     def _rewrite(self) -> None:
         """Replace the file by the kept events (bounded: at most C{max_bytes})."""
         lines = [_line({"seq_floor": self._floor})]
-        lines.extend(_line(message) for _seq, message, _size in self.events)
+        lines.extend(line for _seq, line in self.events)
         temp = self.path + ".tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
