@@ -293,14 +293,17 @@ class EventHub:
         """The session is deleted for good: forget its stream and remove its log
         file (in a thread); its subscribers are unsubscribed."""
         stream = self._streams.get(session_id)
+        settled: defer.Deferred = defer.succeed(None)
         if stream is not None:
             for outbox in stream.subscribers.values():
                 outbox.streams.discard(session_id)
             stream.subscribers.clear()
             self._drop_stream(stream)
+            settled = stream.log.sync()  # a compaction in flight finishes first
         if self.data_dir is None:
-            return defer.succeed(None)
-        return threads.deferToThread(remove_log, log_path(self.data_dir, session_id))
+            return settled
+        path = log_path(self.data_dir, session_id)
+        return settled.addCallback(lambda _: threads.deferToThread(remove_log, path))
 
     # -- subscriptions -------------------------------------------------------
 

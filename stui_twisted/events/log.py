@@ -11,8 +11,9 @@ Appends are plain writes in the reactor thread (page cache, no wait; the
 file is opened per write, so no descriptor is held per session); L{sync}
 fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
 before a reply, so an event is on disk before any reply that follows it.
-The file is rewritten (temp file, fsync, rename) when it holds twice the
-retained events or bytes, so it stays bounded too.
+The file is rewritten (temp file, fsync, rename, in a thread; what is
+appended meanwhile waits in memory and L{sync} waits for it) when it holds
+twice the retained events or bytes, so it stays bounded too.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ import zlib
 from collections import deque
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+
+log = Logger()
 
 #: Output text is clipped at this many characters per event (events.md §3).
 MAX_OUTPUT_TEXT = 64 * 1024
@@ -82,6 +87,10 @@ class EventLog:
         self._file_lines = 0
         self._file_bytes = 0
         self._unsynced = False
+        self._compacting: defer.Deferred | None = None  # the file is being rewritten
+        self._held: list[bytes] = []  # lines appended meanwhile, written after it
+        self._again = False  # compact once more when it is done (cleared meanwhile)
+        self._after_compaction: list[defer.Deferred] = []
 
     # -- opening ---------------------------------------------------------
 
@@ -178,13 +187,19 @@ class EventLog:
         self._keep(message["seq"], line)
         body = _body(line)
         if self._open:
-            self._write(line)
+            if self._compacting is not None:
+                self._held.append(line)
+            else:
+                self._write(line)
             self._file_lines += 1
             self._file_bytes += len(line)
             self._unsynced = True
-            if self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes:
-                self._rewrite()
+            if self._too_big():
+                self._compact()
         return body
+
+    def _too_big(self) -> bool:
+        return self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes
 
     def clear(self) -> None:
         """Forget every event; C{seq} keeps counting (clear_context part C{events})."""
@@ -192,7 +207,7 @@ class EventLog:
         self.events.clear()
         self.bytes = 0
         if self._open:
-            self._rewrite()
+            self._compact()
 
     def _keep(self, seq: int, line: bytes) -> None:
         self.events.append((seq, line))
@@ -203,28 +218,68 @@ class EventLog:
             self.bytes -= len(old_line)
             self._floor = old_seq
 
-    def _rewrite(self) -> None:
-        """Replace the file by the kept events (bounded: at most C{max_bytes})."""
+    def _compact(self) -> None:
+        """Replace the file by the kept events (bounded: at most C{max_bytes}), in a
+        thread: lines appended meanwhile are held and written to the new file after
+        it; L{sync} waits for it."""
+        if self._compacting is not None:
+            self._again = True
+            return
         lines = [_line({"seq_floor": self._floor})]
         lines.extend(line for _seq, line in self.events)
-        temp = self.path + ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        self._file_lines = len(lines)
-        self._file_bytes = sum(map(len, lines))
-        self._unsynced = True  # the directory entry: fsynced with the next sync
+        data = b"".join(lines)
+        self._held = []
+        self._compacting = threads.deferToThread(_replace_file, self.path, data)
+        self._compacting.addBoth(self._compacted, len(lines), len(data))
+
+    def _compacted(self, outcome, lines: int, size: int) -> None:
+        self._compacting = None
+        held, self._held = self._held, []
+        if isinstance(outcome, Failure):
+            log.failure("an event log could not be compacted", outcome, path=self.path)
+            lines = size = 0  # the old file stays; try again after as many appends
+        if self._open and held:
+            try:
+                self._write(b"".join(held))
+            except OSError as exc:
+                log.error("an event log could not be written: {error}", error=exc)
+        self._file_lines = lines + len(held)
+        self._file_bytes = size + sum(map(len, held))
+        self._unsynced = True
+        if self._open and (self._again or self._too_big()):
+            # Cleared meanwhile (the file must not keep what was cleared), or what
+            # was held made it too big again.
+            self._again = False
+            self._compact()
+            return
+        self._again = False
+        waiters, self._after_compaction = self._after_compaction, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def sync(self) -> defer.Deferred:
         """Fsync what was appended (in a thread); fires when it is on disk."""
+        if self._compacting is not None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._after_compaction.append(waiter)
+            return waiter.addCallback(lambda _: self.sync())
         if not self._open or not self._unsynced:
             return defer.succeed(None)
         self._unsynced = False
         return threads.deferToThread(_fsync_file_and_dir, self.path)
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    """Write C{data} to a temp file, fsync it, rename it over C{path}, fsync the directory."""
+    temp = path + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    _fsync_file_and_dir(path)
 
 
 def remove_log(path: str) -> None:
