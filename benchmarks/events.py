@@ -2,10 +2,12 @@
 
 Four figures, each beside a reference measured in the same run:
 
-- ``evaluate('1+1')`` round trips, in alternating blocks, on a server of a
-  commit before live events (``--reference``, default C{69285b4}), and on this
+- ``evaluate('1+1')`` round trips, in short alternating blocks, on a server of
+  a commit before live events (``--reference``, default C{69285b4}), of the
+  commit this branch started from (``--baseline``, default the merge base with
+  C{main}), and of this
   tree's C{HEAD} with 0 subscribers and with 1 subscriber (a child process
-  that reads every event of the session);
+  that reads every event of the session, on another CPU than the server's);
 - fan-out: 100 TCP connections subscribed to one session; per evaluation, the
   time from sending C{evaluate} until C{evaluation_finished} reached the first
   and the 100th subscriber (medians over ``--fanout-rounds``);
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import socket
 import subprocess
@@ -80,15 +83,27 @@ print(json.dumps({"events": events}), flush=True)
 """
 
 
+def subscriber_cpus() -> set[int]:
+    """Where a subscriber (another client) runs: off the server's CPU when there is room."""
+    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+    return others or os.sched_getaffinity(0)
+
+
 class Subscriber:
-    """A child process subscribed to one session, reading (and counting) its events."""
+    """A child process subscribed to one session, reading (and counting) its events.
+
+    It is another client: it runs on L{subscriber_cpus}, so the CPU it spends
+    reading is not taken from the server's.
+    """
 
     def __init__(self, port: int, session_id: str) -> None:
+        cpus = subscriber_cpus()
         self.process = subprocess.Popen(
             [sys.executable, "-c", SUBSCRIBER, str(port), session_id],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
         if self.process.stdout.readline().strip() != "ready":
             self.process.kill()
@@ -125,36 +140,40 @@ def evaluate_runner(client, session_id: str):
 # -- the figures ------------------------------------------------------------------
 
 
-def evaluate_overhead(reference: Path, head: Path, total: int, warmup: int) -> dict:
-    old = start(reference, "events-ref")
+def evaluate_overhead(trees: dict[str, Path], head: Path, total: int, warmup: int) -> dict:
+    """C{trees}: label -> tree of the references (the first is the one ratios are to)."""
+    servers = [start(tree, "events-ref") for tree in trees.values()]
     new = start(head, "events-head")
     subscriber = None
     try:
-        old_client, new_client = tcp_client(old.tcp_port), tcp_client(new.tcp_port)
+        runners = {}
+        for label, server in zip(trees, servers, strict=True):
+            client = tcp_client(server.tcp_port)
+            runners[label] = evaluate_runner(client, session_of(client))
+        new_client = tcp_client(new.tcp_port)
         bare, watched = session_of(new_client), session_of(new_client)
         subscriber = Subscriber(new.tcp_port, watched)
-        runners = {
-            "reference, no events": evaluate_runner(old_client, session_of(old_client)),
-            "HEAD, 0 subscribers": evaluate_runner(new_client, bare),
-            "HEAD, 1 subscriber": evaluate_runner(new_client, watched),
-        }
-        series = interleaved(runners, total, warmup)
+        runners["HEAD, 0 subscribers"] = evaluate_runner(new_client, bare)
+        runners["HEAD, 1 subscriber"] = evaluate_runner(new_client, watched)
+        # Many short alternating blocks: the machine's load drifts by the second.
+        series = interleaved(runners, total, warmup, rounds=max(10, total // 30))
         events = subscriber.stop()
         subscriber = None
         summary = {name: s.summary() for name, s in series.items()}
-        reference_median = summary["reference, no events"]["median_us"]
+        reference_median = summary[next(iter(trees))]["median_us"]
         for row in summary.values():
             row["median_vs_reference"] = round(row["median_us"] / reference_median, 3)
         return {
             "series": summary,
             "events_the_subscriber_read": events,
             "server_cpus": affinity_of(new.process.pid),
+            "subscriber_cpus": sorted(subscriber_cpus()),
         }
     finally:
         if subscriber is not None:
             subscriber.process.kill()
-        old.kill()
-        new.kill()
+        for server in [*servers, new]:
+            server.kill()
 
 
 def fan_out(head: Path, subscribers: int, rounds: int) -> dict:
@@ -339,6 +358,11 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", default="69285b4", help="a commit before live events")
+    parser.add_argument(
+        "--baseline",
+        default="merge-base",
+        help="the commit this branch started from (default: git merge-base main HEAD; 0: none)",
+    )
     parser.add_argument("--requests", type=int, default=1500, help="per evaluate series")
     parser.add_argument("--fanout", type=int, default=100)
     parser.add_argument("--fanout-rounds", type=int, default=30)
@@ -349,6 +373,15 @@ def main(argv=None) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix="stui-bench-events-trees-"))
     head, head_commit = snapshot_head(scratch / "head")
     reference, reference_commit = snapshot_head(scratch / "reference", args.reference)
+    trees = {f"pre-events {reference_commit[:7]}": reference}
+    if args.baseline != "0":
+        revision = args.baseline
+        if revision == "merge-base":
+            revision = subprocess.run(
+                ["git", "merge-base", "main", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        baseline, baseline_commit = snapshot_head(scratch / "baseline", revision)
+        trees[f"baseline {baseline_commit[:7]}, 0 subscribers"] = baseline
     report = {
         "stamp": time.strftime("%Y%m%dT%H%M%S"),
         "head": head_commit,
@@ -356,14 +389,16 @@ def main(argv=None) -> dict:
         "client_cpus": cpus,
         "arguments": vars(args),
     }
-    report["evaluate"] = evaluate_overhead(reference, head, args.requests, 100)
+    report["evaluate"] = evaluate_overhead(trees, head, args.requests, 100)
     print(json.dumps(report["evaluate"]["series"], indent=1), flush=True)
     report["fan_out"] = fan_out(head, args.fanout, args.fanout_rounds)
     print(json.dumps(report["fan_out"], indent=1), flush=True)
     report["idle"] = idle_subscribers(head, args.idle)
     print(json.dumps(report["idle"], indent=1), flush=True)
     report["print_loop"] = {
-        "reference, no events": print_loop(reference, "events-print-ref", args.print_repeat, False),
+        f"pre-events {reference_commit[:7]}": print_loop(
+            reference, "events-print-ref", args.print_repeat, False
+        ),
         "HEAD, 1 subscriber": print_loop(head, "events-print-head", args.print_repeat, True),
     }
     print(json.dumps(report["print_loop"], indent=1), flush=True)
