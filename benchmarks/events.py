@@ -53,6 +53,7 @@ from benchmarks.common import (
 from tests.serverproc import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("evaluate", "fanout", "idle", "print")
 MiB = 1024 * 1024
 PRINT_LOOP = "for i in range(100_000):\n    print('x' * 99)"  # 10,000,000 characters
 
@@ -313,46 +314,62 @@ def print_loop(tree: Path, name: str, repeat: int, subscribe: bool) -> dict:
 
 
 def markdown(report: dict) -> str:
-    ev = report["evaluate"]["series"]
     lines = [
         f"# Events benchmark {report['stamp']} (HEAD {report['head'][:7]}, "
         f"reference {report['reference'][:7]})",
-        "",
-        "| evaluate('1+1') | n | median µs | p99 µs | median vs reference |",
-        "|---|---|---|---|---|",
     ]
-    for name, row in ev.items():
-        lines.append(
-            f"| {name} | {row['n']} | {row['median_us']} | {row['p99_us']} | "
-            f"{row['median_vs_reference']} |"
-        )
-    fan = report["fan_out"]
-    lines += [
+    if "evaluate" in report:
+        lines += [
+            "",
+            "| evaluate('1+1') | n | median µs | p99 µs | median vs reference |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in report["evaluate"]["series"].items():
+            lines.append(
+                f"| {name} | {row['n']} | {row['median_us']} | {row['p99_us']} | "
+                f"{row['median_vs_reference']} |"
+            )
+    if "fan_out" in report:
+        lines += fan_out_lines(report["fan_out"])
+    if "idle" in report:
+        lines += idle_lines(report["idle"])
+    if "print_loop" in report:
+        lines += print_loop_lines(report["print_loop"])
+    return "\n".join(lines) + "\n"
+
+
+def fan_out_lines(fan: dict) -> list[str]:
+    return [
         "",
         f"Fan-out to {fan['subscribers']} subscribers ({fan['rounds']} evaluations): "
         f"evaluation_finished reached the first after {fan['first']['median_us']} µs "
         f"(median), the last after {fan['last']['median_us']} µs: "
         f"{fan['last_vs_first_median']}x.",
-        "",
     ]
-    idle = report["idle"]
-    lines.append(
+
+
+def idle_lines(idle: dict) -> list[str]:
+    return [
+        "",
         f"{idle['subscribers']} idle subscribers: RSS {idle['rss_mib_before']} MiB → "
         f"{idle['rss_mib_connected']} MiB connected → {idle['rss_mib_subscribed']} MiB "
         f"subscribed (+{idle['connections_and_subscriptions_add_mib']} MiB in all, "
-        f"+{idle['subscriptions_add_mib']} MiB for the subscriptions)."
-    )
-    lines += [
+        f"+{idle['subscriptions_add_mib']} MiB for the subscriptions).",
+    ]
+
+
+def print_loop_lines(rows: dict) -> list[str]:
+    lines = [
         "",
         "| 10 MB print loop | ping p50 ms | ping p99 ms | idle ping p99 ms | RSS growth MiB | s per evaluation |",
         "|---|---|---|---|---|---|",
     ]
-    for name, row in report["print_loop"].items():
+    for name, row in rows.items():
         lines.append(
             f"| {name} | {row['ping_during'].get('p50_ms')} | {row['ping_during'].get('p99_ms')} | "
             f"{row['ping_idle'].get('p99_ms')} | {row['rss_growth_mib']} | {row['seconds_each']} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -368,7 +385,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--fanout-rounds", type=int, default=30)
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--print-repeat", type=int, default=3)
+    parser.add_argument(
+        "--only", action="append", choices=PARTS, help="run only this part (repeatable)"
+    )
     args = parser.parse_args(argv)
+    parts = args.only or PARTS
     cpus = sorted(pin_to_cpu())
     scratch = Path(tempfile.mkdtemp(prefix="stui-bench-events-trees-"))
     head, head_commit = snapshot_head(scratch / "head")
@@ -389,19 +410,19 @@ def main(argv=None) -> dict:
         "client_cpus": cpus,
         "arguments": vars(args),
     }
-    report["evaluate"] = evaluate_overhead(trees, head, args.requests, 100)
-    print(json.dumps(report["evaluate"]["series"], indent=1), flush=True)
-    report["fan_out"] = fan_out(head, args.fanout, args.fanout_rounds)
-    print(json.dumps(report["fan_out"], indent=1), flush=True)
-    report["idle"] = idle_subscribers(head, args.idle)
-    print(json.dumps(report["idle"], indent=1), flush=True)
-    report["print_loop"] = {
-        f"pre-events {reference_commit[:7]}": print_loop(
-            reference, "events-print-ref", args.print_repeat, False
-        ),
-        "HEAD, 1 subscriber": print_loop(head, "events-print-head", args.print_repeat, True),
-    }
-    print(json.dumps(report["print_loop"], indent=1), flush=True)
+    if "evaluate" in parts:
+        report["evaluate"] = evaluate_overhead(trees, head, args.requests, 100)
+    if "fanout" in parts:
+        report["fan_out"] = fan_out(head, args.fanout, args.fanout_rounds)
+    if "idle" in parts:
+        report["idle"] = idle_subscribers(head, args.idle)
+    if "print" in parts:
+        report["print_loop"] = {
+            f"pre-events {reference_commit[:7]}": print_loop(
+                reference, "events-print-ref", args.print_repeat, False
+            ),
+            "HEAD, 1 subscriber": print_loop(head, "events-print-head", args.print_repeat, True),
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"events-{report['stamp']}"
     base.with_suffix(".json").write_text(json.dumps(report, indent=1))

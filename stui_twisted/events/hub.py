@@ -6,6 +6,9 @@ event to the L{Outbox} of every subscribed conversation.  An outbox writes
 only while its transport accepts data; what waits is bounded (events and
 bytes), and past the bound it is replaced by one C{dropped} marker per stream,
 so a slow or vanished subscriber costs bounded memory and nobody else waits.
+A session's log file is first read in a thread (L{EventHub.load}, which the
+session service awaits before it uses a session); what is published to it
+meanwhile waits and is numbered after the file's last seq.
 """
 
 from __future__ import annotations
