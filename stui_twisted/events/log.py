@@ -30,6 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+from stui_twisted.storage import durable
+from stui_twisted.storage.fileformat import write_all
 
 log = Logger()
 
@@ -274,12 +276,12 @@ def _replace_file(path: str, data: bytes) -> None:
     temp = path + ".tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temp, path)
-    _fsync_file_and_dir(path)
+    durable.fsync_dir(os.path.dirname(path))
 
 
 def remove_log(path: str) -> None:
@@ -290,7 +292,6 @@ def remove_log(path: str) -> None:
 
 
 def _fsync_file_and_dir(path: str) -> None:
-    directory = os.path.dirname(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -299,8 +300,4 @@ def _fsync_file_and_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable.fsync_dir(os.path.dirname(path))
