@@ -246,6 +246,27 @@ def timed_call(client: LineClient, command: str, **params) -> tuple[float, dict]
     return elapsed, json.loads(line)
 
 
+def time_requests(
+    client: LineClient, series: Series, command: str, params_for, count: int, warmup: int
+) -> list[dict]:
+    """C{warmup + count} requests, C{params_for(i)} each; the last C{count} timed into
+    C{series} (a failed one counts in C{series.errors}); answers the results."""
+    results = []
+    for i in range(warmup + count):
+        try:
+            elapsed, reply = timed_call(client, command, **params_for(i))
+        except ValueError:  # not JSON
+            series.errors += 1
+            continue
+        if reply.get("status") != "success" or "result" not in reply:
+            series.errors += 1
+            continue
+        results.append(reply["result"])
+        if i >= warmup:
+            series.samples.append(elapsed)
+    return results
+
+
 class ZmqClient:
     """A blocking pyzmq REQ client."""
 

@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import Series, compare, pin_to_cpu, start_stui, tcp_client, timed_call
+from benchmarks.common import Series, compare, pin_to_cpu, start_stui, tcp_client, time_requests
 
 POLICIES = ("always", "batch", "none")
 STATE_1K = {"blob": "x" * 1000}
@@ -48,12 +48,6 @@ def raw_durable_write(directory: str, size: int) -> float:
     return time.perf_counter() - started
 
 
-def _ok(reply: dict) -> dict:
-    if reply.get("status") != "success":
-        raise ValueError(reply)
-    return reply["result"]
-
-
 def measure_policy(policy: str, requests: int, warmup: int) -> dict[str, Series]:
     """Every session operation on one fresh server with C{policy}."""
     server = start_stui(
@@ -70,17 +64,7 @@ def measure_policy(policy: str, requests: int, warmup: int) -> dict[str, Series]
 
         def timed(name: str, count: int, command: str, params_for) -> list[dict]:
             s = series.setdefault(name, Series(f"{policy}: {name}"))
-            results = []
-            for i in range(warmup + count):
-                try:
-                    elapsed, reply = timed_call(client, command, **params_for(i))
-                    results.append(_ok(reply))
-                except (ValueError, KeyError):
-                    s.errors += 1
-                    continue
-                if i >= warmup:
-                    s.samples.append(elapsed)
-            return results
+            return time_requests(client, s, command, params_for, count, warmup)
 
         timed("ping", requests, "ping", lambda i: {})
         created = timed(

@@ -110,6 +110,25 @@ def _store(name: str, text: Any) -> str:
     raise ConfigError(f"--{name} must be file:DIR or postgresql:DSN, not {value!r}")
 
 
+def _advertise(name: str, text: Any) -> str | None:
+    """C{HOST:PORT} (C{[v6]:PORT} for an IPv6 address), or none."""
+    value = str(text).strip()
+    if value.lower() in ("", "none"):
+        return None
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ConfigError(f"--{name}: {inner!r} is not an IPv6 address") from None
+    elif not host or ":" in host or any(c.isspace() for c in host):
+        raise ConfigError(f"--{name} must be HOST:PORT (or [IPv6]:PORT), not {value!r}")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--{name}: the port must be 1-65535, in HOST:PORT, not {value!r}")
+    return value
+
+
 def _image_user(name: str, text: Any) -> str | None:
     from stui_twisted.image.privileges import PrivilegeError, check_can_switch_to
 
@@ -145,6 +164,16 @@ OPTIONS: dict[str, tuple[str, Any, str]] = {
         "with --store=postgresql: the MAC key's file, outside the database (default: DATA/secret.key)",
     ),
     "node-id": ("node_id", _optional_path, "this node's id (default: the hostname)"),
+    "advertise": (
+        "advertise",
+        _advertise,
+        "HOST:PORT clients should use for this node (ping.node, SessionElsewhere), or none",
+    ),
+    "lease-interval": (
+        "lease_interval",
+        _positive_float,
+        "with --store=postgresql: seconds between lease renewals (a lease runs out after 3)",
+    ),
     "durability": ("durability", _durability, "always | batch | none"),
     "flush-interval": ("flush_interval", _positive_float, "seconds between batch flushes"),
     "retention-days": ("retention_days", _positive_float, "days to keep files of ended sessions"),

@@ -8,6 +8,7 @@ component never reads the command line or the environment itself.
 from __future__ import annotations
 
 import dataclasses
+import socket
 from dataclasses import dataclass, field
 
 from stui_twisted.protocol.envelope import whole_seconds
@@ -34,6 +35,10 @@ class Settings:
     """The MAC key's file (default: data_dir/secret.key)."""
     node_id: str | None = None
     """This node's name (default: the hostname); the shared namespace is stored per node id."""
+    advertise: str | None = None
+    """C{HOST:PORT} clients should use for this node (C{ping.node}, C{SessionElsewhere})."""
+    lease_interval: float = 5.0
+    """Seconds between lease renewals; a lease runs out after three without one."""
     durability: str = "batch"
     flush_interval: float = 0.1
     retention_days: float = 30.0
@@ -118,3 +123,8 @@ class Settings:
             "durability": self.durability,
             "flush_interval": self.flush_interval,
         }
+
+
+def node_id_of(settings: Settings) -> str:
+    """This node's id: C{--node-id}, else the hostname."""
+    return settings.node_id or socket.gethostname()

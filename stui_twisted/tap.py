@@ -43,7 +43,15 @@ class Options(usage.Options):
             "and exit: 0 if it is good, 1 with the reason",
         ],
     ]
-    optParameters = [["config", "c", None, "INI file with a [stui] section (see etc/stui.ini)"]] + [
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "INI file: a [stui] section of options, and plans ([plans], [plan:NAME], "
+            "[principals]; reloaded on SIGHUP); see etc/stui.ini",
+        ]
+    ] + [
         [name, None, None, f"{help_text} [default: {shown_default(getattr(Settings(), field))}]"]
         for name, (field, _parse, help_text) in OPTIONS.items()
     ]
@@ -65,6 +73,7 @@ class Options(usage.Options):
             self.settings = build_settings(
                 file_values, flags, bool(self["insecure-no-auth"]), source=self["config"]
             )
+            self.plans = start_plans(self.settings, self["config"])
             if self["check-config"]:
                 check_resources(self.settings)
         except ConfigError as exc:
@@ -75,6 +84,19 @@ class Options(usage.Options):
             where = f"{self['config']} and the options" if self["config"] else "the options"
             print(f"twistd stui: configuration OK ({where})")
             sys.exit(0)
+
+
+def start_plans(settings: Settings, path: str | None):
+    """The L{PlanBook} of the C{--config} file's plans; a wrong plan stops start-up."""
+    from stui_twisted.access.plans import PlanBook, read_plans
+
+    if not path:
+        return PlanBook(settings)
+    try:
+        plans, signature = read_plans(path)
+    except ConfigError as exc:
+        raise ConfigError(f"--config: {exc}") from None
+    return PlanBook(settings, path=path, plans=plans, signature=signature)
 
 
 def check_resources(settings: Settings) -> None:
@@ -228,12 +250,16 @@ class StopInOrder(service.MultiService):
                 log.failure("stopping {service} failed", service=child.name or child)
 
 
-def build_session_core(settings: Settings, reactor, store, image=None, connections=None):
+def build_session_core(
+    settings: Settings, reactor, store, image=None, connections=None, plans=None
+):
     """The session service with its image and timers; returns (core, session service).
 
     The core's children, in start order: the image (when enabled), the
     session service, the cleanup timer and (C{batch} durability) the flush
     timer.  L{StopInOrder} stops them in reverse, each after the one before.
+    The cleanup timer also reloads the plans (C{plans}, a L{PlanBook}) when
+    their file changed.
     """
     from stui_twisted.sessions.service import SessionService
 
@@ -243,11 +269,16 @@ def build_session_core(settings: Settings, reactor, store, image=None, connectio
         image.setName("image")
         image.setServiceParent(core)
     sessions = SessionService(
-        settings, reactor=reactor, store=store, image=image, connections=connections
+        settings, reactor=reactor, store=store, image=image, connections=connections, plans=plans
     )
     sessions.setName("sessions")
     sessions.setServiceParent(core)
-    cleanup = internet.TimerService(settings.cleanup_interval, sessions.cleanup_tick)
+
+    async def cleanup_tick() -> None:
+        await sessions.plans.reload_if_changed()  # never fails: a bad file is logged, counted
+        await sessions.cleanup_tick()
+
+    cleanup = internet.TimerService(settings.cleanup_interval, cleanup_tick)
     cleanup.clock = reactor
     cleanup.setName("cleanup")
     cleanup.setServiceParent(core)
@@ -261,21 +292,27 @@ def build_session_core(settings: Settings, reactor, store, image=None, connectio
 
 def build_postgres_store(settings: Settings, reactor):
     """The PostgreSQL session store of C{--store=postgresql:DSN}."""
-    import socket
-
+    from stui_twisted.settings import node_id_of
     from stui_twisted.storage.postgres import PostgresSessionStore
 
     return PostgresSessionStore(
         settings.store[len("postgresql:") :],
         reactor=reactor,
         secret_file=settings.secret_file or os.path.join(settings.data_dir, "secret.key"),
-        node_id=settings.node_id or socket.gethostname(),
+        node_id=node_id_of(settings),
+        advertise=settings.advertise,
+        lease_interval=settings.lease_interval,
         max_session_bytes=settings.max_session_bytes,
     )
 
 
-def build_server(settings: Settings, reactor) -> tuple[service.MultiService, object]:
-    """The whole service tree for C{settings}; returns (root, session service)."""
+def build_server(settings: Settings, reactor, plans=None) -> tuple[service.MultiService, object]:
+    """The whole service tree for C{settings}; returns (root, session service).
+
+    @param plans: the L{stui_twisted.access.plans.PlanBook} of the C{--config}
+        file (default: no plans, every feature but admin for everybody).
+    """
+    from stui_twisted.access.plans import PlanBook
     from stui_twisted.dispatch.commands import build_commands
     from stui_twisted.dispatch.dispatcher import Dispatcher
     from stui_twisted.storage.store import SessionStore
@@ -285,7 +322,8 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
     from stui_twisted.transports.tls import server_endpoint
 
     root = ServerRoot()
-    connections = ConnectionRegistry(settings.max_connections)
+    connections = ConnectionRegistry(settings.max_connections, clock=reactor)
+    plans = plans if plans is not None else PlanBook(settings)
     fd_reserve = FdReserve(reactor, connections)
     fd_reserve.setServiceParent(root)  # first: raises the open-files limit
     if settings.store.startswith("postgresql:"):
@@ -307,7 +345,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
             user=settings.image_user,
             state_dir=settings.data_dir,
         )
-    core, sessions = build_session_core(settings, reactor, store, image, connections)
+    core, sessions = build_session_core(settings, reactor, store, image, connections, plans)
     core.setServiceParent(root)
 
     authenticator = None
@@ -321,7 +359,7 @@ def build_server(settings: Settings, reactor) -> tuple[service.MultiService, obj
         except PasswordFileError as exc:
             raise SystemExit(f"twistd stui: --auth-file: {exc}") from None
         authenticator.setServiceParent(root)  # before the listeners: started first
-    dispatcher = Dispatcher(clock=reactor, auth=authenticator)
+    dispatcher = Dispatcher(clock=reactor, auth=authenticator, plans=plans)
     dispatcher.register_all(build_commands(sessions, dispatcher, authenticator))
     from stui_twisted.events.commands import build_event_commands
     from stui_twisted.events.hub import EventHub
@@ -433,6 +471,30 @@ class CleanExitOnSigterm(service.Service):
             self._reactor.stop()
 
 
+class ReloadOnSighup(service.Service):
+    """SIGHUP re-reads the plans of the C{--config} file (access.md §2).
+
+    The handler only schedules the reload on the reactor thread; the file is
+    read in a thread (L{stui_twisted.access.plans.PlanBook.reload}).  A file
+    that is wrong keeps the plans in force and is logged and counted.
+    """
+
+    def __init__(self, reactor, plans) -> None:
+        self._reactor = reactor
+        self.plans = plans
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum, frame) -> None:
+        self._reactor.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: reloading the plans of {path}", path=self.plans.path or "(no --config)")
+        self.plans.reload()
+
+
 def apply_twistd_umask(options: Options) -> None:
     """Apply twistd's C{--umask} now, so the log file it opens next honours it.
 
@@ -456,8 +518,9 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     from twisted.internet import reactor
 
     apply_twistd_umask(options)
-    root, sessions = build_server(options.settings, reactor)
+    root, sessions = build_server(options.settings, reactor, getattr(options, "plans", None))
     CleanExitOnSigterm(reactor).setServiceParent(root)
+    ReloadOnSighup(reactor, sessions.plans).setServiceParent(root)
     atexit.register(exit_nonzero_if_unwritten, sessions)
     return root
 

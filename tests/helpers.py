@@ -30,6 +30,9 @@ class NullImageService:
     def image_status(self) -> dict:
         return {"status": "disabled", "pid": None, "started_at": None}
 
+    def node(self) -> dict:
+        return {"node_id": "test-node", "advertise": None}
+
     async def handle(self, name: str, call) -> dict:
         return {"handled": name, "params": call.params}
 
@@ -163,6 +166,7 @@ def make_session(client_id: str = "alice", number: int = 1, **extra) -> dict:
         "last_activity": "2026-11-23T10:00:00.000Z",
         "timeout": 3600.0,
         "closed_at": None,
+        "shares": [],
         "session_state": {"n": number},
     }
     session.update(extra)

@@ -74,6 +74,15 @@ def make_self_signed(directory: Path, hostname: str = "localhost") -> tuple[Path
     return key_path, cert_path
 
 
+def pg_node_flags(dsn: str, secret_file, node_id: str, *flags: str) -> list[str]:
+    """The flags of a node C{node_id} on the PostgreSQL database C{dsn}, then C{flags}.
+
+    Nodes of one database share C{secret_file} (the MAC key).
+    """
+    store = [f"--store=postgresql:{dsn}", f"--secret-file={secret_file}"]
+    return [*store, f"--node-id={node_id}", *flags]
+
+
 class LineClient:
     """A blocking line-JSON client over a socket (TCP or TLS)."""
 

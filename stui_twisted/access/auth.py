@@ -489,6 +489,12 @@ class Authenticator(service.Service):
             return None
         return entry.client_id
 
+    def token_expires_at(self, token: Any) -> float | None:
+        """When a valid C{token} expires (seconds since the epoch), else C{None}."""
+        if self.check_token(token) is None:
+            return None
+        return self._tokens[_token_key(token)].expires_at
+
     def revoke(self, token: Any) -> bool:
         """Invalidate C{token}; return whether it was valid."""
         if not isinstance(token, str):

@@ -1,7 +1,8 @@
 """Command line of C{stui-client} (also C{python -m stui_twisted.client}).
 
 Exit status: 0 success; 1 an evaluation (C{--eval}) failed; 2 a usage, connection,
-authentication or session error; 130 interrupted by Ctrl-C.
+authentication or session error; 130 interrupted by Ctrl-C.  C{--watch} ends with 0
+on Ctrl-C or when the watched session closes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from stui_twisted import __version__
 from stui_twisted.client.formatting import format_error, format_evaluation, format_sessions
+from stui_twisted.client.live import EvaluationFollower, dim, format_event
 from stui_twisted.client.session import (
     CredentialSource,
     CredentialsUnavailable,
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--new", action="store_true", help="start a new session")
     choice.add_argument("--session", metavar="ID", help="restore session ID")
+    choice.add_argument(
+        "--watch",
+        metavar="ID",
+        help="follow session ID (yours or shared with you) read-only: print its events",
+    )
+    parser.add_argument(
+        "--since",
+        type=int,
+        metavar="SEQ",
+        help="with --watch: first replay the session's logged events after SEQ (0: all)",
+    )
     parser.add_argument(
         "--eval",
         "-e",
@@ -114,10 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.json and not args.eval:
         parser.error("--json needs --eval")
+    if args.watch and args.eval:
+        parser.error("--watch follows a session read-only; it cannot --eval")
+    if args.since is not None and (not args.watch or args.since < 0):
+        parser.error("--since needs --watch and a seq of 0 or more")
     if args.reconnect_timeout <= 0:
         parser.error("--reconnect-timeout must be positive")
 
-    scripted = bool(args.eval)
+    scripted = bool(args.eval or args.watch)
     state = ClientState(args.state_dir or default_state_dir())
 
     def notify(text: str) -> None:
@@ -138,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             client.connect()
             if args.user:
                 client.authenticate()
+            if args.watch:
+                return watch(client, args.watch, args.since)
             banner = client.open_session(force_new=args.new, session_id=args.session)
         except (ConnectionLost, CredentialsUnavailable) as error:
             print(f"stui-client: {error}", file=sys.stderr)
@@ -167,6 +186,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.close()
 
 
+WATCH_SLICE_SECONDS = 0.5
+SESSION_END_EVENTS = ("session_closed", "session_expired")
+
+
+def watch(client: StuiClient, session_id: str, since: int | None) -> int:
+    """C{--watch}: subscribe to one session's stream and print its events, read-only.
+
+    Nothing is evaluated and no session is created or restored; a reconnection
+    subscribes again from the last seq printed.
+    """
+    colour = sys.stdout.isatty()
+    ended: list[str] = []
+
+    def show(message: dict) -> None:
+        line = format_event(message, own_client_id=client.client_id)
+        if line:
+            print(dim(line, colour), flush=True)
+        if message.get("event") in SESSION_END_EVENTS and message.get("session_id") == session_id:
+            ended.append(str(message.get("event")))
+
+    client.on_event = show
+    print(f"Watching session {session_id} read-only; Ctrl-C stops.", flush=True)
+    try:
+        result = client.subscribe(session_id, since=since)
+    except ServerError as error:
+        print(f"stui-client: {format_error(error.reply).rstrip()}", file=sys.stderr)
+        return EXIT_USAGE_OR_CONNECTION
+    print(dim(f"[watch] live from seq {result.get('last_seq', '?')}", colour), flush=True)
+    try:
+        while not ended:
+            client.wait_events(WATCH_SLICE_SECONDS)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except (ConnectionLost, ServerError, CredentialsUnavailable) as error:
+        print(f"stui-client: {error}", file=sys.stderr)
+        return EXIT_USAGE_OR_CONNECTION
+    print(f"The session {'was closed' if ended[0] == 'session_closed' else 'expired'}.")
+    return EXIT_OK
+
+
+def follow_evaluations(client: StuiClient, as_json: bool) -> EvaluationFollower | None:
+    """Subscribe to the session for C{--eval}; None when the server has no events."""
+    if client.session_id is None:
+        return None
+    follower = EvaluationFollower(
+        client, stream_output=not as_json, prompt_stream=sys.stderr if as_json else sys.stdout
+    )
+    client.on_event = follower
+    try:
+        client.subscribe(client.session_id)
+    except (ServerError, ConnectionLost):
+        client.on_event = None  # a 1.0 server, or events not in the plan: plain replies
+        return None
+    return follower
+
+
 def session_limit_hint(client: StuiClient) -> str:
     """Which sessions exist and how to use or close one, after SessionLimitExceeded."""
     try:
@@ -183,11 +258,22 @@ def session_limit_hint(client: StuiClient) -> str:
 def run_evaluations(
     client: StuiClient, snippets: Sequence[str], *, mode: str, as_json: bool
 ) -> int:
-    """C{--eval}: run each snippet in order, stop at the first failure."""
+    """C{--eval}: run each snippet in order, stop at the first failure.
+
+    When the server has events, the output streams while the code runs (not with
+    C{--json}) and an C{input()} is answered from stdin (its prompt on stderr with
+    C{--json}, so that stdout stays JSON lines).
+    """
+    follower = follow_evaluations(client, as_json)
     for snippet in snippets:
         code = sys.stdin.read() if snippet == "-" else snippet
         try:
-            reply = client.evaluate(code, mode)
+            if follower is None:
+                reply = client.evaluate(code, mode)
+            else:
+                reply, newline = follower.evaluate(code, mode)
+                if newline:
+                    sys.stdout.write("\n")
         except (ConnectionLost, CredentialsUnavailable) as error:
             print(f"stui-client: {error}", file=sys.stderr)
             return EXIT_USAGE_OR_CONNECTION

@@ -62,6 +62,8 @@ def format_error(reply: dict[str, Any]) -> str:
     details = reply.get("details") if isinstance(reply.get("details"), dict) else {}
     error_type = reply.get("error_type") or "Error"
     message = reply.get("error") or ""
+    if error_type == "PermissionDenied":
+        return format_refusal(details, message)
     if error_type != "EvaluationError":
         return f"{error_type}: {message}\n"
     exception_type = details.get("exception_type") or error_type
@@ -81,6 +83,53 @@ def format_error(reply: dict[str, Any]) -> str:
     if not lines or lines[-1].strip() != summary.strip():
         lines.append(summary)
     return _with_newline(output) + "\n".join(lines) + "\n"
+
+
+def format_refusal(details: dict[str, Any], message: str) -> str:
+    """C{PermissionDenied} as one clear line: the plan's missing feature, or the
+    access a shared session gives (access.md §1-§2)."""
+    if details.get("feature"):
+        head = (
+            f"Refused by your plan: {details['feature']!r} is not a feature of plan "
+            f"{details.get('plan', '?')!r}"
+        )
+    elif details.get("access"):
+        head = (
+            f"Refused: you have {details['access']} access to this session and "
+            f"{details.get('command', 'this command')!r} needs more"
+        )
+    else:
+        head = "Refused"
+    return f"{head} (PermissionDenied: {message})\n" if message else f"{head}.\n"
+
+
+def format_whoami(result: dict[str, Any]) -> str:
+    """C{whoami}: who the server thinks we are and what our plan allows."""
+    limits = result.get("limits") or {}
+    lines = [
+        f"client_id      {result.get('client_id') or '(none)'}",
+        f"authenticated  {_scalar(bool(result.get('authenticated')))}",
+        f"plan           {result.get('plan') or '?'}",
+        "features       " + " ".join(map(str, result.get("features") or [])),
+    ]
+    lines += [f"  {key} = {_scalar(value)}" for key, value in sorted(limits.items())]
+    if result.get("token_expires_at"):
+        lines.append(f"token expires  {result['token_expires_at']}")
+    return "\n".join(lines) + "\n"
+
+
+def format_shared_sessions(sessions: list[dict[str, Any]], current_session_id: str | None) -> str:
+    """C{list_shared_sessions}: numbered, so that C{:shared N} attaches to one."""
+    if not sessions:
+        return "Nobody shares a session with you.\n"
+    lines = []
+    for number, record in enumerate(sessions, start=1):
+        marker = "*" if record.get("session_id") == current_session_id else " "
+        lines.append(
+            f"{marker} {number}  {record.get('session_id', '?')}  owner {record.get('owner', '?')}"
+            f"  {record.get('access', '?')} access  last used {record.get('last_activity', '?')}"
+        )
+    return "\n".join(lines) + "\n:shared N attaches to session N.\n"
 
 
 def format_reply(reply: dict[str, Any], colour: bool = False) -> str:

@@ -5,19 +5,32 @@ opens a continuation line (C{...}) when the code is unfinished — a line ending
 C{:}, an open bracket or string, a backslash, or an indented block not yet ended by
 an empty line.  Esc-Enter (Meta-Enter) submits whatever is in the buffer.  Lines that
 start with C{:} are meta-commands handled by the client (C{:help} lists them).
+
+Live events (events.md §7): while the prompt waits, a task in the prompt's own event
+loop reads the events that arrived (L{StuiClient.poll_events}) and prints each as a
+dimmed line; C{patch_stdout} puts it above the prompt and redraws the prompt with
+what the user was typing.  While an evaluation of ours runs, its C{output} events are
+printed as they come and an C{input_requested} is answered at once.  When the current
+session pauses in the debugger (a C{debug_paused} event, or C{debug_state} polled
+while an evaluation waits, for servers that do not send the event) the REPL switches
+to paused mode: a C{(Pdb)} prompt with pdb's keys (L{PAUSED_HELP}).
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import codeop
+import getpass
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
@@ -33,16 +46,29 @@ from stui_twisted.client.browsing import (
 from stui_twisted.client.formatting import (
     format_bindings_note,
     format_error,
+    format_evaluation,
     format_inspection,
     format_reply,
     format_session_info,
     format_sessions,
+    format_shared_sessions,
+    format_whoami,
+)
+from stui_twisted.client.live import (
+    OwnEvaluations,
+    dim,
+    format_event,
+    format_frame,
+    reply_history_index,
+    without_streamed_output,
 )
 from stui_twisted.client.session import (
+    TEAM,
     CredentialsUnavailable,
     RequestLost,
     ServerError,
     StuiClient,
+    stream_key,
 )
 from stui_twisted.client.state import ClientState
 from stui_twisted.client.transport import ConnectionLost
@@ -58,6 +84,9 @@ Enter runs a complete statement; unfinished code (a trailing ':', an open bracke
 an indented block) continues on a '...' line; an empty line ends a block.
 Esc-Enter runs the buffer as it is.  Tab completes names from the server.
 Ctrl-C stops a running evaluation (or clears the line); Ctrl-D quits.
+What others do in this session (and the team) shows as dimmed lines above the
+prompt.  When the session pauses in the debugger the prompt becomes (Pdb): h there
+lists pdb's keys (s n r c w p l).
 
 Meta-commands:
   :inspect EXPR     show the value of EXPR: type, attributes and items
@@ -75,7 +104,16 @@ Meta-commands:
                     a breakpoint on function F (f, Point.norm) or a line of cell N
   :breaks           list the session's breakpoints
   :delete BP        remove a breakpoint (bp_1)
-  :pm               post-mortem: the stack and locals where the last error raised
+  :pm               post-mortem: the stack and locals where the last error raised,
+                    then paused mode on that stack (c leaves)
+  :input TEXT       answer an input() that another client's evaluation waits for
+  :share USER read|write
+                    let USER attach to and watch (read) or also run code in (write)
+                    the current session
+  :unshare USER     take that back
+  :shared [N|ID]    sessions others shared with you; with N or ID attach to one
+  :detach           back to your own session after :shared N
+  :whoami           your client id, plan, features and limits
   :close            close the current session for good (the next command starts a new one)
   :help             this text
   :quit             leave (the session stays on the server; also Ctrl-D)
@@ -96,10 +134,38 @@ META_COMMANDS = (
     "breaks",
     "delete",
     "pm",
+    "input",
+    "share",
+    "unshare",
+    "shared",
+    "detach",
+    "whoami",
     "close",
     "help",
     "quit",
 )
+
+PDB_PROMPT = "(Pdb) "
+PAUSED_HELP = """Paused in the debugger; the evaluation waits.  Keys (as in pdb):
+  s        step into the next call          n   step over to the next line
+  r        step out: run to the return      c   continue (leave paused mode)
+  w        where: the stack, innermost last (> marks the frame p and l use)
+  u / d    one frame up (outer) / down (inner)
+  p EXPR   print EXPR's value in the frame  l   the code around the current line
+  q        stop the evaluation (interrupt)  h   this text
+Anything else runs as Python in the frame.  Ctrl-C interrupts the evaluation.
+"""
+LIST_CONTEXT_LINES = 5
+EVENT_POLL_SECONDS = 0.1
+DEBUG_POLL_AFTER_SECONDS = 0.3
+DEBUG_POLL_EVERY_SECONDS = 0.5
+
+
+class _Preempted:
+    """What the prompt returns when an event ends it (the session paused)."""
+
+
+PREEMPTED = _Preempted()
 
 
 def needs_more_input(text: str) -> bool:
@@ -248,17 +314,50 @@ class Repl:
             "breaks": self.list_breakpoints,
             "delete": self.delete_breakpoint,
             "pm": self.post_mortem,
+            "input": self.answer_input_command,
+            "share": self.share,
+            "unshare": self.unshare,
+            "shared": self.shared,
+            "detach": self.detach,
+            "whoami": self.whoami,
             "close": self.close,
             "help": self.help,
             "quit": self.quit,
             "exit": self.quit,
             "q": self.quit,
         }
+        self.own = OwnEvaluations()
+        self.followed: str | None = None  # the session whose stream we subscribed to
+        self.events_available = True
+        self.waiting_input: dict[str, Any] | None = None  # another's input() request
+        self.paused: dict[str, Any] | None = None  # debug_paused data while paused
+        self.frame_index = 0
+        self.debug_polling = True  # off once the server pushes debug_paused itself
+        self._in_debug_poll = False
+        self._last_debug_poll = 0.0
+        self._prompt_app: Any = None
+        self._kept_text = ""
+        self.own_session: str | None = None  # before :shared N attached elsewhere
+        self.running_command = False  # a meta-command of ours is running
+        self.stepping = False  # a paused-mode command of ours is running
+        self.asking_input: dict[str, Any] | None = None  # our input() being asked
+        self.next_input: dict[str, Any] | None = None
+        client.on_event = self.handle_event
+        client.on_waiting = self.while_waiting
 
     def write(self, text: str) -> None:
         stream = self.output or sys.stdout
         stream.write(text if text.endswith("\n") or not text else text + "\n")
         stream.flush()
+
+    def write_raw(self, text: str) -> None:
+        stream = self.output or sys.stdout
+        stream.write(text)
+        stream.flush()
+
+    def live_line(self, text: str) -> None:
+        """A line about somebody else's activity: dimmed, above the prompt."""
+        self.write(dim(text, self._colored()))
 
     def run(self) -> int:
         """Prompt until C{:quit} or Ctrl-D; returns the process exit status."""
@@ -270,29 +369,389 @@ class Repl:
             complete_while_typing=False,
             prompt_continuation=lambda width, line_number, wrap_count: CONTINUATION_PROMPT,
         )
+        self.follow_events(team=True)
         while True:
+            if self.paused is not None:
+                self.paused_mode()
+                continue
             try:
-                with IdleWatcher(self.client), patch_stdout(raw=True):
-                    text = prompt_session.prompt(PROMPT)
+                text = self._prompt(prompt_session, PROMPT)
             except KeyboardInterrupt:
                 continue
             except EOFError:
                 break
+            if text is PREEMPTED:
+                continue
             if not text.strip():
                 continue
             if not self.run_one(text):
                 break
+            self.follow_events()
         return 0
+
+    def _prompt(self, prompt_session: PromptSession[str], message: str, **options: Any) -> Any:
+        """One prompt, with the idle watcher and the event pump running meanwhile."""
+        default, self._kept_text = self._kept_text, ""
+        with IdleWatcher(self.client), patch_stdout(raw=True):
+            try:
+                return prompt_session.prompt(
+                    message, default=default, pre_run=self._start_event_pump, **options
+                )
+            finally:
+                self._prompt_app = None
+
+    def _start_event_pump(self) -> None:
+        app = get_app()
+        self._prompt_app = app
+
+        async def pump() -> None:
+            while True:
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+                self.client.poll_events()
+
+        app.create_background_task(pump())
+
+    def _preempt(self) -> None:
+        """End the prompt that is shown (from any thread), keeping what was typed."""
+        app = self._prompt_app
+        if app is None or app.loop is None:
+            return
+
+        def leave() -> None:
+            if app.is_running and not app.is_done:
+                self._kept_text = app.current_buffer.text
+                app.exit(result=PREEMPTED)
+
+        app.loop.call_soon_threadsafe(leave)
+
+    # -- live events ------------------------------------------------------------------
+
+    def follow_events(self, *, team: bool = False) -> None:
+        """Subscribe to the current session's stream (and once to the team's)."""
+        if not self.events_available:
+            return
+        try:
+            if team and TEAM not in self.client.streams:
+                self.client.subscribe(TEAM)
+            current = self.client.session_id
+            if current == self.followed:
+                return
+            if self.followed is not None:
+                self.client.unsubscribe(self.followed)
+                self.followed = None
+            if current is not None:
+                self.client.subscribe(current)
+                self.followed = current
+        except ServerError as error:
+            self.events_available = False
+            if error.error_type == "PermissionDenied":
+                self.write("No live events: " + format_error(error.reply).rstrip())
+            elif error.error_type not in ("UnknownCommand", "InvalidRequest"):
+                self.write(f"No live events: {error}")
+        except ConnectionLost as error:
+            self.write(f"{error}")
+
+    def handle_event(self, message: dict[str, Any]) -> None:
+        """One event message from the client (any thread that reads the connection)."""
+        event = message.get("event")
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        session_id = None if stream_key(message) == TEAM else message.get("session_id")
+        index = data.get("history_index")
+        current = session_id is not None and session_id == self.client.session_id
+        if event == "evaluation_started" and self.own.claim(
+            session_id, index, data.get("by"), self.client.client_id
+        ):
+            return
+        own = self.own.is_own(session_id, index)
+        if event == "output" and own:
+            if self.own.is_current(session_id, index):
+                self.own.streamed += str(data.get("text") or "")
+                self.write_raw(str(data.get("text") or ""))
+            return
+        if event == "input_requested" and current:
+            if self.own.is_current(session_id, index):
+                self.answer_own_input(session_id, data)
+                return
+            self.waiting_input = dict(data, session_id=session_id)
+        if event == "evaluation_finished":
+            if self.asking_input is not None and own:
+                self.asking_input = None  # somebody else answered it
+                self._preempt()
+            if self.waiting_input and self.waiting_input.get("history_index") == index:
+                self.waiting_input = None
+            if current and self.paused and self.paused.get("history_index") == index:
+                self.leave_paused()  # its reply (or its live line) tells how it ended
+        if event in ("debug_paused", "debug_resumed") and current and self.stepping:
+            if event == "debug_paused":
+                self.debug_polling = False
+            return  # our own step or continue: its reply says where it stopped
+        if event == "debug_paused" and current:
+            self.debug_polling = False
+            self.pause(data)
+            if own:
+                return
+        if event == "debug_resumed" and current and self.paused is not None:
+            self.leave_paused()
+        if own and event in ("evaluation_finished", "debug_resumed"):
+            return
+        if (
+            self.running_command
+            and current
+            and event in ("state_updated", "session_closed")
+            and data.get("by") == self.client.client_id
+        ):
+            return  # what our own meta-command (:clear, :close …) just did
+        line = format_event(message, own_client_id=self.client.client_id)
+        if line:
+            self.live_line(line)
+
+    def answer_own_input(self, session_id: str, data: dict[str, Any]) -> None:
+        """Our evaluation called input(): ask here and send the answer (send_input).
+
+        The question is a prompt with the event pump running, so that an answer
+        from another client (the evaluation goes on and finishes) ends it.
+        """
+        if self.asking_input is not None:
+            self.next_input = data  # asked again while we ask: after this prompt
+            self._preempt()
+            return
+        while data is not None:
+            self.asking_input, self.next_input = data, None
+            # input() writes its prompt to the output: shown here, not again in the reply
+            self.own.streamed += str(data.get("prompt") or "")
+            try:
+                text = self._prompt(
+                    PromptSession(),
+                    str(data.get("prompt") or ""),
+                    is_password=bool(data.get("password")),
+                )
+            except EOFError:
+                text = ""  # Ctrl-D answers an empty line; Ctrl-C interrupts the evaluation
+            finally:
+                asked, self.asking_input = self.asking_input, None
+            if text is not PREEMPTED and asked is not None:
+                self.send_input(session_id, text)
+            elif self.next_input is None:
+                self.write("(answered by another client)")
+            data = self.next_input
+
+    def send_input(self, session_id: str, text: str) -> None:
+        reply = self.client.call("send_input", {"session_id": session_id, "text": text})
+        if reply.get("status") != "success":
+            self.write(format_error(reply))
+
+    def answer_input_command(self, argument: str) -> bool:
+        waiting = self.waiting_input
+        if waiting is None:
+            self.write("No evaluation is waiting for input.")
+            return True
+        text = argument
+        if waiting.get("password") and not argument:
+            text = getpass.getpass(str(waiting.get("prompt") or "password: "))
+        self.waiting_input = None
+        self.send_input(str(waiting["session_id"]), text)
+        return True
+
+    def while_waiting(self, elapsed: float) -> None:
+        """Called while a reply is awaited: notice a paused evaluation of ours by
+        polling C{debug_state}, for servers that do not send C{debug_paused}."""
+        if (
+            not self.debug_polling
+            or self._in_debug_poll
+            or self.paused is not None
+            or self.own.pending is None
+            or elapsed < DEBUG_POLL_AFTER_SECONDS
+            or time.monotonic() - self._last_debug_poll < DEBUG_POLL_EVERY_SECONDS
+        ):
+            return
+        self._in_debug_poll = True
+        try:
+            self._last_debug_poll = time.monotonic()
+            reply = self.client.call("debug_state", {"session_id": self.own.pending})
+        finally:
+            self._in_debug_poll = False
+        if reply.get("status") != "success":
+            self.debug_polling = False  # no debugger here (or not in the plan)
+            return
+        state = reply.get("result") or {}
+        if state.get("paused") and self.paused is None:
+            self.pause(
+                {
+                    "history_index": self.own.index,
+                    "reason": state.get("reason"),
+                    "breakpoint_id": state.get("breakpoint_id"),
+                    "frame": state.get("frame") or {},
+                }
+            )
+
+    # -- paused mode --------------------------------------------------------------------
+
+    def pause(self, data: dict[str, Any]) -> None:
+        """The current session paused: paused mode now (our evaluation waits in this
+        thread) or instead of the prompt that is shown."""
+        if self.paused is not None:
+            self.paused = data  # a step's new place; its reply shows it
+            return
+        self.paused = data
+        self.frame_index = 0
+        if self.own.pending is not None and threading.current_thread() is threading.main_thread():
+            self.paused_mode()
+        else:
+            self._preempt()
+
+    def leave_paused(self) -> None:
+        if self.paused is None:
+            return
+        self.paused = None
+        self._preempt()
+
+    def paused_mode(self) -> None:
+        """The C{(Pdb)} prompt until the evaluation resumes or ends."""
+        data = self.paused or {}
+        why = data.get("reason") or "paused"
+        if data.get("breakpoint_id"):
+            why += f" at {data['breakpoint_id']}"
+        self.write(f"Paused ({why}); h lists the keys, c continues.")
+        self.write(format_frame(data.get("frame") or {}))
+        pdb_session: PromptSession[str] = PromptSession()
+        while self.paused is not None:
+            try:
+                line = self._prompt(pdb_session, PDB_PROMPT)
+            except EOFError:
+                line = "c"
+            except KeyboardInterrupt:
+                if self.own.pending is not None:
+                    raise  # the evaluation's wait turns it into an interrupt
+                self.paused_command("q")
+                continue
+            if line is PREEMPTED:
+                continue
+            self.stepping = True
+            try:
+                self.paused_command(line.strip())
+            except ConnectionLost as error:
+                self.write(f"{error}")
+                self.paused = None
+            finally:
+                self.stepping = False
+
+    def paused_command(self, line: str) -> None:
+        key, _, argument = line.partition(" ")
+        session_id = self.client.session_id
+        steps = {"s": "into", "n": "over", "r": "out"}
+        if key in steps:
+            result = self._paused_call("debug_step", {"mode": steps[key]})
+            if result is None:
+                return
+            if result.get("paused_at"):
+                self.frame_index = 0
+                if self.paused is not None:
+                    self.paused = dict(self.paused, frame=result["paused_at"])
+                self.write(format_frame(result["paused_at"]))
+            else:
+                self.paused = None
+                self.write("The evaluation ran to its end.")
+        elif key == "c":
+            if self._paused_call("debug_continue") is not None:
+                self.paused = None
+        elif key == "q":
+            reply = self.client.call("interrupt", {"session_id": session_id})
+            self.paused = None
+            if reply.get("status") != "success":
+                self.write(format_error(reply))
+        elif key == "w":
+            self.where()
+        elif key in ("u", "d"):
+            self.move_frame(1 if key == "u" else -1)
+        elif key == "l":
+            self.list_code()
+        elif key == "h":
+            self.write(PAUSED_HELP)
+        elif key == "p" and argument.strip():
+            self.debug_evaluate(argument.strip(), show_none=True)
+        elif line:
+            self.debug_evaluate(line[1:] if line.startswith("!") else line)
+
+    def _paused_call(self, command: str, parameters: dict[str, Any] | None = None):
+        """A debugger command; an answer that the session is not paused leaves paused mode."""
+        reply = self.client.call(command, dict(parameters or {}, session_id=self.client.session_id))
+        if reply.get("status") == "success":
+            return reply.get("result") or {}
+        details = reply.get("details") if isinstance(reply.get("details"), dict) else {}
+        if details.get("paused") is False:
+            self.paused = None
+            self.write("The session is not paused any more.")
+        else:
+            self.write(format_error(reply))
+        return None
+
+    def _frames(self) -> list[dict[str, Any]]:
+        result = self._paused_call("debug_stack")
+        return list((result or {}).get("frames") or [])
+
+    def where(self) -> None:
+        frames = self._frames()
+        for frame in reversed(frames):
+            marker = ">" if frame.get("index") == self.frame_index else " "
+            self.write(
+                f"{marker} {frame.get('file')}({frame.get('line')}){frame.get('function')}()\n"
+                f"    {frame.get('code_line', '')}"
+            )
+
+    def move_frame(self, step: int) -> None:
+        frames = self._frames()
+        if not frames:
+            return
+        wanted = self.frame_index + step
+        if not 0 <= wanted < len(frames):
+            self.write("Oldest frame" if step > 0 else "Newest frame")
+            return
+        self.frame_index = wanted
+        self.write(format_frame(frames[wanted]))
+
+    def debug_evaluate(self, code: str, *, show_none: bool = False) -> None:
+        result = self._paused_call(
+            "debug_evaluate", {"code": code, "frame_index": self.frame_index}
+        )
+        if result is not None:
+            shown = format_evaluation(result, self._colored())
+            self.write(shown or ("None" if show_none else ""))  # p shows None, as pdb does
+
+    def list_code(self) -> None:
+        """pdb's C{l}: the lines around the frame's current line, read in the image."""
+        frames = self._frames()
+        frame = next((f for f in frames if f.get("index") == self.frame_index), None)
+        if frame is None:
+            return
+        line = int(frame.get("line") or 1)
+        first = max(1, line - LIST_CONTEXT_LINES)
+        code = (
+            f"__import__('linecache').getlines({str(frame.get('file'))!r})"
+            f"[{first - 1}:{line + LIST_CONTEXT_LINES}]"
+        )
+        result = self._paused_call("debug_evaluate", {"code": code, "frame_index": 0})
+        try:
+            lines = ast.literal_eval(str((result or {}).get("result")))
+        except (ValueError, SyntaxError):
+            lines = None
+        if not isinstance(lines, list) or not lines:
+            self.write(f"{line:>4} -> {frame.get('code_line', '')}")
+            return
+        for number, text in enumerate(lines, start=first):
+            marker = "->" if number == line else "  "
+            self.write(f"{number:>4} {marker} {str(text).rstrip()}")
 
     def run_one(self, text: str) -> bool:
         """Run one submitted input; False means quit."""
         try:
             stripped = text.strip()
             if stripped.startswith(":"):
-                return self.meta_command(stripped[1:])
-            stream = self.output or sys.stdout
-            colour = bool(getattr(stream, "isatty", lambda: False)())
-            self.write(format_reply(self.client.evaluate(text, self.mode), colour=colour))
+                self.running_command = True
+                try:
+                    return self.meta_command(stripped[1:])
+                finally:
+                    self.running_command = False
+            self.write(format_reply(self.evaluate(text), colour=self._colored()))
         except KeyboardInterrupt:
             self.write("Stopped waiting for the reply.")
         except RequestLost as error:
@@ -304,6 +763,20 @@ class Repl:
         except CredentialsUnavailable as error:
             self.write(f"{error}")
         return True
+
+    def evaluate(self, text: str) -> dict[str, Any]:
+        """Evaluate as ours: output streamed by events is not in the reply we show."""
+        self.own.begin(self.client.session_id)
+        reply: dict[str, Any] = {}
+        try:
+            reply = self.client.evaluate(text, self.mode)
+        finally:
+            streamed = self.own.end(reply_history_index(reply))
+            self.paused = None
+        reply, newline = without_streamed_output(reply, streamed)
+        if newline:
+            self.write_raw("\n")
+        return reply
 
     def meta_command(self, line: str) -> bool:
         name, _, argument = line.partition(" ")
@@ -479,11 +952,12 @@ class Repl:
         return True
 
     def post_mortem(self, argument: str) -> bool:
-        if self._show("debug_post_mortem") is None:
+        """The stack and locals of the last error, then paused mode on that stack."""
+        state = self._show("debug_post_mortem")
+        if state is None:
             return True
         stack = self._show("debug_stack")
         local_vars = self._show("debug_locals")
-        self._show("debug_continue")
         if stack is not None:
             for frame in reversed(stack["frames"]):
                 self.write(
@@ -493,6 +967,90 @@ class Repl:
         if local_vars is not None:
             for variable in local_vars["variables"]:
                 self.write(f"  {variable['name']} = {variable['repr']}")
+        self.paused = {
+            "reason": "exception",
+            "frame": state.get("frame") or ((stack or {}).get("frames") or [{}])[0],
+        }
+        self.frame_index = 0
+        return True
+
+    # -- sharing (access.md §4) -----------------------------------------------------------
+
+    def share(self, argument: str) -> bool:
+        words = argument.split()
+        if len(words) != 2 or words[1] not in ("read", "write"):
+            self.write("usage: :share USER read|write")
+            return True
+        result = self._show(
+            "share_session",
+            {"session_id": self.client.session_id, "with": words[0], "access": words[1]},
+        )
+        if result is not None:
+            self.write(
+                f"Session {result.get('session_id')} shared with {words[0]} ({words[1]}). "
+                + _format_shares(result)
+            )
+        return True
+
+    def unshare(self, argument: str) -> bool:
+        if not argument or " " in argument:
+            self.write("usage: :unshare USER")
+            return True
+        result = self._show(
+            "unshare_session", {"session_id": self.client.session_id, "with": argument}
+        )
+        if result is not None:
+            self.write(
+                f"Session {result.get('session_id')} no longer shared with {argument}. "
+                + _format_shares(result)
+            )
+        return True
+
+    def shared(self, argument: str) -> bool:
+        """C{:shared}: list; C{:shared N} or C{:shared ID}: attach to that session."""
+        result = self._show("list_shared_sessions")
+        if result is None:
+            return True
+        sessions = list(result.get("sessions") or [])
+        if not argument:
+            self.write(format_shared_sessions(sessions, self.client.session_id))
+            return True
+        chosen = next((s for s in sessions if s.get("session_id") == argument), None)
+        if chosen is None and argument.isdigit() and 1 <= int(argument) <= len(sessions):
+            chosen = sessions[int(argument) - 1]
+        if chosen is None:
+            self.write(f"No shared session {argument}; :shared lists them.")
+            return True
+        own = self.own_session or self.client.session_id
+        try:
+            message = self.client.open_session(session_id=chosen["session_id"], remember=False)
+        except ServerError as error:
+            self.write(format_error(error.reply))
+            return True
+        self.own_session = own
+        self.write(
+            message.rstrip()
+            + f"\nAttached to {chosen.get('owner', '?')}'s session ({chosen.get('access')} "
+            "access); :detach goes back to yours."
+        )
+        return True
+
+    def detach(self, argument: str) -> bool:
+        if self.own_session is None:
+            self.write("You are in your own session (:shared N attaches to a shared one).")
+            return True
+        own, self.own_session = self.own_session, None
+        try:
+            self.write(self.client.open_session(session_id=own).rstrip())
+        except ServerError as error:
+            self.write(format_error(error.reply).rstrip())
+            self.write(self.client.open_session(force_new=True).rstrip())
+        return True
+
+    def whoami(self, argument: str) -> bool:
+        result = self._show("whoami")
+        if result is not None:
+            self.write(format_whoami(result))
         return True
 
     def help(self, argument: str) -> bool:
@@ -501,6 +1059,13 @@ class Repl:
 
     def quit(self, argument: str) -> bool:
         return False
+
+
+def _format_shares(result: dict) -> str:
+    shares = result.get("shares") or []
+    if not shares:
+        return "It is shared with nobody."
+    return "Shares: " + ", ".join(f"{s.get('client_id')} ({s.get('access')})" for s in shares)
 
 
 def _breakpoint_place(entry: dict) -> str:

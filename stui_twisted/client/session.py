@@ -15,7 +15,12 @@ prompt is shown).  It
   waiting for the evaluation's (C{Interrupted}) reply;
 * on a lost connection reconnects with exponential backoff, re-authenticates,
   restores the session, tells the user, and retries the request when it had not been
-  sent (or is harmless to repeat).
+  sent (or is harmless to repeat);
+* hands every event message (a line with C{event} and no C{status}, events.md §1)
+  to L{StuiClient.on_event}, in C{seq} order per stream with no duplicate: it
+  remembers the last C{seq} of each stream it subscribed to, fills a C{dropped} gap
+  with C{get_events}, and after a reconnection subscribes again with C{since} so that
+  nothing seen is repeated and nothing missed is lost.
 """
 
 from __future__ import annotations
@@ -74,6 +79,12 @@ REPEATABLE_COMMANDS = frozenset(
 )
 """Commands safe to send again when the connection died after they were sent."""
 
+TEAM = "team"
+"""The stream key of the team stream (events.md §1); a session stream's key is its id."""
+
+CATCH_UP_LIMIT = 1000
+"""Events per C{get_events} when filling a gap (the server's maximum)."""
+
 RECEIVE_SLICE_SECONDS = 0.25
 ZMQ_LIVENESS_INTERVAL_SECONDS = 5.0
 ZMQ_PING_TIMEOUT_SECONDS = 5.0
@@ -91,6 +102,18 @@ class ServerError(Exception):
         details = reply.get("details")
         self.details = details if isinstance(details, dict) else {}
         super().__init__(f"{self.error_type}: {self.message}")
+
+
+def is_event(message: dict[str, Any]) -> bool:
+    """An event message has C{event} and never C{status} (events.md §1)."""
+    return "event" in message and "status" not in message
+
+
+def stream_key(message: dict[str, Any]) -> str:
+    """The stream an event message belongs to: C{"team"} or its session id."""
+    if message.get("stream") == TEAM:
+        return TEAM
+    return str(message.get("session_id") or "")
 
 
 class RequestLost(ConnectionLost):
@@ -205,6 +228,18 @@ class StuiClient:
         self._last_request_id = 0
         self._replies: dict[Any, dict[str, Any]] = {}
         self._unwanted_ids: set[int] = set()
+        #: called with each event message, in order per stream (set by the REPL)
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
+        #: called about every 0.25 s while a request waits (the REPL's debugger poll)
+        self.on_waiting: Callable[[float], None] | None = None
+        #: subscribed stream key -> the last seq handed to L{on_event}
+        self.streams: dict[str, int] = {}
+        # stream key -> seq up to which events were dropped and are still missing
+        self._gaps: dict[str, int] = {}
+        # events that came after a gap, held until the gap is filled
+        self._held: dict[str, list[dict[str, Any]]] = {}
+        self._filling_gaps = False
+        self._caught_up: list[dict[str, Any]] = []  # replayed while reconnecting
 
     # -- connection -------------------------------------------------------------
 
@@ -356,7 +391,13 @@ class StuiClient:
                 if deadline is not None:
                     wait = min(wait, deadline - now)
                 message = self.transport.receive(wait)
+                if message is not None and is_event(message):
+                    last_traffic = time.monotonic()  # the peer is alive (ZeroMQ liveness)
+                    self._dispatch_event(message)
+                    continue
                 if message is None:
+                    if self.on_waiting is not None:
+                        self.on_waiting(time.monotonic() - sent_at)
                     if not watch_liveness:
                         continue
                     now = time.monotonic()
@@ -387,6 +428,190 @@ class StuiClient:
                 interrupt_sent = True
                 self.notify("interrupting the evaluation (Ctrl-C again to stop waiting)")
                 self._unwanted_ids.add(self._send("interrupt", {"session_id": self.session_id}))
+
+    # -- events -----------------------------------------------------------------------
+
+    def subscribe(self, key: str, since: int | None = None) -> dict[str, Any]:
+        """Subscribe this connection to a session's stream (its id) or the team's.
+
+        With C{since}, the server replays the events after it first.  Returns the
+        C{subscribe} result; raises L{ServerError} when refused (then the stream is not
+        followed).  A C{truncated} answer is told to the user: events were trimmed.
+        """
+        with self.lock:
+            parameters: dict[str, Any] = {"session_id": key, "client_id": self.client_id}
+            if since is not None:
+                parameters["since"] = since
+            previous = self.streams.get(key)
+            self.streams.setdefault(key, since or 0)
+            try:
+                result = self.result("subscribe", parameters)
+            except BaseException:
+                if previous is None:
+                    self.streams.pop(key, None)
+                raise
+            self._after_subscribe(key, since, result)
+            return result
+
+    def _after_subscribe(self, key: str, since: int | None, result: dict[str, Any]) -> None:
+        last_seq = result.get("last_seq")
+        if since is None:
+            # live only: what is in the log already is not shown
+            if isinstance(last_seq, int):
+                self.streams[key] = max(self.streams.get(key, 0), last_seq)
+            return
+        if isinstance(last_seq, int) and last_seq < since:
+            # a team stream starts again at 1 after a server restart (kept in memory)
+            self.streams[key] = last_seq
+            self.notify(f"the {describe_stream(key)} started again; earlier events are gone")
+        elif result.get("truncated"):
+            self.notify(
+                f"events {since + 1}..{int(result.get('first_seq') or 1) - 1} of the "
+                f"{describe_stream(key)} were trimmed from its log before they were seen"
+            )
+
+    def unsubscribe(self, key: str) -> None:
+        """Stop following a stream (errors are ignored: the stream may be gone)."""
+        with self.lock:
+            self.streams.pop(key, None)
+            self._gaps.pop(key, None)
+            self._held.pop(key, None)
+            try:
+                self.call("unsubscribe", {"session_id": key, "client_id": self.client_id})
+            except ConnectionLost:
+                return
+
+    def poll_events(self) -> None:
+        """Hand the events that arrived while idle to L{on_event}; never blocks.
+
+        Does nothing while another thread uses the connection (it dispatches them).
+        Replies that arrive here are kept for whoever waits for them.
+        """
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            transport = self.transport
+            if transport is None or transport.peer_closed():
+                return
+            while True:
+                message = transport.receive(0)
+                if message is None:
+                    break
+                if is_event(message):
+                    self._dispatch_event(message)
+                elif message.get("id") in self._unwanted_ids:
+                    self._unwanted_ids.discard(message.get("id"))
+                else:
+                    self._replies[message.get("id")] = message
+        except ConnectionLost:
+            return  # the idle watcher (or the next command) reconnects
+        finally:
+            self.lock.release()
+
+    def wait_events(self, timeout: float) -> None:
+        """Block up to C{timeout} s for events and hand them on (C{--watch}); a lost
+        connection is recovered (and the streams subscribed again from their last seq)."""
+        with self.lock:
+            if self.transport is None or self.transport.peer_closed():
+                self.recover(allow_prompt=False)
+                return
+            try:
+                message = self.transport.receive(timeout)
+            except ConnectionLost:
+                self.close()
+                return
+            while message is not None:
+                if is_event(message):
+                    self._dispatch_event(message)
+                message = self.transport.receive(0)
+
+    def _dispatch_event(self, message: dict[str, Any]) -> None:
+        key = stream_key(message)
+        if message.get("event") == "dropped":
+            from_seq, to_seq = message.get("from_seq"), message.get("to_seq")
+            if isinstance(from_seq, int) and isinstance(to_seq, int):
+                self._gaps[key] = max(self._gaps.get(key, 0), to_seq)
+                self.streams[key] = min(self.streams.get(key, from_seq - 1), from_seq - 1)
+                self._fill_gaps()
+            return
+        if key in self._gaps:
+            self._held.setdefault(key, []).append(message)
+            return
+        self._deliver(key, message)
+
+    def _deliver(self, key: str, message: dict[str, Any]) -> None:
+        seq = message.get("seq")
+        if isinstance(seq, int) and key in self.streams:
+            if seq <= self.streams[key]:
+                return  # seen already (a replay overlapping what arrived live)
+            self.streams[key] = seq
+        if self._recovering:
+            self._caught_up.append(message)  # shown after "Reconnected to …"
+        elif self.on_event is not None:
+            self.on_event(message)
+
+    def _deliver_caught_up(self) -> None:
+        caught_up, self._caught_up = self._caught_up, []
+        for message in caught_up:
+            if self.on_event is not None:
+                self.on_event(message)
+
+    def _fill_gaps(self) -> None:
+        """Read dropped events from the log (C{get_events since=from_seq-1})."""
+        if self._filling_gaps:
+            return  # the loop below sees the new gap
+        self._filling_gaps = True
+        try:
+            while self._gaps:
+                key, to_seq = next(iter(self._gaps.items()))
+                since = self.streams.get(key, 0)
+                while since < to_seq:
+                    result = self.result(
+                        "get_events",
+                        {
+                            "session_id": key,
+                            "client_id": self.client_id,
+                            "since": since,
+                            "limit": CATCH_UP_LIMIT,
+                        },
+                    )
+                    events = [e for e in result.get("events") or [] if e.get("seq", 0) > since]
+                    if result.get("truncated"):
+                        first = int(result.get("first_seq") or since + 1)
+                        self.notify(
+                            f"events {since + 1}..{first - 1} of the {describe_stream(key)} "
+                            "were trimmed from its log before they were seen"
+                        )
+                        self.streams[key] = since = first - 1
+                    if not events:
+                        break
+                    for event in events:
+                        self._deliver(key, event)
+                    since = self.streams.get(key, since)
+                self._gaps.pop(key, None)
+                for held in self._held.pop(key, []):
+                    self._deliver(key, held)
+        except (ServerError, ConnectionLost) as error:
+            # a reconnection subscribes again with since = the last seq seen
+            self.notify(f"could not read the dropped events: {error}")
+            for key in self._gaps:
+                self._held.pop(key, None)
+            self._gaps.clear()
+        finally:
+            self._filling_gaps = False
+
+    def _resubscribe(self) -> str:
+        """After reconnecting: follow the same streams again from the last seq seen."""
+        lost = []
+        for key, last in list(self.streams.items()):
+            self._gaps.pop(key, None)
+            self._held.pop(key, None)
+            try:
+                self.subscribe(key, since=last)
+            except ServerError as error:
+                self.streams.pop(key, None)
+                lost.append(f"{describe_stream(key)}: {error}")
+        return "".join(f"no longer following the {line}\n" for line in lost)
 
     # -- authentication -----------------------------------------------------------
 
@@ -429,22 +654,30 @@ class StuiClient:
             "capabilities": list(CLIENT_CAPABILITIES),
         }
 
-    def open_session(self, *, force_new: bool = False, session_id: str | None = None) -> str:
+    def open_session(
+        self, *, force_new: bool = False, session_id: str | None = None, remember: bool = True
+    ) -> str:
         """Restore C{session_id}, or the last session used here, or create one.
 
-        Returns a sentence for the user; raises L{ServerError} if it cannot.
+        With C{remember=False} (a session somebody shared with us) the state file
+        keeps naming our own last session.  Returns a sentence for the user; raises
+        L{ServerError} if it cannot.
         """
         with self.lock:
             for attempt in range(2):
                 try:
-                    return self._open_session_once(force_new=force_new, session_id=session_id)
+                    return self._open_session_once(
+                        force_new=force_new, session_id=session_id, remember=remember
+                    )
                 except ServerError as error:
                     if error.error_type != "AuthenticationRequired" or attempt:
                         raise
                     self.authenticate()
             raise AssertionError("unreachable")
 
-    def _open_session_once(self, *, force_new: bool, session_id: str | None) -> str:
+    def _open_session_once(
+        self, *, force_new: bool, session_id: str | None, remember: bool = True
+    ) -> str:
         self.session_note = ""
         if session_id is not None:
             result = self.result(
@@ -452,7 +685,10 @@ class StuiClient:
                 {"session_id": session_id, "client_id": self.client_id},
                 auto_authenticate=False,
             )
-            self._adopt_session(result["session_id"])
+            if remember:
+                self._adopt_session(result["session_id"])
+            else:
+                self.session_id = result["session_id"]
             return f"Session {self.session_id} restored.\n" + format_bindings_note(result)
         note = ""
         last = (
@@ -491,9 +727,18 @@ class StuiClient:
             self.state.remember_session(self.address.url, self.client_id, session_id)
 
     def forget_session(self) -> None:
-        """After C{close_session}: the next command starts a new session."""
-        if self.state is not None and self.session_id is not None:
-            self.state.forget_session(self.address.url, self.client_id)
+        """After C{close_session}: the next command starts a new session.
+
+        The state file forgets it only when it is the session remembered there (a
+        session shared with us, attached with C{remember=False}, never is).
+        """
+        url, client_id = self.address.url, self.client_id
+        if (
+            self.state is not None
+            and self.session_id is not None
+            and self.state.last_session(url, client_id) == self.session_id
+        ):
+            self.state.forget_session(url, client_id)
         self.session_id = None
 
     def evaluate(self, code: str, mode: str = "execute") -> dict[str, Any]:
@@ -551,6 +796,7 @@ class StuiClient:
                 finally:
                     self._recovering = False
                 self.notify(f"Reconnected to {self.address.url}. {message}".rstrip())
+                self._deliver_caught_up()
                 return
             self.reconnect_abandoned = True
             raise ConnectionLost(
@@ -561,6 +807,10 @@ class StuiClient:
     def _reestablish(self, allow_prompt: bool) -> str:
         if self.authenticated:
             self.authenticate(allow_prompt=allow_prompt)
+        message = self._restore_after_reconnect(allow_prompt)
+        return message + self._resubscribe()
+
+    def _restore_after_reconnect(self, allow_prompt: bool) -> str:
         if self.session_id is None:
             return ""
         previous = self.session_id
@@ -576,6 +826,7 @@ class StuiClient:
         error = ServerError(reply)
         if error.error_type not in SESSION_GONE_ERRORS:
             raise error
+        self.streams.pop(previous, None)
         self.forget_session()
         created = self.open_session(force_new=True)
         return f"Session {previous} {describe_gone(error.error_type)}. {created}"
@@ -596,6 +847,10 @@ class StuiClient:
             self.notify(f"{error}; the next command will try again")
         finally:
             self.lock.release()
+
+
+def describe_stream(key: str) -> str:
+    return "team stream" if key == TEAM else f"event stream of {key}"
 
 
 def describe_gone(error_type: str) -> str:

@@ -8,8 +8,10 @@ C{tls://HOST:PORT}
     the same framing inside TLS; the server certificate and host name are verified
     with the L{ssl} module against C{--cafile} or the system trust store.
 C{zmq://HOST:PORT}
-    a ZeroMQ DEALER socket; each request is sent as C{[b"", payload]} and each
-    reply arrives as C{[b"", reply]}.
+    a ZeroMQ DEALER socket; each request is sent as the single frame C{[payload]}
+    and each reply (and, after C{subscribe}, each event) arrives as C{[message]}.
+    Without the empty delimiter frame the server knows it is a DEALER that takes
+    pushed events (docs/protocol.md: with the delimiter it is treated as REQ).
 
 Every transport offers the same small interface: L{connect}, L{send}
 (one request object), L{receive} (one reply object, or C{None} on timeout),
@@ -271,7 +273,7 @@ class ZmqTransport:
     def send(self, message: dict[str, Any]) -> None:
         sock = self._require_socket()
         try:
-            sock.send_multipart([b"", encode_request(message)], flags=self._zmq.NOBLOCK)
+            sock.send_multipart([encode_request(message)], flags=self._zmq.NOBLOCK)
         except self._zmq.ZMQError as error:
             raise ConnectionLost(f"cannot send to {self.address.url}: {error}") from error
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 
 from stui_twisted import PROTOCOL_VERSION, SERVER_NAME, __version__
+from stui_twisted.dispatch.admin_commands import build_admin_commands
 from stui_twisted.dispatch.browse_commands import build_browse_commands, language_version
 from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
+from stui_twisted.dispatch.plan_commands import build_plan_commands
+from stui_twisted.dispatch.share_commands import build_share_commands
 from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
-from stui_twisted.sessions.results import UNSET, Rebuilt
+from stui_twisted.sessions.results import UNSET, EvaluationStarted, Rebuilt
 
 SESSION_ID = Param("session_id", "string", description="defaults to the current session")
 
@@ -104,6 +107,8 @@ class WireCommands:
                 "attached_connections": info.attached_connections,
             }
         )
+        if info.shares is not None:  # the owner's view only (access.md §1)
+            result["shares"] = info.shares
         return result
 
     async def list_client_sessions(self, call: Call) -> dict:
@@ -133,6 +138,7 @@ class WireCommands:
             "uptime": stats.uptime,
             "durability": settings.durability,
             "storage": stats.storage,
+            "config_reload_errors": self.service.plans.reload_errors,
         }
 
     async def save_context(self, call: Call) -> dict:
@@ -190,7 +196,14 @@ class WireCommands:
             code=call.params["code"],
             mode=call.params["mode"],
             timeout=call.params.get("timeout"),
+            wait=call.params["wait"],
         )
+        if isinstance(outcome, EvaluationStarted):
+            return {
+                "session_id": outcome.session_id,
+                "history_index": outcome.history_index,
+                "started": True,
+            }
         return {
             "session_id": outcome.session_id,
             "result": outcome.result,
@@ -220,6 +233,16 @@ class WireCommands:
         )
         return completions.completions
 
+    async def get_evaluation(self, call: Call) -> dict:
+        session_id, entry = await self.service.get_evaluation(
+            **_target(call), history_index=call.params["history_index"]
+        )
+        return dict(entry, session_id=session_id, history_index=entry["index"])
+
+    async def send_input(self, call: Call) -> dict:
+        session_id, index = await self.service.send_input(**_target(call), text=call.params["text"])
+        return {"session_id": session_id, "history_index": index, "accepted": True}
+
     async def interrupt(self, call: Call) -> dict:
         session_id, interrupted = await self.service.interrupt(**_target(call))
         return {"session_id": session_id, "interrupted": interrupted}
@@ -246,6 +269,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             "uptime": service.uptime(),
             "pid": os.getpid(),
             "image": service.image_status(),
+            "node": service.node(),
         }
 
     async def describe(call) -> dict:
@@ -395,8 +419,26 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
                     lowercase=True,
                 ),
                 Param("timeout", "number", description="seconds, default 30, max 600"),
+                Param(
+                    "wait",
+                    "boolean",
+                    default=True,
+                    description="false: reply at once with history_index",
+                ),
             ),
             "run code in the session's workspace",
+        ),
+        Command(
+            "get_evaluation",
+            S.get_evaluation,
+            (SESSION_ID, Param("client_id", "string"), Param("history_index", "integer", True)),
+            "one evaluation: its history entry, or its output so far while it runs",
+        ),
+        Command(
+            "send_input",
+            S.send_input,
+            (SESSION_ID, Param("client_id", "string"), Param("text", "string", True)),
+            "answer the input() the session's evaluation waits in",
         ),
         Command(
             "inspect",
@@ -429,4 +471,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         ),
         *build_browse_commands(service),
         *build_debug_commands(service),
+        *build_plan_commands(dispatcher, authenticator),
+        *build_admin_commands(service, authenticator),
+        *build_share_commands(service),
     ]

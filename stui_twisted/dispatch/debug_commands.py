@@ -20,7 +20,12 @@ BREAKPOINT_FIELDS = ("breakpoint_id", "function", "file", "line", "condition", "
 
 
 async def _session(service, call):
-    return await service._session_for(call.params.get("session_id"), call.client_id, call.context)
+    return await service._session_for(
+        call.params.get("session_id"),
+        call.client_id,
+        call.context,
+        command=call.request.command,
+    )
 
 
 async def _debug(service, call, operation: str, arguments: dict):

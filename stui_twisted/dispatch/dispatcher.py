@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stui_twisted.access.plans import PlanBook
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.protocol.envelope import (
     Request,
@@ -27,6 +28,7 @@ from stui_twisted.protocol.envelope import (
 )
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
 from stui_twisted.protocol.requests import parse_request
+from stui_twisted.settings import Settings
 
 _TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
@@ -138,6 +140,10 @@ class Command:
     description: str = ""
     public: bool = False
     """Allowed before authentication (ping, describe, authenticate)."""
+    targets_client: bool = False
+    """Its C{client_id} parameter names the principal acted on, not the caller
+    (the admin commands): it is neither checked against nor defaulted to the
+    principal."""
 
 
 class IAuthGate:
@@ -172,10 +178,14 @@ class Dispatcher:
 
     log = Logger()
 
-    def __init__(self, *, clock, auth: IAuthGate | None = None, observers=()) -> None:
+    def __init__(self, *, clock, auth: IAuthGate | None = None, plans=None, observers=()) -> None:
         self._clock = clock
         self._commands: dict[str, Command] = {}
         self.auth = auth or NoAuth()
+        self.plans = (
+            plans if plans is not None else PlanBook(Settings(), auth_enabled=self.auth.enabled)
+        )
+        """The L{stui_twisted.access.plans.PlanBook} that gates commands by feature."""
         self.stats = DispatchStats()
         self._observers = list(observers)
         self._client_observers: list[Callable[[ConnectionContext, str], None]] = []
@@ -242,6 +252,10 @@ class Dispatcher:
             shape = request.format_a
             command = self._lookup(request)
             principal = self._authorize(context, request, command)
+            context.last_command, context.last_activity = command.name, received_at
+            if principal is not None:
+                context.last_client_id = principal
+            self.plans.check(command.name, principal)
             params = self._validate(command, self._with_principal(command, request, principal))
             call = Call(context, request, params, received_at, principal)
             if self._client_observers and call.client_id is not None:
@@ -336,7 +350,7 @@ class Dispatcher:
                 f"authenticate first with 'authenticate' (username, password){hint}",
             )
         claimed = request.parameters.get("client_id")
-        if claimed is not None and claimed != principal:
+        if claimed is not None and claimed != principal and not command.targets_client:
             raise StuiError(
                 "PermissionDenied",
                 f"client_id {str(claimed)[:128]!r} is not the authenticated client",
@@ -347,7 +361,7 @@ class Dispatcher:
     def _with_principal(self, command: Command, request: Request, principal: str | None) -> dict:
         """The parameters, with C{client_id} defaulting to the principal under auth."""
         given = request.parameters
-        if principal is None or "client_id" in given:
+        if principal is None or "client_id" in given or command.targets_client:
             return given
         if any(param.name == "client_id" for param in command.params):
             return dict(given, client_id=principal)

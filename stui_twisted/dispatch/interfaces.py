@@ -50,6 +50,13 @@ class ConnectionContext:
     """The L{IClientConnection} itself (events are pushed to it)."""
     outbox: Any = field(default=None, repr=False, compare=False)
     """Its L{stui_twisted.events.hub.Outbox} once it subscribed to a stream."""
+    connected_at: float | None = None
+    """When the conversation began (set by the connection registry)."""
+    last_command: str | None = None
+    last_activity: float | None = None
+    """The name and receipt time of its last request to a known command (C{list_clients})."""
+    last_client_id: str | None = None
+    """The principal its last authenticated request acted as (ZeroMQ keeps none otherwise)."""
 
     @property
     def label(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stui_twisted.access.sharing import OWNER, role_of
 from stui_twisted.dispatch.dispatcher import Command, Param
 from stui_twisted.events.hub import TEAM
 from stui_twisted.protocol.errors import invalid_parameter
@@ -14,13 +15,20 @@ STREAM = Param(
 def build_event_commands(service, hub, *, max_limit: int = 1000, max_wait: float = 30.0):
     """The commands, bound to the session service (access checks) and the hub."""
 
-    async def stream_key(call) -> str:
+    async def stream_of(call, command: str) -> tuple[str, tuple[str, str] | None]:
+        """The stream key, and C{(client id, access)} when a non-owner watches it."""
         if call.params.get("session_id") == TEAM:
-            return TEAM
+            return TEAM, None
         session = await service._session_for(
-            call.params.get("session_id"), call.client_id, call.context, touch=False
+            call.params.get("session_id"),
+            call.client_id,
+            call.context,
+            command=command,
+            touch=False,
         )
-        return session.session_id
+        access = role_of(session.client_id, session.shares, call.client_id)
+        watcher = None if access == OWNER else (call.client_id, access)
+        return session.session_id, watcher
 
     def since_param(call, required: bool) -> int | None:
         since = call.params.get("since")
@@ -32,20 +40,29 @@ def build_event_commands(service, hub, *, max_limit: int = 1000, max_wait: float
             raise invalid_parameter("since", f"must be 0 or more, not {since}")
         return since
 
+    async def watchers_durable(key: str) -> None:
+        """Under C{always}, a C{watcher_joined}/C{watcher_left} is on disk before the reply."""
+        if key != TEAM and hub.durability == "always":
+            await hub.sync(key)
+
     async def subscribe(call) -> dict:
-        key = await stream_key(call)
+        key, watcher = await stream_of(call, "subscribe")
         since = since_param(call, False)
-        return hub.subscribe(call.context, call.context.connection, key, since)
+        result = hub.subscribe(call.context, call.context.connection, key, since, watcher)
+        await watchers_durable(key)
+        return result
 
     async def unsubscribe(call) -> dict:
         if call.params.get("session_id") == TEAM:
             key = TEAM
         else:
             key = call.params.get("session_id") or call.context.current_session_id or ""
-        return {"unsubscribed": hub.unsubscribe(call.context, key)}
+        unsubscribed = hub.unsubscribe(call.context, key)
+        await watchers_durable(key)
+        return {"unsubscribed": unsubscribed}
 
     async def get_events(call) -> dict:
-        key = await stream_key(call)
+        key, _watcher = await stream_of(call, "get_events")
         since = since_param(call, True)
         limit = call.params["limit"]
         if not 1 <= limit <= max_limit:

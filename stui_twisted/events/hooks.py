@@ -98,3 +98,10 @@ def state_updated(service, session, by, parts) -> None:
         "last_modified": iso_timestamp(session.last_modified),
     }
     publish(service, session.session_id, "state_updated", data)
+
+
+def share_changed(service, session_id: str, client_id: str, access: str | None) -> None:
+    """C{client_id}'s share is now C{access} (None: unshared; its subscriptions end)."""
+    hub = getattr(service, "events", None)
+    if hub is not None:
+        hub.share_changed(session_id, client_id, access)

@@ -120,6 +120,12 @@ class _Stream:
         self.loading: defer.Deferred | None = None
         self.load_waiters: list[defer.Deferred] = []
         self.queued: list[tuple[str, dict, float]] = []  # published while it loaded
+        # connection id -> [client id, access] of subscribers that are not the owner
+        self.watchers: dict[int, list[str]] = {}
+
+    def watching(self, client_id: str) -> bool:
+        """Whether a conversation of C{client_id} still watches this stream."""
+        return any(who == client_id for who, _access in self.watchers.values())
 
 
 class EventHub:
@@ -322,8 +328,14 @@ class EventHub:
             context.outbox = outbox
         return outbox
 
-    def subscribe(self, context, connection, key: str, since: int | None) -> dict:
-        """Replay (C{seq > since}) then live, in one reactor turn: no gap, no duplicate."""
+    def subscribe(self, context, connection, key: str, since: int | None, watcher=None) -> dict:
+        """Replay (C{seq > since}) then live, in one reactor turn: no gap, no duplicate.
+
+        @param watcher: C{(client id, access)} when the subscriber is not the
+            session's owner but a principal it is shared with (access.md):
+            the stream gets C{watcher_joined} when that principal's first
+            conversation subscribes, and C{watcher_left} when its last one goes.
+        """
         stream = self._stream(key)
         log = stream.log
         replay = [] if since is None else log.since_encoded(since)
@@ -335,6 +347,8 @@ class EventHub:
                 outbox.push(key, session_id, seq, encoded)
             stream.subscribers[context.connection_id] = outbox
             outbox.streams.add(key)
+            if watcher is not None:
+                self._watcher_joined(stream, context.connection_id, *watcher)
         return {
             "stream": TEAM if key == TEAM else "session",
             "session_id": None if key == TEAM else key,
@@ -352,7 +366,48 @@ class EventHub:
         outbox = getattr(context, "outbox", None)
         if outbox is not None:
             outbox.streams.discard(key)
+        self._watcher_gone(stream, context.connection_id)
         return True
+
+    # -- watchers (access.md: principals a session is shared with) ------------
+
+    def _watcher_joined(self, stream: _Stream, connection_id: int, client_id: str, access: str):
+        known = stream.watching(client_id)
+        stream.watchers[connection_id] = [client_id, access]
+        if not known:
+            self.publish(stream.key, "watcher_joined", {"client_id": client_id, "access": access})
+
+    def _watcher_gone(self, stream: _Stream, connection_id: int) -> None:
+        entry = stream.watchers.pop(connection_id, None)
+        if entry is not None and not stream.watching(entry[0]):
+            client_id, access = entry
+            self.publish(stream.key, "watcher_left", {"client_id": client_id, "access": access})
+
+    def share_changed(self, session_id: str, client_id: str, access: str | None) -> None:
+        """C{client_id}'s share of the session is now C{access} (None: taken away).
+
+        Taken away, every subscription of C{client_id} to the session ends at
+        once: C{watcher_left} is published first (so the watcher's own
+        conversations receive it as their last event of the stream), then its
+        conversations are unsubscribed.
+        """
+        stream = self._streams.get(session_id)
+        if stream is None:
+            return
+        ids = [cid for cid, (who, _a) in stream.watchers.items() if who == client_id]
+        if not ids:
+            return
+        if access is not None:
+            for connection_id in ids:
+                stream.watchers[connection_id][1] = access
+            return
+        last_access = stream.watchers[ids[0]][1]
+        self.publish(session_id, "watcher_left", {"client_id": client_id, "access": last_access})
+        for connection_id in ids:
+            del stream.watchers[connection_id]
+            outbox = stream.subscribers.pop(connection_id, None)
+            if outbox is not None:
+                outbox.streams.discard(session_id)
 
     def connection_closed(self, context) -> None:
         """Drop every subscription of a conversation that went away."""
@@ -368,6 +423,7 @@ class EventHub:
             stream = self._streams.get(key)
             if stream is not None:
                 stream.subscribers.pop(context.connection_id, None)
+                self._watcher_gone(stream, context.connection_id)
         outbox.streams.clear()
         context.outbox = None
 

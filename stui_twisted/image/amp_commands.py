@@ -192,3 +192,20 @@ class OutputChunk(amp.Command):
         (b"pieces", ChunkedJSON()),
     ]
     response = []
+
+
+class RequestInput(amp.Command):
+    """From the image to the server: a cell called C{input()} (events.md §5).
+
+    C{cell_index} is the history index of the evaluation.  The answer is
+    C{text} (what the client sent), or C{eof} (why nobody can answer: the
+    cell's C{input()} raises C{EOFError} with it).
+    """
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"cell_index", amp.Integer(optional=True)),
+        (b"prompt", ChunkedJSON()),
+        (b"password", amp.Boolean()),
+    ]
+    response = [(b"text", ChunkedJSON(optional=True)), (b"eof", amp.Unicode(optional=True))]

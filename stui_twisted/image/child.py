@@ -192,6 +192,39 @@ class ImageChildProtocol(amp.AMP):
         self._reactor = reactor
         self._image = image
         self._workers: dict[str, SessionWorker] = {}
+        image.input_source = self.read_input
+
+    def read_input(self, session_id: str, cell, prompt: str, password: bool, guard) -> str:
+        """On a session's worker thread: ask the server for a line of input.
+
+        The thread waits for the answer; a stop (interrupt, the time limit)
+        ends the wait at once and raises its reason (L{StopGuard.cancelling}).
+        """
+        answer: dict = {}
+        done = threading.Event()
+
+        def settle(outcome) -> None:
+            answer.update(outcome)
+            done.set()
+
+        def ask() -> None:
+            sent = self.callRemote(
+                commands.RequestInput,
+                session_id=session_id,
+                cell_index=cell,
+                prompt=prompt,
+                password=password,
+            )
+            sent.addCallbacks(
+                settle, lambda failure: settle({"eof": f"input(): {failure.getErrorMessage()}"})
+            )
+
+        self._reactor.callFromThread(ask)
+        with guard.cancelling(done.set):
+            done.wait()
+        if answer.get("text") is None:
+            raise EOFError(answer.get("eof") or "input() got no answer")
+        return answer["text"]
 
     def _worker(self, session_id: str) -> SessionWorker:
         worker = self._workers.get(session_id)

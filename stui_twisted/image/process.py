@@ -59,15 +59,20 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
-class _ChildCalls(amp.CommandLocator):
-    """What the image asks of the server (its AMP connection is bidirectional)."""
+class ServerSideAMP(amp.AMP):
+    """The server's end of the AMP channel: it answers what the image asks."""
 
     def __init__(self, supervisor: ImageSupervisor) -> None:
-        self.supervisor = supervisor
+        super().__init__()
+        self._supervisor = supervisor
+
+    @commands.RequestInput.responder
+    def request_input(self, session_id, prompt, password, cell_index=None):
+        return self._supervisor.input_requested(session_id, cell_index, prompt, password)
 
     @commands.OutputChunk.responder
     def output_chunk(self, session_id, pieces, history_index=None):
-        self.supervisor._output_written(session_id, history_index, pieces or [])
+        self._supervisor._output_written(session_id, history_index, pieces or [])
         return {}
 
 
@@ -77,7 +82,7 @@ class ImageProcess(protocol.ProcessProtocol):
     def __init__(self, supervisor: ImageSupervisor, generation: int) -> None:
         self.supervisor = supervisor
         self.generation = generation
-        self.amp = amp.AMP(locator=_ChildCalls(supervisor))
+        self.amp = ServerSideAMP(supervisor)
         self.pid: int | None = None
         self.ready = False
         self.ended = False

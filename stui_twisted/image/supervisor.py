@@ -116,6 +116,9 @@ class ImageSupervisor(service.Service):
         self._output_observers: list = []
         self._lanes: dict[str, defer.DeferredLock] = {}
         self._running_tasks: dict[str, Request] = {}
+        self.input_handler = None
+        """C{handler(session_id, cell_index, prompt, password)} answers a cell's
+        C{input()}: a Deferred of C{{text}} or C{{eof}} (L{input_requested})."""
 
     # -- lifecycle --
 
@@ -358,6 +361,19 @@ class ImageSupervisor(service.Service):
         waiter = defer.Deferred()
         self._ready_waiters.append(waiter)
         return waiter
+
+    def input_requested(self, session_id: str, cell_index, prompt: str, password: bool):
+        """A cell of the image called C{input()}: C{{text}} once a client answers,
+        or C{{eof}} at once when nobody can (see L{input_handler})."""
+        if self.input_handler is None or session_id not in self._running_tasks:
+            return {"eof": "input() cannot be answered: no evaluation of this session is running"}
+        answer = defer.maybeDeferred(self.input_handler, session_id, cell_index, prompt, password)
+
+        def failed(reason):
+            self.log.failure("answering input() failed", reason)
+            return {"eof": "input() cannot be answered: the server failed (see its log)"}
+
+        return answer.addErrback(failed)
 
     # -- sending --
 

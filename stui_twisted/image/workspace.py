@@ -69,6 +69,7 @@ from stui_twisted.image.interruption import (
     NoGuard,
     TimeLimitReached,
 )
+from stui_twisted.image.userinput import answering_input
 from stui_twisted.protocol.errors import StuiError
 
 MiB = 1024 * 1024
@@ -145,6 +146,10 @@ class Image:
         self._sessions_lock = threading.Lock()
         #: the event loop of cells that await (started on first use)
         self.loop = ImageLoop()
+        #: C{source(session_id, cell, prompt, password, guard) -> text} answers
+        #: C{input()} in a cell (the child sets it: it asks the server); None:
+        #: C{input()} raises C{EOFError}.
+        self.input_source = None
 
     def session(self, session_id: str) -> SessionWorkspace:
         """The workspace of C{session_id}, created empty on first use."""
@@ -399,7 +404,7 @@ class SessionWorkspace:
         self._note_dropped_background_output(buffer)
         sink = OutputSink(buffer, self._count_dropped_background_output, self._tasks)
         started = time.perf_counter()
-        with captured_output(buffer):
+        with captured_output(buffer), answering_input(self._input_reader(guard, cell)):
             try:
                 try:
                     guard.arm()
@@ -469,6 +474,18 @@ class SessionWorkspace:
             **delta,
         }
 
+    def _input_reader(self, guard, cell: int | None):
+        """What answers C{input()} in this cell: the image's C{input_source}
+        (the child asks the server), or end of file when there is none."""
+
+        def ask(prompt: str, password: bool) -> str:
+            source = self.image.input_source
+            if source is None:
+                raise EOFError("input() cannot be answered: no client is attached to this image")
+            return source(self.session_id, cell, prompt, password, guard)
+
+        return ask
+
     def _run_code(self, code: types.CodeType, guard, sink: OutputSink) -> Any:
         """Run one compiled part of a cell; a coroutine (the cell awaits) runs
         on the image's event loop while this thread waits, and a stop cancels
@@ -506,11 +523,10 @@ class SessionWorkspace:
             )
 
     def _cell_number(self, cell_index: int | None) -> int | None:
-        """The history index this evaluation gets: C{cell_index}, the server's
-        C{history_counter + 1} when it sent the request, or one past the
-        previous evaluation when that one was still running then (pipelined
-        requests of one session run one after the other and each makes a
-        history entry)."""
+        """The history index this evaluation gets: C{cell_index}, which the
+        server assigns when the evaluation starts (queued ones included), or,
+        from a server that numbered a queued evaluation like the one before
+        it, one past the previous evaluation."""
         if cell_index is None:
             return None
         cell = int(cell_index)

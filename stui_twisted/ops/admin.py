@@ -3,6 +3,7 @@
 Usage (also C{python -m stui_twisted.ops.admin})::
 
     stui-admin [--data-dir DIR] list [--client ID] [--state STATE] [--json]
+    stui-admin [--data-dir DIR] shares [--client ID] [--with ID] [--json]
     stui-admin [--data-dir DIR] verify [--json]
     stui-admin [--data-dir DIR] quarantine [--json]
     stui-admin [--data-dir DIR] expire SESSION_ID [--force]
@@ -13,7 +14,7 @@ Everything goes through L{stui_twisted.storage.store.SessionStore}, so the tool
 reads and writes exactly the files the server does (MACs, C{.bak} recovery,
 atomic replacement) and never re-implements the file format.
 
-C{list}, C{verify} and C{quarantine} only read, and are safe while a server
+C{list}, C{shares}, C{verify} and C{quarantine} only read, and are safe while a server
 uses the directory (files are replaced atomically; C{list} may, like the
 server, restore a damaged file from its C{.bak}).  C{expire} and C{delete}
 change files and are *offline* operations: a running server keeps its sessions
@@ -271,6 +272,43 @@ async def command_list(reactor, store, args) -> int:
     return EXIT_OK
 
 
+async def command_shares(reactor, store, args) -> int:
+    """Print which sessions are shared with whom (access.md §1), one row per share."""
+    from stui_twisted.access.sharing import shares_from, shares_list
+
+    now = time.time()
+    rows = []
+    for meta in sorted(await store.load_index(), key=lambda m: m.get("created_at") or ""):
+        if args.client is not None and meta["client_id"] != args.client:
+            continue
+        for share in shares_list(shares_from(meta.get("shares"))):
+            if args.with_client is not None and share["client_id"] != args.with_client:
+                continue
+            rows.append(
+                {
+                    "session_id": meta["session_id"],
+                    "owner": meta["client_id"],
+                    "shared_with": share["client_id"],
+                    "access": share["access"],
+                    "effective_state": effective_state(meta, now),
+                }
+            )
+    rows.sort(key=lambda r: (r["owner"], r["session_id"], r["shared_with"]))
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    _print_table(
+        ["SESSION_ID", "OWNER", "SHARED_WITH", "ACCESS", "STATE"],
+        [
+            [r["session_id"], r["owner"], r["shared_with"], r["access"], r["effective_state"]]
+            for r in rows
+        ],
+    )
+    sessions = len({r["session_id"] for r in rows})
+    print(f"{len(rows)} shares of {sessions} sessions", file=sys.stderr)
+    return EXIT_OK
+
+
 def _is_temp(row: dict) -> bool:
     return os.path.basename(row["path"]).startswith(".")
 
@@ -418,6 +456,7 @@ async def command_migrate(reactor, store, args) -> int:
 COMMANDS = {
     "migrate": command_migrate,
     "list": command_list,
+    "shares": command_shares,
     "verify": command_verify,
     "quarantine": command_quarantine,
     "expire": command_expire,
@@ -445,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--client", help="only this client id's sessions")
     listing.add_argument("--state", choices=("active", "expired", "closed"), help="only this state")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    shares = commands.add_parser("shares", help="which sessions are shared with whom, and how")
+    shares.add_argument("--client", help="only sessions this client id owns")
+    shares.add_argument("--with", dest="with_client", help="only shares with this client id")
+    shares.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verify = commands.add_parser("verify", help="check every file's MAC; exit 1 if any is bad")
     verify.add_argument("--json", action="store_true", help="print every file's result as JSON")
     quarantine = commands.add_parser("quarantine", help="show the files moved to DATA/quarantine")

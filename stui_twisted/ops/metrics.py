@@ -16,6 +16,11 @@ What is measured, and where it comes from:
   C{kind="single"} for one session (C{always} durability, C{save_context},
   C{close_session}), from the store's write observer hook
   (C{SessionStore.addWriteObserver}; L{time_store_writes}).
+- With C{--store=postgresql:...}: the pool (C{stui_storage_pool_size},
+  C{stui_storage_pool_in_use}), C{stui_storage_transaction_duration_seconds}
+  (histogram: the latency of each committed transaction, from the store's
+  C{addTransactionObserver}), leases held and C{stui_storage_lease_takeovers}
+  (sessions taken over from a node whose lease ran out).
 - C{process_*}: CPU, memory and file descriptors of the server process.
 
 Each server has its own L{CollectorRegistry}, never the global one, so
@@ -141,6 +146,11 @@ class ServerCollector:
         yield from self._connections()
         yield from self._storage()
         yield from self._image()
+        yield CounterMetricFamily(
+            "stui_config_reload_errors",
+            "Plan reloads (SIGHUP, or a changed --config file) that failed and kept the plans.",
+            value=self.service.plans.reload_errors,
+        )
 
     def _build_info(self):
         info = GaugeMetricFamily(
@@ -245,6 +255,16 @@ class ServerCollector:
                 "Time spent in those transactions (s).",
                 value=statistics.get("transaction_seconds", 0.0),
             )
+            yield GaugeMetricFamily(
+                "stui_storage_leases_held",
+                "Sessions this node holds the lease of (serves) now.",
+                value=statistics.get("leases_held", 0),
+            )
+            yield CounterMetricFamily(
+                "stui_storage_lease_takeovers",
+                "Sessions this node took over from a node whose lease had run out, since start.",
+                value=statistics.get("lease_takeovers", 0),
+            )
         last_flush = statistics.get("last_flush_at")
         if last_flush:
             try:
@@ -299,6 +319,15 @@ def build_registry(service: Any, dispatcher: Any, connections: Any = None) -> Co
     flushes.labels("batch")
     flushes.labels("single")
     time_store_writes(service.store, flushes)
+    observe_transactions = getattr(service.store, "addTransactionObserver", None)
+    if observe_transactions is not None:  # the PostgreSQL store
+        transactions = Histogram(
+            "stui_storage_transaction_duration_seconds",
+            "Database transactions of the PostgreSQL store, from start to commit.",
+            buckets=FLUSH_BUCKETS,
+            registry=registry,
+        )
+        observe_transactions(transactions.observe)
     registry.register(ServerCollector(service, connections))
     ProcessCollector(registry=registry)
     return registry

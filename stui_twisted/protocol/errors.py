@@ -24,6 +24,7 @@ ERROR_TYPES = frozenset(
         "SessionNotFound",
         "SessionExpired",
         "SessionClosed",
+        "SessionElsewhere",
         "StateTooLarge",
         "EvaluationError",
         "ObjectNotFound",

@@ -5,8 +5,10 @@ L{stui_twisted.sessions.service.SessionService} owns.  It turns the image's
 replies into session changes (stored bindings, variables, registry, history,
 shared namespace) and rebuilds namespaces from stored bindings when a session
 is restored or the image is replaced.  It sees the service only through
-L{SessionsView} (three members), and answers domain objects
-(L{stui_twisted.sessions.results}), never reply dicts.
+L{SessionsView} (three members; and its C{events} hub and C{connections},
+when they are wired), and answers domain objects
+(L{stui_twisted.sessions.results}), never reply dicts.  Evaluations between
+their start and their end are L{stui_twisted.sessions.evaluations}'.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from typing import Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.access.plans import PlanBook
 from stui_twisted.events import hooks as event_hooks
 from stui_twisted.image.supervisor import StaleGeneration
 from stui_twisted.protocol.envelope import iso_timestamp
 from stui_twisted.protocol.errors import StuiError, invalid_parameter
+from stui_twisted.sessions.evaluations import (
+    RunningEvaluation,
+    RunningEvaluations,
+    clip,
+)
 from stui_twisted.sessions.model import Session
 from stui_twisted.sessions.results import (
     Completions,
@@ -30,7 +38,6 @@ from stui_twisted.sessions.results import (
     SharedNamespace,
 )
 
-MAX_HISTORY_TEXT = 64 * 1024
 MAX_RESULT_TEXT = 1024 * 1024
 MAX_INSPECTOR_HISTORY = 100
 REGISTRY_LIMIT = 1000  # the image keeps the same bound (image/workspace.py)
@@ -50,11 +57,9 @@ DELTA_KEYS = frozenset(
 )
 
 
-def clip(text, limit: int = MAX_HISTORY_TEXT):
-    """C{text} cut to C{limit} characters with a note of what was cut."""
-    if isinstance(text, str) and len(text) > limit:
-        return text[:limit] + f"... [{len(text) - limit} more characters]"
-    return text
+SERVER_STOPPED = (
+    "the server stopped while this evaluation ran; it did not finish (its output so far is kept)"
+)
 
 
 class SessionsView(Protocol):
@@ -77,20 +82,24 @@ class LiveSessions:
     @param image: the L{ImageSupervisor}, or C{None} when the image is disabled.
     @param settings: the server's L{Settings} (limits and evaluation timeouts).
     @param clock: an C{IReactorTime}; history timestamps and durations come from it.
+    @param plans: the L{PlanBook} of per-principal limits (default: the server-wide ones).
     """
 
     log = Logger()
 
-    def __init__(self, view: SessionsView, image, settings, clock) -> None:
+    def __init__(self, view: SessionsView, image, settings, clock, plans=None) -> None:
         self.view = view
+        self.plans = plans if plans is not None else PlanBook(settings)
         self.image = image
         self.settings = settings
         self.clock = clock
         self._image_locks: dict[str | None, defer.DeferredLock] = {}
         self._shared_generation: int | None = None
+        self.running = RunningEvaluations(view)
         if image is not None:
             image.addRestartObserver(self.image_restarted)
             image.addOutputObserver(self.output_written)
+            image.input_handler = self.running.input_requested
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -284,7 +293,12 @@ class LiveSessions:
                 self.log.failure("re-materializing {sid} failed", sid=session.session_id)
         self.log.info("image restart: {count} sessions re-materialized", count=restored)
 
-    def apply_delta(self, session: Session, delta: dict) -> None:
+    def apply_delta(self, session: Session, delta: dict, by: str | None = None) -> None:
+        """Take what an image command changed in C{session} (and in C{shared}).
+
+        A change of the image-wide C{shared} namespace is published on the team
+        stream as C{shared_changed} {names, by}; C{by} evaluated (None: the owner).
+        """
         changed = delta.get("bindings_changed") or {}
         removed = delta.get("bindings_removed") or ()
         for name, binding in changed.items():
@@ -312,6 +326,10 @@ class LiveSessions:
             for name in shared_removed:
                 self.view.shared.bindings.pop(name, None)
             self.view.shared.dirty = True
+            names = sorted({*shared_changed, *shared_removed})
+            event_hooks.publish(
+                self.view, None, "shared_changed", {"names": names, "by": by or session.client_id}
+            )
         self.fit_bindings(session)
 
     @staticmethod
@@ -327,7 +345,7 @@ class LiveSessions:
 
     def fit_bindings(self, session: Session) -> None:
         """Demote the largest bindings to unrestorable until the session fits."""
-        limit = self.settings.max_session_bytes
+        limit = self.plans.limit(session.client_id, "max_session_bytes")
         while session.encoded_size() > limit:
             # encoded_size just refreshed session.binding_sizes for every binding.
             candidates = [
@@ -409,56 +427,107 @@ class LiveSessions:
 
     # ================================================================ image commands
 
-    async def evaluate(
+    def start_evaluation(
         self,
         session: Session,
         code: str,
         mode: str,
         timeout: float | None,
         by: str | None = None,
-    ) -> EvaluationOutcome:
-        """Run C{code} in C{session}'s namespace and record it in the history."""
+        *,
+        wait: bool = True,
+        context=None,
+    ) -> RunningEvaluation:
+        """Start C{code} in C{session}'s namespace; its history index is assigned now.
+
+        The evaluation runs to its end whatever happens to C{context} (the
+        conversation that started it): its outcome becomes a history entry and
+        an C{evaluation_finished} event.  A second evaluation of the session
+        while one runs waits for it (the image runs one task per session at a
+        time) and gets the next index.
+        """
         image = self._need_image()
+        longest = self.plans.limit(by or session.client_id, "max_eval_timeout")
         if timeout is None:
-            timeout = self.settings.eval_timeout
-        if timeout <= 0 or timeout > self.settings.max_eval_timeout:
+            timeout = min(self.settings.eval_timeout, longest)
+        if timeout <= 0 or timeout > longest:
             raise invalid_parameter(
                 "timeout",
-                f"must be between 0 and {self.settings.max_eval_timeout:g} seconds, not {timeout}",
+                f"must be between 0 and {longest:g} seconds, not {timeout}",
+                max_eval_timeout=longest,
             )
         if mode not in ("execute", "display"):
             raise invalid_parameter("mode", f"must be 'execute' or 'display', not {mode[:40]!r}")
-        started = self.now()
-        index = session.history_counter + 1
-        event_hooks.evaluation_started(self.view, session, by, index, code)
-        try:
-            outcome = await self._in_image(
-                session,
-                lambda generation: image.evaluate(
-                    session.session_id,
-                    code,
-                    mode,
-                    timeout,
-                    generation=generation,
-                    cell_index=session.history_counter + 1,
-                ),
+        session.history_counter += 1
+        run = RunningEvaluation(session, session.history_counter, code, self.now(), by, context)
+        self.running.add(run)
+        event_hooks.evaluation_started(self.view, session, by, run.index, code)
+        run.done = defer.ensureDeferred(self._run_evaluation(run, image, mode, timeout))
+        if not wait:
+            run.done.addErrback(self._detached_failed, run)
+        return run
+
+    async def evaluate(self, session: Session, *arguments, **options) -> EvaluationOutcome:
+        """Run C{code} in C{session}'s namespace and record it in the history
+        (the arguments of L{start_evaluation}); its outcome."""
+        return await self.start_evaluation(session, *arguments, **options).done
+
+    def _detached_failed(self, failure, run: RunningEvaluation) -> None:
+        """A C{wait: false} evaluation's failure: its outcome is already in the
+        history and the log, so only what is not an outcome is logged."""
+        if failure.check(StuiError):
+            if failure.value.error_type in ("StorageError", "StateTooLarge", "InternalError"):
+                self.log.warn(
+                    "evaluation {index} of {sid} (wait: false): {error}",
+                    index=run.index,
+                    sid=run.session.session_id,
+                    error=failure.value.message,
+                )
+        else:
+            self.log.failure(
+                "evaluation {index} of {sid} failed",
+                failure,
+                index=run.index,
+                sid=run.session.session_id,
             )
-        except StuiError as error:
-            if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
-                self.apply_delta(session, error.details)
-                entry = self._history_entry(session, code, started, error=error)
+
+    async def _run_evaluation(self, run: RunningEvaluation, image, mode, timeout):
+        session, code, by, index = run.session, run.code, run.by, run.index
+        try:
+            try:
+                outcome = await self._in_image(
+                    session,
+                    lambda generation: image.evaluate(
+                        session.session_id,
+                        code,
+                        mode,
+                        timeout,
+                        generation=generation,
+                        cell_index=index,
+                    ),
+                )
+            except StuiError as error:
+                if run.ended:
+                    raise  # the server stopped meanwhile and recorded it
+                if error.error_type in ("EvaluationError", "Timeout", "Interrupted"):
+                    self.apply_delta(session, error.details, by)
+                elif error.error_type == "ImageRestarted":
+                    session.materialized = False
+                self._history_entry(run, error=error)
                 for key in DELTA_KEYS:
                     error.details.pop(key, None)
-                error.details["history_index"] = entry["index"]
+                error.details["history_index"] = index
+                await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
                 await self.view.changed(session, "record the evaluation")
-            elif error.error_type == "ImageRestarted":
-                session.materialized = False
-            await event_hooks.evaluation_finished(self.view, session, by, index, error=error)
-            raise
-        self.apply_delta(session, outcome)
-        entry = self._history_entry(session, code, started, outcome=outcome)
-        await self.view.changed(session, "record the evaluation")
-        await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
+                raise
+            if run.ended:
+                raise StuiError("ImageRestarted", SERVER_STOPPED, history_index=index)
+            self.apply_delta(session, outcome, by)
+            self._history_entry(run, outcome=outcome)
+            await event_hooks.evaluation_finished(self.view, session, by, index, outcome=outcome)
+            await self.view.changed(session, "record the evaluation")
+        finally:
+            self.running.forget(run)
         return EvaluationOutcome(
             session_id=session.session_id,
             result=clip(outcome.get("result"), MAX_RESULT_TEXT),
@@ -467,15 +536,35 @@ class LiveSessions:
             display=clip(outcome.get("display"), MAX_RESULT_TEXT),
             output=outcome.get("output", ""),
             execution_time=outcome.get("execution_time"),
-            history_index=entry["index"],
+            history_index=index,
         )
 
-    def _history_entry(self, session, code, started, *, outcome=None, error=None) -> dict:
-        session.history_counter += 1
+    async def stop_running(self) -> list[Session]:
+        """The server is stopping: record every evaluation not ended yet as
+        stopped (history entry, C{evaluation_finished}); the sessions changed."""
+        changed = []
+        for run in self.running.all():
+            if run.ended:
+                continue
+            output = self.running.output_so_far(run.session.session_id, run.index)
+            error = StuiError("ImageRestarted", SERVER_STOPPED, output=output)
+            self._history_entry(run, error=error)
+            await event_hooks.evaluation_finished(
+                self.view, run.session, run.by, run.index, error=error
+            )
+            changed.append(run.session)
+            run.answer_input({"eof": "the server is stopping"})
+        return changed
+
+    def _history_entry(self, run: RunningEvaluation, *, outcome=None, error=None) -> dict:
+        """Record C{run}'s outcome in its session's history (once)."""
+        run.ended = True
+        session, started = run.session, run.started
         entry = {
-            "index": session.history_counter,
-            "code": clip(code),
+            "index": run.index,
+            "code": clip(run.code),
             "timestamp": iso_timestamp(started),
+            "by": run.by or session.client_id,
         }
         if outcome is not None:
             entry.update(
@@ -494,7 +583,11 @@ class LiveSessions:
                     "result": None,
                     "result_type": None,
                     "ok": False,
-                    "output": clip(error.details.get("output", "")),
+                    "output": clip(
+                        error.details["output"]
+                        if "output" in error.details
+                        else self.running.output_so_far(session.session_id, run.index)
+                    ),
                     "duration_ms": round((self.now() - started) * 1000, 3),
                     "error": {
                         "error_type": error.error_type,
@@ -504,7 +597,7 @@ class LiveSessions:
                 }
             )
         session.history.append(entry)
-        del session.history[: -self.settings.history_limit]
+        del session.history[: -self.plans.limit(session.client_id, "history_limit")]
         return entry
 
     @staticmethod
@@ -516,9 +609,19 @@ class LiveSessions:
             raise invalid_parameter("limit", "must be 0 or more")
 
     async def inspect(
-        self, session: Session, object_id: str | None, expression: str | None, limit: int
+        self,
+        session: Session,
+        object_id: str | None,
+        expression: str | None,
+        limit: int,
+        *,
+        select: bool = True,
     ) -> Inspection:
-        """Look inside an object of C{session}; it becomes the inspector's selection."""
+        """Look inside an object of C{session}; it becomes the inspector's selection.
+
+        @param select: False for a reader's inspection (access.md §1): the
+            session's C{inspector_state} stays as it was.
+        """
         self.check_inspect(object_id, expression, limit)
         image = self._need_image()
         try:
@@ -538,7 +641,7 @@ class LiveSessions:
             raise
         self.apply_delta(session, outcome)
         selected = outcome.get("object_id")
-        if selected:
+        if selected and select:
             session.inspector_selected = selected
             session.inspector_history.append(selected)
             del session.inspector_history[:-MAX_INSPECTOR_HISTORY]

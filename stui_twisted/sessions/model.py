@@ -16,6 +16,7 @@ from itertools import compress
 from operator import is_not
 from typing import Any
 
+from stui_twisted.access.sharing import shares_from, shares_list
 from stui_twisted.protocol.envelope import whole_seconds
 from stui_twisted.protocol.jsoncodec import COMPACT_ASCII
 from stui_twisted.protocol.timefmt import iso_timestamp, parse_iso_timestamp
@@ -193,6 +194,10 @@ class Session:
     next_object_id: int = 1
     unrestorable: list = field(default_factory=list)
     breakpoints: list = field(default_factory=list)
+    shares: dict = field(default_factory=dict)
+    """client id -> C{read} or C{write}: whom the owner shared the session with (access.md).
+
+    Part of the meta, so the index has it and access is decided without reading the file."""
     # bookkeeping, not persisted
     loaded: bool = True
     dirty: bool = False
@@ -284,6 +289,7 @@ class Session:
             "last_activity": _iso(self.last_activity),
             "timeout": self.timeout,
             "closed_at": _iso(self.closed_at),
+            "shares": shares_list(self.shares),
         }
 
     # -- files ------------------------------------------------------------
@@ -348,11 +354,18 @@ class Session:
             last_activity=_time(meta.get("last_activity")) or 0.0,
             timeout=float(meta.get("timeout") or 0.0),
             closed_at=_time(meta.get("closed_at")),
+            shares=shares_from(meta.get("shares")),
             loaded=False,
         )
 
-    def load_document(self, document: dict) -> None:
+    def load_document(self, document: dict, *, shares: bool = True) -> None:
         """Fill the context from a session file's C{session} object.
+
+        @param shares: take the shares from C{document} too.  False when an
+            older copy replaces the context (C{load_context}, closing without
+            saving): whom the session is shared with is not part of its context,
+            and an old copy must neither bring back a share taken away since
+            nor drop one given since.
 
         Times already known in memory (e.g. a newer C{last_activity} from the
         index) are kept when they are later than the file's.
@@ -374,6 +387,8 @@ class Session:
         )
         self.next_object_id = int(document.get("next_object_id") or 1)
         self.breakpoints = document.get("breakpoints") or []
+        if shares and "shares" in document:
+            self.shares = shares_from(document["shares"])
         for key in ("last_activity", "last_modified"):
             stored = _time(document.get(key))
             if stored is not None and stored > getattr(self, key):

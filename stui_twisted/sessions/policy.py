@@ -14,14 +14,17 @@ from stui_twisted.protocol.errors import StuiError
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
-def check_client_id(client_id: str) -> str:
-    """Return C{client_id} or raise C{ClientNotAllowed} naming what is wrong."""
+def check_client_id(client_id: str, parameter: str = "client_id") -> str:
+    """Return C{client_id} or raise C{ClientNotAllowed} naming what is wrong.
+
+    @param parameter: the name of the parameter that carried it (for the message).
+    """
     if not CLIENT_ID_PATTERN.fullmatch(client_id):
         raise StuiError(
             "ClientNotAllowed",
-            "parameter 'client_id' must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, "
+            f"parameter {parameter!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, "
             "starting with a letter or digit",
-            parameter="client_id",
+            parameter=parameter,
         )
     return client_id
 
@@ -59,19 +62,23 @@ class ClientPolicy:
                 parameter="client_id",
             )
 
-    def record_create(self, client_id: str, now: float) -> None:
-        """Count one C{create_session}, or raise C{RateLimited} with C{retry_after}."""
+    def record_create(self, client_id: str, now: float, limit: int | None = None) -> None:
+        """Count one C{create_session}, or raise C{RateLimited} with C{retry_after}.
+
+        @param limit: this client's creates per window (its plan's); default C{rate_limit}.
+        """
+        limit = self.rate_limit if limit is None else limit
         times = self._creates.setdefault(client_id, deque())
         while times and times[0] <= now - self.rate_window:
             times.popleft()
-        if len(times) >= self.rate_limit:
+        if len(times) >= limit:
             retry_after = max(0.001, times[0] + self.rate_window - now)
             raise StuiError(
                 "RateLimited",
                 f"client {client_id!r} created {len(times)} sessions in the last "
                 f"{self.rate_window:g} s; retry after {retry_after:.1f} s",
                 retry_after=round(retry_after, 3),
-                limit=self.rate_limit,
+                limit=limit,
                 window=self.rate_window,
             )
         times.append(now)

@@ -54,6 +54,8 @@ class SessionInfo:
     session: Session
     size_bytes: int
     attached_connections: int
+    shares: list | None = None
+    """The session's shares (C{[{client_id, access}]}) for its owner; None for anyone else."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class LoadResult:
     session: Session
     saved_at: str
     rebuilt: Rebuilt
+
+
+@dataclass(frozen=True)
+class EvaluationStarted:
+    """C{evaluate} with C{wait: false}: the evaluation started and has this index."""
+
+    session_id: str
+    history_index: int
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "LeaseHeld",
     "RecordTooLarge",
     "SessionFileCorrupt",
     "SessionFileMissing",
@@ -56,6 +57,22 @@ class SessionFileCorrupt(StorageFailure):
         self.path = path
         self.reasons = reasons
         self.quarantined = quarantined
+
+
+class LeaseHeld(Exception):
+    """Another node holds a fresh lease on the session (maps to SessionElsewhere).
+
+    @ivar session_id: the session.
+    @ivar node_id: the node that holds it.
+    @ivar advertise: the C{HOST:PORT} that node advertises, or C{None}.
+    """
+
+    def __init__(self, session_id: str, node_id: str, advertise: str | None) -> None:
+        where = f" at {advertise}" if advertise else ""
+        super().__init__(f"session {session_id!r} is served by node {node_id!r}{where}")
+        self.session_id = session_id
+        self.node_id = node_id
+        self.advertise = advertise
 
 
 class RecordTooLarge(Exception):

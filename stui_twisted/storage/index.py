@@ -32,6 +32,7 @@ META_KEYS = (
     "last_activity",
     "timeout",
     "closed_at",
+    "shares",  # whom the session is shared with (access.md): decided on without a read
 )
 
 SAVED_SUFFIX = ".saved.json"

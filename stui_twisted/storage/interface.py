@@ -16,6 +16,12 @@ class ISessionStore(Interface):
 
     max_session_bytes = Attribute("The largest stored document in bytes (StateTooLarge above).")
 
+    shared_by_nodes = Attribute(
+        "Whether several nodes may serve this store's sessions (the PostgreSQL store):"
+        " the service then takes a lease before it uses a session, and looks in the"
+        " store for sessions other nodes created."
+    )
+
     def check():
         """Prepare the store synchronously at start-up (before any thread exists).
 
@@ -77,6 +83,27 @@ class ISessionStore(Interface):
 
     def verify_all():
         """A Deferred firing with one report row per stored object; moves nothing."""
+
+    def acquire_lease(session_id, new=False):
+        """Take the lease that lets this node serve C{session_id} (docs/operations.md).
+
+        A Deferred firing with C{True} when this node held it already (its copy in
+        memory is current) or C{False} when it took it now (read the session from
+        the store again).  Fails with L{stui_twisted.storage.errors.LeaseHeld}
+        while another node's lease is fresh.  C{new}: a session created here now
+        (its lease is written with its first write).  A store one node owns
+        grants every lease.
+        """
+
+    def release_lease(session_id):
+        """Give up C{session_id}'s lease (closed or expired); a Deferred."""
+
+    def addLeaseLostObserver(observer):  # noqa: N802
+        """Call C{observer(session_ids)} when other nodes took over leases of this one."""
+
+    def load_metas(client_id=None, session_id=None):
+        """A Deferred firing with the meta of the stored sessions (of C{client_id},
+        or the one C{session_id}), each verified, as L{load_index} gives them."""
 
     def statistics():
         """Cached counters (files, bytes, pending_writes, last_flush_at, write_errors,

@@ -51,6 +51,17 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             quarantined_at timestamptz NOT NULL DEFAULT now()
         )""",
     ),
+    2: (
+        # which node serves a session now (docs/operations.md "Two nodes"): a lease
+        # runs out at expires_at, on the database's clock, unless its node renews it
+        """CREATE TABLE leases (
+            session_id text PRIMARY KEY,
+            node_id text NOT NULL,
+            advertise text,
+            expires_at timestamptz NOT NULL
+        )""",
+        "CREATE INDEX leases_node_id ON leases (node_id)",
+    ),
 }
 
 LATEST_VERSION = max(MIGRATIONS)

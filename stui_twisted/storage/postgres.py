@@ -9,7 +9,8 @@ outside the database (C{--secret-file}), so a dump alone cannot forge a session.
 
 Tables (L{stui_twisted.storage.pg_schema}): C{sessions} (one row per session),
 C{saved_copies} (what C{save_context} saved), C{shared} (the shared namespace, one
-row per node id), C{quarantine}, C{schema_version}.  The C{sessions} table is the
+row per node id), C{quarantine}, C{leases} (which node serves a session:
+L{stui_twisted.storage.pg_leases}), C{schema_version}.  The C{sessions} table is the
 index: L{write_index} records nothing more, and L{load_index} reads and verifies
 every row.
 
@@ -78,6 +79,7 @@ from stui_twisted.storage.fileformat import unseal as _unseal
 from stui_twisted.storage.index import META_KEYS
 from stui_twisted.storage.interface import ISessionStore
 from stui_twisted.storage.pathcodec import check_session_id, encode_client_dir
+from stui_twisted.storage.pg_leases import LeaseKeeper
 
 __all__ = ["PostgresSessionStore", "PgSnapshot", "load_or_create_secret_key"]
 
@@ -159,8 +161,15 @@ class PostgresSessionStore:
     @param dsn: a libpq connection string or URI (the password may come from
         C{PGPASSWORD} or C{.pgpass}; it is never logged).
     @param secret_file: the MAC key's file (created when missing).
-    @param node_id: whose C{shared} namespace this node reads and writes.
+    @param node_id: this node's id: whose C{shared} namespace it reads and writes,
+        and the holder of its leases.
+    @param advertise: the C{HOST:PORT} clients should use for this node (shown to
+        clients another node sends away), or C{None}.
+    @param lease_interval: seconds between lease renewals.
     """
+
+    shared_by_nodes = True
+    """Several nodes may serve this database: sessions need a lease (L{acquire_lease})."""
 
     log = Logger()
 
@@ -171,6 +180,8 @@ class PostgresSessionStore:
         reactor: Any,
         secret_file: str,
         node_id: str = "",
+        advertise: str | None = None,
+        lease_interval: float = 5.0,
         max_session_bytes: int = 8 * 1024 * 1024,
         pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
@@ -200,6 +211,15 @@ class PostgresSessionStore:
         self._quarantined = 0
         self._transactions = 0
         self._transaction_seconds = 0.0
+        self._transaction_observers: list[Callable[[float], None]] = []
+        self._write_observers: list[Callable[[str, float, bool], None]] = []
+        self.leases = LeaseKeeper(
+            self._run_for_leases,
+            node_id=node_id,
+            advertise=advertise,
+            interval=lease_interval,
+            clock=reactor,
+        )
 
     @property
     def where(self) -> str:
@@ -255,7 +275,10 @@ class PostgresSessionStore:
             self._secret_key = key
             self._is_open = True
             self._is_closing = False
-            self.log.info("session store open at {where}", where=self.where)
+            self.leases.start()
+            self.log.info(
+                "session store open at {where} as node {node}", where=self.where, node=self.node_id
+            )
 
         def failed(reason: Failure) -> Failure:
             self._stop_pool()
@@ -274,12 +297,18 @@ class PostgresSessionStore:
         self._idle_waiters.append(waiter)
         self._check_idle()
 
+        def give_up_leases(_: object) -> defer.Deferred:
+            # after every queued write: another node may take over from here on
+            return self.leases.stop().addErrback(
+                lambda failure: self.log.failure("giving up the leases failed", failure)
+            )
+
         def closed(_: object) -> None:
             self._is_open = False
             self._stop_pool()
             self.log.info("session store closed")
 
-        return waiter.addCallback(closed)
+        return waiter.addCallback(give_up_leases).addCallback(closed)
 
     def _reactor_shut_down(self) -> None:
         self._shutdown_trigger = None  # it is firing: nothing left to remove
@@ -359,6 +388,8 @@ class PostgresSessionStore:
             result, seconds = outcome
             self._transactions += 1
             self._transaction_seconds += seconds
+            for observer in self._transaction_observers:
+                observer(seconds)
             return result
 
         return job.addBoth(self._job_done).addCallback(timed)
@@ -404,6 +435,14 @@ class PostgresSessionStore:
         else:
             start()
         return result
+
+    def _run_for_leases(
+        self, action: str, lane: tuple[str, str, str] | None, function: Callable, *args: Any
+    ) -> defer.Deferred:
+        """The L{LeaseKeeper}'s jobs: in the pool, after earlier jobs of C{lane}."""
+        if lane is None:
+            return self._in_pool(action, function, *args)
+        return self._in_lanes([lane], action, function, *args)
 
     def _check_open(self) -> None:
         if not self._is_open or self._threadpool is None:
@@ -472,13 +511,51 @@ class PostgresSessionStore:
             )
             return _Corrupt(f"{table} row ({client_id!r}, {session_id!r})", str(exc), quarantine_id)
 
-    def _write_rows(self, connection, table: str, rows: list[tuple]) -> None:
-        connection.cursor().executemany(
+    def _write_rows(
+        self, connection, table: str, rows: list[tuple], new_leases: list[str] = ()
+    ) -> set[str]:
+        """Upsert C{rows}; answers the session ids another node's lease kept unwritten.
+
+        A session row is replaced only while no other node holds its lease: a node
+        that lost a lease (it missed its renewals, another took the session over)
+        cannot overwrite what the new node wrote.
+        """
+        if new_leases:
+            LeaseKeeper.insert_new(
+                connection, self.node_id, self.leases.advertise, self.leases.ttl, new_leases
+            )
+        fence = ""
+        if table == "sessions":
+            fence = (
+                " WHERE NOT EXISTS (SELECT 1 FROM leases WHERE leases.session_id ="
+                " EXCLUDED.session_id AND leases.node_id <> %s)"
+            )
+            rows = [(*row, self.node_id) for row in rows]
+        cursor = connection.cursor()
+        cursor.executemany(
             f"INSERT INTO {table} (client_id, session_id, document, saved_at, size_bytes)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (client_id, session_id) DO UPDATE SET"
             " document = EXCLUDED.document, saved_at = EXCLUDED.saved_at,"
-            " size_bytes = EXCLUDED.size_bytes",
+            f" size_bytes = EXCLUDED.size_bytes{fence} RETURNING session_id",
             rows,
+            returning=True,
+        )
+        written = set()
+        while True:
+            for (session_id,) in cursor.fetchall():
+                written.add(session_id)
+            if not cursor.nextset():
+                break
+        return {row[1] for row in rows} - written
+
+    def _fenced(self, session_ids: set[str]) -> Failure:
+        """The failure of a write another node's lease kept out (L{_write_rows})."""
+        self.leases.lost_to_others(sorted(session_ids))
+        return Failure(
+            StorageFailure(
+                f"session {', '.join(sorted(session_ids))} is served by another node now;"
+                " this node's copy was not written"
+            )
         )
 
     # ------------------------------------------------------------------ results
@@ -507,6 +584,16 @@ class PostgresSessionStore:
         if previous is not None:
             self._row_bytes -= previous[0]
 
+    def _observed(self, result: object, kind: str, started: float) -> object:
+        seconds = self._reactor.seconds() - started
+        ok = not isinstance(result, Failure)
+        for observer in list(self._write_observers):
+            try:
+                observer(kind, seconds, ok)
+            except Exception:
+                self.log.failure("write observer {observer} failed", observer=observer)
+        return result
+
     def _wrote(self, result: object, key: tuple[str, str] | None) -> object:
         self._pending_writes -= 1
         if isinstance(result, Failure):
@@ -517,6 +604,71 @@ class PostgresSessionStore:
         if key is not None:
             self._set_row_info(key, result.size_bytes, result.saved_at)
         return result
+
+    # ------------------------------------------------------------------ observers
+
+    def addWriteObserver(self, observer: Callable[[str, float, bool], None]) -> None:  # noqa: N802
+        """Call C{observer(kind, seconds, ok)} each time a L{write} or L{write_many} finishes.
+
+        The same hook as the file store's (C{kind} is C{"single"} or C{"batch"}).
+        """
+        self._write_observers.append(observer)
+
+    def removeWriteObserver(self, observer: Callable[[str, float, bool], None]) -> None:  # noqa: N802
+        """Stop calling C{observer}."""
+        self._write_observers.remove(observer)
+
+    def addTransactionObserver(self, observer: Callable[[float], None]) -> None:  # noqa: N802
+        """Call C{observer(seconds)} after each committed transaction (its latency)."""
+        self._transaction_observers.append(observer)
+
+    # ------------------------------------------------------------------ leases
+
+    def acquire_lease(self, session_id: str, new: bool = False) -> defer.Deferred:
+        """Take C{session_id}'s lease (L{LeaseKeeper.acquire}); C{new}: a session made here.
+
+        Fires with C{True} when this node held it already, C{False} when it took it
+        now (the caller reads the session again); fails with L{LeaseHeld}.
+        """
+        try:
+            self._check_open()
+            check_session_id(session_id)
+        except (ValueError, StorageFailure):
+            return defer.fail()
+        if new:
+            self.leases.claim_new(session_id)
+            return defer.succeed(True)
+        return self.leases.acquire(session_id)
+
+    def release_lease(self, session_id: str) -> defer.Deferred:
+        """Give up C{session_id}'s lease (closed or expired here)."""
+        try:
+            self._check_open()
+        except StorageFailure:
+            return defer.fail()
+        return self.leases.release(session_id)
+
+    def addLeaseLostObserver(self, observer: Callable[[list[str]], None]) -> None:  # noqa: N802
+        """Call C{observer(session_ids)} when another node took over leases of this one."""
+        self.leases.on_lost = observer
+
+    def load_metas(
+        self, client_id: str | None = None, session_id: str | None = None
+    ) -> defer.Deferred:
+        """The meta of the sessions in the database (of C{client_id}, or C{session_id}).
+
+        Each row verified by its MAC like L{load_index} (a bad row is quarantined);
+        the counters of L{statistics} are left as they are.
+        """
+        try:
+            self._check_open()
+            if session_id is not None:
+                check_session_id(session_id)
+        except (ValueError, StorageFailure):
+            return defer.fail()
+        return self._in_pool(
+            "read the session index", self._load_metas, client_id, session_id
+        ).addCallback(self._noted_corrupt)
 
     # ------------------------------------------------------------------ public API
 
@@ -570,10 +722,18 @@ class PostgresSessionStore:
         key = (snapshot.client_id, snapshot.session_id)
         self._pending_writes += 1
         row = (*key, data, stamp, len(data))
+        new_leases = [] if saved_copy else self.leases.unwritten_among([key[1]])
+        started = self._reactor.seconds()
+
+        def written(fenced: set[str]) -> WriteResult | Failure:
+            self.leases.written(new_leases)
+            return self._fenced(fenced) if fenced else _result(data, stamp)
+
         done = self._in_lanes(
-            [(table, *key)], f"write {table}", self._write_rows, table, [row]
-        ).addCallback(lambda _: _result(data, stamp))
-        return done.addBoth(self._wrote, key if table == "sessions" else None)
+            [(table, *key)], f"write {table}", self._write_rows, table, [row], new_leases
+        ).addCallback(written)
+        done.addBoth(self._wrote, key if table == "sessions" else None)
+        return done.addBoth(self._observed, "single", started)
 
     def snapshot(self, session: dict[str, Any]) -> PgSnapshot:
         """Serialize C{session} now, for a later L{write_many}."""
@@ -608,16 +768,29 @@ class PostgresSessionStore:
             rows.append((*key, data, stamp, len(data)))
         self._pending_writes += len(rows)
 
+        new_leases = self.leases.unwritten_among(key[1] for key in group)
+        started = self._reactor.seconds()
+
         def fix_keys(outcome: object) -> dict[str, Any]:
+            fenced: set[str] = set()
+            if not isinstance(outcome, Failure):
+                self.leases.written(new_leases)
+                fenced = outcome
+            self._observed(outcome, "batch", started)
             for client_id, session_id, data, saved_at, _size in rows:
-                result = outcome if isinstance(outcome, Failure) else _result(data, saved_at)
+                if isinstance(outcome, Failure):
+                    result = outcome
+                elif session_id in fenced:
+                    result = self._fenced({session_id})
+                else:
+                    result = _result(data, saved_at)
                 outcomes[session_id] = self._wrote(result, (client_id, session_id))
             return outcomes
 
         lanes = [("sessions", *key) for key in group]
-        return self._in_lanes(lanes, "write a group", self._write_rows, "sessions", rows).addBoth(
-            fix_keys
-        )
+        return self._in_lanes(
+            lanes, "write a group", self._write_rows, "sessions", rows, new_leases
+        ).addBoth(fix_keys)
 
     def delete(self, client_id: str, session_id: str) -> defer.Deferred:
         """Remove a session's row and its saved copy; missing is fine."""
@@ -714,38 +887,7 @@ class PostgresSessionStore:
         except StorageFailure:
             return defer.fail()
 
-        def load_in_thread(connection) -> tuple[list[dict], list[_Corrupt]]:
-            metas: list[dict] = []
-            corrupt: list[_Corrupt] = []
-            rows = connection.execute(
-                "SELECT client_id, session_id, document FROM sessions"
-                " ORDER BY client_id, session_id FOR UPDATE"
-            ).fetchall()
-            for client_id, session_id, document in rows:
-                document = bytes(document)
-                try:
-                    parsed = self._verified(document, _SESSION_ENVELOPE, client_id, session_id)
-                except _BadFile as exc:
-                    quarantine_id = self._quarantine_row(
-                        connection, "sessions", (client_id, session_id, None), document, str(exc)
-                    )
-                    connection.execute(
-                        "DELETE FROM sessions WHERE client_id = %s AND session_id = %s",
-                        (client_id, session_id),
-                    )
-                    where = f"sessions row ({client_id!r}, {session_id!r})"
-                    corrupt.append(_Corrupt(where, str(exc), quarantine_id))
-                    continue
-                meta = _meta_of(parsed["session"])
-                meta["size_bytes"] = len(document)
-                meta["saved_at"] = parsed.get("saved_at")
-                metas.append(meta)
-            return metas, corrupt
-
-        def loaded(outcome: tuple[list[dict], list[_Corrupt]]) -> list[dict]:
-            metas, corrupt = outcome
-            for bad in corrupt:
-                self._note_corrupt(bad)
+        def loaded(metas: list[dict]) -> list[dict]:
             self._row_info = {}
             self._row_bytes = 0
             for meta in metas:
@@ -755,11 +897,57 @@ class PostgresSessionStore:
                 "loaded {total} sessions from {where}, {unreadable} quarantined",
                 total=len(metas),
                 where=self.where,
-                unreadable=len(corrupt),
+                unreadable=self._quarantined - quarantined_before,
             )
             return metas
 
-        return self._in_pool("load the index", load_in_thread).addCallback(loaded)
+        quarantined_before = self._quarantined
+        return (
+            self._in_pool("load the index", self._load_metas, None, None)
+            .addCallback(self._noted_corrupt)
+            .addCallback(loaded)
+        )
+
+    def _noted_corrupt(self, outcome: tuple[list[dict], list[_Corrupt]]) -> list[dict]:
+        metas, corrupt = outcome
+        for bad in corrupt:
+            self._note_corrupt(bad)
+        return metas
+
+    def _load_metas(
+        self, connection, client_id: str | None, session_id: str | None
+    ) -> tuple[list[dict], list[_Corrupt]]:
+        """Verified metas of the rows (all, of C{client_id}, or C{session_id}); bad
+        rows are quarantined."""
+        metas: list[dict] = []
+        corrupt: list[_Corrupt] = []
+        rows = connection.execute(
+            "SELECT client_id, session_id, document FROM sessions"
+            " WHERE (%(client)s::text IS NULL OR client_id = %(client)s)"
+            " AND (%(session)s::text IS NULL OR session_id = %(session)s)"
+            " ORDER BY client_id, session_id FOR UPDATE",
+            {"client": client_id, "session": session_id},
+        ).fetchall()
+        for row_client, row_session, document in rows:
+            document = bytes(document)
+            try:
+                parsed = self._verified(document, _SESSION_ENVELOPE, row_client, row_session)
+            except _BadFile as exc:
+                quarantine_id = self._quarantine_row(
+                    connection, "sessions", (row_client, row_session, None), document, str(exc)
+                )
+                connection.execute(
+                    "DELETE FROM sessions WHERE client_id = %s AND session_id = %s",
+                    (row_client, row_session),
+                )
+                where = f"sessions row ({row_client!r}, {row_session!r})"
+                corrupt.append(_Corrupt(where, str(exc), quarantine_id))
+                continue
+            meta = _meta_of(parsed["session"])
+            meta["size_bytes"] = len(document)
+            meta["saved_at"] = parsed.get("saved_at")
+            metas.append(meta)
+        return metas, corrupt
 
     def verify_all(self) -> defer.Deferred:
         """Check every row (for an admin tool); moves nothing."""
@@ -811,6 +999,7 @@ class PostgresSessionStore:
             "pool_in_use": min(self._active_jobs, self.pool_size),
             "transactions": self._transactions,
             "transaction_seconds": round(self._transaction_seconds, 6),
+            **self.leases.statistics(),
         }
 
 

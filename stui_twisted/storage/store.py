@@ -449,6 +449,38 @@ class SessionStore:
             self._index_loaded
         )
 
+    # ------------------------------------------------------------------ leases
+    # One node owns a data directory: it holds every lease, and no other node
+    # can take one over.
+
+    shared_by_nodes = False
+
+    def acquire_lease(self, session_id: str, new: bool = False) -> defer.Deferred:
+        """Always granted, and this node's copy is current (C{True})."""
+        return defer.succeed(True)
+
+    def release_lease(self, session_id: str) -> defer.Deferred:
+        """Nothing to give up: no other node shares the data directory."""
+        return defer.succeed(None)
+
+    def addLeaseLostObserver(self, observer) -> None:  # noqa: N802
+        """Never called: no other node can take a lease of this one."""
+
+    def load_metas(
+        self, client_id: str | None = None, session_id: str | None = None
+    ) -> defer.Deferred:
+        """The metas of L{load_index}, of C{client_id} or the one C{session_id}."""
+
+        def matching(metas: list[dict]) -> list[dict]:
+            return [
+                meta
+                for meta in metas
+                if client_id in (None, meta.get("client_id"))
+                and session_id in (None, meta.get("session_id"))
+            ]
+
+        return self.load_index().addCallback(matching)
+
     def verify_all(self) -> defer.Deferred:
         """Check every file (for an admin tool); moves nothing.
 

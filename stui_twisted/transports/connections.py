@@ -13,8 +13,10 @@ from __future__ import annotations
 class ConnectionRegistry:
     """Counts and bounds the live connections of all transports."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, clock=None) -> None:
         self.max_connections = max_connections
+        self.clock = clock
+        """Stamps C{connected_at} of each conversation (C{list_clients}); C{None}: not stamped."""
         self._connections: set = set()
         self._limited: set = set()
         self._reserved = 0
@@ -29,6 +31,9 @@ class ConnectionRegistry:
     def opened(self, connection, limited: bool = True) -> None:
         """C{connection} is live; C{limited} ones took a place from L{admit}."""
         self._connections.add(connection)
+        context = getattr(connection, "context", None)
+        if self.clock is not None and context is not None and context.connected_at is None:
+            context.connected_at = self.clock.seconds()
         if limited:
             self._reserved = max(0, self._reserved - 1)
             self._limited.add(connection)
@@ -48,6 +53,9 @@ class ConnectionRegistry:
 
     def __iter__(self):
         return iter(list(self._connections))
+
+    def __contains__(self, connection) -> bool:
+        return connection in self._connections
 
     def attached_to(self, session_id: str) -> int:
         """How many connections have C{session_id} as their current session."""

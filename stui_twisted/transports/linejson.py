@@ -225,6 +225,11 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
             why=reason.getErrorMessage(),
         )
 
+    @property
+    def input_ended(self) -> bool:
+        """Whether the client will send nothing more (it half-closed, or is gone)."""
+        return self._input_ended or self._closing
+
     def readConnectionLost(self) -> None:  # noqa: N802
         """The client will send nothing more: answer what it sent, then close."""
         if self._input_ended:

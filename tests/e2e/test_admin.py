@@ -156,6 +156,41 @@ def test_list_without_an_index_scans_the_files(data_dir):
     assert set(listed(data_dir)) == {doc["session_id"] for doc in DOCUMENTS}
 
 
+def test_shares_shows_which_sessions_are_shared_with_whom(tmp_path):
+    path = tmp_path / "stui-data"
+    pair = dict(
+        ACTIVE,
+        shares=[{"client_id": "dan", "access": "write"}, {"client_id": "bob", "access": "read"}],
+    )
+    closed = dict(CLOSED, shares=[{"client_id": "alice", "access": "read"}])
+    documents = [pair, closed, IDLE]
+    with_store(path, "write", {"documents": documents, "index": documents})
+    table = admin(path, "shares")
+    assert table.returncode == 0, table.stderr
+    lines = [line.split() for line in table.stdout.splitlines()]
+    assert lines == [
+        ["SESSION_ID", "OWNER", "SHARED_WITH", "ACCESS", "STATE"],
+        [ACTIVE["session_id"], "alice", "bob", "read", "active"],
+        [ACTIVE["session_id"], "alice", "dan", "write", "active"],
+        [CLOSED["session_id"], "bob", "alice", "read", "closed"],
+    ]
+    assert "3 shares of 2 sessions" in table.stderr
+    (path / "index.json").unlink()  # the same from the session files alone
+    only = admin(path, "shares", "--json", "--with", "dan")
+    assert only.returncode == 0, only.stderr
+    assert json.loads(only.stdout) == [
+        {
+            "session_id": ACTIVE["session_id"],
+            "owner": "alice",
+            "shared_with": "dan",
+            "access": "write",
+            "effective_state": "active",
+        }
+    ]
+    owned = json.loads(admin(path, "shares", "--json", "--client", "bob").stdout)
+    assert [(r["owner"], r["shared_with"]) for r in owned] == [("bob", "alice")]
+
+
 def test_effective_state():
     assert (
         effective_state(

@@ -242,3 +242,35 @@ def test_password_authentication_with_eval(tmp_path, state_dir, monkeypatch, sta
     child.expect("42")
     child.expect(">>>")
     quit_repl(child)
+
+
+def test_watch_and_live_lines_follow_a_session(server, tmp_path, state_dir):
+    """--watch (ZeroMQ) prints another terminal's evaluations; the REPL (TCP) shows
+    others' as live lines."""
+    url = tcp_url(server)
+    child = spawn_repl(url, state_dir, "--new")
+    child.expect(r"New session (s_\S+) created")
+    session_id = child.match.group(1)
+    child.expect(">>>")
+    # over ZeroMQ: a DEALER that sends no empty delimiter frame is pushed events
+    zmq_url = server.zmq_url.replace("tcp://", "zmq://")
+    watcher = spawn_repl(zmq_url, tmp_path / "watch-state", "--watch", session_id)
+    watcher.expect(f"Watching session {session_id} read-only")
+    watcher.expect("live from seq")
+    submit(child, "6 * 7")
+    child.expect("42")
+    child.expect(">>>")
+    watcher.expect(r"#1\] >>> 6 \* 7")
+    watcher.expect(r"#1\] = 42")
+    completed = run_eval(url, tmp_path / "other-state", "--session", session_id, "-e", "1 + 1")
+    assert (completed.returncode, completed.stdout) == (0, "2\n"), completed.stderr
+    child.expect(r"#2\] >>> 1 \+ 1")  # somebody else's evaluation, above the prompt
+    child.expect(r"#2\] = 2")
+    watcher.expect(r"#2\] = 2")
+    submit(child, ":close")
+    child.expect("closed")
+    watcher.expect("The session was closed.")
+    watcher.expect(pexpect.EOF)
+    watcher.close()
+    assert watcher.exitstatus == 0
+    quit_repl(child)

@@ -167,7 +167,12 @@ def test_state_changes_close_and_image_restarts_reach_subscribers(tmp_path, star
     state = watcher.wait_event("state_updated")
     assert state["data"]["parts"] == ["state_data"] and state["data"]["by"] == "alice"
 
-    alice.result("evaluate", code="1")  # the image is up
+    alice.result("evaluate", code="shared.answer = 42\nshared.gone = 1\ndel shared.gone")
+    changed = watcher.wait_event("shared_changed")
+    assert changed["stream"] == "team" and "session_id" not in changed
+    assert changed["data"] == {"names": ["answer"], "by": "alice"}
+    alice.result("evaluate", code="del shared.answer")
+    assert watcher.wait_event("shared_changed")["data"] == {"names": ["answer"], "by": "alice"}
     old_pid = alice.result("ping")["image"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
     restarted = watcher.wait_event("image_restarted", timeout=30)
@@ -176,7 +181,7 @@ def test_state_changes_close_and_image_restarts_reach_subscribers(tmp_path, star
 
     alice.result("close_session")
     closed = watcher.wait_event("session_closed")
-    assert closed["data"] == {"by": "alice"} and closed["seq"] == state["seq"] + 3
+    assert closed["data"] == {"by": "alice"} and closed["seq"] == state["seq"] + 5
 
 
 def _rss_bytes(pid: int) -> int:

@@ -16,6 +16,8 @@ import pickle
 import psycopg
 import pytest
 
+from tests.serverproc import pg_node_flags
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -261,3 +263,128 @@ task.react(main)
     # the rows verify with the data directory's key: the store reads them back
     for _client_id, _sid, document in rows:
         assert json.loads(bytes(document))["format"] == "stui-session"
+
+
+def test_second_node_answers_elsewhere_then_takes_over_after_kill9(tmp_path, start_server, pg_dsn):
+    """Two nodes, one database: A is killed with kill -9 holding a session; B sends
+    clients to A while A's lease is fresh, then serves the session with x and the
+    instance back once the lease has run out."""
+    import time
+
+    def node(name):
+        # a lease lives 3 s: fresh for at least 2 s after the kill
+        lease = (f"--advertise={name}.example:7555", "--lease-interval=1", "--durability=always")
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, *lease)
+        return start_server(tmp_path / name, *flags, zmq=False)
+
+    a, b = node("a"), node("b")
+    client = a.tcp_client(timeout=30)
+    ping = client.result("ping")
+    assert ping["node"] == {"node_id": "a", "advertise": "a.example:7555"}, ping
+    assert ping["message"] == "pong" and "image" in ping  # the old fields stay
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    code = "class Point:\n    def __init__(self, x):\n        self.x = x\nx = 41\np = Point(x + 1)"
+    assert client.result("evaluate", session_id=session_id, code=code)["has_error"] is False
+    client.close()
+
+    other = b.tcp_client(timeout=30)
+    # B sees A's session (created after B started) in its lists and statistics
+    listed = other.result("list_client_sessions", client_id="alice")["sessions"]
+    assert [s["session_id"] for s in listed] == [session_id], listed
+    assert other.result("get_session_statistics")["active_sessions"] == 1
+
+    a.process.kill()  # SIGKILL: A's lease stays in the database until it runs out
+    killed_at = time.monotonic()
+    a.process.wait(30)
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["status"] == "error" and reply["error_type"] == "SessionElsewhere", reply
+    assert reply["details"]["node_id"] == "a", reply
+    assert reply["details"]["advertise"] == "a.example:7555", reply
+    assert time.monotonic() - killed_at < 2.0  # within the lease's fresh window
+
+    deadline = time.monotonic() + 30
+    while reply["status"] == "error" and time.monotonic() < deadline:
+        assert reply["error_type"] == "SessionElsewhere", reply
+        time.sleep(0.1)
+        reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["status"] == "success", reply
+    assert {"x", "p"} <= set(reply["result"]["restored_bindings"]), reply
+    result = other.result("evaluate", session_id=session_id, code="(x, p.x, type(p).__name__)")
+    assert result["result"] == "(41, 42, 'Point')", result
+    assert "took over session" in b.log_text()
+    other.close()
+
+
+def lease_rows(dsn):
+    with psycopg.connect(dsn) as connection:
+        return connection.execute("SELECT session_id, node_id FROM leases").fetchall()
+
+
+def test_clean_shutdown_and_close_give_the_lease_up_at_once(tmp_path, start_server, pg_dsn):
+    """SIGTERM of A gives its leases up: B serves A's session at once, not after the
+    lease (3 × 5 s) ran out; close_session on B gives B's lease up."""
+    import time
+
+    def node(name):
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, "--durability=batch")
+        return start_server(tmp_path / name, *flags, image=False, zmq=False)
+
+    a, b = node("a"), node("b")
+    client = a.tcp_client(timeout=30)
+    session_id = client.result("create_session", client_id="alice")["session_id"]
+    client.result("update_session_state", session_id=session_id, state_data={"n": 7})
+    client.close()
+    deadline = time.monotonic() + 10
+    while not lease_rows(pg_dsn) and time.monotonic() < deadline:
+        time.sleep(0.05)  # under batch, the row and its lease come with the next flush
+    other = b.tcp_client(timeout=30)
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["error_type"] == "SessionElsewhere", reply
+    assert reply["details"] == {"session_id": session_id, "node_id": "a", "advertise": None}
+    assert a.stop() == 0  # the final flush, then the leases are given up
+    assert lease_rows(pg_dsn) == []
+    restored = other.result("restore_session", client_id="alice", session_id=session_id)
+    assert restored["session_state"] == {"n": 7}, restored
+    assert lease_rows(pg_dsn) == [(session_id, "b")]
+    other.result("close_session", session_id=session_id)
+    assert lease_rows(pg_dsn) == []
+    reply = other.call("restore_session", client_id="alice", session_id=session_id)
+    assert reply["error_type"] == "SessionClosed", reply
+    assert lease_rows(pg_dsn) == []  # no lease is taken for a session that ended
+    other.close()
+
+
+def test_a_node_that_lost_its_lease_sends_clients_to_the_new_holder(tmp_path, start_server, pg_dsn):
+    """A stalls past its lease (simulated in the database); B takes the session over. A's
+    late update is refused, never written over B's, and A then names B as the holder."""
+    import time
+
+    def node(name):
+        lease = (f"--advertise={name}.example:7555", "--lease-interval=0.5", "--durability=always")
+        flags = pg_node_flags(pg_dsn, tmp_path / "secret.key", name, *lease)
+        return start_server(tmp_path / name, *flags, image=False, zmq=False)
+
+    a, b = node("a"), node("b")
+    on_a, on_b = a.tcp_client(timeout=30), b.tcp_client(timeout=30)
+    session_id = on_a.result("create_session", client_id="alice")["session_id"]
+    on_a.result("update_session_state", session_id=session_id, state_data={"n": 1})
+    with psycopg.connect(pg_dsn) as connection:  # as if A had missed three renewals
+        connection.execute("UPDATE leases SET expires_at = now() - interval '1 second'")
+    restored = on_b.result("restore_session", client_id="alice", session_id=session_id)
+    assert restored["session_state"] == {"n": 1}, restored
+    on_b.result("update_session_state", session_id=session_id, state_data={"n": 2})
+
+    late = on_a.call("update_session_state", session_id=session_id, state_data={"n": 99})
+    assert late["status"] == "error", late
+    assert late["error_type"] in ("StorageError", "SessionElsewhere"), late
+    deadline = time.monotonic() + 10
+    while late["error_type"] != "SessionElsewhere" and time.monotonic() < deadline:
+        time.sleep(0.1)  # A's next renewal finds the lease gone
+        late = on_a.call("restore_session", client_id="alice", session_id=session_id)
+    assert late["error_type"] == "SessionElsewhere", late
+    assert late["details"]["node_id"] == "b" and late["details"]["advertise"] == "b.example:7555"
+    again = on_b.result("restore_session", client_id="alice", session_id=session_id)
+    assert again["session_state"] == {"n": 2}, again
+    assert "lost the lease" in a.log_text() or "another node holds the lease" in a.log_text()
+    on_a.close()
+    on_b.close()

@@ -16,6 +16,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from stui_twisted.access.plans import PlanBook
 from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.ops.metrics import (
     MetricsPage,
@@ -25,6 +26,7 @@ from stui_twisted.ops.metrics import (
     time_store_writes,
 )
 from stui_twisted.sessions.model import Session
+from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
 from stui_twisted.tap import Options
 from stui_twisted.transports.connections import ConnectionRegistry
@@ -78,6 +80,7 @@ class FakeService:
         self.store = FakeStore(**store_statistics)
         self.connections = ConnectionRegistry(10)
         self._image = image
+        self.plans = PlanBook(Settings())
 
     def now(self) -> float:
         return NOW
@@ -170,6 +173,9 @@ def test_collector_reads_sessions_storage_and_image_at_scrape_time():
     assert value("stui_sessions", {"state": "active"}) == 1
     assert value("stui_image_up") == 0
     assert value("stui_image_restarts_total") == 4
+    assert value("stui_config_reload_errors_total") == 0
+    service.plans.reload_errors = 2
+    assert value("stui_config_reload_errors_total") == 2
 
 
 def test_collector_counts_connections_by_transport_from_the_given_registry():

@@ -122,7 +122,7 @@ class FakeStuiServer:
     def _serve_connection(self, conn, rfile):
         with self.lock:
             self.connections.add(conn)
-        context = {"authenticated": not self.users, "send_lock": threading.Lock()}
+        context = {"authenticated": not self.users, "send_lock": threading.Lock(), "conn": conn}
         try:
             for line in rfile:
                 if not line.strip():

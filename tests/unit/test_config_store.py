@@ -1,4 +1,4 @@
-"""--store, --secret-file and --node-id: parsing, the --data-dir alias, clear errors."""
+"""--store, --secret-file, --node-id, --advertise and --lease-interval: parsing, the --data-dir alias, clear errors."""
 
 from __future__ import annotations
 
@@ -56,9 +56,48 @@ def test_postgresql_store_is_built_in_place_of_the_file_store():
     from stui_twisted.tap import build_server
 
     settings = settings_of(
-        "--store=postgresql:host=/nonexistent dbname=stui", "--secret-file=/x/k", "--image=no"
+        "--store=postgresql:host=/nonexistent dbname=stui",
+        "--secret-file=/x/k",
+        "--image=no",
+        "--node-id=a",
+        "--advertise=a.example:7555",
+        "--lease-interval=0.5",
     )
     _root, sessions = build_server(settings, reactor)
     assert isinstance(sessions.store, PostgresSessionStore)
     assert sessions.store.secret_file == "/x/k"
+    leases = sessions.store.leases
+    assert (leases.node_id, leases.advertise, leases.interval, leases.ttl) == (
+        "a",
+        "a.example:7555",
+        0.5,
+        1.5,
+    )
+    assert sessions.node() == {"node_id": "a", "advertise": "a.example:7555"}
     assert sessions.store.where == "postgresql:dbname=stui host=/nonexistent"
+
+
+def test_advertise_and_lease_interval():
+    import socket
+
+    from stui_twisted.settings import node_id_of
+
+    default = settings_of()
+    assert default.advertise is None and default.lease_interval == 5.0
+    assert node_id_of(default) == socket.gethostname()
+    assert settings_of("--advertise=stui-a.example.net:7555").advertise == "stui-a.example.net:7555"
+    assert settings_of("--advertise=[::1]:7555").advertise == "[::1]:7555"
+    assert settings_of("--advertise=none").advertise is None
+    for bad, message in (
+        ("stui-a", "must be HOST:PORT"),
+        (":7555", "must be HOST:PORT"),
+        ("::1:7555", "must be HOST:PORT"),
+        ("host:0", "the port must be 1-65535"),
+        ("host:http", "the port must be 1-65535"),
+        ("[nope]:7555", "is not an IPv6 address"),
+    ):
+        with pytest.raises(ConfigError, match=f"--advertise.*{message}"):
+            build_settings({}, {"advertise": bad}, False)
+    with pytest.raises(ConfigError, match="--lease-interval must be greater than 0"):
+        build_settings({}, {"lease-interval": "0"}, False)
+    assert build_settings({"lease-interval": "0.5"}, {}, False).lease_interval == 0.5

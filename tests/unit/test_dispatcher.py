@@ -113,6 +113,8 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "inspect",
         "complete",
         "interrupt",
+        "get_evaluation",
+        "send_input",
         "list_classes",
         "browse_class",
         "get_method",
@@ -127,6 +129,15 @@ def test_describe_lists_every_command_with_parameters(dispatcher):
         "debug_step",
         "debug_continue",
         "debug_post_mortem",
+        "whoami",
+        "validate_feature_access",
+        "list_clients",
+        "disconnect_client",
+        "revoke_tokens",
+        "list_all_sessions",
+        "share_session",
+        "unshare_session",
+        "list_shared_sessions",
     }
     assert set(result["commands"]) == expected
     assert result["commands"]["evaluate"]["parameters"]["code"]["required"] is True

@@ -505,3 +505,29 @@ def test_pipelined_cells_are_numbered_one_after_the_other(workspace):
     assert cell_of("1 / 0", 9) == '  File "<cell 9>", line 1, in <module>'  # the server is ahead
     workspace.materialize({}, {}, 1)  # load_context may take the history back
     assert cell_of("1 / 0", 3) == '  File "<cell 3>", line 1, in <module>'
+
+
+def test_input_in_a_cell_asks_the_images_input_source_and_other_threads_see_eof(image, workspace):
+    asked = []
+
+    def source(session_id, cell, prompt, password, guard):
+        asked.append((session_id, cell, prompt, password))
+        return f"answer {len(asked)}\n"
+
+    # no source (no client can answer): EOFError, with a reason
+    code = "try:\n    input()\nexcept EOFError as e:\n    why = str(e)\nwhy"
+    assert "no client is attached" in workspace.evaluate(code)["result"]
+    image.input_source = source
+    code = (
+        "import getpass, threading\n"
+        "got = []\n"
+        "def elsewhere():\n"
+        "    try:\n        input()\n"
+        "    except (EOFError, OSError) as e:\n        got.append(type(e).__name__)\n"
+        "t = threading.Thread(target=elsewhere); t.start(); t.join()\n"
+        "(input('Name? '), getpass.getpass(), got != [])"
+    )
+    result = workspace.evaluate(code, cell_index=3)
+    assert result["result"] == "('answer 1', 'answer 2', True)"
+    assert asked == [("s_test", 3, "Name? ", False), ("s_test", 3, "Password: ", True)]
+    assert result["output"] == ""

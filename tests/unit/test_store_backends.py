@@ -231,6 +231,7 @@ async def test_load_index_after_reopen(backend):
     first.check()
     await within_time_limit(first.open())
     sessions = [make_session(number=n, client_id=c) for n, c in ((1, "alice"), (2, "bob"))]
+    sessions[0]["shares"] = [{"client_id": "bob", "access": "read"}]  # access.md §1
     for session in sessions:
         await within_time_limit(first.write(session))
     await within_time_limit(first.write_index(sessions))
@@ -246,6 +247,7 @@ async def test_load_index_after_reopen(backend):
         for session in sessions:
             meta = by_id[session["session_id"]]
             assert meta["client_id"] == session["client_id"] and meta["state"] == "active"
+            assert meta["shares"] == session["shares"]  # access is decided from the index
             assert meta["size_bytes"] == len(backend.stored_bytes(second, session))
         assert second.statistics()["files"] == 2
     finally:
@@ -332,15 +334,24 @@ def test_postgresql_schema_is_created_once_and_a_newer_one_is_refused(pg_dsn, tm
     store.check()
     store.check()  # a second start-up finds the schema current and changes nothing
     with psycopg.connect(pg_dsn, autocommit=True) as connection:
-        versions = connection.execute("SELECT version FROM schema_version").fetchall()
-        assert versions == [(pg_schema.LATEST_VERSION,)]
+        versions = connection.execute(
+            "SELECT version FROM schema_version ORDER BY version"
+        ).fetchall()
+        assert versions == [(version,) for version in sorted(pg_schema.MIGRATIONS)]
         tables = {
             row[0]
             for row in connection.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
             )
         }
-        assert {"sessions", "saved_copies", "shared", "quarantine", "schema_version"} <= tables
+        assert {
+            "sessions",
+            "saved_copies",
+            "shared",
+            "quarantine",
+            "leases",
+            "schema_version",
+        } <= tables
         connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (999,))
     with pytest.raises(StorageFailure, match="schema is version 999, newer than"):
         store.check()

@@ -1,0 +1,94 @@
+"""input(), getpass() and sys.stdin.readline() in the real image, answered by the server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from stui_twisted.image.supervisor import ImageSupervisor
+from tests.helpers import failure_of, reactor_sleep
+
+pytestmark = pytest.mark.image
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class Answers:
+    """An input handler: records each request and answers from a list (or never)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple] = []
+        self.answers: list = []
+        self.waiting: list[defer.Deferred] = []
+
+    def __call__(self, session_id, cell_index, prompt, password):
+        self.asked.append((session_id, cell_index, prompt, password))
+        if self.answers:
+            return self.answers.pop(0)
+        waiting = defer.Deferred()
+        self.waiting.append(waiting)
+        return waiting
+
+    async def until_asked(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.asked) < count:
+            assert time.monotonic() < deadline, "input() was not asked in time"
+            await reactor_sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_input_getpass_and_readline_are_answered_and_a_stop_ends_the_wait():
+    image = ImageSupervisor(_reactor(), kill_grace=5.0, restart_delay=0.1)
+    image.startService()
+    try:
+        await image.whenRunning()
+        pid = image.status()["pid"]
+        answers = Answers()
+        image.input_handler = answers
+        answers.answers = [{"text": "bob\n"}, {"text": "secret"}, {"text": "a line"}]
+        code = (
+            "import getpass, sys\n"
+            "name = input('Name? ')\n"
+            "word = getpass.getpass()\n"
+            "line = sys.stdin.readline()\n"
+            "(name, word, line)"
+        )
+        result = await image.evaluate("s_in", code, cell_index=7)
+        assert result["result"] == "('bob', 'secret', 'a line\\n')"
+        assert result["output"] == ""  # the prompt travels in the event, not the output
+        assert answers.asked == [
+            ("s_in", 7, "Name? ", False),
+            ("s_in", 7, "Password: ", True),
+            ("s_in", 7, "", False),
+        ]
+
+        # nobody can answer: input() raises EOFError with the server's reason
+        answers.answers = [{"eof": "no client is attached"}]
+        code = "try:\n    input()\nexcept EOFError as e:\n    why = str(e)\nwhy"
+        assert (await image.evaluate("s_in", code))["result"] == "'no client is attached'"
+
+        # interrupt ends the wait (not the stuck-kill after kill_grace: the pid stays)
+        running = image.evaluate("s_in", "input('never answered')", timeout=30)
+        await answers.until_asked(5)
+        assert await image.interrupt("s_in") is True
+        assert (await failure_of(running)).error_type == "Interrupted"
+
+        # the time limit keeps running while input() waits
+        timed = await failure_of(image.evaluate("s_in", "input('too slow')", timeout=0.5))
+        assert timed.error_type == "Timeout"
+        assert image.status()["pid"] == pid and image.status()["restarts"] == 0
+
+        # without a handler (or a running evaluation) input() sees end of file
+        image.input_handler = None
+        code = "try:\n    input()\nexcept EOFError as e:\n    why = str(e)\nwhy"
+        assert "no evaluation" in (await image.evaluate("s_in", code))["result"]
+    finally:
+        await image.stopService()
