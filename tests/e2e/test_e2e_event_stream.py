@@ -124,3 +124,25 @@ def test_presence_counts_conversations_per_client_and_a_clean_stop_is_announced(
     assert "session_id" not in stopping
     # Nothing about carol leaving came before the announcement: it was sent first.
     assert [e["event"] for e in watcher.events] == []
+
+
+@pytest.mark.timeout(120)
+def test_get_evaluation_shows_the_output_streamed_so_far_while_it_runs(server):
+    alice = EventClient(server.tcp_client(timeout=30))
+    alice.result("create_session", client_id="stream-detached")
+    code = "import time\nprint('halfway')\ntime.sleep(1.5)\nprint('done')"
+    started = alice.result("evaluate", code=code, wait=False)
+    index = started["history_index"]
+    deadline = time.monotonic() + 30
+    while True:
+        running = alice.result("get_evaluation", history_index=index)
+        if running["running"] is False or running["output"]:
+            break
+        assert time.monotonic() < deadline, running
+        time.sleep(0.05)
+    assert running["running"] is True and running["output"] == "halfway\n"
+    while alice.result("get_evaluation", history_index=index)["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert alice.result("get_evaluation", history_index=index)["output"] == "halfway\ndone\n"
+    alice.client.close()
