@@ -114,14 +114,14 @@ def server_tree() -> str | None:
     return os.environ.get("STUI_BENCH_TREE") or None
 
 
-def snapshot_head(destination: Path) -> tuple[Path, str]:
-    """Export the committed C{HEAD} to C{destination} (a stable tree to benchmark).
+def snapshot_head(destination: Path, revision: str = "HEAD") -> tuple[Path, str]:
+    """Export the committed C{revision} (C{HEAD}) to C{destination} (a stable tree to benchmark).
 
     Others edit the working tree while benchmarks run; a half-saved module
     would make a server fail mid-run.  Returns (tree, commit).
     """
     commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ["git", "rev-parse", revision], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     destination.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(

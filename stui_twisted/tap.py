@@ -190,6 +190,8 @@ class ServerRoot(service.MultiService):
         # (option, value, check): run first in startService, after twistd has
         # dropped privileges (so nothing is created as root) and before any thread
         self.start_checks: list = []
+        # called first in stopService, while every connection is still open
+        self.stop_hooks: list = []
 
     def startService(self) -> None:  # noqa: N802
         from stui_twisted.storage.errors import StorageFailure
@@ -206,6 +208,11 @@ class ServerRoot(service.MultiService):
                 )
                 raise StartupFailed(f"{option} {value}: {exc}") from None
         super().startService()
+
+    def stopService(self):  # noqa: N802
+        for hook in self.stop_hooks:
+            hook()
+        return super().stopService()
 
     def privilegedStartService(self) -> None:  # noqa: N802
         service.Service.privilegedStartService(self)
@@ -368,6 +375,12 @@ def build_server(settings: Settings, reactor, plans=None) -> tuple[service.Multi
         flush_interval=settings.flush_interval,
     )
     dispatcher.register_all(build_event_commands(sessions, sessions.events))
+    from stui_twisted.events.presence import Presence
+    from stui_twisted.sessions.policy import CLIENT_ID_PATTERN
+
+    presence = Presence(sessions.events, valid=CLIENT_ID_PATTERN.fullmatch)
+    dispatcher.addClientObserver(presence.note)
+    root.stop_hooks.append(sessions.events.server_stopping)
 
     input_budget = InputBudget(settings.max_partial_input_bytes)  # TCP and TLS share it
     for name in ("tcp", "tls"):

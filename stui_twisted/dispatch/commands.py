@@ -311,6 +311,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
             # TCP/TLS authenticate the connection; a ZeroMQ identity proves
             # nothing, so ZeroMQ requests carry the token instead.
             call.context.principal = result["client_id"]
+        dispatcher.note_client(call.context, result["client_id"])
         return result
 
     S = handlers if handlers is not None else WireCommands(service)  # noqa: N806 - short alias

@@ -188,6 +188,7 @@ class Dispatcher:
         """The L{stui_twisted.access.plans.PlanBook} that gates commands by feature."""
         self.stats = DispatchStats()
         self._observers = list(observers)
+        self._client_observers: list[Callable[[ConnectionContext, str], None]] = []
 
     # -- the table -------------------------------------------------------
 
@@ -205,6 +206,17 @@ class Dispatcher:
     def commands(self) -> dict[str, Command]:
         """The table, by name."""
         return dict(self._commands)
+
+    def addClientObserver(self, observer) -> None:  # noqa: N802
+        """Call C{observer(context, client_id)} whenever a conversation acts as a
+        client id: each request naming one (or authenticated as one), and each
+        successful C{authenticate} (team C{presence}, events.md §1)."""
+        self._client_observers.append(observer)
+
+    def note_client(self, context: ConnectionContext, client_id: str) -> None:
+        """Tell the client observers that C{context} acts as C{client_id}."""
+        for observer in self._client_observers:
+            observer(context, client_id)
 
     def addObserver(self, observer: Callable[[str, str, float], None]) -> None:  # noqa: N802
         """Call C{observer(command, status, seconds)} after every reply (metrics)."""
@@ -246,6 +258,8 @@ class Dispatcher:
             self.plans.check(command.name, principal)
             params = self._validate(command, self._with_principal(command, request, principal))
             call = Call(context, request, params, received_at, principal)
+            if self._client_observers and call.client_id is not None:
+                self.note_client(context, call.client_id)
             if shape is None:
                 finished, outcome = _step_handler(command.handler(call))
             else:

@@ -56,6 +56,27 @@ def evaluation_started(service, session, by, index: int, code: str) -> None:
         hub.publish(session.session_id, "evaluation_started", data)
 
 
+def output(service, session_id: str, history_index: int | None, pieces) -> None:
+    """Publish what a running evaluation wrote, one C{output} event per piece.
+
+    Only for a session the service still has (a closed session's evaluation
+    may still be stopping); under C{always} the chunks are synced within the
+    flush interval, and all of them before C{evaluation_finished}'s reply.
+    """
+    hub = getattr(service, "events", None)
+    if hub is None or session_id not in service.sessions:
+        return
+    for piece in pieces if isinstance(pieces, list) else ():
+        if not isinstance(piece, list) or len(piece) != 2:
+            continue
+        name, text = piece
+        if name not in ("stdout", "stderr") or not isinstance(text, str) or not text:
+            continue
+        data = {"history_index": history_index, "name": name, "text": clip_text(text)}
+        hub.publish(session_id, "output", data)
+    hub.schedule_sync()
+
+
 async def durable(service, session) -> None:
     """Under C{always}, wait until the session's events are on disk."""
     hub = getattr(service, "events", None)

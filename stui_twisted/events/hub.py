@@ -6,6 +6,9 @@ event to the L{Outbox} of every subscribed conversation.  An outbox writes
 only while its transport accepts data; what waits is bounded (events and
 bytes), and past the bound it is replaced by one C{dropped} marker per stream,
 so a slow or vanished subscriber costs bounded memory and nobody else waits.
+A session's log file is first read in a thread (L{EventHub.load}, which the
+session service awaits before it uses a session); what is published to it
+meanwhile waits and is numbered after the file's last seq.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path
+from stui_twisted.events.log import MAX_OUTPUT_TEXT, EventLog, log_path, remove_log
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
 from stui_twisted.protocol.timefmt import iso_timestamp
 
@@ -113,6 +116,10 @@ class _Stream:
         self.log = log
         self.subscribers: dict[int, Outbox] = {}
         self.waiters: list[defer.Deferred] = []
+        self.loaded = log.path is None  # its file was read (a file-less log has none)
+        self.loading: defer.Deferred | None = None
+        self.load_waiters: list[defer.Deferred] = []
+        self.queued: list[tuple[str, dict, float]] = []  # published while it loaded
         # connection id -> [client id, access] of subscribers that are not the owner
         self.watchers: dict[int, list[str]] = {}
 
@@ -148,42 +155,95 @@ class EventHub:
         self.pending_events = pending_events
         self.pending_bytes = pending_bytes
         self._streams: dict[str, _Stream] = {TEAM: _Stream(TEAM, EventLog(None, limit=TEAM_KEPT))}
+        self.presence = None  # the Presence (events/presence.py) once one is made
 
     # -- streams -----------------------------------------------------------
 
     def _stream(self, key: str) -> _Stream:
-        stream = self._streams.get(key)
-        if stream is None:
-            path = None if self.data_dir is None else log_path(self.data_dir, key)
-            log = EventLog(path, limit=self.log_limit, max_bytes=self.log_bytes)
-            log.open()
-            stream = self._streams[key] = _Stream(key, log)
+        """The stream of C{key}, its log read now if it was not yet (the service
+        reads it in a thread first, with L{load}; this is for direct callers)."""
+        stream = self._streams.get(key) or self._new_stream(key)
+        if not stream.loaded:
+            self._loaded(stream, stream.log.read())
         return stream
+
+    def _new_stream(self, key: str) -> _Stream:
+        path = None if self.data_dir is None else log_path(self.data_dir, key)
+        stream = _Stream(key, EventLog(path, limit=self.log_limit, max_bytes=self.log_bytes))
+        self._streams[key] = stream
+        return stream
+
+    def load(self, key: str) -> defer.Deferred:
+        """Fires once C{key}'s log file has been read (in a thread, never the reactor)."""
+        stream = self._streams.get(key) or self._new_stream(key)
+        if stream.loaded:
+            return defer.succeed(None)
+        if stream.loading is None:
+            stream.loading = threads.deferToThread(stream.log.read)
+            stream.loading.addCallbacks(
+                lambda read: self._loaded(stream, read),
+                lambda failure: self._load_failed(stream, failure),
+            )
+        waiter: defer.Deferred = defer.Deferred()
+        stream.load_waiters.append(waiter)
+        return waiter
+
+    def _load_failed(self, stream: _Stream, failure) -> None:
+        self.log.failure("the event log of a session could not be read", failure)
+        self._loaded(stream, ([], False))  # kept in memory; appends are tried again
+
+    def _loaded(self, stream: _Stream, read) -> None:
+        if stream.loaded:
+            return  # read synchronously meanwhile
+        try:
+            stream.log.load(read)
+        except OSError as exc:
+            self.log.error("event log of a session could not be opened: {error}", error=exc)
+        stream.loaded = True
+        queued, stream.queued = stream.queued, []
+        for event, data, at in queued:
+            self._publish(stream, event, data, at)
+        waiters, stream.load_waiters = stream.load_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def event_log(self, key: str) -> EventLog:
         return self._stream(key).log
 
-    def publish(self, session_id: str | None, event: str, data: dict) -> dict:
-        """Number, keep and fan out one event; C{session_id=None} is the team stream."""
+    def publish(self, session_id: str | None, event: str, data: dict) -> dict | None:
+        """Number, keep and fan out one event; C{session_id=None} is the team stream.
+
+        On a stream whose log is still being read the event waits for it
+        (answers None): numbering goes on from the file's last seq.
+        """
         key = TEAM if session_id is None else session_id
-        stream = self._stream(key)
+        stream = self._streams.get(key) or self._new_stream(key)
+        if not stream.loaded:
+            stream.queued.append((event, data, time.time()))
+            self.load(key)
+            return None
+        return self._publish(stream, event, data, time.time())
+
+    def _publish(self, stream: _Stream, event: str, data: dict, at: float) -> dict:
+        key = stream.key
+        session_id = None if key == TEAM else key
         message = {
             "event": event,
             "stream": TEAM if session_id is None else "session",
             "session_id": session_id,
             "seq": stream.log.next_seq(),
-            "timestamp": _timestamp(time.time()),
+            "timestamp": _timestamp(at),
             "data": data,
         }
         if session_id is None:
             del message["session_id"]  # the team stream names no session (events.md §1)
         try:
-            stream.log.append(message)
+            encoded = stream.log.append(message)
         except OSError as exc:
             self.log.error("event log of a session could not be written: {error}", error=exc)
+            encoded = encode_event(message)
         if session_id is not None and self.durability != "always":
-            self._schedule_sync()
-        encoded = encode_event(message)
+            self.schedule_sync()
         for outbox in list(stream.subscribers.values()):
             outbox.push(key, session_id, message["seq"], encoded)
         waiters, stream.waiters = stream.waiters, []
@@ -192,6 +252,10 @@ class EventHub:
                 waiter.callback(None)
         return message
 
+    def server_stopping(self) -> None:
+        """A clean stop begins: tell the team before any connection closes."""
+        self.publish(None, "server_stopping", {})
+
     def sync(self, session_id: str) -> defer.Deferred:
         """Fires when the session's events are on disk (awaited under C{always})."""
         stream = self._streams.get(session_id)
@@ -199,8 +263,8 @@ class EventHub:
             return defer.succeed(None)
         return stream.log.sync()
 
-    def _schedule_sync(self) -> None:
-        """Under C{batch}: fsync every log within C{flush_interval} of an event."""
+    def schedule_sync(self) -> None:
+        """Fsync every log within C{flush_interval} (after each event under C{batch})."""
         if self._sync_call is None or not self._sync_call.active():
             self._sync_call = self.reactor.callLater(self.flush_interval, self._batch_sync)
 
@@ -220,12 +284,35 @@ class EventHub:
     def forget(self, session_id: str) -> None:
         """Close a session's log file (the session is gone from memory)."""
         stream = self._streams.get(session_id)
-        if stream is not None and not stream.subscribers:
-            del self._streams[session_id]
-            stream.log.close()
-            for waiter in stream.waiters:
-                if not waiter.called:
-                    waiter.callback(None)
+        if stream is not None and stream.loaded and not stream.subscribers:
+            self._drop_stream(stream)
+
+    def _drop_stream(self, stream: _Stream) -> None:
+        del self._streams[stream.key]
+        stream.log.close()
+        stream.loaded = True  # a read still running finds it done: nothing is appended
+        stream.queued.clear()
+        waiters = stream.waiters + stream.load_waiters
+        stream.waiters, stream.load_waiters = [], []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
+
+    def delete(self, session_id: str) -> defer.Deferred:
+        """The session is deleted for good: forget its stream and remove its log
+        file (in a thread); its subscribers are unsubscribed."""
+        stream = self._streams.get(session_id)
+        settled: defer.Deferred = defer.succeed(None)
+        if stream is not None:
+            for outbox in stream.subscribers.values():
+                outbox.streams.discard(session_id)
+            stream.subscribers.clear()
+            self._drop_stream(stream)
+            settled = stream.log.sync()  # a compaction in flight finishes first
+        if self.data_dir is None:
+            return settled
+        path = log_path(self.data_dir, session_id)
+        return settled.addCallback(lambda _: threads.deferToThread(remove_log, path))
 
     # -- subscriptions -------------------------------------------------------
 
@@ -251,12 +338,13 @@ class EventHub:
         """
         stream = self._stream(key)
         log = stream.log
-        replay = [] if since is None else log.since(since)
+        replay = [] if since is None else log.since_encoded(since)
         pushes = connection is not None and getattr(connection, "accepts_events", lambda: True)()
         if pushes:
             outbox = self.outbox_of(context, connection)
-            for message in replay:
-                outbox.push(key, message.get("session_id"), message["seq"], encode_event(message))
+            session_id = None if key == TEAM else key
+            for seq, encoded in replay:
+                outbox.push(key, session_id, seq, encoded)
             stream.subscribers[context.connection_id] = outbox
             outbox.streams.add(key)
             if watcher is not None:
@@ -323,6 +411,8 @@ class EventHub:
 
     def connection_closed(self, context) -> None:
         """Drop every subscription of a conversation that went away."""
+        if self.presence is not None:
+            self.presence.closed(context)
         outbox = getattr(context, "outbox", None)
         if outbox is None:
             return

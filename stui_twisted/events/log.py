@@ -5,16 +5,20 @@ JSON is either an event message or C{{"seq_floor": N}} (written when the log
 is compacted or cleared, so sequence numbers keep counting across restarts).
 A line whose checksum does not match (a torn last write) is ignored on load.
 
+The file is first read in a thread (L{read}; L{load} then applies it on the
+reactor, see L{EventHub.load<stui_twisted.events.hub.EventHub.load>}).
 Appends are plain writes in the reactor thread (page cache, no wait; the
 file is opened per write, so no descriptor is held per session); L{sync}
 fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
 before a reply, so an event is on disk before any reply that follows it.
-The file is rewritten (temp file, fsync, rename) when it holds twice the
-retained events or bytes, so it stays bounded too.
+The file is rewritten (temp file, fsync, rename, in a thread; what is
+appended meanwhile waits in memory and L{sync} waits for it) when it holds
+twice the retained events or bytes, so it stays bounded too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,8 +26,14 @@ import zlib
 from collections import deque
 
 from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
+from stui_twisted.storage import durable
+from stui_twisted.storage.fileformat import write_all
+
+log = Logger()
 
 #: Output text is clipped at this many characters per event (events.md §3).
 MAX_OUTPUT_TEXT = 64 * 1024
@@ -34,15 +44,24 @@ def _line(message: dict) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
+def _body(line: bytes) -> bytes:
+    """The JSON of a checked line (what a subscriber is sent)."""
+    return line[9:].rstrip(b"\n")
+
+
+def _decode(body: bytes) -> dict:
+    return json.loads(body.decode("utf-8", "surrogatepass"))
+
+
 def _parse(line: bytes) -> dict | None:
     """The JSON of one checked line, or C{None} if it is torn or corrupt."""
     if len(line) < 10 or line[8:9] != b" ":
         return None
-    body = line[9:].rstrip(b"\n")
+    body = _body(line)
     try:
         if int(line[:8], 16) != zlib.crc32(body):
             return None
-        value = json.loads(body.decode("utf-8", "surrogatepass"))
+        value = _decode(body)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -61,7 +80,8 @@ class EventLog:
         self.path = path
         self.limit = limit
         self.max_bytes = max_bytes
-        self.events: deque[tuple[int, dict, int]] = deque()  # (seq, message, line size)
+        # (seq, checked line): kept encoded, as written and as sent; decoded when read
+        self.events: deque[tuple[int, bytes]] = deque()
         self.bytes = 0
         self.last_seq = 0
         self._floor = 0  # highest seq trimmed or cleared away
@@ -69,21 +89,37 @@ class EventLog:
         self._file_lines = 0
         self._file_bytes = 0
         self._unsynced = False
+        self._compacting: defer.Deferred | None = None  # the file is being rewritten
+        self._held: list[bytes] = []  # lines appended meanwhile, written after it
+        self._again = False  # compact once more when it is done (cleared meanwhile)
+        self._after_compaction: list[defer.Deferred] = []
 
     # -- opening ---------------------------------------------------------
 
     def open(self) -> None:
-        """Read the file (if any) and open it for appending."""
+        """Read the file (if any) and open it for appending (L{read} then L{load})."""
+        self.load(self.read())
+
+    def read(self) -> tuple[list[tuple[dict | None, bytes]], bool]:
+        """The file's lines, each with its JSON (None: torn or corrupt), and whether
+        its last line is torn; touches nothing of this log, so it may run in a thread."""
         if self.path is None:
-            return
+            return [], False
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         try:
             with open(self.path, "rb") as handle:
                 lines = handle.readlines()
         except FileNotFoundError:
             lines = []
-        for raw in lines:
-            value = _parse(raw)
+        torn = bool(lines) and not lines[-1].endswith(b"\n")
+        return [(_parse(raw), raw) for raw in lines], torn
+
+    def load(self, read: tuple[list[tuple[dict | None, bytes]], bool]) -> None:
+        """Take what L{read} found and open the file for appending."""
+        if self.path is None:
+            return
+        values, torn = read
+        for value, raw in values:
             if value is None:
                 continue
             if "seq_floor" in value:
@@ -95,11 +131,11 @@ class EventLog:
             seq = value.get("seq")
             if not isinstance(seq, int) or seq <= self.last_seq:
                 continue
-            self._keep(seq, value, len(raw))
-        self._file_lines = len(lines)
-        self._file_bytes = sum(map(len, lines))
+            self._keep(seq, raw if raw.endswith(b"\n") else raw + b"\n")
+        self._file_lines = len(values)
+        self._file_bytes = sum(len(raw) for _value, raw in values)
         self._open = True
-        if lines and not lines[-1].endswith(b"\n"):
+        if torn:
             self._write(b"\n")  # a torn last line must not swallow the next one
 
     def _write(self, data: bytes) -> None:
@@ -122,10 +158,14 @@ class EventLog:
 
     def since(self, since: int, limit: int | None = None) -> list[dict]:
         """Kept events with C{seq > since}, oldest first, at most C{limit}."""
+        return [_decode(body) for _seq, body in self.since_encoded(since, limit)]
+
+    def since_encoded(self, since: int, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """Like L{since}, as C{(seq, JSON bytes)} (what is pushed to a subscriber)."""
         out = []
-        for seq, message, _size in self.events:
+        for seq, line in self.events:
             if seq > since:
-                out.append(message)
+                out.append((seq, _body(line)))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -139,17 +179,29 @@ class EventLog:
     def next_seq(self) -> int:
         return self.last_seq + 1
 
-    def append(self, message: dict) -> None:
-        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file."""
+    def append(self, message: dict) -> bytes:
+        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file;
+        answers its JSON (encoded once, for the file and the subscribers).
+
+        Raises C{OSError} when the file could not be written (it is kept in memory).
+        """
         line = _line(message)
-        self._keep(message["seq"], message, len(line))
+        self._keep(message["seq"], line)
+        body = _body(line)
         if self._open:
-            self._write(line)
+            if self._compacting is not None:
+                self._held.append(line)
+            else:
+                self._write(line)
             self._file_lines += 1
             self._file_bytes += len(line)
             self._unsynced = True
-            if self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes:
-                self._rewrite()
+            if self._too_big():
+                self._compact()
+        return body
+
+    def _too_big(self) -> bool:
+        return self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes
 
     def clear(self) -> None:
         """Forget every event; C{seq} keeps counting (clear_context part C{events})."""
@@ -157,50 +209,95 @@ class EventLog:
         self.events.clear()
         self.bytes = 0
         if self._open:
-            self._rewrite()
+            self._compact()
 
-    def _keep(self, seq: int, message: dict, size: int) -> None:
-        self.events.append((seq, message, size))
-        self.bytes += size
+    def _keep(self, seq: int, line: bytes) -> None:
+        self.events.append((seq, line))
+        self.bytes += len(line)
         self.last_seq = seq
         while self.events and (len(self.events) > self.limit or self.bytes > self.max_bytes):
-            old_seq, _old, old_size = self.events.popleft()
-            self.bytes -= old_size
+            old_seq, old_line = self.events.popleft()
+            self.bytes -= len(old_line)
             self._floor = old_seq
 
-    def _rewrite(self) -> None:
-        """Replace the file by the kept events (bounded: at most C{max_bytes})."""
+    def _compact(self) -> None:
+        """Replace the file by the kept events (bounded: at most C{max_bytes}), in a
+        thread: lines appended meanwhile are held and written to the new file after
+        it; L{sync} waits for it."""
+        if self._compacting is not None:
+            self._again = True
+            return
         lines = [_line({"seq_floor": self._floor})]
-        lines.extend(_line(message) for _seq, message, _size in self.events)
-        temp = self.path + ".tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        self._file_lines = len(lines)
-        self._file_bytes = sum(map(len, lines))
-        self._unsynced = True  # the directory entry: fsynced with the next sync
+        lines.extend(line for _seq, line in self.events)
+        data = b"".join(lines)
+        self._held = []
+        self._compacting = threads.deferToThread(_replace_file, self.path, data)
+        self._compacting.addBoth(self._compacted, len(lines), len(data))
+
+    def _compacted(self, outcome, lines: int, size: int) -> None:
+        self._compacting = None
+        held, self._held = self._held, []
+        if isinstance(outcome, Failure):
+            log.failure("an event log could not be compacted", outcome, path=self.path)
+            lines = size = 0  # the old file stays; try again after as many appends
+        if self._open and held:
+            try:
+                self._write(b"".join(held))
+            except OSError as exc:
+                log.error("an event log could not be written: {error}", error=exc)
+        self._file_lines = lines + len(held)
+        self._file_bytes = size + sum(map(len, held))
+        self._unsynced = True
+        if self._open and (self._again or self._too_big()):
+            # Cleared meanwhile (the file must not keep what was cleared), or what
+            # was held made it too big again.
+            self._again = False
+            self._compact()
+            return
+        self._again = False
+        waiters, self._after_compaction = self._after_compaction, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def sync(self) -> defer.Deferred:
         """Fsync what was appended (in a thread); fires when it is on disk."""
+        if self._compacting is not None:
+            waiter: defer.Deferred = defer.Deferred()
+            self._after_compaction.append(waiter)
+            return waiter.addCallback(lambda _: self.sync())
         if not self._open or not self._unsynced:
             return defer.succeed(None)
         self._unsynced = False
         return threads.deferToThread(_fsync_file_and_dir, self.path)
 
 
+def _replace_file(path: str, data: bytes) -> None:
+    """Write C{data} to a temp file, fsync it, rename it over C{path}, fsync the directory."""
+    temp = path + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    durable.fsync_dir(os.path.dirname(path))
+
+
+def remove_log(path: str) -> None:
+    """Delete a log file and a temp file a rewrite may have left (missing is fine)."""
+    for name in (path, path + ".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
 def _fsync_file_and_dir(path: str) -> None:
-    directory = os.path.dirname(path)
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # deleted with its session meanwhile
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable.fsync_dir(os.path.dirname(path))

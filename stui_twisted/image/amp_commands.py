@@ -180,6 +180,20 @@ class Debug(amp.Command):
     response = REPLY
 
 
+class OutputChunk(amp.Command):
+    """Child to server: output a running evaluation wrote (see L{stui_twisted.image.streaming}).
+
+    C{pieces} is a list of C{[name, text]}, C{name} C{"stdout"} or C{"stderr"}.
+    """
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"history_index", amp.Integer(optional=True)),
+        (b"pieces", ChunkedJSON()),
+    ]
+    response = []
+
+
 class RequestInput(amp.Command):
     """From the image to the server: a cell called C{input()} (events.md §5).
 

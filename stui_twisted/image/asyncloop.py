@@ -45,10 +45,10 @@ class OutputSink:
         self._lock = threading.Lock()
         self._open = True
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, name: str = "stdout") -> None:
         with self._lock:
             if self._open:
-                self._buffer.write(text)
+                self._buffer.write(text, name)
                 return
         self._dropped(len(text))
 

@@ -3,7 +3,9 @@
 L{install_output_router} replaces C{sys.stdout}/C{sys.stderr} once with a
 L{ThreadOutputRouter} that sends each thread's writes to the buffer that
 thread is capturing into (L{captured_output}), or to the real stream; a
-L{BoundedTextBuffer} keeps at most its limit and counts the rest.
+L{BoundedTextBuffer} keeps at most its limit and counts the rest, and hands
+what it keeps to its C{stream} (an evaluation's
+L{stui_twisted.image.streaming.OutputStream}), if it has one.
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ MAX_OUTPUT_CHARS = 1 * MiB
 
 
 class BoundedTextBuffer:
-    """Collects text up to a size, then notes how much was dropped."""
+    """Collects text up to a size, then notes how much was dropped.
 
-    def __init__(self, limit: int = MAX_OUTPUT_CHARS) -> None:
+    @param stream: gets C{write(name, text)} of every part kept (while the
+        code runs) and, from L{finish}, the note of what was dropped; so what
+        it was given adds up to L{getvalue}.
+    """
+
+    def __init__(self, limit: int = MAX_OUTPUT_CHARS, stream=None) -> None:
         self._limit = limit
         self._parts: list[str] = []
         self._size = 0
         self._dropped = 0
+        self._stream = stream
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, name: str = "stdout") -> None:
         room = self._limit - self._size
         if len(text) > room:
             self._dropped += len(text) - max(room, 0)
@@ -38,12 +46,20 @@ class BoundedTextBuffer:
         if text:
             self._parts.append(text)
             self._size += len(text)
+            if self._stream is not None:
+                self._stream.write(name, text)
+
+    def _dropped_note(self) -> str:
+        return f"\n[output truncated: {self._dropped} more characters]\n" if self._dropped else ""
+
+    def finish(self) -> None:
+        """The code has ended: hand the stream the note of what was dropped."""
+        note = self._dropped_note()
+        if note and self._stream is not None:
+            self._stream.write("stdout", note)
 
     def getvalue(self) -> str:
-        text = "".join(self._parts)
-        if self._dropped:
-            text += f"\n[output truncated: {self._dropped} more characters]\n"
-        return text
+        return "".join(self._parts) + self._dropped_note()
 
 
 _capture_state = threading.local()
@@ -57,8 +73,9 @@ class ThreadOutputRouter:
     Installed once; this is what keeps concurrent sessions' output apart.
     """
 
-    def __init__(self, fallback) -> None:
+    def __init__(self, fallback, name: str = "stdout") -> None:
         self.fallback = fallback
+        self.name = name
 
     def write(self, text) -> int:
         buffer = getattr(_capture_state, "buffer", None)
@@ -69,7 +86,7 @@ class ThreadOutputRouter:
             return self.fallback.write(text)
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        buffer.write(text)
+        buffer.write(text, self.name)
         return len(text)
 
     def writelines(self, lines) -> None:
@@ -91,9 +108,9 @@ def install_output_router() -> None:
     """Route C{sys.stdout}/C{sys.stderr} through L{ThreadOutputRouter} (idempotent)."""
     with _install_lock:
         if not isinstance(sys.stdout, ThreadOutputRouter):
-            sys.stdout = ThreadOutputRouter(sys.stdout)
+            sys.stdout = ThreadOutputRouter(sys.stdout, "stdout")
         if not isinstance(sys.stderr, ThreadOutputRouter):
-            sys.stderr = ThreadOutputRouter(sys.stderr)
+            sys.stderr = ThreadOutputRouter(sys.stderr, "stderr")
 
 
 class captured_output:

@@ -41,6 +41,7 @@ from stui_twisted.image.interruption import (
     StopGuard,
     TimeLimitReached,
 )
+from stui_twisted.image.streaming import OutputStream
 from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
 
@@ -259,11 +260,27 @@ class ImageChildProtocol(amp.AMP):
     @commands.Evaluate.responder
     def evaluate(self, session_id, code, mode, timeout=None, cell_index=None):
         workspace = self._image.session(session_id)
+        stream = OutputStream(
+            self._reactor,
+            lambda history_index, pieces: self.callRemote(
+                commands.OutputChunk,
+                session_id=session_id,
+                history_index=history_index,
+                pieces=pieces,
+            ),
+        )
+
+        def answer(reply: dict) -> dict:
+            stream.close()  # the last output chunk goes out before the reply
+            return reply
+
         return self._on_worker(
             session_id,
             timeout,
-            lambda guard: workspace.evaluate(code, mode, guard=guard, cell_index=cell_index),
-        )
+            lambda guard: workspace.evaluate(
+                code, mode, guard=guard, cell_index=cell_index, stream=stream
+            ),
+        ).addCallback(answer)
 
     @commands.Interrupt.responder
     def interrupt(self, session_id):

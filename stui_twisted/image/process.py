@@ -76,6 +76,11 @@ class ServerSideAMP(amp.AMP):
         self._supervisor._debug_event(self._image, session_id, event, data or {})
         return {}
 
+    @commands.OutputChunk.responder
+    def output_chunk(self, session_id, pieces, history_index=None):
+        self._supervisor._output_written(session_id, history_index, pieces or [])
+        return {}
+
 
 class ImageProcess(protocol.ProcessProtocol):
     """One spawned image: its AMP connection, in-flight requests and fate."""

@@ -114,6 +114,7 @@ class ImageSupervisor(service.Service):
         self._stop_waiters: list[defer.Deferred] = []
         self._restart_observers: list = []
         self._debug_observers: list = []
+        self._output_observers: list = []
         self._lanes: dict[str, defer.DeferredLock] = {}
         self._running_tasks: dict[str, Request] = {}
         self.input_handler = None
@@ -176,6 +177,18 @@ class ImageSupervisor(service.Service):
                 watchdog.reset(request.watch_delay)
         for observer in list(self._debug_observers):
             observer(session_id, event, data)
+
+    def addOutputObserver(self, observer) -> None:
+        """Call C{observer(session_id, history_index, pieces)} for each chunk of
+        output a running evaluation sends (C{pieces}: C{[name, text]} lists)."""
+        self._output_observers.append(observer)
+
+    def _output_written(self, session_id: str, history_index: int | None, pieces) -> None:
+        for observer in list(self._output_observers):
+            try:
+                observer(session_id, history_index, pieces)
+            except Exception:
+                self.log.failure("output observer failed")
 
     def current_generation(self) -> defer.Deferred:
         """Fires with the generation of the running image, once one is ready.

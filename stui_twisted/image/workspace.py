@@ -373,16 +373,25 @@ class SessionWorkspace:
         return body, expression, names, definitions
 
     def evaluate(
-        self, code: str, mode: str = "execute", guard=None, cell_index: int | None = None
+        self,
+        code: str,
+        mode: str = "execute",
+        guard=None,
+        cell_index: int | None = None,
+        stream=None,
     ) -> dict:
         """Run C{code} as a REPL cell; the result dict, or StuiError with the delta.
 
         C{cell_index} is the history index the server will give this
-        evaluation; tracebacks call the cell C{<cell N>} by it.
+        evaluation; tracebacks call the cell C{<cell N>} by it.  C{stream}
+        (an L{stui_twisted.image.streaming.OutputStream}) gets the output
+        while the code runs, tagged with that index.
         """
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
         self.debugger.cell = cell  # its debug_paused / debug_resumed events name it
+        if stream is not None:
+            stream.history_index = cell
         filename = _cell_filename(cell)
         # C{name?} / C{name??}: the expression is the cell, its description the result
         request = help_request(code)
@@ -392,7 +401,7 @@ class SessionWorkspace:
         referenced: set[str] = set()
         value = None
         failure: BaseException | None = None
-        buffer = BoundedTextBuffer()
+        buffer = BoundedTextBuffer(stream=stream)
         self._note_dropped_background_output(buffer)
         sink = OutputSink(buffer, self._count_dropped_background_output, self._tasks)
         started = time.perf_counter()
@@ -424,6 +433,7 @@ class SessionWorkspace:
                 failure = exc
             finally:
                 sink.close()
+        buffer.finish()
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         self.namespace["__builtins__"] = builtins
         self.namespace["shared"] = self.image.shared

@@ -40,6 +40,7 @@ import sys
 import time
 from typing import Any
 
+from stui_twisted.events.log import log_path, remove_log
 from stui_twisted.protocol.envelope import iso_timestamp, parse_iso_timestamp
 from stui_twisted.storage.errors import StorageFailure
 from stui_twisted.storage.pathcodec import decode_client_dir
@@ -408,7 +409,7 @@ async def command_expire(reactor, store, args) -> int:
 
 
 async def command_delete(reactor, store, args) -> int:
-    """Remove a session's file and its backup for good."""
+    """Remove a session's file, its backup and its event log for good."""
     metas, meta = await _find(store, args.session_id)
     if not args.yes:
         raise AdminError(
@@ -417,6 +418,7 @@ async def command_delete(reactor, store, args) -> int:
             "run again with --yes"
         )
     await store.delete(meta["client_id"], args.session_id)
+    remove_log(log_path(store.data_dir, args.session_id))
     await store.write_index([m for m in metas if m["session_id"] != args.session_id])
     print(f"deleted session {args.session_id} of {meta['client_id']}")
     return EXIT_OK

@@ -98,11 +98,16 @@ class LiveSessions:
         self.running = RunningEvaluations(view)
         if image is not None:
             image.addRestartObserver(self.image_restarted)
+            image.addOutputObserver(self.output_written)
             image.input_handler = self.running.input_requested
             image.addDebugObserver(self.debug_event)
 
     def now(self) -> float:
         return self.clock.seconds()
+
+    def output_written(self, session_id: str, history_index: int | None, pieces) -> None:
+        """A running evaluation wrote output: one C{output} event per piece."""
+        event_hooks.output(self.view, session_id, history_index, pieces)
 
     # ================================================================ image glue
 

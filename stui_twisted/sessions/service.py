@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from stui_twisted.dispatch.interfaces import ConnectionContext
 
 DAY = 24 * 3600.0
-CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state")
+CONTEXT_PARTS = ("variables", "history", "registry", "inspector", "state", "events")
 
 
 def _restore_share(session: Session, client_id: str, access: str | None) -> None:
@@ -301,6 +301,8 @@ class SessionService(service.Service):
                 expired_at=iso_timestamp(session.expires_at()),
             )
         await self._load(session)
+        if self.events is not None:
+            await self.events.load(session_id)  # its event log, read in a thread
         if touch:
             session.last_activity = now
         return session
@@ -436,7 +438,7 @@ class SessionService(service.Service):
     def _remove(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
         if self.events is not None:
-            self.events.forget(session.session_id)  # its events stay on disk
+            self.events.forget(session.session_id)
         self.writer.dirty.discard(session.session_id)
         self._active_ids.discard(session.session_id)
         _forget(self._by_client, session.client_id, session.session_id)
@@ -585,6 +587,8 @@ class SessionService(service.Service):
             ended = session.ended_at()
             if ended is not None and ended < horizon:
                 await self.store.delete(session.client_id, session.session_id)
+                if self.events is not None:
+                    await self.events.delete(session.session_id)  # no orphaned log
                 self._remove(session)
                 self.log.info(
                     "retention: deleted session {sid} of {client} ({state} since {when})",
@@ -1085,6 +1089,8 @@ class SessionService(service.Service):
         )
         image_parts = [p for p in ("variables", "registry") if p in parts]
         await self.live.clear(session, image_parts, lambda: self._clear_parts(session, parts))
+        if "events" in parts and self.events is not None:
+            self.events.clear(session.session_id)  # seq keeps counting
         await self.changed(session, "clear the context")
         event_hooks.state_updated(
             self, session, client_id, [p for p in CONTEXT_PARTS if p in parts]

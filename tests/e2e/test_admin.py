@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from stui_twisted.events.log import log_path
 from stui_twisted.ops.admin import (
     _server_data_dir,
     effective_state,
@@ -331,6 +332,9 @@ def test_delete_needs_yes_then_removes_the_files(data_dir):
     main = session_file(data_dir, ACTIVE)
     backup = main.with_name(main.name + ".bak")
     assert backup.exists()
+    events = Path(log_path(str(data_dir), ACTIVE["session_id"]))
+    events.parent.mkdir()
+    events.write_bytes(b"")  # its event log goes with it
     refused = admin(data_dir, "delete", ACTIVE["session_id"])
     assert refused.returncode == 1
     assert "--yes" in refused.stderr
@@ -338,7 +342,7 @@ def test_delete_needs_yes_then_removes_the_files(data_dir):
 
     result = admin(data_dir, "delete", ACTIVE["session_id"], "--yes")
     assert result.returncode == 0, result.stderr
-    assert not main.exists() and not backup.exists()
+    assert not main.exists() and not backup.exists() and not events.exists()
     assert ACTIVE["session_id"] not in listed(data_dir)
     assert len(listed(data_dir)) == 3
     assert admin(data_dir, "verify").returncode == 0

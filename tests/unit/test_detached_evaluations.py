@@ -36,6 +36,9 @@ class HeldImage:
     def addRestartObserver(self, observer):  # noqa: N802
         pass
 
+    def addOutputObserver(self, observer):  # noqa: N802
+        pass
+
     def current_generation(self):
         return defer.succeed(self.live_generation)
 

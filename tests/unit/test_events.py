@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest_twisted
 from twisted.internet import task
 
 from stui_twisted.dispatch.interfaces import ConnectionContext
@@ -23,7 +24,8 @@ def _filled(path, count: int, **limits) -> EventLog:
     return log
 
 
-def test_seq_continues_across_reopen_and_clear(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_seq_continues_across_reopen_and_clear(tmp_path):
     path = tmp_path / "events" / "s.log"
     log = _filled(path, 5)
     log.close()
@@ -32,6 +34,7 @@ def test_seq_continues_across_reopen_and_clear(tmp_path):
     assert [m["seq"] for m in reopened.since(0)] == [1, 2, 3, 4, 5]
     reopened.clear()
     reopened.append(_event(reopened.next_seq()))
+    await reopened.sync()  # the file is rewritten in a thread
     reopened.close()
     third = EventLog(str(path))
     third.open()
@@ -40,9 +43,11 @@ def test_seq_continues_across_reopen_and_clear(tmp_path):
     assert third.truncated(0) and not third.truncated(5)
 
 
-def test_count_limit_trims_and_the_file_stays_bounded(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_count_limit_trims_and_the_file_stays_bounded(tmp_path):
     path = tmp_path / "s.log"
     log = _filled(path, 100, limit=10)
+    await log.sync()
     assert [m["seq"] for m in log.since(0)] == list(range(91, 101))
     assert log.first_seq == 91 and log.truncated(89) and not log.truncated(90)
     assert len(path.read_bytes().splitlines()) <= 2 * 10 + 1
@@ -53,11 +58,13 @@ def test_count_limit_trims_and_the_file_stays_bounded(tmp_path):
     assert reopened.next_seq() == 101
 
 
-def test_byte_limit_trims(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_byte_limit_trims(tmp_path):
     log = EventLog(str(tmp_path / "s.log"), max_bytes=1000)
     log.open()
     for _ in range(50):
         log.append(_event(log.next_seq(), "y" * 90))
+        await log.sync()  # each compaction ends before the next append
     assert log.bytes <= 1000
     assert 0 < len(log.since(0)) < 50
     assert log.since(0)[-1]["seq"] == 50
@@ -163,3 +170,33 @@ def test_the_team_stream_names_no_session_and_keeps_the_last_thousand(tmp_path):
     team = hub.event_log("team")
     assert (team.first_seq, team.last_seq) == (6, 1005)
     assert not (tmp_path / "events").exists()  # memory only
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_runs_off_the_reactor_and_keeps_what_is_appended_meanwhile(
+    tmp_path, monkeypatch
+):
+    import threading
+
+    from stui_twisted.events import log as event_log
+
+    threads_seen = []
+    real_replace = event_log._replace_file
+
+    def recording(path, data):
+        threads_seen.append(threading.current_thread())
+        real_replace(path, data)
+
+    monkeypatch.setattr(event_log, "_replace_file", recording)
+    path = tmp_path / "s.log"
+    log = _filled(path, 21, limit=10)  # the 21st line starts a compaction
+    for _ in range(5):
+        log.append(_event(log.next_seq()))  # held while the file is rewritten
+    synced = log.sync()
+    assert not synced.called  # under "always" a reply waits for the compaction
+    await synced
+    assert threads_seen and threading.main_thread() not in threads_seen
+    log.close()
+    reopened = EventLog(str(path), limit=10)
+    reopened.open()
+    assert [m["seq"] for m in reopened.since(0)] == list(range(17, 27))

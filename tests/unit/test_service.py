@@ -396,6 +396,7 @@ async def test_clear_context_parts(make):
         "registry",
         "inspector",
         "state",
+        "events",
     ]
     bad = await h.error(conn, "clear_context", parts=["everything"])
     assert "everything" in bad["error"]
@@ -844,6 +845,9 @@ class _ScriptedImage:
     def addRestartObserver(self, observer):  # noqa: N802
         self.observers.append(observer)
 
+    def addOutputObserver(self, observer):  # noqa: N802
+        pass
+
     def current_generation(self):
         return defer.succeed(self.live_generation)
 
@@ -923,6 +927,9 @@ class _RecordingImage(service.Service):
         self.events = events
 
     def addRestartObserver(self, observer):  # noqa: N802
+        pass
+
+    def addOutputObserver(self, observer):  # noqa: N802
         pass
 
     def status(self):
