@@ -39,6 +39,9 @@ class HeldImage:
     def addOutputObserver(self, observer):  # noqa: N802
         pass
 
+    def addDebugObserver(self, observer):  # noqa: N802
+        pass  # never pauses
+
     def current_generation(self):
         return defer.succeed(self.live_generation)
 

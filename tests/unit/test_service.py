@@ -848,6 +848,9 @@ class _ScriptedImage:
     def addOutputObserver(self, observer):  # noqa: N802
         pass
 
+    def addDebugObserver(self, observer):  # noqa: N802
+        pass  # the scripted image never pauses
+
     def current_generation(self):
         return defer.succeed(self.live_generation)
 
@@ -931,6 +934,9 @@ class _RecordingImage(service.Service):
 
     def addOutputObserver(self, observer):  # noqa: N802
         pass
+
+    def addDebugObserver(self, observer):  # noqa: N802
+        pass  # never pauses
 
     def status(self):
         return {"status": "running", "pid": None, "started_at": None}
