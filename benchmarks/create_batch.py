@@ -13,6 +13,14 @@ drift on the shared machine hits them alike::
 
     python -m benchmarks.create_batch --tree /tmp/base --tree . --rounds 3
 
+A tree given as C{PATH@noflush} runs with C{--flush-interval=1000}: no
+flush during the storm, the reference for what the flushes cost (its
+"on disk" time is then the final flush at shutdown, not measured);
+C{PATH@journal} is for a tree that writes no per-session files during the
+storm (the group-file prototype of docs/performance.md, issue 21:
+C{results/profiles/issue21-journal-prototype.patch.txt}), so nothing is
+waited for either.
+
 With C{--profile DIR} the server of the last round of each tree is
 recorded with py-spy (raw collapsed stacks, all threads).
 """
@@ -40,9 +48,14 @@ def _session_files(data_dir: Path) -> int:
 
 def one_round(tree: str, requests: int, warmup: int, profile: Path | None) -> dict:
     """One fresh server from C{tree}: ping, then the create storm; figures in µs."""
-    os.environ["STUI_BENCH_TREE"] = os.path.abspath(tree)
+    path, _, variant = tree.partition("@")
+    os.environ["STUI_BENCH_TREE"] = os.path.abspath(path)
+    extra = ["--flush-interval=1000"] if variant == "noflush" else []
+    if variant == "journal":  # a prototype tree that writes no per-session files
+        extra = ["--flush-interval=0.1"]
     server = start_stui(
         "create-batch",
+        *extra,
         "--durability=batch",
         "--max-sessions-per-client=1000000",
         "--create-rate-limit=1000000",
@@ -91,7 +104,11 @@ def one_round(tree: str, requests: int, warmup: int, profile: Path | None) -> di
                 create.samples.append(elapsed)
         last_reply = time.perf_counter()
         expected = warmup + requests - create.errors
-        while _session_files(server.data_dir) < expected and time.perf_counter() - last_reply < 30:
+        patience = 0 if extra else 30
+        while (
+            _session_files(server.data_dir) < expected
+            and time.perf_counter() - last_reply < patience
+        ):
             time.sleep(0.005)
         on_disk_ms = (time.perf_counter() - last_reply) * 1e3
         if spy is not None:
