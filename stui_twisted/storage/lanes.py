@@ -281,31 +281,38 @@ class WriteLanes:
         self.pending_writes -= 1
         return self._written(result, snapshot)
 
-    def start_group(self, snapshots: list[Snapshot], waiters: dict[Key, defer.Deferred]) -> None:
-        """Write C{snapshots} (their lanes L{claim}ed) in one pool job; fire C{waiters}."""
+    def start_group(self, snapshots: list[Snapshot]) -> defer.Deferred:
+        """Write C{snapshots} (their lanes L{claim}ed) in one pool job.
+
+        Fires once, with C{{key: WriteResult or Failure}}: one Deferred for
+        the group rather than one per file, so finishing a group of hundreds
+        of sessions costs the reactor thread a loop, not hundreds of
+        callback chains (issue 21).  The lanes are released only after the
+        caller's callbacks ran, so L{when_idle} cannot fire before them.
+        """
+        group: defer.Deferred = defer.Deferred()
 
         def finished(results: dict[Key, object]) -> None:
+            outcome: dict[Key, object] = {}
             for snapshot in snapshots:
-                self._lanes[snapshot.target.key].running = False
-            for snapshot in snapshots:
-                result = results[snapshot.target.key]
+                key = snapshot.target.key
+                self._lanes[key].running = False
+                result = results[key]
                 if isinstance(result, BaseException):
                     result = Failure(result)
-                result = self._write_finished(result, snapshot)
-                waiter = waiters[snapshot.target.key]
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-            # lanes are released only now, so close() cannot finish before the waiters fired
-            for snapshot in snapshots:
-                self._pump(snapshot.target.key)
+                outcome[key] = self._write_finished(result, snapshot)
+            try:
+                group.callback(outcome)
+            finally:
+                for snapshot in snapshots:
+                    self._pump(snapshot.target.key)
 
         def crashed(reason: Failure) -> None:  # a bug in the group job itself
             self.log.failure("group write crashed", reason)
             finished({snapshot.target.key: reason.value for snapshot in snapshots})
 
         self.in_pool(self._write_group_job, snapshots).addCallbacks(finished, crashed)
+        return group
 
     # ------------------------------------------------------------------ thread side
 

@@ -343,7 +343,6 @@ class SessionStore:
             return defer.fail()
         outcomes: dict[str, defer.Deferred] = {}
         group: dict[Key, Snapshot] = {}
-        waiters: dict[Key, defer.Deferred] = {}
         for session in sessions:
             if isinstance(session, Snapshot):
                 snapshot, name = session, session.target.session_id
@@ -361,18 +360,27 @@ class SessionStore:
                 continue
             if self._lanes.claim(key):
                 group[key] = snapshot
-                outcomes[name] = waiters[key] = defer.Deferred()
+                dropped = outcomes.pop(name, None)
+                if dropped is not None:  # an earlier item of that name; this one answers
+                    dropped.addErrback(lambda _: None)
             else:
                 if name in outcomes:  # superseded by this later snapshot; its result is moot
                     outcomes[name].addErrback(lambda _: None)
                 outcomes[name] = self._lanes.submit_write(snapshot)
-        if group:
-            self._lanes.start_group(list(group.values()), waiters)
+        # Few outcomes of their own (refused or queued behind a running write);
+        # the group answers for all its members at once.
         names = list(outcomes)
-        gathered = defer.DeferredList([outcomes[name] for name in names], consumeErrors=True)
-        return gathered.addCallback(
-            lambda results: {name: value for name, (_, value) in zip(names, results, strict=True)}
-        )
+        others = defer.DeferredList([outcomes[name] for name in names], consumeErrors=True)
+        grouped = self._lanes.start_group(list(group.values())) if group else defer.succeed({})
+
+        def gathered(results: list) -> dict[str, object]:
+            (_, by_key), (_, singles) = results
+            merged = {key[1]: value for key, value in by_key.items()}
+            merged.update((name, value) for name, (_, value) in zip(names, singles, strict=True))
+            return merged
+
+        both = defer.DeferredList([grouped, others], fireOnOneErrback=True, consumeErrors=True)
+        return both.addCallback(gathered)
 
     def delete(self, client_id: str, session_id: str) -> defer.Deferred:
         """Remove a session's file, its .bak and its saved copy (after their queued

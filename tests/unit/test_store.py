@@ -386,6 +386,31 @@ async def test_write_many_one_job_and_one_fsync_per_directory(store, monkeypatch
 
 
 @pytest_twisted.ensureDeferred
+async def test_write_many_finishes_a_group_with_a_few_deferreds_not_one_per_session(
+    store, monkeypatch
+):
+    """Issue 21: a group of hundreds of sessions is answered by one callback chain.
+
+    One Deferred per session (and a DeferredList over them) made finishing
+    a 400-session flush a 2-3 ms turn of the reactor thread.
+    """
+    sessions = [make_session(f"client-{number % 7}", number) for number in range(200)]
+    made = []
+    real_init = defer.Deferred.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(defer.Deferred, "__init__", counting_init)
+    results = await within_time_limit(store.write_many(sessions))
+    monkeypatch.undo()
+    assert set(results) == {session["session_id"] for session in sessions}
+    assert all(isinstance(result, WriteResult) for result in results.values())
+    assert len(made) < 20, f"{len(made)} Deferreds for one group of 200"
+
+
+@pytest_twisted.ensureDeferred
 async def test_write_many_reports_each_failure_and_keeps_order_with_single_writes(tmp_path):
     small_store = await opened_store(tmp_path / "data", max_session_bytes=4000)
     try:
