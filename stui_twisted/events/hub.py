@@ -156,6 +156,8 @@ class EventHub:
         self.pending_bytes = pending_bytes
         self._streams: dict[str, _Stream] = {TEAM: _Stream(TEAM, EventLog(None, limit=TEAM_KEPT))}
         self.presence = None  # the Presence (events/presence.py) once one is made
+        # logs of dropped streams still writing what they held: read again after it
+        self._closing: dict[str, defer.Deferred] = {}
 
     # -- streams -----------------------------------------------------------
 
@@ -179,7 +181,16 @@ class EventHub:
         if stream.loaded:
             return defer.succeed(None)
         if stream.loading is None:
-            stream.loading = threads.deferToThread(stream.log.read)
+            closing = self._closing.get(key)
+            if closing is None:
+                stream.loading = threads.deferToThread(stream.log.read)
+            else:  # an earlier copy of this log is still writing its last lines
+                stream.loading = loading = defer.Deferred()
+
+                def read_after(_):
+                    threads.deferToThread(stream.log.read).chainDeferred(loading)
+
+                closing.addBoth(read_after)
             stream.loading.addCallbacks(
                 lambda read: self._loaded(stream, read),
                 lambda failure: self._load_failed(stream, failure),
@@ -195,10 +206,7 @@ class EventHub:
     def _loaded(self, stream: _Stream, read) -> None:
         if stream.loaded:
             return  # read synchronously meanwhile
-        try:
-            stream.log.load(read)
-        except OSError as exc:
-            self.log.error("event log of a session could not be opened: {error}", error=exc)
+        stream.log.load(read)
         stream.loaded = True
         queued, stream.queued = stream.queued, []
         for event, data, at in queued:
@@ -237,12 +245,10 @@ class EventHub:
         }
         if session_id is None:
             del message["session_id"]  # the team stream names no session (events.md §1)
-        try:
-            encoded = stream.log.append(message)
-        except OSError as exc:
-            self.log.error("event log of a session could not be written: {error}", error=exc)
-            encoded = encode_event(message)
-        if session_id is not None and self.durability != "always":
+        encoded = stream.log.append(message)  # in memory; written by the next sync
+        if session_id is not None:
+            # written within the flush interval whatever the policy (under
+            # always the service also syncs before the reply that follows)
             self.schedule_sync()
         for outbox in list(stream.subscribers.values()):
             outbox.push(key, session_id, message["seq"], encoded)
@@ -289,7 +295,17 @@ class EventHub:
 
     def _drop_stream(self, stream: _Stream) -> None:
         del self._streams[stream.key]
-        stream.log.close()
+        closing = stream.log.close()
+        closing.addErrback(
+            lambda failure: self.log.failure("an event log could not be written", failure)
+        )
+        self._closing[stream.key] = closing
+
+        def closed(_, key=stream.key):
+            if self._closing.get(key) is closing:
+                del self._closing[key]
+
+        closing.addBoth(closed)
         stream.loaded = True  # a read still running finds it done: nothing is appended
         stream.queued.clear()
         waiters = stream.waiters + stream.load_waiters

@@ -7,13 +7,15 @@ A line whose checksum does not match (a torn last write) is ignored on load.
 
 The file is first read in a thread (L{read}; L{load} then applies it on the
 reactor, see L{EventHub.load<stui_twisted.events.hub.EventHub.load>}).
-Appends are plain writes in the reactor thread (page cache, no wait; the
-file is opened per write, so no descriptor is held per session); L{sync}
-fsyncs the file in a thread.  Under C{always} the service awaits L{sync}
-before a reply, so an event is on disk before any reply that follows it.
-The file is rewritten (temp file, fsync, rename, in a thread; what is
-appended meanwhile waits in memory and L{sync} waits for it) when it holds
-twice the retained events or bytes, so it stays bounded too.
+Nothing touches the file on the reactor thread: an append keeps the line in
+memory, and L{sync} writes what is pending and fsyncs it in a thread (the
+file is opened per write, so no descriptor is held per session).  Under
+C{always} the service awaits L{sync} before a reply, so an event is on disk
+before any reply that follows it; otherwise the hub syncs within the flush
+interval.  The file is rewritten (temp file, fsync, rename) when it holds
+twice the retained events or bytes, so it stays bounded too.  File jobs run
+one at a time, in the order they were asked for (a L{defer.DeferredLock}),
+so a rewrite never loses an append and a removal comes after both.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from collections import deque
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from stui_twisted.protocol.jsoncodec import COMPACT_ALLOW_NAN
 from stui_twisted.storage import durable
@@ -88,11 +89,8 @@ class EventLog:
         self._open = False
         self._file_lines = 0
         self._file_bytes = 0
-        self._unsynced = False
-        self._compacting: defer.Deferred | None = None  # the file is being rewritten
-        self._held: list[bytes] = []  # lines appended meanwhile, written after it
-        self._again = False  # compact once more when it is done (cleared meanwhile)
-        self._after_compaction: list[defer.Deferred] = []
+        self._pending: list[bytes] = []  # appended, not yet handed to a file job
+        self._jobs = defer.DeferredLock()  # file jobs, one at a time, in order
 
     # -- opening ---------------------------------------------------------
 
@@ -136,18 +134,13 @@ class EventLog:
         self._file_bytes = sum(len(raw) for _value, raw in values)
         self._open = True
         if torn:
-            self._write(b"\n")  # a torn last line must not swallow the next one
+            self._pending.insert(0, b"\n")  # a torn last line must not swallow the next one
 
-    def _write(self, data: bytes) -> None:
-        # Opened per write: no descriptor is held per session (there may be many).
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
+    def close(self) -> defer.Deferred:
+        """Stop appending; fires once what was appended is written (L{sync})."""
+        settled = self.sync()
         self._open = False
+        return settled
 
     # -- reading -----------------------------------------------------------
 
@@ -180,25 +173,17 @@ class EventLog:
         return self.last_seq + 1
 
     def append(self, message: dict) -> bytes:
-        """Keep C{message} (its C{seq} is L{next_seq}) and append it to the file;
-        answers its JSON (encoded once, for the file and the subscribers).
-
-        Raises C{OSError} when the file could not be written (it is kept in memory).
-        """
+        """Keep C{message} (its C{seq} is L{next_seq}) for the file's next write
+        (L{sync}); answers its JSON (encoded once, for the file and the subscribers)."""
         line = _line(message)
         self._keep(message["seq"], line)
-        body = _body(line)
         if self._open:
-            if self._compacting is not None:
-                self._held.append(line)
-            else:
-                self._write(line)
+            self._pending.append(line)
             self._file_lines += 1
             self._file_bytes += len(line)
-            self._unsynced = True
             if self._too_big():
                 self._compact()
-        return body
+        return _body(line)
 
     def _too_big(self) -> bool:
         return self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes
@@ -221,54 +206,39 @@ class EventLog:
             self._floor = old_seq
 
     def _compact(self) -> None:
-        """Replace the file by the kept events (bounded: at most C{max_bytes}), in a
-        thread: lines appended meanwhile are held and written to the new file after
-        it; L{sync} waits for it."""
-        if self._compacting is not None:
-            self._again = True
-            return
+        """Replace the file by the kept events (bounded: at most C{max_bytes}), in
+        a thread after the file jobs before it; what is pending is in them."""
         lines = [_line({"seq_floor": self._floor})]
         lines.extend(line for _seq, line in self.events)
         data = b"".join(lines)
-        self._held = []
-        self._compacting = threads.deferToThread(_replace_file, self.path, data)
-        self._compacting.addBoth(self._compacted, len(lines), len(data))
+        self._pending = []
+        self._file_lines, self._file_bytes = len(lines), len(data)
+        done = self._jobs.run(threads.deferToThread, _replace_file, self.path, data)
+        done.addErrback(self._compaction_failed, data)
 
-    def _compacted(self, outcome, lines: int, size: int) -> None:
-        self._compacting = None
-        held, self._held = self._held, []
-        if isinstance(outcome, Failure):
-            log.failure("an event log could not be compacted", outcome, path=self.path)
-            lines = size = 0  # the old file stays; try again after as many appends
-        if self._open and held:
-            try:
-                self._write(b"".join(held))
-            except OSError as exc:
-                log.error("an event log could not be written: {error}", error=exc)
-        self._file_lines = lines + len(held)
-        self._file_bytes = size + sum(map(len, held))
-        self._unsynced = True
-        if self._open and (self._again or self._too_big()):
-            # Cleared meanwhile (the file must not keep what was cleared), or what
-            # was held made it too big again.
-            self._again = False
-            self._compact()
-            return
-        self._again = False
-        waiters, self._after_compaction = self._after_compaction, []
-        for waiter in waiters:
-            waiter.callback(None)
+    def _compaction_failed(self, failure, data: bytes) -> None:
+        # Appending the rewrite's lines is the same log (its seq_floor line
+        # drops what came before, duplicates of a seq are skipped on load).
+        log.failure("an event log could not be compacted", failure, path=self.path)
+        self._pending.insert(0, data)
 
     def sync(self) -> defer.Deferred:
-        """Fsync what was appended (in a thread); fires when it is on disk."""
-        if self._compacting is not None:
-            waiter: defer.Deferred = defer.Deferred()
-            self._after_compaction.append(waiter)
-            return waiter.addCallback(lambda _: self.sync())
-        if not self._open or not self._unsynced:
+        """Write what was appended and fsync it (in a thread, after the file jobs
+        before it); fires when it is on disk.  Fails if it could not be written
+        (it stays pending: the next sync tries again)."""
+        if self.path is None:
             return defer.succeed(None)
-        self._unsynced = False
-        return threads.deferToThread(_fsync_file_and_dir, self.path)
+        if not self._pending:
+            return self._jobs.run(defer.succeed, None)  # what runs now finishes first
+        data = b"".join(self._pending)
+        self._pending = []
+        done = self._jobs.run(threads.deferToThread, _append_and_fsync, self.path, data)
+
+        def failed(failure):
+            self._pending.insert(0, data)
+            return failure
+
+        return done.addErrback(failed)
 
 
 def _replace_file(path: str, data: bytes) -> None:
@@ -291,12 +261,12 @@ def remove_log(path: str) -> None:
             os.remove(name)
 
 
-def _fsync_file_and_dir(path: str) -> None:
+def _append_and_fsync(path: str, data: bytes) -> None:
+    """Append C{data} to C{path} (created if missing), fsync it and its directory."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # deleted with its session meanwhile
-    try:
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest_twisted
 from twisted.internet import task
@@ -28,14 +29,14 @@ def _filled(path, count: int, **limits) -> EventLog:
 async def test_seq_continues_across_reopen_and_clear(tmp_path):
     path = tmp_path / "events" / "s.log"
     log = _filled(path, 5)
-    log.close()
+    await log.close()
     reopened = EventLog(str(path))
     reopened.open()
     assert [m["seq"] for m in reopened.since(0)] == [1, 2, 3, 4, 5]
     reopened.clear()
     reopened.append(_event(reopened.next_seq()))
     await reopened.sync()  # the file is rewritten in a thread
-    reopened.close()
+    await reopened.close()
     third = EventLog(str(path))
     third.open()
     assert [m["seq"] for m in third.since(0)] == [6]
@@ -51,7 +52,7 @@ async def test_count_limit_trims_and_the_file_stays_bounded(tmp_path):
     assert [m["seq"] for m in log.since(0)] == list(range(91, 101))
     assert log.first_seq == 91 and log.truncated(89) and not log.truncated(90)
     assert len(path.read_bytes().splitlines()) <= 2 * 10 + 1
-    log.close()
+    await log.close()
     reopened = EventLog(str(path), limit=10)
     reopened.open()
     assert [m["seq"] for m in reopened.since(0)] == list(range(91, 101))
@@ -71,19 +72,43 @@ async def test_byte_limit_trims(tmp_path):
     assert (tmp_path / "s.log").stat().st_size <= 2 * 1000 + 200
 
 
-def test_a_torn_last_line_is_ignored_and_does_not_swallow_the_next(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_torn_last_line_is_ignored_and_does_not_swallow_the_next(tmp_path):
     path = tmp_path / "s.log"
-    _filled(path, 3).close()
+    await _filled(path, 3).close()
     with open(path, "ab") as handle:
         handle.write(b'0000abcd {"event": "out')  # a write cut short by a crash
     log = EventLog(str(path))
     log.open()
     assert [m["seq"] for m in log.since(0)] == [1, 2, 3]
     log.append(_event(log.next_seq()))
-    log.close()
+    await log.close()
     again = EventLog(str(path))
     again.open()
     assert [m["seq"] for m in again.since(0)] == [1, 2, 3, 4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_appends_touch_the_file_only_in_a_thread(tmp_path, monkeypatch):
+    import threading
+
+    from stui_twisted.events import log as event_log
+
+    threads_seen = []
+    real_open = os.open
+
+    def recording(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            threads_seen.append(threading.current_thread())
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(event_log.os, "open", recording)
+    path = tmp_path / "events" / "s.log"
+    log = _filled(path, 5)
+    assert threads_seen == [] and not path.exists()  # kept in memory, no I/O here
+    await log.sync()
+    assert threads_seen and threading.main_thread() not in threads_seen
+    assert len(path.read_bytes().splitlines()) == 5
 
 
 class SlowConnection:
@@ -196,7 +221,7 @@ async def test_compaction_runs_off_the_reactor_and_keeps_what_is_appended_meanwh
     assert not synced.called  # under "always" a reply waits for the compaction
     await synced
     assert threads_seen and threading.main_thread() not in threads_seen
-    log.close()
+    await log.close()
     reopened = EventLog(str(path), limit=10)
     reopened.open()
     assert [m["seq"] for m in reopened.since(0)] == list(range(17, 27))
