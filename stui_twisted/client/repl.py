@@ -465,7 +465,7 @@ class Repl:
         own = self.own.is_own(session_id, index)
         if event == "output" and own:
             if self.own.is_current(session_id, index):
-                self.own.streamed += str(data.get("text") or "")
+                self.own.shown(str(data.get("text") or ""))
                 self.write_raw(str(data.get("text") or ""))
             return
         if event == "input_requested" and current:
@@ -518,7 +518,7 @@ class Repl:
         while data is not None:
             self.asking_input, self.next_input = data, None
             # input() writes its prompt to the output: shown here, not again in the reply
-            self.own.streamed += str(data.get("prompt") or "")
+            self.own.asked(str(data.get("prompt") or ""))
             try:
                 text = self._prompt(
                     PromptSession(),
@@ -773,7 +773,7 @@ class Repl:
         finally:
             streamed = self.own.end(reply_history_index(reply))
             self.paused = None
-        reply, newline = without_streamed_output(reply, streamed)
+        reply, newline = without_streamed_output(reply, streamed, self.own.line_open)
         if newline:
             self.write_raw("\n")
         return reply

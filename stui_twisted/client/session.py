@@ -346,6 +346,10 @@ class StuiClient:
             raise ConnectionLost(f"not connected to {self.address.url}")
         self._last_request_id += 1
         request_id = self._last_request_id
+        if not self.authenticated and "client_id" not in parameters:
+            # With auth off the request's client_id is who acts (access.md §1): without
+            # it a command on a session shared with us would act as its owner.
+            parameters = dict(parameters, client_id=self.client_id)
         message: dict[str, Any] = {"id": request_id, "command": command, "parameters": parameters}
         if self.token and self.address.scheme == "zmq":
             message["token"] = self.token

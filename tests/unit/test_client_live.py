@@ -547,6 +547,7 @@ def test_our_input_prompt_ends_when_another_client_answers_it(live_server, state
     assert bob.result("send_input", {"session_id": "s_1", "text": "ab"}) == {"accepted": True}
     child.expect(r"\(answered by another client\)")
     child.expect("'abab'")
+    assert child.before == "\r\n"  # no empty line: the prompt's line had ended
     child.expect(">>>")
     quit_child(child)
 
@@ -661,6 +662,19 @@ def test_shared_attaches_and_a_reader_is_refused_evaluation(live_server, state_d
     quit_child(child)
 
 
+def test_commands_in_a_shared_session_name_who_acts(live_server, state_dir):
+    """With auth off a request's C{client_id} is who acts (access.md §1): without it
+    bob's commands in alice's session would act as her, and C{list_shared_sessions}
+    is refused."""
+    owner_client(live_server, state_dir)
+    bob = other_client(live_server, state_dir, "s_1")
+    bob.evaluate("1 + 1")
+    bob.call("list_shared_sessions")
+    bob.call("ping")
+    assert [r["parameters"].get("client_id") for r in live_server.requests[-3:]] == ["bob"] * 3
+    assert live_server.requests[-3]["command"] == "evaluate"
+
+
 def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
     owner_client(live_server, state_dir)  # alice's s_1
     live_server.shares["s_1"] = {"bob": "write"}
@@ -705,9 +719,8 @@ def test_watch_follows_a_session_read_only_until_it_closes(live_server, state_di
     watcher.expect(pexpect.EOF)
     watcher.close()
     assert watcher.exitstatus == 0
-    assert "evaluate" not in [
-        r["command"] for r in live_server.requests if r.get("parameters", {}).get("client_id")
-    ]
+    evaluations = [r for r in live_server.requests if r["command"] == "evaluate"]
+    assert len(evaluations) == 2  # alice's two; the watcher evaluates nothing
 
 
 def test_watch_refused_exits_two(live_server, state_dir, capsys):
