@@ -108,7 +108,8 @@ def _format_team_event(event: Any, data: dict[str, Any], own_client_id: str | No
         if client == own_client_id:
             return None  # our own connections
         verb = "connected" if data.get("joined") else "disconnected"
-        return f"[team] {client} {verb} ({data.get('connections', '?')} connections now)"
+        count = data.get("connections", "?")
+        return f"[team] {client} {verb} ({count} connection{'' if count == 1 else 's'} now)"
     if event == "shared_changed":
         names = ", ".join(map(str, data.get("names") or []))
         return f"[team] {data.get('by') or '?'} changed shared: {names}"

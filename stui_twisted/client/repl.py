@@ -342,6 +342,7 @@ class Repl:
         self.stepping = False  # a paused-mode command of ours is running
         self.asking_input: dict[str, Any] | None = None  # our input() being asked
         self.next_input: dict[str, Any] | None = None
+        self.share_ended: str | None = None  # the attached session's share was taken away
         client.on_event = self.handle_event
         client.on_waiting = self.while_waiting
 
@@ -371,6 +372,8 @@ class Repl:
         )
         self.follow_events(team=True)
         while True:
+            if self.share_ended is not None:
+                self.leave_unshared()
             if self.paused is not None:
                 self.paused_mode()
                 continue
@@ -495,6 +498,15 @@ class Repl:
         if own and event in ("evaluation_finished", "debug_resumed"):
             return
         if (
+            event == "watcher_left"
+            and current
+            and self.own_session is not None
+            and data.get("client_id") == self.client.client_id
+        ):
+            self.share_ended = session_id  # the server ended our subscription: unshared
+            self._preempt()
+            return
+        if (
             self.running_command
             and current
             and event in ("state_updated", "session_closed")
@@ -504,6 +516,15 @@ class Repl:
         line = format_event(message, own_client_id=self.client.client_id)
         if line:
             self.live_line(line)
+
+    def leave_unshared(self) -> None:
+        """The attached session is no longer shared with us: back to our own."""
+        gone, self.share_ended = self.share_ended, None
+        if gone != self.client.session_id or self.own_session is None:
+            return  # we left it meanwhile
+        self.write(f"Session {gone} is no longer shared with you.")
+        self.detach("")
+        self.follow_events()
 
     def answer_own_input(self, session_id: str, data: dict[str, Any]) -> None:
         """Our evaluation called input(): ask here and send the answer (send_input).
@@ -773,6 +794,8 @@ class Repl:
         finally:
             streamed = self.own.end(reply_history_index(reply))
             self.paused = None
+            if self.client.session_id == self.own_session:
+                self.own_session = None  # the shared session was gone: back in our own
         reply, newline = without_streamed_output(reply, streamed, self.own.line_open)
         if newline:
             self.write_raw("\n")

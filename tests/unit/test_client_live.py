@@ -181,6 +181,7 @@ class LiveFakeServer(FakeStuiServer):
                     shares[params["with"]] = params["access"]
                 else:
                     shares.pop(params["with"], None)
+                    self._unshared(session, params["with"])
                 listed = [{"client_id": c, "access": a} for c, a in shares.items()]
                 return success(request, session_id=key, shares=listed)
             if command == "send_input":
@@ -197,6 +198,13 @@ class LiveFakeServer(FakeStuiServer):
                 by = client_id or session.client_id
                 return self._evaluate_live(request, session, params.get("code", ""), by)
         return super()._answer(request, context)
+
+    def _unshared(self, session, client_id):
+        """As the server: C{watcher_left} to all, then the watcher's subscriptions end."""
+        subscribers = self.subscribers.get(session.session_id, [])
+        if any(context.get("client_id") == client_id for _conn, context in subscribers):
+            self.publish(session, "watcher_left", {"client_id": client_id, "access": "write"})
+            subscribers[:] = [s for s in subscribers if s[1].get("client_id") != client_id]
 
     def _stream_command(self, request, command, params, context, key):
         log = self.logs.setdefault(key, [])
@@ -424,7 +432,10 @@ def test_event_lines_say_who_did_what():
     )
     assert line("presence", "team", client_id="me", joined=True, connections=1) is None
     assert line("presence", "team", client_id="bob", joined=True, connections=1) == (
-        "[team] bob connected (1 connections now)"
+        "[team] bob connected (1 connection now)"
+    )
+    assert line("presence", "team", client_id="bob", joined=False, connections=0) == (
+        "[team] bob disconnected (0 connections now)"
     )
     assert line("image_restarted", "team", pid=7, reason="killed").startswith("[team] the image")
 
@@ -673,6 +684,53 @@ def test_commands_in_a_shared_session_name_who_acts(live_server, state_dir):
     bob.call("ping")
     assert [r["parameters"].get("client_id") for r in live_server.requests[-3:]] == ["bob"] * 3
     assert live_server.requests[-3]["command"] == "evaluate"
+
+
+def test_watch_ends_when_the_share_is_taken_away(live_server, state_dir):
+    alice = owner_client(live_server, state_dir)
+    live_server.shares["s_1"] = {"bob": "read"}
+    watcher = spawn_client(live_server, state_dir / "bob", "--client-id", "bob", "--watch", "s_1")
+    watcher.expect(r"live from seq \d+")
+    alice.call("unshare_session", {"session_id": "s_1", "with": "bob"})
+    watcher.expect("The session is no longer shared with you.")
+    watcher.expect(pexpect.EOF)
+    watcher.close()
+    assert watcher.exitstatus == 0
+
+
+def test_an_attached_session_that_is_unshared_goes_back_to_our_own(live_server, state_dir):
+    alice = owner_client(live_server, state_dir)
+    live_server.shares["s_1"] = {"bob": "write"}
+    child = spawn_client(live_server, state_dir / "bob-state", "--client-id", "bob")
+    child.expect(">>>")
+    send_line(child, ":shared 1")
+    child.expect("Attached to alice's session")
+    child.expect(">>>")
+    wait_until(lambda: len(live_server.subscribers.get("s_1", [])) == 1)
+    alice.call("unshare_session", {"session_id": "s_1", "with": "bob"})
+    child.expect("Session s_1 is no longer shared with you.")
+    child.expect("Session s_2 restored.")
+    send_line(child, "1 + 1")
+    child.expect("2")
+    child.expect(">>>")
+    assert "New session" not in child.before
+    quit_child(child)
+
+
+def test_an_evaluation_in_a_shared_session_gone_runs_in_our_own(live_server, state_dir):
+    owner_client(live_server, state_dir)
+    live_server.shares["s_1"] = {"bob": "write"}
+    bob = make_client(live_server, state_dir / "bob")
+    bob.client_id = "bob"
+    bob.connect()
+    bob.open_session()  # bob's own s_2, remembered
+    bob.open_session(session_id="s_1", remember=False)
+    live_server.shares["s_1"] = {}  # unshared while bob follows no events
+    assert bob.evaluate("1 + 1")["result"]["result"] == "2"
+    assert bob.session_id == "s_2"
+    assert bob.notes[-1] == (
+        "Session s_1 is not shared with you any more (or is gone). Session s_2 restored."
+    )
 
 
 def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
