@@ -76,7 +76,7 @@ from stui_twisted.client.transport import ConnectionLost
 PROMPT = ">>> "
 CONTINUATION_PROMPT = "... "
 INDENT = "    "
-CLEARABLE_PARTS = ("variables", "history", "registry", "inspector", "state")
+CLEARABLE_PARTS = ("variables", "history", "registry", "inspector", "state", "events")
 
 HELP_TEXT = """\
 Type Python code; it runs in your session on the server's live image.
@@ -96,6 +96,7 @@ Meta-commands:
   :save             save the session context durably now
   :load             go back to the context of the last :save
   :clear [PARTS]    clear all or some of: variables history registry inspector state
+                    events
   :classes [PAT]    classes of the session matching the glob PAT (-a PAT: all loaded ones)
   :browse CLASS     methods and variables of CLASS (Point, collections.OrderedDict)
   :source C.METHOD  the source of a method, highlighted (Point.__init__)
