@@ -717,14 +717,20 @@ def test_an_attached_session_that_is_unshared_goes_back_to_our_own(live_server, 
     quit_child(child)
 
 
-def test_an_evaluation_in_a_shared_session_gone_runs_in_our_own(live_server, state_dir):
-    owner_client(live_server, state_dir)
-    live_server.shares["s_1"] = {"bob": "write"}
-    bob = make_client(live_server, state_dir / "bob")
+def attached_bob(server, state_dir):
+    """Bob (the Python API) with his own s_2, remembered, attached to alice's s_1."""
+    owner_client(server, state_dir)  # alice's s_1
+    server.shares["s_1"] = {"bob": "write"}
+    bob = make_client(server, state_dir / "bob")
     bob.client_id = "bob"
     bob.connect()
-    bob.open_session()  # bob's own s_2, remembered
+    bob.open_session()
     bob.open_session(session_id="s_1", remember=False)
+    return bob
+
+
+def test_an_evaluation_in_a_shared_session_gone_runs_in_our_own(live_server, state_dir):
+    bob = attached_bob(live_server, state_dir)
     live_server.shares["s_1"] = {}  # unshared while bob follows no events
     assert bob.evaluate("1 + 1")["result"]["result"] == "2"
     assert bob.session_id == "s_2"
@@ -734,13 +740,7 @@ def test_an_evaluation_in_a_shared_session_gone_runs_in_our_own(live_server, sta
 
 
 def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
-    owner_client(live_server, state_dir)  # alice's s_1
-    live_server.shares["s_1"] = {"bob": "write"}
-    bob = make_client(live_server, state_dir / "bob")
-    bob.client_id = "bob"
-    bob.connect()
-    bob.open_session()  # bob's own s_2, remembered
-    bob.open_session(session_id="s_1", remember=False)
+    bob = attached_bob(live_server, state_dir)
     bob.forget_session()  # e.g. the shared session is gone
     assert ClientState(state_dir / "bob").last_session(live_server.url, "bob") == "s_2"
 
