@@ -151,11 +151,11 @@ class OwnEvaluations:
         if text:
             self.line_open = not text.endswith("\n")
 
-    def asked(self, prompt: str) -> None:
+    def asked(self) -> None:
         """An C{input()} prompt was shown and answered: the answer's Enter (or the
-        line saying another client answered) ended the terminal's line, although
-        the output (which has the prompt, not the answer) does not."""
-        self.streamed += prompt
+        line saying another client answered) ended the terminal's line.  The
+        prompt is not part of the evaluation's output (protocol.md C{send_input}),
+        so it is not counted as streamed output."""
         self.line_open = False
 
     def claim(self, session_id: str | None, index: Any, by: Any, client_id: str) -> bool:
@@ -261,9 +261,7 @@ class EvaluationFollower:
     def answer(self, session_id: str, data: dict[str, Any]) -> None:
         import getpass
 
-        prompt = str(data.get("prompt") or "")
-        if self.stream_output:
-            self.own.streamed += prompt
+        prompt = str(data.get("prompt") or "")  # not in the output: not counted as streamed
         self.prompt_stream.write(prompt)
         self.prompt_stream.flush()
         try:

@@ -539,8 +539,7 @@ class Repl:
             return
         while data is not None:
             self.asking_input, self.next_input = data, None
-            # input() writes its prompt to the output: shown here, not again in the reply
-            self.own.asked(str(data.get("prompt") or ""))
+            self.own.asked()  # the prompt is shown here; the output does not have it
             try:
                 text = self._prompt(
                     PromptSession(),

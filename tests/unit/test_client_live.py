@@ -24,7 +24,12 @@ import types
 import pexpect
 import pytest
 
-from stui_twisted.client.live import OwnEvaluations, format_event, unstreamed_output
+from stui_twisted.client.live import (
+    OwnEvaluations,
+    format_event,
+    unstreamed_output,
+    without_streamed_output,
+)
 from stui_twisted.client.session import TEAM
 from stui_twisted.client.state import ClientState
 from tests.unit.test_client_fake_server import (
@@ -250,8 +255,7 @@ class LiveFakeServer(FakeStuiServer):
         output = EventOutput(self, session, index)
 
         def ask(prompt="", password=False):
-            output.flush()
-            output.captured.write(prompt)
+            output.flush()  # the prompt is not output: as the server, only in the event
             session.input_wanted = True
             data = {"history_index": index, "prompt": prompt, "password": password}
             self.publish(session, "input_requested", data)
@@ -451,6 +455,21 @@ def test_own_evaluations_are_recognised_and_streamed_output_not_repeated():
     assert own.is_own("s_1", 4)  # a late event of it is still ours
     assert unstreamed_output("step 1\nstep 2\n", "step 1\n") == "step 2\n"
     assert unstreamed_output("x" * 10, "xx… [8 more characters]") == ""
+
+
+def test_output_around_an_input_prompt_is_shown_once():
+    """The reply's output has no prompt (the server sends it in the event only): what
+    the events did not show after the question is still printed."""
+    own = OwnEvaluations()
+    own.begin("s_1")
+    own.claim("s_1", 1, "alice", "alice")
+    own.shown("a\n")
+    own.asked()
+    own.shown("b")
+    streamed = own.end(1)
+    reply = {"status": "success", "result": {"output": "a\nbc", "result": None}}
+    shown, newline = without_streamed_output(reply, streamed, own.line_open)
+    assert (shown["result"]["output"], newline) == ("c", False)
 
 
 def test_a_plan_refusal_is_one_clear_line():
