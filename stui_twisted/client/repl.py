@@ -338,6 +338,7 @@ class Repl:
         self._last_debug_poll = 0.0
         self._prompt_app: Any = None
         self._kept_text = ""
+        self._prompt_message: str | None = None  # the prompt shown now
         self.own_session: str | None = None  # before :shared N attached elsewhere
         self.running_command = False  # a meta-command of ours is running
         self.stepping = False  # a paused-mode command of ours is running
@@ -394,15 +395,22 @@ class Repl:
         return 0
 
     def _prompt(self, prompt_session: PromptSession[str], message: str, **options: Any) -> Any:
-        """One prompt, with the idle watcher and the event pump running meanwhile."""
-        default, self._kept_text = self._kept_text, ""
+        """One prompt, with the idle watcher and the event pump running meanwhile.
+
+        What was typed at the C{>>>} prompt when an event ended it comes back at
+        the next C{>>>} prompt, not at a C{(Pdb)} or C{input()} prompt meanwhile.
+        """
+        default = ""
+        if message == PROMPT:
+            default, self._kept_text = self._kept_text, ""
+        outer, self._prompt_message = self._prompt_message, message
         with IdleWatcher(self.client), patch_stdout(raw=True):
             try:
                 return prompt_session.prompt(
                     message, default=default, pre_run=self._start_event_pump, **options
                 )
             finally:
-                self._prompt_app = None
+                self._prompt_app, self._prompt_message = None, outer
 
     def _start_event_pump(self) -> None:
         app = get_app()
@@ -420,10 +428,12 @@ class Repl:
         app = self._prompt_app
         if app is None or app.loop is None:
             return
+        main_prompt = self._prompt_message == PROMPT
 
         def leave() -> None:
             if app.is_running and not app.is_done:
-                self._kept_text = app.current_buffer.text
+                if main_prompt:  # a (Pdb) or input() line typed meanwhile is not kept
+                    self._kept_text = app.current_buffer.text
                 app.exit(result=PREEMPTED)
 
         app.loop.call_soon_threadsafe(leave)

@@ -635,6 +635,8 @@ def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server
     child = spawn_client(live_server, state_dir)
     child.expect(">>>")
     wait_until(lambda: live_server.subscribers.get("s_1"))
+    child.send("x = ")  # being typed when the pause comes: kept for the >>> prompt
+    child.expect("x =")
     bob = other_client(live_server, state_dir, "s_1")
     running = in_background(bob.evaluate, "pause_here(k=41)")
     child.expect(r"\[#1\] paused \(breakpoint bp_1\)")
@@ -644,6 +646,11 @@ def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server
     send_line(child, "c")
     running.thread.join(ANSWER_TIMEOUT)
     assert running.results[0]["status"] == "success"
+    child.expect(">>>")
+    send_line(child, "5")  # completes "x = 5"
+    child.expect(">>>")
+    send_line(child, "x * 2")
+    child.expect("10")
     child.expect(">>>")
     quit_child(child)
 
