@@ -796,7 +796,12 @@ class SessionDebugger:
             compiled = compile(code, "<debug>", "eval")
             is_expression = True
         except SyntaxError:
-            compiled = compile(code, "<debug>", "exec")
+            try:
+                compiled = compile(code, "<debug>", "exec")
+            except SyntaxError as exc:  # the user's code, answered as such (not InternalError)
+                raise StuiError(
+                    "EvaluationError", f"SyntaxError: {exc}", exception_type="SyntaxError"
+                ) from None
             is_expression = False
         try:
             value = eval(compiled, frame.f_globals, local_vars)  # noqa: S307 - the user's code
