@@ -188,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 WATCH_SLICE_SECONDS = 0.5
 SESSION_END_EVENTS = ("session_closed", "session_expired")
+WATCH_ENDINGS = {
+    "session_closed": "The session was closed.",
+    "session_expired": "The session expired.",
+    "unshared": "The session is no longer shared with you.",
+}
 
 
 def watch(client: StuiClient, session_id: str, since: int | None) -> int:
@@ -198,13 +203,20 @@ def watch(client: StuiClient, session_id: str, since: int | None) -> int:
     """
     colour = sys.stdout.isatty()
     ended: list[str] = []
+    subscribed: list[bool] = []
 
     def show(message: dict) -> None:
         line = format_event(message, own_client_id=client.client_id)
         if line:
             print(dim(line, colour), flush=True)
-        if message.get("event") in SESSION_END_EVENTS and message.get("session_id") == session_id:
-            ended.append(str(message.get("event")))
+        event = message.get("event")
+        if message.get("session_id") != session_id:
+            return
+        if event in SESSION_END_EVENTS:
+            ended.append(str(event))
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        if event == "watcher_left" and subscribed and data.get("client_id") == client.client_id:
+            ended.append("unshared")  # the share was taken away: the server ended our stream
 
     client.on_event = show
     print(f"Watching session {session_id} read-only; Ctrl-C stops.", flush=True)
@@ -213,6 +225,7 @@ def watch(client: StuiClient, session_id: str, since: int | None) -> int:
     except ServerError as error:
         print(f"stui-client: {format_error(error.reply).rstrip()}", file=sys.stderr)
         return EXIT_USAGE_OR_CONNECTION
+    subscribed.append(True)  # a watcher_left of ours replayed before this is history
     print(dim(f"[watch] live from seq {result.get('last_seq', '?')}", colour), flush=True)
     try:
         while not ended:
@@ -222,7 +235,7 @@ def watch(client: StuiClient, session_id: str, since: int | None) -> int:
     except (ConnectionLost, ServerError, CredentialsUnavailable) as error:
         print(f"stui-client: {error}", file=sys.stderr)
         return EXIT_USAGE_OR_CONNECTION
-    print(f"The session {'was closed' if ended[0] == 'session_closed' else 'expired'}.")
+    print(WATCH_ENDINGS[ended[0]])
     return EXIT_OK
 
 

@@ -108,7 +108,8 @@ def _format_team_event(event: Any, data: dict[str, Any], own_client_id: str | No
         if client == own_client_id:
             return None  # our own connections
         verb = "connected" if data.get("joined") else "disconnected"
-        return f"[team] {client} {verb} ({data.get('connections', '?')} connections now)"
+        count = data.get("connections", "?")
+        return f"[team] {client} {verb} ({count} connection{'' if count == 1 else 's'} now)"
     if event == "shared_changed":
         names = ", ".join(map(str, data.get("names") or []))
         return f"[team] {data.get('by') or '?'} changed shared: {names}"
@@ -138,10 +139,24 @@ class OwnEvaluations:
         self.pending: str | None = None
         self.index: int | None = None
         self.streamed = ""
+        self.line_open = False  # the terminal's line does not end what was streamed
         self._done: deque[tuple[str, int]] = deque(maxlen=OWN_INDICES_KEPT)
 
     def begin(self, session_id: str | None) -> None:
-        self.pending, self.index, self.streamed = session_id, None, ""
+        self.pending, self.index, self.streamed, self.line_open = session_id, None, "", False
+
+    def shown(self, text: str) -> None:
+        """C{text} of the evaluation's output was printed as it streamed."""
+        self.streamed += text
+        if text:
+            self.line_open = not text.endswith("\n")
+
+    def asked(self) -> None:
+        """An C{input()} prompt was shown and answered: the answer's Enter (or the
+        line saying another client answered) ended the terminal's line.  The
+        prompt is not part of the evaluation's output (protocol.md C{send_input}),
+        so it is not counted as streamed output."""
+        self.line_open = False
 
     def claim(self, session_id: str | None, index: Any, by: Any, client_id: str) -> bool:
         """An C{evaluation_started}: True when it is the pending evaluation of ours."""
@@ -163,7 +178,8 @@ class OwnEvaluations:
         return self.is_current(session_id, index) or (session_id, index) in self._done
 
     def end(self, reply_index: Any = None) -> str:
-        """The evaluation's reply came: returns the output already streamed."""
+        """The evaluation's reply came: returns the output already streamed
+        (L{line_open} stays as it was until the next L{begin})."""
         for index in (self.index, reply_index):
             if self.pending is not None and isinstance(index, int):
                 self._done.append((self.pending, index))
@@ -192,15 +208,23 @@ def reply_history_index(reply: dict[str, Any]) -> int | None:
     return index if isinstance(index, int) else None
 
 
-def without_streamed_output(reply: dict[str, Any], streamed: str) -> tuple[dict[str, Any], bool]:
+def without_streamed_output(
+    reply: dict[str, Any], streamed: str, line_open: bool | None = None
+) -> tuple[dict[str, Any], bool]:
     """The C{evaluate} reply with only the output the events did not show, and
-    whether a newline must end the streamed text before the value is printed."""
+    whether a newline must end the streamed text before the value is printed.
+
+    @param line_open: whether the terminal's line is still open after the
+        streamed text; by default, when that text does not end with a newline.
+    """
     key = "result" if reply.get("status") == "success" else "details"
     place = reply.get(key)
     if not streamed or not isinstance(place, dict):
         return reply, False
     rest = unstreamed_output(str(place.get("output") or ""), streamed)
-    newline = not streamed.endswith("\n") and not rest
+    if line_open is None:
+        line_open = not streamed.endswith("\n")
+    newline = line_open and not rest
     return dict(reply, **{key: dict(place, output=rest)}), newline
 
 
@@ -237,9 +261,7 @@ class EvaluationFollower:
     def answer(self, session_id: str, data: dict[str, Any]) -> None:
         import getpass
 
-        prompt = str(data.get("prompt") or "")
-        if self.stream_output:
-            self.own.streamed += prompt
+        prompt = str(data.get("prompt") or "")  # not in the output: not counted as streamed
         self.prompt_stream.write(prompt)
         self.prompt_stream.flush()
         try:

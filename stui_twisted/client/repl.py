@@ -76,7 +76,7 @@ from stui_twisted.client.transport import ConnectionLost
 PROMPT = ">>> "
 CONTINUATION_PROMPT = "... "
 INDENT = "    "
-CLEARABLE_PARTS = ("variables", "history", "registry", "inspector", "state")
+CLEARABLE_PARTS = ("variables", "history", "registry", "inspector", "state", "events")
 
 HELP_TEXT = """\
 Type Python code; it runs in your session on the server's live image.
@@ -96,6 +96,7 @@ Meta-commands:
   :save             save the session context durably now
   :load             go back to the context of the last :save
   :clear [PARTS]    clear all or some of: variables history registry inspector state
+                    events
   :classes [PAT]    classes of the session matching the glob PAT (-a PAT: all loaded ones)
   :browse CLASS     methods and variables of CLASS (Point, collections.OrderedDict)
   :source C.METHOD  the source of a method, highlighted (Point.__init__)
@@ -337,11 +338,13 @@ class Repl:
         self._last_debug_poll = 0.0
         self._prompt_app: Any = None
         self._kept_text = ""
+        self._prompt_message: str | None = None  # the prompt shown now
         self.own_session: str | None = None  # before :shared N attached elsewhere
         self.running_command = False  # a meta-command of ours is running
         self.stepping = False  # a paused-mode command of ours is running
         self.asking_input: dict[str, Any] | None = None  # our input() being asked
         self.next_input: dict[str, Any] | None = None
+        self.share_ended: str | None = None  # the attached session's share was taken away
         client.on_event = self.handle_event
         client.on_waiting = self.while_waiting
 
@@ -371,6 +374,8 @@ class Repl:
         )
         self.follow_events(team=True)
         while True:
+            if self.share_ended is not None:
+                self.leave_unshared()
             if self.paused is not None:
                 self.paused_mode()
                 continue
@@ -390,15 +395,22 @@ class Repl:
         return 0
 
     def _prompt(self, prompt_session: PromptSession[str], message: str, **options: Any) -> Any:
-        """One prompt, with the idle watcher and the event pump running meanwhile."""
-        default, self._kept_text = self._kept_text, ""
+        """One prompt, with the idle watcher and the event pump running meanwhile.
+
+        What was typed at the C{>>>} prompt when an event ended it comes back at
+        the next C{>>>} prompt, not at a C{(Pdb)} or C{input()} prompt meanwhile.
+        """
+        default = ""
+        if message == PROMPT:
+            default, self._kept_text = self._kept_text, ""
+        outer, self._prompt_message = self._prompt_message, message
         with IdleWatcher(self.client), patch_stdout(raw=True):
             try:
                 return prompt_session.prompt(
                     message, default=default, pre_run=self._start_event_pump, **options
                 )
             finally:
-                self._prompt_app = None
+                self._prompt_app, self._prompt_message = None, outer
 
     def _start_event_pump(self) -> None:
         app = get_app()
@@ -416,10 +428,12 @@ class Repl:
         app = self._prompt_app
         if app is None or app.loop is None:
             return
+        main_prompt = self._prompt_message == PROMPT
 
         def leave() -> None:
             if app.is_running and not app.is_done:
-                self._kept_text = app.current_buffer.text
+                if main_prompt:  # a (Pdb) or input() line typed meanwhile is not kept
+                    self._kept_text = app.current_buffer.text
                 app.exit(result=PREEMPTED)
 
         app.loop.call_soon_threadsafe(leave)
@@ -465,7 +479,7 @@ class Repl:
         own = self.own.is_own(session_id, index)
         if event == "output" and own:
             if self.own.is_current(session_id, index):
-                self.own.streamed += str(data.get("text") or "")
+                self.own.shown(str(data.get("text") or ""))
                 self.write_raw(str(data.get("text") or ""))
             return
         if event == "input_requested" and current:
@@ -495,6 +509,15 @@ class Repl:
         if own and event in ("evaluation_finished", "debug_resumed"):
             return
         if (
+            event == "watcher_left"
+            and current
+            and self.own_session is not None
+            and data.get("client_id") == self.client.client_id
+        ):
+            self.share_ended = session_id  # the server ended our subscription: unshared
+            self._preempt()
+            return
+        if (
             self.running_command
             and current
             and event in ("state_updated", "session_closed")
@@ -504,6 +527,15 @@ class Repl:
         line = format_event(message, own_client_id=self.client.client_id)
         if line:
             self.live_line(line)
+
+    def leave_unshared(self) -> None:
+        """The attached session is no longer shared with us: back to our own."""
+        gone, self.share_ended = self.share_ended, None
+        if gone != self.client.session_id or self.own_session is None:
+            return  # we left it meanwhile
+        self.write(f"Session {gone} is no longer shared with you.")
+        self.detach("")
+        self.follow_events()
 
     def answer_own_input(self, session_id: str, data: dict[str, Any]) -> None:
         """Our evaluation called input(): ask here and send the answer (send_input).
@@ -517,8 +549,7 @@ class Repl:
             return
         while data is not None:
             self.asking_input, self.next_input = data, None
-            # input() writes its prompt to the output: shown here, not again in the reply
-            self.own.streamed += str(data.get("prompt") or "")
+            self.own.asked()  # the prompt is shown here; the output does not have it
             try:
                 text = self._prompt(
                     PromptSession(),
@@ -773,7 +804,9 @@ class Repl:
         finally:
             streamed = self.own.end(reply_history_index(reply))
             self.paused = None
-        reply, newline = without_streamed_output(reply, streamed)
+            if self.client.session_id == self.own_session:
+                self.own_session = None  # the shared session was gone: back in our own
+        reply, newline = without_streamed_output(reply, streamed, self.own.line_open)
         if newline:
             self.write_raw("\n")
         return reply

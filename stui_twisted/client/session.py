@@ -346,6 +346,10 @@ class StuiClient:
             raise ConnectionLost(f"not connected to {self.address.url}")
         self._last_request_id += 1
         request_id = self._last_request_id
+        if not self.authenticated and "client_id" not in parameters:
+            # With auth off the request's client_id is who acts (access.md §1): without
+            # it a command on a session shared with us would act as its owner.
+            parameters = dict(parameters, client_id=self.client_id)
         message: dict[str, Any] = {"id": request_id, "command": command, "parameters": parameters}
         if self.token and self.address.scheme == "zmq":
             message["token"] = self.token
@@ -750,9 +754,17 @@ class StuiClient:
             reply = self.call("evaluate", parameters, interruptible=True)
             if reply.get("error_type") in SESSION_GONE_ERRORS:
                 gone = self.session_id
+                # A session shared with us (attached, not remembered) that is gone, or
+                # no longer shared: back to our own, remembered session if it is there.
+                attached = self.state is not None and gone != self.state.last_session(
+                    self.address.url, self.client_id
+                )
                 self.forget_session()
-                message = self.open_session(force_new=True).rstrip()
-                self.notify(f"Session {gone} {describe_gone(reply['error_type'])}. {message}")
+                message = self.open_session(force_new=not attached).rstrip()
+                why = describe_gone(reply["error_type"])
+                if attached and reply["error_type"] == "SessionNotFound":
+                    why = "is not shared with you any more (or is gone)"
+                self.notify(f"Session {gone} {why}. {message}")
                 reply = self.call("evaluate", parameters, interruptible=True)
             return reply
 

@@ -298,6 +298,8 @@ class SessionDebugger:
         self._post_mortem_cell: int | None = None
         #: the history index of the running evaluation (the workspace sets it)
         self.cell: int | None = None
+        #: its output stream (the workspace sets it), flushed before each event
+        self.stream = None
         # tracer state (worker thread only)
         self._codes: dict[types.CodeType, str] = {}  # found by the tracer
         self._hooked: dict[types.CodeType, str] = {}  # found by their entry hook
@@ -488,6 +490,8 @@ class SessionDebugger:
     def _emit(self, event: str, data: dict) -> None:
         sink = event_sink
         if sink is not None:
+            if self.stream is not None:
+                self.stream.flush_soon()  # what it printed before goes first
             sink(self.workspace.session_id, event, data)
 
     def _emit_paused(self, pause: _Pause, history_index: int | None) -> None:
@@ -792,7 +796,12 @@ class SessionDebugger:
             compiled = compile(code, "<debug>", "eval")
             is_expression = True
         except SyntaxError:
-            compiled = compile(code, "<debug>", "exec")
+            try:
+                compiled = compile(code, "<debug>", "exec")
+            except SyntaxError as exc:  # the user's code, answered as such (not InternalError)
+                raise StuiError(
+                    "EvaluationError", f"SyntaxError: {exc}", exception_type="SyntaxError"
+                ) from None
             is_expression = False
         try:
             value = eval(compiled, frame.f_globals, local_vars)  # noqa: S307 - the user's code

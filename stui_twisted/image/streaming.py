@@ -152,10 +152,23 @@ class OutputStream:
         if not failure.check(error.ConnectionDone, error.ConnectionLost):
             log.failure("an output chunk was not taken by the server", failure)
 
+    def flush_soon(self) -> None:
+        """Any thread: what was written so far goes out on the reactor's next turn.
+
+        The evaluation's thread calls it before it asks the reactor to send
+        something else about the evaluation (C{input()}'s request, a
+        C{debug_paused}): C{callFromThread} keeps the order, so the server has the
+        output printed before it, and its events come in the order they happened.
+        """
+        self._reactor.callFromThread(self._send_waiting)
+
     def close(self) -> None:
         """The evaluation ended: send everything left now (before its reply)."""
         with self._lock:
             self._closed = True
+        self._send_waiting()
+
+    def _send_waiting(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

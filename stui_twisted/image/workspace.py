@@ -390,6 +390,7 @@ class SessionWorkspace:
         guard = guard or NoGuard()
         cell = self._cell_number(cell_index)
         self.debugger.cell = cell  # its debug_paused / debug_resumed events name it
+        self.debugger.stream = stream  # flushed before them
         if stream is not None:
             stream.history_index = cell
         filename = _cell_filename(cell)
@@ -405,7 +406,7 @@ class SessionWorkspace:
         self._note_dropped_background_output(buffer)
         sink = OutputSink(buffer, self._count_dropped_background_output, self._tasks)
         started = time.perf_counter()
-        with captured_output(buffer), answering_input(self._input_reader(guard, cell)):
+        with captured_output(buffer), answering_input(self._input_reader(guard, cell, stream)):
             try:
                 try:
                     guard.arm()
@@ -475,14 +476,17 @@ class SessionWorkspace:
             **delta,
         }
 
-    def _input_reader(self, guard, cell: int | None):
+    def _input_reader(self, guard, cell: int | None, stream=None):
         """What answers C{input()} in this cell: the image's C{input_source}
-        (the child asks the server), or end of file when there is none."""
+        (the child asks the server), or end of file when there is none.  The
+        output printed before the C{input()} is sent before its request."""
 
         def ask(prompt: str, password: bool) -> str:
             source = self.image.input_source
             if source is None:
                 raise EOFError("input() cannot be answered: no client is attached to this image")
+            if stream is not None:
+                stream.flush_soon()
             return source(self.session_id, cell, prompt, password, guard)
 
         return ask

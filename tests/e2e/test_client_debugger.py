@@ -61,7 +61,8 @@ def test_breakpoint_meta_commands_and_post_mortem(start_server, tmp_path):
 @pytest.mark.image
 @pytest.mark.timeout(90)
 def test_paused_mode_drives_a_breakpoint_with_pdb_keys(start_server, tmp_path):
-    """The server sends no debug_paused event yet: the client polls debug_state."""
+    """Paused mode opens on the server's debug_paused event (the debug_state poll is
+    only for servers without it)."""
     child = start_repl(start_server, tmp_path)
     submit(child, "def g(n):")
     submit(child, "q = n * 5")

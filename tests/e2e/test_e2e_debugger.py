@@ -100,6 +100,11 @@ def test_post_mortem_shows_the_failing_frame(server):
     variables = client.result("debug_locals", session_id=s)["variables"]
     assert {v["name"]: v["repr"] for v in variables} == {"n": "3", "q": "15"}
     assert client.result("debug_evaluate", session_id=s, code="q + n")["result"] == "18"
+    bad = client.call("debug_evaluate", session_id=s, code="x = p n")  # a syntax error
+    assert (bad["error_type"], bad["details"]["exception_type"]) == (
+        "EvaluationError",
+        "SyntaxError",
+    ), bad
     assert client.result("debug_continue", session_id=s)["resumed"] is True
     assert client.call("debug_locals", session_id=s)["details"]["paused"] is False
 

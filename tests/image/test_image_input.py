@@ -92,3 +92,40 @@ async def test_input_getpass_and_readline_are_answered_and_a_stop_ends_the_wait(
         assert "no evaluation" in (await image.evaluate("s_in", code))["result"]
     finally:
         await image.stopService()
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_output_printed_before_input_or_a_pause_reaches_the_server_first():
+    """Watchers see a loop's lines, then the input request or the pause (they came
+    the other way round while the lines waited for the stream's next chunk)."""
+    image = ImageSupervisor(_reactor(), kill_grace=5.0, restart_delay=0.1)
+    image.startService()
+    try:
+        await image.whenRunning()
+        order: list[str] = []
+        image.addOutputObserver(
+            lambda session_id, index, pieces: order.extend(text for _name, text in pieces)
+        )
+        image.addDebugObserver(lambda session_id, event, data: order.append(f"<{event}>\n"))
+        answers = Answers()
+        answers.answers = [{"text": "alice"}]
+        image.input_handler = lambda *request: (order.append("<input>\n"), answers(*request))[1]
+        code = "for step in range(3): print('step', step)\nname = input('your name? ')\nname"
+        result = await image.evaluate("s_order", code, cell_index=1)
+        assert result["result"] == "'alice'"
+        assert "".join(order) == "step 0\nstep 1\nstep 2\n<input>\n"
+
+        del order[:]
+        await image.evaluate("s_order", "def f():\n    return 1", cell_index=2)
+        await image.debug("s_order", "set_breakpoint", {"function": "f"})
+        running = image.evaluate("s_order", "print('before'); f()", cell_index=3)
+        deadline = time.monotonic() + 10
+        while "<debug_paused>\n" not in order:
+            assert time.monotonic() < deadline, "no debug_paused"
+            await reactor_sleep(0.02)
+        await image.debug("s_order", "continue", {})
+        assert (await running)["result"] == "1"
+        assert order[:2] == ["before\n", "<debug_paused>\n"]
+    finally:
+        await image.stopService()

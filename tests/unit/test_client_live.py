@@ -24,7 +24,12 @@ import types
 import pexpect
 import pytest
 
-from stui_twisted.client.live import OwnEvaluations, format_event, unstreamed_output
+from stui_twisted.client.live import (
+    OwnEvaluations,
+    format_event,
+    unstreamed_output,
+    without_streamed_output,
+)
 from stui_twisted.client.session import TEAM
 from stui_twisted.client.state import ClientState
 from tests.unit.test_client_fake_server import (
@@ -181,6 +186,7 @@ class LiveFakeServer(FakeStuiServer):
                     shares[params["with"]] = params["access"]
                 else:
                     shares.pop(params["with"], None)
+                    self._unshared(session, params["with"])
                 listed = [{"client_id": c, "access": a} for c, a in shares.items()]
                 return success(request, session_id=key, shares=listed)
             if command == "send_input":
@@ -197,6 +203,13 @@ class LiveFakeServer(FakeStuiServer):
                 by = client_id or session.client_id
                 return self._evaluate_live(request, session, params.get("code", ""), by)
         return super()._answer(request, context)
+
+    def _unshared(self, session, client_id):
+        """As the server: C{watcher_left} to all, then the watcher's subscriptions end."""
+        subscribers = self.subscribers.get(session.session_id, [])
+        if any(context.get("client_id") == client_id for _conn, context in subscribers):
+            self.publish(session, "watcher_left", {"client_id": client_id, "access": "write"})
+            subscribers[:] = [s for s in subscribers if s[1].get("client_id") != client_id]
 
     def _stream_command(self, request, command, params, context, key):
         log = self.logs.setdefault(key, [])
@@ -242,8 +255,7 @@ class LiveFakeServer(FakeStuiServer):
         output = EventOutput(self, session, index)
 
         def ask(prompt="", password=False):
-            output.flush()
-            output.captured.write(prompt)
+            output.flush()  # the prompt is not output: as the server, only in the event
             session.input_wanted = True
             data = {"history_index": index, "prompt": prompt, "password": password}
             self.publish(session, "input_requested", data)
@@ -424,7 +436,10 @@ def test_event_lines_say_who_did_what():
     )
     assert line("presence", "team", client_id="me", joined=True, connections=1) is None
     assert line("presence", "team", client_id="bob", joined=True, connections=1) == (
-        "[team] bob connected (1 connections now)"
+        "[team] bob connected (1 connection now)"
+    )
+    assert line("presence", "team", client_id="bob", joined=False, connections=0) == (
+        "[team] bob disconnected (0 connections now)"
     )
     assert line("image_restarted", "team", pid=7, reason="killed").startswith("[team] the image")
 
@@ -440,6 +455,21 @@ def test_own_evaluations_are_recognised_and_streamed_output_not_repeated():
     assert own.is_own("s_1", 4)  # a late event of it is still ours
     assert unstreamed_output("step 1\nstep 2\n", "step 1\n") == "step 2\n"
     assert unstreamed_output("x" * 10, "xx… [8 more characters]") == ""
+
+
+def test_output_around_an_input_prompt_is_shown_once():
+    """The reply's output has no prompt (the server sends it in the event only): what
+    the events did not show after the question is still printed."""
+    own = OwnEvaluations()
+    own.begin("s_1")
+    own.claim("s_1", 1, "alice", "alice")
+    own.shown("a\n")
+    own.asked()
+    own.shown("b")
+    streamed = own.end(1)
+    reply = {"status": "success", "result": {"output": "a\nbc", "result": None}}
+    shown, newline = without_streamed_output(reply, streamed, own.line_open)
+    assert (shown["result"]["output"], newline) == ("c", False)
 
 
 def test_a_plan_refusal_is_one_clear_line():
@@ -547,6 +577,7 @@ def test_our_input_prompt_ends_when_another_client_answers_it(live_server, state
     assert bob.result("send_input", {"session_id": "s_1", "text": "ab"}) == {"accepted": True}
     child.expect(r"\(answered by another client\)")
     child.expect("'abab'")
+    assert child.before == "\r\n"  # no empty line: the prompt's line had ended
     child.expect(">>>")
     quit_child(child)
 
@@ -604,6 +635,8 @@ def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server
     child = spawn_client(live_server, state_dir)
     child.expect(">>>")
     wait_until(lambda: live_server.subscribers.get("s_1"))
+    child.send("x = ")  # being typed when the pause comes: kept for the >>> prompt
+    child.expect("x =")
     bob = other_client(live_server, state_dir, "s_1")
     running = in_background(bob.evaluate, "pause_here(k=41)")
     child.expect(r"\[#1\] paused \(breakpoint bp_1\)")
@@ -613,6 +646,11 @@ def test_a_pause_of_another_clients_evaluation_takes_over_the_prompt(live_server
     send_line(child, "c")
     running.thread.join(ANSWER_TIMEOUT)
     assert running.results[0]["status"] == "success"
+    child.expect(">>>")
+    send_line(child, "5")  # completes "x = 5"
+    child.expect(">>>")
+    send_line(child, "x * 2")
+    child.expect("10")
     child.expect(">>>")
     quit_child(child)
 
@@ -661,14 +699,74 @@ def test_shared_attaches_and_a_reader_is_refused_evaluation(live_server, state_d
     quit_child(child)
 
 
-def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
-    owner_client(live_server, state_dir)  # alice's s_1
+def test_commands_in_a_shared_session_name_who_acts(live_server, state_dir):
+    """With auth off a request's C{client_id} is who acts (access.md §1): without it
+    bob's commands in alice's session would act as her, and C{list_shared_sessions}
+    is refused."""
+    owner_client(live_server, state_dir)
+    bob = other_client(live_server, state_dir, "s_1")
+    bob.evaluate("1 + 1")
+    bob.call("list_shared_sessions")
+    bob.call("ping")
+    assert [r["parameters"].get("client_id") for r in live_server.requests[-3:]] == ["bob"] * 3
+    assert live_server.requests[-3]["command"] == "evaluate"
+
+
+def test_watch_ends_when_the_share_is_taken_away(live_server, state_dir):
+    alice = owner_client(live_server, state_dir)
+    live_server.shares["s_1"] = {"bob": "read"}
+    watcher = spawn_client(live_server, state_dir / "bob", "--client-id", "bob", "--watch", "s_1")
+    watcher.expect(r"live from seq \d+")
+    alice.call("unshare_session", {"session_id": "s_1", "with": "bob"})
+    watcher.expect("The session is no longer shared with you.")
+    watcher.expect(pexpect.EOF)
+    watcher.close()
+    assert watcher.exitstatus == 0
+
+
+def test_an_attached_session_that_is_unshared_goes_back_to_our_own(live_server, state_dir):
+    alice = owner_client(live_server, state_dir)
     live_server.shares["s_1"] = {"bob": "write"}
-    bob = make_client(live_server, state_dir / "bob")
+    child = spawn_client(live_server, state_dir / "bob-state", "--client-id", "bob")
+    child.expect(">>>")
+    send_line(child, ":shared 1")
+    child.expect("Attached to alice's session")
+    child.expect(">>>")
+    wait_until(lambda: len(live_server.subscribers.get("s_1", [])) == 1)
+    alice.call("unshare_session", {"session_id": "s_1", "with": "bob"})
+    child.expect("Session s_1 is no longer shared with you.")
+    child.expect("Session s_2 restored.")
+    send_line(child, "1 + 1")
+    child.expect("2")
+    child.expect(">>>")
+    assert "New session" not in child.before
+    quit_child(child)
+
+
+def attached_bob(server, state_dir):
+    """Bob (the Python API) with his own s_2, remembered, attached to alice's s_1."""
+    owner_client(server, state_dir)  # alice's s_1
+    server.shares["s_1"] = {"bob": "write"}
+    bob = make_client(server, state_dir / "bob")
     bob.client_id = "bob"
     bob.connect()
-    bob.open_session()  # bob's own s_2, remembered
+    bob.open_session()
     bob.open_session(session_id="s_1", remember=False)
+    return bob
+
+
+def test_an_evaluation_in_a_shared_session_gone_runs_in_our_own(live_server, state_dir):
+    bob = attached_bob(live_server, state_dir)
+    live_server.shares["s_1"] = {}  # unshared while bob follows no events
+    assert bob.evaluate("1 + 1")["result"]["result"] == "2"
+    assert bob.session_id == "s_2"
+    assert bob.notes[-1] == (
+        "Session s_1 is not shared with you any more (or is gone). Session s_2 restored."
+    )
+
+
+def test_leaving_a_shared_session_keeps_our_own_remembered(live_server, state_dir):
+    bob = attached_bob(live_server, state_dir)
     bob.forget_session()  # e.g. the shared session is gone
     assert ClientState(state_dir / "bob").last_session(live_server.url, "bob") == "s_2"
 
@@ -705,9 +803,8 @@ def test_watch_follows_a_session_read_only_until_it_closes(live_server, state_di
     watcher.expect(pexpect.EOF)
     watcher.close()
     assert watcher.exitstatus == 0
-    assert "evaluate" not in [
-        r["command"] for r in live_server.requests if r.get("parameters", {}).get("client_id")
-    ]
+    evaluations = [r for r in live_server.requests if r["command"] == "evaluate"]
+    assert len(evaluations) == 2  # alice's two; the watcher evaluates nothing
 
 
 def test_watch_refused_exits_two(live_server, state_dir, capsys):

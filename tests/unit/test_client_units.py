@@ -323,3 +323,10 @@ def test_credentials_are_asked_for_and_a_rejected_password_again():
     with pytest.raises(CredentialsUnavailable):
         source.get(allow_prompt=False)
     assert asked == ["username: ", "password for alice: "]
+
+
+def test_the_clearable_parts_are_the_servers():
+    from stui_twisted.client.repl import CLEARABLE_PARTS
+    from stui_twisted.sessions.service import CONTEXT_PARTS
+
+    assert CLEARABLE_PARTS == CONTEXT_PARTS
