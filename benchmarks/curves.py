@@ -487,7 +487,7 @@ def startup_curve(quick: bool) -> dict:
         data_dir = work / "stui-data"
         generated = generate_sessions(data_dir, count)
         server = ServerProcess(work, BATCH, *MANY, zmq=False)
-        with_index, without_index, rss = [], [], []
+        with_index, without_index, without_image, rss = [], [], [], []
         try:
             for run in range(starts):
                 ready, first_ping = _timed_start(server)
@@ -497,6 +497,13 @@ def startup_curve(quick: bool) -> dict:
                     time.sleep(1.0)
                     rss.append(_server_rss(server))
                 server.stop(timeout=120)
+            bare = ServerProcess(work, BATCH, *MANY, zmq=False, image=False)
+            try:  # the store's share of start-up, without the image's own start
+                for _ in range(starts):
+                    without_image.append(_timed_start(bare)[1])
+                    bare.stop(timeout=120)
+            finally:
+                bare.kill()
             (data_dir / "index.json").unlink()
             ready, first_ping = _timed_start(server)  # full scan; writes the index again
             without_index.append((ready, first_ping))
@@ -517,15 +524,15 @@ def startup_curve(quick: bool) -> dict:
                 "ready_s_runs": [round(r, 3) for r, _ in with_index],
                 "ready_s": round(ready_times[len(ready_times) // 2], 3),
                 "first_ping_s": round(sorted(p for _, p in with_index)[len(with_index) // 2], 3),
+                "no_image_first_ping_s": round(sorted(without_image)[len(without_image) // 2], 3),
                 "no_index_ready_s": round(without_index[0][0], 3),
                 "server_rss_mib": round(rss[0][0] / MIB, 1),
                 "image_rss_mib": round(rss[0][1] / MIB, 1),
                 "no_index_server_rss_mib": round(rss[1][0] / MIB, 1),
-                "bytes_per_session": None,
             }
         )
         print(f"c: {points[-1]}", file=sys.stderr, flush=True)
-    _ratios(points, ("ready_s", "no_index_ready_s", "server_rss_mib"))
+    _ratios(points, ("ready_s", "no_image_first_ping_s", "no_index_ready_s", "server_rss_mib"))
     return {
         "curve": "c",
         "title": "start-up and RSS against sessions on disk (batch, warm page cache, CPU 0)",
@@ -536,6 +543,8 @@ def startup_curve(quick: bool) -> dict:
             ("ready s (index)", "ready_s"),
             ("× 1,000", "ready_s_ratio"),
             ("first ping s", "first_ping_s"),
+            ("first ping s, no image", "no_image_first_ping_s"),
+            ("× 1,000", "no_image_first_ping_s_ratio"),
             ("ready s (no index)", "no_index_ready_s"),
             ("× 1,000", "no_index_ready_s_ratio"),
             ("server RSS MiB", "server_rss_mib"),
@@ -551,6 +560,9 @@ def startup_curve(quick: bool) -> dict:
                     "with the index": [(p["sessions_on_disk"], p["ready_s"]) for p in points],
                     "no index (full scan)": [
                         (p["sessions_on_disk"], p["no_index_ready_s"]) for p in points
+                    ],
+                    "with the index, --image=no (first ping)": [
+                        (p["sessions_on_disk"], p["no_image_first_ping_s"]) for p in points
                     ],
                 },
             },
