@@ -388,6 +388,7 @@ def live_sessions_curve(quick: bool, budget: float) -> dict:
             {
                 "x_label": "live sessions",
                 "y_label": "evaluate('1+1'), ms",
+                "log_y": True,
                 "lines": {
                     "first session, median": [
                         (p["live_sessions"], p["first_median_ms"]) for p in points
