@@ -48,6 +48,7 @@ from benchmarks.common import (
     interleaved,
     pin_to_cpu,
     rss_bytes,
+    runner,
     server_pids,
     start_stui,
     tcp_client,
@@ -93,6 +94,11 @@ def _server_rss(server: ServerProcess) -> tuple[int, int]:
     """(twistd RSS, image RSS) in bytes."""
     pids = server_pids(server)
     return rss_bytes(pids[0]), sum(rss_bytes(pid) for pid in pids[1:])
+
+
+def _line(points: list[dict], x: str, y: str) -> list[tuple]:
+    """(point[x], point[y]) of every point: one line of a panel."""
+    return [(point[x], point[y]) for point in points]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -181,19 +187,11 @@ def restore_curve(quick: bool) -> dict:
             saved = client.result("save_context", session_id=sid)
             sessions[size] = (sid, saved.get("size_bytes"))
 
-        def restorer(sid: str):
-            def one() -> float:
-                elapsed, reply = timed_call(
-                    client, "restore_session", session_id=sid, client_id="curve-a"
-                )
-                if reply.get("status") != "success":
-                    raise ValueError(reply)
-                return elapsed
-
-            return one
-
         warm = interleaved(
-            {size: restorer(sid) for size, (sid, _) in sessions.items()},
+            {
+                size: runner(client, "restore_session", session_id=sid, client_id="curve-a")
+                for size, (sid, _) in sessions.items()
+            },
             warm_requests,
             warmup=5,
         )
@@ -255,12 +253,10 @@ def restore_curve(quick: bool) -> dict:
                 "log_base": 2,
                 "log_y": True,
                 "lines": {
-                    "warm (live in the image)": [
-                        (p["bindings_bytes"], p["warm_median_ms"]) for p in points
-                    ],
-                    "cold (first after a restart)": [
-                        (p["bindings_bytes"], p["cold_median_ms"]) for p in points
-                    ],
+                    "warm (live in the image)": _line(points, "bindings_bytes", "warm_median_ms"),
+                    "cold (first after a restart)": _line(
+                        points, "bindings_bytes", "cold_median_ms"
+                    ),
                 },
             }
         ],
@@ -308,12 +304,6 @@ def live_sessions_curve(quick: bool, budget: float) -> dict:
     sids: list[str] = []
     rng = random.Random(21)
 
-    def in_first() -> float:
-        elapsed, reply = timed_call(probe, "evaluate", session_id=sids[0], code="1+1")
-        if reply.get("status") != "success":
-            raise ValueError(reply)
-        return elapsed
-
     def in_random() -> float:
         sid = rng.choice(sids)
         elapsed, reply = timed_call(probe, "evaluate", session_id=sid, code="1+1")
@@ -340,6 +330,7 @@ def live_sessions_curve(quick: bool, budget: float) -> dict:
             created = asyncio.run(_add_live_sessions(server.tcp_port, len(sids), missing, sids))
             create_wall = time.perf_counter() - t0
             time.sleep(1.5)  # let the batch flush of the new sessions pass
+            in_first = runner(probe, "evaluate", session_id=sids[0], code="1+1")
             measured = interleaved({"first": in_first, "random": in_random}, requests, warmup=10)
             server_rss, image_rss = _server_rss(server)
             f, r = measured["first"].summary(), measured["random"].summary()
@@ -390,23 +381,17 @@ def live_sessions_curve(quick: bool, budget: float) -> dict:
                 "y_label": "evaluate('1+1'), ms",
                 "log_y": True,
                 "lines": {
-                    "first session, median": [
-                        (p["live_sessions"], p["first_median_ms"]) for p in points
-                    ],
-                    "random session, median": [
-                        (p["live_sessions"], p["random_median_ms"]) for p in points
-                    ],
-                    "random session, p99": [
-                        (p["live_sessions"], p["random_p99_ms"]) for p in points
-                    ],
+                    "first session, median": _line(points, "live_sessions", "first_median_ms"),
+                    "random session, median": _line(points, "live_sessions", "random_median_ms"),
+                    "random session, p99": _line(points, "live_sessions", "random_p99_ms"),
                 },
             },
             {
                 "x_label": "live sessions",
                 "y_label": "RSS, MiB",
                 "lines": {
-                    "server": [(p["live_sessions"], p["server_rss_mib"]) for p in points],
-                    "image": [(p["live_sessions"], p["image_rss_mib"]) for p in points],
+                    "server": _line(points, "live_sessions", "server_rss_mib"),
+                    "image": _line(points, "live_sessions", "image_rss_mib"),
                 },
             },
         ],
@@ -558,21 +543,19 @@ def startup_curve(quick: bool) -> dict:
                 "x_label": "sessions on disk",
                 "y_label": "seconds to 'session service ready'",
                 "lines": {
-                    "with the index": [(p["sessions_on_disk"], p["ready_s"]) for p in points],
-                    "no index (full scan)": [
-                        (p["sessions_on_disk"], p["no_index_ready_s"]) for p in points
-                    ],
-                    "with the index, --image=no (first ping)": [
-                        (p["sessions_on_disk"], p["no_image_first_ping_s"]) for p in points
-                    ],
+                    "with the index": _line(points, "sessions_on_disk", "ready_s"),
+                    "no index (full scan)": _line(points, "sessions_on_disk", "no_index_ready_s"),
+                    "with the index, --image=no (first ping)": _line(
+                        points, "sessions_on_disk", "no_image_first_ping_s"
+                    ),
                 },
             },
             {
                 "x_label": "sessions on disk",
                 "y_label": "RSS after start-up, MiB",
                 "lines": {
-                    "server": [(p["sessions_on_disk"], p["server_rss_mib"]) for p in points],
-                    "image": [(p["sessions_on_disk"], p["image_rss_mib"]) for p in points],
+                    "server": _line(points, "sessions_on_disk", "server_rss_mib"),
+                    "image": _line(points, "sessions_on_disk", "image_rss_mib"),
                 },
             },
         ],
@@ -679,7 +662,7 @@ def fanout_curve(quick: bool) -> dict:
                 "subscribers": level,
                 "first": f,
                 "last": la,
-                "reply": reply.summary(),
+                "reply_read_after_the_events": reply.summary(),  # not a figure of its own
                 "first_median_ms": _ms(f),
                 "last_median_ms": _ms(la),
                 "spread_median_ms": round(_ms(la) - _ms(f), 3),
@@ -713,8 +696,8 @@ def fanout_curve(quick: bool) -> dict:
                 "x_label": "subscribers (one connection each)",
                 "y_label": "evaluate sent → evaluation_finished received, ms (median)",
                 "lines": {
-                    "first subscriber": [(p["subscribers"], p["first_median_ms"]) for p in points],
-                    "last subscriber": [(p["subscribers"], p["last_median_ms"]) for p in points],
+                    "first subscriber": _line(points, "subscribers", "first_median_ms"),
+                    "last subscriber": _line(points, "subscribers", "last_median_ms"),
                 },
             }
         ],
