@@ -35,6 +35,7 @@ import os
 import random
 import resource
 import selectors
+import shutil
 import subprocess
 import sys
 import time
@@ -500,6 +501,7 @@ def startup_curve(quick: bool) -> dict:
             server.stop(timeout=120)
         finally:
             server.kill()
+        shutil.rmtree(work, ignore_errors=True)  # up to ~450 MB of generated sessions
         ready_times = sorted(r for r, _ in with_index)
         points.append(
             {
