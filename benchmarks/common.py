@@ -246,6 +246,18 @@ def timed_call(client: LineClient, command: str, **params) -> tuple[float, dict]
     return elapsed, json.loads(line)
 
 
+def runner(client: LineClient, command: str, **params):
+    """A runner for L{interleaved}: one timed C{command} round trip, ValueError on an error."""
+
+    def one() -> float:
+        elapsed, reply = timed_call(client, command, **params)
+        if reply.get("status") != "success":
+            raise ValueError(reply)
+        return elapsed
+
+    return one
+
+
 def time_requests(
     client: LineClient, series: Series, command: str, params_for, count: int, warmup: int
 ) -> list[dict]:
