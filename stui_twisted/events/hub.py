@@ -158,6 +158,7 @@ class EventHub:
         self.presence = None  # the Presence (events/presence.py) once one is made
         # logs of dropped streams still writing what they held: read again after it
         self._closing: dict[str, defer.Deferred] = {}
+        self._appended: set[str] = set()  # streams appended to since the last batch sync
 
     # -- streams -----------------------------------------------------------
 
@@ -249,6 +250,7 @@ class EventHub:
         if session_id is not None:
             # written within the flush interval whatever the policy (under
             # always the service also syncs before the reply that follows)
+            self._appended.add(key)
             self.schedule_sync()
         for outbox in list(stream.subscribers.values()):
             outbox.push(key, session_id, message["seq"], encoded)
@@ -275,13 +277,24 @@ class EventHub:
             self._sync_call = self.reactor.callLater(self.flush_interval, self._batch_sync)
 
     def _batch_sync(self) -> None:
-        self.sync_all().addErrback(
-            lambda failure: self.log.failure("event logs could not be synced", failure)
-        )
+        """Write the logs appended to since the last one (not every stream in
+        memory: with 10,000 idle sessions that was half a second a pass)."""
+        keys, self._appended = self._appended, set()
+        for key in keys:
+            stream = self._streams.get(key)
+            if stream is not None:
+                stream.log.sync().addErrback(self._sync_failed, key)
+
+    def _sync_failed(self, failure, key: str) -> None:
+        self.log.failure("an event log could not be written; trying again", failure)
+        self._appended.add(key)  # its lines stay pending (EventLog.sync)
+        self.schedule_sync()
 
     def sync_all(self) -> defer.Deferred:
+        """Fires when every log's appends are on disk (at shutdown)."""
         return defer.gatherResults(
-            [s.log.sync() for k, s in self._streams.items() if k != TEAM], consumeErrors=True
+            [s.log.sync() for k, s in self._streams.items() if k != TEAM and s.log.unwritten],
+            consumeErrors=True,
         )
 
     def clear(self, session_id: str) -> None:

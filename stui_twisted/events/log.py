@@ -185,6 +185,11 @@ class EventLog:
                 self._compact()
         return _body(line)
 
+    @property
+    def unwritten(self) -> bool:
+        """Whether appends wait for a write, or a file job runs (L{sync} has work)."""
+        return bool(self._pending) or self._jobs.locked
+
     def _too_big(self) -> bool:
         return self._file_lines > 2 * self.limit or self._file_bytes > 2 * self.max_bytes
 
@@ -229,6 +234,8 @@ class EventLog:
         if self.path is None:
             return defer.succeed(None)
         if not self._pending:
+            if not self._jobs.locked:
+                return defer.succeed(None)  # nothing written or being written
             return self._jobs.run(defer.succeed, None)  # what runs now finishes first
         data = b"".join(self._pending)
         self._pending = []

@@ -111,6 +111,28 @@ async def test_appends_touch_the_file_only_in_a_thread(tmp_path, monkeypatch):
     assert len(path.read_bytes().splitlines()) == 5
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_batch_sync_writes_only_the_logs_appended_to(tmp_path, monkeypatch):
+    clock = task.Clock()
+    hub = EventHub(clock, str(tmp_path), flush_interval=0.1)
+    for n in range(50):  # idle streams in memory
+        hub.event_log(f"s_idle{n}")
+    busy = hub.event_log("s_busy")  # loaded (read now, as the service does in a thread)
+    synced = []
+    real_sync = EventLog.sync
+
+    def counting(log):
+        synced.append(log.path)
+        return real_sync(log)
+
+    monkeypatch.setattr(EventLog, "sync", counting)
+    hub.publish("s_busy", "state_updated", {"parts": ["x"]})
+    clock.advance(0.1)
+    assert synced == [busy.path]
+    await hub.sync_all()
+    assert b"state_updated" in open(busy.path, "rb").read()
+
+
 class SlowConnection:
     """A connection whose transport buffer is full until told otherwise."""
 
