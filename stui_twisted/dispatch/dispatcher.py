@@ -244,7 +244,11 @@ class Dispatcher:
             if principal is not None:
                 context.last_client_id = principal
             self.plans.check(command.name, principal)
-            params = self._validate(command, self._with_principal(command, request, principal))
+            params = (
+                self._validate(command, self._with_principal(command, request, principal))
+                if command.params
+                else {}  # what _validate gives for a command without parameters (ping)
+            )
             call = Call(context, request, params, received_at, principal)
             if shape is None:
                 finished, outcome = _step_handler(command.handler(call))
