@@ -248,6 +248,11 @@ class WireCommands:
         return {"session_id": session_id, "interrupted": interrupted}
 
 
+_pid = [os.getpid()]
+"""This process's id, read once and again after a fork (C{ping} shows it every time)."""
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 class PingTexts:
     """The JSON text of C{ping} results, all but the uptime remembered.
 
@@ -301,7 +306,7 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         # A plain function: it never waits, and as the liveness probe it is
         # answered without creating a coroutine (Dispatcher.answer takes both).
         version = language_version(service)
-        pid = os.getpid()
+        pid = _pid[0]
         image = service.image_status()
         node = service.node()
         result = {
