@@ -499,6 +499,8 @@ def _step_handler(outcome) -> tuple[bool, Any]:
     where it stopped (L{_resume}), so it runs exactly as C{ensureDeferred}
     would have run it.  A handler's exception propagates to the caller.
     """
+    if isinstance(outcome, dict):  # a plain function's result (ping): no ABC check below
+        return True, outcome
     if isinstance(outcome, defer.Deferred):
         return False, outcome
     if not isinstance(outcome, CoroutineType):
