@@ -185,16 +185,20 @@ def rss_bytes(pid: int) -> int:
 class FloorServer:
     """The floor servers of L{benchmarks.floor} in a child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.process: subprocess.Popen | None = None
         self.tcp_port: int | None = None
         self.zmq_url: str | None = None
+        self.args = args
+        """C{("pyzmq",)}: the bare pyzmq echo (only C{zmq_url})."""
 
     def start(self, timeout: float = 30.0) -> FloorServer:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO_ROOT)
+        if self.args:
+            self.tcp_port = 0  # the pyzmq echo has no TCP floor
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.floor"],
+            [sys.executable, "-m", "benchmarks.floor", *self.args],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             cwd=REPO_ROOT,
@@ -209,7 +213,7 @@ class FloorServer:
             kind, _, value = line.strip().partition(" ")
             if kind == "tcp":
                 self.tcp_port = int(value)
-            elif kind == "zmq":
+            elif kind in ("zmq", "pyzmq"):
                 self.zmq_url = value
         if self.tcp_port is None or self.zmq_url is None:
             self.stop()

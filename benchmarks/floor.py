@@ -4,10 +4,13 @@
   each line and json-encodes a reply (``{"id", "status", "result"}``), nothing
   else: no dispatcher, no logging, no timestamps.
 - ZeroMQ: a bare txzmq ROUTER that sends every message back as it came.
+- The limit under both: ``python -m benchmarks.floor pyzmq`` is a bare pyzmq
+  ROUTER echo, a blocking ``recv_multipart``/``send_multipart`` loop without a
+  reactor (what no Twisted server can beat).
 
 Run as ``python -m benchmarks.floor``; it listens on ephemeral loopback ports
 and prints ``tcp <port>`` and ``zmq <url>`` on stdout, then serves until
-SIGTERM.
+SIGTERM (``pyzmq <url>`` alone for the pyzmq echo).
 """
 
 from __future__ import annotations
@@ -56,8 +59,22 @@ def start_zmq_echo():
     return router, router.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def serve_pyzmq_echo() -> None:
+    """A bare pyzmq ROUTER on an ephemeral loopback port, echoing until killed."""
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    socket.bind("tcp://127.0.0.1:*")
+    print(f"pyzmq {socket.getsockopt_string(zmq.LAST_ENDPOINT)}", flush=True)
+    while True:
+        socket.send_multipart(socket.recv_multipart(copy=False), copy=False)
+
+
 def main() -> None:
     """Listen, print the ports, serve until stopped."""
+    if sys.argv[1:] == ["pyzmq"]:
+        serve_pyzmq_echo()
+        return
 
     def listening(port) -> None:
         print(f"tcp {port.getHost().port}", flush=True)

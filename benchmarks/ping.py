@@ -2,7 +2,8 @@
 
 TCP: stui's ``ping`` vs :class:`benchmarks.floor.JsonEcho` (a bare Twisted
 LineReceiver that json-decodes and -encodes each line).  ZeroMQ: stui's
-``ping`` vs a bare txzmq ROUTER echo.  Requests alternate in blocks between
+``ping`` vs a bare txzmq ROUTER echo, and a bare pyzmq ROUTER echo (no
+reactor: the limit) in the same blocks.  Requests alternate in blocks between
 the server and its floor (see :func:`benchmarks.common.interleaved`).
 
 Standalone: ``python -m benchmarks.ping [--requests N]``.
@@ -34,6 +35,7 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
     pin_to_cpu()
     server = start_stui("ping", image=True)
     floor = FloorServer().start()
+    bare = FloorServer("pyzmq").start()
     try:
         stui_tcp = tcp_client(server.tcp_port)
         floor_tcp = tcp_client(floor.tcp_port)
@@ -57,6 +59,7 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
         )
         stui_zmq = ZmqClient(server.zmq_url)
         floor_zmq = ZmqClient(floor.zmq_url)
+        bare_zmq = ZmqClient(bare.zmq_url)
 
         def zmq_runner(client, check: bool):
             def one() -> float:
@@ -71,6 +74,7 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
             {
                 "stui ping (ZeroMQ)": zmq_runner(stui_zmq, True),
                 "txzmq ROUTER echo floor": zmq_runner(floor_zmq, False),
+                "pyzmq ROUTER echo (limit)": zmq_runner(bare_zmq, False),
             },
             requests,
             warmup,
@@ -79,25 +83,37 @@ def run(requests: int = 5000, warmup: int = 500) -> dict:
             "client": sorted(affinity_of(0)),
             "stui": affinity_of(server.process.pid),
             "floor": affinity_of(floor.process.pid),
+            "pyzmq echo": affinity_of(bare.process.pid),
         }
-        for client in (stui_tcp, floor_tcp, stui_zmq, floor_zmq):
+        for client in (stui_tcp, floor_tcp, stui_zmq, floor_zmq, bare_zmq):
             client.close()
     finally:
         server.kill()
         floor.stop()
+        bare.stop()
     series: dict[str, Series] = {**tcp, **zmq}
     rows = [
         compare(
             "ping over TCP",
             tcp["stui ping (TCP)"],
             tcp["Twisted LineReceiver floor"],
-            target="median ≤ 1.5× floor",
+            target="median ≤ 1.1× floor",
         ),
         compare(
             "ping over ZeroMQ",
             zmq["stui ping (ZeroMQ)"],
             zmq["txzmq ROUTER echo floor"],
-            target="median ≤ 1.3× floor",
+            target="median ≤ 0.9× floor",
+        ),
+        compare(
+            "ping over ZeroMQ, vs the limit",
+            zmq["stui ping (ZeroMQ)"],
+            zmq["pyzmq ROUTER echo (limit)"],
+        ),
+        compare(
+            "txzmq ROUTER echo vs the limit",
+            zmq["txzmq ROUTER echo floor"],
+            zmq["pyzmq ROUTER echo (limit)"],
         ),
     ]
     return {"rows": rows, "series": series, "pinning": pinning}

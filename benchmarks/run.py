@@ -248,7 +248,7 @@ def main() -> int:
             ),
             (
                 "ping over ZeroMQ vs txzmq ROUTER echo",
-                ["stui ping (ZeroMQ)", "txzmq ROUTER echo floor"],
+                ["stui ping (ZeroMQ)", "txzmq ROUTER echo floor", "pyzmq ROUTER echo (limit)"],
             ),
             (
                 "evaluate('1+1') vs ipykernel",

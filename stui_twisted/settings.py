@@ -8,6 +8,7 @@ component never reads the command line or the environment itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import socket
 from dataclasses import dataclass, field
 
@@ -126,5 +127,11 @@ class Settings:
 
 
 def node_id_of(settings: Settings) -> str:
-    """This node's id: C{--node-id}, else the hostname."""
-    return settings.node_id or socket.gethostname()
+    """This node's id: C{--node-id}, else the hostname (read once: C{ping} shows it every time)."""
+    return settings.node_id or _hostname()
+
+
+@functools.cache
+def _hostname() -> str:
+    """The hostname when it was first asked for: a node keeps its id while it runs."""
+    return socket.gethostname()

@@ -20,7 +20,7 @@ from stui_twisted.dispatch.debug_commands import build_debug_commands
 from stui_twisted.dispatch.dispatcher import Call, Command, Param
 from stui_twisted.dispatch.plan_commands import build_plan_commands
 from stui_twisted.dispatch.share_commands import build_share_commands
-from stui_twisted.protocol.envelope import iso_timestamp, whole_seconds
+from stui_twisted.protocol.envelope import EncodedResult, iso_timestamp, json_text, whole_seconds
 from stui_twisted.protocol.errors import invalid_parameter
 from stui_twisted.sessions.results import UNSET, EvaluationStarted, Rebuilt
 
@@ -248,6 +248,50 @@ class WireCommands:
         return {"session_id": session_id, "interrupted": interrupted}
 
 
+_pid = [os.getpid()]
+"""This process's id, read once and again after a fork (C{ping} shows it every time)."""
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+class PingTexts:
+    """The JSON text of C{ping} results, all but the uptime remembered.
+
+    Everything in a C{ping} result but C{uptime} stays the same for long
+    stretches (the image's status changes when it restarts), so the text
+    before and after the uptime is kept per distinct rest, a few at most, and
+    each reply only formats the uptime (L{EncodedResult}).
+    """
+
+    LIMIT = 8
+
+    def __init__(self) -> None:
+        self._texts: dict = {}
+
+    def encoded(self, result: dict, rest: tuple) -> dict:
+        """C{result} as an L{EncodedResult}.
+
+        @param rest: every value of C{result} but the uptime, hashable (the
+            nested objects as tuples of their items); the text is kept by it.
+        """
+        parts = self._texts.get(rest)
+        if parts is None:
+            if len(self._texts) >= self.LIMIT:
+                self._texts.clear()
+            parts = self._texts[rest] = self._parts(result)
+        uptime = result["uptime"]
+        # repr is the JSON encoder's own text for a (finite) float
+        uptime_text = repr(uptime) if type(uptime) is float else json_text(uptime)
+        return EncodedResult(result, f"{parts[0]}{uptime_text}{parts[1]}")
+
+    @staticmethod
+    def _parts(result: dict) -> tuple[str, str]:
+        pairs = [f"{json_text(k)}:{json_text(v)}" for k, v in result.items()]
+        at = list(result).index("uptime")
+        head = "{" + ",".join(pairs[:at]) + (',"uptime":' if at else '"uptime":')
+        rest = pairs[at + 1 :]
+        return head, ("," + ",".join(rest) if rest else "") + "}"
+
+
 def build_commands(service, dispatcher, authenticator=None, *, handlers=None) -> list[Command]:
     """Every command of protocol 1.0, bound to C{service} (and C{authenticator}).
 
@@ -256,21 +300,35 @@ def build_commands(service, dispatcher, authenticator=None, *, handlers=None) ->
         transports give a stand-in that answers calls directly.
     """
 
+    ping_texts = PingTexts()
+
     def ping(call) -> dict:
         # A plain function: it never waits, and as the liveness probe it is
         # answered without creating a coroutine (Dispatcher.answer takes both).
-        return {
+        version = language_version(service)
+        pid = _pid[0]
+        image = service.image_status()
+        node = service.node()
+        result = {
             "message": "pong",
             "server": SERVER_NAME,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "language": "python",
-            "language_version": language_version(service),
+            "language_version": version,
             "uptime": service.uptime(),
-            "pid": os.getpid(),
-            "image": service.image_status(),
-            "node": service.node(),
+            "pid": pid,
+            "image": image,
+            "node": node,
         }
+        try:
+            # The constant fields are the same for every call of this closure;
+            # the others' types are fixed (str, int or None), so equal keys
+            # are equal texts.
+            rest = (version, pid, tuple(image.items()), tuple(node.items()))
+            return ping_texts.encoded(result, rest)
+        except TypeError:  # an unhashable value in the image's status: no text kept
+            return result
 
     async def describe(call) -> dict:
         return {

@@ -256,7 +256,11 @@ class Dispatcher:
             if principal is not None:
                 context.last_client_id = principal
             self.plans.check(command.name, principal)
-            params = self._validate(command, self._with_principal(command, request, principal))
+            params = (
+                self._validate(command, self._with_principal(command, request, principal))
+                if command.params
+                else {}  # what _validate gives for a command without parameters (ping)
+            )
             call = Call(context, request, params, received_at, principal)
             if self._client_observers and call.client_id is not None:
                 self.note_client(context, call.client_id)
@@ -509,6 +513,8 @@ def _step_handler(outcome) -> tuple[bool, Any]:
     where it stopped (L{_resume}), so it runs exactly as C{ensureDeferred}
     would have run it.  A handler's exception propagates to the caller.
     """
+    if isinstance(outcome, dict):  # a plain function's result (ping): no ABC check below
+        return True, outcome
     if isinstance(outcome, defer.Deferred):
         return False, outcome
     if not isinstance(outcome, CoroutineType):

@@ -23,7 +23,9 @@ __all__ = [
     "encode_success",
     "iso_timestamp",  # defined in protocol.timefmt; imported from here by older code
     "parse_iso_timestamp",
+    "EncodedResult",
     "decode_message",
+    "json_text",
     "parse_flat",
     "whole_seconds",
 ]
@@ -97,6 +99,27 @@ def _encode_text(reply: dict) -> str:
     if _c_encoder is None:
         return _ENCODER.encode(reply)
     return "".join(_c_encoder(reply, 0))
+
+
+json_text = _encode_text
+"""The compact JSON text of any value, as it appears inside a reply."""
+
+
+class EncodedResult(dict):
+    """A result that also carries its own JSON text, so a reply need not encode it.
+
+    A handler whose result is mostly the same from call to call (C{ping})
+    returns one: L{encode_success} splices C{text} into the reply instead of
+    encoding the dict again.  C{text} must be exactly what L{json_text} gives
+    for the dict; the dict itself is what every other consumer (Format A, the
+    ASCII fallback) sees.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, items: dict, text: str) -> None:
+        super().__init__(items)
+        self.text = text
 
 
 def _decode_json(text: str) -> Any:
@@ -204,13 +227,36 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
+def _spliced_success(request_id: Any, result: dict, timestamp: str) -> bytes | None:
+    """The success reply written as text around the encoded result, or None.
+
+    The same bytes as encoding C{{"id", "status", "result", "timestamp"}}
+    compactly, without building and encoding that dict; None when the result
+    needs the general path (NaN to sanitize, a lone surrogate to escape).
+    """
+    if _c_encoder is None:
+        return None
+    try:
+        body = result.text if type(result) is EncodedResult else "".join(_c_encoder(result, 0))
+        return (
+            f'{{"id":{"".join(_c_encoder(request_id, 0))},"status":"success",'
+            f'"result":{body},"timestamp":"{timestamp}"}}'
+        ).encode()
+    except ValueError:  # NaN, or a lone surrogate (UnicodeEncodeError)
+        return None
+
+
 def encode_success(request_id: Any, result: dict, now: float | None = None) -> bytes:
     """The bytes of a success reply (no line terminator)."""
+    timestamp = iso_timestamp(now)
+    spliced = _spliced_success(request_id, result, timestamp)
+    if spliced is not None:
+        return spliced
     reply = {
         "id": request_id,
         "status": "success",
         "result": result,
-        "timestamp": iso_timestamp(now),
+        "timestamp": timestamp,
     }
     try:
         return _dumps(reply)

@@ -278,9 +278,38 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         self._turn_started = None
         if self._closing or not data:
             return
+        if (
+            data[-1] == 10  # b"\n"
+            and not (self._unread or self._partial or self._framing or self._pause_reasons)
+            and data.find(b"\n") == len(data) - 1
+        ):
+            self._one_line(data)
+            return
         self._unread.append((data, 0))
         self._unread_size += len(data)
         self._frame()
+
+    def _one_line(self, data: bytes) -> None:
+        """A read that is exactly one whole line, nothing held before it (the usual case).
+
+        What L{_frame} does for it, without queueing the read first: nothing
+        is held, so the input budget has nothing to hear.
+        """
+        self.bytes_scanned += len(data)
+        if len(data) - 1 > self.MAX_LENGTH:
+            self._too_long(len(data) - 1)
+        else:
+            self._framing = True
+            try:
+                self.lineReceived(data[:-1])
+            finally:
+                self._framing = False
+        if self._unread or self._partial or self._accounted:
+            # Input that arrived while the line was answered (re-entrant
+            # dataReceived) waits for the loop the general path runs.
+            self._frame()
+            return
+        self._maybe_finish()
 
     def _frame(self) -> None:
         """Hand every complete line to the dispatcher while not paused."""
@@ -373,7 +402,7 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
             return
         if line.endswith(b"\r"):
             line = line[:-1]
-        if not line.strip():
+        if not line or line.isspace():  # the same ASCII whitespace bytes.strip removes
             return
         self.resetTimeout()
         self._take_turn()
@@ -382,7 +411,7 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
             self._pause("pending")
         reply = self.factory.dispatcher.answer(self.context, line)
         if isinstance(reply, bytes):
-            self._replied(reply)
+            self._replied(reply, timer_reset=True)
         else:
             reply.addCallback(self._replied)
 
@@ -439,12 +468,17 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         self._turn_started = None
         self._unpause("turn")
 
-    def _replied(self, data: bytes) -> None:
+    def _replied(self, data: bytes, timer_reset: bool = False) -> None:
+        """A reply is ready: send it.
+
+        @param timer_reset: the idle timer was reset in this same call (a reply
+            given at once), so it is not reset again.
+        """
         self._pending -= 1
         if self._authenticating and self.context.principal is not None:
             self._authenticating = False
             self.setTimeout(self.factory.idle_timeout)
-        else:
+        elif not timer_reset:
             self.resetTimeout()
         if self._pending < self.factory.max_pending // 2 or self._pending == 0:
             self._unpause("pending")

@@ -269,7 +269,10 @@ class ZmqRouterService(service.Service):
     def _now(self) -> float:
         clock = self._clock
         if clock is None:
-            from twisted.internet import reactor as clock  # lazily: importing it installs it
+            # lazily (importing it installs it), and once: this runs for every message
+            from twisted.internet import reactor as clock
+
+            self._clock = clock
         return clock.seconds()
 
     @property
