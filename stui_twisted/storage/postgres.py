@@ -15,7 +15,7 @@ index: L{write_index} records nothing more, and L{load_index} reads and verifies
 every row.
 
 All database calls run in the store's own thread pool, each thread with its own
-psycopg connection; the reactor thread only serializes snapshots and keeps
+psycopg connection; the reactor thread only serializes and seals snapshots and keeps
 counters.  Operations on one session run one at a time, in call order.  A write
 commits before its Deferred fires; L{write_many} writes its whole group in one
 transaction (one commit for many sessions).
