@@ -81,12 +81,18 @@ SHARED_ENVELOPE = Envelope("stui-shared", "bindings")
 INDEX_ENVELOPE = Envelope("stui-index", "sessions")
 
 
+@functools.lru_cache(maxsize=64)
+def _member_prefix(key: str) -> bytes:
+    """C{"key":} in canonical JSON (the envelope's few member names, encoded once)."""
+    return canonical_json(key) + b":"
+
+
 def _compose(fields: dict[str, Any], payload_key: str, payload_json: bytes) -> bytes:
     """Canonical JSON of C{fields} plus C{payload_key}, splicing in pre-made payload JSON."""
     parts = []
     for key in sorted([*fields, payload_key]):
         value = payload_json if key == payload_key else canonical_json(fields[key])
-        parts.append(canonical_json(key) + b":" + value)
+        parts.append(_member_prefix(key) + value)
     return b"{" + b",".join(parts) + b"}"
 
 
@@ -101,7 +107,7 @@ def seal(
     fields = {"format": envelope.format, "version": FORMAT_VERSION, "saved_at": saved_at}
     fields.update(extra_fields or {})
     signed = _compose(fields, envelope.payload_key, payload_json)
-    mac = MAC_PREFIX + hmac.new(secret_key, signed, hashlib.sha256).hexdigest()
+    mac = MAC_PREFIX + hmac.digest(secret_key, signed, "sha256").hex()
     return _compose({**fields, "mac": mac}, envelope.payload_key, payload_json) + b"\n"
 
 

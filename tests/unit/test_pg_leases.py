@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import pytest_twisted
 
+from stui_twisted.storage import postgres
 from stui_twisted.storage.errors import LeaseHeld
 from stui_twisted.storage.postgres import PostgresSessionStore
 from tests.helpers import make_session, reactor_sleep
@@ -130,6 +131,37 @@ async def test_a_new_sessions_lease_is_written_with_its_first_row(pg_dsn, nodes)
     assert lease_rows(pg_dsn) == []  # nothing is in the database yet
     await within_time_limit(a.write_many([make_session()]))
     assert lease_rows(pg_dsn) == [(SID, "a", "a.example:7555", True)]
+    assert (await held_elsewhere(b)).node_id == "a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_group_is_sealed_when_snapshotted_not_when_written(
+    pg_dsn, nodes, monkeypatch
+):
+    """C{write_many} of snapshots seals nothing on the reactor thread (the flush seals
+    each session in its own time slice, when it takes the snapshot); the group, the
+    new sessions' leases with it, is stored as snapshotted, the last snapshot of a
+    session winning."""
+    a, b = await nodes()
+    sessions = [make_session(number=n) for n in range(1, 41)]
+    for session in sessions:
+        await within_time_limit(a.acquire_lease(session["session_id"], new=True))
+    snapshots = [a.snapshot(session) for session in sessions]
+    snapshots.append(a.snapshot(make_session(number=1, session_state={"n": "later"})))
+    sealed = []
+    seal = postgres._seal
+    monkeypatch.setattr(postgres, "_seal", lambda *args: sealed.append(args) or seal(*args))
+    results = await within_time_limit(a.write_many(snapshots))
+    assert sealed == []
+    latest = {snapshot.session_id: snapshot for snapshot in snapshots}
+    with psycopg.connect(pg_dsn) as connection:
+        stored = dict(connection.execute("SELECT session_id, document FROM sessions").fetchall())
+    assert sorted(stored) == sorted(latest)
+    for session_id, snapshot in latest.items():
+        assert bytes(stored[session_id]) == snapshot.document
+        assert results[session_id].saved_at == snapshot.saved_at
+    assert (await within_time_limit(a.read("alice", SID)))["session_state"] == {"n": "later"}
+    assert [row[1:] for row in lease_rows(pg_dsn)] == [("a", "a.example:7555", True)] * 40
     assert (await held_elsewhere(b)).node_id == "a"
 
 
