@@ -14,6 +14,20 @@ from stui_twisted.dispatch.interfaces import ConnectionContext
 from stui_twisted.settings import Settings
 
 
+class SilentImageObservers:
+    """For image fakes: takes the supervisor's observers and never calls them
+    (the fake image never restarts by itself, streams no output, never pauses)."""
+
+    def addRestartObserver(self, observer):  # noqa: N802
+        pass
+
+    def addOutputObserver(self, observer):  # noqa: N802
+        pass
+
+    def addDebugObserver(self, observer):  # noqa: N802
+        pass
+
+
 class NullImageService:
     """Stands in for the service when only the dispatcher and transports are exercised.
 

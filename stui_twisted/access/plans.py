@@ -37,24 +37,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from stui_twisted.access.sharing import DEBUG_COMMANDS
 from stui_twisted.config import ConfigError, _positive_float, _positive_int
 from stui_twisted.protocol.errors import StuiError
 from stui_twisted.sessions.policy import CLIENT_ID_PATTERN
 
 log = Logger()
 
-DEBUG_COMMANDS = (
-    "set_breakpoint",
-    "remove_breakpoint",
-    "list_breakpoints",
-    "debug_state",
-    "debug_stack",
-    "debug_locals",
-    "debug_evaluate",
-    "debug_step",
-    "debug_continue",
-    "debug_post_mortem",
-)
 ADMIN_COMMANDS = ("list_clients", "disconnect_client", "revoke_tokens", "list_all_sessions")
 
 #: feature -> the commands it gates (access.md §2); a command in none is never gated.

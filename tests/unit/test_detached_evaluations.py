@@ -19,12 +19,13 @@ from stui_twisted.sessions.model import Session
 from stui_twisted.sessions.results import SharedNamespace
 from stui_twisted.settings import Settings
 from stui_twisted.transports.connections import ConnectionRegistry
+from tests.helpers import SilentImageObservers
 
 START = 1_790_000_000.0
 OUTCOME = {"result": "42", "result_type": "int", "output": "hi\n", "execution_time": 1.0}
 
 
-class HeldImage:
+class HeldImage(SilentImageObservers):
     """An image whose evaluations end when the test says so."""
 
     live_generation = 1
@@ -32,15 +33,6 @@ class HeldImage:
     def __init__(self) -> None:
         self.evaluations: list[tuple[int, defer.Deferred]] = []
         self.input_handler = None
-
-    def addRestartObserver(self, observer):  # noqa: N802
-        pass
-
-    def addOutputObserver(self, observer):  # noqa: N802
-        pass
-
-    def addDebugObserver(self, observer):  # noqa: N802
-        pass  # never pauses
 
     def current_generation(self):
         return defer.succeed(self.live_generation)

@@ -16,6 +16,7 @@ from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
 from stui_twisted.tap import build_session_core
 from stui_twisted.transports.connections import ConnectionRegistry
+from tests.helpers import SilentImageObservers
 
 START = 1_790_000_000.0
 
@@ -921,22 +922,13 @@ async def test_live_sessions_works_through_its_small_view_of_the_service():
     assert image.rebuilt == [("shared", ["team"], 2), (session.session_id, ["x"], 2)]
 
 
-class _RecordingImage(service.Service):
+class _RecordingImage(SilentImageObservers, service.Service):
     """An image service that records when it is stopped."""
 
     live_generation = None
 
     def __init__(self, events) -> None:
         self.events = events
-
-    def addRestartObserver(self, observer):  # noqa: N802
-        pass
-
-    def addOutputObserver(self, observer):  # noqa: N802
-        pass
-
-    def addDebugObserver(self, observer):  # noqa: N802
-        pass  # never pauses
 
     def status(self):
         return {"status": "running", "pid": None, "started_at": None}
