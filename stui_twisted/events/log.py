@@ -248,15 +248,20 @@ class EventLog:
         return done.addErrback(failed)
 
 
-def _replace_file(path: str, data: bytes) -> None:
-    """Write C{data} to a temp file, fsync it, rename it over C{path}, fsync the directory."""
-    temp = path + ".tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_synced(path: str, flags: int, data: bytes) -> None:
+    """Open C{path} with C{flags} (mode 0600), write all of C{data}, fsync, close."""
+    fd = os.open(path, flags, 0o600)
     try:
         write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    """Write C{data} to a temp file, fsync it, rename it over C{path}, fsync the directory."""
+    temp = path + ".tmp"  # a fixed name: L{remove_log} removes one a crash left
+    _write_synced(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, data)
     os.replace(temp, path)
     durable.fsync_dir(os.path.dirname(path))
 
@@ -271,10 +276,5 @@ def remove_log(path: str) -> None:
 def _append_and_fsync(path: str, data: bytes) -> None:
     """Append C{data} to C{path} (created if missing), fsync it and its directory."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_synced(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, data)
     durable.fsync_dir(os.path.dirname(path))

@@ -78,23 +78,9 @@ LATENCY_BUCKETS = (
     600.0,
 )
 
-#: Durable write buckets (s): an fsync'd write takes a millisecond to a second.
-FLUSH_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+#: Durable write buckets (s): an fsync'd write takes a millisecond to a second, so
+#: the request buckets up to 10 s.
+FLUSH_BUCKETS = LATENCY_BUCKETS[: LATENCY_BUCKETS.index(10.0) + 1]
 
 SESSION_STATES = ("active", "expired", "closed")
 TRANSPORTS = ("tcp", "tls", "zmq")
