@@ -57,6 +57,7 @@ from pathlib import Path
 from benchmarks import attack_partial, attack_trickle
 from benchmarks.attack_image_values import _timed
 from benchmarks.common import percentile, server_tree, tcp_client, wait_image_running, workdir
+from tests.helpers import START_PROCESSES
 from tests.serverproc import REPO_ROOT, ServerProcess
 
 MiB = 1024 * 1024
@@ -294,18 +295,6 @@ def _reply_within(client, seconds: float) -> dict:
         return {"status": "error", "error_type": f"no reply within {seconds:g} s"}
 
 
-GRANDCHILDREN = """
-import os, subprocess, time
-popen = subprocess.Popen(['sleep', '300'])
-os.system('sleep 75 & echo $! > {pidfile}')
-forked = os.fork()
-if forked == 0:
-    time.sleep(300)
-    os._exit(0)
-pids = [popen.pid, forked]
-"""
-
-
 def attack_image_death(args) -> dict:
     """Item 1: the image dies while processes it started hold its pipes."""
     server = start_server("image-death")
@@ -316,7 +305,7 @@ def attack_image_death(args) -> dict:
         for name, client in (("a", a), ("b", b), ("c", c)):
             client.result("create_session", client_id=name)
         pidfile = server.workdir / "background.pid"
-        a.result("evaluate", code=GRANDCHILDREN.format(pidfile=pidfile))
+        a.result("evaluate", code=START_PROCESSES.format(pidfile=pidfile))
         pids = json.loads(a.result("evaluate", code="pids")["result"])
         wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 5)
         pids.append(int(pidfile.read_text()))
@@ -364,7 +353,7 @@ def attack_image_death(args) -> dict:
             after = a.call("evaluate", code="1 + 1")
             # SIGTERM while the new image again has processes of its own holding its pipes.
             again = server.workdir / "again.pid"
-            a.result("evaluate", code=GRANDCHILDREN.format(pidfile=again))
+            a.result("evaluate", code=START_PROCESSES.format(pidfile=again))
             second = json.loads(a.result("evaluate", code="pids")["result"])
             wait_for(lambda: again.exists() and again.read_text().strip(), 5)
             second.append(int(again.read_text()))
