@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 from twisted.internet.task import Clock
 
-from stui_twisted.config import OPTIONS
+from stui_twisted.config import OPTIONS, shown_default
 from stui_twisted.dispatch.commands import build_commands
 from stui_twisted.dispatch.dispatcher import Dispatcher
 from stui_twisted.protocol.errors import ERROR_TYPES
@@ -28,16 +28,6 @@ INI = ROOT / "etc" / "stui.ini"
 UNIT = ROOT / "etc" / "systemd" / "stui.service"
 LOGROTATE = ROOT / "etc" / "logrotate.d" / "stui"
 BEGIN, END = "<!-- options:begin -->", "<!-- options:end -->"
-
-
-def _default(value) -> str:
-    if isinstance(value, tuple):
-        return ", ".join(value) if value else "(empty)"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value is None:
-        return "none"
-    return str(value)
 
 
 def _cell(text: str) -> str:
@@ -55,7 +45,7 @@ def options_table() -> str:
             continue
         field, text = described[long_name]
         key = long_name.replace("-", "_")
-        default = _default(getattr(defaults, field))
+        default = shown_default(getattr(defaults, field))
         lines.append(f"| `--{long_name}` | `{key}` | `{default}` | {_cell(text)} |")
     for long_name, _short, doc in Options.optFlags:
         if long_name == "check-config":  # an action, not a setting: no INI key
