@@ -41,6 +41,17 @@ class CycleResult:
             return 0.0
         return self.killed_at - self.ack_times[max(0, index)]
 
+    def outcome(self, stored: int) -> dict:
+        """The cycle as the kill -9 tests check it, beside what the restart found stored."""
+        return {
+            "start": self.start_counter,
+            "acked": max(self.last_acked, self.start_counter),
+            "sent": self.last_sent,
+            "acks": self.acks,
+            "stored": stored,
+            "errors": self.errors,
+        }
+
     def acked_since(self, seconds: float) -> int:
         """How many acknowledgements arrived in the last C{seconds} before the kill."""
         start = bisect.bisect_left(self.ack_times, self.killed_at - seconds)

@@ -72,17 +72,9 @@ def _kill_loop(tmp_path: Path, durability: str, seed: int) -> list[dict]:
             cycle = kill_cycle(server, session_id, client_id, stored, rng.uniform(0.02, 0.25))
             server.start()
             stored = stored_counter(server, session_id, client_id)
-            outcomes.append(
-                {
-                    "start": cycle.start_counter,
-                    "acked": max(cycle.last_acked, cycle.start_counter),
-                    "sent": cycle.last_sent,
-                    "acks": cycle.acks,
-                    "stored": stored,
-                    "allowed": cycle.acked_since(FLUSH_INTERVAL + BATCH_MARGIN),
-                    "errors": cycle.errors,
-                }
-            )
+            outcome = cycle.outcome(stored)
+            outcome["allowed"] = cycle.acked_since(FLUSH_INTERVAL + BATCH_MARGIN)
+            outcomes.append(outcome)
     finally:
         server.kill()
     return outcomes

@@ -147,16 +147,7 @@ def test_always_kill9_loses_no_acknowledged_update_on_postgresql(tmp_path, pg_ds
             cycle = kill_cycle(server, session_id, "crash", stored, rng.uniform(0.02, 0.25))
             server.start()
             stored = stored_counter(server, session_id, "crash")
-            outcomes.append(
-                {
-                    "start": cycle.start_counter,
-                    "acked": max(cycle.last_acked, cycle.start_counter),
-                    "sent": cycle.last_sent,
-                    "acks": cycle.acks,
-                    "stored": stored,
-                    "errors": cycle.errors,
-                }
-            )
+            outcomes.append(cycle.outcome(stored))
     finally:
         server.kill()
     assert sum(o["acks"] for o in outcomes) >= 20, outcomes  # the stream really ran
