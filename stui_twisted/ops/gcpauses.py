@@ -17,7 +17,7 @@ image started) L{FreezeAfterStartUp} does two things, once, and logs them:
   (docs/performance.md has the memory check: a full collection at this
   point found 3-48 unreachable objects, and took 72-507 ms with 10,000
   sessions on disk, which is why it is not run).
-- L{GC_THRESHOLDS}: a full collection after at most every 100 generation-1
+- L{GC_THRESHOLDS}: a full collection only after 100 generation-1
   collections instead of 10 (the interpreter still waits, too, until the
   objects promoted since the last one are a quarter of the long-lived ones).
 """
