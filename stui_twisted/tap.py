@@ -521,6 +521,9 @@ def makeService(options: Options) -> service.IService:  # noqa: N802
     root, sessions = build_server(options.settings, reactor, getattr(options, "plans", None))
     CleanExitOnSigterm(reactor).setServiceParent(root)
     ReloadOnSighup(reactor, sessions.plans).setServiceParent(root)
+    from stui_twisted.ops.gcpauses import FreezeAfterStartUp
+
+    FreezeAfterStartUp(sessions).setServiceParent(root)  # last: after the session service
     atexit.register(exit_nonzero_if_unwritten, sessions)
     return root
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,25 @@ def test_tcp_ping(server):
     assert reply["status"] == "success"
     assert reply["result"]["message"] == "pong"
     client.close()
+
+
+def test_the_running_server_froze_its_start_up_heap_and_set_the_gc_thresholds(server):
+    """Issue 21: full collections walked every object (40-136 ms create maxima).
+
+    The line is the server's own C{gc.get_freeze_count()} and C{gc.get_threshold()},
+    read back after start-up (docs/performance.md, "Garbage collection pauses").
+    """
+    from stui_twisted.ops.gcpauses import GC_THRESHOLDS
+
+    pattern = (
+        r"garbage collector: froze (\d+) start-up objects .*, thresholds \((\d+), (\d+), (\d+)\)"
+    )
+    deadline = time.monotonic() + 20
+    while (found := re.search(pattern, server.log_text())) is None:
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.05)
+    assert int(found[1]) > 10_000  # the modules and the service tree, at least
+    assert tuple(int(value) for value in found.groups()[1:]) == GC_THRESHOLDS
 
 
 def test_tls_ping_with_host_name_verification(server):
