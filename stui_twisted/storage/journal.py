@@ -26,8 +26,8 @@ journal's bytes.
 B{Compaction.}  Journaled records are later I{materialized} into their per-session
 files: a normal durable group write, with each key's lane claimed, so it is ordered
 with that session's other writes.  It starts once no group write has run for
-C{compact_delay} seconds, in chunks of L{COMPACT_CHUNK} records, and stops again
-when a group write comes; above C{max_records} pending records or C{max_bytes}
+C{compact_delay} seconds (one of fewer than C{min_group} sessions does not count),
+in chunks of L{COMPACT_CHUNK} records, and stops again when such a write comes; above C{max_records} pending records or C{max_bytes}
 pending bytes it runs at once.  A record is skipped when its session's file (or
 C{.bak}) exists: that is a newer direct write.  A journal file is unlinked (and the
 directory fsynced) only when every record in it is materialized or superseded, and
@@ -81,8 +81,10 @@ COMPACT_CHUNK = 128
 #: files, as before (one or two files cost little, and their files exist at once).
 MIN_GROUP = 8
 
-#: Pending records or bytes above which compaction runs at once, busy or not.
-MAX_RECORDS = 4096
+#: Pending records or bytes above which compaction runs at once, busy or not.  The
+#: bytes bound the memory the pending records hold; the records bound how much a
+#: start-up after a crash replays (16,384 new files: a few seconds).
+MAX_RECORDS = 16384
 MAX_BYTES = 32 * 1024 * 1024
 
 
@@ -339,9 +341,11 @@ class GroupJournal:
         chosen = {id(s) for s in first}
         return first, [s for s in snapshots if id(s) not in chosen]
 
-    def busy(self) -> None:
-        """A group write (a flush) is starting: compaction waits for quiet again."""
-        self._last_group = self._reactor.seconds()
+    def busy(self, size: int) -> None:
+        """A group write of C{size} sessions is starting: a large one (a flush of a
+        storm) makes compaction wait for quiet again; a few sessions do not."""
+        if size >= self.min_group:
+            self._last_group = self._reactor.seconds()
 
     # ------------------------------------------------------------------ journal writes
 

@@ -400,7 +400,7 @@ class SessionStore:
         # the group answers for all its members at once.
         names = list(outcomes)
         others = defer.DeferredList([outcomes[name] for name in names], consumeErrors=True)
-        self._journal.busy()
+        self._journal.busy(len(group))
         to_journal, as_files = self._journal.split(list(group.values()), self._counters.file_info)
         grouped = self._lanes.start_group(as_files) if as_files else defer.succeed({})
         journaled = self._journal.write_group(to_journal) if to_journal else defer.succeed({})

@@ -172,11 +172,21 @@ def test_the_backlog_bound_forces_compaction(tmp_path, clock):
 def test_a_group_write_defers_compaction(tmp_path, clock, sessions):
     store = opened(tmp_path, clock)
     result_of(store.write_many(sessions))
-    for _ in range(5):  # a flush every half delay: never idle long enough
+    for _ in range(5):  # a large flush every half delay: never idle long enough
+        clock.advance(DELAY / 2)
+        result_of(store.write_many([dict(s, state="closed") for s in sessions[1:9]]))
+    assert journals(store) == ["1.jnl"]
+    assert store.statistics()["journal_records_pending"] == 2  # 8 superseded by files
+    clock.advance(DELAY)
+    assert journals(store) == []
+
+
+def test_a_small_flush_does_not_defer_compaction(tmp_path, clock, sessions):
+    store = opened(tmp_path, clock)
+    result_of(store.write_many(sessions))
+    for _ in range(3):
         clock.advance(DELAY / 2)
         result_of(store.write_many([dict(sessions[0], state="closed")]))
-    assert journals(store) == ["1.jnl"]
-    clock.advance(DELAY)
     assert journals(store) == []
 
 
