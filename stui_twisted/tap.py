@@ -27,15 +27,17 @@ log = Logger()
 
 JOURNAL_COMPACT_DELAY_VARIABLE = "STUI_JOURNAL_COMPACT_DELAY"
 """Internal, for tests: seconds without a flush before the group journal is compacted
-(default: one flush interval).  A test that kills the server before compaction sets
+(default: three flush intervals, C{journal.DELAY_PER_FLUSH_INTERVAL}).  A test that kills the server before compaction sets
 it large (docs/reliability.md, "The group journal")."""
 
 
 def journal_compact_delay(settings: Settings) -> float:
-    """The group journal's idle delay: C{STUI_JOURNAL_COMPACT_DELAY}, or the flush interval."""
+    """The group journal's idle delay: C{STUI_JOURNAL_COMPACT_DELAY}, or 3 flush intervals."""
+    from stui_twisted.storage.journal import DELAY_PER_FLUSH_INTERVAL
+
     value = os.environ.get(JOURNAL_COMPACT_DELAY_VARIABLE)
     if not value:
-        return settings.flush_interval
+        return DELAY_PER_FLUSH_INTERVAL * settings.flush_interval
     try:
         delay = float(value)
     except ValueError:

@@ -26,9 +26,10 @@ journal's bytes.
 B{Compaction.}  Journaled records are later I{materialized} into their per-session
 files: a normal durable group write, with each key's lane claimed, so it is ordered
 with that session's other writes.  It starts once no group write has run for
-C{compact_delay} seconds (one of fewer than C{min_group} sessions does not count),
-in chunks of L{COMPACT_CHUNK} records, and stops again when such a write comes; above C{max_records} pending records or C{max_bytes}
-pending bytes it runs at once.  A record is skipped when its session's file (or
+C{compact_delay} seconds (three flush intervals in the server; a write of fewer
+than C{min_group} sessions does not count), in chunks of L{COMPACT_CHUNK}
+records, and stops again when such a write comes; above C{max_records} pending
+records or C{max_bytes} pending bytes it runs at once.  A record is skipped when its session's file (or
 C{.bak}) exists: that is a newer direct write.  A journal file is unlinked (and the
 directory fsynced) only when every record in it is materialized or superseded, and
 journals retire strictly in sequence order.  Until then the pending records' bytes
@@ -74,8 +75,13 @@ if TYPE_CHECKING:
 JOURNAL_ENVELOPE = Envelope("stui-journal", "journal")
 JOURNAL_SUFFIX = ".jnl"
 
-#: Records materialized by one compaction job (one pool job, one fsync per directory).
-COMPACT_CHUNK = 128
+#: Records materialized by one compaction job (one pool job, one fsync per directory;
+#: taken in key order, so a chunk touches few client directories).
+COMPACT_CHUNK = 256
+
+#: The idle delay as a multiple of the flush interval (tap.py): a flush that starts
+#: a little late must not look like quiet in the middle of a storm.
+DELAY_PER_FLUSH_INTERVAL = 3
 
 #: Fewest first writes in one write_many that go to a journal; fewer are written as
 #: files, as before (one or two files cost little, and their files exist at once).
@@ -489,7 +495,7 @@ class GroupJournal:
             return
         chunk: list[Snapshot] = []
         for journal in self._journals.values():
-            for key in journal.outstanding:
+            for key in sorted(journal.outstanding):
                 if key in self.pending and self._lanes.claim(key):
                     chunk.append(self.pending[key])
                     if len(chunk) >= COMPACT_CHUNK:

@@ -103,7 +103,7 @@ class SessionStore:
         reactor: Any,
         max_session_bytes: int = 8 * 1024 * 1024,
         threadpool: ThreadPool | None = None,
-        journal_compact_delay: float = 0.1,
+        journal_compact_delay: float = 0.3,
         journal_min_group: int = journal.MIN_GROUP,
         journal_max_records: int = journal.MAX_RECORDS,
         journal_max_bytes: int = journal.MAX_BYTES,
