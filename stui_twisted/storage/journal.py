@@ -75,9 +75,9 @@ if TYPE_CHECKING:
 JOURNAL_ENVELOPE = Envelope("stui-journal", "journal")
 JOURNAL_SUFFIX = ".jnl"
 
-#: Records materialized by one compaction job (one pool job, one fsync per directory;
-#: taken in key order, so a chunk touches few client directories).
-COMPACT_CHUNK = 256
+#: Records materialized by one compaction job (one pool job, one fsync per directory:
+#: with 50 clients, 512 files share about 50 directory fsyncs).
+COMPACT_CHUNK = 512
 
 #: The idle delay as a multiple of the flush interval (tap.py): a flush that starts
 #: a little late must not look like quiet in the middle of a storm.
@@ -168,16 +168,32 @@ def _has_file(target) -> bool:
     return os.path.lexists(target.path) or os.path.lexists(target.backup_path)
 
 
-def replay_found(store: SessionStore, up_to: int, now: float) -> dict[str, int]:
+def remove_stale_temps(directory: str, now: float, stale_after: float) -> None:
+    """Remove temp files of journal writes interrupted at least C{stale_after} s ago."""
+    for name in durable.listdir(directory):
+        if not name.startswith(".") or ".tmp-" not in name:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime >= stale_after:
+                durable.remove_quietly(path)
+        except FileNotFoundError:
+            continue
+
+
+def replay_found(store: SessionStore, up_to: int, now: float, stale_after: float) -> dict[str, int]:
     """Materialize every journal of seq <= C{up_to} in order, then unlink it (start-up).
 
     A record is written only when its session had no file before the replay (a
     file there is a newer direct write; one written by an earlier journal of this
     replay is older, so a later record replaces it).  A journal that does not
-    verify is quarantined (and logged); its records are then not replayed.
+    verify is quarantined (and logged); its records are then not replayed.  Temp
+    files of journal writes older than C{stale_after} seconds are removed (never
+    acknowledged; a younger one may be a write still running).
 
     @return: counts for the log: journals, records, written, skipped, quarantined.
     """
+    remove_stale_temps(store.journal_dir, now, stale_after)
     directory = store.journal_dir
     counts = {"journals": 0, "records": 0, "written": 0, "skipped": 0, "quarantined": 0}
     replayed: set[Key] = set()
@@ -493,15 +509,18 @@ class GroupJournal:
         """Materialize the next chunk of the oldest journal's records (one pool job)."""
         if self._compacting or not self._journals or self._lanes.threadpool is None:
             return
-        chunk: list[Snapshot] = []
+        # the oldest journals' records first (they retire first), then in key order
+        # so that the chunk's files share few directories (one fsync each)
+        candidates: list[Key] = []
         for journal in self._journals.values():
-            for key in sorted(journal.outstanding):
-                if key in self.pending and self._lanes.claim(key):
-                    chunk.append(self.pending[key])
-                    if len(chunk) >= COMPACT_CHUNK:
-                        break
-            if chunk or journal.outstanding:
-                break  # older journals first: they retire first
+            candidates.extend(key for key in journal.outstanding if key in self.pending)
+            if len(candidates) >= COMPACT_CHUNK:
+                break
+        chunk = [
+            self.pending[key]
+            for key in sorted(candidates[:COMPACT_CHUNK])
+            if self._lanes.claim(key)
+        ]
         if not chunk:
             self._retire_ready()
             if self._journals and not self._retiring:

@@ -499,7 +499,9 @@ class SessionStore:
         return loaded.addCallback(self._index_loaded)
 
     def _load_index_in_thread(self, now: float) -> tuple[list[dict], dict, dict]:
-        replayed = journal.replay_found(self, self._journal.found_up_to, now)
+        replayed = journal.replay_found(
+            self, self._journal.found_up_to, now, index.STALE_TEMP_SECONDS
+        )
         if replayed["journals"] or replayed["quarantined"]:
             self._log_from_thread(
                 "info",

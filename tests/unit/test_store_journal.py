@@ -213,3 +213,15 @@ def test_write_results_are_the_records_and_verify(tmp_path, clock, sessions):
     assert all(isinstance(r, WriteResult) for r in results.values())
     rows = [r for r in result_of(store.verify_all()) if r["kind"] == "journal"]
     assert [(r["path"], r["ok"]) for r in rows] == [(os.path.join("journal", "1.jnl"), True)]
+
+
+def test_start_up_removes_old_temp_files_of_journal_writes(tmp_path, clock):
+    store = opened(tmp_path, clock)
+    old, young = (os.path.join(store.journal_dir, f".{n}.jnl.tmp-abc") for n in (1, 2))
+    for path in (old, young):
+        with open(path, "wb") as handle:
+            handle.write(b"torn")
+    os.utime(old, (clock.seconds() - 7200, clock.seconds() - 7200))
+    os.utime(young, (clock.seconds(), clock.seconds()))
+    result_of(store.load_index())
+    assert journals(store) == [os.path.basename(young)]
