@@ -69,6 +69,8 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
     must_exist: dict[str, float] = {}  # session id -> seconds before its kill it was acked
     runs_out, violations, lost_in_window, created = [], 0, 0, 0
     may_be_lost: set[str] = set()
+    last_ages: dict[str, float] = {}
+    seen_missing: set[str] = set()
     tree = server_tree()
     env = {"PYTHONPATH": tree} if tree else None
     for run in range(runs):
@@ -83,8 +85,12 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
             env=env,
         ).start()
         present = _present(server)
-        missing = [sid for sid in must_exist if sid not in present]
-        lost = len(may_be_lost - present)
+        missing = [sid for sid in must_exist if sid not in present and sid not in seen_missing]
+        seen_missing.update(missing)
+        lost = len(set(may_be_lost) - present)
+        if runs_out:  # the previous run's loss window: its oldest lost acknowledgement
+            ages = [age for sid, age in last_ages.items() if sid not in present]
+            runs_out[-1]["loss_window_s"] = round(max(ages, default=0.0), 4)
         violations += len(missing)
         lost_in_window += lost
         acked: list[tuple[float, str, str]] = []
@@ -98,9 +104,11 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
         server.process.kill()
         server.process.wait(10)
         thread.join(15)
-        journals = len(os.listdir(server.data_dir / "journal"))
+        left = sorted(os.listdir(server.data_dir / "journal"))
+        journals = len(left)
         bound = flush_interval + BATCH_MARGIN
         may_be_lost = {sid for at, _, sid in acked if killed_at - at <= bound}
+        last_ages = {sid: killed_at - at for at, _, sid in acked}
         for at, _, sid in acked:
             if killed_at - at > bound:
                 must_exist[sid] = killed_at - at
@@ -110,14 +118,14 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
                 "run": run,
                 "kill_after_s": round(kill_after, 3),
                 "created": len(acked),
-                "journals_left": journals,
+                "journals_left": left,
                 "missing_beyond_window": missing,
                 "lost_within_window": lost,
             }
         )
         print(
             f"run {run}: kill after {kill_after * 1e3:.0f} ms, {len(acked)} created,"
-            f" {journals} journals left; earlier runs: {len(missing)} missing beyond the"
+            f" {journals} journals left; the run before: {len(missing)} missing beyond the"
             f" window, {lost} lost within it",
             flush=True,
         )
@@ -127,8 +135,12 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
     finally:
         server.kill()
     final_missing = [sid for sid in must_exist if sid not in present]
-    violations += len(final_missing)
-    lost_in_window += len(may_be_lost - present)
+    if runs_out:
+        ages = [age for sid, age in last_ages.items() if sid not in present]
+        runs_out[-1]["loss_window_s"] = round(max(ages, default=0.0), 4)
+    windows = sorted(run["loss_window_s"] for run in runs_out)
+    violations += len(set(final_missing) - seen_missing)
+    lost_in_window += len(set(may_be_lost) - present)
     return {
         "runs": runs,
         "seed": seed,
@@ -137,6 +149,8 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
         "lost_within_window": lost_in_window,
         "violations": violations,
         "final_missing": final_missing,
+        "loss_window_median_s": windows[len(windows) // 2] if windows else None,
+        "loss_window_max_s": windows[-1] if windows else None,
         "every_run": runs_out,
     }
 
@@ -158,7 +172,8 @@ def main() -> int:
     print(
         f"{summary['created_acknowledged']} creates acknowledged, {summary['lost_within_window']}"
         f" lost within one interval + {BATCH_MARGIN} s of a kill, {summary['violations']}"
-        f" missing beyond it; {path}"
+        f" missing beyond it; loss window median {summary['loss_window_median_s']} s,"
+        f" max {summary['loss_window_max_s']} s; {path}"
     )
     return 1 if summary["violations"] else 0
 
