@@ -74,6 +74,8 @@ def soak(runs: int, flush_interval: float, seed: int) -> dict:
     tree = server_tree()
     env = {"PYTHONPATH": tree} if tree else None
     for run in range(runs):
+        for log in workdir.glob("twistd.log*"):  # twistd rotates at 1 MB: the port line
+            log.unlink()  # must stay in twistd.log, where ServerProcess looks for it
         server = ServerProcess(
             workdir,
             "--durability=batch",
