@@ -25,6 +25,28 @@ from stui_twisted.transports.listener import ListenerService
 log = Logger()
 
 
+JOURNAL_COMPACT_DELAY_VARIABLE = "STUI_JOURNAL_COMPACT_DELAY"
+"""Internal, for tests: seconds without a flush before the group journal is compacted
+(default: three flush intervals, C{journal.DELAY_PER_FLUSH_INTERVAL}).  A test that kills the server before compaction sets
+it large (docs/reliability.md, "The group journal")."""
+
+
+def journal_compact_delay(settings: Settings) -> float:
+    """The group journal's idle delay: C{STUI_JOURNAL_COMPACT_DELAY}, or 3 flush intervals."""
+    from stui_twisted.storage.journal import DELAY_PER_FLUSH_INTERVAL
+
+    value = os.environ.get(JOURNAL_COMPACT_DELAY_VARIABLE)
+    if not value:
+        return DELAY_PER_FLUSH_INTERVAL * settings.flush_interval
+    try:
+        delay = float(value)
+    except ValueError:
+        delay = -1.0
+    if not delay > 0:
+        raise ConfigError(f"{JOURNAL_COMPACT_DELAY_VARIABLE}={value!r}: not a positive number")
+    return delay
+
+
 class Options(usage.Options):
     """Command-line options of C{twistd stui}."""
 
@@ -331,7 +353,10 @@ def build_server(settings: Settings, reactor, plans=None) -> tuple[service.Multi
         root.start_checks.append(("--store", store.where, store.check))
     else:
         store = SessionStore(
-            settings.data_dir, reactor=reactor, max_session_bytes=settings.max_session_bytes
+            settings.data_dir,
+            reactor=reactor,
+            max_session_bytes=settings.max_session_bytes,
+            journal_compact_delay=journal_compact_delay(settings),
         )
         root.start_checks.append(("--data-dir", settings.data_dir, store.check))
     image = None

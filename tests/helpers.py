@@ -129,6 +129,16 @@ class SyncPool:
             on_result(True, result)
 
 
+class SyncReactor(task.Clock):
+    """A C{task.Clock} whose C{callFromThread} runs at once (threads are synchronous here)."""
+
+    def callFromThread(self, f, *args, **kw):  # noqa: N802
+        f(*args, **kw)
+
+    def getThreadPool(self):  # noqa: N802
+        return SyncPool()
+
+
 START_PROCESSES = """
 import os, subprocess, time
 popen = subprocess.Popen(['sleep', '300'])

@@ -220,6 +220,17 @@ class ServerCollector:
             "Unreadable files moved to DATA/quarantine since start.",
             value=statistics.get("quarantined", 0),
         )
+        if "journals_on_disk" in statistics:  # the file store's group journal
+            yield GaugeMetricFamily(
+                "stui_storage_journal_records_pending",
+                "Sessions written only to a group journal so far (durable, not yet compacted).",
+                value=statistics["journal_records_pending"],
+            )
+            yield GaugeMetricFamily(
+                "stui_storage_journals_on_disk",
+                "Group journal files in DATA/journal not yet compacted.",
+                value=statistics["journals_on_disk"],
+            )
         if "pool_size" in statistics:  # the PostgreSQL store's connection pool
             yield GaugeMetricFamily(
                 "stui_storage_pool_size",

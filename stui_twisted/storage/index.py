@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from stui_twisted.storage import durable
+from stui_twisted.storage import durable, journal
 from stui_twisted.storage.errors import SessionFileMissing, StorageFailure, storage_failure
 from stui_twisted.storage.fileformat import BadFile
 from stui_twisted.storage.lanes import Key, Target
@@ -237,6 +237,7 @@ def verify_all(store: SessionStore) -> list[dict]:
             except ValueError:
                 target = None
             check(path, kind if target or kind == "temp" else "unexpected", target)
+    report.extend(journal.verify_rows(store))
     return report
 
 

@@ -244,6 +244,14 @@ class WriteLanes:
         self.pending_writes += 1
         return True
 
+    def release(self, keys: list[Key]) -> None:
+        """Give back lanes L{claim}ed for work that is not a group write (compaction)."""
+        for key in keys:
+            self._lanes[key].running = False
+            self.pending_writes -= 1
+        for key in keys:
+            self._pump(key)
+
     def _pump(self, key: Key) -> None:
         """Start the next queued operation of C{key}'s lane if none is running."""
         lane = self._lanes.get(key)
@@ -281,8 +289,13 @@ class WriteLanes:
         self.pending_writes -= 1
         return self._written(result, snapshot)
 
-    def start_group(self, snapshots: list[Snapshot]) -> defer.Deferred:
+    def start_group(
+        self, snapshots: list[Snapshot], job: Callable[[list[Snapshot]], dict] | None = None
+    ) -> defer.Deferred:
         """Write C{snapshots} (their lanes L{claim}ed) in one pool job.
+
+        @param job: what the pool job runs instead of L{_write_group_job}
+            (the group journal's write); it returns C{{key: result or exception}}.
 
         Fires once, with C{{key: WriteResult or Failure}}: one Deferred for
         the group rather than one per file, so finishing a group of hundreds
@@ -311,7 +324,7 @@ class WriteLanes:
             self.log.failure("group write crashed", reason)
             finished({snapshot.target.key: reason.value for snapshot in snapshots})
 
-        self.in_pool(self._write_group_job, snapshots).addCallbacks(finished, crashed)
+        self.in_pool(job or self._write_group_job, snapshots).addCallbacks(finished, crashed)
         return group
 
     # ------------------------------------------------------------------ thread side

@@ -6,6 +6,7 @@ Layout (architecture.md, Persistence)::
     DATA/index.json                           meta of every session (MAC'd)
     DATA/shared.json, shared.json.bak         the image-wide shared bindings (MAC'd)
     DATA/sessions/<client-dir>/<sid>.json     one session; <sid>.json.bak its previous version
+    DATA/journal/<seq>.jnl                    first writes of one flush, not yet compacted
     DATA/quarantine/                          unreadable files, moved here, never deleted
 
 Directories are 0700 and files 0600.  C{<client-dir>} comes from
@@ -18,6 +19,9 @@ L{SessionStore} ties the storage modules together and is the one public API:
 - L{stui_twisted.storage.durable}: temp file, fsync, rename, .bak, quarantine moves;
 - L{stui_twisted.storage.lanes}: the threads, per-file lanes and write coalescing;
 - L{stui_twisted.storage.index}: the index at start-up, and C{verify_all};
+- L{stui_twisted.storage.journal}: the group journal, one file per C{write_many} for
+  the sessions written for the first time, compacted into their files later
+  (replayed by L{SessionStore.load_index} after a crash);
 - L{stui_twisted.storage.errors}: what callers are told went wrong.
 
 All file I/O runs in the store's own threads; the reactor thread only serializes
@@ -41,7 +45,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from stui_twisted.protocol.timefmt import iso_timestamp
-from stui_twisted.storage import durable, index, recovery
+from stui_twisted.storage import durable, index, journal, recovery
 from stui_twisted.storage.counters import StoreCounters, WriteObserver
 from stui_twisted.storage.durable import DIR_MODE
 from stui_twisted.storage.errors import (
@@ -99,6 +103,10 @@ class SessionStore:
         reactor: Any,
         max_session_bytes: int = 8 * 1024 * 1024,
         threadpool: ThreadPool | None = None,
+        journal_compact_delay: float = 0.3,
+        journal_min_group: int = journal.MIN_GROUP,
+        journal_max_records: int = journal.MAX_RECORDS,
+        journal_max_bytes: int = journal.MAX_BYTES,
     ) -> None:
         self.data_dir = os.path.abspath(os.fspath(data_dir))
         self.sessions_dir = os.path.join(self.data_dir, "sessions")
@@ -106,6 +114,7 @@ class SessionStore:
         self.secret_key_path = os.path.join(self.data_dir, "secret.key")
         self.index_path = os.path.join(self.data_dir, "index.json")
         self.shared_path = os.path.join(self.data_dir, "shared.json")
+        self.journal_dir = os.path.join(self.data_dir, "journal")
         self.max_session_bytes = max_session_bytes
         self._reactor = reactor
         self._counters = StoreCounters(reactor.seconds)
@@ -115,6 +124,15 @@ class SessionStore:
             prepare=self._prepare_write,
             commit=self._commit_write,
             written=self._write_finished,
+        )
+        self._journal = journal.GroupJournal(
+            self,
+            self._lanes,
+            reactor,
+            compact_delay=journal_compact_delay,
+            min_group=journal_min_group,
+            max_records=journal_max_records,
+            max_bytes=journal_max_bytes,
         )
         self._secret_key: bytes | None = None
         self._is_open = False
@@ -141,11 +159,20 @@ class SessionStore:
         return self._lanes.in_pool(self._open_in_thread).addCallbacks(opened, failed)
 
     def close(self) -> defer.Deferred:
-        """Wait for every queued and running operation, then stop the store's pool."""
+        """Compact the journals, wait for every queued and running operation, stop the pool.
+
+        A clean close leaves no journal on disk; one whose compaction fails is
+        left (logged) for the next start-up to replay.
+        """
         if not self._is_open:
             return defer.succeed(None)
         self._is_closing = True
-        waiter = self._lanes.when_idle()
+
+        def compaction_failed(reason: Failure) -> None:
+            self.log.error("journals left for replay at start-up: {error}", error=reason.value)
+
+        waiter = self._journal.compact_all().addErrback(compaction_failed)
+        waiter.addCallback(lambda _: self._lanes.when_idle())
 
         def closed(_: object) -> None:
             self._is_open = False
@@ -168,15 +195,17 @@ class SessionStore:
             if not os.path.isdir(self.data_dir):
                 os.makedirs(self.data_dir, DIR_MODE, exist_ok=True)
                 os.chmod(self.data_dir, DIR_MODE)
-            for directory in (self.sessions_dir, self.quarantine_dir):
+            for directory in (self.sessions_dir, self.quarantine_dir, self.journal_dir):
                 durable.ensure_dir(directory, parent_to_sync=self.data_dir)
                 if stat.S_IMODE(os.stat(directory).st_mode) != DIR_MODE:
                     os.chmod(directory, DIR_MODE)
-            return load_or_create_secret_key(
+            secret_key = load_or_create_secret_key(
                 self.secret_key_path,
                 lambda: durable.fsync_dir(self.data_dir),
                 self._log_from_thread,
             )
+            self._journal.opened(journal.found_on_disk(self.journal_dir))
+            return secret_key
         except OSError as exc:
             raise storage_failure("prepare data directory", self.data_dir, exc) from exc
 
@@ -252,7 +281,7 @@ class SessionStore:
             target = self._session_target(client_id, session_id)
         except (ValueError, StorageFailure):
             return defer.fail()
-        return self._lanes.submit_task(target.key, lambda: self._read_job(target))
+        return self._lanes.submit_task(target.key, lambda: self._read_pending_or_file(target))
 
     def write(
         self, session: dict[str, Any], *, saved_at: str | None = None, saved_copy: bool = False
@@ -371,15 +400,21 @@ class SessionStore:
         # the group answers for all its members at once.
         names = list(outcomes)
         others = defer.DeferredList([outcomes[name] for name in names], consumeErrors=True)
-        grouped = self._lanes.start_group(list(group.values())) if group else defer.succeed({})
+        self._journal.busy(len(group))
+        to_journal, as_files = self._journal.split(list(group.values()), self._counters.file_info)
+        grouped = self._lanes.start_group(as_files) if as_files else defer.succeed({})
+        journaled = self._journal.write_group(to_journal) if to_journal else defer.succeed({})
 
         def gathered(results: list) -> dict[str, object]:
-            (_, by_key), (_, singles) = results
+            (_, by_key), (_, journal_by_key), (_, singles) = results
             merged = {key[1]: value for key, value in by_key.items()}
+            merged.update((key[1], value) for key, value in journal_by_key.items())
             merged.update((name, value) for name, (_, value) in zip(names, singles, strict=True))
             return merged
 
-        both = defer.DeferredList([grouped, others], fireOnOneErrback=True, consumeErrors=True)
+        both = defer.DeferredList(
+            [grouped, journaled, others], fireOnOneErrback=True, consumeErrors=True
+        )
         return both.addCallback(gathered)
 
     def delete(self, client_id: str, session_id: str) -> defer.Deferred:
@@ -391,7 +426,10 @@ class SessionStore:
             saved = self._session_target(client_id, session_id, saved=True)
         except (ValueError, StorageFailure):
             return defer.fail()
-        deleted = self._lanes.submit_task(target.key, lambda: self._delete_job(target))
+        # A journal holding the session is retired first, or replay would bring it back.
+        deleted = self._journal.retired_through(target.key).addCallback(
+            lambda _: self._lanes.submit_task(target.key, lambda: self._delete_job(target))
+        )
         return deleted.addCallback(
             lambda _: self._lanes.submit_task(saved.key, lambda: self._delete_job(saved))
         )
@@ -453,9 +491,25 @@ class SessionStore:
             self._check_open()
         except StorageFailure:
             return defer.fail()
-        return self._lanes.in_pool(index.load_index, self, self._reactor.seconds()).addCallback(
-            self._index_loaded
+        # journals of this run first (their sessions have no files yet), then those
+        # a crash left, replayed in the same pool job before the index is built
+        loaded = self._journal.compact_all().addCallback(
+            lambda _: self._lanes.in_pool(self._load_index_in_thread, self._reactor.seconds())
         )
+        return loaded.addCallback(self._index_loaded)
+
+    def _load_index_in_thread(self, now: float) -> tuple[list[dict], dict, dict]:
+        replayed = journal.replay_found(
+            self, self._journal.found_up_to, now, index.STALE_TEMP_SECONDS
+        )
+        if replayed["journals"] or replayed["quarantined"]:
+            self._log_from_thread(
+                "info",
+                "replayed {journals} journals ({records} records: {written} written,"
+                " {skipped} skipped as older than their files), {quarantined} quarantined",
+                **replayed,
+            )
+        return index.load_index(self, now)
 
     # ------------------------------------------------------------------ leases
     # One node owns a data directory: it holds every lease, and no other node
@@ -503,7 +557,10 @@ class SessionStore:
 
     def statistics(self) -> dict[str, Any]:
         """Cached counters; no I/O."""
-        return self._counters.statistics(self._lanes.pending_writes)
+        return {
+            **self._counters.statistics(self._lanes.pending_writes),
+            **self._journal.statistics(),
+        }
 
     # ------------------------------------------------------------------ checks
 
@@ -518,6 +575,8 @@ class SessionStore:
         if isinstance(result, Failure):
             path, error = snapshot.target.path, result.value
             self.log.error("write of {path} failed: {error}", path=path, error=error)
+        elif snapshot.target.envelope is SESSION_ENVELOPE:
+            self._journal.superseded(snapshot.target.key)  # a newer file than its record
         return self._counters.written(result, snapshot)
 
     def _note_quarantine(self, path: str, destination: str, reason: str) -> None:
@@ -585,6 +644,13 @@ class SessionStore:
             lambda path, reason: self._quarantine(path, reason, now),
             self._log_from_thread,
         )
+
+    def _read_pending_or_file(self, target: Target) -> defer.Deferred:
+        """A journaled session not yet compacted is answered from its record's bytes."""
+        pending = self._journal.document(target.key)
+        if pending is None:
+            return self._read_job(target)
+        return self._lanes.in_pool(self._journal.session_of, pending)
 
     def _read_job(self, target: Target) -> defer.Deferred:
         now = self._reactor.seconds()

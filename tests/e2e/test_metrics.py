@@ -150,6 +150,8 @@ def test_collector_reads_sessions_storage_and_image_at_scrape_time():
         write_errors=5,
         quarantined=1,
         last_flush_at="2027-01-15T08:00:00.000Z",
+        journal_records_pending=200,
+        journals_on_disk=1,
     )
     registry = registry_with(service)
     value = registry.get_sample_value
@@ -162,6 +164,8 @@ def test_collector_reads_sessions_storage_and_image_at_scrape_time():
     assert value("stui_storage_pending_writes") == 2
     assert value("stui_storage_write_errors_total") == 5
     assert value("stui_storage_quarantined_total") == 1
+    assert value("stui_storage_journal_records_pending") == 200
+    assert value("stui_storage_journals_on_disk") == 1
     assert value("stui_storage_last_flush_timestamp_seconds") == 1800000000.0
     assert value("stui_image_up") == 1
     assert value("stui_image_restarts_total") == 3

@@ -26,7 +26,6 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -41,7 +40,7 @@ from stui_twisted.settings import Settings
 from stui_twisted.storage.store import SessionStore
 from stui_twisted.transports.linejson import LineJSONFactory
 from stui_twisted.transports.zmqrouter import ZmqRouterService
-from tests.helpers import NullImageService, SyncPool
+from tests.helpers import NullImageService, SyncPool, SyncReactor
 
 # 3,000 examples per entry point by default, new random ones every run (no example
 # database): the suite's 8-minute budget.  STUI_HOSTILE_EXAMPLES=10000 is the deep run.
@@ -55,16 +54,6 @@ HYPOTHESIS = settings(
 # Extra angles on the same entry points get a fifth of the budget.
 SECONDARY = settings(HYPOTHESIS, max_examples=max(1, EXAMPLES // 5))
 ONE_MB = 1024 * 1024
-
-
-class SyncReactor(task.Clock):
-    """A C{task.Clock} whose C{callFromThread} runs at once (threads are synchronous here)."""
-
-    def callFromThread(self, f, *args, **kw):  # noqa: N802
-        f(*args, **kw)
-
-    def getThreadPool(self):  # noqa: N802
-        return SyncPool()
 
 
 class World:

@@ -362,7 +362,10 @@ async def test_write_snapshot_is_taken_at_call_time(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_write_many_one_job_and_one_fsync_per_directory(store, monkeypatch):
+async def test_write_many_one_job_and_one_fsync_per_directory(tmp_path, monkeypatch):
+    # the per-session files' path (first writes would go to the group journal:
+    # tests/unit/test_store_journal.py)
+    store = await opened_store(tmp_path / "data", journal_min_group=1000)
     sessions = [make_session(f"client-{number % 7}", number) for number in range(100)]
     await within_time_limit(store.write_many(sessions))  # creates the client dirs
 
@@ -383,6 +386,7 @@ async def test_write_many_one_job_and_one_fsync_per_directory(store, monkeypatch
         read = await within_time_limit(store.read(session["client_id"], session["session_id"]))
         assert read["state"] == "closed"
     assert store.statistics()["files"] == 100
+    await within_time_limit(store.close())
 
 
 @pytest_twisted.ensureDeferred
@@ -639,6 +643,8 @@ async def test_statistics_counters(store):
         "last_flush_at": None,
         "write_errors": 0,
         "quarantined": 0,
+        "journal_records_pending": 0,
+        "journals_on_disk": 0,
     }
     first, second = make_session("alice", 1), make_session("bob", 2)
     writing = store.write(first)
