@@ -45,10 +45,12 @@ def vmhwm_mib(pid: int) -> float:
 
 
 ATTACKER = r"""
-import socket, sys, time
+import signal, socket, sys, time
 port, count, partial, segment, interval, seconds = (
     int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
     float(sys.argv[5]), float(sys.argv[6]))
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(True))  # the measurement is over
 socks = []
 head = b'{"id": 1, "command": "ping", "parameters": {"pad": "'
 for _ in range(count):
@@ -60,7 +62,7 @@ print("ready", flush=True)
 piece = b"y" * segment
 sent = 0
 end = time.monotonic() + seconds
-while time.monotonic() < end:
+while not stop and time.monotonic() < end:
     started = time.monotonic()
     for sock in socks:
         sock.sendall(piece)

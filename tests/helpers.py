@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet import task
 from twisted.python.failure import Failure
@@ -94,6 +95,11 @@ def wait_for_signal_keys(child, timeout: float = 10.0) -> None:
     while not termios.tcgetattr(child.child_fd)[3] & termios.ISIG:
         assert time.monotonic() < deadline, "the terminal stayed in raw mode"
         time.sleep(0.01)
+
+
+KILL9_CYCLES = int(os.environ.get("STUI_KILL9_CYCLES", "5"))
+"""kill -9 rounds per kill-loop test (crash safety, PostgreSQL): 5 by default, for the
+suite's 8-minute budget; C{STUI_KILL9_CYCLES=20} is the deep run (docs/reliability.md)."""
 
 
 FAST_SCRYPT = {"n": 2**10, "r": 8, "p": 1}

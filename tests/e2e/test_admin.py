@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,12 +91,22 @@ def with_store(data_dir: Path, operation: str, job: dict):
     return json.loads(result.stdout) if operation == "read" else None
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    """A data directory with four sessions (one written twice, so it has a .bak) and an index."""
-    path = tmp_path / "stui-data"
+@pytest.fixture(scope="module")
+def written_data_dir(tmp_path_factory):
+    """Four sessions (one written twice, so it has a .bak) and an index, written once per
+    module by a real SessionStore (one child process, ~1 s); tests get copies."""
+    path = tmp_path_factory.mktemp("admin-written") / "stui-data"
     again = dict(ACTIVE, session_state={"n": 1, "again": True})
     with_store(path, "write", {"documents": [*DOCUMENTS, again], "index": list(DOCUMENTS)})
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, written_data_dir):
+    """A data directory of its own for the test: a copy (modes and times kept) of
+    L{written_data_dir}, which holds no path of its own."""
+    path = tmp_path / "stui-data"
+    shutil.copytree(written_data_dir, path, symlinks=True)
     return path
 
 

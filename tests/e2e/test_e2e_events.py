@@ -56,9 +56,20 @@ def _names(events):
     return [(event["seq"], event["event"]) for event in events]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server (with its image) for the tests that neither restart it nor kill its
+    image; each makes sessions of its own. A subscriber's pending events are bounded
+    at 1 MiB (8 MiB by default), so one that stops reading overflows soon."""
+    from tests.serverproc import ServerProcess
+
+    server = ServerProcess(tmp_path_factory.mktemp("events"), "--event-pending-bytes=1048576")
+    yield server.start()
+    server.kill()
+
+
 @pytest.mark.timeout(120)
-def test_a_subscriber_sees_another_clients_evaluation_on_tcp_and_dealer(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_a_subscriber_sees_another_clients_evaluation_on_tcp_and_dealer(server):
     alice = EventClient(server.tcp_client(timeout=30))
     session_id = alice.result("create_session", client_id="alice")["session_id"]
     bob = EventClient(server.tcp_client(timeout=30))
@@ -193,14 +204,11 @@ def _rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.timeout(180)
-def test_a_subscriber_that_stops_reading_gets_a_dropped_marker_and_costs_bounded_memory(
-    tmp_path, start_server
-):
+def test_a_subscriber_that_stops_reading_gets_a_dropped_marker_and_costs_bounded_memory(server):
     import socket
 
     from tests.serverproc import LineClient
 
-    server = start_server(tmp_path, "--event-pending-bytes=1048576")
     alice = EventClient(server.tcp_client(timeout=60))
     session_id = alice.result("create_session", client_id="alice")["session_id"]
     alice.result("evaluate", code="chunk = 'x' * 60000")

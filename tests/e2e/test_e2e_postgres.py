@@ -123,11 +123,12 @@ def test_forged_row_is_quarantined_and_never_unpickled(tmp_path, start_server, p
 
 
 def test_always_kill9_loses_no_acknowledged_update_on_postgresql(tmp_path, pg_dsn):
-    """20 × SIGKILL mid-stream with durability=always on PostgreSQL: stored ≥ acknowledged."""
+    """KILL9_CYCLES × SIGKILL mid-stream with durability=always on PostgreSQL: stored ≥ acknowledged."""
     import random
     import time
 
     from benchmarks.killloop import create_counter_session, kill_cycle, stored_counter
+    from tests.helpers import KILL9_CYCLES
     from tests.serverproc import ServerProcess
 
     rng = random.Random(int(time.time()))
@@ -143,14 +144,14 @@ def test_always_kill9_loses_no_acknowledged_update_on_postgresql(tmp_path, pg_ds
     try:
         session_id = create_counter_session(server, "crash")
         stored = 0
-        for _ in range(20):
+        for _ in range(KILL9_CYCLES):
             cycle = kill_cycle(server, session_id, "crash", stored, rng.uniform(0.02, 0.25))
             server.start()
             stored = stored_counter(server, session_id, "crash")
             outcomes.append(cycle.outcome(stored))
     finally:
         server.kill()
-    assert sum(o["acks"] for o in outcomes) >= 20, outcomes  # the stream really ran
+    assert sum(o["acks"] for o in outcomes) >= KILL9_CYCLES, outcomes  # the stream really ran
     for number, o in enumerate(outcomes):
         assert not o["errors"], (number, o)
         assert o["stored"] >= o["acked"], f"cycle {number}: acknowledged {o['acked']}: {o}"

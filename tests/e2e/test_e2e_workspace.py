@@ -21,6 +21,17 @@ def evaluate(client, code, **extra):
     return client.call("evaluate", code=code, **extra)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server with its image for the tests that neither restart it nor kill its
+    image; each of them uses client ids of its own."""
+    from tests.serverproc import ServerProcess
+
+    server = ServerProcess(tmp_path_factory.mktemp("workspace")).start()
+    yield server
+    server.kill()
+
+
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_bindings_and_history_survive_a_server_restart(tmp_path, how, start_server):
     args = ("--durability=always",) if how == "kill9" else ()
@@ -88,11 +99,10 @@ def test_image_crash_restores_every_session_without_client_action(tmp_path, star
     assert b.result("evaluate", code="y")["result"] == "[1, 2, 3]"
 
 
-def test_a_spinning_session_blocks_nobody_and_interrupt_stops_it(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_a_spinning_session_blocks_nobody_and_interrupt_stops_it(server):
     a, b, pinger = server.tcp_client(), server.tcp_client(), server.tcp_client()
-    a.result("create_session", client_id="alice")
-    b.result("create_session", client_id="bob")
+    a.result("create_session", client_id="spinner")
+    b.result("create_session", client_id="bystander")
     b.result("evaluate", code="1+1")  # warm
     replies: list[dict] = []
     spinner = threading.Thread(target=lambda: replies.append(evaluate(a, "while True: pass")))
@@ -108,7 +118,7 @@ def test_a_spinning_session_blocks_nobody_and_interrupt_stops_it(tmp_path, start
     assert eval_ms < 100, eval_ms
     stopper = server.tcp_client()
     started = time.perf_counter()
-    interrupted = stopper.call("interrupt", session_id=_current(server, "alice"))
+    interrupted = stopper.call("interrupt", session_id=_current(server, "spinner"))
     assert interrupted["result"]["interrupted"] is True
     spinner.join(5)
     assert not spinner.is_alive()
@@ -122,11 +132,10 @@ def _current(server, client_id):
     return listed["sessions"][0]["session_id"]
 
 
-def test_sessions_have_private_workspaces_and_one_shared_namespace(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_sessions_have_private_workspaces_and_one_shared_namespace(server):
     a, b = server.tcp_client(), server.tcp_client()
-    a.result("create_session", client_id="alice")
-    b.result("create_session", client_id="bob")
+    a.result("create_session", client_id="private-a")
+    b.result("create_session", client_id="private-b")
     first = a.result("evaluate", code="x = 41 + 1")
     assert first["result"] is None
     got = a.result("evaluate", code="x")
@@ -190,10 +199,9 @@ def test_functions_classes_and_instances_survive_a_restart(tmp_path, start_serve
     assert result["result"] == "([2, 4], True)"
 
 
-def test_restoring_a_live_session_keeps_objects_that_cannot_be_stored(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_restoring_a_live_session_keeps_objects_that_cannot_be_stored(server):
     first = server.tcp_client()
-    sid = first.result("create_session", client_id="alice")["session_id"]
+    sid = first.result("create_session", client_id="live")["session_id"]
     first.result("evaluate", code="import socket; s = socket.socket(); f = lambda: 5")
     second = server.tcp_client()
     restored = second.result("restore_session", session_id=sid)
@@ -269,10 +277,9 @@ def test_lone_surrogates_in_code_and_bindings_are_kept_saved_and_restored(tmp_pa
     assert client.result("save_context")["saved"] is True
 
 
-def test_pipelined_evaluations_name_their_cells_by_their_own_history_index(tmp_path, start_server):
-    server = start_server(tmp_path)
+def test_pipelined_evaluations_name_their_cells_by_their_own_history_index(server):
     client = server.tcp_client()
-    client.result("create_session", client_id="alice")
+    client.result("create_session", client_id="pipelined")
     client.result("evaluate", code="import time")
     codes = ["time.sleep(0.3); 1 / 0", "1 / 0", "1 / 0"]
     for number, code in enumerate(codes):
