@@ -670,6 +670,31 @@ def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
     assert session.encoded_size() == exact
 
 
+def test_encoded_size_formats_no_timestamp_and_measures_every_year(monkeypatch):
+    """The size accounting runs on every evaluation: it measures the four
+    timestamps of the document instead of formatting them (issue 21)."""
+    from stui_twisted.sessions import model
+    from stui_twisted.sessions.model import Session
+
+    def exact(session):
+        return len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+
+    sessions = [
+        Session("s_" + "c" * 22, "carol", 1_764_590_400.25, 10.0, 1_764_590_401.5, 1_764_590_402.0),
+        Session("s_" + "d" * 22, "dave", -31_000_000_000.0, 10.0, -30_610_224_000.0, 0.0),
+    ]
+    sessions[0].closed_at, sessions[0].state = 1_764_590_403.0, "closed"
+    expected = [exact(session) for session in sessions]
+
+    def formatting(seconds):
+        raise AssertionError(f"encoded_size formatted the timestamp {seconds}")
+
+    monkeypatch.setattr(model, "iso_timestamp", formatting)
+    assert [session.encoded_size() for session in sessions[:1]] == expected[:1]
+    monkeypatch.undo()  # a year of three digits is measured by formatting it
+    assert [session.encoded_size() for session in sessions] == expected
+
+
 @pytest_twisted.ensureDeferred
 async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
     from twisted.internet import defer
@@ -743,6 +768,40 @@ def test_encoded_size_stays_exact_through_random_registry_and_history_changes():
             session.history = json.loads(json.dumps(session.history))
         exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
         assert session.encoded_size() == exact, (step, action)
+
+
+def test_part_size_compares_no_member_deeply_when_entries_are_added_and_evicted():
+    """1,000 registry entries alike in content (the same repr of another list
+    each time) were compared member by member, deeply, on every evaluation."""
+    from stui_twisted.sessions.model import PartSize
+
+    compared = []
+
+    class Entry(dict):
+        def __eq__(self, other):
+            compared.append(1)
+            return dict.__eq__(self, other)
+
+        __hash__ = None
+
+    def entry():
+        return Entry(type="list", repr="[1, 2]", live=True, binding=None)
+
+    registry = {f"obj_{n}": entry() for n in range(1000)}
+    history = [entry() for _ in range(100)]
+    registry_size, history_size = PartSize(), PartSize()
+    registry_size.measure(registry), history_size.measure(history)
+    for n in range(1000, 1020):
+        registry[f"obj_{n}"] = entry()
+        del registry[next(iter(registry))]
+        history.append(entry())
+        del history[:-100]
+        compared.clear()
+        assert (
+            registry_size.measure(registry) == len(json.dumps(registry, separators=(",", ":"))) - 2
+        )
+        assert history_size.measure(history) == len(json.dumps(history, separators=(",", ":"))) - 2
+        assert len(compared) <= 2, len(compared)
 
 
 @pytest_twisted.ensureDeferred
