@@ -61,6 +61,63 @@ class ChunkedJSON(amp.Argument):
 REPLY = [(b"reply", ChunkedJSON())]
 
 
+class BoxParsingAMP(amp.AMP):
+    """L{amp.AMP} that splits what it reads into boxes in one loop.
+
+    AMP's own parser hands every key and every value to C{stringReceived}
+    through a state machine, about five Python calls each: a box of
+    L{Evaluate} has fifteen strings, and parsing it was a fifth of the
+    image's AMP work per evaluation (issue 21).  The wire format is AMP's:
+    2-byte big-endian lengths, a key (1-255 bytes) and its value, then a
+    zero length.  A key longer than 255 bytes closes the connection as AMP
+    does (L{lengthLimitExceeded}).  Nothing on the image's pipes switches
+    protocol (L{amp.ProtocolSwitchCommand}) or starts TLS; a switched
+    protocol still gets its bytes the way AMP passes them.
+    """
+
+    _unparsed = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.innerProtocol is not None:
+            self.innerProtocol.dataReceived(data)
+            return
+        buffer = self._unparsed + data if self._unparsed else data
+        end = len(buffer)
+        start = 0
+        while True:
+            box = amp.AmpBox()
+            at = start
+            while at + 2 <= end:
+                length = buffer[at] << 8 | buffer[at + 1]
+                if not length:
+                    break
+                if length > self._MAX_KEY_LENGTH:
+                    self._unparsed = b""
+                    self.lengthLimitExceeded(length)
+                    return
+                key_end = at + 2 + length
+                if key_end + 2 > end:
+                    at = end  # incomplete
+                    break
+                value_end = key_end + 2 + (buffer[key_end] << 8 | buffer[key_end + 1])
+                if value_end > end:
+                    at = end
+                    break
+                box[buffer[at + 2 : key_end]] = buffer[key_end + 2 : value_end]
+                at = value_end
+            if at + 2 > end:  # the box is not complete yet
+                break
+            start = at + 2
+            self._unparsed = buffer[start:]
+            self.boxReceiver.ampBoxReceived(box)
+            if self.innerProtocol is not None:  # the box switched protocols
+                rest, self._unparsed = self._unparsed, b""
+                if rest:
+                    self.innerProtocol.dataReceived(rest)
+                return
+        self._unparsed = buffer[start:]
+
+
 class Ping(amp.Command):
     """Is the child up?  Answers its pid; the first answer marks it ready."""
 

@@ -28,7 +28,6 @@ from twisted.logger import (
     globalLogBeginner,
     textFileLogObserver,
 )
-from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import browse
@@ -185,7 +184,7 @@ class SessionWorker:
         task.done.callback(reply)
 
 
-class ImageChildProtocol(amp.AMP):
+class ImageChildProtocol(commands.BoxParsingAMP):
     """Answers the supervisor's commands against one L{Image}."""
 
     def __init__(self, reactor, image: Image) -> None:

@@ -59,7 +59,7 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
-class ServerSideAMP(amp.AMP):
+class ServerSideAMP(commands.BoxParsingAMP):
     """The server's end of the AMP channel: it answers what the image asks or tells."""
 
     def __init__(self, image: ImageProcess) -> None:

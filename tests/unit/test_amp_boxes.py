@@ -1,0 +1,100 @@
+"""The image pipes' AMP box parser (L{BoxParsingAMP}, issue 21): AMP's boxes, fewer calls."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+
+from stui_twisted.image import amp_commands as commands
+
+
+class Collecting(commands.BoxParsingAMP):
+    """Keeps the boxes it parses instead of dispatching them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[dict] = []
+
+    def ampBoxReceived(self, box):  # noqa: N802 - AMP's name
+        self.boxes.append(dict(box))
+
+
+class CollectingAMP(amp.AMP):
+    """AMP's own parser, the reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[dict] = []
+
+    def ampBoxReceived(self, box):  # noqa: N802 - AMP's name
+        self.boxes.append(dict(box))
+
+
+def connected(protocol):
+    protocol.makeConnection(StringTransport())
+    return protocol
+
+
+def random_box(rng: random.Random) -> amp.AmpBox:
+    box = amp.AmpBox()
+    for _ in range(rng.randrange(0, 8)):
+        key = bytes(rng.randrange(256) for _ in range(rng.choice((1, 2, 9, 255))))
+        size = rng.choice((0, 1, 3, 300, 65_535))
+        box[key] = bytes(rng.randrange(256) for _ in range(size))
+    return box
+
+
+def test_boxes_are_the_ones_amp_parses_however_the_bytes_are_split():
+    rng = random.Random(7)
+    boxes = [random_box(rng) for _ in range(60)]
+    boxes.append(
+        commands.Evaluate.makeArguments(
+            {"session_id": "s_x", "code": "1+1", "mode": "execute", "cell_index": 3}, None
+        )
+    )
+    wire = b"".join(box.serialize() for box in boxes)
+    expected = [dict(box) for box in boxes]
+    for trial in range(40):
+        ours, reference = connected(Collecting()), connected(CollectingAMP())
+        at = 0
+        while at < len(wire):
+            step = rng.choice((1, 2, 3, 7, 100, 70_000)) if trial else len(wire)
+            for protocol in (ours, reference):
+                protocol.dataReceived(wire[at : at + step])
+            at += step
+        assert reference.boxes == expected
+        assert ours.boxes == expected, trial
+        assert ours._unparsed == b""
+
+
+def test_a_key_longer_than_amp_allows_closes_the_connection():
+    protocol = connected(Collecting())
+    protocol.dataReceived(amp.AmpBox(a=b"1").serialize() + b"\x01\x00" + b"k" * 256)
+    assert protocol.boxes == [{b"a": b"1"}]
+    assert protocol.transport.disconnecting
+    assert protocol._keyLengthLimitExceeded
+
+
+def test_parsing_an_evaluate_box_takes_a_few_calls_not_five_per_string():
+    box = commands.Evaluate.makeArguments(
+        {"session_id": "s_" + "a" * 22, "code": "1+1", "mode": "execute", "timeout": 30.0}, None
+    )
+    box[b"_ask"], box[b"_command"] = b"1", b"Evaluate"
+    wire = box.serialize()
+    protocol = connected(Collecting())
+    calls = []
+
+    def count(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls.append(frame.f_code.co_name if event == "call" else arg)
+
+    sys.setprofile(count)
+    try:
+        protocol.dataReceived(wire)
+    finally:
+        sys.setprofile(None)
+    assert protocol.boxes == [dict(box)] and len(box) == 6
+    assert len(calls) <= 12, calls
