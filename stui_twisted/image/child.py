@@ -107,6 +107,8 @@ class _Task:
         self.work = work
         self.guard = StopGuard(timeout)
         self.timer = None
+        self.armed = False
+        """Its time limit was armed when it was submitted (the worker was idle)."""
         self.done = defer.Deferred()
 
 
@@ -117,6 +119,7 @@ class SessionWorker:
         self._reactor = reactor
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._current: _Task | None = None
+        self._unfinished = 0  # tasks submitted and not finished (counted on the reactor)
         self._thread = threading.Thread(target=self._run, name=f"session {session_id}", daemon=True)
         self._thread.start()
 
@@ -126,6 +129,12 @@ class SessionWorker:
         # time spent paused in the debugger does not count toward the limit
         task.guard.pause_clock = lambda: self._reactor.callFromThread(self._pause_timer, task)
         task.guard.resume_clock = lambda: self._reactor.callFromThread(self._resume_timer, task)
+        if task.guard.timeout and not self._unfinished:
+            # Nothing runs or waits before it: it starts now, so its time limit
+            # is armed here, not by the worker thread waking the reactor for it.
+            self._arm_timer(task)
+            task.armed = True
+        self._unfinished += 1
         self._tasks.put(task)
         return task.done
 
@@ -148,7 +157,7 @@ class SessionWorker:
             if task is None:
                 return
             self._current = task
-            if task.guard.timeout:
+            if task.guard.timeout and not task.armed:  # it waited behind another task
                 self._reactor.callFromThread(self._arm_timer, task)
             try:
                 reply = run_to_reply(task.work, task.guard)
@@ -179,6 +188,7 @@ class SessionWorker:
             )
 
     def _finish(self, task: _Task, reply: dict) -> None:
+        self._unfinished -= 1
         if task.timer is not None and task.timer.active():
             task.timer.cancel()
         task.done.callback(reply)
