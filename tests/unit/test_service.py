@@ -981,6 +981,34 @@ async def test_live_sessions_works_through_its_small_view_of_the_service():
     assert image.rebuilt == [("shared", ["team"], 2), (session.session_id, ["x"], 2)]
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_evaluation_in_a_live_session_takes_no_lock_and_asks_no_generation():
+    """The session is live in the running image and nobody rebuilds it: the
+    evaluation goes straight to the image (issue 21: a Deferred lock and a
+    generation Deferred per evaluation); while its lock is held it waits."""
+    from stui_twisted.sessions.live import LiveSessions
+    from stui_twisted.sessions.model import Session
+
+    session = Session("s_" + "e" * 22, "alice", 0.0, 60.0, 0.0, 0.0)
+    image = _ScriptedImage({"result": "2", "result_type": "int", "output": ""})
+    live = LiveSessions(_View([session]), image, Settings(image_enabled=True), task.Clock())
+    await live.evaluate(session, "1+1", "execute", None)  # made live in generation 1
+    asked = []
+    image.current_generation = lambda: asked.append(1) or defer.succeed(image.live_generation)
+    await live.evaluate(session, "1+1", "execute", None)
+    assert asked == [] and session.session_id not in live._image_locks
+    lock = live._image_lock(session.session_id)
+    await lock.acquire()  # a rebuild holds it: the next evaluation waits for it
+    waiting = defer.ensureDeferred(live.evaluate(session, "1+1", "execute", None))
+    assert not waiting.called and len(image.evaluated) == 2
+    live._release_image_lock(session.session_id, lock)
+    await waiting
+    assert asked == [1] and len(image.evaluated) == 3
+    image.live_generation = 2  # a new image: made live there first
+    await live.evaluate(session, "1+1", "execute", None)
+    assert session.image_generation == 2 and image.evaluated[-1][2] == 2
+
+
 class _RecordingImage(SilentImageObservers, service.Service):
     """An image service that records when it is stopped."""
 
