@@ -98,3 +98,62 @@ def test_parsing_an_evaluate_box_takes_a_few_calls_not_five_per_string():
         sys.setprofile(None)
     assert protocol.boxes == [dict(box)] and len(box) == 6
     assert len(calls) <= 12, calls
+
+
+CALLS = [
+    (
+        commands.Evaluate,
+        {"session_id": "s_é", "code": "x = '\ud800'", "mode": "execute", "timeout": 2.5},
+    ),
+    (commands.Evaluate, {"session_id": "s_x", "code": "1", "mode": "m", "cell_index": 7}),
+    (commands.OutputChunk, {"session_id": "s_x", "pieces": [["stdout", "hi"]]}),
+    (commands.Interrupt, {"session_id": "s_x"}),
+    (commands.Ping, {}),
+]
+
+
+def test_boxes_and_values_are_amps_with_the_names_converted_once(monkeypatch):
+    converted = []
+    real = amp._wireNameToPythonIdentifier
+
+    def ours(call, *args):
+        """C{call(*args)}, counting the names converted meanwhile."""
+        monkeypatch.setattr(
+            amp, "_wireNameToPythonIdentifier", lambda name: converted.append(name) or real(name)
+        )
+        try:
+            return call(*args)
+        finally:
+            monkeypatch.setattr(amp, "_wireNameToPythonIdentifier", real)
+
+    for command, objects in CALLS:  # every name is seen once first
+        command.makeArguments(objects, None)
+    for command, objects in CALLS:
+        box = ours(command.makeArguments, objects, None)
+        assert box == amp._objectsToStrings(objects, command.arguments, amp.Box(), None)
+        parsed = ours(command.parseArguments, box, None)
+        assert parsed == amp._stringsToObjects(box, command.arguments, None)
+        assert {k: v for k, v in parsed.items() if v is not None} == objects
+        answer = {"reply": {"ok": True, "result": objects}}
+        if command is commands.Interrupt:
+            answer = {"interrupted": True}
+        elif command is commands.Ping:
+            answer = {"pid": 12, "python_version": None}
+        response = ours(command.makeResponse, answer, None)
+        assert response == amp._objectsToStrings(answer, command.response, amp.Box(), None)
+        assert ours(command.parseResponse, response, None) == amp._stringsToObjects(
+            response, command.response, None
+        )
+    assert converted == []
+    try:
+        commands.Interrupt.makeArguments({"session_id": "s", "sessionid": "s"}, None)
+    except amp.InvalidSignature as error:
+        assert "sessionid is not a valid argument" in str(error)
+    else:
+        raise AssertionError("an unknown argument was boxed")
+    try:
+        commands.Interrupt.parseArguments(amp.Box(), None)
+    except KeyError as error:
+        assert error.args == (b"session_id",)
+    else:
+        raise AssertionError("a missing argument was not noticed")
