@@ -40,6 +40,7 @@ from stui_twisted.image.interruption import (
     StopGuard,
     TimeLimitReached,
 )
+from stui_twisted.image.pipes import write_now
 from stui_twisted.image.streaming import OutputStream
 from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
@@ -409,7 +410,15 @@ def main() -> None:
     from twisted.internet import reactor, stdio
 
     protocol = ImageChildProtocol(reactor, Image(max_binding_bytes))
-    stdio.StandardIO(protocol, stdin=AMP_IN_FD, stdout=AMP_OUT_FD, reactor=reactor)
+
+    class AMPStandardIO(stdio.StandardIO):
+        """The child's end of the AMP pipes: a box leaves at once (L{write_now})."""
+
+        def write(self, data: bytes) -> None:
+            if self._writer is not None:
+                write_now(self._writer, data)
+
+    AMPStandardIO(protocol, stdin=AMP_IN_FD, stdout=AMP_OUT_FD, reactor=reactor)
     log.info("image ready, pid {pid}", pid=os.getpid())
     reactor.run(installSignalHandlers=False)
 

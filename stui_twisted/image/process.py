@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
+from stui_twisted.image.pipes import write_now
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
 
 if TYPE_CHECKING:
@@ -44,7 +45,11 @@ class _ChildPipeTransport:
         self._child_fd = child_fd
 
     def write(self, data: bytes) -> None:
-        self._process.writeToChild(self._child_fd, data)
+        writer = getattr(self._process, "pipes", {}).get(self._child_fd)
+        if writer is None:
+            self._process.writeToChild(self._child_fd, data)
+        else:
+            write_now(writer, data)
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
