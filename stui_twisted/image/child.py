@@ -40,10 +40,10 @@ from stui_twisted.image.interruption import (
     StopGuard,
     TimeLimitReached,
 )
-from stui_twisted.image.pipes import write_now
 from stui_twisted.image.streaming import OutputStream
 from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
+from stui_twisted.transports.immediate import write_now
 
 AMP_IN_FD = 3
 AMP_OUT_FD = 4

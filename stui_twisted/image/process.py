@@ -22,8 +22,8 @@ from zope.interface import implementer
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
-from stui_twisted.image.pipes import write_now
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
+from stui_twisted.transports.immediate import write_now
 
 if TYPE_CHECKING:
     from stui_twisted.image.supervisor import ImageSupervisor

@@ -1,11 +1,14 @@
-"""Writes to the image's AMP pipes that leave at once when nothing waits before them.
+"""Writes that leave at once when nothing waits before them (issue 21).
 
-Twisted buffers every write to a pipe until the next reactor iteration: the
-writer is added to epoll, the loop comes round, the data is written and the
-writer removed again -- two C{epoll_ctl} calls and a loop round per AMP box,
-on both ends of every request to the image (issue 21).  L{write_now} writes
-straight to the non-blocking pipe when nothing is buffered; what the pipe
-does not take is buffered as before, so the order of the bytes is kept.
+Twisted buffers every write to a socket or pipe until the next reactor
+iteration: the descriptor is added to epoll, the loop comes round, the data
+is written and the descriptor removed again -- two C{epoll_ctl} calls and a
+loop round per write.  An evaluation made three such writes (the AMP box to
+the image, the image's answer, the reply to the client).  L{write_now}
+writes straight to the non-blocking descriptor when nothing is buffered;
+what the kernel does not take is buffered as before, so the order of the
+bytes is kept.  Used for the image's AMP pipes (both ends) and the replies
+of plain TCP line-JSON connections (not TLS: its transport is no descriptor).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import os
 
 
 def write_now(writer, data: bytes) -> None:
-    """Write C{data} to the pipe of C{writer} (a Twisted C{ProcessWriter}), now if it can.
+    """Write C{data} to C{writer} (a Twisted C{FileDescriptor}: a C{ProcessWriter}
+    or a TCP connection), now if it can.
 
     Anything unusual (something already buffered, the writer closing or
     closed, an error other than a full pipe) leaves the write to Twisted,
