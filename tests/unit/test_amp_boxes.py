@@ -11,26 +11,22 @@ from twisted.protocols import amp
 from stui_twisted.image import amp_commands as commands
 
 
-class Collecting(commands.BoxParsingAMP):
-    """Keeps the boxes it parses instead of dispatching them."""
+def collecting(base):
+    """An AMP protocol of C{base}'s parser that keeps the boxes it parses."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.boxes: list[dict] = []
+    class Collecting(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.boxes: list[dict] = []
 
-    def ampBoxReceived(self, box):  # noqa: N802 - AMP's name
-        self.boxes.append(dict(box))
+        def ampBoxReceived(self, box):  # noqa: N802 - AMP's name
+            self.boxes.append(dict(box))
+
+    return Collecting
 
 
-class CollectingAMP(amp.AMP):
-    """AMP's own parser, the reference."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.boxes: list[dict] = []
-
-    def ampBoxReceived(self, box):  # noqa: N802 - AMP's name
-        self.boxes.append(dict(box))
+Collecting = collecting(commands.BoxParsingAMP)
+CollectingAMP = collecting(amp.AMP)  # AMP's own parser, the reference
 
 
 def connected(protocol):
