@@ -46,7 +46,7 @@ import socket
 import time
 from collections import deque
 
-from twisted.internet import interfaces, tcp
+from twisted.internet import interfaces
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -54,7 +54,6 @@ from zope.interface import implementer
 
 from stui_twisted.dispatch.interfaces import ConnectionContext, IClientConnection
 from stui_twisted.protocol.errors import StuiError
-from stui_twisted.transports.immediate import write_now
 
 MiB = 1024 * 1024
 
@@ -168,7 +167,6 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
 
     delimiter = b"\n"
     log = Logger()
-    _immediate = False  # replies written at once (a plain TCP socket; set when connected)
 
     def __init__(self, factory: LineJSONFactory) -> None:
         self.factory = factory
@@ -203,8 +201,6 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
         self.factory.connection_opened(self)
         self.transport.registerProducer(self, True)
         self._producing = True
-        # A plain TCP socket: a reply leaves in the write (TLS has no descriptor to write to)
-        self._immediate = isinstance(self.transport, tcp.Connection)
         enable_keepalive(self.transport)
         if self.factory.auth_required():
             self._authenticating = True
@@ -493,10 +489,7 @@ class LineJSONProtocol(Protocol, TimeoutMixin):
 
     def sendReply(self, data: bytes) -> None:  # noqa: N802
         if self.transport is not None and self.connected:
-            if self._immediate:
-                write_now(self.transport, data + b"\n")
-            else:
-                self.transport.writeSequence((data, b"\n"))
+            self.transport.writeSequence((data, b"\n"))
 
     sendEvent = sendReply
 

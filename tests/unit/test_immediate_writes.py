@@ -1,4 +1,4 @@
-"""Writes that leave at once (L{write_now}, issue 21): AMP pipes, TCP replies; in order, never lost."""
+"""Writes to the image's AMP pipes that leave at once (L{write_now}, issue 21): in order, never lost."""
 
 from __future__ import annotations
 
@@ -89,39 +89,3 @@ def test_what_a_full_pipe_does_not_take_is_buffered_and_nothing_overtakes_it(pip
     reactor.calls.clear()
     write_now(writer, b"again")  # the buffer is empty again: at once
     assert drain(read_end) == b"again" and reactor.calls == []
-
-
-def test_a_reply_on_a_plain_tcp_connection_leaves_in_the_write(pipe):
-    import json
-    import socket
-
-    from twisted.internet import tcp
-    from twisted.internet.address import IPv4Address
-
-    from stui_twisted.transports.linejson import LineJSONFactory
-    from tests.helpers import make_dispatcher
-
-    class Connection(tcp.Connection):
-        def getPeer(self):  # noqa: N802 - Twisted's name
-            return IPv4Address("TCP", "127.0.0.1", 40000)
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    accepted, _ = listener.accept()
-    listener.close()
-    accepted.setblocking(False)
-    client.settimeout(5)
-    reactor = Reactor()
-    protocol = LineJSONFactory(make_dispatcher()).buildProtocol(None)
-    connection = Connection(accepted, protocol, reactor)
-    connection.connected = 1  # as tcp.Server makes it
-    protocol.makeConnection(connection)
-    reactor.calls.clear()
-    try:
-        protocol.dataReceived(b'{"id": 7, "command": "ping"}\n')
-        reply = json.loads(client.recv(65536))
-        assert reply["id"] == 7 and reply["status"] == "success"
-        assert "addWriter" not in reactor.calls  # not left for the reactor's next round
-    finally:
-        client.close()
-        accepted.close()
