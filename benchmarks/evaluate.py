@@ -11,13 +11,23 @@
   dispatcher alone can do on this CPU).
 
 Standalone: ``python -m benchmarks.evaluate [--requests N]``.
+
+Several source trees can be compared in one run (issue 21), as in
+L{benchmarks.create_batch}: each C{--tree} gets a fresh server per round, the
+trees alternating; each round runs the sequential series (Jupyter beside it)
+and then measures the CPU that server and image spend per evaluation
+(C{/proc/<pid>/task/*/schedstat}, every thread)::
+
+    python -m benchmarks.evaluate --tree /tmp/base --tree . --rounds 3 --requests 2000
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
+import os
 import time
 
 from benchmarks.aclient import Conn
@@ -27,6 +37,7 @@ from benchmarks.common import (
     compare,
     interleaved,
     pin_to_cpu,
+    server_pids,
     start_stui,
     tcp_client,
     timed_call,
@@ -278,11 +289,85 @@ def run(requests: int = 5000, warmup: int = 300, throughput_requests: int | None
     return {"rows": rows, "series": all_series, "throughput": throughput, "info": info}
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of every thread of C{pid} so far (ns, from schedstat)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as stat:
+                total += int(stat.read().split()[0])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def cpu_per_evaluation(server, requests: int, warmup: int = 300) -> dict:
+    """Server and image CPU (µs) per C{evaluate('1+1')} over TCP, C{requests} back to back."""
+    tcp = tcp_client(server.tcp_port)
+    try:
+        sid = tcp.result("create_session", client_id="bench-cpu")["session_id"]
+        for _ in range(warmup):
+            timed_call(tcp, "evaluate", session_id=sid, code=CODE)
+        server_pid, *image_pids = server_pids(server)
+        before = _cpu_ns(server_pid), sum(_cpu_ns(pid) for pid in image_pids)
+        for _ in range(requests):
+            timed_call(tcp, "evaluate", session_id=sid, code=CODE)
+        after = _cpu_ns(server_pid), sum(_cpu_ns(pid) for pid in image_pids)
+    finally:
+        tcp.close()
+    return {
+        "server_cpu_us": round((after[0] - before[0]) / requests / 1e3, 1),
+        "image_cpu_us": round((after[1] - before[1]) / requests / 1e3, 1),
+    }
+
+
+def compare_trees(trees: list[str], rounds: int, requests: int, warmup: int) -> list[dict]:
+    """One fresh server per tree and round, the trees alternating; a row per server."""
+    rows = []
+    for round_number in range(rounds):
+        for tree in trees:
+            os.environ["STUI_BENCH_TREE"] = os.path.abspath(tree)
+            server = start_stui("evaluate-ab")
+            try:
+                series, info = sequential(server, requests, warmup)
+                cpu = cpu_per_evaluation(server, requests)
+            finally:
+                server.kill()
+            summary = {name: s.summary() for name, s in series.items()}
+            tcp, zmq_ = summary["stui evaluate (TCP)"], summary["stui evaluate (ZeroMQ)"]
+            jupyter = summary.get("ipykernel execute_request → idle", {})
+            row = {
+                "round": round_number,
+                "tree": tree,
+                "tcp_median_us": tcp["median_us"],
+                "tcp_p99_us": tcp["p99_us"],
+                "zmq_median_us": zmq_["median_us"],
+                "jupyter_median_us": jupyter.get("median_us"),
+                "jupyter_p99_us": jupyter.get("p99_us"),
+                "tcp_ratio": (
+                    round(tcp["median_us"] / jupyter["median_us"], 3) if jupyter else None
+                ),
+                "errors": tcp["errors"] + zmq_["errors"],
+                **cpu,
+                **info,
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
-    """Print rows and throughput."""
+    """Print rows and throughput (or, with C{--tree}, one row per tree and round)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--tree", action="append", help="source tree of the server (repeatable)")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.tree:
+        pin_to_cpu()
+        compare_trees(args.tree, args.rounds, args.requests, args.warmup)
+        return
     result = run(args.requests)
     for row in result["rows"]:
         m, r = row["measured"], row["reference"]

@@ -28,7 +28,6 @@ from twisted.logger import (
     globalLogBeginner,
     textFileLogObserver,
 )
-from twisted.protocols import amp
 
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image import browse
@@ -44,6 +43,7 @@ from stui_twisted.image.interruption import (
 from stui_twisted.image.streaming import OutputStream
 from stui_twisted.image.workspace import Image
 from stui_twisted.protocol.errors import StuiError
+from stui_twisted.transports.immediate import write_now
 
 AMP_IN_FD = 3
 AMP_OUT_FD = 4
@@ -108,6 +108,8 @@ class _Task:
         self.work = work
         self.guard = StopGuard(timeout)
         self.timer = None
+        self.armed = False
+        """Its time limit was armed when it was submitted (the worker was idle)."""
         self.done = defer.Deferred()
 
 
@@ -118,6 +120,7 @@ class SessionWorker:
         self._reactor = reactor
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._current: _Task | None = None
+        self._unfinished = 0  # tasks submitted and not finished (counted on the reactor)
         self._thread = threading.Thread(target=self._run, name=f"session {session_id}", daemon=True)
         self._thread.start()
 
@@ -127,6 +130,12 @@ class SessionWorker:
         # time spent paused in the debugger does not count toward the limit
         task.guard.pause_clock = lambda: self._reactor.callFromThread(self._pause_timer, task)
         task.guard.resume_clock = lambda: self._reactor.callFromThread(self._resume_timer, task)
+        if task.guard.timeout and not self._unfinished:
+            # Nothing runs or waits before it: it starts now, so its time limit
+            # is armed here, not by the worker thread waking the reactor for it.
+            self._arm_timer(task)
+            task.armed = True
+        self._unfinished += 1
         self._tasks.put(task)
         return task.done
 
@@ -149,7 +158,7 @@ class SessionWorker:
             if task is None:
                 return
             self._current = task
-            if task.guard.timeout:
+            if task.guard.timeout and not task.armed:  # it waited behind another task
                 self._reactor.callFromThread(self._arm_timer, task)
             try:
                 reply = run_to_reply(task.work, task.guard)
@@ -180,12 +189,13 @@ class SessionWorker:
             )
 
     def _finish(self, task: _Task, reply: dict) -> None:
+        self._unfinished -= 1
         if task.timer is not None and task.timer.active():
             task.timer.cancel()
         task.done.callback(reply)
 
 
-class ImageChildProtocol(amp.AMP):
+class ImageChildProtocol(commands.BoxParsingAMP):
     """Answers the supervisor's commands against one L{Image}."""
 
     def __init__(self, reactor, image: Image) -> None:
@@ -400,7 +410,15 @@ def main() -> None:
     from twisted.internet import reactor, stdio
 
     protocol = ImageChildProtocol(reactor, Image(max_binding_bytes))
-    stdio.StandardIO(protocol, stdin=AMP_IN_FD, stdout=AMP_OUT_FD, reactor=reactor)
+
+    class AMPStandardIO(stdio.StandardIO):
+        """The child's end of the AMP pipes: a box leaves at once (L{write_now})."""
+
+        def write(self, data: bytes) -> None:
+            if self._writer is not None:
+                write_now(self._writer, data)
+
+    AMPStandardIO(protocol, stdin=AMP_IN_FD, stdout=AMP_OUT_FD, reactor=reactor)
     log.info("image ready, pid {pid}", pid=os.getpid())
     reactor.run(installSignalHandlers=False)
 

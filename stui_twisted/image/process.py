@@ -23,6 +23,7 @@ from zope.interface import implementer
 from stui_twisted.image import amp_commands as commands
 from stui_twisted.image.outputlog import ChildOutputLog
 from stui_twisted.protocol.errors import ERROR_TYPES, StuiError
+from stui_twisted.transports.immediate import write_now
 
 if TYPE_CHECKING:
     from stui_twisted.image.supervisor import ImageSupervisor
@@ -44,7 +45,11 @@ class _ChildPipeTransport:
         self._child_fd = child_fd
 
     def write(self, data: bytes) -> None:
-        self._process.writeToChild(self._child_fd, data)
+        writer = getattr(self._process, "pipes", {}).get(self._child_fd)
+        if writer is None:
+            self._process.writeToChild(self._child_fd, data)
+        else:
+            write_now(writer, data)
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -59,7 +64,7 @@ class _ChildPipeTransport:
         return _ChildAddress()
 
 
-class ServerSideAMP(amp.AMP):
+class ServerSideAMP(commands.BoxParsingAMP):
     """The server's end of the AMP channel: it answers what the image asks or tells."""
 
     def __init__(self, image: ImageProcess) -> None:

@@ -364,12 +364,17 @@ class SessionWorkspace:
         last_expression = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last_expression = ast.Expression(tree.body.pop().value)
-        body = compile(tree, filename, "exec", flags=CELL_FLAGS)
-        names = _code_names(body)
+        # A cell that is one expression (C{1+1}) has no statements to run
+        # before it: no empty module is compiled and run for it.
+        body = names = None
+        if tree.body or last_expression is None:
+            body = compile(tree, filename, "exec", flags=CELL_FLAGS)
+            names = _code_names(body)
         expression = None
         if last_expression is not None:
             expression = compile(last_expression, filename, "eval", flags=CELL_FLAGS)
-            names |= _code_names(expression)
+            expression_names = _code_names(expression)
+            names = expression_names if names is None else names | expression_names
         return body, expression, names, definitions
 
     def evaluate(
@@ -413,7 +418,8 @@ class SessionWorkspace:
                     body, expression, referenced, definitions = self._compile_cell(
                         code if request is None else request.expression, filename
                     )
-                    self.debugger.run(lambda: self._run_code(body, guard, sink), guard)
+                    if body is not None:
+                        self.debugger.run(lambda: self._run_code(body, guard, sink), guard)
                     self._remember_definitions(definitions, cell)
                     if expression is not None:
                         value = self.debugger.run(

@@ -11,7 +11,7 @@ import math
 import time
 from datetime import UTC, datetime
 
-__all__ = ["iso_timestamp", "parse_iso_timestamp"]
+__all__ = ["iso_length", "iso_timestamp", "parse_iso_timestamp"]
 
 _second_prefix: tuple[int, str] = (-1, "")
 #: The last millisecond formatted: (lowest, highest, text).  Every C{seconds}
@@ -42,6 +42,23 @@ def iso_timestamp(seconds: float | None = None) -> str:
     if _format(highest)[0] == text:
         _last_millisecond = (seconds, highest, text)
     return text
+
+
+#: From 1000-01-01 to 9999-12-31 UTC (in seconds) a timestamp's year has four digits.
+_FOUR_DIGIT_YEARS = (-30_610_224_000, 253_402_300_800)
+#: The length of a timestamp with a four-digit year: C{2026-11-23T10:30:00.123Z}.
+ISO_LENGTH = 24
+
+
+def iso_length(seconds: float) -> int:
+    """C{len(iso_timestamp(seconds))}, without formatting it when the year has four digits.
+
+    The size accounting measures timestamps on every request; only their
+    length counts there (they need no JSON escapes).
+    """
+    if _FOUR_DIGIT_YEARS[0] <= seconds < _FOUR_DIGIT_YEARS[1]:
+        return ISO_LENGTH
+    return len(iso_timestamp(seconds))
 
 
 def _format(seconds: float) -> tuple[str, int, int]:

@@ -149,6 +149,18 @@ class LiveSessions:
         image has none for it (or C{rebuild}, for C{load_context}).
         """
         image = self._need_image()
+        if not rebuild and session.session_id not in self._image_locks:
+            # Nobody holds or waits for the session's lock, and nothing is to be
+            # rebuilt: what taking it would answer, without a Deferred lock,
+            # a generation Deferred and the shared check per request.
+            generation = getattr(image, "live_generation", None)
+            if (
+                generation is not None
+                and session.materialized
+                and session.image_generation == generation
+                and self._shared_generation == generation
+            ):
+                return generation
         lock = self._image_lock(session.session_id)
         await lock.acquire()
         try:

@@ -19,7 +19,7 @@ from typing import Any
 from stui_twisted.access.sharing import shares_from, shares_list
 from stui_twisted.protocol.envelope import whole_seconds
 from stui_twisted.protocol.jsoncodec import COMPACT_ASCII
-from stui_twisted.protocol.timefmt import iso_timestamp, parse_iso_timestamp
+from stui_twisted.protocol.timefmt import iso_length, iso_timestamp, parse_iso_timestamp
 
 _ASCII_JSON = COMPACT_ASCII
 
@@ -96,6 +96,27 @@ def _iso(value: float | None) -> str | None:
     return None if value is None else iso_timestamp(value)
 
 
+_STAND_INS: dict[int, str] = {}
+
+
+def _iso_stand_in(value: float | None) -> str | None:
+    """A string as long as C{_iso(value)}, made without formatting the time.
+
+    The encoded length of a document is the same with it (a timestamp needs
+    no JSON escapes), so L{Session.encoded_size} formats no timestamps.
+    """
+    if value is None:
+        return None
+    length = iso_length(value)
+    stand_in = _STAND_INS.get(length)
+    if stand_in is None:
+        stand_in = _STAND_INS[length] = "0" * length
+    return stand_in
+
+
+_NOT_FOUND = object()
+
+
 class PartSize:
     """The encoded length of a growing list or dict, updated by what changed.
 
@@ -124,30 +145,49 @@ class PartSize:
             keys, values = list(part), list(part.values())
         else:
             keys, values = None, list(part)
-        if values != self._values or keys != self._keys:
+        old = self._values
+        if (
+            keys != self._keys
+            or len(values) != len(old)
+            # Shifted (appended and evicted) unless its ends are the same
+            # objects: comparing by value would compare every member deeply
+            # when they are alike (1,000 registry entries of the same repr).
+            or (values and (values[0] is not old[0] or values[-1] is not old[-1]))
+            or values != old
+        ):
             self._refresh(keys, values)
         return self._total + len(values) - 1 if values else 0
 
     def _refresh(self, keys: list | None, values: list) -> None:
         old_keys, old_values, old_sizes = self._keys, self._values, self._sizes
         # Align the new members with the old ones: by key for a dict, by
-        # value for a list (the first new member's place among the old ones).
-        old_order, order = (
-            (old_keys, keys) if keys is not None and old_keys is not None else (old_values, values)
-        )
-        try:
-            drop = old_order.index(order[0]) if order else len(old_order)
-        except ValueError:
-            drop = len(old_order)
+        # identity for a list (the first new member's place among the old
+        # ones; found by value, alike members were compared deeply).
+        if keys is not None and old_keys is not None:
+            old_order, order = old_keys, keys
+            try:
+                drop = old_order.index(order[0]) if order else len(old_order)
+            except ValueError:
+                drop = len(old_order)
+        else:
+            old_order, order = old_values, values
+            first = values[0] if values else _NOT_FOUND
+            drop = next(
+                (index for index, value in enumerate(old_values) if value is first),
+                len(old_values),
+            )
         keep = len(old_order) - drop
         if keep and old_order[drop:] == order[:keep]:
             sizes = old_sizes[drop:]
             total = self._total - sum(old_sizes[:drop])
-            # Kept members replaced by other objects (found at C speed).
-            for index in compress(range(keep), map(is_not, old_values[drop:], values[:keep])):
-                size = self._size_of(keys, values, index)
-                total += size - sizes[index]
-                sizes[index] = size
+            # Kept members replaced by other objects (found at C speed; only
+            # when some differ: the list comparison skips identical members
+            # quickly, and equal ones encode to the same length).
+            if old_values[drop:] != values[:keep]:
+                for index in compress(range(keep), map(is_not, old_values[drop:], values[:keep])):
+                    size = self._size_of(keys, values, index)
+                    total += size - sizes[index]
+                    sizes[index] = size
         else:
             keep, sizes, total = 0, [], 0
         for index in range(keep, len(values)):
@@ -278,17 +318,21 @@ class Session:
             "object_registry": json_copy(self.registry),
         }
 
-    def meta(self) -> dict:
-        """What the store's index keeps: ids, owner, state and times."""
+    def meta(self, stamp=_iso) -> dict:
+        """What the store's index keeps: ids, owner, state and times.
+
+        @param stamp: how a time becomes its text (L{_iso}; the size
+            accounting passes L{_iso_stand_in}).
+        """
         return {
             "session_id": self.session_id,
             "client_id": self.client_id,
             "state": self.state,
-            "created_at": _iso(self.created_at),
-            "last_modified": _iso(self.last_modified),
-            "last_activity": _iso(self.last_activity),
+            "created_at": stamp(self.created_at),
+            "last_modified": stamp(self.last_modified),
+            "last_activity": stamp(self.last_activity),
             "timeout": self.timeout,
-            "closed_at": _iso(self.closed_at),
+            "closed_at": stamp(self.closed_at),
             "shares": shares_list(self.shares),
         }
 
@@ -301,9 +345,10 @@ class Session:
         -- stored bindings, registry entries, history entries -- are encoded
         only when they were added or replaced since the last call: a session
         holding megabytes of bindings, or a full registry and history, is not
-        re-encoded on every request.
+        re-encoded on every request.  Its timestamps are measured, not
+        formatted (L{_iso_stand_in}).
         """
-        document = self.to_document()
+        document = self.to_document(stamp=_iso_stand_in)
         bindings = document.pop("bindings")
         registry = document.pop("object_registry")
         history = document["workspace_context"]["history"]
@@ -316,9 +361,12 @@ class Session:
         size += self.history_size.measure(history)
         return size
 
-    def to_document(self) -> dict:
-        """The C{session} object of the session file (JSON-able)."""
-        document = self.meta()
+    def to_document(self, stamp=_iso) -> dict:
+        """The C{session} object of the session file (JSON-able).
+
+        @param stamp: how a time becomes its text (see L{meta}).
+        """
+        document = self.meta(stamp)
         document.update(
             {
                 "client_info": self.client_info,

@@ -564,3 +564,27 @@ def test_input_in_a_cell_asks_the_images_input_source_and_other_threads_see_eof(
     assert result["result"] == "('answer 1', 'answer 2', True)"
     assert asked == [("s_test", 3, "Name? ", False), ("s_test", 3, "Password: ", True)]
     assert result["output"] == ""
+
+
+def test_a_cell_that_is_one_expression_compiles_and_runs_only_the_expression(
+    workspace, monkeypatch
+):
+    """C{1+1} has no statements before its expression: no empty module is
+    compiled and run for it (issue 21: a third of the cell's compiling)."""
+    from stui_twisted.image import workspace as module
+
+    modes = []
+    monkeypatch.setattr(
+        module,
+        "compile",
+        lambda *args, **kwargs: modes.append(args[2]) or compile(*args, **kwargs),
+        raising=False,
+    )
+    assert workspace.evaluate("1+1")["result"] == "2"
+    assert modes == ["eval"]
+    modes.clear()
+    assert workspace.evaluate("x = 40\nx + 2")["result"] == "42"
+    assert modes == ["exec", "eval"]
+    modes.clear()
+    assert workspace.evaluate("")["result"] is None  # nothing at all: the empty module
+    assert modes == ["exec"]

@@ -125,3 +125,13 @@ def test_timestamps_kept_per_millisecond_are_the_formatted_ones(monkeypatch):
     for seconds in times:
         assert timefmt.iso_timestamp(seconds) == slow_timestamp(seconds), repr(seconds)
     assert envelope.iso_timestamp is timefmt.iso_timestamp
+
+
+def test_iso_length_is_the_length_of_the_formatted_timestamp():
+    rng = random.Random(5)
+    edges = [-30_610_224_000.0, 253_402_300_800.0]  # 1000-01-01, 10000-01-01 (out of range)
+    times = [edge + d for edge in edges[:1] for d in (-1.0, -0.0005, 0.0, 0.0004, 1.0)]
+    times += [edges[1] - d for d in (0.0005, 0.999, 1.0, 86_400.0)]
+    times += [rng.uniform(-6e10, 2.5e11) for _ in range(2000)] + [0.0, 1e-9, 1_764_590_400.9999]
+    for seconds in times:
+        assert timefmt.iso_length(seconds) == len(slow_timestamp(seconds)), repr(seconds)

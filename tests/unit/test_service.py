@@ -670,6 +670,31 @@ def test_encoded_size_matches_a_full_encoding_and_follows_replaced_bindings():
     assert session.encoded_size() == exact
 
 
+def test_encoded_size_formats_no_timestamp_and_measures_every_year(monkeypatch):
+    """The size accounting runs on every evaluation: it measures the four
+    timestamps of the document instead of formatting them (issue 21)."""
+    from stui_twisted.sessions import model
+    from stui_twisted.sessions.model import Session
+
+    def exact(session):
+        return len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
+
+    sessions = [
+        Session("s_" + "c" * 22, "carol", 1_764_590_400.25, 10.0, 1_764_590_401.5, 1_764_590_402.0),
+        Session("s_" + "d" * 22, "dave", -31_000_000_000.0, 10.0, -30_610_224_000.0, 0.0),
+    ]
+    sessions[0].closed_at, sessions[0].state = 1_764_590_403.0, "closed"
+    expected = [exact(session) for session in sessions]
+
+    def formatting(seconds):
+        raise AssertionError(f"encoded_size formatted the timestamp {seconds}")
+
+    monkeypatch.setattr(model, "iso_timestamp", formatting)
+    assert [session.encoded_size() for session in sessions[:1]] == expected[:1]
+    monkeypatch.undo()  # a year of three digits is measured by formatting it
+    assert [session.encoded_size() for session in sessions] == expected
+
+
 @pytest_twisted.ensureDeferred
 async def test_batch_flush_loop_survives_a_failing_flush(make, monkeypatch):
     from twisted.internet import defer
@@ -743,6 +768,40 @@ def test_encoded_size_stays_exact_through_random_registry_and_history_changes():
             session.history = json.loads(json.dumps(session.history))
         exact = len(json.dumps(session.to_document(), separators=(",", ":"), ensure_ascii=True))
         assert session.encoded_size() == exact, (step, action)
+
+
+def test_part_size_compares_no_member_deeply_when_entries_are_added_and_evicted():
+    """1,000 registry entries alike in content (the same repr of another list
+    each time) were compared member by member, deeply, on every evaluation."""
+    from stui_twisted.sessions.model import PartSize
+
+    compared = []
+
+    class Entry(dict):
+        def __eq__(self, other):
+            compared.append(1)
+            return dict.__eq__(self, other)
+
+        __hash__ = None
+
+    def entry():
+        return Entry(type="list", repr="[1, 2]", live=True, binding=None)
+
+    registry = {f"obj_{n}": entry() for n in range(1000)}
+    history = [entry() for _ in range(100)]
+    registry_size, history_size = PartSize(), PartSize()
+    registry_size.measure(registry), history_size.measure(history)
+    for n in range(1000, 1020):
+        registry[f"obj_{n}"] = entry()
+        del registry[next(iter(registry))]
+        history.append(entry())
+        del history[:-100]
+        compared.clear()
+        assert (
+            registry_size.measure(registry) == len(json.dumps(registry, separators=(",", ":"))) - 2
+        )
+        assert history_size.measure(history) == len(json.dumps(history, separators=(",", ":"))) - 2
+        assert len(compared) <= 2, len(compared)
 
 
 @pytest_twisted.ensureDeferred
@@ -920,6 +979,34 @@ async def test_live_sessions_works_through_its_small_view_of_the_service():
     await image.observers[0]()
     assert session.image_generation == 2
     assert image.rebuilt == [("shared", ["team"], 2), (session.session_id, ["x"], 2)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_evaluation_in_a_live_session_takes_no_lock_and_asks_no_generation():
+    """The session is live in the running image and nobody rebuilds it: the
+    evaluation goes straight to the image (issue 21: a Deferred lock and a
+    generation Deferred per evaluation); while its lock is held it waits."""
+    from stui_twisted.sessions.live import LiveSessions
+    from stui_twisted.sessions.model import Session
+
+    session = Session("s_" + "e" * 22, "alice", 0.0, 60.0, 0.0, 0.0)
+    image = _ScriptedImage({"result": "2", "result_type": "int", "output": ""})
+    live = LiveSessions(_View([session]), image, Settings(image_enabled=True), task.Clock())
+    await live.evaluate(session, "1+1", "execute", None)  # made live in generation 1
+    asked = []
+    image.current_generation = lambda: asked.append(1) or defer.succeed(image.live_generation)
+    await live.evaluate(session, "1+1", "execute", None)
+    assert asked == [] and session.session_id not in live._image_locks
+    lock = live._image_lock(session.session_id)
+    await lock.acquire()  # a rebuild holds it: the next evaluation waits for it
+    waiting = defer.ensureDeferred(live.evaluate(session, "1+1", "execute", None))
+    assert not waiting.called and len(image.evaluated) == 2
+    live._release_image_lock(session.session_id, lock)
+    await waiting
+    assert asked == [1] and len(image.evaluated) == 3
+    image.live_generation = 2  # a new image: made live there first
+    await live.evaluate(session, "1+1", "execute", None)
+    assert session.image_generation == 2 and image.evaluated[-1][2] == 2
 
 
 class _RecordingImage(SilentImageObservers, service.Service):
