@@ -25,14 +25,17 @@ def write_now(writer, data: bytes) -> None:
     closed, an error other than a full pipe) leaves the write to Twisted,
     which then behaves as it always does (an error ends the connection).
     """
-    if (
-        not data
-        or not writer.connected
-        or writer.disconnecting
-        or writer._writeDisconnected
-        or writer._tempDataBuffer
-        or writer.offset != len(writer.dataBuffer)
-    ):
+    try:
+        busy = (
+            not writer.connected
+            or writer.disconnecting
+            or writer._writeDisconnected
+            or writer._tempDataBuffer
+            or writer.offset != len(writer.dataBuffer)
+        )
+    except AttributeError:  # a Twisted without these FileDescriptor fields: its own path
+        busy = True
+    if not data or busy:
         writer.write(data)
         return
     try:

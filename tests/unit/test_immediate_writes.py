@@ -89,3 +89,20 @@ def test_what_a_full_pipe_does_not_take_is_buffered_and_nothing_overtakes_it(pip
     reactor.calls.clear()
     write_now(writer, b"again")  # the buffer is empty again: at once
     assert drain(read_end) == b"again" and reactor.calls == []
+
+
+def test_a_writer_without_the_fields_it_checks_takes_twisteds_own_path():
+    """Should a Twisted release rename the buffer fields, writes still reach the pipe."""
+
+    class OtherWriter:
+        connected, disconnecting = True, False
+
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    writer = OtherWriter()
+    write_now(writer, b"box")
+    assert writer.written == [b"box"]
