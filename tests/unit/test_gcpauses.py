@@ -17,11 +17,19 @@ class Payload:
 
 @pytest.fixture
 def collector_restored():
-    """Whatever a test does to this process's collector is undone afterwards."""
+    """Each test starts with nothing frozen, and the collector is put back afterwards.
+
+    The test process itself freezes its heap after collection (tests/conftest.py),
+    so the count is zeroed first and the freeze redone at the end.
+    """
     thresholds = gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
+    gc.unfreeze()
     yield
     gc.unfreeze()
     gc.set_threshold(*thresholds)
+    if frozen_before:
+        gc.freeze()
 
 
 class FakeSessions:
