@@ -179,46 +179,55 @@ class BoxParsingAMP(amp.AMP):
     """
 
     _unparsed = b""
+    """The bytes after the last complete key and value: at most one key and value."""
+    _partial: amp.AmpBox | None = None
+    """The keys and values of a box not yet complete (a large box arrives in many reads)."""
 
     def dataReceived(self, data: bytes) -> None:
         if self.innerProtocol is not None:
             self.innerProtocol.dataReceived(data)
             return
+        # Only what follows the last complete key and value is kept between reads,
+        # with the box built so far: an 8 MiB box arriving in 64 KiB reads is
+        # parsed once, not re-read (and copied) from its start on every read.
         buffer = self._unparsed + data if self._unparsed else data
         end = len(buffer)
-        start = 0
+        at = 0
+        box = self._partial
         while True:
-            box = amp.AmpBox()
-            at = start
+            if box is None:
+                box = amp.AmpBox()
+            complete = False
             while at + 2 <= end:
                 length = buffer[at] << 8 | buffer[at + 1]
                 if not length:
+                    complete = True
                     break
                 if length > self._MAX_KEY_LENGTH:
-                    self._unparsed = b""
+                    self._unparsed, self._partial = b"", None
                     self.lengthLimitExceeded(length)
                     return
                 key_end = at + 2 + length
                 if key_end + 2 > end:
-                    at = end  # incomplete
                     break
                 value_end = key_end + 2 + (buffer[key_end] << 8 | buffer[key_end + 1])
                 if value_end > end:
-                    at = end
                     break
                 box[buffer[at + 2 : key_end]] = buffer[key_end + 2 : value_end]
                 at = value_end
-            if at + 2 > end:  # the box is not complete yet
-                break
-            start = at + 2
-            self._unparsed = buffer[start:]
+            if not complete:  # the box goes on in a later read
+                self._partial = box
+                self._unparsed = buffer[at:]
+                return
+            at += 2
+            self._partial, self._unparsed = None, b""
             self.boxReceiver.ampBoxReceived(box)
+            box = None
             if self.innerProtocol is not None:  # the box switched protocols
-                rest, self._unparsed = self._unparsed, b""
+                rest = buffer[at:]
                 if rest:
                     self.innerProtocol.dataReceived(rest)
                 return
-        self._unparsed = buffer[start:]
 
 
 class Ping(Command):

@@ -66,6 +66,24 @@ def test_boxes_are_the_ones_amp_parses_however_the_bytes_are_split():
         assert ours._unparsed == b""
 
 
+def test_a_large_box_read_in_pipe_sized_pieces_is_not_kept_whole_between_reads():
+    """An 8 MiB restore arrives as one box of many 64 KiB values in 64 KiB reads.
+
+    Only the bytes after its last complete value wait for the next read (at most one
+    key and value); keeping the whole box and parsing it again from its start on
+    every read made a cold restore of 8 MiB 5.4 times slower (curve a, issue 21).
+    """
+    values = {f"part{n}".encode(): bytes([n]) * 65_535 for n in range(40)}
+    wire = amp.AmpBox(values).serialize() + amp.AmpBox(after=b"1").serialize()
+    protocol = connected(Collecting())
+    held = []
+    for at in range(0, len(wire), 65_536):
+        protocol.dataReceived(wire[at : at + 65_536])
+        held.append(len(protocol._unparsed))
+    assert protocol.boxes == [values, {b"after": b"1"}]
+    assert max(held) <= 2 + 255 + 2 + 65_535
+
+
 def test_a_key_longer_than_amp_allows_closes_the_connection():
     protocol = connected(Collecting())
     protocol.dataReceived(amp.AmpBox(a=b"1").serialize() + b"\x01\x00" + b"k" * 256)
