@@ -281,6 +281,7 @@ class _Journal:
     path: str
     outstanding: set[Key] = field(default_factory=set)
     written: bool = False  # its write finished (whether or not it held records)
+    keys: list[Key] = field(default_factory=list)  # the sessions it was written for
 
 
 class GroupJournal:
@@ -374,9 +375,12 @@ class GroupJournal:
     def write_group(self, snapshots: list[Snapshot]) -> defer.Deferred:
         """Journal C{snapshots} (their lanes claimed); fires like C{start_group}."""
         seq, self.next_seq = self.next_seq, self.next_seq + 1
-        journal = self._journals[seq] = _Journal(seq, journal_path(self._store.journal_dir, seq))
-        for snapshot in snapshots:
-            self._holding[snapshot.target.key] = seq
+        keys = [snapshot.target.key for snapshot in snapshots]
+        journal = self._journals[seq] = _Journal(
+            seq, journal_path(self._store.journal_dir, seq), keys=keys
+        )
+        for key in keys:
+            self._holding[key] = seq
         journaled: list[Snapshot] = []
         self._last_group = self._reactor.seconds()
 
@@ -413,13 +417,7 @@ class GroupJournal:
             if _has_file(target):  # a file is there after all (a failed write, say)
                 as_files.append(snapshot)
                 continue
-            data = seal(
-                target.envelope,
-                snapshot.payload_json,
-                store._secret_key,
-                snapshot.saved_at,
-                snapshot.extra_fields,
-            )
+            data = store._sealed(snapshot)
             records.append(data)
             journaled.append(snapshot)
             results[target.key] = WriteResult.of(data, snapshot.saved_at)
@@ -597,8 +595,9 @@ class GroupJournal:
                 return
             for journal in ready:
                 del self._journals[journal.seq]
-                for key in [k for k, seq in self._holding.items() if seq == journal.seq]:
-                    del self._holding[key]
+                for key in journal.keys:  # not every held key: only this journal's
+                    if self._holding.get(key) == journal.seq:
+                        del self._holding[key]
             oldest = min(self._journals, default=None)
             still = []
             for seq, waiter in self._waiters:

@@ -593,6 +593,16 @@ class SessionStore:
     def _log_from_thread(self, level: str, format: str, **fields: Any) -> None:
         self._reactor.callFromThread(getattr(self.log, level), format, **fields)
 
+    def _sealed(self, snapshot: Snapshot) -> bytes:
+        """The bytes of C{snapshot}'s file: its envelope, MAC'd (for a file or a journal record)."""
+        return seal(
+            snapshot.target.envelope,
+            snapshot.payload_json,
+            self._secret_key,
+            snapshot.saved_at,
+            snapshot.extra_fields,
+        )
+
     def _prepare_write(self, snapshot: Snapshot) -> tuple[bytes, str, str]:
         """Seal C{snapshot} into a durable temp file beside its target.
 
@@ -601,13 +611,7 @@ class SessionStore:
         """
         target = snapshot.target
         saved_at = snapshot.saved_at
-        data = seal(
-            target.envelope,
-            snapshot.payload_json,
-            self._secret_key,
-            saved_at,
-            snapshot.extra_fields,
-        )
+        data = self._sealed(snapshot)
         try:
             if target.session_id is not None:
                 durable.ensure_dir(os.path.dirname(target.path), parent_to_sync=self.sessions_dir)
